@@ -1,0 +1,214 @@
+//! podgpu's node agent: per-pod GPU load and request signals, served to KEDA.
+//!
+//! # Layout
+//! Data flows from sources through signals to serving:
+//!
+//! ```text
+//!  probes/ (eBPF socket counters per cgroup) --+
+//!  gpu/    (NVML or simulator, own thread) ----+--> signals/collector --> NodeView --+--> serve/keda  (ExternalScaler gRPC)
+//!  pods/   (cgroup tree, pid -> pod, metadata) +    (one task owns       (watch     +--> serve/http  (/healthz /pods /metrics)
+//!                                                    all pod state)       channel)
+//! ```
+//!
+//! - `probes`: loads and attaches the programs of `agent-ebpf`, reads maps.
+//! - `gpu`: the `GpuBackend` trait, NVML and simulated backends, the poller.
+//! - `pods`: cgroup path parsing, the cgroup v2 tree, label selectors,
+//!   static pod metadata.
+//! - `signals`: per-pod histories, windows, aggregation, the collector.
+//! - `serve`: KEDA scaler, trigger validation, HTTP endpoints.
+//!
+//! Readers never touch the sources: every KEDA call and scrape reads the
+//! latest `NodeView` the collector published.
+pub mod gpu;
+pub mod pods;
+pub mod probes;
+pub mod serve;
+pub mod signals;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use podgpu_proto::externalscaler::external_scaler_server::ExternalScalerServer;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use gpu::poller::{self, PollerConfig};
+use gpu::GpuSource;
+use signals::collector::{Collector, CollectorConfig};
+use signals::view::{NodeView, SourceStatus};
+
+/// Everything `run` needs; built from the command line by `main`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address of the KEDA ExternalScaler gRPC server.
+    pub keda_listen: SocketAddr,
+    /// Address of the HTTP server (/healthz, /pods, /metrics).
+    pub http_listen: SocketAddr,
+    /// GPU backend.
+    pub gpu: GpuSource,
+    /// Static pod metadata file.
+    pub pod_metadata: Option<PathBuf>,
+    /// cgroup v2 root; found from /proc/self/mountinfo when absent.
+    pub cgroup_root: Option<PathBuf>,
+    /// procfs root (host's /proc under hostPID).
+    pub proc_root: PathBuf,
+    /// Collector tick.
+    pub tick: Duration,
+    /// GPU poll interval.
+    pub gpu_interval: Duration,
+    /// Exit instead of degrading when the eBPF probes cannot load.
+    pub require_ebpf: bool,
+}
+
+/// Where the servers ended up listening (ports may have been 0).
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    /// KEDA gRPC address.
+    pub keda: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+}
+
+/// Starts the agent and serves until `shutdown` is cancelled. `on_ready`
+/// gets the bound addresses once both servers accept connections.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
+    let cgroup_root = match &config.cgroup_root {
+        Some(root) => root.clone(),
+        None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
+    };
+    let metadata = match &config.pod_metadata {
+        Some(path) => pods::static_source::load(path)?,
+        None => {
+            tracing::info!(
+                "no pod metadata source: pods carry their UID only and match no namespace"
+            );
+            HashMap::new()
+        }
+    };
+
+    let (probe, probe_status) = match probes::socket::SocketProbe::load() {
+        Ok(probe) => (
+            Some(probe),
+            SourceStatus::Ok {
+                detail: "eBPF sock tracepoints".to_string(),
+            },
+        ),
+        Err(err) if config.require_ebpf => {
+            return Err(anyhow::Error::new(err)
+                .context("eBPF probes are required (PODGPU_REQUIRE_EBPF) but did not load"))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "eBPF probes did not load: socket signals are unavailable");
+            (
+                None,
+                SourceStatus::Degraded {
+                    reason: err.to_string(),
+                },
+            )
+        }
+    };
+
+    let keda_listener = TcpListener::bind(config.keda_listen)
+        .await
+        .with_context(|| format!("binding KEDA gRPC on {}", config.keda_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
+    let bound = Bound {
+        keda: keda_listener.local_addr()?,
+        http: http_listener.local_addr()?,
+    };
+
+    let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
+    // Bounded: a stalled collector drops GPU updates (counted) instead of
+    // queueing them without limit.
+    let (gpu_tx, gpu_rx) = mpsc::channel(4);
+    let gpu_dropped = Arc::new(AtomicU64::new(0));
+    let poller = poller::spawn(
+        PollerConfig {
+            source: config.gpu.clone(),
+            cgroup_root: cgroup_root.clone(),
+            proc_root: config.proc_root.clone(),
+            interval: config.gpu_interval,
+        },
+        gpu_tx,
+        gpu_dropped.clone(),
+    );
+    let collector = Collector::new(
+        CollectorConfig {
+            tick: config.tick,
+            rescan: Duration::from_secs(2),
+            retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
+            cgroup_root: cgroup_root.clone(),
+            metadata,
+        },
+        probe,
+        probe_status,
+        gpu_dropped,
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(
+        collector
+            .run(gpu_rx, view_tx, shutdown.clone())
+            .into_future_ok(),
+    );
+    let keda = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(
+            view_rx.clone(),
+        )))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(keda_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
+    let http = axum::serve(http_listener, serve::http::router(view_rx))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tasks.spawn(async move { http.await.context("HTTP server") });
+
+    tracing::info!(keda = %bound.keda, http = %bound.http, cgroup_root = %cgroup_root.display(), gpu = ?config.gpu, "podgpu agent serving");
+    on_ready(bound);
+
+    // A failing server takes the agent down with it (and says why); a
+    // clean shutdown waits for every task to finish.
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.context("agent task panicked").and_then(|r| r);
+        if let Err(err) = outcome {
+            tracing::error!(error = %format!("{err:#}"), "agent task failed; shutting down");
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(err);
+            }
+        }
+    }
+    // The poller thread notices the closed channel within 100 ms.
+    let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+    if result.is_ok() && !shutdown.is_cancelled() {
+        bail!("agent tasks ended without a shutdown request");
+    }
+    result
+}
+
+/// Adapts a `()` future to the `anyhow::Result` the task set expects.
+trait IntoFutureOk: std::future::Future<Output = ()> + Sized {
+    fn into_future_ok(self) -> impl std::future::Future<Output = anyhow::Result<()>> {
+        async move {
+            self.await;
+            Ok(())
+        }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> IntoFutureOk for F {}

@@ -1,0 +1,208 @@
+//! KEDA's ExternalScaler over gRPC, answered from the latest published
+//! `NodeView`: no I/O and no probe or NVML access per call.
+//!
+//! Values are workload totals (see `signals::aggregate`); both the float
+//! and the deprecated int64 fields are filled because KEDA falls back to the
+//! int64 ones when the float is 0.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use podgpu_proto::externalscaler::external_scaler_server::ExternalScaler;
+use podgpu_proto::externalscaler::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::trigger::Trigger;
+use crate::signals::aggregate::{workload_value, WorkloadQuery, WorkloadValue};
+use crate::signals::view::NodeView;
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The ExternalScaler service over this node's published view.
+#[derive(Clone)]
+pub struct KedaScaler {
+    view: watch::Receiver<Arc<NodeView>>,
+}
+
+impl KedaScaler {
+    /// A scaler answering from `view`.
+    pub fn new(view: watch::Receiver<Arc<NodeView>>) -> Self {
+        Self { view }
+    }
+}
+
+/// Validates a ScaledObjectRef into a trigger and its namespace.
+fn trigger_of(scaled_object: &ScaledObjectRef) -> Result<Trigger, Status> {
+    if scaled_object.namespace.is_empty() {
+        return Err(Status::invalid_argument(
+            "scaledObjectRef.namespace: required",
+        ));
+    }
+    Trigger::from_metadata(&scaled_object.scaler_metadata)
+        .map_err(|err| Status::invalid_argument(err.to_string()))
+}
+
+/// The workload's value for `trigger` in `view`.
+fn evaluate(view: &NodeView, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, Status> {
+    let query = WorkloadQuery {
+        namespace,
+        selector: &trigger.pod_selector,
+        metric: trigger.metric,
+        window_s: trigger.window.as_secs_f64(),
+        aggregation: trigger.aggregation,
+    };
+    workload_value(view, &query).map_err(Status::unavailable)
+}
+
+/// KEDA reads `metricValue`/`targetSize` when the float field is 0; keep
+/// the two consistent and saturate instead of overflowing.
+fn as_int(value: f64) -> i64 {
+    value.round().clamp(i64::MIN as f64, i64::MAX as f64) as i64
+}
+
+#[tonic::async_trait]
+impl ExternalScaler for KedaScaler {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let scaled_object = request.into_inner();
+        let trigger = trigger_of(&scaled_object)?;
+        let view = self.view.borrow().clone();
+        let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
+        Ok(Response::new(IsActiveResponse {
+            result: value.value > trigger.activation_target,
+        }))
+    }
+
+    type StreamIsActiveStream = ResponseStream<IsActiveResponse>;
+
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let scaled_object = request.into_inner();
+        let trigger = trigger_of(&scaled_object)?;
+        let mut view = self.view.clone();
+        let (sender, receiver) = mpsc::channel(4);
+        tokio::spawn(async move {
+            // Sends the first state at once, then only changes: a `true`
+            // reaches KEDA within one collector tick of the load appearing.
+            let mut last_sent = None;
+            loop {
+                let current = view.borrow_and_update().clone();
+                match evaluate(&current, &scaled_object.namespace, &trigger) {
+                    Ok(value) => {
+                        let active = value.value > trigger.activation_target;
+                        if last_sent != Some(active) {
+                            if sender
+                                .send(Ok(IsActiveResponse { result: active }))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                            last_sent = Some(active);
+                        }
+                    }
+                    Err(status) => {
+                        tracing::debug!(error = %status.message(), "push activation has no value")
+                    }
+                }
+                tokio::select! {
+                    changed = view.changed() => if changed.is_err() { break },
+                    _ = sender.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    // KEDA still reads the deprecated int64 fields when the float is 0.
+    #[allow(deprecated)]
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let trigger = trigger_of(request.get_ref())?;
+        Ok(Response::new(GetMetricSpecResponse {
+            metric_specs: vec![MetricSpec {
+                metric_name: trigger.metric_name(),
+                target_size: as_int(trigger.target).max(1),
+                target_size_float: trigger.target,
+            }],
+        }))
+    }
+
+    #[allow(deprecated)]
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let request = request.into_inner();
+        let scaled_object = request
+            .scaled_object_ref
+            .ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
+        let trigger = trigger_of(&scaled_object)?;
+        let view = self.view.borrow().clone();
+        let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
+        let metric_name = if request.metric_name.is_empty() {
+            trigger.metric_name()
+        } else {
+            request.metric_name
+        };
+        tracing::debug!(
+            scaled_object = %scaled_object.name, namespace = %scaled_object.namespace,
+            metric = %trigger.metric, value = value.value, pods = value.pods, "GetMetrics"
+        );
+        Ok(Response::new(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name,
+                metric_value: as_int(value.value),
+                metric_value_float: value.value,
+            }],
+        }))
+    }
+
+    type StreamMetricSpecStream = ResponseStream<GetMetricSpecResponse>;
+
+    async fn stream_metric_spec(
+        &self,
+        _request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
+        // KEDA falls back to GetMetricSpec when this is unimplemented, and
+        // podgpu's specs only change when the ScaledObject does.
+        Err(Status::unimplemented("StreamMetricSpec: use GetMetricSpec"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Int64 fields saturate and round instead of wrapping.
+    #[test]
+    fn int_fields_round_and_saturate() {
+        assert_eq!(as_int(2.5), 3);
+        assert_eq!(as_int(1e30), i64::MAX);
+        assert_eq!(as_int(0.4), 0);
+    }
+
+    /// A ScaledObjectRef without a namespace is rejected by name.
+    #[test]
+    fn namespace_is_required() {
+        let scaled_object = ScaledObjectRef {
+            name: "x".into(),
+            namespace: String::new(),
+            scaler_metadata: Default::default(),
+        };
+        let status = trigger_of(&scaled_object).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("namespace"));
+    }
+}

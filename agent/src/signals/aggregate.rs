@@ -1,0 +1,174 @@
+//! Combines pod values into one workload value for KEDA.
+//!
+//! KEDA's default `AverageValue` computes desired replicas as
+//! ceil(value / target), so the default aggregation is the SUM over the
+//! workload's pods with `target` meaning "per replica". `avg` and `max` are
+//! for metrics a user wants to treat as per-pod levels.
+use super::metric::Metric;
+use super::view::NodeView;
+use crate::pods::selector::LabelSelector;
+
+/// How pod values combine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Sum over pods (additive; right for AverageValue targets).
+    #[default]
+    Sum,
+    /// Largest pod value.
+    Max,
+    /// Mean over pods that have a value.
+    Avg,
+}
+
+/// Which pods and what to compute.
+#[derive(Clone, Debug)]
+pub struct WorkloadQuery<'a> {
+    /// Pods must be in this namespace (the ScaledObject's).
+    pub namespace: &'a str,
+    /// And match this selector.
+    pub selector: &'a LabelSelector,
+    /// Metric to compute per pod.
+    pub metric: Metric,
+    /// Window in seconds.
+    pub window_s: f64,
+    /// How to combine pods.
+    pub aggregation: Aggregation,
+}
+
+/// A workload's value and how many pods it covers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkloadValue {
+    /// Combined value (0 when no pod matches).
+    pub value: f64,
+    /// Pods that matched and had a value.
+    pub pods: usize,
+}
+
+/// The workload's value, or the reason the metric's source cannot serve.
+pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<WorkloadValue, String> {
+    let status = view.source_status(query.metric);
+    if !status.is_ok() {
+        return Err(format!(
+            "{} is unavailable on this node: {status:?}",
+            query.metric
+        ));
+    }
+    let values = view
+        .pods
+        .iter()
+        .filter(|pod| pod.meta.namespace.as_deref() == Some(query.namespace))
+        .filter(|pod| query.selector.matches(&pod.meta.labels))
+        .filter_map(|pod| pod.value(query.metric, query.window_s));
+    let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
+    for value in values {
+        sum += value;
+        max = max.max(value);
+        pods += 1;
+    }
+    let value = match query.aggregation {
+        Aggregation::Sum => sum,
+        Aggregation::Max => max,
+        Aggregation::Avg if pods > 0 => sum / pods as f64,
+        Aggregation::Avg => 0.0,
+    };
+    Ok(WorkloadValue { value, pods })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pods::PodMeta;
+    use crate::signals::history::{History, Point};
+    use crate::signals::view::{PodView, SourceStatus};
+
+    fn pod(namespace: &str, app: &str, recv_rate: u64) -> PodView {
+        let mut history = History::new(60.0);
+        history.push(Point {
+            at_s: 0.0,
+            ..Point::default()
+        });
+        history.push(Point {
+            at_s: 10.0,
+            recv_bytes: recv_rate * 10,
+            ..Point::default()
+        });
+        PodView {
+            meta: PodMeta {
+                uid: format!("{namespace}-{app}-{recv_rate}"),
+                namespace: Some(namespace.to_string()),
+                name: Some(app.to_string()),
+                labels: [("app".to_string(), app.to_string())].into(),
+            },
+            history,
+            gpu_mem_used_bytes: 0,
+        }
+    }
+
+    fn view() -> NodeView {
+        let mut view = NodeView::empty();
+        view.health.probes = SourceStatus::Ok {
+            detail: "test".into(),
+        };
+        view.pods = vec![
+            pod("ns", "llm", 100),
+            pod("ns", "llm", 300),
+            pod("ns", "other", 1000),
+            pod("x", "llm", 5000),
+        ];
+        view
+    }
+
+    fn query(selector: &LabelSelector, aggregation: Aggregation) -> WorkloadQuery<'_> {
+        WorkloadQuery {
+            namespace: "ns",
+            selector,
+            metric: Metric::SocketRecvBytesRate,
+            window_s: 10.0,
+            aggregation,
+        }
+    }
+
+    /// Sum, max and avg cover exactly the selected pods of the namespace.
+    #[test]
+    fn aggregations_over_selected_pods() {
+        let selector = LabelSelector::parse("app=llm").unwrap();
+        let view = view();
+        assert_eq!(
+            workload_value(&view, &query(&selector, Aggregation::Sum)),
+            Ok(WorkloadValue {
+                value: 400.0,
+                pods: 2
+            })
+        );
+        assert_eq!(
+            workload_value(&view, &query(&selector, Aggregation::Max))
+                .unwrap()
+                .value,
+            300.0
+        );
+        assert_eq!(
+            workload_value(&view, &query(&selector, Aggregation::Avg))
+                .unwrap()
+                .value,
+            200.0
+        );
+        let nobody = LabelSelector::parse("app=none").unwrap();
+        assert_eq!(
+            workload_value(&view, &query(&nobody, Aggregation::Avg)),
+            Ok(WorkloadValue {
+                value: 0.0,
+                pods: 0
+            })
+        );
+    }
+
+    /// A metric whose source is down is an error, never a silent zero.
+    #[test]
+    fn unavailable_source_is_an_error() {
+        let selector = LabelSelector::default();
+        let mut q = query(&selector, Aggregation::Sum);
+        q.metric = Metric::GpuSmUtil;
+        let err = workload_value(&view(), &q).unwrap_err();
+        assert!(err.contains("gpu_sm_util is unavailable"), "{err}");
+    }
+}

@@ -1,0 +1,368 @@
+//! The one task that owns per-pod state. It multiplexes probe reads (every
+//! tick), cgroup rescans (every few seconds) and GPU updates (from the
+//! poller thread) in one `select!` loop, so the core state needs no locks,
+//! and publishes an immutable `NodeView` after every tick.
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use podgpu_common::SocketCounters;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::history::{History, Point};
+use super::view::{Health, NodeView, PodView, SourceStatus};
+use crate::gpu::poller::{GpuUpdate, PodGpu};
+use crate::gpu::DeviceSample;
+use crate::pods::cgroup_tree::{self, PodCgroup};
+use crate::pods::PodMeta;
+use crate::probes::socket::{SocketProbe, SocketProbeStats};
+
+/// Collector schedule and inputs.
+#[derive(Clone, Debug)]
+pub struct CollectorConfig {
+    /// Time between probe reads and publications.
+    pub tick: Duration,
+    /// Time between cgroup tree walks.
+    pub rescan: Duration,
+    /// Longest window any query can ask for.
+    pub retention: Duration,
+    /// cgroup v2 root.
+    pub cgroup_root: PathBuf,
+    /// Pod metadata by UID (static source).
+    pub metadata: HashMap<String, PodMeta>,
+}
+
+/// The state of one pod between ticks.
+struct PodState {
+    meta: PodMeta,
+    history: History,
+    recv_bytes: u64,
+    send_bytes: u64,
+    gpu_sm_util_integral: f64,
+    gpu: PodGpu,
+}
+
+/// Owns the probes and all per-pod state.
+pub struct Collector {
+    config: CollectorConfig,
+    probe: Option<SocketProbe>,
+    probe_status: SourceStatus,
+    probe_stats: SocketProbeStats,
+    cgroups: HashMap<u64, PodCgroup>,
+    /// Last raw kernel counters per cgroup: pods accumulate deltas, so a
+    /// container restart (new cgroup, counters from zero) never shows as a
+    /// negative rate.
+    last_raw: HashMap<u64, SocketCounters>,
+    pods: HashMap<String, PodState>,
+    gpu_status: SourceStatus,
+    gpu_devices: Vec<DeviceSample>,
+    gpu_poll_errors: u64,
+    gpu_updates_dropped: Arc<AtomicU64>,
+    started: Instant,
+    last_tick_s: f64,
+    last_rescan: Option<Instant>,
+}
+
+impl Collector {
+    /// A collector over `probe` (absent when it could not load; `probe_status`
+    /// says why).
+    pub fn new(
+        config: CollectorConfig,
+        probe: Option<SocketProbe>,
+        probe_status: SourceStatus,
+        gpu_updates_dropped: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            config,
+            probe,
+            probe_status,
+            probe_stats: SocketProbeStats::default(),
+            cgroups: HashMap::new(),
+            last_raw: HashMap::new(),
+            pods: HashMap::new(),
+            gpu_status: SourceStatus::Degraded {
+                reason: "waiting for the first GPU poll".to_string(),
+            },
+            gpu_devices: Vec::new(),
+            gpu_poll_errors: 0,
+            gpu_updates_dropped,
+            started: Instant::now(),
+            last_tick_s: 0.0,
+            last_rescan: None,
+        }
+    }
+
+    /// Runs until `shutdown`, publishing a view after every tick.
+    pub async fn run(
+        mut self,
+        mut gpu_updates: mpsc::Receiver<GpuUpdate>,
+        publish: watch::Sender<Arc<NodeView>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(self.config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {
+                    self.tick();
+                    publish.send_replace(Arc::new(self.view()));
+                }
+                Some(update) = gpu_updates.recv() => self.apply_gpu(update),
+            }
+        }
+        tracing::debug!("collector stopped");
+    }
+
+    /// One step: rescan if due, read probes, extend every pod's history.
+    pub fn tick(&mut self) {
+        if self
+            .last_rescan
+            .is_none_or(|at| at.elapsed() >= self.config.rescan)
+        {
+            self.rescan();
+        }
+        self.read_probes();
+        let now_s = self.started.elapsed().as_secs_f64();
+        let elapsed = (now_s - self.last_tick_s).max(0.0);
+        self.last_tick_s = now_s;
+        for pod in self.pods.values_mut() {
+            // Sample-and-hold between GPU polls keeps short windows smooth.
+            pod.gpu_sm_util_integral += pod.gpu.sm_util_percent * elapsed;
+            pod.history.push(Point {
+                at_s: now_s,
+                recv_bytes: pod.recv_bytes,
+                send_bytes: pod.send_bytes,
+                gpu_sm_util_integral: pod.gpu_sm_util_integral,
+            });
+        }
+    }
+
+    fn rescan(&mut self) {
+        self.last_rescan = Some(Instant::now());
+        let found = cgroup_tree::scan(&self.config.cgroup_root);
+        let gone: Vec<u64> = self
+            .cgroups
+            .keys()
+            .filter(|id| !found.contains_key(id))
+            .copied()
+            .collect();
+        let new: Vec<u64> = found
+            .keys()
+            .filter(|id| !self.cgroups.contains_key(id))
+            .copied()
+            .collect();
+        for id in &gone {
+            self.last_raw.remove(id);
+            if let Some(probe) = self.probe.as_mut() {
+                if let Err(err) = probe.unwatch(*id) {
+                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup");
+                }
+            }
+        }
+        for id in &new {
+            if let Some(probe) = self.probe.as_mut() {
+                if let Err(err) = probe.watch(*id) {
+                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup");
+                }
+            }
+        }
+        self.cgroups = found;
+        let live: HashSet<&str> = self
+            .cgroups
+            .values()
+            .map(|c| c.owner.pod_uid.as_str())
+            .collect();
+        self.pods.retain(|uid, _| live.contains(uid.as_str()));
+        for uid in live {
+            if !self.pods.contains_key(uid) {
+                let meta = self
+                    .config
+                    .metadata
+                    .get(uid)
+                    .cloned()
+                    .unwrap_or_else(|| PodMeta {
+                        uid: uid.to_string(),
+                        ..PodMeta::default()
+                    });
+                tracing::info!(pod_uid = uid, namespace = ?meta.namespace, name = ?meta.name, "tracking pod");
+                self.pods.insert(
+                    uid.to_string(),
+                    PodState {
+                        meta,
+                        history: History::new(self.config.retention.as_secs_f64()),
+                        recv_bytes: 0,
+                        send_bytes: 0,
+                        gpu_sm_util_integral: 0.0,
+                        gpu: PodGpu::default(),
+                    },
+                );
+            }
+        }
+        if !gone.is_empty() || !new.is_empty() {
+            tracing::debug!(
+                added = new.len(),
+                removed = gone.len(),
+                pods = self.pods.len(),
+                "cgroup rescan"
+            );
+        }
+    }
+
+    fn read_probes(&mut self) {
+        let Some(probe) = self.probe.as_ref() else {
+            return;
+        };
+        let counters = match probe.read() {
+            Ok(counters) => counters,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading socket counters");
+                return;
+            }
+        };
+        if let Ok(stats) = probe.stats() {
+            self.probe_stats = stats;
+        }
+        for (cgroup_id, raw) in counters {
+            let Some(cgroup) = self.cgroups.get(&cgroup_id) else {
+                continue;
+            };
+            let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else {
+                continue;
+            };
+            let previous = self.last_raw.insert(cgroup_id, raw).unwrap_or_default();
+            pod.recv_bytes += raw.recv_bytes.saturating_sub(previous.recv_bytes);
+            pod.send_bytes += raw.send_bytes.saturating_sub(previous.send_bytes);
+        }
+    }
+
+    /// Applies one update from the GPU poller.
+    pub fn apply_gpu(&mut self, update: GpuUpdate) {
+        match update {
+            GpuUpdate::Polled {
+                backend,
+                devices,
+                pods,
+            } => {
+                self.gpu_status = SourceStatus::Ok { detail: backend };
+                self.gpu_devices = devices;
+                for (uid, pod) in self.pods.iter_mut() {
+                    pod.gpu = pods.get(uid).copied().unwrap_or_default();
+                }
+            }
+            GpuUpdate::Unavailable { reason } => {
+                self.gpu_poll_errors += 1;
+                self.gpu_status = SourceStatus::Degraded { reason };
+                self.gpu_devices.clear();
+                for pod in self.pods.values_mut() {
+                    pod.gpu = PodGpu::default();
+                }
+            }
+            GpuUpdate::Disabled => self.gpu_status = SourceStatus::Disabled,
+        }
+    }
+
+    /// An immutable snapshot of the current state.
+    pub fn view(&self) -> NodeView {
+        let mut pods: Vec<PodView> = self
+            .pods
+            .values()
+            .map(|pod| PodView {
+                meta: pod.meta.clone(),
+                history: pod.history.clone(),
+                gpu_mem_used_bytes: pod.gpu.memory_used_bytes,
+            })
+            .collect();
+        pods.sort_by(|a, b| {
+            (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(
+                &b.meta.namespace,
+                &b.meta.name,
+                &b.meta.uid,
+            ))
+        });
+        NodeView {
+            at_s: self.last_tick_s,
+            pods,
+            devices: self.gpu_devices.clone(),
+            health: Health {
+                probes: self.probe_status.clone(),
+                gpu: self.gpu_status.clone(),
+                probe_stats: self.probe_stats,
+                gpu_poll_errors: self.gpu_poll_errors,
+                gpu_updates_dropped: self.gpu_updates_dropped.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signals::metric::Metric;
+
+    fn collector(root: &std::path::Path) -> Collector {
+        let config = CollectorConfig {
+            tick: Duration::from_millis(10),
+            rescan: Duration::ZERO,
+            retention: Duration::from_secs(60),
+            cgroup_root: root.to_path_buf(),
+            metadata: HashMap::new(),
+        };
+        Collector::new(
+            config,
+            None,
+            SourceStatus::Disabled,
+            Arc::new(AtomicU64::new(0)),
+        )
+    }
+
+    /// Pods appear with their cgroups and vanish with them; GPU updates set
+    /// per-pod use and an outage clears it and marks the source degraded.
+    #[test]
+    fn pods_follow_cgroups_and_gpu_updates() {
+        let root = tempfile::tempdir().unwrap();
+        let uid = "7d1c2a4e-0000-4000-8000-00000000000a";
+        let pod_dir = root.path().join(format!("kubepods/pod{uid}"));
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        let mut collector = collector(root.path());
+        collector.tick();
+        assert_eq!(collector.view().pods.len(), 1);
+
+        collector.apply_gpu(GpuUpdate::Polled {
+            backend: "sim:test".into(),
+            devices: vec![],
+            pods: [(
+                uid.to_string(),
+                PodGpu {
+                    sm_util_percent: 40.0,
+                    memory_used_bytes: 7,
+                },
+            )]
+            .into(),
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        collector.tick();
+        std::thread::sleep(Duration::from_millis(20));
+        collector.tick();
+        let view = collector.view();
+        assert!(view.health.gpu.is_ok());
+        let util = view.pods[0].value(Metric::GpuSmUtil, 0.02).unwrap();
+        assert!((util - 40.0).abs() < 1e-6, "{util}");
+        assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0), Some(7.0));
+
+        collector.apply_gpu(GpuUpdate::Unavailable {
+            reason: "GPU lost".into(),
+        });
+        let view = collector.view();
+        assert!(!view.health.gpu.is_ok());
+        assert_eq!(view.health.gpu_poll_errors, 1);
+        assert_eq!(view.pods[0].gpu_mem_used_bytes, 0);
+
+        std::fs::remove_dir(&pod_dir).unwrap();
+        collector.tick();
+        assert!(collector.view().pods.is_empty());
+    }
+}

@@ -1,0 +1,135 @@
+//! A pod's recent past as cumulative points, from which any window's rate
+//! or time-weighted mean is one subtraction.
+//!
+//! GPU utilization is stored as its integral (percent x seconds), so the
+//! mean over a window is a rate like the byte counters: no per-window state,
+//! and any window up to the retention can be asked for.
+use std::collections::VecDeque;
+
+/// Cumulative values of one pod at one instant.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Point {
+    /// Seconds since the collector started.
+    pub at_s: f64,
+    /// Bytes received, cumulative.
+    pub recv_bytes: u64,
+    /// Bytes sent, cumulative.
+    pub send_bytes: u64,
+    /// Integral of SM utilization, percent x seconds.
+    pub gpu_sm_util_integral: f64,
+}
+
+/// Points of the last `retention_s` seconds, oldest first.
+#[derive(Clone, Debug)]
+pub struct History {
+    points: VecDeque<Point>,
+    retention_s: f64,
+}
+
+impl History {
+    /// An empty history keeping `retention_s` seconds.
+    pub fn new(retention_s: f64) -> Self {
+        Self {
+            points: VecDeque::new(),
+            retention_s,
+        }
+    }
+
+    /// Appends a point and forgets those older than the retention (keeping
+    /// one just beyond it, so a full-retention window still has a start).
+    pub fn push(&mut self, point: Point) {
+        self.points.push_back(point);
+        while self.points.len() > 2 && point.at_s - self.points[1].at_s >= self.retention_s {
+            self.points.pop_front();
+        }
+    }
+
+    /// The newest point.
+    pub fn latest(&self) -> Option<&Point> {
+        self.points.back()
+    }
+
+    /// Change of `field` per second over the last `window_s` seconds (or
+    /// over the whole history when it is shorter, so a new pod has a value
+    /// at once). `None` until two points exist.
+    pub fn rate(&self, window_s: f64, field: impl Fn(&Point) -> f64) -> Option<f64> {
+        let latest = self.points.back()?;
+        let start_at = latest.at_s - window_s;
+        let first_inside = self
+            .points
+            .partition_point(|point| point.at_s < start_at - 1e-9);
+        // Prefer the point at or just before the window start: it makes the
+        // window at least as long as asked.
+        let start = &self.points[first_inside.saturating_sub(1)];
+        let elapsed = latest.at_s - start.at_s;
+        (elapsed > 0.0).then(|| (field(latest) - field(start)) / elapsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(at_s: f64, recv_bytes: u64) -> Point {
+        Point {
+            at_s,
+            recv_bytes,
+            ..Point::default()
+        }
+    }
+
+    /// A rate uses exactly the window asked for when history is long enough.
+    #[test]
+    fn rate_over_window() {
+        let mut history = History::new(60.0);
+        for second in 0..=20 {
+            // 100 B/s for the first 10 s, 300 B/s after.
+            let bytes = if second <= 10 {
+                second * 100
+            } else {
+                1000 + (second - 10) * 300
+            };
+            history.push(point(second as f64, bytes));
+        }
+        assert_eq!(history.rate(5.0, |p| p.recv_bytes as f64), Some(300.0));
+        assert_eq!(history.rate(20.0, |p| p.recv_bytes as f64), Some(200.0));
+        // Longer than the history: the whole history.
+        assert_eq!(history.rate(100.0, |p| p.recv_bytes as f64), Some(200.0));
+    }
+
+    /// One point has no rate; retention drops old points but keeps the window start.
+    #[test]
+    fn retention_and_single_point() {
+        let mut history = History::new(10.0);
+        history.push(point(0.0, 0));
+        assert_eq!(history.rate(10.0, |p| p.recv_bytes as f64), None);
+        for second in 1..=30 {
+            history.push(point(second as f64, second * 10));
+        }
+        assert!(history.points.len() <= 12, "{}", history.points.len());
+        assert_eq!(history.rate(10.0, |p| p.recv_bytes as f64), Some(10.0));
+    }
+
+    /// A time-weighted mean is the rate of the integral.
+    #[test]
+    fn integral_rate_is_time_weighted_mean() {
+        let mut history = History::new(60.0);
+        let mut integral = 0.0;
+        // 40% for 3 s then 80% for 1 s: mean 50%.
+        for (second, util) in [
+            (0.0, 0.0),
+            (1.0, 40.0),
+            (2.0, 40.0),
+            (3.0, 40.0),
+            (4.0, 80.0),
+        ] {
+            integral += util;
+            history.push(Point {
+                at_s: second,
+                gpu_sm_util_integral: integral,
+                ..Point::default()
+            });
+        }
+        assert_eq!(history.rate(4.0, |p| p.gpu_sm_util_integral), Some(50.0));
+    }
+}
