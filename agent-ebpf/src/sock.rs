@@ -15,9 +15,7 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::TracePointContext,
 };
-use podgpu_common::{
-    ProbeStat, SocketCounters, MAX_TRACKED_CGROUPS, MAX_WATCHED_CGROUPS, PROBE_STAT_COUNT,
-};
+use podgpu_common::{ProbeStat, SocketCounters, MAX_TRACKED_CGROUPS, MAX_WATCHED_CGROUPS, PROBE_STAT_COUNT};
 
 /// cgroup ids user space wants counted (value: `WATCH_*` flags).
 #[map]
@@ -26,8 +24,7 @@ static WATCHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHE
 /// Cumulative counters per cgroup id, one copy per CPU so no atomics are
 /// needed on the hot path.
 #[map]
-static SOCKET_COUNTERS: PerCpuHashMap<u64, SocketCounters> =
-    PerCpuHashMap::with_max_entries(MAX_TRACKED_CGROUPS, 0);
+static SOCKET_COUNTERS: PerCpuHashMap<u64, SocketCounters> = PerCpuHashMap::with_max_entries(MAX_TRACKED_CGROUPS, 0);
 
 /// The probe's own counters, indexed by `ProbeStat`.
 #[map]
@@ -96,10 +93,7 @@ fn try_count(ctx: &TracePointContext, direction: Direction) -> Result<(), i32> {
         None => {
             let mut first = SocketCounters::default();
             add(&mut first, direction, bytes);
-            if SOCKET_COUNTERS
-                .insert(cgroup_id, first, BPF_NOEXIST)
-                .is_err()
-            {
+            if SOCKET_COUNTERS.insert(cgroup_id, first, BPF_NOEXIST).is_err() {
                 // Either the map is full or another CPU inserted first; the
                 // latter is rare enough that counting it as a drop is honest.
                 bump(ProbeStat::MapFull);

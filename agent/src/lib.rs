@@ -78,11 +78,7 @@ pub struct Bound {
 
 /// Starts the agent and serves until `shutdown` is cancelled. `on_ready`
 /// gets the bound addresses once both servers accept connections.
-pub async fn run(
-    config: Config,
-    shutdown: CancellationToken,
-    on_ready: impl FnOnce(Bound),
-) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
     let cgroup_root = match &config.cgroup_root {
         Some(root) => root.clone(),
         None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
@@ -90,32 +86,21 @@ pub async fn run(
     let metadata = match &config.pod_metadata {
         Some(path) => pods::static_source::load(path)?,
         None => {
-            tracing::info!(
-                "no pod metadata source: pods carry their UID only and match no namespace"
-            );
+            tracing::info!("no pod metadata source: pods carry their UID only and match no namespace");
             HashMap::new()
         }
     };
 
     let (probe, probe_status) = match probes::socket::SocketProbe::load() {
-        Ok(probe) => (
-            Some(probe),
-            SourceStatus::Ok {
-                detail: "eBPF sock tracepoints".to_string(),
-            },
-        ),
+        Ok(probe) => (Some(probe), SourceStatus::Ok { detail: "eBPF sock tracepoints".to_string() }),
         Err(err) if config.require_ebpf => {
-            return Err(anyhow::Error::new(err)
-                .context("eBPF probes are required (PODGPU_REQUIRE_EBPF) but did not load"))
+            return Err(
+                anyhow::Error::new(err).context("eBPF probes are required (PODGPU_REQUIRE_EBPF) but did not load")
+            )
         }
         Err(err) => {
             tracing::warn!(error = %err, "eBPF probes did not load: socket signals are unavailable");
-            (
-                None,
-                SourceStatus::Degraded {
-                    reason: err.to_string(),
-                },
-            )
+            (None, SourceStatus::Degraded { reason: err.to_string() })
         }
     };
 
@@ -125,10 +110,7 @@ pub async fn run(
     let http_listener = TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
-    let bound = Bound {
-        keda: keda_listener.local_addr()?,
-        http: http_listener.local_addr()?,
-    };
+    let bound = Bound { keda: keda_listener.local_addr()?, http: http_listener.local_addr()? };
 
     let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
     // Bounded: a stalled collector drops GPU updates (counted) instead of
@@ -159,19 +141,10 @@ pub async fn run(
     );
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(
-        collector
-            .run(gpu_rx, view_tx, shutdown.clone())
-            .into_future_ok(),
-    );
+    tasks.spawn(collector.run(gpu_rx, view_tx, shutdown.clone()).into_future_ok());
     let keda = tonic::transport::Server::builder()
-        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(
-            view_rx.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(keda_listener),
-            shutdown.clone().cancelled_owned(),
-        );
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
     tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
     let http = axum::serve(http_listener, serve::http::router(view_rx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

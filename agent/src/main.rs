@@ -11,11 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "podgpu-agent",
-    version,
-    about = "Per-pod GPU and request signals for KEDA"
-)]
+#[command(name = "podgpu-agent", version, about = "Per-pod GPU and request signals for KEDA")]
 struct Cli {
     #[command(subcommand)]
     role: Option<Role>,
@@ -32,20 +28,10 @@ enum Role {
 #[derive(clap::Args, Debug)]
 struct Options {
     /// KEDA ExternalScaler gRPC listen address.
-    #[arg(
-        long,
-        env = "PODGPU_KEDA_LISTEN",
-        default_value = "0.0.0.0:6000",
-        global = true
-    )]
+    #[arg(long, env = "PODGPU_KEDA_LISTEN", default_value = "0.0.0.0:6000", global = true)]
     keda_listen: SocketAddr,
     /// HTTP listen address (/healthz, /pods, /metrics).
-    #[arg(
-        long,
-        env = "PODGPU_HTTP_LISTEN",
-        default_value = "0.0.0.0:9102",
-        global = true
-    )]
+    #[arg(long, env = "PODGPU_HTTP_LISTEN", default_value = "0.0.0.0:9102", global = true)]
     http_listen: SocketAddr,
     /// GPU backend: nvml, nvml:LIBRARY, sim, sim:SCENARIO.yaml or none.
     #[arg(long, env = "PODGPU_GPU", default_value = "nvml", global = true)]
@@ -73,9 +59,7 @@ struct Options {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -103,18 +87,13 @@ async fn main() -> anyhow::Result<()> {
     run(config, shutdown, |bound: Bound| {
         // One machine-readable line on stdout for scripts and tests that
         // start the agent on port 0.
-        println!(
-            "{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}",
-            bound.keda, bound.http
-        );
+        println!("{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}", bound.keda, bound.http);
     })
     .await
 }
 
 async fn wait_for_signal() {
-    let mut terminate = match tokio::signal::unix::signal(
-        tokio::signal::unix::SignalKind::terminate(),
-    ) {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(signal) => signal,
         Err(err) => {
             tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the agent");

@@ -80,26 +80,8 @@ mod tests {
     /// Accumulating wraps like the kernel's u64 counters instead of panicking.
     #[test]
     fn accumulate_adds_fields_and_wraps() {
-        let mut a = SocketCounters {
-            recv_bytes: u64::MAX,
-            recv_calls: 1,
-            send_bytes: 2,
-            send_calls: 3,
-        };
-        a.accumulate(&SocketCounters {
-            recv_bytes: 2,
-            recv_calls: 1,
-            send_bytes: 5,
-            send_calls: 0,
-        });
-        assert_eq!(
-            a,
-            SocketCounters {
-                recv_bytes: 1,
-                recv_calls: 2,
-                send_bytes: 7,
-                send_calls: 3
-            }
-        );
+        let mut a = SocketCounters { recv_bytes: u64::MAX, recv_calls: 1, send_bytes: 2, send_calls: 3 };
+        a.accumulate(&SocketCounters { recv_bytes: 2, recv_calls: 1, send_bytes: 5, send_calls: 0 });
+        assert_eq!(a, SocketCounters { recv_bytes: 1, recv_calls: 2, send_bytes: 7, send_calls: 3 });
     }
 }

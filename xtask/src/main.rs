@@ -1,1 +1,24 @@
-fn main() {}
+//! podgpu's developer commands, run with `cargo xtask <command>` (aya's
+//! convention). One module per command.
+mod demo;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "podgpu developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Two tenant pods, the agent with real probes, a live view, KEDA's answers.
+    Demo(demo::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo(options) => demo::run(options),
+    }
+}

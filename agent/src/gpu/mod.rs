@@ -116,19 +116,14 @@ impl FromStr for GpuSource {
             None if spec == "none" => Ok(Self::None),
             Some(("nvml", path)) if !path.is_empty() => Ok(Self::Nvml(PathBuf::from(path))),
             Some(("sim", path)) if !path.is_empty() => Ok(Self::Sim(Some(PathBuf::from(path)))),
-            _ => Err(format!(
-                "invalid GPU source {spec:?}: expected nvml, nvml:LIBRARY, sim, sim:SCENARIO or none"
-            )),
+            _ => Err(format!("invalid GPU source {spec:?}: expected nvml, nvml:LIBRARY, sim, sim:SCENARIO or none")),
         }
     }
 }
 
 /// Opens the backend named by `source`. `Ok(None)` means "no GPU signals by
 /// choice"; an error means the backend is wanted but not usable now.
-pub fn open(
-    source: &GpuSource,
-    cgroup_root: &std::path::Path,
-) -> Result<Option<Box<dyn GpuBackend>>, GpuError> {
+pub fn open(source: &GpuSource, cgroup_root: &std::path::Path) -> Result<Option<Box<dyn GpuBackend>>, GpuError> {
     match source {
         GpuSource::None => Ok(None),
         GpuSource::Nvml(path) => Ok(Some(Box::new(NvmlBackend::open(path)?))),
@@ -137,10 +132,7 @@ pub fn open(
                 Some(path) => Scenario::from_file(path)?,
                 None => Scenario::embedded_demo(),
             };
-            Ok(Some(Box::new(SimBackend::new(
-                scenario,
-                cgroup_root.to_path_buf(),
-            ))))
+            Ok(Some(Box::new(SimBackend::new(scenario, cgroup_root.to_path_buf()))))
         }
     }
 }
@@ -155,10 +147,7 @@ mod tests {
     fn gpu_source_parses_documented_forms() {
         assert_eq!("none".parse::<GpuSource>(), Ok(GpuSource::None));
         assert_eq!("sim".parse::<GpuSource>(), Ok(GpuSource::Sim(None)));
-        assert_eq!(
-            "sim:/x.yaml".parse::<GpuSource>(),
-            Ok(GpuSource::Sim(Some(PathBuf::from("/x.yaml"))))
-        );
+        assert_eq!("sim:/x.yaml".parse::<GpuSource>(), Ok(GpuSource::Sim(Some(PathBuf::from("/x.yaml")))));
         assert_eq!(
             "nvml:/opt/libnvidia-ml.so.1".parse::<GpuSource>(),
             Ok(GpuSource::Nvml(PathBuf::from("/opt/libnvidia-ml.so.1")))

@@ -29,37 +29,23 @@ pub struct NvmlBackend {
 impl NvmlBackend {
     /// Loads the library at `library` and initialises NVML.
     pub fn open(library: &Path) -> Result<Self, GpuError> {
-        let nvml = Nvml::builder()
-            .lib_path(library.as_os_str())
-            .init()
-            .map_err(|err| match err {
-                NvmlError::LibloadingError(reason) => GpuError::LibraryMissing {
-                    path: library.display().to_string(),
-                    reason: reason.to_string(),
-                },
-                NvmlError::LibraryNotFound => GpuError::LibraryMissing {
-                    path: library.display().to_string(),
-                    reason: err.to_string(),
-                },
-                other => GpuError::Init(other.to_string()),
-            })?;
-        let driver_version = nvml
-            .sys_driver_version()
-            .unwrap_or_else(|_| "unknown".to_string());
-        Ok(Self {
-            nvml,
-            driver_version,
-            last_sample_us: HashMap::new(),
-        })
+        let nvml = Nvml::builder().lib_path(library.as_os_str()).init().map_err(|err| match err {
+            NvmlError::LibloadingError(reason) => {
+                GpuError::LibraryMissing { path: library.display().to_string(), reason: reason.to_string() }
+            }
+            NvmlError::LibraryNotFound => {
+                GpuError::LibraryMissing { path: library.display().to_string(), reason: err.to_string() }
+            }
+            other => GpuError::Init(other.to_string()),
+        })?;
+        let driver_version = nvml.sys_driver_version().unwrap_or_else(|_| "unknown".to_string());
+        Ok(Self { nvml, driver_version, last_sample_us: HashMap::new() })
     }
 }
 
 fn poll_error(device: &str, err: NvmlError) -> GpuError {
     match err {
-        NvmlError::GpuLost => GpuError::GpuLost {
-            uuid: device.to_string(),
-            reason: err.to_string(),
-        },
+        NvmlError::GpuLost => GpuError::GpuLost { uuid: device.to_string(), reason: err.to_string() },
         other => GpuError::Poll(format!("{device}: {other}")),
     }
 }
@@ -70,32 +56,21 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn poll(&mut self) -> Result<GpuPoll, GpuError> {
-        let count = self
-            .nvml
-            .device_count()
-            .map_err(|err| poll_error("device count", err))?;
+        let count = self.nvml.device_count().map_err(|err| poll_error("device count", err))?;
         let mut poll = GpuPoll::default();
         for index in 0..count {
             let label = format!("GPU {index}");
-            let device = self
-                .nvml
-                .device_by_index(index)
-                .map_err(|err| poll_error(&label, err))?;
+            let device = self.nvml.device_by_index(index).map_err(|err| poll_error(&label, err))?;
             let uuid = device.uuid().map_err(|err| poll_error(&label, err))?;
             let name = device.name().unwrap_or_default();
-            let util = device
-                .utilization_rates()
-                .map_err(|err| poll_error(&uuid, err))?;
+            let util = device.utilization_rates().map_err(|err| poll_error(&uuid, err))?;
             let memory = device.memory_info().map_err(|err| poll_error(&uuid, err))?;
             // Temperature and power are health signals for a later issue;
             // reading them here proves the device answers.
             let _ = device.temperature(TemperatureSensor::Gpu);
 
             let mut processes: HashMap<u32, ProcessSample> = HashMap::new();
-            for process in device
-                .running_compute_processes()
-                .map_err(|err| poll_error(&uuid, err))?
-            {
+            for process in device.running_compute_processes().map_err(|err| poll_error(&uuid, err))? {
                 let bytes = match process.used_gpu_memory {
                     UsedGpuMemory::Used(bytes) => bytes,
                     UsedGpuMemory::Unavailable => 0,
@@ -116,10 +91,7 @@ impl GpuBackend for NvmlBackend {
                     // Several samples per pid may be new; the mean of the new
                     // ones is this interval's value.
                     let mut sums: HashMap<u32, (f64, u32)> = HashMap::new();
-                    for sample in samples
-                        .iter()
-                        .filter(|s| since.is_none_or(|t| s.timestamp > t))
-                    {
+                    for sample in samples.iter().filter(|s| since.is_none_or(|t| s.timestamp > t)) {
                         let entry = sums.entry(sample.pid).or_default();
                         entry.0 += f64::from(sample.sm_util);
                         entry.1 += 1;

@@ -96,9 +96,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
                 }
                 Err(err) => {
                     log_unavailable(&err, backoff);
-                    send(GpuUpdate::Unavailable {
-                        reason: err.to_string(),
-                    });
+                    send(GpuUpdate::Unavailable { reason: err.to_string() });
                     sleep_unless_closed(&updates, backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -113,9 +111,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
             Ok(poll) => send(attribute(active.describe(), poll, &config)),
             Err(err) => {
                 tracing::warn!(error = %err, "GPU poll failed; re-opening the backend");
-                send(GpuUpdate::Unavailable {
-                    reason: err.to_string(),
-                });
+                send(GpuUpdate::Unavailable { reason: err.to_string() });
                 backend = None;
             }
         }
@@ -151,8 +147,8 @@ fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration) {
 fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate {
     let mut pods: HashMap<String, PodGpu> = HashMap::new();
     for process in &poll.processes {
-        let Some(owner) = cgroup_tree::process_cgroup(&config.proc_root, process.pid)
-            .and_then(|p| cgroup_path::parse(&p))
+        let Some(owner) =
+            cgroup_tree::process_cgroup(&config.proc_root, process.pid).and_then(|p| cgroup_path::parse(&p))
         else {
             continue;
         };
@@ -160,11 +156,7 @@ fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate
         pod.sm_util_percent += process.sm_util_percent.unwrap_or(0.0);
         pod.memory_used_bytes += process.memory_used_bytes;
     }
-    GpuUpdate::Polled {
-        backend,
-        devices: poll.devices,
-        pods,
-    }
+    GpuUpdate::Polled { backend, devices: poll.devices, pods }
 }
 
 #[cfg(test)]
@@ -183,11 +175,7 @@ mod tests {
             (12, "/system.slice/nvidia-persistenced.service".to_string()),
         ] {
             std::fs::create_dir_all(proc_root.path().join(pid.to_string())).unwrap();
-            std::fs::write(
-                proc_root.path().join(format!("{pid}/cgroup")),
-                format!("0::{cgroup}\n"),
-            )
-            .unwrap();
+            std::fs::write(proc_root.path().join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
         }
         let sample = |pid, util: Option<f64>, mem| ProcessSample {
             pid,
@@ -210,16 +198,8 @@ mod tests {
             proc_root: proc_root.path().to_path_buf(),
             interval: Duration::from_secs(1),
         };
-        let GpuUpdate::Polled { pods, .. } = attribute("test".into(), poll, &config) else {
-            panic!()
-        };
+        let GpuUpdate::Polled { pods, .. } = attribute("test".into(), poll, &config) else { panic!() };
         assert_eq!(pods.len(), 1);
-        assert_eq!(
-            pods[uid],
-            PodGpu {
-                sm_util_percent: 30.0,
-                memory_used_bytes: 12
-            }
-        );
+        assert_eq!(pods[uid], PodGpu { sm_util_percent: 30.0, memory_used_bytes: 12 });
     }
 }

@@ -77,46 +77,26 @@ impl Scenario {
 
     /// Reads and validates a scenario file.
     pub fn from_file(path: &Path) -> Result<Self, GpuError> {
-        let text = fs::read_to_string(path).map_err(|err| GpuError::Scenario {
-            path: path.display().to_string(),
-            reason: err.to_string(),
-        })?;
+        let text = fs::read_to_string(path)
+            .map_err(|err| GpuError::Scenario { path: path.display().to_string(), reason: err.to_string() })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     fn parse(text: &str, origin: &str) -> Result<Self, GpuError> {
-        let invalid = |reason: String| GpuError::Scenario {
-            path: origin.to_string(),
-            reason,
-        };
-        let scenario: Scenario =
-            serde_yaml::from_str(text).map_err(|err| invalid(err.to_string()))?;
+        let invalid = |reason: String| GpuError::Scenario { path: origin.to_string(), reason };
+        let scenario: Scenario = serde_yaml::from_str(text).map_err(|err| invalid(err.to_string()))?;
         for (index, process) in scenario.processes.iter().enumerate() {
             if process.pid.is_some() == process.cgroup.is_some() {
-                return Err(invalid(format!(
-                    "processes[{index}]: set exactly one of pid or cgroup"
-                )));
+                return Err(invalid(format!("processes[{index}]: set exactly one of pid or cgroup")));
             }
             if process.gpu >= scenario.gpus.len() {
-                return Err(invalid(format!(
-                    "processes[{index}].gpu: no GPU with index {}",
-                    process.gpu
-                )));
+                return Err(invalid(format!("processes[{index}].gpu: no GPU with index {}", process.gpu)));
             }
-            if process.sm_util.is_empty() || process.sm_util.iter().any(|step| step.seconds <= 0.0)
-            {
-                return Err(invalid(format!(
-                    "processes[{index}].sm_util: needs steps with seconds > 0"
-                )));
+            if process.sm_util.is_empty() || process.sm_util.iter().any(|step| step.seconds <= 0.0) {
+                return Err(invalid(format!("processes[{index}].sm_util: needs steps with seconds > 0")));
             }
-            if process
-                .sm_util
-                .iter()
-                .any(|step| !(0.0..=100.0).contains(&step.percent))
-            {
-                return Err(invalid(format!(
-                    "processes[{index}].sm_util: percent must be within 0..=100"
-                )));
+            if process.sm_util.iter().any(|step| !(0.0..=100.0).contains(&step.percent)) {
+                return Err(invalid(format!("processes[{index}].sm_util: percent must be within 0..=100")));
             }
         }
         Ok(scenario)
@@ -147,11 +127,7 @@ pub struct SimBackend {
 impl SimBackend {
     /// Starts the scenario's clock now; cgroup paths resolve under `cgroup_root`.
     pub fn new(scenario: Scenario, cgroup_root: PathBuf) -> Self {
-        Self {
-            scenario,
-            cgroup_root,
-            started: Instant::now(),
-        }
+        Self { scenario, cgroup_root, started: Instant::now() }
     }
 
     fn pids_of(&self, process: &SimProcess) -> Vec<u32> {
@@ -159,10 +135,7 @@ impl SimBackend {
             (Some(pid), _) => vec![*pid],
             (None, Some(cgroup)) => {
                 let mut pids = Vec::new();
-                collect_cgroup_pids(
-                    &self.cgroup_root.join(cgroup.trim_start_matches('/')),
-                    &mut pids,
-                );
+                collect_cgroup_pids(&self.cgroup_root.join(cgroup.trim_start_matches('/')), &mut pids);
                 pids
             }
             (None, None) => Vec::new(),
@@ -173,11 +146,7 @@ impl SimBackend {
 /// Every pid in `dir` and its descendants; a missing directory has none.
 fn collect_cgroup_pids(dir: &Path, pids: &mut Vec<u32>) {
     if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-        pids.extend(
-            procs
-                .lines()
-                .filter_map(|line| line.trim().parse::<u32>().ok()),
-        );
+        pids.extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
     }
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -289,19 +258,10 @@ mod tests {
     fn invalid_scenarios_name_the_field() {
         let base = "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nprocesses:\n";
         let cases = [
-            (
-                "  - {gpu: 0, sm_util: [{seconds: 1, percent: 1}]}\n",
-                "pid or cgroup",
-            ),
-            (
-                "  - {pid: 1, gpu: 3, sm_util: [{seconds: 1, percent: 1}]}\n",
-                "processes[0].gpu",
-            ),
+            ("  - {gpu: 0, sm_util: [{seconds: 1, percent: 1}]}\n", "pid or cgroup"),
+            ("  - {pid: 1, gpu: 3, sm_util: [{seconds: 1, percent: 1}]}\n", "processes[0].gpu"),
             ("  - {pid: 1, gpu: 0, sm_util: []}\n", "sm_util"),
-            (
-                "  - {pid: 1, gpu: 0, sm_util: [{seconds: 1, percent: 101}]}\n",
-                "percent",
-            ),
+            ("  - {pid: 1, gpu: 0, sm_util: [{seconds: 1, percent: 101}]}\n", "percent"),
             ("  - {pid: 1, gpu: 0, smutil: []}\n", "unknown field"),
         ];
         for (tail, expected) in cases {

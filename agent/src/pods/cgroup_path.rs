@@ -29,21 +29,13 @@ pub struct CgroupOwner {
     pub qos: QosClass,
 }
 
-const CONTAINER_PREFIXES: [&str; 5] = [
-    "cri-containerd-",
-    "crio-",
-    "docker-",
-    "libpod-",
-    "containerd-",
-];
+const CONTAINER_PREFIXES: [&str; 5] = ["cri-containerd-", "crio-", "docker-", "libpod-", "containerd-"];
 
 /// Returns the owner of `path` (absolute or relative to the cgroup v2
 /// root), or `None` for cgroups outside any pod (host processes).
 pub fn parse(path: &str) -> Option<CgroupOwner> {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    let kubepods = components
-        .iter()
-        .position(|c| *c == "kubepods" || *c == "kubepods.slice")?;
+    let kubepods = components.iter().position(|c| *c == "kubepods" || *c == "kubepods.slice")?;
     let mut qos = QosClass::Guaranteed;
     for (index, component) in components.iter().enumerate().skip(kubepods + 1) {
         match *component {
@@ -52,11 +44,7 @@ pub fn parse(path: &str) -> Option<CgroupOwner> {
             _ => {
                 if let Some(pod_uid) = pod_uid_of(component) {
                     let container_id = components.get(index + 1).and_then(|c| container_id_of(c));
-                    return Some(CgroupOwner {
-                        pod_uid,
-                        container_id,
-                        qos,
-                    });
+                    return Some(CgroupOwner { pod_uid, container_id, qos });
                 }
             }
         }
@@ -86,10 +74,7 @@ fn is_uid(text: &str) -> bool {
 /// `cri-containerd-<id>.scope`, `crio-<id>.scope`, ... or a bare `<id>`.
 fn container_id_of(component: &str) -> Option<String> {
     let name = component.strip_suffix(".scope").unwrap_or(component);
-    let id = CONTAINER_PREFIXES
-        .iter()
-        .find_map(|prefix| name.strip_prefix(prefix))
-        .unwrap_or(name);
+    let id = CONTAINER_PREFIXES.iter().find_map(|prefix| name.strip_prefix(prefix)).unwrap_or(name);
     (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
@@ -106,9 +91,23 @@ mod tests {
     #[test]
     fn known_layouts() {
         let cases = [
-            (format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"), Some(ID), QosClass::Guaranteed),
-            (format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/crio-{ID}.scope"), Some(ID), QosClass::Burstable),
-            (format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/docker-{ID}.scope"), Some(ID), QosClass::BestEffort),
+            (
+                format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+                Some(ID),
+                QosClass::Guaranteed,
+            ),
+            (
+                format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/crio-{ID}.scope"),
+                Some(ID),
+                QosClass::Burstable,
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/docker-{ID}.scope"
+                ),
+                Some(ID),
+                QosClass::BestEffort,
+            ),
             (format!("kubepods.slice/kubepods-pod{UID_}.slice/libpod-{ID}.scope"), Some(ID), QosClass::Guaranteed),
             (format!("/kubepods/burstable/pod{UID}/{ID}"), Some(ID), QosClass::Burstable),
             (format!("/kubepods/pod{UID}/{ID}"), Some(ID), QosClass::Guaranteed),

@@ -28,12 +28,7 @@ pub fn find_v2_root(mountinfo: &str) -> Option<PathBuf> {
         (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(mount_point)))
     });
     let first = mounts.next()?;
-    Some(
-        std::iter::once(first.clone())
-            .chain(mounts)
-            .find(|m| m == Path::new("/sys/fs/cgroup"))
-            .unwrap_or(first),
-    )
+    Some(std::iter::once(first.clone()).chain(mounts).find(|m| m == Path::new("/sys/fs/cgroup")).unwrap_or(first))
 }
 
 /// mountinfo escapes spaces and a few other bytes as `\ooo`.
@@ -42,14 +37,8 @@ fn unescape_mount_path(raw: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value =
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let value = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(value);
             i += 4;
         } else {
@@ -63,12 +52,8 @@ fn unescape_mount_path(raw: &str) -> String {
 /// The cgroup v2 mount of this host, from `/proc/self/mountinfo`.
 pub fn host_v2_root() -> io::Result<PathBuf> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    find_v2_root(&mountinfo).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "no cgroup2 mount in /proc/self/mountinfo",
-        )
-    })
+    find_v2_root(&mountinfo)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/self/mountinfo"))
 }
 
 /// One pod-owned cgroup directory.
@@ -96,13 +81,7 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut HashMap<u64, PodCgrou
     }
     let relative = format!("/{}", dir.strip_prefix(root).unwrap_or(dir).display());
     if let Some(owner) = cgroup_path::parse(&relative) {
-        found.insert(
-            meta.ino(),
-            PodCgroup {
-                path: relative,
-                owner,
-            },
-        );
+        found.insert(meta.ino(), PodCgroup { path: relative, owner });
     }
     if depth >= MAX_DEPTH {
         return;
@@ -121,9 +100,7 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut HashMap<u64, PodCgrou
 /// (the `0::` line); `None` when the process is gone.
 pub fn process_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
     let text = fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_string)
+    text.lines().find_map(|line| line.strip_prefix("0::")).map(str::to_string)
 }
 
 #[cfg(test)]
@@ -135,16 +112,10 @@ mod tests {
     #[test]
     fn finds_v2_mount() {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n30 25 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n31 25 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
-        assert_eq!(
-            find_v2_root(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(find_v2_root(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let pure = "40 1 0:50 / /run/other\\040cg rw - cgroup2 cgroup2 rw\n26 1 0:23 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         assert_eq!(find_v2_root(pure), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(
-            find_v2_root("26 1 0:23 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
-            None
-        );
+        assert_eq!(find_v2_root("26 1 0:23 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
         assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
     }
 
@@ -155,9 +126,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let uid = "7d1c2a4e_0000_4000_8000_00000000000b";
         let id = "ab".repeat(32);
-        let container = root.path().join(format!(
-            "kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{id}.scope"
-        ));
+        let container = root.path().join(format!("kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{id}.scope"));
         fs::create_dir_all(&container).unwrap();
         fs::create_dir_all(root.path().join("system.slice/foo.service")).unwrap();
         let found = scan(root.path());
@@ -174,15 +143,8 @@ mod tests {
     fn process_cgroup_reads_v2_line() {
         let proc_root = tempfile::tempdir().unwrap();
         fs::create_dir_all(proc_root.path().join("42")).unwrap();
-        fs::write(
-            proc_root.path().join("42/cgroup"),
-            "3:cpu:/x\n0::/kubepods/podA/ctr\n",
-        )
-        .unwrap();
-        assert_eq!(
-            process_cgroup(proc_root.path(), 42).as_deref(),
-            Some("/kubepods/podA/ctr")
-        );
+        fs::write(proc_root.path().join("42/cgroup"), "3:cpu:/x\n0::/kubepods/podA/ctr\n").unwrap();
+        assert_eq!(process_cgroup(proc_root.path(), 42).as_deref(), Some("/kubepods/podA/ctr"));
         assert_eq!(process_cgroup(proc_root.path(), 43), None);
     }
 }

@@ -34,16 +34,12 @@ impl LabelSelector {
 
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements
-            .iter()
-            .all(|requirement| match requirement {
-                Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
-                Requirement::NotIn(key, values) => {
-                    labels.get(key).is_none_or(|v| !values.contains(v))
-                }
-                Requirement::Exists(key) => labels.contains_key(key),
-                Requirement::DoesNotExist(key) => !labels.contains_key(key),
-            })
+        self.requirements.iter().all(|requirement| match requirement {
+            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
+            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
+            Requirement::Exists(key) => labels.contains_key(key),
+            Requirement::DoesNotExist(key) => !labels.contains_key(key),
+        })
     }
 }
 
@@ -80,30 +76,18 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
         return Ok(Requirement::DoesNotExist(label_key(key.trim())?));
     }
     if let Some((key, value)) = part.split_once("!=") {
-        return Ok(Requirement::NotIn(
-            label_key(key.trim())?,
-            vec![label_value(value.trim())?],
-        ));
+        return Ok(Requirement::NotIn(label_key(key.trim())?, vec![label_value(value.trim())?]));
     }
     if let Some((key, value)) = part.split_once("==").or_else(|| part.split_once('=')) {
-        return Ok(Requirement::In(
-            label_key(key.trim())?,
-            vec![label_value(value.trim())?],
-        ));
+        return Ok(Requirement::In(label_key(key.trim())?, vec![label_value(value.trim())?]));
     }
     let words: Vec<&str> = part.splitn(2, char::is_whitespace).collect();
     if words.len() == 2 {
         let rest = words[1].trim();
-        let (operator, list) = rest
-            .split_once('(')
-            .ok_or_else(|| format!("expected `in (...)` or `notin (...)` in {part:?}"))?;
-        let list = list
-            .strip_suffix(')')
-            .ok_or_else(|| format!("missing `)` in {part:?}"))?;
-        let values = list
-            .split(',')
-            .map(|v| label_value(v.trim()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (operator, list) =
+            rest.split_once('(').ok_or_else(|| format!("expected `in (...)` or `notin (...)` in {part:?}"))?;
+        let list = list.strip_suffix(')').ok_or_else(|| format!("missing `)` in {part:?}"))?;
+        let values = list.split(',').map(|v| label_value(v.trim())).collect::<Result<Vec<_>, _>>()?;
         let key = label_key(words[0])?;
         return match operator.trim() {
             "in" => Ok(Requirement::In(key, values)),
@@ -115,11 +99,8 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
 }
 
 fn label_key(key: &str) -> Result<String, String> {
-    let valid = !key.is_empty()
-        && key.len() <= 317
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    let valid =
+        !key.is_empty() && key.len() <= 317 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
     if valid {
         Ok(key.to_string())
     } else {
@@ -128,10 +109,7 @@ fn label_key(key: &str) -> Result<String, String> {
 }
 
 fn label_value(value: &str) -> Result<String, String> {
-    let valid = value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let valid = value.len() <= 63 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if valid {
         Ok(value.to_string())
     } else {
@@ -144,20 +122,13 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// Each operator matches and rejects what kubectl's would.
     #[test]
     fn operators() {
-        let pod = labels(&[
-            ("app", "llm"),
-            ("tier", "gpu"),
-            ("app.kubernetes.io/name", "vllm"),
-        ]);
+        let pod = labels(&[("app", "llm"), ("tier", "gpu"), ("app.kubernetes.io/name", "vllm")]);
         let cases = [
             ("", true),
             ("app=llm", true),
@@ -175,8 +146,7 @@ mod tests {
             ("app=llm,tier=cpu", false),
         ];
         for (selector, expected) in cases {
-            let parsed =
-                LabelSelector::parse(selector).unwrap_or_else(|e| panic!("{selector}: {e}"));
+            let parsed = LabelSelector::parse(selector).unwrap_or_else(|e| panic!("{selector}: {e}"));
             assert_eq!(parsed.matches(&pod), expected, "{selector}");
         }
     }
@@ -184,15 +154,7 @@ mod tests {
     /// Malformed selectors are errors, not silently "match all".
     #[test]
     fn malformed() {
-        for selector in [
-            "app=llm,",
-            "tier in (a",
-            "tier in a",
-            "tier between (a)",
-            "a b c=(",
-            "app=l l",
-            "(x)",
-        ] {
+        for selector in ["app=llm,", "tier in (a", "tier in a", "tier between (a)", "a b c=(", "app=l l", "(x)"] {
             assert!(LabelSelector::parse(selector).is_err(), "{selector} parsed");
         }
     }

@@ -42,10 +42,7 @@ struct Entry {
 
 /// Reads `path` into metadata keyed by pod UID.
 pub fn load(path: &Path) -> Result<HashMap<String, PodMeta>, StaticSourceError> {
-    let error = |reason: String| StaticSourceError {
-        path: path.display().to_string(),
-        reason,
-    };
+    let error = |reason: String| StaticSourceError { path: path.display().to_string(), reason };
     let text = fs::read_to_string(path).map_err(|err| error(err.to_string()))?;
     // YAML is a superset of JSON, so one parser reads both.
     let file: File = serde_yaml::from_str(&text).map_err(|err| error(err.to_string()))?;
@@ -81,11 +78,7 @@ mod tests {
         assert_eq!(pod.labels["app"], "x");
 
         let json = dir.path().join("pods.json");
-        fs::write(
-            &json,
-            r#"{"pods":[{"uid":"u1","namespace":"n","name":"a"}]}"#,
-        )
-        .unwrap();
+        fs::write(&json, r#"{"pods":[{"uid":"u1","namespace":"n","name":"a"}]}"#).unwrap();
         assert_eq!(load(&json).unwrap()["u1"].namespace.as_deref(), Some("n"));
     }
 
@@ -94,24 +87,10 @@ mod tests {
     fn rejects_bad_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.yaml");
-        fs::write(
-            &path,
-            "pods:\n  - {uid: u, namespace: n, name: a}\n  - {uid: u, namespace: n, name: b}\n",
-        )
-        .unwrap();
+        fs::write(&path, "pods:\n  - {uid: u, namespace: n, name: a}\n  - {uid: u, namespace: n, name: b}\n").unwrap();
         let err = load(&path).unwrap_err().to_string();
-        assert!(
-            err.contains("listed twice") && err.contains("bad.yaml"),
-            "{err}"
-        );
-        fs::write(
-            &path,
-            "pods:\n  - {uid: u, namespace: n, name: a, nodeName: x}\n",
-        )
-        .unwrap();
-        assert!(load(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown field"));
+        assert!(err.contains("listed twice") && err.contains("bad.yaml"), "{err}");
+        fs::write(&path, "pods:\n  - {uid: u, namespace: n, name: a, nodeName: x}\n").unwrap();
+        assert!(load(&path).unwrap_err().to_string().contains("unknown field"));
     }
 }

@@ -51,28 +51,15 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 /// Tracepoints are attached by id, read from tracefs; many hosts (this
 /// project's CI machine among them) do not mount it by default.
 pub fn ensure_tracefs() -> Result<(), ProbeError> {
-    if Path::new(TRACEFS).join("events").is_dir()
-        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
-    {
+    if Path::new(TRACEFS).join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
         return Ok(());
     }
-    let error = |source| ProbeError::Tracefs {
-        path: TRACEFS.to_string(),
-        source,
-    };
+    let error = |source| ProbeError::Tracefs { path: TRACEFS.to_string(), source };
     let target = std::ffi::CString::new(TRACEFS).map_err(|err| error(io::Error::other(err)))?;
     let fstype = c"tracefs";
     let source = c"nodev";
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(error(io::Error::last_os_error()));
     }

@@ -41,11 +41,7 @@ async fn healthz(State(view): State<ViewRx>) -> Response {
     let view = view.borrow().clone();
     let degraded = !view.health.probes.is_ok() || !view.health.gpu.is_ok();
     let status = if degraded { "degraded" } else { "ok" };
-    Json(HealthBody {
-        status,
-        health: &view.health,
-    })
-    .into_response()
+    Json(HealthBody { status, health: &view.health }).into_response()
 }
 
 #[derive(Serialize)]
@@ -67,18 +63,12 @@ struct PodsBody<'a> {
 }
 
 /// `/pods?window=SECONDS`: every pod and every metric over the window.
-async fn pods(
-    State(view): State<ViewRx>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Response {
+async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, String>>) -> Response {
     let window_s = match query.get("window").map(|w| w.parse::<f64>()) {
         None => DEFAULT_WINDOW.as_secs_f64(),
         Some(Ok(w)) if w > 0.0 && w <= MAX_WINDOW.as_secs_f64() => w,
         Some(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("window must be seconds in (0, {}]", MAX_WINDOW.as_secs()),
-            )
+            return (StatusCode::BAD_REQUEST, format!("window must be seconds in (0, {}]", MAX_WINDOW.as_secs()))
                 .into_response()
         }
     };
@@ -94,24 +84,14 @@ async fn pods(
             values: Metric::ALL
                 .into_iter()
                 .map(|metric| {
-                    let value = view
-                        .source_status(metric)
-                        .is_ok()
-                        .then(|| pod.value(metric, window_s))
-                        .flatten();
+                    let value = view.source_status(metric).is_ok().then(|| pod.value(metric, window_s)).flatten();
                     (metric.name(), value)
                 })
                 .collect(),
         })
         .collect();
-    Json(PodsBody {
-        at_s: view.at_s,
-        window_s,
-        pods: rows,
-        devices: &view.devices,
-        health: &view.health,
-    })
-    .into_response()
+    Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })
+        .into_response()
 }
 
 /// Prometheus exposition of per-pod signals (default window) and the
@@ -119,21 +99,11 @@ async fn pods(
 async fn metrics(State(view): State<ViewRx>) -> Response {
     let view = view.borrow().clone();
     let body = render_metrics(&view);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// The /metrics body.
@@ -144,12 +114,7 @@ pub fn render_metrics(view: &NodeView) -> String {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let _ = writeln!(
-            out,
-            "# HELP podgpu_pod_{0} Per-pod {0} over {1}s.",
-            metric.name(),
-            window_s
-        );
+        let _ = writeln!(out, "# HELP podgpu_pod_{0} Per-pod {0} over {1}s.", metric.name(), window_s);
         let _ = writeln!(out, "# TYPE podgpu_pod_{} gauge", metric.name());
         for pod in &view.pods {
             let Some(value) = pod.value(metric, window_s) else {
@@ -168,34 +133,19 @@ pub fn render_metrics(view: &NodeView) -> String {
     }
     let health = &view.health;
     let up = |ok: bool| if ok { 1 } else { 0 };
-    let _ = writeln!(out, "# HELP podgpu_agent_source_up Whether a signal source is serving (1) or degraded/disabled (0).");
+    let _ =
+        writeln!(out, "# HELP podgpu_agent_source_up Whether a signal source is serving (1) or degraded/disabled (0).");
     let _ = writeln!(out, "# TYPE podgpu_agent_source_up gauge");
-    let _ = writeln!(
-        out,
-        "podgpu_agent_source_up{{source=\"probes\"}} {}",
-        up(health.probes.is_ok())
-    );
-    let _ = writeln!(
-        out,
-        "podgpu_agent_source_up{{source=\"gpu\"}} {}",
-        up(health.gpu.is_ok())
-    );
+    let _ = writeln!(out, "podgpu_agent_source_up{{source=\"probes\"}} {}", up(health.probes.is_ok()));
+    let _ = writeln!(out, "podgpu_agent_source_up{{source=\"gpu\"}} {}", up(health.gpu.is_ok()));
     let counters = [
-        (
-            "podgpu_agent_probe_events_total",
-            "Socket events counted by the probes.",
-            health.probe_stats.counted,
-        ),
+        ("podgpu_agent_probe_events_total", "Socket events counted by the probes.", health.probe_stats.counted),
         (
             "podgpu_agent_probe_map_full_drops_total",
             "Socket events lost to a full probe map.",
             health.probe_stats.map_full_drops,
         ),
-        (
-            "podgpu_agent_gpu_poll_errors_total",
-            "GPU backend opens or polls that failed.",
-            health.gpu_poll_errors,
-        ),
+        ("podgpu_agent_gpu_poll_errors_total", "GPU backend opens or polls that failed.", health.gpu_poll_errors),
         (
             "podgpu_agent_gpu_updates_dropped_total",
             "GPU updates dropped because the collector lagged.",
@@ -207,10 +157,7 @@ pub fn render_metrics(view: &NodeView) -> String {
         let _ = writeln!(out, "# TYPE {name} counter");
         let _ = writeln!(out, "{name} {value}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP podgpu_agent_tracked_pods Pods with a cgroup on this node."
-    );
+    let _ = writeln!(out, "# HELP podgpu_agent_tracked_pods Pods with a cgroup on this node.");
     let _ = writeln!(out, "# TYPE podgpu_agent_tracked_pods gauge");
     let _ = writeln!(out, "podgpu_agent_tracked_pods {}", view.pods.len());
     out
@@ -228,19 +175,10 @@ mod tests {
     #[test]
     fn renders_pods_and_self_metrics() {
         let mut view = NodeView::empty();
-        view.health.probes = SourceStatus::Ok {
-            detail: "ebpf".into(),
-        };
+        view.health.probes = SourceStatus::Ok { detail: "ebpf".into() };
         let mut history = History::new(60.0);
-        history.push(Point {
-            at_s: 0.0,
-            ..Point::default()
-        });
-        history.push(Point {
-            at_s: 10.0,
-            recv_bytes: 5000,
-            ..Point::default()
-        });
+        history.push(Point { at_s: 0.0, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: 5000, ..Point::default() });
         view.pods.push(PodView {
             meta: PodMeta {
                 uid: "u1".into(),
@@ -252,7 +190,10 @@ mod tests {
             gpu_mem_used_bytes: 0,
         });
         let text = render_metrics(&view);
-        assert!(text.contains("podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",pod_uid=\"u1\"} 500\n"), "{text}");
+        assert!(
+            text.contains("podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",pod_uid=\"u1\"} 500\n"),
+            "{text}"
+        );
         assert!(!text.contains("podgpu_pod_gpu_sm_util{"), "{text}");
         assert!(text.contains("podgpu_agent_source_up{source=\"gpu\"} 0"));
         assert!(text.contains("podgpu_agent_tracked_pods 1"));

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use podgpu_proto::externalscaler::external_scaler_server::ExternalScaler;
 use podgpu_proto::externalscaler::{
-    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
-    MetricValue, ScaledObjectRef,
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec, MetricValue,
+    ScaledObjectRef,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,19 +36,36 @@ impl KedaScaler {
     }
 }
 
-/// Validates a ScaledObjectRef into a trigger and its namespace.
-fn trigger_of(scaled_object: &ScaledObjectRef) -> Result<Trigger, Status> {
-    if scaled_object.namespace.is_empty() {
-        return Err(Status::invalid_argument(
-            "scaledObjectRef.namespace: required",
-        ));
+/// Why a request cannot be answered; each maps to one gRPC code.
+#[derive(Debug, thiserror::Error)]
+enum ScalerError {
+    /// The request itself is wrong (InvalidArgument).
+    #[error("{0}")]
+    Invalid(String),
+    /// The metric's source is down on this node (Unavailable).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<ScalerError> for Status {
+    fn from(err: ScalerError) -> Self {
+        match err {
+            ScalerError::Invalid(message) => Status::invalid_argument(message),
+            ScalerError::Unavailable(message) => Status::unavailable(message),
+        }
     }
-    Trigger::from_metadata(&scaled_object.scaler_metadata)
-        .map_err(|err| Status::invalid_argument(err.to_string()))
+}
+
+/// Validates a ScaledObjectRef into a trigger.
+fn trigger_of(scaled_object: &ScaledObjectRef) -> Result<Trigger, ScalerError> {
+    if scaled_object.namespace.is_empty() {
+        return Err(ScalerError::Invalid("scaledObjectRef.namespace: required".to_string()));
+    }
+    Trigger::from_metadata(&scaled_object.scaler_metadata).map_err(|err| ScalerError::Invalid(err.to_string()))
 }
 
 /// The workload's value for `trigger` in `view`.
-fn evaluate(view: &NodeView, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, Status> {
+fn evaluate(view: &NodeView, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
     let query = WorkloadQuery {
         namespace,
         selector: &trigger.pod_selector,
@@ -56,7 +73,7 @@ fn evaluate(view: &NodeView, namespace: &str, trigger: &Trigger) -> Result<Workl
         window_s: trigger.window.as_secs_f64(),
         aggregation: trigger.aggregation,
     };
-    workload_value(view, &query).map_err(Status::unavailable)
+    workload_value(view, &query).map_err(ScalerError::Unavailable)
 }
 
 /// KEDA reads `metricValue`/`targetSize` when the float field is 0; keep
@@ -67,17 +84,12 @@ fn as_int(value: f64) -> i64 {
 
 #[tonic::async_trait]
 impl ExternalScaler for KedaScaler {
-    async fn is_active(
-        &self,
-        request: Request<ScaledObjectRef>,
-    ) -> Result<Response<IsActiveResponse>, Status> {
+    async fn is_active(&self, request: Request<ScaledObjectRef>) -> Result<Response<IsActiveResponse>, Status> {
         let scaled_object = request.into_inner();
         let trigger = trigger_of(&scaled_object)?;
         let view = self.view.borrow().clone();
         let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
-        Ok(Response::new(IsActiveResponse {
-            result: value.value > trigger.activation_target,
-        }))
+        Ok(Response::new(IsActiveResponse { result: value.value > trigger.activation_target }))
     }
 
     type StreamIsActiveStream = ResponseStream<IsActiveResponse>;
@@ -100,18 +112,14 @@ impl ExternalScaler for KedaScaler {
                     Ok(value) => {
                         let active = value.value > trigger.activation_target;
                         if last_sent != Some(active) {
-                            if sender
-                                .send(Ok(IsActiveResponse { result: active }))
-                                .await
-                                .is_err()
-                            {
+                            if sender.send(Ok(IsActiveResponse { result: active })).await.is_err() {
                                 break;
                             }
                             last_sent = Some(active);
                         }
                     }
                     Err(status) => {
-                        tracing::debug!(error = %status.message(), "push activation has no value")
+                        tracing::debug!(error = %status, "push activation has no value")
                     }
                 }
                 tokio::select! {
@@ -140,22 +148,14 @@ impl ExternalScaler for KedaScaler {
     }
 
     #[allow(deprecated)]
-    async fn get_metrics(
-        &self,
-        request: Request<GetMetricsRequest>,
-    ) -> Result<Response<GetMetricsResponse>, Status> {
+    async fn get_metrics(&self, request: Request<GetMetricsRequest>) -> Result<Response<GetMetricsResponse>, Status> {
         let request = request.into_inner();
-        let scaled_object = request
-            .scaled_object_ref
-            .ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
+        let scaled_object =
+            request.scaled_object_ref.ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
         let trigger = trigger_of(&scaled_object)?;
         let view = self.view.borrow().clone();
         let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
-        let metric_name = if request.metric_name.is_empty() {
-            trigger.metric_name()
-        } else {
-            request.metric_name
-        };
+        let metric_name = if request.metric_name.is_empty() { trigger.metric_name() } else { request.metric_name };
         tracing::debug!(
             scaled_object = %scaled_object.name, namespace = %scaled_object.namespace,
             metric = %trigger.metric, value = value.value, pods = value.pods, "GetMetrics"
@@ -196,12 +196,9 @@ mod tests {
     /// A ScaledObjectRef without a namespace is rejected by name.
     #[test]
     fn namespace_is_required() {
-        let scaled_object = ScaledObjectRef {
-            name: "x".into(),
-            namespace: String::new(),
-            scaler_metadata: Default::default(),
-        };
-        let status = trigger_of(&scaled_object).unwrap_err();
+        let scaled_object =
+            ScaledObjectRef { name: "x".into(), namespace: String::new(), scaler_metadata: Default::default() };
+        let status = Status::from(trigger_of(&scaled_object).unwrap_err());
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains("namespace"));
     }

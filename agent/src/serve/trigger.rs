@@ -27,10 +27,7 @@ pub struct TriggerError {
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> TriggerError {
-    TriggerError {
-        key: key.to_string(),
-        reason: reason.into(),
-    }
+    TriggerError { key: key.to_string(), reason: reason.into() }
 }
 
 /// A validated trigger.
@@ -54,20 +51,11 @@ impl Trigger {
     /// Validates KEDA's metadata map.
     pub fn from_metadata(metadata: &HashMap<String, String>) -> Result<Self, TriggerError> {
         if metadata.len() > MAX_KEYS {
-            return Err(invalid(
-                "*",
-                format!("{} keys given, at most {MAX_KEYS} allowed", metadata.len()),
-            ));
+            return Err(invalid("*", format!("{} keys given, at most {MAX_KEYS} allowed", metadata.len())));
         }
         for (key, value) in metadata {
             if value.len() > MAX_VALUE_BYTES {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "value is {} bytes, at most {MAX_VALUE_BYTES} allowed",
-                        value.len()
-                    ),
-                ));
+                return Err(invalid(key, format!("value is {} bytes, at most {MAX_VALUE_BYTES} allowed", value.len())));
             }
             match key.as_str() {
                 "metric" | "target" | "activationTarget" | "podSelector" | "aggregation" | "window" => {}
@@ -82,18 +70,10 @@ impl Trigger {
                 }
             }
         }
-        let metric_name = metadata
-            .get("metric")
-            .ok_or_else(|| invalid("metric", "required"))?;
+        let metric_name = metadata.get("metric").ok_or_else(|| invalid("metric", "required"))?;
         let metric = Metric::from_name(metric_name.trim()).ok_or_else(|| {
             let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
-            invalid(
-                "metric",
-                format!(
-                    "unknown metric {metric_name:?}; known: {}",
-                    known.join(", ")
-                ),
-            )
+            invalid("metric", format!("unknown metric {metric_name:?}; known: {}", known.join(", ")))
         })?;
         let target = number(metadata, "target")?.ok_or_else(|| invalid("target", "required"))?;
         if target <= 0.0 {
@@ -104,42 +84,23 @@ impl Trigger {
             return Err(invalid("activationTarget", "must not be negative"));
         }
         let pod_selector = match metadata.get("podSelector") {
-            Some(text) => {
-                LabelSelector::parse(text).map_err(|reason| invalid("podSelector", reason))?
-            }
+            Some(text) => LabelSelector::parse(text).map_err(|reason| invalid("podSelector", reason))?,
             None => LabelSelector::default(),
         };
         let aggregation = match metadata.get("aggregation").map(|a| a.trim()) {
             None | Some("sum") => Aggregation::Sum,
             Some("max") => Aggregation::Max,
             Some("avg") => Aggregation::Avg,
-            Some(other) => {
-                return Err(invalid(
-                    "aggregation",
-                    format!("{other:?} is not one of sum, max, avg"),
-                ))
-            }
+            Some(other) => return Err(invalid("aggregation", format!("{other:?} is not one of sum, max, avg"))),
         };
         let window = match metadata.get("window") {
-            Some(text) => {
-                parse_duration(text.trim()).map_err(|reason| invalid("window", reason))?
-            }
+            Some(text) => parse_duration(text.trim()).map_err(|reason| invalid("window", reason))?,
             None => DEFAULT_WINDOW,
         };
         if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
-            return Err(invalid(
-                "window",
-                format!("must be between {MIN_WINDOW:?} and {MAX_WINDOW:?}"),
-            ));
+            return Err(invalid("window", format!("must be between {MIN_WINDOW:?} and {MAX_WINDOW:?}")));
         }
-        Ok(Self {
-            metric,
-            target,
-            activation_target,
-            pod_selector,
-            aggregation,
-            window,
-        })
+        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window })
     }
 
     /// The metric name podgpu announces in GetMetricSpec.
@@ -152,10 +113,7 @@ fn number(metadata: &HashMap<String, String>, key: &str) -> Result<Option<f64>, 
     let Some(text) = metadata.get(key) else {
         return Ok(None);
     };
-    let value: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| invalid(key, format!("{text:?} is not a number")))?;
+    let value: f64 = text.trim().parse().map_err(|_| invalid(key, format!("{text:?} is not a number")))?;
     if !value.is_finite() {
         return Err(invalid(key, "must be a finite number"));
     }
@@ -164,13 +122,9 @@ fn number(metadata: &HashMap<String, String>, key: &str) -> Result<Option<f64>, 
 
 /// `500ms`, `10s`, `1m`, or a bare number of seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 10s"))?;
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 10s"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -185,10 +139,7 @@ mod tests {
     use super::*;
 
     fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     /// A full trigger parses into typed values; defaults fill the rest.
@@ -209,11 +160,8 @@ mod tests {
         assert_eq!(full.window, Duration::from_secs(30));
         assert_eq!(full.metric_name(), "podgpu-gpu-sm-util");
 
-        let minimal = Trigger::from_metadata(&metadata(&[
-            ("metric", "socket_recv_bytes_rate"),
-            ("target", "1000"),
-        ]))
-        .unwrap();
+        let minimal =
+            Trigger::from_metadata(&metadata(&[("metric", "socket_recv_bytes_rate"), ("target", "1000")])).unwrap();
         assert_eq!(minimal.aggregation, Aggregation::Sum);
         assert_eq!(minimal.window, DEFAULT_WINDOW);
         assert_eq!(minimal.pod_selector, LabelSelector::default());
@@ -227,25 +175,13 @@ mod tests {
             (vec![("target", "50")], "metric"),
             (vec![("metric", "gpu_util"), ("target", "50")], "metric"),
             (vec![("metric", "gpu_sm_util")], "target"),
-            (
-                vec![("metric", "gpu_sm_util"), ("target", "fifty")],
-                "target",
-            ),
+            (vec![("metric", "gpu_sm_util"), ("target", "fifty")], "target"),
             (vec![("metric", "gpu_sm_util"), ("target", "0")], "target"),
             (vec![("metric", "gpu_sm_util"), ("target", "NaN")], "target"),
             (vec![("metric", "gpu_sm_util"), ("target", "inf")], "target"),
-            (
-                [&ok[..], &[("activationTarget", "-1")]].concat(),
-                "activationTarget",
-            ),
-            (
-                [&ok[..], &[("podSelector", "app in (x")]].concat(),
-                "podSelector",
-            ),
-            (
-                [&ok[..], &[("aggregation", "median")]].concat(),
-                "aggregation",
-            ),
+            ([&ok[..], &[("activationTarget", "-1")]].concat(), "activationTarget"),
+            ([&ok[..], &[("podSelector", "app in (x")]].concat(), "podSelector"),
+            ([&ok[..], &[("aggregation", "median")]].concat(), "aggregation"),
             ([&ok[..], &[("window", "10h")]].concat(), "window"),
             ([&ok[..], &[("window", "0.5s")]].concat(), "window"),
             ([&ok[..], &[("window", "2m")]].concat(), "window"),
@@ -256,19 +192,10 @@ mod tests {
         for (pairs, key) in cases {
             let err = Trigger::from_metadata(&metadata(&pairs)).unwrap_err();
             assert_eq!(err.key, key, "{pairs:?}: {err}");
-            assert!(
-                err.to_string()
-                    .starts_with(&format!("scalerMetadata.{key}: ")),
-                "{err}"
-            );
+            assert!(err.to_string().starts_with(&format!("scalerMetadata.{key}: ")), "{err}");
         }
         let huge = "a".repeat(MAX_VALUE_BYTES + 1);
-        assert_eq!(
-            Trigger::from_metadata(&metadata(&[("metric", &huge)]))
-                .unwrap_err()
-                .key,
-            "metric"
-        );
+        assert_eq!(Trigger::from_metadata(&metadata(&[("metric", &huge)])).unwrap_err().key, "metric");
     }
 
     /// Durations accept the documented units.

@@ -48,10 +48,7 @@ pub struct WorkloadValue {
 pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<WorkloadValue, String> {
     let status = view.source_status(query.metric);
     if !status.is_ok() {
-        return Err(format!(
-            "{} is unavailable on this node: {status:?}",
-            query.metric
-        ));
+        return Err(format!("{} is unavailable on this node: {status:?}", query.metric));
     }
     let values = view
         .pods
@@ -83,15 +80,8 @@ mod tests {
 
     fn pod(namespace: &str, app: &str, recv_rate: u64) -> PodView {
         let mut history = History::new(60.0);
-        history.push(Point {
-            at_s: 0.0,
-            ..Point::default()
-        });
-        history.push(Point {
-            at_s: 10.0,
-            recv_bytes: recv_rate * 10,
-            ..Point::default()
-        });
+        history.push(Point { at_s: 0.0, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
         PodView {
             meta: PodMeta {
                 uid: format!("{namespace}-{app}-{recv_rate}"),
@@ -106,26 +96,13 @@ mod tests {
 
     fn view() -> NodeView {
         let mut view = NodeView::empty();
-        view.health.probes = SourceStatus::Ok {
-            detail: "test".into(),
-        };
-        view.pods = vec![
-            pod("ns", "llm", 100),
-            pod("ns", "llm", 300),
-            pod("ns", "other", 1000),
-            pod("x", "llm", 5000),
-        ];
+        view.health.probes = SourceStatus::Ok { detail: "test".into() };
+        view.pods = vec![pod("ns", "llm", 100), pod("ns", "llm", 300), pod("ns", "other", 1000), pod("x", "llm", 5000)];
         view
     }
 
     fn query(selector: &LabelSelector, aggregation: Aggregation) -> WorkloadQuery<'_> {
-        WorkloadQuery {
-            namespace: "ns",
-            selector,
-            metric: Metric::SocketRecvBytesRate,
-            window_s: 10.0,
-            aggregation,
-        }
+        WorkloadQuery { namespace: "ns", selector, metric: Metric::SocketRecvBytesRate, window_s: 10.0, aggregation }
     }
 
     /// Sum, max and avg cover exactly the selected pods of the namespace.
@@ -135,31 +112,12 @@ mod tests {
         let view = view();
         assert_eq!(
             workload_value(&view, &query(&selector, Aggregation::Sum)),
-            Ok(WorkloadValue {
-                value: 400.0,
-                pods: 2
-            })
+            Ok(WorkloadValue { value: 400.0, pods: 2 })
         );
-        assert_eq!(
-            workload_value(&view, &query(&selector, Aggregation::Max))
-                .unwrap()
-                .value,
-            300.0
-        );
-        assert_eq!(
-            workload_value(&view, &query(&selector, Aggregation::Avg))
-                .unwrap()
-                .value,
-            200.0
-        );
+        assert_eq!(workload_value(&view, &query(&selector, Aggregation::Max)).unwrap().value, 300.0);
+        assert_eq!(workload_value(&view, &query(&selector, Aggregation::Avg)).unwrap().value, 200.0);
         let nobody = LabelSelector::parse("app=none").unwrap();
-        assert_eq!(
-            workload_value(&view, &query(&nobody, Aggregation::Avg)),
-            Ok(WorkloadValue {
-                value: 0.0,
-                pods: 0
-            })
-        );
+        assert_eq!(workload_value(&view, &query(&nobody, Aggregation::Avg)), Ok(WorkloadValue { value: 0.0, pods: 0 }));
     }
 
     /// A metric whose source is down is an error, never a silent zero.

@@ -83,9 +83,7 @@ impl Collector {
             cgroups: HashMap::new(),
             last_raw: HashMap::new(),
             pods: HashMap::new(),
-            gpu_status: SourceStatus::Degraded {
-                reason: "waiting for the first GPU poll".to_string(),
-            },
+            gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
             gpu_poll_errors: 0,
             gpu_updates_dropped,
@@ -119,10 +117,7 @@ impl Collector {
 
     /// One step: rescan if due, read probes, extend every pod's history.
     pub fn tick(&mut self) {
-        if self
-            .last_rescan
-            .is_none_or(|at| at.elapsed() >= self.config.rescan)
-        {
+        if self.last_rescan.is_none_or(|at| at.elapsed() >= self.config.rescan) {
             self.rescan();
         }
         self.read_probes();
@@ -144,17 +139,8 @@ impl Collector {
     fn rescan(&mut self) {
         self.last_rescan = Some(Instant::now());
         let found = cgroup_tree::scan(&self.config.cgroup_root);
-        let gone: Vec<u64> = self
-            .cgroups
-            .keys()
-            .filter(|id| !found.contains_key(id))
-            .copied()
-            .collect();
-        let new: Vec<u64> = found
-            .keys()
-            .filter(|id| !self.cgroups.contains_key(id))
-            .copied()
-            .collect();
+        let gone: Vec<u64> = self.cgroups.keys().filter(|id| !found.contains_key(id)).copied().collect();
+        let new: Vec<u64> = found.keys().filter(|id| !self.cgroups.contains_key(id)).copied().collect();
         for id in &gone {
             self.last_raw.remove(id);
             if let Some(probe) = self.probe.as_mut() {
@@ -171,11 +157,7 @@ impl Collector {
             }
         }
         self.cgroups = found;
-        let live: HashSet<&str> = self
-            .cgroups
-            .values()
-            .map(|c| c.owner.pod_uid.as_str())
-            .collect();
+        let live: HashSet<&str> = self.cgroups.values().map(|c| c.owner.pod_uid.as_str()).collect();
         self.pods.retain(|uid, _| live.contains(uid.as_str()));
         for uid in live {
             if !self.pods.contains_key(uid) {
@@ -184,10 +166,7 @@ impl Collector {
                     .metadata
                     .get(uid)
                     .cloned()
-                    .unwrap_or_else(|| PodMeta {
-                        uid: uid.to_string(),
-                        ..PodMeta::default()
-                    });
+                    .unwrap_or_else(|| PodMeta { uid: uid.to_string(), ..PodMeta::default() });
                 tracing::info!(pod_uid = uid, namespace = ?meta.namespace, name = ?meta.name, "tracking pod");
                 self.pods.insert(
                     uid.to_string(),
@@ -203,12 +182,7 @@ impl Collector {
             }
         }
         if !gone.is_empty() || !new.is_empty() {
-            tracing::debug!(
-                added = new.len(),
-                removed = gone.len(),
-                pods = self.pods.len(),
-                "cgroup rescan"
-            );
+            tracing::debug!(added = new.len(), removed = gone.len(), pods = self.pods.len(), "cgroup rescan");
         }
     }
 
@@ -242,11 +216,7 @@ impl Collector {
     /// Applies one update from the GPU poller.
     pub fn apply_gpu(&mut self, update: GpuUpdate) {
         match update {
-            GpuUpdate::Polled {
-                backend,
-                devices,
-                pods,
-            } => {
+            GpuUpdate::Polled { backend, devices, pods } => {
                 self.gpu_status = SourceStatus::Ok { detail: backend };
                 self.gpu_devices = devices;
                 for (uid, pod) in self.pods.iter_mut() {
@@ -277,11 +247,7 @@ impl Collector {
             })
             .collect();
         pods.sort_by(|a, b| {
-            (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(
-                &b.meta.namespace,
-                &b.meta.name,
-                &b.meta.uid,
-            ))
+            (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
         });
         NodeView {
             at_s: self.last_tick_s,
@@ -311,12 +277,7 @@ mod tests {
             cgroup_root: root.to_path_buf(),
             metadata: HashMap::new(),
         };
-        Collector::new(
-            config,
-            None,
-            SourceStatus::Disabled,
-            Arc::new(AtomicU64::new(0)),
-        )
+        Collector::new(config, None, SourceStatus::Disabled, Arc::new(AtomicU64::new(0)))
     }
 
     /// Pods appear with their cgroups and vanish with them; GPU updates set
@@ -334,14 +295,7 @@ mod tests {
         collector.apply_gpu(GpuUpdate::Polled {
             backend: "sim:test".into(),
             devices: vec![],
-            pods: [(
-                uid.to_string(),
-                PodGpu {
-                    sm_util_percent: 40.0,
-                    memory_used_bytes: 7,
-                },
-            )]
-            .into(),
+            pods: [(uid.to_string(), PodGpu { sm_util_percent: 40.0, memory_used_bytes: 7 })].into(),
         });
         std::thread::sleep(Duration::from_millis(20));
         collector.tick();
@@ -353,9 +307,7 @@ mod tests {
         assert!((util - 40.0).abs() < 1e-6, "{util}");
         assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0), Some(7.0));
 
-        collector.apply_gpu(GpuUpdate::Unavailable {
-            reason: "GPU lost".into(),
-        });
+        collector.apply_gpu(GpuUpdate::Unavailable { reason: "GPU lost".into() });
         let view = collector.view();
         assert!(!view.health.gpu.is_ok());
         assert_eq!(view.health.gpu_poll_errors, 1);

@@ -29,10 +29,7 @@ pub struct History {
 impl History {
     /// An empty history keeping `retention_s` seconds.
     pub fn new(retention_s: f64) -> Self {
-        Self {
-            points: VecDeque::new(),
-            retention_s,
-        }
+        Self { points: VecDeque::new(), retention_s }
     }
 
     /// Appends a point and forgets those older than the retention (keeping
@@ -55,9 +52,7 @@ impl History {
     pub fn rate(&self, window_s: f64, field: impl Fn(&Point) -> f64) -> Option<f64> {
         let latest = self.points.back()?;
         let start_at = latest.at_s - window_s;
-        let first_inside = self
-            .points
-            .partition_point(|point| point.at_s < start_at - 1e-9);
+        let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
         // Prefer the point at or just before the window start: it makes the
         // window at least as long as asked.
         let start = &self.points[first_inside.saturating_sub(1)];
@@ -71,11 +66,7 @@ mod tests {
     use super::*;
 
     fn point(at_s: f64, recv_bytes: u64) -> Point {
-        Point {
-            at_s,
-            recv_bytes,
-            ..Point::default()
-        }
+        Point { at_s, recv_bytes, ..Point::default() }
     }
 
     /// A rate uses exactly the window asked for when history is long enough.
@@ -84,11 +75,7 @@ mod tests {
         let mut history = History::new(60.0);
         for second in 0..=20 {
             // 100 B/s for the first 10 s, 300 B/s after.
-            let bytes = if second <= 10 {
-                second * 100
-            } else {
-                1000 + (second - 10) * 300
-            };
+            let bytes = if second <= 10 { second * 100 } else { 1000 + (second - 10) * 300 };
             history.push(point(second as f64, bytes));
         }
         assert_eq!(history.rate(5.0, |p| p.recv_bytes as f64), Some(300.0));
@@ -116,19 +103,9 @@ mod tests {
         let mut history = History::new(60.0);
         let mut integral = 0.0;
         // 40% for 3 s then 80% for 1 s: mean 50%.
-        for (second, util) in [
-            (0.0, 0.0),
-            (1.0, 40.0),
-            (2.0, 40.0),
-            (3.0, 40.0),
-            (4.0, 80.0),
-        ] {
+        for (second, util) in [(0.0, 0.0), (1.0, 40.0), (2.0, 40.0), (3.0, 40.0), (4.0, 80.0)] {
             integral += util;
-            history.push(Point {
-                at_s: second,
-                gpu_sm_util_integral: integral,
-                ..Point::default()
-            });
+            history.push(Point { at_s: second, gpu_sm_util_integral: integral, ..Point::default() });
         }
         assert_eq!(history.rate(4.0, |p| p.gpu_sm_util_integral), Some(50.0));
     }

@@ -27,12 +27,8 @@ pub enum MetricSource {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 4] = [
-        Metric::GpuSmUtil,
-        Metric::GpuMemUsedBytes,
-        Metric::SocketRecvBytesRate,
-        Metric::SocketSendBytesRate,
-    ];
+    pub const ALL: [Metric; 4] =
+        [Metric::GpuSmUtil, Metric::GpuMemUsedBytes, Metric::SocketRecvBytesRate, Metric::SocketSendBytesRate];
 
     /// Name used in trigger metadata, /metrics and the node API.
     pub fn name(self) -> &'static str {

@@ -94,12 +94,8 @@ impl NodeView {
             pods: Vec::new(),
             devices: Vec::new(),
             health: Health {
-                probes: SourceStatus::Degraded {
-                    reason: "starting".to_string(),
-                },
-                gpu: SourceStatus::Degraded {
-                    reason: "starting".to_string(),
-                },
+                probes: SourceStatus::Degraded { reason: "starting".to_string() },
+                gpu: SourceStatus::Degraded { reason: "starting".to_string() },
                 probe_stats: SocketProbeStats::default(),
                 gpu_poll_errors: 0,
                 gpu_updates_dropped: 0,

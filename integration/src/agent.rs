@@ -1,0 +1,101 @@
+//! Runs the `podgpu-agent` binary as a child process, waits for its ready
+//! line, and stops it with SIGTERM (then SIGKILL) when dropped.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+
+/// A running agent and where it listens.
+pub struct AgentProcess {
+    child: Child,
+    /// KEDA ExternalScaler gRPC address.
+    pub keda: SocketAddr,
+    /// HTTP address (/healthz, /pods, /metrics).
+    pub http: SocketAddr,
+}
+
+impl AgentProcess {
+    /// Starts `podgpu-agent standalone` with `args` on loopback ports chosen
+    /// by the kernel, and returns once both servers accept connections.
+    pub fn start(binary: &PathBuf, args: &[String]) -> anyhow::Result<Self> {
+        let mut command = Command::new(binary);
+        crate::detach_from_terminal(&mut command);
+        let mut child = command
+            .arg("standalone")
+            .args(["--keda-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} (build it first: cargo build -p podgpu-agent)", binary.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("agent stdout not captured"))?;
+        let (lines, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = match ready.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                bail!("agent did not report ready within 30 s (exit status: {status:?}); see its log above");
+            }
+        };
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("agent ready line {line:?}"))?;
+        let address = |key: &str| -> anyhow::Result<SocketAddr> {
+            ready[key]
+                .as_str()
+                .ok_or_else(|| anyhow!("no {key} in {line}"))?
+                .parse()
+                .with_context(|| format!("{key} in {line}"))
+        };
+        Ok(Self { keda: address("keda")?, http: address("http")?, child })
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for a clean exit; returns
+    /// whether it exited cleanly (status 0) in time.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}

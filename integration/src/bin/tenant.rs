@@ -1,0 +1,19 @@
+//! A tenant HTTP server for tests and the demo. Prints one JSON line with
+//! its address on stdout, then serves until killed.
+//!
+//! usage: tenant [LISTEN_ADDR] [BODY_BYTES] [DELAY_MS]
+use std::time::Duration;
+
+use integration::http::{serve, ServerBehaviour};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let listen = args.first().map_or("127.0.0.1:0", String::as_str);
+    let body_bytes = args.get(1).map_or(Ok(256), |s| s.parse()).map_err(|e| anyhow::anyhow!("BODY_BYTES: {e}"))?;
+    let delay_ms: u64 = args.get(2).map_or(Ok(0), |s| s.parse()).map_err(|e| anyhow::anyhow!("DELAY_MS: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("{{\"listening\":\"{}\"}}", listener.local_addr()?);
+    serve(listener, ServerBehaviour { body_bytes, delay: Duration::from_millis(delay_ms) }).await?;
+    Ok(())
+}

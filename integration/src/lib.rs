@@ -1,0 +1,54 @@
+//! podgpu's end-to-end harness, shared by the root-only integration tests
+//! (`tests/`) and the demo (`cargo xtask demo`).
+//!
+//! - `pod`: cgroup directories laid out like kubelet's, with a process in
+//!   them ("pods" without a cluster).
+//! - `http`: a minimal HTTP/1.1 server (the tenant) and client (load, and
+//!   reading the agent's JSON).
+//! - `agent`: runs the built `podgpu-agent` binary and waits until it serves.
+//! - `keda`: a client that calls the ExternalScaler exactly as KEDA does.
+//! - `scene`: tenants + metadata + (simulated) GPU + agent, started together.
+pub mod agent;
+pub mod http;
+pub mod keda;
+pub mod pod;
+pub mod scene;
+
+use std::path::PathBuf;
+
+/// Makes a child independent of the terminal's Ctrl-C (its own process
+/// group, so the harness decides when it stops) without outliving the
+/// harness (SIGTERM when the parent dies).
+pub fn detach_from_terminal(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    command.process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Directory of the cargo profile the calling binary was built in
+/// (`target/debug` or `target/release`), where sibling binaries live.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable path");
+    let dir = exe.parent().expect("executable has a directory").to_path_buf();
+    // Test binaries live one level deeper, in `deps/`.
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir
+    }
+}
+
+/// Path of a workspace binary built in the same profile, overridable with
+/// `PODGPU_<NAME>_BIN` (e.g. `PODGPU_TENANT_BIN`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let variable = format!("PODGPU_{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    std::env::var_os(variable).map(PathBuf::from).unwrap_or_else(|| profile_dir().join(name))
+}

@@ -1,0 +1,88 @@
+//! A "pod" without a cluster: a cgroup v2 directory laid out as kubelet
+//! (systemd driver) and containerd lay theirs out,
+//! `kubepods.slice/kubepods-pod<uid_>.slice/cri-containerd-<id>.scope`,
+//! with one process moved into it. Dropping the pod kills the process and
+//! removes the directories.
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// One pod's cgroup and the process in it.
+pub struct CgroupPod {
+    /// Pod UID (dashed).
+    pub uid: String,
+    /// Container id (64 hex digits).
+    pub container_id: String,
+    /// Pod-level cgroup directory (absolute).
+    pub pod_dir: PathBuf,
+    /// Container-level cgroup directory (absolute).
+    pub container_dir: PathBuf,
+    /// The process, once started.
+    child: Option<Child>,
+}
+
+/// A fresh pod UID: pid, a counter and the clock make it unique per run
+/// without a random number generator.
+pub fn new_uid() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}-{:04x}-4000-8000-{:04x}{:08x}", std::process::id(), count & 0xffff, nanos >> 16 & 0xffff, nanos)
+}
+
+impl CgroupPod {
+    /// Creates the cgroup directories of pod `uid` under `cgroup_root` (v2).
+    pub fn create(cgroup_root: &Path, uid: &str) -> io::Result<Self> {
+        let container_id: String = uid.replace('-', "").repeat(2).chars().take(64).collect();
+        let pod_dir = cgroup_root.join("kubepods.slice").join(format!("kubepods-pod{}.slice", uid.replace('-', "_")));
+        let container_dir = pod_dir.join(format!("cri-containerd-{container_id}.scope"));
+        fs::create_dir_all(&container_dir)?;
+        Ok(Self { uid: uid.to_string(), container_id, pod_dir, container_dir, child: None })
+    }
+
+    /// Path of the pod cgroup relative to the v2 root (as scenarios name it).
+    pub fn relative_pod_path(&self, cgroup_root: &Path) -> String {
+        self.pod_dir.strip_prefix(cgroup_root).unwrap_or(&self.pod_dir).display().to_string()
+    }
+
+    /// Starts `command` and moves it into the container cgroup before it
+    /// is handed back, so all its traffic is attributed to this pod.
+    pub fn spawn(&mut self, mut command: Command) -> io::Result<&mut Child> {
+        crate::detach_from_terminal(&mut command);
+        let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
+        let pid = child.id();
+        self.child = Some(child);
+        fs::write(self.container_dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(self.child.as_mut().expect("child was just stored"))
+    }
+
+    /// Pids currently in the container cgroup.
+    pub fn pids(&self) -> Vec<u32> {
+        fs::read_to_string(self.container_dir.join("cgroup.procs"))
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for CgroupPod {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // A cgroup can only be removed once empty; the process is reaped above.
+        for dir in [&self.container_dir, &self.pod_dir] {
+            if let Err(err) = fs::remove_dir(dir) {
+                if err.kind() != io::ErrorKind::NotFound {
+                    eprintln!("warning: could not remove {}: {err}", dir.display());
+                }
+            }
+        }
+        // Shared parent: removed only when no other pod remains.
+        if let Some(parent) = self.pod_dir.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! A whole node in miniature: tenant HTTP servers in their own cgroup
+//! "pods", a pod metadata file naming them, optionally a simulated GPU
+//! scenario giving each tenant a known GPU load, and the agent watching it
+//! all. Dropping the scene stops the agent, the tenants, and removes the
+//! cgroups and files.
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{anyhow, Context as _};
+
+use crate::agent::AgentProcess;
+use crate::pod::{new_uid, CgroupPod};
+use crate::workspace_binary;
+
+/// One tenant pod to create.
+#[derive(Clone, Debug)]
+pub struct TenantSpec {
+    /// Pod UID; a fresh one when `None`.
+    pub uid: Option<String>,
+    /// Pod name.
+    pub name: String,
+    /// Value of the pod's `app` label.
+    pub app: String,
+    /// Response body size of its HTTP server.
+    pub body_bytes: usize,
+    /// Simulated GPU schedule `(seconds, percent)`; used with `GpuSetup::SimPerTenant`.
+    pub gpu_steps: Vec<(f64, f64)>,
+    /// Simulated framebuffer bytes.
+    pub gpu_memory_bytes: u64,
+}
+
+impl TenantSpec {
+    /// A tenant with a fresh UID, 256-byte responses and no GPU load.
+    pub fn new(name: &str, app: &str) -> Self {
+        Self {
+            uid: None,
+            name: name.to_string(),
+            app: app.to_string(),
+            body_bytes: 256,
+            gpu_steps: Vec::new(),
+            gpu_memory_bytes: 0,
+        }
+    }
+}
+
+/// Which GPU backend the agent gets.
+#[derive(Clone, Debug)]
+pub enum GpuSetup {
+    /// A scenario generated from the tenants' `gpu_steps`.
+    SimPerTenant,
+    /// A literal `--gpu` value (`sim`, `nvml`, `none`, ...).
+    Arg(String),
+}
+
+/// A running tenant.
+pub struct Tenant {
+    /// Its pod.
+    pub pod: CgroupPod,
+    /// Where its server listens.
+    pub addr: SocketAddr,
+    /// Its spec.
+    pub spec: TenantSpec,
+}
+
+/// Tenants plus the agent watching them.
+pub struct Scene {
+    /// The agent (dropped first: fields drop in declaration order).
+    pub agent: AgentProcess,
+    /// The tenants.
+    pub tenants: Vec<Tenant>,
+    /// The namespace all tenants are in.
+    pub namespace: String,
+    /// cgroup v2 root used.
+    pub cgroup_root: PathBuf,
+    _files: tempfile::TempDir,
+}
+
+impl Scene {
+    /// Creates the tenants, writes metadata (and scenario), starts the agent.
+    pub fn start(namespace: &str, specs: &[TenantSpec], gpu: GpuSetup, extra_args: &[String]) -> anyhow::Result<Self> {
+        let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?;
+        let files = tempfile::Builder::new().prefix("podgpu-scene-").tempdir()?;
+        let mut tenants = Vec::new();
+        for spec in specs {
+            let uid = spec.uid.clone().unwrap_or_else(new_uid);
+            let mut pod = CgroupPod::create(&cgroup_root, &uid)
+                .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
+            let mut command = Command::new(workspace_binary("tenant"));
+            command.args(["127.0.0.1:0", &spec.body_bytes.to_string()]);
+            let child = pod.spawn(command).context("starting the tenant server")?;
+            let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line)?;
+            let ready: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("tenant said {line:?}"))?;
+            let addr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line:?}"))?.parse()?;
+            tenants.push(Tenant { pod, addr, spec: TenantSpec { uid: Some(uid), ..spec.clone() } });
+        }
+
+        let mut metadata = String::from("pods:\n");
+        for tenant in &tenants {
+            let _ = writeln!(
+                metadata,
+                "  - {{uid: {}, namespace: {namespace}, name: {}, labels: {{app: {}}}}}",
+                tenant.pod.uid, tenant.spec.name, tenant.spec.app
+            );
+        }
+        let metadata_path = files.path().join("pods.yaml");
+        std::fs::write(&metadata_path, metadata)?;
+
+        let gpu_arg = match gpu {
+            GpuSetup::Arg(arg) => arg,
+            GpuSetup::SimPerTenant => {
+                let path = files.path().join("scenario.yaml");
+                std::fs::write(&path, sim_scenario(&tenants, &cgroup_root))?;
+                format!("sim:{}", path.display())
+            }
+        };
+        let mut args =
+            vec!["--gpu".to_string(), gpu_arg, "--pod-metadata".to_string(), metadata_path.display().to_string()];
+        args.extend_from_slice(extra_args);
+        let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
+        Ok(Self { agent, tenants, namespace: namespace.to_string(), cgroup_root, _files: files })
+    }
+
+    /// The tenant named `name`.
+    pub fn tenant(&self, name: &str) -> &Tenant {
+        self.tenants.iter().find(|t| t.spec.name == name).unwrap_or_else(|| panic!("no tenant {name}"))
+    }
+}
+
+fn sim_scenario(tenants: &[Tenant], cgroup_root: &std::path::Path) -> String {
+    let mut yaml = String::from(
+        "name: scene\ngpus:\n  - {uuid: GPU-00000000-0000-4000-8000-5ce4e0000000, name: Simulated GPU, memory_total_bytes: 85899345920}\nprocesses:\n",
+    );
+    if tenants.iter().all(|t| t.spec.gpu_steps.is_empty()) {
+        yaml.push_str("  []\n");
+    }
+    for tenant in tenants.iter().filter(|t| !t.spec.gpu_steps.is_empty()) {
+        let steps: Vec<String> = tenant
+            .spec
+            .gpu_steps
+            .iter()
+            .map(|(seconds, percent)| format!("{{seconds: {seconds}, percent: {percent}}}"))
+            .collect();
+        let _ = writeln!(
+            yaml,
+            "  - {{cgroup: {}, gpu: 0, memory_bytes: {}, sm_util: [{}]}}",
+            tenant.pod.relative_pod_path(cgroup_root),
+            tenant.spec.gpu_memory_bytes,
+            steps.join(", ")
+        );
+    }
+    yaml
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every check podgpu has: formatting, clippy, unit tests and the
+# root-only integration tests with the real eBPF probes (which must load:
+# PODGPU_REQUIRE_EBPF=1 turns a probe that cannot load into a failure).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+started=$(date +%s)
+scripts/setup.sh
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+[ -f "${CARGO_HOME:-$HOME/.cargo}/.podgpu-env" ] && . "${CARGO_HOME:-$HOME/.cargo}/.podgpu-env"
+export PODGPU_REQUIRE_EBPF=1
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "build the agent and the test tenants"
+cargo build --locked -p podgpu-agent -p integration --bins
+
+step "tests (unit + integration with real eBPF probes, as root)"
+cargo test --locked -- --test-threads="${PODGPU_TEST_THREADS:-4}"
+
+step "all checks passed in $(( $(date +%s) - started )) s"

@@ -1,0 +1,183 @@
+//! `cargo xtask demo`: a node in miniature. Two tenant pods (HTTP servers in
+//! kubelet-shaped cgroups) get different, changing load; the agent watches
+//! them with its real eBPF probes and a GPU backend (the embedded simulated
+//! scenario, or real NVML when this machine has a GPU). A live per-pod view
+//! refreshes every second, and at the end (or on Ctrl-C) the demo asks the
+//! agent's KEDA scaler what it would tell KEDA. Everything it started is
+//! stopped and its cgroups removed on the way out.
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use integration::http::{drive, get, Load};
+use integration::keda::{scaled_object, KedaClient};
+use integration::scene::{GpuSetup, Scene, TenantSpec};
+use podgpu_agent::gpu::NvmlBackend;
+
+/// The pod UIDs the agent's embedded demo scenario gives GPU load to.
+const TENANT_A_UID: &str = "7d1c2a4e-0000-4000-8000-00000000000a";
+const TENANT_B_UID: &str = "7d1c2a4e-0000-4000-8000-00000000000b";
+const NAMESPACE: &str = "demo";
+
+/// Demo options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// How long the load runs, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(6..=3600))]
+    seconds: u64,
+    /// GPU backend for the agent (default: nvml when a GPU is present, else the embedded simulation).
+    #[arg(long)]
+    gpu: Option<String>,
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("the demo loads eBPF programs and creates cgroups: run it as root (sudo scripts/demo.sh)");
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Keep the agent's log to warnings so the live view stays readable.
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(demo(options))
+}
+
+fn gpu_choice(explicit: Option<String>) -> String {
+    if let Some(gpu) = explicit {
+        return gpu;
+    }
+    match NvmlBackend::open(Path::new("libnvidia-ml.so.1")) {
+        Ok(_) => "nvml".to_string(),
+        Err(_) => "sim".to_string(),
+    }
+}
+
+async fn demo(options: Options) -> anyhow::Result<()> {
+    let gpu = gpu_choice(options.gpu);
+    println!("GPU backend: {}", if gpu == "sim" { "simulated (embedded demo scenario; no GPU on this machine)".to_string() } else { gpu.clone() });
+    let tenant = |uid: &str, name: &str, app: &str, body_bytes| TenantSpec {
+        uid: Some(uid.to_string()),
+        body_bytes,
+        ..TenantSpec::new(name, app)
+    };
+    let specs = [tenant(TENANT_A_UID, "llm-a-0", "llm-a", 2048), tenant(TENANT_B_UID, "llm-b-0", "llm-b", 256)];
+    let scene = Scene::start(NAMESPACE, &specs, GpuSetup::Arg(gpu), &[])
+        .context("starting the demo scene (tenants, cgroups, agent)")?;
+    println!(
+        "agent pid {} serving KEDA gRPC on {} and HTTP on {}",
+        scene.agent.pid(),
+        scene.agent.keda,
+        scene.agent.http
+    );
+    for tenant in &scene.tenants {
+        println!("pod {}/{} (uid {}) serves on {} from cgroup {}", NAMESPACE, tenant.spec.name, tenant.pod.uid, tenant.addr, tenant.pod.container_dir.display());
+    }
+
+    // Tenant A ramps up half-way through; tenant B stays light.
+    let duration = Duration::from_secs(options.seconds);
+    let half = duration / 2;
+    let a = scene.tenant("llm-a-0").addr;
+    let b = scene.tenant("llm-b-0").addr;
+    let load = tokio::spawn(async move {
+        let steady_b = tokio::spawn(drive(b, Load { rate: 10.0, request_bytes: 300, connections: 1, duration }));
+        let first = drive(a, Load { rate: 20.0, request_bytes: 1200, connections: 2, duration: half }).await;
+        let second = drive(a, Load { rate: 80.0, request_bytes: 1200, connections: 4, duration: duration - half }).await;
+        (first.ok + second.ok, steady_b.await.map(|r| r.ok).unwrap_or(0))
+    });
+
+    let started = Instant::now();
+    let interrupted = tokio::select! {
+        _ = live_view(scene.agent.http, started, duration) => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        println!("\ninterrupted: asking the scaler once, then cleaning up");
+        load.abort();
+    } else if let Ok((a_requests, b_requests)) = load.await {
+        println!("\nload sent: llm-a {a_requests} requests, llm-b {b_requests} requests");
+    }
+    keda_answers(scene.agent.keda).await?;
+    println!("stopping the agent and tenants, removing their cgroups");
+    drop(scene);
+    println!("done");
+    Ok(())
+}
+
+/// Redraws the per-pod table every second until `duration` has passed.
+async fn live_view(http: SocketAddr, started: Instant, duration: Duration) {
+    let redraw = std::io::stdout().is_terminal();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let table = match get(http, "/pods?window=5").await {
+            Ok(reply) if reply.status == 200 => render(&reply.body, started.elapsed(), duration),
+            Ok(reply) => format!("agent answered /pods with HTTP {}\n", reply.status),
+            Err(err) => format!("agent not reachable: {err}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        if redraw {
+            // Clear the screen and home the cursor, then draw.
+            let _ = write!(out, "\x1b[2J\x1b[H");
+        }
+        let _ = write!(out, "{table}");
+        let _ = out.flush();
+    }
+}
+
+fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
+    let Ok(view) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return "unreadable /pods answer\n".to_string();
+    };
+    let mut out = format!(
+        "podgpu demo  t={:>3}s/{}s  probes: {}  gpu: {}\n",
+        elapsed.as_secs(),
+        duration.as_secs(),
+        view["health"]["probes"]["state"].as_str().unwrap_or("?"),
+        view["health"]["gpu"]["detail"].as_str().or(view["health"]["gpu"]["reason"].as_str()).unwrap_or("?"),
+    );
+    out.push_str(&format!("{:<22} {:>12} {:>12} {:>9} {:>10}\n", "pod (5 s window)", "recv B/s", "send B/s", "GPU SM %", "GPU mem"));
+    let number = |value: &serde_json::Value| value.as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
+    for pod in view["pods"].as_array().into_iter().flatten() {
+        if pod["namespace"] != NAMESPACE {
+            continue;
+        }
+        let values = &pod["values"];
+        let memory = values["gpu_mem_used_bytes"].as_f64().map_or("-".to_string(), |b| format!("{:.1} GiB", b / (1u64 << 30) as f64));
+        out.push_str(&format!(
+            "{:<22} {:>12} {:>12} {:>9} {:>10}\n",
+            format!("{}/{}", NAMESPACE, pod["name"].as_str().unwrap_or("?")),
+            number(&values["socket_recv_bytes_rate"]),
+            number(&values["socket_send_bytes_rate"]),
+            values["gpu_sm_util"].as_f64().map_or("-".to_string(), |v| format!("{v:.1}")),
+            memory,
+        ));
+    }
+    out
+}
+
+/// Asks the scaler what KEDA would get for each workload, as KEDA asks.
+async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
+    let mut client = KedaClient::connect(keda).await.context("connecting to the scaler")?;
+    println!("\nKEDA ExternalScaler answers (GetMetricSpec, then GetMetrics + IsActive, window 10 s):");
+    println!("{:<8} {:<24} {:>10} {:>12} {:>7} {:>9}", "app", "metric", "target", "value", "active", "replicas");
+    for app in ["llm-a", "llm-b"] {
+        for (metric, target) in [("socket_recv_bytes_rate", "20000"), ("gpu_sm_util", "30")] {
+            let selector = format!("app={app}");
+            let trigger = scaled_object(NAMESPACE, app, &[("metric", metric), ("target", target), ("podSelector", &selector)]);
+            let spec = client.metric_spec(&trigger).await?;
+            let Some(spec) = spec.first() else { continue };
+            match client.poll(&trigger, &spec.metric_name).await {
+                Ok(poll) => {
+                    // What the HPA does with an AverageValue target.
+                    let replicas = (poll.value / spec.target_size_float).ceil().max(1.0);
+                    println!("{app:<8} {metric:<24} {target:>10} {:>12.1} {:>7} {replicas:>9}", poll.value, poll.active);
+                }
+                Err(status) => println!("{app:<8} {metric:<24} {target:>10} unavailable: {}", status.message()),
+            }
+        }
+    }
+    Ok(())
+}
