@@ -57,7 +57,14 @@ fn gpu_choice(explicit: Option<String>) -> String {
 
 async fn demo(options: Options) -> anyhow::Result<()> {
     let gpu = gpu_choice(options.gpu);
-    println!("GPU backend: {}", if gpu == "sim" { "simulated (embedded demo scenario; no GPU on this machine)".to_string() } else { gpu.clone() });
+    println!(
+        "GPU backend: {}",
+        if gpu == "sim" {
+            "simulated (embedded demo scenario; no GPU on this machine)".to_string()
+        } else {
+            gpu.clone()
+        }
+    );
     let tenant = |uid: &str, name: &str, app: &str, body_bytes| TenantSpec {
         uid: Some(uid.to_string()),
         body_bytes,
@@ -73,7 +80,14 @@ async fn demo(options: Options) -> anyhow::Result<()> {
         scene.agent.http
     );
     for tenant in &scene.tenants {
-        println!("pod {}/{} (uid {}) serves on {} from cgroup {}", NAMESPACE, tenant.spec.name, tenant.pod.uid, tenant.addr, tenant.pod.container_dir.display());
+        println!(
+            "pod {}/{} (uid {}) serves on {} from cgroup {}",
+            NAMESPACE,
+            tenant.spec.name,
+            tenant.pod.uid,
+            tenant.addr,
+            tenant.pod.container_dir.display()
+        );
     }
 
     // Tenant A ramps up half-way through; tenant B stays light.
@@ -84,7 +98,8 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     let load = tokio::spawn(async move {
         let steady_b = tokio::spawn(drive(b, Load { rate: 10.0, request_bytes: 300, connections: 1, duration }));
         let first = drive(a, Load { rate: 20.0, request_bytes: 1200, connections: 2, duration: half }).await;
-        let second = drive(a, Load { rate: 80.0, request_bytes: 1200, connections: 4, duration: duration - half }).await;
+        let second =
+            drive(a, Load { rate: 80.0, request_bytes: 1200, connections: 4, duration: duration - half }).await;
         (first.ok + second.ok, steady_b.await.map(|r| r.ok).unwrap_or(0))
     });
 
@@ -138,14 +153,19 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         view["health"]["probes"]["state"].as_str().unwrap_or("?"),
         view["health"]["gpu"]["detail"].as_str().or(view["health"]["gpu"]["reason"].as_str()).unwrap_or("?"),
     );
-    out.push_str(&format!("{:<22} {:>12} {:>12} {:>9} {:>10}\n", "pod (5 s window)", "recv B/s", "send B/s", "GPU SM %", "GPU mem"));
+    out.push_str(&format!(
+        "{:<22} {:>12} {:>12} {:>9} {:>10}\n",
+        "pod (5 s window)", "recv B/s", "send B/s", "GPU SM %", "GPU mem"
+    ));
     let number = |value: &serde_json::Value| value.as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
     for pod in view["pods"].as_array().into_iter().flatten() {
         if pod["namespace"] != NAMESPACE {
             continue;
         }
         let values = &pod["values"];
-        let memory = values["gpu_mem_used_bytes"].as_f64().map_or("-".to_string(), |b| format!("{:.1} GiB", b / (1u64 << 30) as f64));
+        let memory = values["gpu_mem_used_bytes"]
+            .as_f64()
+            .map_or("-".to_string(), |b| format!("{:.1} GiB", b / (1u64 << 30) as f64));
         out.push_str(&format!(
             "{:<22} {:>12} {:>12} {:>9} {:>10}\n",
             format!("{}/{}", NAMESPACE, pod["name"].as_str().unwrap_or("?")),
@@ -166,14 +186,18 @@ async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
     for app in ["llm-a", "llm-b"] {
         for (metric, target) in [("socket_recv_bytes_rate", "20000"), ("gpu_sm_util", "30")] {
             let selector = format!("app={app}");
-            let trigger = scaled_object(NAMESPACE, app, &[("metric", metric), ("target", target), ("podSelector", &selector)]);
+            let trigger =
+                scaled_object(NAMESPACE, app, &[("metric", metric), ("target", target), ("podSelector", &selector)]);
             let spec = client.metric_spec(&trigger).await?;
             let Some(spec) = spec.first() else { continue };
             match client.poll(&trigger, &spec.metric_name).await {
                 Ok(poll) => {
                     // What the HPA does with an AverageValue target.
                     let replicas = (poll.value / spec.target_size_float).ceil().max(1.0);
-                    println!("{app:<8} {metric:<24} {target:>10} {:>12.1} {:>7} {replicas:>9}", poll.value, poll.active);
+                    println!(
+                        "{app:<8} {metric:<24} {target:>10} {:>12.1} {:>7} {replicas:>9}",
+                        poll.value, poll.active
+                    );
                 }
                 Err(status) => println!("{app:<8} {metric:<24} {target:>10} unavailable: {}", status.message()),
             }
