@@ -134,6 +134,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
             cgroup_root: cgroup_root.clone(),
             metadata,
+            // Three missed polls: a slow NVML call is not yet an outage.
+            gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
         },
         probe,
         probe_status,

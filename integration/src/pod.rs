@@ -32,11 +32,17 @@ pub fn new_uid() -> String {
     format!("{:08x}-{:04x}-4000-8000-{:04x}{:08x}", std::process::id(), count & 0xffff, nanos >> 16 & 0xffff, nanos)
 }
 
+/// The pod-level cgroup of `uid`, relative to the v2 root, as kubelet's
+/// systemd driver names it (and as simulator scenarios refer to it).
+pub fn pod_slice_path(uid: &str) -> String {
+    format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_"))
+}
+
 impl CgroupPod {
     /// Creates the cgroup directories of pod `uid` under `cgroup_root` (v2).
     pub fn create(cgroup_root: &Path, uid: &str) -> io::Result<Self> {
         let container_id: String = uid.replace('-', "").repeat(2).chars().take(64).collect();
-        let pod_dir = cgroup_root.join("kubepods.slice").join(format!("kubepods-pod{}.slice", uid.replace('-', "_")));
+        let pod_dir = cgroup_root.join(pod_slice_path(uid));
         let container_dir = pod_dir.join(format!("cri-containerd-{container_id}.scope"));
         fs::create_dir_all(&container_dir)?;
         Ok(Self { uid: uid.to_string(), container_id, pod_dir, container_dir, child: None })

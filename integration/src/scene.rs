@@ -51,6 +51,8 @@ impl TenantSpec {
 pub enum GpuSetup {
     /// A scenario generated from the tenants' `gpu_steps`.
     SimPerTenant,
+    /// A scenario written by the caller (YAML), for faults, MIG and MPS.
+    Scenario(String),
     /// A literal `--gpu` value (`sim`, `nvml`, `none`, ...).
     Arg(String),
 }
@@ -111,11 +113,16 @@ impl Scene {
         let metadata_path = files.path().join("pods.yaml");
         std::fs::write(&metadata_path, metadata)?;
 
-        let gpu_arg = match gpu {
-            GpuSetup::Arg(arg) => arg,
-            GpuSetup::SimPerTenant => {
+        let scenario = match gpu {
+            GpuSetup::Arg(arg) => Err(arg),
+            GpuSetup::SimPerTenant => Ok(sim_scenario(&tenants, &cgroup_root)),
+            GpuSetup::Scenario(yaml) => Ok(yaml),
+        };
+        let gpu_arg = match scenario {
+            Err(arg) => arg,
+            Ok(yaml) => {
                 let path = files.path().join("scenario.yaml");
-                std::fs::write(&path, sim_scenario(&tenants, &cgroup_root))?;
+                std::fs::write(&path, yaml)?;
                 format!("sim:{}", path.display())
             }
         };

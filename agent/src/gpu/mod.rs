@@ -3,13 +3,16 @@
 //! and memory, per-device health); attribution to pods happens later, in
 //! `signals`.
 mod nvml;
+mod nvml_raw;
 pub mod poller;
+pub mod samples;
 mod sim;
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use nvml::NvmlBackend;
+pub use samples::{ProcessUtil, RawSample, SampleCursor};
 pub use sim::{Scenario, SimBackend};
 
 /// One poll of every GPU a backend sees.
@@ -21,33 +24,73 @@ pub struct GpuPoll {
     pub processes: Vec<ProcessSample>,
 }
 
+/// How a GPU is shared, which decides what NVML can attribute per process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharing {
+    /// Whole GPU, possibly time-sliced between processes: NVML gives
+    /// per-process SM % (noisy, see PLATFORM.md) and memory.
+    #[default]
+    TimeSliced,
+    /// MIG: per-process memory per instance, no per-process SM %.
+    Mig,
+    /// MPS: NVML sees only the MPS server process.
+    Mps,
+}
+
 /// Health and load of one GPU.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct DeviceSample {
     /// NVML UUID (`GPU-...`).
     pub uuid: String,
     /// Product name.
     pub name: String,
-    /// Device SM utilization, percent.
+    /// Device SM utilization, percent (trustworthy on every sharing mode).
     pub util_percent: f64,
+    /// Device memory-bandwidth utilization, percent.
+    pub mem_bw_util_percent: f64,
+    /// Framebuffer in use, bytes.
+    pub memory_used_bytes: u64,
+    /// Framebuffer size, bytes.
+    pub memory_total_bytes: u64,
+    /// Board power draw, watts.
+    pub power_watts: Option<f64>,
+    /// Core temperature, degrees Celsius.
+    pub temperature_c: Option<u32>,
+    /// NVML compute mode (`default`, `exclusive_process`, `prohibited`).
+    pub compute_mode: Option<String>,
+    /// How the device is shared.
+    pub sharing: Sharing,
+    /// MIG instances when MIG mode is on.
+    pub mig_devices: Vec<MigDeviceSample>,
+}
+
+/// One MIG instance of a GPU.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct MigDeviceSample {
+    /// MIG UUID (`MIG-...`), as kubelet device ids name it.
+    pub uuid: String,
     /// Framebuffer in use, bytes.
     pub memory_used_bytes: u64,
     /// Framebuffer size, bytes.
     pub memory_total_bytes: u64,
 }
 
-/// What a backend knows about one host process on one GPU.
+/// What a backend knows about one host process on one GPU (or MIG instance).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProcessSample {
     /// Host pid (the agent runs with hostPID).
     pub pid: u32,
-    /// UUID of the device the process runs on.
+    /// UUID of the device (or MIG instance) the process runs on.
     pub gpu_uuid: String,
-    /// SM utilization attributed by the backend, percent of this GPU; `None`
-    /// when the backend had no sample for the process in the poll interval.
-    pub sm_util_percent: Option<f64>,
+    /// Mean utilization over the poll interval; `None` when NVML had no new
+    /// sample for the process (idle, or missed: see PLATFORM.md).
+    pub util: Option<ProcessUtil>,
     /// Framebuffer bytes the process holds.
     pub memory_used_bytes: u64,
+    /// Sharing mode of its device: under MIG and MPS the SM % cannot come
+    /// from NVML per process.
+    pub sharing: Sharing,
 }
 
 /// Failures of a GPU backend, split by how the agent reacts to them.
@@ -83,6 +126,19 @@ pub enum GpuError {
         /// Why it was rejected.
         reason: String,
     },
+}
+
+impl GpuError {
+    /// Short label for self-metrics (`podgpu_agent_gpu_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GpuError::LibraryMissing { .. } => "library_missing",
+            GpuError::Init(_) => "init",
+            GpuError::GpuLost { .. } => "gpu_lost",
+            GpuError::Poll(_) => "poll",
+            GpuError::Scenario { .. } => "scenario",
+        }
+    }
 }
 
 /// A source of GPU samples. `poll` is called on the collector's schedule
@@ -123,7 +179,13 @@ impl FromStr for GpuSource {
 
 /// Opens the backend named by `source`. `Ok(None)` means "no GPU signals by
 /// choice"; an error means the backend is wanted but not usable now.
-pub fn open(source: &GpuSource, cgroup_root: &std::path::Path) -> Result<Option<Box<dyn GpuBackend>>, GpuError> {
+/// `epoch` anchors a simulator's timeline, so re-opening after a fault
+/// continues the scenario instead of restarting it.
+pub fn open(
+    source: &GpuSource,
+    cgroup_root: &std::path::Path,
+    epoch: std::time::Instant,
+) -> Result<Option<Box<dyn GpuBackend>>, GpuError> {
     match source {
         GpuSource::None => Ok(None),
         GpuSource::Nvml(path) => Ok(Some(Box::new(NvmlBackend::open(path)?))),
@@ -132,7 +194,7 @@ pub fn open(source: &GpuSource, cgroup_root: &std::path::Path) -> Result<Option<
                 Some(path) => Scenario::from_file(path)?,
                 None => Scenario::embedded_demo(),
             };
-            Ok(Some(Box::new(SimBackend::new(scenario, cgroup_root.to_path_buf()))))
+            Ok(Some(Box::new(SimBackend::open(scenario, cgroup_root.to_path_buf(), epoch)?)))
         }
     }
 }

@@ -14,18 +14,48 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{open, DeviceSample, GpuBackend, GpuError, GpuPoll, GpuSource};
+use super::{open, DeviceSample, GpuBackend, GpuError, GpuPoll, GpuSource, Sharing};
 use crate::pods::{cgroup_path, cgroup_tree};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// GPU use of one pod at one poll.
+/// GPU use of one pod at one poll, as NVML reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PodGpu {
     /// Sum of its processes' SM %, across GPUs.
     pub sm_util_percent: f64,
+    /// Sum of its processes' memory-bandwidth %.
+    pub mem_bw_util_percent: f64,
     /// Sum of its processes' framebuffer bytes.
     pub memory_used_bytes: u64,
+    /// Processes of the pod NVML had no sample for in this interval (idle,
+    /// or missed: NVML misses whole tenants on time-sliced GPUs).
+    pub unsampled_processes: u32,
+    /// Set when the pod runs on a MIG instance or an MPS-shared GPU, where
+    /// NVML cannot give a per-process SM % (and under MPS not memory either).
+    pub unattributable: Option<Sharing>,
+}
+
+impl PodGpu {
+    fn add(&mut self, process: &super::ProcessSample) {
+        match process.sharing {
+            Sharing::TimeSliced => {}
+            // MPS dominates MIG: neither SM % nor memory is per-pod there.
+            sharing => {
+                if self.unattributable != Some(Sharing::Mps) {
+                    self.unattributable = Some(sharing);
+                }
+            }
+        }
+        match process.util {
+            Some(util) => {
+                self.sm_util_percent += util.sm_percent;
+                self.mem_bw_util_percent += util.mem_bw_percent;
+            }
+            None => self.unsampled_processes += 1,
+        }
+        self.memory_used_bytes += process.memory_used_bytes;
+    }
 }
 
 /// What the poller tells the collector.
@@ -42,6 +72,8 @@ pub enum GpuUpdate {
     },
     /// The backend is wanted but not usable now.
     Unavailable {
+        /// Error class, for self-metrics.
+        kind: &'static str,
         /// Why.
         reason: String,
     },
@@ -80,53 +112,64 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
             dropped.fetch_add(1, Ordering::Relaxed);
         }
     };
+    let epoch = Instant::now();
     let mut backend: Option<Box<dyn GpuBackend>> = None;
-    let mut backoff = config.interval;
+    // Consecutive failures (open or poll): they drive the backoff and keep
+    // a long outage to one warning instead of one per attempt.
+    let mut failures: u32 = 0;
     while !updates.is_closed() {
-        if backend.is_none() {
-            match open(&config.source, &config.cgroup_root) {
+        let started = Instant::now();
+        let outcome = match backend.as_mut() {
+            Some(active) => active.poll().map(|poll| attribute(active.describe(), poll, &config)),
+            None => match open(&config.source, &config.cgroup_root, epoch) {
                 Ok(Some(opened)) => {
                     tracing::info!(backend = %opened.describe(), "GPU backend ready");
                     backend = Some(opened);
-                    backoff = config.interval;
+                    continue;
                 }
                 Ok(None) => {
                     send(GpuUpdate::Disabled);
                     return;
                 }
-                Err(err) => {
-                    log_unavailable(&err, backoff);
-                    send(GpuUpdate::Unavailable { reason: err.to_string() });
-                    sleep_unless_closed(&updates, backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    continue;
-                }
-            }
-        }
-        let Some(active) = backend.as_mut() else {
-            continue;
+                Err(err) => Err(err),
+            },
         };
-        let started = Instant::now();
-        match active.poll() {
-            Ok(poll) => send(attribute(active.describe(), poll, &config)),
-            Err(err) => {
-                tracing::warn!(error = %err, "GPU poll failed; re-opening the backend");
-                send(GpuUpdate::Unavailable { reason: err.to_string() });
-                backend = None;
+        let pause = match outcome {
+            Ok(update) => {
+                if failures > 0 {
+                    tracing::info!(failures, "GPU backend recovered");
+                    failures = 0;
+                }
+                send(update);
+                config.interval.saturating_sub(started.elapsed())
             }
-        }
-        sleep_unless_closed(&updates, config.interval.saturating_sub(started.elapsed()));
+            Err(err) => {
+                // Any failure may leave NVML in a bad state: start over.
+                backend = None;
+                let pause = backoff(config.interval, failures);
+                report_failure(&err, failures, pause);
+                failures = failures.saturating_add(1);
+                send(GpuUpdate::Unavailable { kind: err.kind(), reason: err.to_string() });
+                pause
+            }
+        };
+        sleep_unless_closed(&updates, pause);
     }
 }
 
-fn log_unavailable(err: &GpuError, retry_in: Duration) {
-    match err {
-        GpuError::LibraryMissing { .. } => {
-            tracing::info!(error = %err, retry_in_s = retry_in.as_secs_f64(), "no GPU library: GPU signals absent")
+/// interval, 2x, 4x, ... capped at a minute.
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    interval.saturating_mul(1u32 << failures.min(16)).min(MAX_BACKOFF)
+}
+
+fn report_failure(err: &GpuError, failures: u32, retry_in: Duration) {
+    let retry_in_s = retry_in.as_secs_f64();
+    match (err, failures) {
+        (GpuError::LibraryMissing { .. }, 0) => {
+            tracing::info!(error = %err, retry_in_s, "no GPU library: GPU signals absent")
         }
-        _ => {
-            tracing::warn!(error = %err, retry_in_s = retry_in.as_secs_f64(), "GPU backend unavailable")
-        }
+        (_, 0) => tracing::warn!(error = %err, retry_in_s, "GPU backend unavailable; retrying with backoff"),
+        _ => tracing::debug!(error = %err, retry_in_s, failures, "GPU backend still unavailable"),
     }
 }
 
@@ -143,18 +186,21 @@ fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration) {
 }
 
 /// Maps each process to its pod through `/proc/PID/cgroup` and sums per pod.
-/// Processes outside pods (host daemons, the MPS server) are not pods' load.
+/// Processes outside pods (host daemons) are not pods' load, and neither is
+/// the MPS server's: NVML books every client's work on it, so wherever it
+/// runs (often a device-plugin pod) its samples belong to no single pod.
 fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate {
     let mut pods: HashMap<String, PodGpu> = HashMap::new();
     for process in &poll.processes {
+        if process.sharing == Sharing::Mps && process.util.is_some() {
+            continue;
+        }
         let Some(owner) =
             cgroup_tree::process_cgroup(&config.proc_root, process.pid).and_then(|p| cgroup_path::parse(&p))
         else {
             continue;
         };
-        let pod = pods.entry(owner.pod_uid).or_default();
-        pod.sm_util_percent += process.sm_util_percent.unwrap_or(0.0);
-        pod.memory_used_bytes += process.memory_used_bytes;
+        pods.entry(owner.pod_uid).or_default().add(process);
     }
     GpuUpdate::Polled { backend, devices: poll.devices, pods }
 }
@@ -162,44 +208,108 @@ fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::ProcessSample;
+    use crate::gpu::{ProcessSample, ProcessUtil};
 
-    /// Processes are summed into their pods; host processes are left out.
-    #[test]
-    fn attributes_processes_to_pods() {
-        let proc_root = tempfile::tempdir().unwrap();
-        let uid = "7d1c2a4e-0000-4000-8000-00000000000a";
-        for (pid, cgroup) in [
-            (10, format!("/kubepods/pod{uid}/{}", "a".repeat(64))),
-            (11, format!("/kubepods/pod{uid}/{}", "b".repeat(64))),
-            (12, "/system.slice/nvidia-persistenced.service".to_string()),
-        ] {
-            std::fs::create_dir_all(proc_root.path().join(pid.to_string())).unwrap();
-            std::fs::write(proc_root.path().join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
+    const UID_A: &str = "7d1c2a4e-0000-4000-8000-00000000000a";
+    const UID_B: &str = "7d1c2a4e-0000-4000-8000-00000000000b";
+
+    /// A fake /proc where each pid sits in the given cgroup.
+    fn proc_root(pids: &[(u32, String)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for (pid, cgroup) in pids {
+            std::fs::create_dir_all(root.path().join(pid.to_string())).unwrap();
+            std::fs::write(root.path().join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
         }
-        let sample = |pid, util: Option<f64>, mem| ProcessSample {
-            pid,
-            gpu_uuid: "G".into(),
-            sm_util_percent: util,
-            memory_used_bytes: mem,
-        };
-        let poll = GpuPoll {
-            devices: vec![],
-            processes: vec![
-                sample(10, Some(30.0), 5),
-                sample(11, None, 7),
-                sample(12, Some(50.0), 9),
-                sample(13, Some(1.0), 1),
-            ],
-        };
-        let config = PollerConfig {
+        root
+    }
+
+    fn config(proc_root: &std::path::Path) -> PollerConfig {
+        PollerConfig {
             source: GpuSource::None,
             cgroup_root: PathBuf::from("/nonexistent"),
-            proc_root: proc_root.path().to_path_buf(),
+            proc_root: proc_root.to_path_buf(),
             interval: Duration::from_secs(1),
-        };
-        let GpuUpdate::Polled { pods, .. } = attribute("test".into(), poll, &config) else { panic!() };
+        }
+    }
+
+    fn sample(pid: u32, sm: Option<f64>, memory: u64, sharing: Sharing) -> ProcessSample {
+        ProcessSample {
+            pid,
+            gpu_uuid: "G".into(),
+            util: sm.map(|sm_percent| ProcessUtil {
+                sm_percent,
+                mem_bw_percent: sm_percent / 2.0,
+                samples: 6,
+                ..Default::default()
+            }),
+            memory_used_bytes: memory,
+            sharing,
+        }
+    }
+
+    fn pods_of(poll: GpuPoll, proc_root: &std::path::Path) -> HashMap<String, PodGpu> {
+        match attribute("test".into(), poll, &config(proc_root)) {
+            GpuUpdate::Polled { pods, .. } => pods,
+            other => panic!("expected a poll, got {other:?}"),
+        }
+    }
+
+    /// Processes are summed into their pods; host processes and pids that
+    /// have exited are left out; unsampled processes are counted.
+    #[test]
+    fn attributes_processes_to_pods() {
+        let root = proc_root(&[
+            (10, format!("/kubepods/pod{UID_A}/{}", "a".repeat(64))),
+            (11, format!("/kubepods/pod{UID_A}/{}", "b".repeat(64))),
+            (12, "/system.slice/nvidia-persistenced.service".to_string()),
+        ]);
+        let processes = vec![
+            sample(10, Some(30.0), 5, Sharing::TimeSliced),
+            sample(11, None, 7, Sharing::TimeSliced),
+            sample(12, Some(50.0), 9, Sharing::TimeSliced),
+            sample(13, Some(1.0), 1, Sharing::TimeSliced),
+        ];
+        let pods = pods_of(GpuPoll { devices: vec![], processes }, root.path());
         assert_eq!(pods.len(), 1);
-        assert_eq!(pods[uid], PodGpu { sm_util_percent: 30.0, memory_used_bytes: 12 });
+        let expected = PodGpu {
+            sm_util_percent: 30.0,
+            mem_bw_util_percent: 15.0,
+            memory_used_bytes: 12,
+            unsampled_processes: 1,
+            unattributable: None,
+        };
+        assert_eq!(pods[UID_A], expected);
+    }
+
+    /// Backoff doubles from the poll interval and stops at a minute.
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let interval = Duration::from_millis(200);
+        assert_eq!(backoff(interval, 0), interval);
+        assert_eq!(backoff(interval, 3), Duration::from_millis(1600));
+        assert_eq!(backoff(interval, 40), MAX_BACKOFF);
+    }
+
+    /// The MPS server's samples (all clients' work) are booked on no pod,
+    /// even when the server itself runs in a pod; clients are flagged as
+    /// unattributable, and so are MIG tenants.
+    #[test]
+    fn mps_server_is_nobodys_load_and_mig_is_flagged() {
+        let server_pod = "7d1c2a4e-0000-4000-8000-0000000000ff";
+        let root = proc_root(&[
+            (20, format!("/kubepods/pod{UID_A}/{}", "a".repeat(64))),
+            (21, format!("/kubepods/pod{UID_B}/{}", "b".repeat(64))),
+            (500, format!("/kubepods/pod{server_pod}/{}", "c".repeat(64))),
+        ]);
+        let processes = vec![
+            sample(20, None, 0, Sharing::Mps),
+            sample(500, Some(80.0), 1000, Sharing::Mps),
+            sample(21, None, 64, Sharing::Mig),
+        ];
+        let pods = pods_of(GpuPoll { devices: vec![], processes }, root.path());
+        assert_eq!(pods[UID_A].unattributable, Some(Sharing::Mps));
+        assert_eq!(pods[UID_B].unattributable, Some(Sharing::Mig));
+        assert_eq!(pods[UID_B].memory_used_bytes, 64);
+        assert!(!pods.contains_key(server_pod), "the MPS server's load was booked on its pod");
     }
 }

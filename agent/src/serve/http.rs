@@ -106,6 +106,19 @@ fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Writes one metric family: HELP and TYPE lines, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, f64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
 /// The /metrics body.
 pub fn render_metrics(view: &NodeView) -> String {
     let window_s = DEFAULT_WINDOW.as_secs_f64();
@@ -114,52 +127,122 @@ pub fn render_metrics(view: &NodeView) -> String {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let _ = writeln!(out, "# HELP podgpu_pod_{0} Per-pod {0} over {1}s.", metric.name(), window_s);
-        let _ = writeln!(out, "# TYPE podgpu_pod_{} gauge", metric.name());
-        for pod in &view.pods {
-            let Some(value) = pod.value(metric, window_s) else {
-                continue;
-            };
-            let _ = writeln!(
-                out,
-                "podgpu_pod_{}{{namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"}} {}",
-                metric.name(),
+        let samples = view.pods.iter().filter_map(|pod| {
+            let value = pod.value(metric, window_s)?;
+            let labels = format!(
+                "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
                 escape(pod.meta.namespace.as_deref().unwrap_or("")),
                 escape(pod.meta.name.as_deref().unwrap_or("")),
-                escape(&pod.meta.uid),
-                value
+                escape(&pod.meta.uid)
             );
-        }
+            Some((labels, value))
+        });
+        let name = format!("podgpu_pod_{}", metric.name());
+        family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
+
+    let gpu_label = |device: &crate::gpu::DeviceSample| {
+        format!("gpu=\"{}\",model=\"{}\"", escape(&device.uuid), escape(&device.name))
+    };
+    let devices = &view.devices;
+    if !devices.is_empty() {
+        let per_device = |value: &dyn Fn(&crate::gpu::DeviceSample) -> Option<f64>| -> Vec<(String, f64)> {
+            devices.iter().filter_map(|d| Some((gpu_label(d), value(d)?))).collect()
+        };
+        family(
+            &mut out,
+            "podgpu_gpu_utilization_percent",
+            "gauge",
+            "Device SM utilization (NVML).",
+            per_device(&|d| Some(d.util_percent)),
+        );
+        family(
+            &mut out,
+            "podgpu_gpu_memory_bandwidth_percent",
+            "gauge",
+            "Device memory-bandwidth utilization (NVML).",
+            per_device(&|d| Some(d.mem_bw_util_percent)),
+        );
+        family(
+            &mut out,
+            "podgpu_gpu_memory_used_bytes",
+            "gauge",
+            "Device framebuffer in use.",
+            per_device(&|d| Some(d.memory_used_bytes as f64)),
+        );
+        family(
+            &mut out,
+            "podgpu_gpu_memory_total_bytes",
+            "gauge",
+            "Device framebuffer size.",
+            per_device(&|d| Some(d.memory_total_bytes as f64)),
+        );
+        family(&mut out, "podgpu_gpu_power_watts", "gauge", "Board power draw.", per_device(&|d| d.power_watts));
+        family(
+            &mut out,
+            "podgpu_gpu_temperature_celsius",
+            "gauge",
+            "GPU core temperature.",
+            per_device(&|d| d.temperature_c.map(f64::from)),
+        );
+    }
+
     let health = &view.health;
-    let up = |ok: bool| if ok { 1 } else { 0 };
-    let _ =
-        writeln!(out, "# HELP podgpu_agent_source_up Whether a signal source is serving (1) or degraded/disabled (0).");
-    let _ = writeln!(out, "# TYPE podgpu_agent_source_up gauge");
-    let _ = writeln!(out, "podgpu_agent_source_up{{source=\"probes\"}} {}", up(health.probes.is_ok()));
-    let _ = writeln!(out, "podgpu_agent_source_up{{source=\"gpu\"}} {}", up(health.gpu.is_ok()));
-    let counters = [
-        ("podgpu_agent_probe_events_total", "Socket events counted by the probes.", health.probe_stats.counted),
-        (
-            "podgpu_agent_probe_map_full_drops_total",
-            "Socket events lost to a full probe map.",
-            health.probe_stats.map_full_drops,
-        ),
-        ("podgpu_agent_gpu_poll_errors_total", "GPU backend opens or polls that failed.", health.gpu_poll_errors),
-        (
-            "podgpu_agent_gpu_updates_dropped_total",
-            "GPU updates dropped because the collector lagged.",
-            health.gpu_updates_dropped,
-        ),
-    ];
-    for (name, help, value) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        let _ = writeln!(out, "{name} {value}");
+    let up = |ok: bool| if ok { 1.0 } else { 0.0 };
+    family(
+        &mut out,
+        "podgpu_agent_source_up",
+        "gauge",
+        "Whether a signal source is serving (1) or degraded/disabled (0).",
+        [
+            ("source=\"probes\"".to_string(), up(health.probes.is_ok())),
+            ("source=\"gpu\"".to_string(), up(health.gpu.is_ok())),
+        ],
+    );
+    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+        family(out, name, "counter", help, [(String::new(), value as f64)]);
+    };
+    counter(
+        &mut out,
+        "podgpu_agent_probe_events_total",
+        "Socket events counted by the probes.",
+        health.probe_stats.counted,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_probe_map_full_drops_total",
+        "Socket events lost to a full probe map.",
+        health.probe_stats.map_full_drops,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_gpu_updates_dropped_total",
+        "GPU updates dropped because the collector lagged.",
+        health.gpu_updates_dropped,
+    );
+    family(
+        &mut out,
+        "podgpu_agent_gpu_errors_total",
+        "counter",
+        "GPU backend opens and polls that failed, by kind.",
+        health.gpu_errors.iter().map(|(kind, count)| (format!("kind=\"{kind}\""), *count as f64)),
+    );
+    if let Some(age) = health.gpu_sample_age_s {
+        family(
+            &mut out,
+            "podgpu_agent_gpu_sample_age_seconds",
+            "gauge",
+            "Seconds since the last successful GPU poll.",
+            [(String::new(), age)],
+        );
     }
-    let _ = writeln!(out, "# HELP podgpu_agent_tracked_pods Pods with a cgroup on this node.");
-    let _ = writeln!(out, "# TYPE podgpu_agent_tracked_pods gauge");
-    let _ = writeln!(out, "podgpu_agent_tracked_pods {}", view.pods.len());
+    family(
+        &mut out,
+        "podgpu_agent_tracked_pods",
+        "gauge",
+        "Pods with a cgroup on this node.",
+        [(String::new(), view.pods.len() as f64)],
+    );
     out
 }
 
@@ -187,7 +270,7 @@ mod tests {
                 labels: Default::default(),
             },
             history,
-            gpu_mem_used_bytes: 0,
+            gpu: Default::default(),
         });
         let text = render_metrics(&view);
         assert!(

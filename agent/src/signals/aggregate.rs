@@ -50,12 +50,23 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
     if !status.is_ok() {
         return Err(format!("{} is unavailable on this node: {status:?}", query.metric));
     }
-    let values = view
+    let selected: Vec<_> = view
         .pods
         .iter()
         .filter(|pod| pod.meta.namespace.as_deref() == Some(query.namespace))
         .filter(|pod| query.selector.matches(&pod.meta.labels))
-        .filter_map(|pod| pod.value(query.metric, query.window_s));
+        .collect();
+    // One pod that cannot be measured makes the whole sum wrong: say so
+    // instead of under-reporting.
+    if let Some((pod, reason)) = selected.iter().find_map(|pod| Some((pod, pod.unavailable_reason(query.metric)?))) {
+        return Err(format!(
+            "{} is unavailable for pod {}/{}: {reason}",
+            query.metric,
+            query.namespace,
+            pod.meta.name.as_deref().unwrap_or(&pod.meta.uid)
+        ));
+    }
+    let values = selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s));
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
     for value in values {
         sum += value;
@@ -90,7 +101,7 @@ mod tests {
                 labels: [("app".to_string(), app.to_string())].into(),
             },
             history,
-            gpu_mem_used_bytes: 0,
+            gpu: Default::default(),
         }
     }
 
@@ -118,6 +129,24 @@ mod tests {
         assert_eq!(workload_value(&view, &query(&selector, Aggregation::Avg)).unwrap().value, 200.0);
         let nobody = LabelSelector::parse("app=none").unwrap();
         assert_eq!(workload_value(&view, &query(&nobody, Aggregation::Avg)), Ok(WorkloadValue { value: 0.0, pods: 0 }));
+    }
+
+    /// A selected pod NVML cannot measure (MPS client) makes the answer an
+    /// error naming the pod; unselected ones do not matter.
+    #[test]
+    fn unattributable_pod_is_an_error() {
+        let mut view = view();
+        view.health.gpu = SourceStatus::Ok { detail: "test".into() };
+        view.pods[1].gpu.unattributable = Some(crate::gpu::Sharing::Mps);
+        let llm = LabelSelector::parse("app=llm").unwrap();
+        let mut q = query(&llm, Aggregation::Sum);
+        q.metric = Metric::GpuSmUtil;
+        let err = workload_value(&view, &q).unwrap_err();
+        assert!(err.contains("MPS") && err.contains("ns/llm"), "{err}");
+        let other = LabelSelector::parse("app=other").unwrap();
+        let mut q = query(&other, Aggregation::Sum);
+        q.metric = Metric::GpuSmUtil;
+        assert!(workload_value(&view, &q).is_ok());
     }
 
     /// A metric whose source is down is an error, never a silent zero.

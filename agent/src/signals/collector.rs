@@ -2,7 +2,7 @@
 //! tick), cgroup rescans (every few seconds) and GPU updates (from the
 //! poller thread) in one `select!` loop, so the core state needs no locks,
 //! and publishes an immutable `NodeView` after every tick.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +33,8 @@ pub struct CollectorConfig {
     pub cgroup_root: PathBuf,
     /// Pod metadata by UID (static source).
     pub metadata: HashMap<String, PodMeta>,
+    /// GPU data older than this is stale: GPU signals turn unavailable.
+    pub gpu_stale_after: Duration,
 }
 
 /// The state of one pod between ticks.
@@ -42,6 +44,8 @@ struct PodState {
     recv_bytes: u64,
     send_bytes: u64,
     gpu_sm_util_integral: f64,
+    gpu_mem_bw_util_integral: f64,
+    gpu_known_s: f64,
     gpu: PodGpu,
 }
 
@@ -59,7 +63,8 @@ pub struct Collector {
     pods: HashMap<String, PodState>,
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
-    gpu_poll_errors: u64,
+    gpu_errors: BTreeMap<&'static str, u64>,
+    gpu_polled_at: Option<Instant>,
     gpu_updates_dropped: Arc<AtomicU64>,
     started: Instant,
     last_tick_s: f64,
@@ -85,7 +90,8 @@ impl Collector {
             pods: HashMap::new(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
-            gpu_poll_errors: 0,
+            gpu_errors: BTreeMap::new(),
+            gpu_polled_at: None,
             gpu_updates_dropped,
             started: Instant::now(),
             last_tick_s: 0.0,
@@ -121,17 +127,26 @@ impl Collector {
             self.rescan();
         }
         self.read_probes();
+        self.check_gpu_staleness();
         let now_s = self.started.elapsed().as_secs_f64();
         let elapsed = (now_s - self.last_tick_s).max(0.0);
         self.last_tick_s = now_s;
+        let gpu_known = self.gpu_status.is_ok();
         for pod in self.pods.values_mut() {
-            // Sample-and-hold between GPU polls keeps short windows smooth.
-            pod.gpu_sm_util_integral += pod.gpu.sm_util_percent * elapsed;
+            // Sample-and-hold between GPU polls keeps short windows smooth;
+            // time without valid GPU data is not integrated at all.
+            if gpu_known {
+                pod.gpu_sm_util_integral += pod.gpu.sm_util_percent * elapsed;
+                pod.gpu_mem_bw_util_integral += pod.gpu.mem_bw_util_percent * elapsed;
+                pod.gpu_known_s += elapsed;
+            }
             pod.history.push(Point {
                 at_s: now_s,
                 recv_bytes: pod.recv_bytes,
                 send_bytes: pod.send_bytes,
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
+                gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
+                gpu_known_s: pod.gpu_known_s,
             });
         }
     }
@@ -176,6 +191,8 @@ impl Collector {
                         recv_bytes: 0,
                         send_bytes: 0,
                         gpu_sm_util_integral: 0.0,
+                        gpu_mem_bw_util_integral: 0.0,
+                        gpu_known_s: 0.0,
                         gpu: PodGpu::default(),
                     },
                 );
@@ -218,20 +235,36 @@ impl Collector {
         match update {
             GpuUpdate::Polled { backend, devices, pods } => {
                 self.gpu_status = SourceStatus::Ok { detail: backend };
+                self.gpu_polled_at = Some(Instant::now());
                 self.gpu_devices = devices;
                 for (uid, pod) in self.pods.iter_mut() {
                     pod.gpu = pods.get(uid).copied().unwrap_or_default();
                 }
             }
-            GpuUpdate::Unavailable { reason } => {
-                self.gpu_poll_errors += 1;
-                self.gpu_status = SourceStatus::Degraded { reason };
-                self.gpu_devices.clear();
-                for pod in self.pods.values_mut() {
-                    pod.gpu = PodGpu::default();
-                }
+            GpuUpdate::Unavailable { kind, reason } => {
+                *self.gpu_errors.entry(kind).or_default() += 1;
+                self.mark_gpu_unavailable(reason);
             }
             GpuUpdate::Disabled => self.gpu_status = SourceStatus::Disabled,
+        }
+    }
+
+    fn mark_gpu_unavailable(&mut self, reason: String) {
+        self.gpu_status = SourceStatus::Degraded { reason };
+        self.gpu_devices.clear();
+        for pod in self.pods.values_mut() {
+            pod.gpu = PodGpu::default();
+        }
+    }
+
+    /// A poller stuck in a slow driver call sends nothing: without this,
+    /// the last values would be served as if fresh.
+    fn check_gpu_staleness(&mut self) {
+        let Some(polled_at) = self.gpu_polled_at else { return };
+        if self.gpu_status.is_ok() && polled_at.elapsed() > self.config.gpu_stale_after {
+            let age = polled_at.elapsed().as_secs_f64();
+            tracing::warn!(age_s = age, "GPU data is stale");
+            self.mark_gpu_unavailable(format!("GPU data is stale: last successful poll {age:.1} s ago"));
         }
     }
 
@@ -240,11 +273,7 @@ impl Collector {
         let mut pods: Vec<PodView> = self
             .pods
             .values()
-            .map(|pod| PodView {
-                meta: pod.meta.clone(),
-                history: pod.history.clone(),
-                gpu_mem_used_bytes: pod.gpu.memory_used_bytes,
-            })
+            .map(|pod| PodView { meta: pod.meta.clone(), history: pod.history.clone(), gpu: pod.gpu })
             .collect();
         pods.sort_by(|a, b| {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
@@ -257,7 +286,8 @@ impl Collector {
                 probes: self.probe_status.clone(),
                 gpu: self.gpu_status.clone(),
                 probe_stats: self.probe_stats,
-                gpu_poll_errors: self.gpu_poll_errors,
+                gpu_errors: self.gpu_errors.clone(),
+                gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
                 gpu_updates_dropped: self.gpu_updates_dropped.load(Ordering::Relaxed),
             },
         }
@@ -276,6 +306,7 @@ mod tests {
             retention: Duration::from_secs(60),
             cgroup_root: root.to_path_buf(),
             metadata: HashMap::new(),
+            gpu_stale_after: Duration::from_millis(200),
         };
         Collector::new(config, None, SourceStatus::Disabled, Arc::new(AtomicU64::new(0)))
     }
@@ -295,7 +326,8 @@ mod tests {
         collector.apply_gpu(GpuUpdate::Polled {
             backend: "sim:test".into(),
             devices: vec![],
-            pods: [(uid.to_string(), PodGpu { sm_util_percent: 40.0, memory_used_bytes: 7 })].into(),
+            pods: [(uid.to_string(), PodGpu { sm_util_percent: 40.0, memory_used_bytes: 7, ..PodGpu::default() })]
+                .into(),
         });
         std::thread::sleep(Duration::from_millis(20));
         collector.tick();
@@ -307,14 +339,33 @@ mod tests {
         assert!((util - 40.0).abs() < 1e-6, "{util}");
         assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0), Some(7.0));
 
-        collector.apply_gpu(GpuUpdate::Unavailable { reason: "GPU lost".into() });
+        collector.apply_gpu(GpuUpdate::Unavailable { kind: "gpu_lost", reason: "GPU lost".into() });
         let view = collector.view();
         assert!(!view.health.gpu.is_ok());
-        assert_eq!(view.health.gpu_poll_errors, 1);
-        assert_eq!(view.pods[0].gpu_mem_used_bytes, 0);
+        assert_eq!(view.health.gpu_errors["gpu_lost"], 1);
+        assert_eq!(view.pods[0].gpu.memory_used_bytes, 0);
 
         std::fs::remove_dir(&pod_dir).unwrap();
         collector.tick();
         assert!(collector.view().pods.is_empty());
+    }
+
+    /// A poller that stops reporting makes GPU signals unavailable after
+    /// the staleness limit instead of serving old values as fresh.
+    #[test]
+    fn silent_poller_turns_stale() {
+        let root = tempfile::tempdir().unwrap();
+        let mut collector = collector(root.path());
+        collector.apply_gpu(GpuUpdate::Polled { backend: "sim".into(), devices: vec![], pods: HashMap::new() });
+        collector.tick();
+        assert!(collector.view().health.gpu.is_ok());
+        std::thread::sleep(Duration::from_millis(250));
+        collector.tick();
+        let view = collector.view();
+        match &view.health.gpu {
+            SourceStatus::Degraded { reason } => assert!(reason.contains("stale"), "{reason}"),
+            other => panic!("expected stale, got {other:?}"),
+        }
+        assert!(view.health.gpu_sample_age_s.unwrap() >= 0.25);
     }
 }

@@ -17,6 +17,11 @@ pub struct Point {
     pub send_bytes: u64,
     /// Integral of SM utilization, percent x seconds.
     pub gpu_sm_util_integral: f64,
+    /// Integral of memory-bandwidth utilization, percent x seconds.
+    pub gpu_mem_bw_util_integral: f64,
+    /// Seconds during which GPU data was valid: GPU means divide by this,
+    /// so an outage inside a window is left out instead of read as idle.
+    pub gpu_known_s: f64,
 }
 
 /// Points of the last `retention_s` seconds, oldest first.
@@ -50,14 +55,26 @@ impl History {
     /// over the whole history when it is shorter, so a new pod has a value
     /// at once). `None` until two points exist.
     pub fn rate(&self, window_s: f64, field: impl Fn(&Point) -> f64) -> Option<f64> {
+        self.ratio(window_s, field, |point| point.at_s)
+    }
+
+    /// Change of `numerator` divided by change of `denominator` over the
+    /// window (a rate when the denominator is time); `None` when the
+    /// denominator did not grow.
+    pub fn ratio(
+        &self,
+        window_s: f64,
+        numerator: impl Fn(&Point) -> f64,
+        denominator: impl Fn(&Point) -> f64,
+    ) -> Option<f64> {
         let latest = self.points.back()?;
         let start_at = latest.at_s - window_s;
         let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
         // Prefer the point at or just before the window start: it makes the
         // window at least as long as asked.
         let start = &self.points[first_inside.saturating_sub(1)];
-        let elapsed = latest.at_s - start.at_s;
-        (elapsed > 0.0).then(|| (field(latest) - field(start)) / elapsed)
+        let span = denominator(latest) - denominator(start);
+        (span > 1e-9).then(|| (numerator(latest) - numerator(start)) / span)
     }
 }
 
@@ -95,6 +112,24 @@ mod tests {
         }
         assert!(history.points.len() <= 12, "{}", history.points.len());
         assert_eq!(history.rate(10.0, |p| p.recv_bytes as f64), Some(10.0));
+    }
+
+    /// Time with unknown GPU data is left out of the mean, not counted as 0.
+    #[test]
+    fn ratio_skips_unknown_time() {
+        let mut history = History::new(60.0);
+        // 2 s known at 30%, 2 s outage, 1 s known at 60%.
+        let points = [(0.0, 0.0, 0.0), (2.0, 60.0, 2.0), (4.0, 60.0, 2.0), (5.0, 120.0, 3.0)];
+        for (at_s, integral, known) in points {
+            history.push(Point { at_s, gpu_sm_util_integral: integral, gpu_known_s: known, ..Point::default() });
+        }
+        assert_eq!(history.ratio(5.0, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s), Some(40.0));
+        assert_eq!(history.ratio(1.0, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s), Some(60.0));
+        assert_eq!(history.ratio(0.5, |p| p.gpu_known_s, |p| p.gpu_known_s), Some(1.0));
+        let mut outage = History::new(60.0);
+        outage.push(Point { at_s: 0.0, ..Point::default() });
+        outage.push(Point { at_s: 1.0, ..Point::default() });
+        assert_eq!(outage.ratio(1.0, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s), None);
     }
 
     /// A time-weighted mean is the rate of the integral.

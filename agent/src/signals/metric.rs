@@ -8,6 +8,9 @@ pub enum Metric {
     /// SM utilization, % of one GPU, summed over the pod's processes and
     /// GPUs, time-weighted over the window.
     GpuSmUtil,
+    /// Memory-bandwidth utilization, % of one GPU, summed and time-weighted
+    /// like `GpuSmUtil`.
+    GpuMemBwUtil,
     /// Framebuffer bytes held by the pod's processes (latest poll).
     GpuMemUsedBytes,
     /// Bytes/s the pod's TCP sockets received (requests arriving).
@@ -27,13 +30,19 @@ pub enum MetricSource {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 4] =
-        [Metric::GpuSmUtil, Metric::GpuMemUsedBytes, Metric::SocketRecvBytesRate, Metric::SocketSendBytesRate];
+    pub const ALL: [Metric; 5] = [
+        Metric::GpuSmUtil,
+        Metric::GpuMemBwUtil,
+        Metric::GpuMemUsedBytes,
+        Metric::SocketRecvBytesRate,
+        Metric::SocketSendBytesRate,
+    ];
 
     /// Name used in trigger metadata, /metrics and the node API.
     pub fn name(self) -> &'static str {
         match self {
             Metric::GpuSmUtil => "gpu_sm_util",
+            Metric::GpuMemBwUtil => "gpu_mem_bw_util",
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
             Metric::SocketRecvBytesRate => "socket_recv_bytes_rate",
             Metric::SocketSendBytesRate => "socket_send_bytes_rate",
@@ -48,7 +57,7 @@ impl Metric {
     /// The source that must be healthy for the metric to have a value.
     pub fn source(self) -> MetricSource {
         match self {
-            Metric::GpuSmUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
+            Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
             Metric::SocketRecvBytesRate | Metric::SocketSendBytesRate => MetricSource::Probes,
         }
     }

@@ -5,7 +5,8 @@ use serde::Serialize;
 
 use super::history::History;
 use super::metric::{Metric, MetricSource};
-use crate::gpu::DeviceSample;
+use crate::gpu::poller::PodGpu;
+use crate::gpu::{DeviceSample, Sharing};
 use crate::pods::PodMeta;
 use crate::probes::socket::SocketProbeStats;
 
@@ -43,8 +44,10 @@ pub struct Health {
     pub gpu: SourceStatus,
     /// Counters the probes keep about themselves.
     pub probe_stats: SocketProbeStats,
-    /// GPU polls that failed since start.
-    pub gpu_poll_errors: u64,
+    /// GPU backend opens and polls that failed since start, by error kind.
+    pub gpu_errors: std::collections::BTreeMap<&'static str, u64>,
+    /// Seconds since the last successful GPU poll (`None` before the first).
+    pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
     pub gpu_updates_dropped: u64,
 }
@@ -56,17 +59,36 @@ pub struct PodView {
     pub meta: PodMeta,
     /// Cumulative points of the recent past.
     pub history: History,
-    /// Framebuffer bytes at the latest GPU poll.
-    pub gpu_mem_used_bytes: u64,
+    /// GPU use at the latest poll.
+    pub gpu: PodGpu,
 }
 
 impl PodView {
-    /// The pod's value of `metric` over `window_s`, or `None` while the pod
-    /// has too little history.
+    /// Why this pod cannot have a value for `metric` at all (as opposed to
+    /// "not yet"): NVML has no per-process SM % under MIG, and under MPS it
+    /// books everything on the MPS server.
+    pub fn unavailable_reason(&self, metric: Metric) -> Option<&'static str> {
+        match (metric, self.gpu.unattributable) {
+            (Metric::GpuSmUtil | Metric::GpuMemBwUtil, Some(Sharing::Mig)) => {
+                Some("the pod runs on a MIG instance, where NVML reports no per-process utilization")
+            }
+            (Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes, Some(Sharing::Mps)) => {
+                Some("the pod is an MPS client, and NVML books all MPS work on the MPS server")
+            }
+            _ => None,
+        }
+    }
+
+    /// The pod's value of `metric` over `window_s`; `None` while the pod
+    /// has too little history or when `unavailable_reason` says why.
     pub fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+        if self.unavailable_reason(metric).is_some() {
+            return None;
+        }
         match metric {
-            Metric::GpuSmUtil => self.history.rate(window_s, |p| p.gpu_sm_util_integral),
-            Metric::GpuMemUsedBytes => Some(self.gpu_mem_used_bytes as f64),
+            Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
+            Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
+            Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
             Metric::SocketRecvBytesRate => self.history.rate(window_s, |p| p.recv_bytes as f64),
             Metric::SocketSendBytesRate => self.history.rate(window_s, |p| p.send_bytes as f64),
         }
@@ -97,7 +119,8 @@ impl NodeView {
                 probes: SourceStatus::Degraded { reason: "starting".to_string() },
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
                 probe_stats: SocketProbeStats::default(),
-                gpu_poll_errors: 0,
+                gpu_errors: Default::default(),
+                gpu_sample_age_s: None,
                 gpu_updates_dropped: 0,
             },
         }

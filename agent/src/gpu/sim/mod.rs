@@ -1,0 +1,346 @@
+//! Simulated GPUs driven by a scenario file: the stand-in for NVML on
+//! machines without a GPU (CI, the demo), behind the same `GpuBackend` trait.
+//!
+//! Each tenant has a true, scripted load. The simulator derives what NVML
+//! would report from it: device utilization from the true loads, and a
+//! stream of per-process samples (one every 1/6 s, NVML's cadence) that goes
+//! through the same `SampleCursor` folding as real NVML, with the measured
+//! distortions applied (a tenant with no samples, a tenant's load booked on
+//! another pid, every sample booked on the MPS server, no per-process SM %
+//! under MIG). Scripted faults make polls and re-opens fail for a while.
+mod scenario;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use scenario::{FaultKind, NvmlView, Scenario, SimGpu, SimProcess, UtilStep};
+
+use super::samples::{RawSample, SampleCursor};
+use super::{DeviceSample, GpuBackend, GpuError, GpuPoll, MigDeviceSample, ProcessSample, Sharing};
+use scenario::schedule_at;
+
+/// NVML records a process sample about every 1/6 s.
+const SAMPLE_PERIOD_S: f64 = 1.0 / 6.0;
+/// How far back NVML's sample ring reaches for a reader that has seen
+/// nothing yet (a fresh cursor gets the recent past, not nothing).
+const RING_S: f64 = 1.0;
+
+/// The simulator backend: a scenario, its clock, and per-device cursors.
+pub struct SimBackend {
+    scenario: Scenario,
+    cgroup_root: PathBuf,
+    epoch: Instant,
+    cursors: Vec<SampleCursor>,
+    /// Scenario time up to which samples have been generated.
+    sampled_until_s: f64,
+}
+
+impl SimBackend {
+    /// Opens the scenario on a timeline that started at `epoch`; fails like
+    /// NVML's init would while an init-breaking fault is active.
+    pub fn open(scenario: Scenario, cgroup_root: PathBuf, epoch: Instant) -> Result<Self, GpuError> {
+        let backend = Self {
+            cursors: vec![SampleCursor::default(); scenario.gpus.len()],
+            scenario,
+            cgroup_root,
+            epoch,
+            sampled_until_s: (epoch.elapsed().as_secs_f64() - RING_S).max(0.0),
+        };
+        let now = backend.epoch.elapsed().as_secs_f64();
+        if let Some(fault) = backend.scenario.faults.iter().find(|f| f.active_at(now) && f.kind != FaultKind::Unknown) {
+            return Err(fault.error(&backend.first_uuid()));
+        }
+        Ok(backend)
+    }
+
+    fn first_uuid(&self) -> String {
+        self.scenario.gpus.first().map_or_else(|| "GPU 0".to_string(), |gpu| gpu.uuid.clone())
+    }
+
+    fn pids_of(&self, process: &SimProcess) -> Vec<u32> {
+        match (&process.pid, &process.cgroup) {
+            (Some(pid), _) => vec![*pid],
+            (None, Some(cgroup)) => {
+                let mut pids = Vec::new();
+                collect_cgroup_pids(&self.cgroup_root.join(cgroup.trim_start_matches('/')), &mut pids);
+                pids.sort_unstable();
+                pids
+            }
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// What NVML would report at scenario time `now_s`.
+    fn poll_at(&mut self, now_s: f64) -> Result<GpuPoll, GpuError> {
+        if let Some(fault) = self.scenario.faults.iter().find(|fault| fault.active_at(now_s)) {
+            return Err(fault.error(&self.first_uuid()));
+        }
+        let tenants: Vec<(usize, Vec<u32>)> = self
+            .scenario
+            .processes
+            .iter()
+            .enumerate()
+            .map(|(index, process)| (index, self.pids_of(process)))
+            .filter(|(_, pids)| !pids.is_empty())
+            .collect();
+        let first_pid: HashMap<&str, u32> = tenants
+            .iter()
+            .filter_map(|(index, pids)| Some((self.scenario.processes[*index].name.as_deref()?, pids[0])))
+            .collect();
+
+        let mut devices: Vec<DeviceSample> = self.scenario.gpus.iter().map(device_template).collect();
+        let mut processes: Vec<ProcessSample> = Vec::new();
+        // Samples NVML would have recorded since the last poll, per device,
+        // keyed by (booked pid, timestamp) so distortions can pile onto a pid.
+        let mut booked: Vec<HashMap<(u32, u64), (f64, f64)>> = vec![HashMap::new(); devices.len()];
+        let first_tick = (self.sampled_until_s / SAMPLE_PERIOD_S).floor() as u64 + 1;
+        let last_tick = (now_s / SAMPLE_PERIOD_S).floor() as u64;
+
+        for (index, pids) in &tenants {
+            let process = &self.scenario.processes[*index];
+            let gpu = &self.scenario.gpus[process.gpu];
+            let device = &mut devices[process.gpu];
+            device.util_percent = (device.util_percent + schedule_at(&process.sm_util, now_s)).min(100.0);
+            device.mem_bw_util_percent =
+                (device.mem_bw_util_percent + schedule_at(&process.mem_bw_util, now_s)).min(100.0);
+            let memory = process.memory_bytes * pids.len() as u64;
+            device.memory_used_bytes += memory;
+
+            if let (Sharing::Mig, Some(mig)) = (gpu.sharing, process.mig) {
+                device.mig_devices[mig].memory_used_bytes += memory;
+                for &pid in pids {
+                    processes.push(ProcessSample {
+                        pid,
+                        gpu_uuid: gpu.mig[mig].uuid.clone(),
+                        util: None,
+                        memory_used_bytes: process.memory_bytes,
+                        sharing: Sharing::Mig,
+                    });
+                }
+                continue;
+            }
+            for &pid in pids {
+                // Under MPS NVML books memory on the server, not the client.
+                let own_memory = if gpu.sharing == Sharing::Mps { 0 } else { process.memory_bytes };
+                processes.push(ProcessSample {
+                    pid,
+                    gpu_uuid: gpu.uuid.clone(),
+                    util: None,
+                    memory_used_bytes: own_memory,
+                    sharing: gpu.sharing,
+                });
+            }
+            let booked_on: Option<Vec<u32>> = match (&process.nvml, gpu.sharing) {
+                (_, Sharing::Mps) => gpu.mps_server_pid.map(|server| vec![server; pids.len()]),
+                (NvmlView::Missing, _) => None,
+                (NvmlView::ReportAs(target), _) => first_pid.get(target.as_str()).map(|pid| vec![*pid; pids.len()]),
+                (NvmlView::Normal, _) => Some(pids.clone()),
+            };
+            let Some(booked_on) = booked_on else { continue };
+            for tick in first_tick..=last_tick {
+                let at_s = tick as f64 * SAMPLE_PERIOD_S;
+                let share = |steps: &[UtilStep]| schedule_at(steps, at_s) / pids.len() as f64;
+                for &pid in &booked_on {
+                    let entry = booked[process.gpu].entry((pid, (at_s * 1e6) as u64)).or_default();
+                    entry.0 += share(&process.sm_util);
+                    entry.1 += share(&process.mem_bw_util);
+                }
+            }
+        }
+        self.sampled_until_s = now_s;
+
+        for (gpu_index, gpu) in self.scenario.gpus.iter().enumerate() {
+            if gpu.sharing == Sharing::Mps {
+                if let Some(server) = gpu.mps_server_pid {
+                    processes.push(ProcessSample {
+                        pid: server,
+                        gpu_uuid: gpu.uuid.clone(),
+                        util: None,
+                        memory_used_bytes: devices[gpu_index].memory_used_bytes,
+                        sharing: Sharing::Mps,
+                    });
+                }
+            }
+            let raw: Vec<RawSample> = booked[gpu_index]
+                .iter()
+                .map(|(&(pid, timestamp_us), &(sm, mem))| RawSample {
+                    pid,
+                    timestamp_us,
+                    sm: sm.min(100.0).round() as u32,
+                    mem: mem.min(100.0).round() as u32,
+                    enc: 0,
+                    dec: 0,
+                })
+                .collect();
+            let folded = self.cursors[gpu_index].fold(&raw);
+            for process in processes.iter_mut().filter(|p| p.gpu_uuid == gpu.uuid) {
+                process.util = folded.get(&process.pid).copied();
+            }
+        }
+        Ok(GpuPoll { devices, processes })
+    }
+}
+
+fn device_template(gpu: &SimGpu) -> DeviceSample {
+    DeviceSample {
+        uuid: gpu.uuid.clone(),
+        name: gpu.name.clone(),
+        memory_total_bytes: gpu.memory_total_bytes,
+        power_watts: Some(70.0),
+        temperature_c: Some(35),
+        compute_mode: Some("default".to_string()),
+        sharing: gpu.sharing,
+        mig_devices: gpu
+            .mig
+            .iter()
+            .map(|mig| MigDeviceSample {
+                uuid: mig.uuid.clone(),
+                memory_used_bytes: 0,
+                memory_total_bytes: mig.memory_total_bytes,
+            })
+            .collect(),
+        ..DeviceSample::default()
+    }
+}
+
+/// Every pid in `dir` and its descendants; a missing directory has none.
+fn collect_cgroup_pids(dir: &Path, pids: &mut Vec<u32>) {
+    if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                collect_cgroup_pids(&entry.path(), pids);
+            }
+        }
+    }
+}
+
+impl GpuBackend for SimBackend {
+    fn describe(&self) -> String {
+        format!("sim:{}", self.scenario.name)
+    }
+
+    fn poll(&mut self) -> Result<GpuPoll, GpuError> {
+        let now_s = self.epoch.elapsed().as_secs_f64();
+        self.poll_at(now_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(yaml: &str, cgroup_root: &Path) -> SimBackend {
+        // Built directly (not through `open`) so scenario time is whatever
+        // the test passes to `poll_at`.
+        let scenario = Scenario::parse(yaml, "test").unwrap();
+        SimBackend {
+            cursors: vec![SampleCursor::default(); scenario.gpus.len()],
+            scenario,
+            cgroup_root: cgroup_root.to_path_buf(),
+            epoch: Instant::now(),
+            sampled_until_s: 0.0,
+        }
+    }
+
+    fn by_pid(poll: &GpuPoll, pid: u32) -> &ProcessSample {
+        poll.processes.iter().find(|p| p.pid == pid).unwrap_or_else(|| panic!("no pid {pid} in {poll:?}"))
+    }
+
+    /// A cgroup tenant reports every pid of its subtree and splits its load
+    /// across them; device utilization is the sum of true loads.
+    #[test]
+    fn cgroup_tenants_cover_their_subtree() {
+        let root = tempfile::tempdir().unwrap();
+        let pod = root.path().join("kubepods.slice/pod-a");
+        fs::create_dir_all(pod.join("ctr")).unwrap();
+        fs::write(pod.join("cgroup.procs"), "").unwrap();
+        fs::write(pod.join("ctr/cgroup.procs"), "11\n12\n").unwrap();
+        let mut sim = backend(
+            "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 100}]\nprocesses:\n  - {cgroup: /kubepods.slice/pod-a, gpu: 0, memory_bytes: 5, sm_util: [{seconds: 1, percent: 40}]}\n  - {pid: 99, gpu: 0, sm_util: [{seconds: 1, percent: 10}]}\n",
+            root.path(),
+        );
+        let poll = sim.poll_at(1.0).unwrap();
+        let mut pids: Vec<u32> = poll.processes.iter().map(|p| p.pid).collect();
+        pids.sort_unstable();
+        assert_eq!(pids, vec![11, 12, 99]);
+        assert_eq!(by_pid(&poll, 11).util.unwrap().sm_percent, 20.0);
+        assert_eq!(by_pid(&poll, 11).util.unwrap().samples, 6);
+        assert_eq!(poll.devices[0].util_percent, 50.0);
+        assert_eq!(poll.devices[0].memory_used_bytes, 10);
+    }
+
+    /// Samples are consumed incrementally: a poll right after another has
+    /// no new samples (like NVML's NotFound), the next full second does.
+    #[test]
+    fn samples_are_incremental() {
+        let root = tempfile::tempdir().unwrap();
+        let mut sim = backend(
+            "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nprocesses:\n  - {pid: 7, gpu: 0, sm_util: [{seconds: 1, percent: 30}, {seconds: 1, percent: 90}]}\n",
+            root.path(),
+        );
+        assert_eq!(sim.poll_at(0.9).unwrap().processes[0].util.unwrap().sm_percent, 30.0);
+        assert_eq!(sim.poll_at(0.95).unwrap().processes[0].util, None);
+        assert_eq!(sim.poll_at(1.95).unwrap().processes[0].util.unwrap().sm_percent, 90.0);
+    }
+
+    /// NVML's measured distortions: a tenant with no samples, and a tenant
+    /// whose load is booked on another tenant's pid.
+    #[test]
+    fn distortions() {
+        let root = tempfile::tempdir().unwrap();
+        let mut sim = backend(
+            "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nprocesses:\n  - {name: a, pid: 1, gpu: 0, sm_util: [{seconds: 1, percent: 25}], nvml: missing}\n  - {name: b, pid: 2, gpu: 0, sm_util: [{seconds: 1, percent: 20}], nvml: {report_as: c}}\n  - {name: c, pid: 3, gpu: 0, sm_util: [{seconds: 1, percent: 30}]}\n",
+            root.path(),
+        );
+        let poll = sim.poll_at(2.0).unwrap();
+        assert_eq!(by_pid(&poll, 1).util, None);
+        assert_eq!(by_pid(&poll, 2).util, None);
+        assert_eq!(by_pid(&poll, 3).util.unwrap().sm_percent, 50.0);
+        assert_eq!(poll.devices[0].util_percent, 75.0);
+    }
+
+    /// MIG: memory per instance, no per-process SM %; MPS: everything is
+    /// booked on the server pid, clients carry no sample and no memory.
+    #[test]
+    fn mig_and_mps() {
+        let root = tempfile::tempdir().unwrap();
+        let mut sim = backend(
+            "name: t\ngpus:\n  - {uuid: G0, name: n, memory_total_bytes: 100, sharing: mig, mig: [{uuid: MIG-a, memory_total_bytes: 40}, {uuid: MIG-b, memory_total_bytes: 40}]}\n  - {uuid: G1, name: n, memory_total_bytes: 100, sharing: mps, mps_server_pid: 500}\nprocesses:\n  - {pid: 1, gpu: 0, mig: 1, memory_bytes: 7, sm_util: [{seconds: 1, percent: 60}]}\n  - {pid: 2, gpu: 1, memory_bytes: 3, sm_util: [{seconds: 1, percent: 20}]}\n  - {pid: 3, gpu: 1, memory_bytes: 4, sm_util: [{seconds: 1, percent: 30}]}\n",
+            root.path(),
+        );
+        let poll = sim.poll_at(1.0).unwrap();
+        let mig = by_pid(&poll, 1);
+        assert_eq!((mig.gpu_uuid.as_str(), mig.util, mig.sharing), ("MIG-b", None, Sharing::Mig));
+        assert_eq!(poll.devices[0].mig_devices[1].memory_used_bytes, 7);
+        assert_eq!(poll.devices[0].util_percent, 60.0);
+        for client in [2, 3] {
+            assert_eq!((by_pid(&poll, client).util, by_pid(&poll, client).memory_used_bytes), (None, 0));
+        }
+        let server = by_pid(&poll, 500);
+        assert_eq!(server.util.unwrap().sm_percent, 50.0);
+        assert_eq!(server.memory_used_bytes, 7);
+    }
+
+    /// Faults fail polls (and re-opens) only inside their window.
+    #[test]
+    fn faults_fail_inside_their_window() {
+        let root = tempfile::tempdir().unwrap();
+        let yaml = "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nfaults:\n  - {kind: unknown, at_s: 1, for_s: 1}\n  - {kind: gpu_lost, at_s: 3, for_s: 1}\n  - {kind: library_missing, at_s: 0, for_s: 0.5}\n";
+        let mut sim = backend(yaml, root.path());
+        assert!(matches!(sim.poll_at(0.2), Err(GpuError::LibraryMissing { .. })));
+        assert!(sim.poll_at(0.6).is_ok());
+        assert!(matches!(sim.poll_at(1.5), Err(GpuError::Poll(_))));
+        assert!(sim.poll_at(2.5).is_ok());
+        assert!(matches!(sim.poll_at(3.5), Err(GpuError::GpuLost { .. })));
+        let scenario = Scenario::parse(yaml, "test").unwrap();
+        assert!(matches!(
+            SimBackend::open(scenario, root.path().to_path_buf(), Instant::now()),
+            Err(GpuError::LibraryMissing { .. })
+        ));
+    }
+}
