@@ -64,6 +64,9 @@ pub struct Collector {
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
     gpu_errors: BTreeMap<&'static str, u64>,
+    /// Per-pod GPU use at the latest poll, so a pod found between two polls
+    /// starts from real values rather than zeros.
+    gpu_latest: HashMap<String, PodGpu>,
     gpu_polled_at: Option<Instant>,
     gpu_updates_dropped: Arc<AtomicU64>,
     started: Instant,
@@ -91,6 +94,7 @@ impl Collector {
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
             gpu_errors: BTreeMap::new(),
+            gpu_latest: HashMap::new(),
             gpu_polled_at: None,
             gpu_updates_dropped,
             started: Instant::now(),
@@ -193,7 +197,7 @@ impl Collector {
                         gpu_sm_util_integral: 0.0,
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
-                        gpu: PodGpu::default(),
+                        gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
                     },
                 );
             }
@@ -240,6 +244,7 @@ impl Collector {
                 for (uid, pod) in self.pods.iter_mut() {
                     pod.gpu = pods.get(uid).copied().unwrap_or_default();
                 }
+                self.gpu_latest = pods;
             }
             GpuUpdate::Unavailable { kind, reason } => {
                 *self.gpu_errors.entry(kind).or_default() += 1;
@@ -252,6 +257,7 @@ impl Collector {
     fn mark_gpu_unavailable(&mut self, reason: String) {
         self.gpu_status = SourceStatus::Degraded { reason };
         self.gpu_devices.clear();
+        self.gpu_latest.clear();
         for pod in self.pods.values_mut() {
             pod.gpu = PodGpu::default();
         }
@@ -348,6 +354,24 @@ mod tests {
         std::fs::remove_dir(&pod_dir).unwrap();
         collector.tick();
         assert!(collector.view().pods.is_empty());
+    }
+
+    /// A pod whose cgroup appears after a GPU poll starts with that poll's
+    /// values, not with zeros until the next one.
+    #[test]
+    fn new_pod_starts_from_latest_gpu_poll() {
+        let root = tempfile::tempdir().unwrap();
+        let uid = "7d1c2a4e-0000-4000-8000-00000000000c";
+        let mut collector = collector(root.path());
+        collector.tick();
+        collector.apply_gpu(GpuUpdate::Polled {
+            backend: "sim".into(),
+            devices: vec![],
+            pods: [(uid.to_string(), PodGpu { sm_util_percent: 25.0, ..PodGpu::default() })].into(),
+        });
+        std::fs::create_dir_all(root.path().join(format!("kubepods/pod{uid}"))).unwrap();
+        collector.tick();
+        assert_eq!(collector.view().pods[0].gpu.sm_util_percent, 25.0);
     }
 
     /// A poller that stops reporting makes GPU signals unavailable after

@@ -46,7 +46,9 @@ impl SimBackend {
             scenario,
             cgroup_root,
             epoch,
-            sampled_until_s: (epoch.elapsed().as_secs_f64() - RING_S).max(0.0),
+            // The ring predates the agent (negative scenario time is the
+            // scenario's first step).
+            sampled_until_s: epoch.elapsed().as_secs_f64() - RING_S,
         };
         let now = backend.epoch.elapsed().as_secs_f64();
         if let Some(fault) = backend.scenario.faults.iter().find(|f| f.active_at(now) && f.kind != FaultKind::Unknown) {
@@ -95,8 +97,8 @@ impl SimBackend {
         // Samples NVML would have recorded since the last poll, per device,
         // keyed by (booked pid, timestamp) so distortions can pile onto a pid.
         let mut booked: Vec<HashMap<(u32, u64), (f64, f64)>> = vec![HashMap::new(); devices.len()];
-        let first_tick = (self.sampled_until_s / SAMPLE_PERIOD_S).floor() as u64 + 1;
-        let last_tick = (now_s / SAMPLE_PERIOD_S).floor() as u64;
+        let first_tick = (self.sampled_until_s / SAMPLE_PERIOD_S).floor() as i64 + 1;
+        let last_tick = (now_s / SAMPLE_PERIOD_S).floor() as i64;
 
         for (index, pids) in &tenants {
             let process = &self.scenario.processes[*index];
@@ -143,7 +145,8 @@ impl SimBackend {
                 let at_s = tick as f64 * SAMPLE_PERIOD_S;
                 let share = |steps: &[UtilStep]| schedule_at(steps, at_s) / pids.len() as f64;
                 for &pid in &booked_on {
-                    let entry = booked[process.gpu].entry((pid, (at_s * 1e6) as u64)).or_default();
+                    let timestamp_us = ((at_s + RING_S) * 1e6) as u64;
+                    let entry = booked[process.gpu].entry((pid, timestamp_us)).or_default();
                     entry.0 += share(&process.sm_util);
                     entry.1 += share(&process.mem_bw_util);
                 }
