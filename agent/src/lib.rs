@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use gpu::poller::{self, PollerConfig};
 use gpu::GpuSource;
-use signals::collector::{Collector, CollectorConfig};
+use signals::collector::{Collector, CollectorConfig, Probes};
 use signals::view::{NodeView, SourceStatus};
 
 /// Everything `run` needs; built from the command line by `main`.
@@ -91,17 +91,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         }
     };
 
-    let (probe, probe_status) = match probes::socket::SocketProbe::load() {
-        Ok(probe) => (Some(probe), SourceStatus::Ok { detail: "eBPF sock tracepoints".to_string() }),
-        Err(err) if config.require_ebpf => {
-            return Err(
-                anyhow::Error::new(err).context("eBPF probes are required (PODGPU_REQUIRE_EBPF) but did not load")
-            )
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, "eBPF probes did not load: socket signals are unavailable");
-            (None, SourceStatus::Degraded { reason: err.to_string() })
-        }
+    let (socket, socket_status) = load_probe("socket", probes::socket::SocketProbe::load(), config.require_ebpf)?;
+    let (mut requests, requests_status) =
+        load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
+    let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
+        Some(Ok(ring)) => Some(ring),
+        Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
+        None => None,
     };
 
     let keda_listener = TcpListener::bind(config.keda_listen)
@@ -127,6 +123,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         gpu_tx,
         gpu_dropped.clone(),
     );
+    // Bounded: a stalled collector drops request events (counted).
+    let (request_tx, request_rx) = mpsc::channel(65_536);
+    let reader_stats = Arc::new(probes::requests::ReaderStats::default());
     let collector = Collector::new(
         CollectorConfig {
             tick: config.tick,
@@ -136,14 +135,23 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             metadata,
             // Three missed polls: a slow NVML call is not yet an outage.
             gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
+            proc_root: config.proc_root.clone(),
         },
-        probe,
-        probe_status,
+        Probes { socket, socket_status, requests, requests_status, reader: reader_stats.clone() },
         gpu_dropped,
     );
 
+    // Ready means watching: the first scan puts existing pods into the
+    // probes' watch sets before anyone is told the agent serves.
+    let mut collector = collector;
+    collector.tick();
+
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(collector.run(gpu_rx, view_tx, shutdown.clone()).into_future_ok());
+    tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
+    if let Some(ring) = request_ring {
+        let reader = probes::requests::run_reader(ring, request_tx, reader_stats, shutdown.clone());
+        tasks.spawn(async move { reader.await.context("request probe reader") });
+    }
     let keda = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
@@ -174,6 +182,23 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         bail!("agent tasks ended without a shutdown request");
     }
     result
+}
+
+/// A loaded probe and its status; with `required`, a failure is fatal.
+fn load_probe<P>(
+    what: &str,
+    loaded: Result<P, probes::ProbeError>,
+    required: bool,
+) -> anyhow::Result<(Option<P>, SourceStatus)> {
+    match loaded {
+        Ok(probe) => Ok((Some(probe), SourceStatus::Ok { detail: format!("eBPF {what} probe") })),
+        Err(err) if required => Err(anyhow::Error::new(err)
+            .context(format!("the eBPF {what} probe is required (PODGPU_REQUIRE_EBPF) but did not load"))),
+        Err(err) => {
+            tracing::warn!(error = %err, probe = what, "eBPF probe did not load: its signals are unavailable");
+            Ok((None, SourceStatus::Degraded { reason: err.to_string() }))
+        }
+    }
 }
 
 /// Adapts a `()` future to the `anyhow::Result` the task set expects.

@@ -27,6 +27,35 @@ pub async fn serve(listener: TcpListener, behaviour: ServerBehaviour) -> std::io
     }
 }
 
+/// `/stream/FIRST_MS/CHUNKS/CHUNK_MS`: an SSE-style chunked response whose
+/// headers go out at once and whose first event follows after FIRST_MS (as
+/// an LLM server sends headers before the first token), then CHUNKS - 1
+/// more events CHUNK_MS apart, each in its own write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// Delay before the first body byte.
+    pub first_ms: u64,
+    /// Number of events.
+    pub chunks: u32,
+    /// Delay between events.
+    pub chunk_ms: u64,
+}
+
+impl StreamSpec {
+    /// The request path that asks for this stream.
+    pub fn path(&self) -> String {
+        format!("/stream/{}/{}/{}", self.first_ms, self.chunks, self.chunk_ms)
+    }
+
+    fn parse(path: &str) -> Option<Self> {
+        let mut parts = path.strip_prefix("/stream/")?.split('/');
+        let first_ms = parts.next()?.parse().ok()?;
+        let chunks = parts.next()?.parse().ok()?;
+        let chunk_ms = parts.next()?.parse().ok()?;
+        Some(Self { first_ms, chunks, chunk_ms })
+    }
+}
+
 async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -37,6 +66,21 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
         };
         let mut request_body = vec![0; content_length(&head)];
         reader.read_exact(&mut request_body).await?;
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        if let Some(stream) = StreamSpec::parse(path) {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+            write.write_all(head.as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(stream.first_ms)).await;
+            for index in 0..stream.chunks {
+                if index > 0 {
+                    tokio::time::sleep(Duration::from_millis(stream.chunk_ms)).await;
+                }
+                let event = format!("data: token {index}\n\n");
+                write.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes()).await?;
+            }
+            write.write_all(b"0\r\n\r\n").await?;
+            continue;
+        }
         if !behaviour.delay.is_zero() {
             tokio::time::sleep(behaviour.delay).await;
         }
@@ -113,6 +157,61 @@ impl Client {
         let mut body = vec![0; content_length(&head)];
         self.reader.read_exact(&mut body).await?;
         Ok(Reply { status, body })
+    }
+}
+
+/// What a client measured for one streamed request (its ground truth).
+#[derive(Clone, Copy, Debug)]
+pub struct Measured {
+    /// Request fully written -> first body byte read.
+    pub ttft: Duration,
+    /// Request write started -> last body byte read.
+    pub latency: Duration,
+}
+
+impl Client {
+    /// Sends a GET for `path` and reads a chunked response to its end,
+    /// timing it the way the probe does from the server's side.
+    pub async fn stream(&mut self, path: &str) -> std::io::Result<Measured> {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        let started = Instant::now();
+        self.writer.write_all(head.as_bytes()).await?;
+        let sent = Instant::now();
+        read_head(&mut self.reader)
+            .await?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no response head"))?;
+        let mut first_body = None;
+        loop {
+            let mut size_line = String::new();
+            self.reader.read_line(&mut size_line).await?;
+            first_body.get_or_insert_with(Instant::now);
+            let size = usize::from_str_radix(size_line.trim(), 16).map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad chunk size {size_line:?}"))
+            })?;
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).await?;
+            if size == 0 {
+                break;
+            }
+        }
+        let ended = Instant::now();
+        Ok(Measured { ttft: first_body.unwrap_or(ended) - sent, latency: ended - started })
+    }
+
+    /// Sends a GET for `path`, waits for the first body bytes, then drops
+    /// the connection mid-stream (a client giving up).
+    pub async fn abandon_stream(mut self, path: &str) -> std::io::Result<()> {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.writer.write_all(head.as_bytes()).await?;
+        read_head(&mut self.reader).await?;
+        let mut size_line = String::new();
+        self.reader.read_line(&mut size_line).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (for malformed-traffic tests).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
     }
 }
 

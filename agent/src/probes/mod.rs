@@ -1,5 +1,6 @@
 //! eBPF probes: loading the programs built from `agent-ebpf`, attaching
 //! them, and reading their maps. One module per program set.
+pub mod requests;
 pub mod socket;
 
 use std::io;

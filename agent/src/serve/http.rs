@@ -51,6 +51,7 @@ struct PodRow<'a> {
     name: Option<&'a str>,
     labels: &'a std::collections::BTreeMap<String, String>,
     values: HashMap<&'static str, Option<f64>>,
+    requests: crate::signals::view::RequestCounts,
 }
 
 #[derive(Serialize)]
@@ -88,6 +89,7 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
                     (metric.name(), value)
                 })
                 .collect(),
+            requests: pod.requests,
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })
@@ -141,6 +143,29 @@ pub fn render_metrics(view: &NodeView) -> String {
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
 
+    if view.health.requests.is_ok() {
+        let samples = view.pods.iter().flat_map(|pod| {
+            let labels = format!(
+                "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
+                escape(pod.meta.namespace.as_deref().unwrap_or("")),
+                escape(pod.meta.name.as_deref().unwrap_or("")),
+                escape(&pod.meta.uid)
+            );
+            [
+                ("started", pod.requests.started),
+                ("completed", pod.requests.completed),
+                ("aborted", pod.requests.aborted),
+            ]
+            .map(|(outcome, count)| (format!("{labels},outcome=\"{outcome}\""), count as f64))
+        });
+        family(
+            &mut out,
+            "podgpu_pod_requests_total",
+            "counter",
+            "Requests seen by the request probe, by outcome.",
+            samples,
+        );
+    }
     let gpu_label = |device: &crate::gpu::DeviceSample| {
         format!("gpu=\"{}\",model=\"{}\"", escape(&device.uuid), escape(&device.name))
     };
@@ -271,6 +296,10 @@ mod tests {
             },
             history,
             gpu: Default::default(),
+            requests_in_flight: 0,
+            requests: Default::default(),
+            ttft: Default::default(),
+            latency: Default::default(),
         });
         let text = render_metrics(&view);
         assert!(

@@ -4,7 +4,8 @@
 //! ceil(value / target), so the default aggregation is the SUM over the
 //! workload's pods with `target` meaning "per replica". `avg` and `max` are
 //! for metrics a user wants to treat as per-pod levels.
-use super::metric::Metric;
+use super::latency::{new_histogram, quantile_ms};
+use super::metric::{Combine, Metric};
 use super::view::NodeView;
 use crate::pods::selector::LabelSelector;
 
@@ -66,6 +67,17 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
             pod.meta.name.as_deref().unwrap_or(&pod.meta.uid)
         ));
     }
+    if let Combine::Percentile(quantile) = query.metric.combine() {
+        // Merge the distributions, then scale by the pod count: under KEDA's
+        // AverageValue, ceil(value / target) = ceil(pods * p / target), the
+        // proportional rule that fits a latency (DESIGN.md).
+        let mut merged = new_histogram();
+        for pod in &selected {
+            pod.merge_latencies(query.metric, query.window_s, &mut merged);
+        }
+        let percentile = quantile_ms(&merged, quantile.fraction()).unwrap_or(0.0);
+        return Ok(WorkloadValue { value: percentile * selected.len() as f64, pods: selected.len() });
+    }
     let values = selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s));
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
     for value in values {
@@ -102,6 +114,10 @@ mod tests {
             },
             history,
             gpu: Default::default(),
+            requests_in_flight: 0,
+            requests: Default::default(),
+            ttft: Default::default(),
+            latency: Default::default(),
         }
     }
 
@@ -129,6 +145,33 @@ mod tests {
         assert_eq!(workload_value(&view, &query(&selector, Aggregation::Avg)).unwrap().value, 200.0);
         let nobody = LabelSelector::parse("app=none").unwrap();
         assert_eq!(workload_value(&view, &query(&nobody, Aggregation::Avg)), Ok(WorkloadValue { value: 0.0, pods: 0 }));
+    }
+
+    /// Percentiles merge histograms across pods (not averages of pod
+    /// percentiles) and scale by the pod count.
+    #[test]
+    fn percentiles_merge_histograms_and_scale_by_pods() {
+        use crate::signals::latency::LatencyWindow;
+        let mut view = view();
+        view.health.requests = SourceStatus::Ok { detail: "test".into() };
+        let mut fast = LatencyWindow::new(60.0);
+        for _ in 0..90 {
+            fast.record(9.0, 10_000_000);
+        }
+        let mut slow = LatencyWindow::new(60.0);
+        for _ in 0..10 {
+            slow.record(9.0, 1_000_000_000);
+        }
+        view.pods[0].latency = fast.snapshot();
+        view.pods[1].latency = slow.snapshot();
+        let llm = LabelSelector::parse("app=llm").unwrap();
+        let mut q = query(&llm, Aggregation::Sum);
+        q.metric = Metric::LatencyMs(crate::signals::metric::Quantile::P50);
+        let value = workload_value(&view, &q).unwrap();
+        // Merged median is 10 ms (90 of 100 samples), times 2 pods. An
+        // average of the pods' medians would say 505 ms.
+        assert_eq!(value.pods, 2);
+        assert!((value.value - 20.0).abs() < 0.2, "{value:?}");
     }
 
     /// A selected pod NVML cannot measure (MPS client) makes the answer an

@@ -13,11 +13,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::history::{History, Point};
-use super::view::{Health, NodeView, PodView, SourceStatus};
+use super::latency::LatencyWindow;
+use super::view::{Health, NodeView, PodView, ReaderCounters, RequestCounts, SourceStatus};
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::PodMeta;
+use crate::probes::requests::http1::Outcome;
+use crate::probes::requests::{seed, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 use crate::probes::socket::{SocketProbe, SocketProbeStats};
 
 /// Collector schedule and inputs.
@@ -35,6 +38,22 @@ pub struct CollectorConfig {
     pub metadata: HashMap<String, PodMeta>,
     /// GPU data older than this is stale: GPU signals turn unavailable.
     pub gpu_stale_after: Duration,
+    /// procfs root, for finding connections that predate the agent.
+    pub proc_root: PathBuf,
+}
+
+/// The eBPF probes the collector drives, each with its status.
+pub struct Probes {
+    /// Socket-activity probe (absent when it could not load).
+    pub socket: Option<SocketProbe>,
+    /// Why the socket probe is or is not serving.
+    pub socket_status: SourceStatus,
+    /// Request probe (absent when it could not load).
+    pub requests: Option<RequestProbe>,
+    /// Why the request probe is or is not serving.
+    pub requests_status: SourceStatus,
+    /// Counters of the request reader task.
+    pub reader: Arc<ReaderStats>,
 }
 
 /// The state of one pod between ticks.
@@ -47,14 +66,17 @@ struct PodState {
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
+    requests: RequestCounts,
+    ttft: LatencyWindow,
+    latency: LatencyWindow,
 }
 
 /// Owns the probes and all per-pod state.
 pub struct Collector {
     config: CollectorConfig,
-    probe: Option<SocketProbe>,
-    probe_status: SourceStatus,
+    probes: Probes,
     probe_stats: SocketProbeStats,
+    request_probe_stats: RequestProbeStats,
     cgroups: HashMap<u64, PodCgroup>,
     /// Last raw kernel counters per cgroup: pods accumulate deltas, so a
     /// container restart (new cgroup, counters from zero) never shows as a
@@ -75,19 +97,13 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A collector over `probe` (absent when it could not load; `probe_status`
-    /// says why).
-    pub fn new(
-        config: CollectorConfig,
-        probe: Option<SocketProbe>,
-        probe_status: SourceStatus,
-        gpu_updates_dropped: Arc<AtomicU64>,
-    ) -> Self {
+    /// A collector over `probes`.
+    pub fn new(config: CollectorConfig, probes: Probes, gpu_updates_dropped: Arc<AtomicU64>) -> Self {
         Self {
             config,
-            probe,
-            probe_status,
+            probes,
             probe_stats: SocketProbeStats::default(),
+            request_probe_stats: RequestProbeStats::default(),
             cgroups: HashMap::new(),
             last_raw: HashMap::new(),
             pods: HashMap::new(),
@@ -107,6 +123,7 @@ impl Collector {
     pub async fn run(
         mut self,
         mut gpu_updates: mpsc::Receiver<GpuUpdate>,
+        mut requests: mpsc::Receiver<RequestEvent>,
         publish: watch::Sender<Arc<NodeView>>,
         shutdown: CancellationToken,
     ) {
@@ -120,6 +137,7 @@ impl Collector {
                     publish.send_replace(Arc::new(self.view()));
                 }
                 Some(update) = gpu_updates.recv() => self.apply_gpu(update),
+                Some(event) = requests.recv() => self.apply_request(event),
             }
         }
         tracing::debug!("collector stopped");
@@ -151,6 +169,7 @@ impl Collector {
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
+                requests_started: pod.requests.started,
             });
         }
     }
@@ -162,16 +181,36 @@ impl Collector {
         let new: Vec<u64> = found.keys().filter(|id| !self.cgroups.contains_key(id)).copied().collect();
         for id in &gone {
             self.last_raw.remove(id);
-            if let Some(probe) = self.probe.as_mut() {
+            if let Some(probe) = self.probes.socket.as_mut() {
                 if let Err(err) = probe.unwatch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup");
+                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup (socket probe)");
+                }
+            }
+            if let Some(probe) = self.probes.requests.as_mut() {
+                if let Err(err) = probe.unwatch(*id) {
+                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup (request probe)");
                 }
             }
         }
         for id in &new {
-            if let Some(probe) = self.probe.as_mut() {
+            if let Some(probe) = self.probes.socket.as_mut() {
                 if let Err(err) = probe.watch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup");
+                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup (socket probe)");
+                }
+            }
+            if let (Some(probe), Some(cgroup)) = (self.probes.requests.as_mut(), found.get(id)) {
+                if let Err(err) = probe.watch(*id) {
+                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup (request probe)");
+                }
+                // Connections accepted before we watched: follow them too.
+                let dir = self.config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
+                let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+                    .unwrap_or_default();
+                for existing in seed::existing_connections(&self.config.proc_root, &pids) {
+                    if let Err(err) = probe.track_existing(existing.tgid, existing.fd, *id) {
+                        tracing::debug!(error = %err, "tracking an existing connection");
+                    }
                 }
             }
         }
@@ -198,6 +237,9 @@ impl Collector {
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
+                        requests: RequestCounts::default(),
+                        ttft: LatencyWindow::new(self.config.retention.as_secs_f64()),
+                        latency: LatencyWindow::new(self.config.retention.as_secs_f64()),
                     },
                 );
             }
@@ -208,7 +250,10 @@ impl Collector {
     }
 
     fn read_probes(&mut self) {
-        let Some(probe) = self.probe.as_ref() else {
+        if let Some(stats) = self.probes.requests.as_ref().and_then(|probe| probe.stats().ok()) {
+            self.request_probe_stats = stats;
+        }
+        let Some(probe) = self.probes.socket.as_ref() else {
             return;
         };
         let counters = match probe.read() {
@@ -231,6 +276,24 @@ impl Collector {
             let previous = self.last_raw.insert(cgroup_id, raw).unwrap_or_default();
             pod.recv_bytes += raw.recv_bytes.saturating_sub(previous.recv_bytes);
             pod.send_bytes += raw.send_bytes.saturating_sub(previous.send_bytes);
+        }
+    }
+
+    /// Applies one request outcome from the request reader.
+    pub fn apply_request(&mut self, event: RequestEvent) {
+        let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
+        let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
+        let now_s = self.started.elapsed().as_secs_f64();
+        match event.outcome {
+            Outcome::Started { .. } => pod.requests.started += 1,
+            Outcome::Completed(timing) => {
+                pod.requests.completed += 1;
+                pod.latency.record(now_s, timing.latency_ns());
+                if let Some(ttft) = timing.ttft_ns() {
+                    pod.ttft.record(now_s, ttft);
+                }
+            }
+            Outcome::Aborted { .. } => pod.requests.aborted += 1,
         }
     }
 
@@ -275,11 +338,19 @@ impl Collector {
     }
 
     /// An immutable snapshot of the current state.
-    pub fn view(&self) -> NodeView {
+    pub fn view(&mut self) -> NodeView {
         let mut pods: Vec<PodView> = self
             .pods
-            .values()
-            .map(|pod| PodView { meta: pod.meta.clone(), history: pod.history.clone(), gpu: pod.gpu })
+            .values_mut()
+            .map(|pod| PodView {
+                meta: pod.meta.clone(),
+                history: pod.history.clone(),
+                gpu: pod.gpu,
+                requests_in_flight: pod.requests.started.saturating_sub(pod.requests.completed + pod.requests.aborted),
+                requests: pod.requests,
+                ttft: pod.ttft.snapshot(),
+                latency: pod.latency.snapshot(),
+            })
             .collect();
         pods.sort_by(|a, b| {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
@@ -289,8 +360,17 @@ impl Collector {
             pods,
             devices: self.gpu_devices.clone(),
             health: Health {
-                probes: self.probe_status.clone(),
+                probes: self.probes.socket_status.clone(),
                 gpu: self.gpu_status.clone(),
+                requests: self.probes.requests_status.clone(),
+                request_probe: self.request_probe_stats,
+                request_reader: ReaderCounters {
+                    events: self.probes.reader.events.load(Ordering::Relaxed),
+                    malformed: self.probes.reader.malformed.load(Ordering::Relaxed),
+                    dropped: self.probes.reader.dropped.load(Ordering::Relaxed),
+                    connections: self.probes.reader.connections.load(Ordering::Relaxed),
+                    http2_skipped: self.probes.reader.http2_skipped.load(Ordering::Relaxed),
+                },
                 probe_stats: self.probe_stats,
                 gpu_errors: self.gpu_errors.clone(),
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
@@ -313,8 +393,16 @@ mod tests {
             cgroup_root: root.to_path_buf(),
             metadata: HashMap::new(),
             gpu_stale_after: Duration::from_millis(200),
+            proc_root: PathBuf::from("/nonexistent"),
         };
-        Collector::new(config, None, SourceStatus::Disabled, Arc::new(AtomicU64::new(0)))
+        let probes = Probes {
+            socket: None,
+            socket_status: SourceStatus::Disabled,
+            requests: None,
+            requests_status: SourceStatus::Disabled,
+            reader: Arc::default(),
+        };
+        Collector::new(config, probes, Arc::new(AtomicU64::new(0)))
     }
 
     /// Pods appear with their cgroups and vanish with them; GPU updates set

@@ -22,6 +22,8 @@ pub struct Point {
     /// Seconds during which GPU data was valid: GPU means divide by this,
     /// so an outage inside a window is left out instead of read as idle.
     pub gpu_known_s: f64,
+    /// Requests started, cumulative.
+    pub requests_started: u64,
 }
 
 /// Points of the last `retention_s` seconds, oldest first.

@@ -1,6 +1,28 @@
-//! The per-pod metrics podgpu serves, their units and how they combine
-//! across pods.
+//! The per-pod metrics podgpu serves, their units, their source, and how
+//! they combine across pods.
 use std::fmt;
+
+/// A latency quantile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Quantile {
+    /// Median.
+    P50,
+    /// 90th percentile.
+    P90,
+    /// 99th percentile.
+    P99,
+}
+
+impl Quantile {
+    /// As a fraction.
+    pub fn fraction(self) -> f64 {
+        match self {
+            Quantile::P50 => 0.5,
+            Quantile::P90 => 0.9,
+            Quantile::P99 => 0.99,
+        }
+    }
+}
 
 /// A metric a trigger can ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -17,6 +39,14 @@ pub enum Metric {
     SocketRecvBytesRate,
     /// Bytes/s the pod's TCP sockets sent (responses leaving).
     SocketSendBytesRate,
+    /// Requests started and not yet answered or aborted (now).
+    RequestsInFlight,
+    /// Requests started per second over the window.
+    RequestRate,
+    /// Last request byte -> first response body byte, ms.
+    TtftMs(Quantile),
+    /// First request byte -> last response byte, ms.
+    LatencyMs(Quantile),
 }
 
 /// Where a metric comes from, which decides when it is unavailable.
@@ -24,18 +54,38 @@ pub enum Metric {
 pub enum MetricSource {
     /// A GPU backend (NVML or simulator).
     Gpu,
-    /// The eBPF socket probes.
+    /// The eBPF socket-activity probe.
     Probes,
+    /// The eBPF request probe.
+    Requests,
+}
+
+/// How a workload value is formed from pod values (see `aggregate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Combine {
+    /// Pod values add up (sum by default, or max/avg when asked).
+    Additive,
+    /// Percentiles of the merged histograms of all selected pods, times the
+    /// pod count, so HPA's AverageValue rule becomes the proportional one.
+    Percentile(Quantile),
 }
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 5] = [
+    pub const ALL: [Metric; 13] = [
         Metric::GpuSmUtil,
         Metric::GpuMemBwUtil,
         Metric::GpuMemUsedBytes,
         Metric::SocketRecvBytesRate,
         Metric::SocketSendBytesRate,
+        Metric::RequestsInFlight,
+        Metric::RequestRate,
+        Metric::TtftMs(Quantile::P50),
+        Metric::TtftMs(Quantile::P90),
+        Metric::TtftMs(Quantile::P99),
+        Metric::LatencyMs(Quantile::P50),
+        Metric::LatencyMs(Quantile::P90),
+        Metric::LatencyMs(Quantile::P99),
     ];
 
     /// Name used in trigger metadata, /metrics and the node API.
@@ -46,6 +96,14 @@ impl Metric {
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
             Metric::SocketRecvBytesRate => "socket_recv_bytes_rate",
             Metric::SocketSendBytesRate => "socket_send_bytes_rate",
+            Metric::RequestsInFlight => "requests_in_flight",
+            Metric::RequestRate => "request_rate",
+            Metric::TtftMs(Quantile::P50) => "ttft_ms_p50",
+            Metric::TtftMs(Quantile::P90) => "ttft_ms_p90",
+            Metric::TtftMs(Quantile::P99) => "ttft_ms_p99",
+            Metric::LatencyMs(Quantile::P50) => "latency_ms_p50",
+            Metric::LatencyMs(Quantile::P90) => "latency_ms_p90",
+            Metric::LatencyMs(Quantile::P99) => "latency_ms_p99",
         }
     }
 
@@ -59,6 +117,17 @@ impl Metric {
         match self {
             Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
             Metric::SocketRecvBytesRate | Metric::SocketSendBytesRate => MetricSource::Probes,
+            Metric::RequestsInFlight | Metric::RequestRate | Metric::TtftMs(_) | Metric::LatencyMs(_) => {
+                MetricSource::Requests
+            }
+        }
+    }
+
+    /// How pods combine into a workload value.
+    pub fn combine(self) -> Combine {
+        match self {
+            Metric::TtftMs(q) | Metric::LatencyMs(q) => Combine::Percentile(q),
+            _ => Combine::Additive,
         }
     }
 }
@@ -73,12 +142,14 @@ impl fmt::Display for Metric {
 mod tests {
     use super::*;
 
-    /// Names round-trip, so every metric is reachable from trigger metadata.
+    /// Names round-trip and are unique, so every metric is reachable from
+    /// trigger metadata.
     #[test]
     fn names_round_trip() {
         for metric in Metric::ALL {
             assert_eq!(Metric::from_name(metric.name()), Some(metric));
         }
         assert_eq!(Metric::from_name("gpu_util"), None);
+        assert_eq!(Metric::from_name("ttft_ms_p95"), None);
     }
 }

@@ -3,5 +3,6 @@
 pub mod aggregate;
 pub mod collector;
 pub mod history;
+pub mod latency;
 pub mod metric;
 pub mod view;

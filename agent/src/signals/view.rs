@@ -4,10 +4,12 @@
 use serde::Serialize;
 
 use super::history::History;
+use super::latency::{new_histogram, quantile_ms, LatencySnapshot};
 use super::metric::{Metric, MetricSource};
 use crate::gpu::poller::PodGpu;
 use crate::gpu::{DeviceSample, Sharing};
 use crate::pods::PodMeta;
+use crate::probes::requests::RequestProbeStats;
 use crate::probes::socket::SocketProbeStats;
 
 /// Health of one source.
@@ -42,6 +44,12 @@ pub struct Health {
     pub probes: SourceStatus,
     /// GPU backend.
     pub gpu: SourceStatus,
+    /// eBPF request probe.
+    pub requests: SourceStatus,
+    /// The request probe's kernel-side counters.
+    pub request_probe: RequestProbeStats,
+    /// The request reader's counters.
+    pub request_reader: ReaderCounters,
     /// Counters the probes keep about themselves.
     pub probe_stats: SocketProbeStats,
     /// GPU backend opens and polls that failed since start, by error kind.
@@ -50,6 +58,32 @@ pub struct Health {
     pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
     pub gpu_updates_dropped: u64,
+}
+
+/// What the request reader task has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReaderCounters {
+    /// Ring-buffer events decoded.
+    pub events: u64,
+    /// Malformed ring records.
+    pub malformed: u64,
+    /// Request events dropped because the collector lagged.
+    pub dropped: u64,
+    /// Connections followed now.
+    pub connections: u64,
+    /// HTTP/2 connections recognised and not decoded.
+    pub http2_skipped: u64,
+}
+
+/// Cumulative request outcomes of one pod since it was first seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RequestCounts {
+    /// Request lines seen.
+    pub started: u64,
+    /// Responses that ended.
+    pub completed: u64,
+    /// Requests given up (client gone, connection closed early).
+    pub aborted: u64,
 }
 
 /// One pod's signals.
@@ -61,9 +95,28 @@ pub struct PodView {
     pub history: History,
     /// GPU use at the latest poll.
     pub gpu: PodGpu,
+    /// Requests started and not answered or aborted.
+    pub requests_in_flight: u64,
+    /// Cumulative request counts.
+    pub requests: RequestCounts,
+    /// Time-to-first-byte distribution.
+    pub ttft: LatencySnapshot,
+    /// Request latency distribution.
+    pub latency: LatencySnapshot,
 }
 
 impl PodView {
+    /// Adds this pod's TTFT or latency distribution over the window to
+    /// `into` (other metrics add nothing).
+    pub fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut hdrhistogram::Histogram<u32>) {
+        let now_s = self.history.latest().map_or(0.0, |p| p.at_s);
+        match metric {
+            Metric::TtftMs(_) => self.ttft.merge_into(now_s, window_s, into),
+            Metric::LatencyMs(_) => self.latency.merge_into(now_s, window_s, into),
+            _ => {}
+        }
+    }
+
     /// Why this pod cannot have a value for `metric` at all (as opposed to
     /// "not yet"): NVML has no per-process SM % under MIG, and under MPS it
     /// books everything on the MPS server.
@@ -91,6 +144,13 @@ impl PodView {
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
             Metric::SocketRecvBytesRate => self.history.rate(window_s, |p| p.recv_bytes as f64),
             Metric::SocketSendBytesRate => self.history.rate(window_s, |p| p.send_bytes as f64),
+            Metric::RequestsInFlight => Some(self.requests_in_flight as f64),
+            Metric::RequestRate => self.history.rate(window_s, |p| p.requests_started as f64),
+            Metric::TtftMs(q) | Metric::LatencyMs(q) => {
+                let mut merged = new_histogram();
+                self.merge_latencies(metric, window_s, &mut merged);
+                quantile_ms(&merged, q.fraction()).or(Some(0.0))
+            }
         }
     }
 }
@@ -118,6 +178,9 @@ impl NodeView {
             health: Health {
                 probes: SourceStatus::Degraded { reason: "starting".to_string() },
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
+                requests: SourceStatus::Degraded { reason: "starting".to_string() },
+                request_probe: RequestProbeStats::default(),
+                request_reader: ReaderCounters::default(),
                 probe_stats: SocketProbeStats::default(),
                 gpu_errors: Default::default(),
                 gpu_sample_age_s: None,
@@ -131,6 +194,7 @@ impl NodeView {
         match metric.source() {
             MetricSource::Gpu => &self.health.gpu,
             MetricSource::Probes => &self.health.probes,
+            MetricSource::Requests => &self.health.requests,
         }
     }
 }

@@ -1,0 +1,217 @@
+//! The request probe (`agent-ebpf/src/requests.rs`): loads and attaches its
+//! syscall tracepoints, manages the watched cgroups and tracked connections,
+//! and runs the reader task that drains the ring buffer through the
+//! per-connection parsers.
+pub mod http1;
+pub mod seed;
+pub mod tracker;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::Ebpf;
+use podgpu_common::{IoEvent, RequestStat, WATCH_TCP};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{ensure_tracefs, ProbeError};
+pub use tracker::{RequestEvent, TrackerStats};
+
+/// (program, tracepoints it attaches to).
+const PROGRAMS: [(&str, &[&str]); 12] = [
+    ("accept4_enter", &["sys_enter_accept4"]),
+    ("accept_enter_plain", &["sys_enter_accept"]),
+    ("read_enter", &["sys_enter_read"]),
+    ("recvfrom_enter", &["sys_enter_recvfrom"]),
+    ("readv_enter", &["sys_enter_readv"]),
+    ("recvmsg_enter", &["sys_enter_recvmsg"]),
+    ("write_enter", &["sys_enter_write"]),
+    ("sendto_enter", &["sys_enter_sendto"]),
+    ("writev_enter", &["sys_enter_writev"]),
+    ("sendmsg_enter", &["sys_enter_sendmsg"]),
+    ("close_enter", &["sys_enter_close"]),
+    (
+        "syscall_exit",
+        &[
+            "sys_exit_accept4",
+            "sys_exit_accept",
+            "sys_exit_read",
+            "sys_exit_recvfrom",
+            "sys_exit_readv",
+            "sys_exit_recvmsg",
+            "sys_exit_write",
+            "sys_exit_sendto",
+            "sys_exit_writev",
+            "sys_exit_sendmsg",
+        ],
+    ),
+];
+const WATCHED: &str = "WATCHED_CGROUPS";
+const CONNECTIONS: &str = "CONNECTIONS";
+const EVENTS: &str = "EVENTS";
+const STATS: &str = "REQUEST_STATS";
+
+/// The kernel side's own counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestProbeStats {
+    /// Events written to the ring buffer.
+    pub emitted: u64,
+    /// Events lost to a full ring buffer.
+    pub ring_full_drops: u64,
+    /// Connections not tracked because the map was full.
+    pub connection_map_full: u64,
+    /// Syscalls not followed because the argument map was full.
+    pub args_map_full: u64,
+    /// Payload captures that failed.
+    pub capture_failed: u64,
+}
+
+/// Loaded and attached request probe. Dropping it detaches the programs.
+pub struct RequestProbe {
+    ebpf: Ebpf,
+}
+
+impl RequestProbe {
+    /// Loads the embedded object and attaches every tracepoint.
+    pub fn load() -> Result<Self, ProbeError> {
+        ensure_tracefs()?;
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
+        for (name, tracepoints) in PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| ProbeError::Program { name, source })?;
+            program.load().map_err(|source| ProbeError::Program { name, source })?;
+            for tracepoint in tracepoints {
+                program.attach("syscalls", tracepoint).map_err(|source| ProbeError::Program { name, source })?;
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Starts tracking connections accepted in `cgroup_id`.
+    pub fn watch(&mut self, cgroup_id: u64) -> Result<(), ProbeError> {
+        let map = self.ebpf.map_mut(WATCHED).ok_or(ProbeError::MissingMap(WATCHED))?;
+        let mut watched: HashMap<_, u64, u32> =
+            HashMap::try_from(map).map_err(|source| ProbeError::Map { name: WATCHED, source })?;
+        watched.insert(cgroup_id, WATCH_TCP, 0).map_err(|source| ProbeError::Map { name: WATCHED, source })
+    }
+
+    /// Stops tracking new connections of `cgroup_id`.
+    pub fn unwatch(&mut self, cgroup_id: u64) -> Result<(), ProbeError> {
+        let map = self.ebpf.map_mut(WATCHED).ok_or(ProbeError::MissingMap(WATCHED))?;
+        let mut watched: HashMap<_, u64, u32> =
+            HashMap::try_from(map).map_err(|source| ProbeError::Map { name: WATCHED, source })?;
+        let _ = watched.remove(&cgroup_id);
+        Ok(())
+    }
+
+    /// Tracks an already-established connection (accepted before the agent
+    /// started); its parser joins at the next request line.
+    pub fn track_existing(&mut self, tgid: u32, fd: u32, cgroup_id: u64) -> Result<(), ProbeError> {
+        let map = self.ebpf.map_mut(CONNECTIONS).ok_or(ProbeError::MissingMap(CONNECTIONS))?;
+        // aya's HashMap handle also serves LRU hash maps.
+        let mut connections: HashMap<_, u64, u64> =
+            HashMap::try_from(map).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })?;
+        let key = u64::from(tgid) << 32 | u64::from(fd);
+        connections.insert(key, cgroup_id, 0).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })
+    }
+
+    /// The ring buffer, handed to the reader task (once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map(EVENTS).ok_or(ProbeError::MissingMap(EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: EVENTS, source })
+    }
+
+    /// The kernel side's counters.
+    pub fn stats(&self) -> Result<RequestProbeStats, ProbeError> {
+        let map = self.ebpf.map(STATS).ok_or(ProbeError::MissingMap(STATS))?;
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name: STATS, source })?;
+        let sum = |stat: RequestStat| -> Result<u64, ProbeError> {
+            let values = stats.get(&(stat as u32), 0).map_err(|source| ProbeError::Map { name: STATS, source })?;
+            Ok(values.iter().sum())
+        };
+        Ok(RequestProbeStats {
+            emitted: sum(RequestStat::Emitted)?,
+            ring_full_drops: sum(RequestStat::RingFull)?,
+            connection_map_full: sum(RequestStat::ConnectionMapFull)?,
+            args_map_full: sum(RequestStat::ArgsMapFull)?,
+            capture_failed: sum(RequestStat::CaptureFailed)?,
+        })
+    }
+}
+
+/// What the reader task has done, shared with the collector.
+#[derive(Debug, Default)]
+pub struct ReaderStats {
+    /// Events decoded from the ring buffer.
+    pub events: AtomicU64,
+    /// Malformed ring records (wrong size).
+    pub malformed: AtomicU64,
+    /// Request events dropped because the collector lagged.
+    pub dropped: AtomicU64,
+    /// Connections currently followed.
+    pub connections: AtomicU64,
+    /// HTTP/2 connections recognised and not decoded.
+    pub http2_skipped: AtomicU64,
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Drains the ring buffer whenever it has data, until `shutdown`.
+pub async fn run_reader(
+    ring: RingBuf<MapData>,
+    events: mpsc::Sender<RequestEvent>,
+    stats: Arc<ReaderStats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // SAFETY: the ring buffer owns its fd and keeps it open, unchanged,
+    // for as long as the AsyncFd that owns the ring buffer lives.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|err| std::io::Error::other(err.to_string()))?;
+    let mut tracker = tracker::Tracker::default();
+    let mut outcomes = Vec::new();
+    let mut gc = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = gc.tick() => tracker.collect_idle(monotonic_ns(), &mut outcomes),
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let buffer = guard.get_inner_mut();
+                while let Some(item) = buffer.next() {
+                    if item.len() < std::mem::size_of::<IoEvent>() {
+                        stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // SAFETY: the record holds an IoEvent written by the
+                    // kernel side (same struct, checked size); read unaligned.
+                    let event: IoEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    tracker.observe(&event, &mut outcomes);
+                }
+                guard.clear_ready();
+            }
+        }
+        for event in outcomes.drain(..) {
+            if events.try_send(event).is_err() {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let tracker_stats = tracker.stats();
+        stats.connections.store(tracker.len() as u64, Ordering::Relaxed);
+        stats.http2_skipped.store(tracker_stats.http2_connections_skipped, Ordering::Relaxed);
+    }
+}

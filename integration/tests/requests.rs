@@ -1,0 +1,202 @@
+//! The request probe against real HTTP/1.1 servers on loopback, each in its
+//! own cgroup pod, compared with what the client measured (as root, real
+//! eBPF): in-flight, exact counts, TTFT and latency percentiles, no leaks
+//! between pods, aborts.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use integration::http::{get, Client, Measured, StreamSpec};
+use integration::keda::{scaled_object, KedaClient};
+use integration::scene::{GpuSetup, Scene, TenantSpec};
+
+fn require_root() {
+    // SAFETY: no arguments, no side effects.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
+    );
+}
+
+fn start(test: &str, tenants: &[&str]) -> Scene {
+    let ns = format!("{test}-{}", std::process::id());
+    let specs: Vec<TenantSpec> = tenants.iter().map(|name| TenantSpec::new(name, name)).collect();
+    let args = ["--tick-ms", "100"].map(String::from);
+    Scene::start(&ns, &specs, GpuSetup::Arg("none".into()), &args).expect("scene starts")
+}
+
+/// The pod's request counters as the agent reports them on /pods.
+async fn counts(http: SocketAddr, pod: &str) -> (u64, u64, u64) {
+    let reply = get(http, "/pods").await.expect("GET /pods");
+    let view: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let row = view["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).expect("pod listed").clone();
+    let n = |k: &str| row["requests"][k].as_u64().unwrap();
+    (n("started"), n("completed"), n("aborted"))
+}
+
+async fn metric(keda: &mut KedaClient, scene: &Scene, app: &str, metric: &str, window: &str) -> f64 {
+    let selector = format!("app={app}");
+    let trigger = scaled_object(
+        &scene.namespace,
+        app,
+        &[("metric", metric), ("target", "1"), ("podSelector", &selector), ("window", window)],
+    );
+    keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{metric}: {e}")).value
+}
+
+fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    // Same rank rule as HDR histograms: the smallest value with >= q of samples at or below.
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+fn close_enough(probe_ms: f64, client_ms: f64) -> bool {
+    (probe_ms - client_ms).abs() <= (0.05 * client_ms).max(1.0)
+}
+
+/// While N streams are held open before their first byte, in-flight is
+/// exactly N; afterwards it is 0 and the counts are exact; the other pod
+/// saw nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_flight_and_exact_counts_without_leaks() {
+    require_root();
+    let scene = start("inflight", &["busy", "quiet"]);
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    let addr = scene.tenant("busy").addr;
+    let held = StreamSpec { first_ms: 2500, chunks: 2, chunk_ms: 10 };
+    let concurrency = 8;
+    let mut streams = Vec::new();
+    for _ in 0..concurrency {
+        streams.push(tokio::spawn(
+            async move { Client::connect(addr).await.unwrap().stream(&held.path()).await.unwrap() },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(metric(&mut keda, &scene, "busy", "requests_in_flight", "10s").await, concurrency as f64);
+    for stream in streams {
+        stream.await.unwrap();
+    }
+    // Plus keep-alive requests on one connection.
+    let mut client = Client::connect(addr).await.unwrap();
+    for _ in 0..50 {
+        assert_eq!(client.request("/", b"hello").await.unwrap().status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(metric(&mut keda, &scene, "busy", "requests_in_flight", "10s").await, 0.0);
+    assert_eq!(counts(scene.agent.http, "busy").await, (58, 58, 0));
+    assert_eq!(counts(scene.agent.http, "quiet").await, (0, 0, 0));
+    assert_eq!(metric(&mut keda, &scene, "quiet", "request_rate", "10s").await, 0.0);
+    assert!(metric(&mut keda, &scene, "busy", "request_rate", "10s").await > 0.0);
+}
+
+/// TTFT and latency percentiles from the probe match the client's own
+/// measurements within 5% (or 1 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ttft_and_latency_match_the_client() {
+    require_root();
+    let scene = start("ttft", &["llm"]);
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    let addr = scene.tenant("llm").addr;
+    let mut measured: Vec<Measured> = Vec::new();
+    // 4 connections x 10 requests, first-token delays 20..200 ms, 5 tokens 10 ms apart.
+    let mut tasks = Vec::new();
+    for connection in 0..4u64 {
+        tasks.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await.unwrap();
+            let mut out = Vec::new();
+            for i in 0..10u64 {
+                let spec = StreamSpec { first_ms: 20 + (i * 4 + connection) * 5, chunks: 5, chunk_ms: 10 };
+                out.push(client.stream(&spec.path()).await.unwrap());
+            }
+            out
+        }));
+    }
+    for task in tasks {
+        measured.extend(task.await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(counts(scene.agent.http, "llm").await, (40, 40, 0));
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        let client_ttft = percentile(measured.iter().map(|m| m.ttft.as_secs_f64() * 1e3).collect(), q);
+        let client_latency = percentile(measured.iter().map(|m| m.latency.as_secs_f64() * 1e3).collect(), q);
+        let probe_ttft = metric(&mut keda, &scene, "llm", &format!("ttft_ms_{name}"), "60s").await;
+        let probe_latency = metric(&mut keda, &scene, "llm", &format!("latency_ms_{name}"), "60s").await;
+        eprintln!("{name}: ttft probe {probe_ttft:.2} ms vs client {client_ttft:.2} ms; latency probe {probe_latency:.2} vs client {client_latency:.2}");
+        assert!(close_enough(probe_ttft, client_ttft), "{name} TTFT: probe {probe_ttft} ms, client {client_ttft} ms");
+        assert!(
+            close_enough(probe_latency, client_latency),
+            "{name} latency: probe {probe_latency} ms, client {client_latency} ms"
+        );
+    }
+}
+
+/// A client that gives up mid-stream is counted as aborted, not left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abandoned_stream_is_aborted() {
+    require_root();
+    let scene = start("abort", &["llm"]);
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    let addr = scene.tenant("llm").addr;
+    let long = StreamSpec { first_ms: 50, chunks: 200, chunk_ms: 20 };
+    Client::connect(addr).await.unwrap().abandon_stream(&long.path()).await.unwrap();
+    // The server notices on its next writes (EPIPE/ECONNRESET) and closes.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(counts(scene.agent.http, "llm").await, (1, 0, 1));
+    assert_eq!(metric(&mut keda, &scene, "llm", "requests_in_flight", "10s").await, 0.0);
+}
+
+/// Malformed traffic (random bytes, a request line split across writes,
+/// pipelined requests) and 2,000 idle connections leave no wedged state:
+/// a following request is still measured, and idle connections cost no events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_traffic_and_idle_connections() {
+    require_root();
+    let scene = start("badtraffic", &["edge"]);
+    let addr = scene.tenant("edge").addr;
+
+    let mut garbage = Client::connect(addr).await.unwrap();
+    garbage.send_raw(&[0x16, 0x03, 0x01, 0xff, 0x00, 0x42, 0x13, 0x37]).await.unwrap();
+    drop(garbage);
+
+    let mut split = Client::connect(addr).await.unwrap();
+    split.send_raw(b"GE").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    split.send_raw(b"T / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(split.request("/", b"").await.map(|r| r.status).ok(), None.or(Some(200)));
+
+    let mut pipelined = Client::connect(addr).await.unwrap();
+    pipelined.send_raw(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    drop(pipelined);
+
+    // Let the collector publish the counters of the traffic above first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = get(scene.agent.http, "/healthz").await.unwrap();
+    let before: serde_json::Value = serde_json::from_slice(&before.body).unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = get(scene.agent.http, "/healthz").await.unwrap();
+    let during: serde_json::Value = serde_json::from_slice(&during.body).unwrap();
+    drop(idle);
+
+    let mut client = Client::connect(addr).await.unwrap();
+    let measured = client.stream(&StreamSpec { first_ms: 30, chunks: 2, chunk_ms: 5 }.path()).await.unwrap();
+    assert!(measured.ttft >= Duration::from_millis(30));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (started, completed, aborted) = counts(scene.agent.http, "edge").await;
+    eprintln!("after bad traffic: started {started}, completed {completed}, aborted {aborted}");
+    // The split request (1), the pipelined pair (2) and the final stream (1)
+    // are the only requests; the garbage connection opened none.
+    assert_eq!(started, 4, "({started}, {completed}, {aborted})");
+    assert_eq!(started, completed + aborted);
+    let events = |v: &serde_json::Value| v["request_probe"]["emitted"].as_u64().unwrap();
+    // Idle connections produce one accept event each and nothing else.
+    let idle_events = events(&during) - events(&before);
+    eprintln!("2000 idle connections: {idle_events} probe events");
+    assert!(idle_events <= 2000 + 10, "idle connections cost {idle_events} events");
+    assert_eq!(during["request_probe"]["ring_full_drops"], 0);
+}
