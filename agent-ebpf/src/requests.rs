@@ -35,8 +35,9 @@ static WATCHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHE
 static CONNECTIONS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
 /// Arguments of an in-progress syscall, per thread, from entry to exit.
+/// A plain hash (LRU inserts cost more); entries are removed at exit.
 #[map]
-static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
 
 /// Events for user space.
 #[map]
@@ -74,6 +75,11 @@ const RET: usize = 16;
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
 const EAGAIN: i64 = 11;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Pending bytes in the ring that trigger a wakeup of the reader.
+const WAKEUP_BYTES: u64 = 64 * 1024;
 /// iovecs inspected when looking for the last byte of a vectored call.
 const MAX_SEGMENTS_WALKED: u64 = 8;
 
@@ -252,7 +258,10 @@ fn emit(connection: u64, cgroup_id: u64, kind: u32, bytes: i64, io: Option<&Pend
             capture(event, io, bytes as u64);
         }
     }
-    entry.submit(0);
+    // Waking the reader per event costs more than the event: wake it only
+    // when a batch is waiting; it also drains on a short timer.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(flags);
     bump(RequestStat::Emitted);
     Ok(())
 }

@@ -4,13 +4,14 @@
 //! Data flows from sources through signals to serving:
 //!
 //! ```text
-//!  probes/ (eBPF socket counters per cgroup) --+
+//!  probes/ (eBPF request probe, parsers) -----+
 //!  gpu/    (NVML or simulator, own thread) ----+--> signals/collector --> NodeView --+--> serve/keda  (ExternalScaler gRPC)
 //!  pods/   (cgroup tree, pid -> pod, metadata) +    (one task owns       (watch     +--> serve/http  (/healthz /pods /metrics)
 //!                                                    all pod state)       channel)
 //! ```
 //!
-//! - `probes`: loads and attaches the programs of `agent-ebpf`, reads maps.
+//! - `probes`: loads and attaches the programs of `agent-ebpf`, drains their
+//!   ring buffer, and decodes requests (HTTP/1.1) per connection.
 //! - `gpu`: the `GpuBackend` trait, NVML and simulated backends, the poller.
 //! - `pods`: cgroup path parsing, the cgroup v2 tree, label selectors,
 //!   static pod metadata.
@@ -91,8 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         }
     };
 
-    let (socket, socket_status) = load_probe("socket", probes::socket::SocketProbe::load(), config.require_ebpf)?;
-    let (mut requests, requests_status) =
+    let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
@@ -123,7 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         gpu_tx,
         gpu_dropped.clone(),
     );
-    // Bounded: a stalled collector drops request events (counted).
+    // Bounded: a stalled collector drops probe updates (counted).
     let (request_tx, request_rx) = mpsc::channel(65_536);
     let reader_stats = Arc::new(probes::requests::ReaderStats::default());
     let collector = Collector::new(
@@ -137,7 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
             proc_root: config.proc_root.clone(),
         },
-        Probes { socket, socket_status, requests, requests_status, reader: reader_stats.clone() },
+        Probes { requests, status: probe_status, reader: reader_stats.clone() },
         gpu_dropped,
     );
 

@@ -21,6 +21,8 @@ pub struct ServerBehaviour {
 pub async fn serve(listener: TcpListener, behaviour: ServerBehaviour) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
+        // Small responses must not wait for delayed ACKs (Nagle).
+        stream.set_nodelay(true)?;
         tokio::spawn(async move {
             let _ = serve_connection(stream, behaviour).await;
         });
@@ -84,9 +86,11 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
         if !behaviour.delay.is_zero() {
             tokio::time::sleep(behaviour.delay).await;
         }
-        let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len());
-        write.write_all(response.as_bytes()).await?;
-        write.write_all(&body).await?;
+        let mut response =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len())
+                .into_bytes();
+        response.extend_from_slice(&body);
+        write.write_all(&response).await?;
     }
 }
 

@@ -1,5 +1,6 @@
 //! podgpu's developer commands, run with `cargo xtask <command>` (aya's
 //! convention). One module per command.
+mod bench_probes;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -15,10 +16,13 @@ struct Cli {
 enum Command {
     /// Two tenant pods, the agent with real probes, a live view, KEDA's answers.
     Demo(demo::Options),
+    /// What the eBPF probes cost a busy HTTP server (wrk, with vs without).
+    BenchProbes(bench_probes::Options),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(options) => demo::run(options),
+        Command::BenchProbes(options) => bench_probes::run(options),
     }
 }

@@ -1,7 +1,6 @@
 //! eBPF probes: loading the programs built from `agent-ebpf`, attaching
 //! them, and reading their maps. One module per program set.
 pub mod requests;
-pub mod socket;
 
 use std::io;
 use std::path::Path;
@@ -45,6 +44,32 @@ pub enum ProbeError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The kernel's own accounting of one eBPF program (counts only while
+/// `kernel.bpf_stats_enabled=1`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BpfProgramStats {
+    /// Program name.
+    pub name: String,
+    /// Total time spent running it, ns.
+    pub run_time_ns: u64,
+    /// Times it ran.
+    pub run_count: u64,
+}
+
+/// Run-time statistics of every program of a loaded object.
+pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(BpfProgramStats {
+                name: name.to_string(),
+                run_time_ns: info.run_time().as_nanos() as u64,
+                run_count: info.run_count(),
+            })
+        })
+        .collect()
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -143,7 +143,7 @@ pub fn render_metrics(view: &NodeView) -> String {
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
 
-    if view.health.requests.is_ok() {
+    if view.health.probes.is_ok() {
         let samples = view.pods.iter().flat_map(|pod| {
             let labels = format!(
                 "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
@@ -229,18 +229,6 @@ pub fn render_metrics(view: &NodeView) -> String {
     };
     counter(
         &mut out,
-        "podgpu_agent_probe_events_total",
-        "Socket events counted by the probes.",
-        health.probe_stats.counted,
-    );
-    counter(
-        &mut out,
-        "podgpu_agent_probe_map_full_drops_total",
-        "Socket events lost to a full probe map.",
-        health.probe_stats.map_full_drops,
-    );
-    counter(
-        &mut out,
         "podgpu_agent_gpu_updates_dropped_total",
         "GPU updates dropped because the collector lagged.",
         health.gpu_updates_dropped,
@@ -261,6 +249,64 @@ pub fn render_metrics(view: &NodeView) -> String {
             [(String::new(), age)],
         );
     }
+    let probe = &health.request_probe;
+    counter(
+        &mut out,
+        "podgpu_agent_request_events_total",
+        "Request-probe events written to the ring buffer.",
+        probe.emitted,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_request_ring_drops_total",
+        "Request-probe events lost to a full ring buffer.",
+        probe.ring_full_drops,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_request_connection_map_full_total",
+        "Connections not tracked: map full.",
+        probe.connection_map_full,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_request_capture_failures_total",
+        "Payload captures that failed.",
+        probe.capture_failed,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_request_events_dropped_total",
+        "Request events dropped: collector lagged.",
+        health.request_reader.dropped,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_http2_connections_skipped_total",
+        "HTTP/2 connections seen and not decoded.",
+        health.request_reader.http2_skipped,
+    );
+    family(
+        &mut out,
+        "podgpu_agent_tracked_connections",
+        "gauge",
+        "Server connections followed now.",
+        [(String::new(), health.request_reader.connections as f64)],
+    );
+    family(
+        &mut out,
+        "podgpu_agent_bpf_run_seconds_total",
+        "counter",
+        "Kernel time spent in each eBPF program (needs kernel.bpf_stats_enabled=1).",
+        health.bpf_programs.iter().map(|p| (format!("program=\"{}\"", escape(&p.name)), p.run_time_ns as f64 / 1e9)),
+    );
+    family(
+        &mut out,
+        "podgpu_agent_bpf_runs_total",
+        "counter",
+        "Runs of each eBPF program (needs kernel.bpf_stats_enabled=1).",
+        health.bpf_programs.iter().map(|p| (format!("program=\"{}\"", escape(&p.name)), p.run_count as f64)),
+    );
     family(
         &mut out,
         "podgpu_agent_tracked_pods",

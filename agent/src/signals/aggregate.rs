@@ -153,7 +153,7 @@ mod tests {
     fn percentiles_merge_histograms_and_scale_by_pods() {
         use crate::signals::latency::LatencyWindow;
         let mut view = view();
-        view.health.requests = SourceStatus::Ok { detail: "test".into() };
+        view.health.probes = SourceStatus::Ok { detail: "test".into() };
         let mut fast = LatencyWindow::new(60.0);
         for _ in 0..90 {
             fast.record(9.0, 10_000_000);

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podgpu_common::SocketCounters;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -20,8 +19,7 @@ use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::PodMeta;
 use crate::probes::requests::http1::Outcome;
-use crate::probes::requests::{seed, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
-use crate::probes::socket::{SocketProbe, SocketProbeStats};
+use crate::probes::requests::{seed, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
 /// Collector schedule and inputs.
 #[derive(Clone, Debug)]
@@ -42,17 +40,13 @@ pub struct CollectorConfig {
     pub proc_root: PathBuf,
 }
 
-/// The eBPF probes the collector drives, each with its status.
+/// The eBPF request probe the collector drives, and its status.
 pub struct Probes {
-    /// Socket-activity probe (absent when it could not load).
-    pub socket: Option<SocketProbe>,
-    /// Why the socket probe is or is not serving.
-    pub socket_status: SourceStatus,
-    /// Request probe (absent when it could not load).
+    /// The probe (absent when it could not load).
     pub requests: Option<RequestProbe>,
-    /// Why the request probe is or is not serving.
-    pub requests_status: SourceStatus,
-    /// Counters of the request reader task.
+    /// Why it is or is not serving.
+    pub status: SourceStatus,
+    /// Counters of its reader task.
     pub reader: Arc<ReaderStats>,
 }
 
@@ -75,13 +69,9 @@ struct PodState {
 pub struct Collector {
     config: CollectorConfig,
     probes: Probes,
-    probe_stats: SocketProbeStats,
     request_probe_stats: RequestProbeStats,
+    bpf_programs: Vec<crate::probes::BpfProgramStats>,
     cgroups: HashMap<u64, PodCgroup>,
-    /// Last raw kernel counters per cgroup: pods accumulate deltas, so a
-    /// container restart (new cgroup, counters from zero) never shows as a
-    /// negative rate.
-    last_raw: HashMap<u64, SocketCounters>,
     pods: HashMap<String, PodState>,
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
@@ -102,10 +92,9 @@ impl Collector {
         Self {
             config,
             probes,
-            probe_stats: SocketProbeStats::default(),
             request_probe_stats: RequestProbeStats::default(),
+            bpf_programs: Vec::new(),
             cgroups: HashMap::new(),
-            last_raw: HashMap::new(),
             pods: HashMap::new(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
@@ -123,7 +112,7 @@ impl Collector {
     pub async fn run(
         mut self,
         mut gpu_updates: mpsc::Receiver<GpuUpdate>,
-        mut requests: mpsc::Receiver<RequestEvent>,
+        mut probe_updates: mpsc::Receiver<ProbeUpdate>,
         publish: watch::Sender<Arc<NodeView>>,
         shutdown: CancellationToken,
     ) {
@@ -137,7 +126,7 @@ impl Collector {
                     publish.send_replace(Arc::new(self.view()));
                 }
                 Some(update) = gpu_updates.recv() => self.apply_gpu(update),
-                Some(event) = requests.recv() => self.apply_request(event),
+                Some(update) = probe_updates.recv() => self.apply_probe(update),
             }
         }
         tracing::debug!("collector stopped");
@@ -180,27 +169,16 @@ impl Collector {
         let gone: Vec<u64> = self.cgroups.keys().filter(|id| !found.contains_key(id)).copied().collect();
         let new: Vec<u64> = found.keys().filter(|id| !self.cgroups.contains_key(id)).copied().collect();
         for id in &gone {
-            self.last_raw.remove(id);
-            if let Some(probe) = self.probes.socket.as_mut() {
-                if let Err(err) = probe.unwatch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup (socket probe)");
-                }
-            }
             if let Some(probe) = self.probes.requests.as_mut() {
                 if let Err(err) = probe.unwatch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup (request probe)");
+                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup");
                 }
             }
         }
         for id in &new {
-            if let Some(probe) = self.probes.socket.as_mut() {
-                if let Err(err) = probe.watch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup (socket probe)");
-                }
-            }
             if let (Some(probe), Some(cgroup)) = (self.probes.requests.as_mut(), found.get(id)) {
                 if let Err(err) = probe.watch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup (request probe)");
+                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup");
                 }
                 // Connections accepted before we watched: follow them too.
                 let dir = self.config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
@@ -253,34 +231,23 @@ impl Collector {
         if let Some(stats) = self.probes.requests.as_ref().and_then(|probe| probe.stats().ok()) {
             self.request_probe_stats = stats;
         }
-        let Some(probe) = self.probes.socket.as_ref() else {
-            return;
-        };
-        let counters = match probe.read() {
-            Ok(counters) => counters,
-            Err(err) => {
-                tracing::warn!(error = %err, "reading socket counters");
-                return;
+        self.bpf_programs = self.probes.requests.as_ref().map(|probe| probe.program_stats()).unwrap_or_default();
+    }
+
+    /// Applies one update from the request reader.
+    pub fn apply_probe(&mut self, update: ProbeUpdate) {
+        match update {
+            ProbeUpdate::Request(event) => self.apply_request(event),
+            ProbeUpdate::Bytes { cgroup_id, received, sent } => {
+                let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
+                let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
+                pod.recv_bytes += received;
+                pod.send_bytes += sent;
             }
-        };
-        if let Ok(stats) = probe.stats() {
-            self.probe_stats = stats;
-        }
-        for (cgroup_id, raw) in counters {
-            let Some(cgroup) = self.cgroups.get(&cgroup_id) else {
-                continue;
-            };
-            let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else {
-                continue;
-            };
-            let previous = self.last_raw.insert(cgroup_id, raw).unwrap_or_default();
-            pod.recv_bytes += raw.recv_bytes.saturating_sub(previous.recv_bytes);
-            pod.send_bytes += raw.send_bytes.saturating_sub(previous.send_bytes);
         }
     }
 
-    /// Applies one request outcome from the request reader.
-    pub fn apply_request(&mut self, event: RequestEvent) {
+    fn apply_request(&mut self, event: RequestEvent) {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
@@ -360,10 +327,10 @@ impl Collector {
             pods,
             devices: self.gpu_devices.clone(),
             health: Health {
-                probes: self.probes.socket_status.clone(),
+                probes: self.probes.status.clone(),
                 gpu: self.gpu_status.clone(),
-                requests: self.probes.requests_status.clone(),
                 request_probe: self.request_probe_stats,
+                bpf_programs: self.bpf_programs.clone(),
                 request_reader: ReaderCounters {
                     events: self.probes.reader.events.load(Ordering::Relaxed),
                     malformed: self.probes.reader.malformed.load(Ordering::Relaxed),
@@ -371,7 +338,6 @@ impl Collector {
                     connections: self.probes.reader.connections.load(Ordering::Relaxed),
                     http2_skipped: self.probes.reader.http2_skipped.load(Ordering::Relaxed),
                 },
-                probe_stats: self.probe_stats,
                 gpu_errors: self.gpu_errors.clone(),
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
                 gpu_updates_dropped: self.gpu_updates_dropped.load(Ordering::Relaxed),
@@ -395,13 +361,7 @@ mod tests {
             gpu_stale_after: Duration::from_millis(200),
             proc_root: PathBuf::from("/nonexistent"),
         };
-        let probes = Probes {
-            socket: None,
-            socket_status: SourceStatus::Disabled,
-            requests: None,
-            requests_status: SourceStatus::Disabled,
-            reader: Arc::default(),
-        };
+        let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
         Collector::new(config, probes, Arc::new(AtomicU64::new(0)))
     }
 

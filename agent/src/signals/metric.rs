@@ -35,9 +35,9 @@ pub enum Metric {
     GpuMemBwUtil,
     /// Framebuffer bytes held by the pod's processes (latest poll).
     GpuMemUsedBytes,
-    /// Bytes/s the pod's TCP sockets received (requests arriving).
+    /// Bytes/s the pod's server connections received (requests arriving).
     SocketRecvBytesRate,
-    /// Bytes/s the pod's TCP sockets sent (responses leaving).
+    /// Bytes/s the pod's server connections sent (responses leaving).
     SocketSendBytesRate,
     /// Requests started and not yet answered or aborted (now).
     RequestsInFlight,
@@ -54,10 +54,8 @@ pub enum Metric {
 pub enum MetricSource {
     /// A GPU backend (NVML or simulator).
     Gpu,
-    /// The eBPF socket-activity probe.
+    /// The eBPF request probe (socket bytes and requests).
     Probes,
-    /// The eBPF request probe.
-    Requests,
 }
 
 /// How a workload value is formed from pod values (see `aggregate`).
@@ -116,10 +114,12 @@ impl Metric {
     pub fn source(self) -> MetricSource {
         match self {
             Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
-            Metric::SocketRecvBytesRate | Metric::SocketSendBytesRate => MetricSource::Probes,
-            Metric::RequestsInFlight | Metric::RequestRate | Metric::TtftMs(_) | Metric::LatencyMs(_) => {
-                MetricSource::Requests
-            }
+            Metric::SocketRecvBytesRate
+            | Metric::SocketSendBytesRate
+            | Metric::RequestsInFlight
+            | Metric::RequestRate
+            | Metric::TtftMs(_)
+            | Metric::LatencyMs(_) => MetricSource::Probes,
         }
     }
 

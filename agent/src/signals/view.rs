@@ -10,7 +10,6 @@ use crate::gpu::poller::PodGpu;
 use crate::gpu::{DeviceSample, Sharing};
 use crate::pods::PodMeta;
 use crate::probes::requests::RequestProbeStats;
-use crate::probes::socket::SocketProbeStats;
 
 /// Health of one source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -40,18 +39,16 @@ impl SourceStatus {
 /// Health of the agent's sources.
 #[derive(Clone, Debug, Serialize)]
 pub struct Health {
-    /// eBPF probes.
+    /// eBPF request probe (socket and request signals).
     pub probes: SourceStatus,
     /// GPU backend.
     pub gpu: SourceStatus,
-    /// eBPF request probe.
-    pub requests: SourceStatus,
     /// The request probe's kernel-side counters.
     pub request_probe: RequestProbeStats,
     /// The request reader's counters.
     pub request_reader: ReaderCounters,
-    /// Counters the probes keep about themselves.
-    pub probe_stats: SocketProbeStats,
+    /// Kernel run-time statistics of every loaded eBPF program.
+    pub bpf_programs: Vec<crate::probes::BpfProgramStats>,
     /// GPU backend opens and polls that failed since start, by error kind.
     pub gpu_errors: std::collections::BTreeMap<&'static str, u64>,
     /// Seconds since the last successful GPU poll (`None` before the first).
@@ -178,10 +175,9 @@ impl NodeView {
             health: Health {
                 probes: SourceStatus::Degraded { reason: "starting".to_string() },
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
-                requests: SourceStatus::Degraded { reason: "starting".to_string() },
                 request_probe: RequestProbeStats::default(),
                 request_reader: ReaderCounters::default(),
-                probe_stats: SocketProbeStats::default(),
+                bpf_programs: Vec::new(),
                 gpu_errors: Default::default(),
                 gpu_sample_age_s: None,
                 gpu_updates_dropped: 0,
@@ -194,7 +190,6 @@ impl NodeView {
         match metric.source() {
             MetricSource::Gpu => &self.health.gpu,
             MetricSource::Probes => &self.health.probes,
-            MetricSource::Requests => &self.health.requests,
         }
     }
 }

@@ -21,6 +21,22 @@ use tokio_util::sync::CancellationToken;
 use super::{ensure_tracefs, ProbeError};
 pub use tracker::{RequestEvent, TrackerStats};
 
+/// What the reader hands the collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeUpdate {
+    /// A request started, completed or was aborted.
+    Request(RequestEvent),
+    /// Bytes moved on a cgroup's tracked connections since the last update.
+    Bytes {
+        /// cgroup v2 id.
+        cgroup_id: u64,
+        /// Bytes the server read (requests arriving).
+        received: u64,
+        /// Bytes the server wrote (responses leaving).
+        sent: u64,
+    },
+}
+
 /// (program, tracepoints it attaches to).
 const PROGRAMS: [(&str, &[&str]); 12] = [
     ("accept4_enter", &["sys_enter_accept4"]),
@@ -128,6 +144,11 @@ impl RequestProbe {
         RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: EVENTS, source })
     }
 
+    /// Kernel run-time statistics of this probe's programs.
+    pub fn program_stats(&self) -> Vec<crate::probes::BpfProgramStats> {
+        crate::probes::program_stats(&self.ebpf)
+    }
+
     /// The kernel side's counters.
     pub fn stats(&self) -> Result<RequestProbeStats, ProbeError> {
         let map = self.ebpf.map(STATS).ok_or(ProbeError::MissingMap(STATS))?;
@@ -170,10 +191,44 @@ pub fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
+/// Longest time an event waits in the ring before the reader looks.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Bytes (received, sent) per cgroup since the last flush.
+type ByteCounts = std::collections::HashMap<u64, (u64, u64)>;
+
+fn drain_ring(
+    ring: &mut RingBuf<MapData>,
+    tracker: &mut tracker::Tracker,
+    stats: &ReaderStats,
+    outcomes: &mut Vec<RequestEvent>,
+    bytes: &mut ByteCounts,
+) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<IoEvent>() {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        // SAFETY: the record holds an IoEvent written by the kernel side
+        // (same struct, checked size); read unaligned.
+        let event: IoEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        stats.events.fetch_add(1, Ordering::Relaxed);
+        if event.bytes > 0 {
+            let counts = bytes.entry(event.cgroup_id).or_default();
+            match event.kind {
+                k if k == podgpu_common::IoKind::Read as u32 => counts.0 += event.bytes as u64,
+                k if k == podgpu_common::IoKind::Write as u32 => counts.1 += event.bytes as u64,
+                _ => {}
+            }
+        }
+        tracker.observe(&event, outcomes);
+    }
+}
+
 /// Drains the ring buffer whenever it has data, until `shutdown`.
 pub async fn run_reader(
     ring: RingBuf<MapData>,
-    events: mpsc::Sender<RequestEvent>,
+    updates: mpsc::Sender<ProbeUpdate>,
     stats: Arc<ReaderStats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -183,30 +238,27 @@ pub async fn run_reader(
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let mut tracker = tracker::Tracker::default();
     let mut outcomes = Vec::new();
+    let mut bytes = ByteCounts::new();
     let mut gc = tokio::time::interval(Duration::from_secs(30));
+    // The kernel wakes us only for batches (64 KiB); the timer bounds how
+    // stale a quiet connection's events can get.
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = gc.tick() => tracker.collect_idle(monotonic_ns(), &mut outcomes),
+            _ = drain.tick() => drain_ring(ring.get_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let buffer = guard.get_inner_mut();
-                while let Some(item) = buffer.next() {
-                    if item.len() < std::mem::size_of::<IoEvent>() {
-                        stats.malformed.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    // SAFETY: the record holds an IoEvent written by the
-                    // kernel side (same struct, checked size); read unaligned.
-                    let event: IoEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                    stats.events.fetch_add(1, Ordering::Relaxed);
-                    tracker.observe(&event, &mut outcomes);
-                }
+                drain_ring(guard.get_inner_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes);
                 guard.clear_ready();
             }
         }
-        for event in outcomes.drain(..) {
-            if events.try_send(event).is_err() {
+        let byte_updates =
+            bytes.drain().map(|(cgroup_id, (received, sent))| ProbeUpdate::Bytes { cgroup_id, received, sent });
+        for update in outcomes.drain(..).map(ProbeUpdate::Request).chain(byte_updates) {
+            if updates.try_send(update).is_err() {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }

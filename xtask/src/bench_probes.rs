@@ -1,0 +1,233 @@
+//! `cargo xtask bench-probes`: what the eBPF probes cost a busy server.
+//!
+//! A tenant HTTP server runs in a cgroup pod; wrk drives it with keep-alive
+//! connections, alternating rounds without the agent and with the agent
+//! watching the pod (probes attached), all in one run. Printed: throughput
+//! and p99 ratios (with / without), how many requests the probe counted
+//! against what wrk reported, and, from one extra probed run with
+//! `kernel.bpf_stats_enabled=1` (which itself slows every program, so it
+//! is kept out of the timed runs), each eBPF program's mean ns per run.
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use integration::agent::AgentProcess;
+use integration::pod::{new_uid, CgroupPod};
+use integration::workspace_binary;
+
+/// Benchmark options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Rounds of (without, with) runs.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 8)]
+    seconds: u32,
+    /// wrk connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+}
+
+struct WrkRun {
+    requests_per_s: f64,
+    p99_ms: f64,
+    requests: u64,
+}
+
+fn wrk(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
+    let output = Command::new("wrk")
+        .args(["-t2", &format!("-c{}", options.connections), &format!("-d{}s", options.seconds), "--latency"])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let number_after =
+        |label: &str| -> Option<&str> { text.lines().find_map(|l| l.trim().strip_prefix(label)).map(str::trim) };
+    let requests_per_s: f64 =
+        number_after("Requests/sec:").ok_or_else(|| anyhow!("no Requests/sec in wrk output:\n{text}"))?.parse()?;
+    let p99 = number_after("99%").ok_or_else(|| anyhow!("no 99% line in wrk output:\n{text}"))?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no request total in wrk output"))?;
+    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(p99)?, requests })
+}
+
+/// wrk prints durations as `850.00us`, `1.23ms` or `2.00s`.
+fn parse_wrk_duration(text: &str) -> anyhow::Result<f64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| anyhow!("duration without unit: {text}"))?;
+    let value: f64 = text[..split].parse()?;
+    Ok(match &text[split..] {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        unit => bail!("unknown wrk unit {unit}"),
+    })
+}
+
+/// (program, kernel ns, runs) of each eBPF program.
+type ProgramCosts = Vec<(String, f64, f64)>;
+
+/// Program costs and the completed requests of all pods, from /metrics.
+fn scrape(http: SocketAddr) -> anyhow::Result<(ProgramCosts, f64)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
+    let text = String::from_utf8_lossy(&reply.body).to_string();
+    let value_of = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let mut programs = ProgramCosts::new();
+    for line in text.lines() {
+        let program =
+            |prefix: &str| line.strip_prefix(prefix).and_then(|rest| rest.split('"').next()).map(str::to_string);
+        if let Some(name) = program("podgpu_agent_bpf_run_seconds_total{program=\"") {
+            programs.push((name, value_of(line) * 1e9, 0.0));
+        } else if let Some(name) = program("podgpu_agent_bpf_runs_total{program=\"") {
+            if let Some(entry) = programs.iter_mut().find(|(n, _, _)| *n == name) {
+                entry.2 = value_of(line);
+            }
+        }
+    }
+    let completed = text
+        .lines()
+        .filter(|l| l.starts_with("podgpu_pod_requests_total{") && l.contains("outcome=\"completed\""))
+        .map(value_of)
+        .sum();
+    Ok((programs, completed))
+}
+
+fn start_agent(metadata: &Path) -> anyhow::Result<AgentProcess> {
+    let args = ["--gpu", "none", "--pod-metadata", &metadata.display().to_string()].map(String::from);
+    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
+    // Let the first tick publish before scraping.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(agent)
+}
+
+fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if enabled { "1" } else { "0" })
+        .context("kernel.bpf_stats_enabled")
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
+    }
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root()?;
+    let uid = new_uid();
+    let mut pod = CgroupPod::create(&cgroup_root, &uid)?;
+    let child = pod.spawn({
+        let mut command = Command::new(workspace_binary("tenant"));
+        command.args(["127.0.0.1:0", "256"]);
+        command
+    })?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("tenant stdout"))?).read_line(&mut line)?;
+    let ready: serde_json::Value = serde_json::from_str(&line)?;
+    let addr: SocketAddr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line}"))?.parse()?;
+    let metadata = tempfile_path("podgpu-bench-pods.yaml");
+    std::fs::write(
+        &metadata,
+        format!("pods:\n  - {{uid: {uid}, namespace: bench, name: tenant, labels: {{app: tenant}}}}\n"),
+    )?;
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+
+    println!(
+        "tenant {addr} in {}; wrk -t2 -c{} -d{}s, {} rounds",
+        pod.container_dir.display(),
+        options.connections,
+        options.seconds,
+        options.rounds
+    );
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut costs = ProgramCosts::new();
+    let (mut counted, mut sent) = (0.0, 0u64);
+    for round in 1..=options.rounds {
+        let base = wrk(addr, &options)?;
+        println!("round {round} without probes: {:>9.0} req/s  p99 {:>6.2} ms", base.requests_per_s, base.p99_ms);
+        without.push(base);
+
+        let mut agent = start_agent(&metadata)?;
+        let (_, completed_before) = scrape(agent.http)?;
+        let probed = wrk(addr, &options)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, completed_after) = scrape(agent.http)?;
+        agent.stop(Duration::from_secs(5));
+        println!("round {round} with probes:    {:>9.0} req/s  p99 {:>6.2} ms", probed.requests_per_s, probed.p99_ms);
+        counted += completed_after - completed_before;
+        sent += probed.requests;
+        with.push(probed);
+    }
+
+    // Per-program cost, in its own run: bpf_stats accounting is not free.
+    let mut agent = start_agent(&metadata)?;
+    set_bpf_stats(true)?;
+    let (before, _) = scrape(agent.http)?;
+    let costed = wrk(addr, &options)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, _) = scrape(agent.http)?;
+    set_bpf_stats(false)?;
+    agent.stop(Duration::from_secs(5));
+    let requests_in_cost_run = costed.requests.max(1) as f64;
+    for (name, ns, runs) in after {
+        let (ns0, runs0) = before.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+        costs.push((name, ns - ns0, runs - runs0));
+    }
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+    let _ = std::fs::remove_file(&metadata);
+
+    let mean = |runs: &[WrkRun], f: fn(&WrkRun) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
+    let throughput_ratio = mean(&with, |r| r.requests_per_s) / mean(&without, |r| r.requests_per_s);
+    let p99_ratio = mean(&with, |r| r.p99_ms) / mean(&without, |r| r.p99_ms);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nthroughput with/without probes: {:.3} (target >= 0.97)", throughput_ratio)?;
+    writeln!(out, "p99 latency with/without probes: {:.3}", p99_ratio)?;
+    writeln!(
+        out,
+        "requests counted by the probe / sent by wrk: {counted:.0} / {sent} ({:.4})",
+        counted / sent.max(1) as f64
+    )?;
+    writeln!(
+        out,
+        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, during the probed runs)",
+        "eBPF program", "runs", "mean ns/run"
+    )?;
+    costs.sort_by(|a, b| b.2.total_cmp(&a.2));
+    for (name, ns, runs) in costs.iter().filter(|(_, _, runs)| *runs > 0.0) {
+        writeln!(out, "{name:<22} {runs:>14.0} {:>12.0}", ns / runs)?;
+    }
+    let (ns, runs) = costs.iter().fold((0.0, 0.0), |(a, b), (_, ns, runs)| (a + ns, b + runs));
+    writeln!(out, "{:<22} {runs:>14.0} {:>12.0}   (target <= 200)", "all programs", ns / runs.max(1.0))?;
+    writeln!(
+        out,
+        "kernel time per request: {:.2} us (all programs, {} requests)",
+        ns / requests_in_cost_run / 1000.0,
+        costed.requests
+    )?;
+    drop(pod);
+    Ok(())
+}
+
+fn tempfile_path(name: &str) -> std::path::PathBuf {
+    Path::new(&std::env::temp_dir()).join(format!("{}-{name}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// wrk's duration units convert to milliseconds.
+    #[test]
+    fn wrk_durations() {
+        assert_eq!(parse_wrk_duration("850.00us").unwrap(), 0.85);
+        assert_eq!(parse_wrk_duration("1.50ms").unwrap(), 1.5);
+        assert_eq!(parse_wrk_duration("2.00s").unwrap(), 2000.0);
+        assert!(parse_wrk_duration("12").is_err());
+    }
+}
