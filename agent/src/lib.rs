@@ -124,7 +124,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         gpu_dropped.clone(),
     );
     // Bounded: a stalled collector drops probe updates (counted).
-    let (request_tx, request_rx) = mpsc::channel(65_536);
+    // Batches arrive every ~20 ms; 256 of them is seconds of backlog.
+    let (request_tx, request_rx) = mpsc::channel(256);
     let reader_stats = Arc::new(probes::requests::ReaderStats::default());
     let collector = Collector::new(
         CollectorConfig {

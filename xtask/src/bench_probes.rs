@@ -109,6 +109,20 @@ fn start_agent(metadata: &Path) -> anyhow::Result<AgentProcess> {
     Ok(agent)
 }
 
+/// User + system CPU seconds of a process, from /proc/PID/stat.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| anyhow!("bad stat line"))?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / per_second)
+}
+
 fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if enabled { "1" } else { "0" })
         .context("kernel.bpf_stats_enabled")
@@ -148,6 +162,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut costs = ProgramCosts::new();
     let (mut counted, mut sent) = (0.0, 0u64);
+    let mut agent_cpu: Vec<f64> = Vec::new();
     for round in 1..=options.rounds {
         let base = wrk(addr, &options)?;
         println!("round {round} without probes: {:>9.0} req/s  p99 {:>6.2} ms", base.requests_per_s, base.p99_ms);
@@ -155,7 +170,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 
         let mut agent = start_agent(&metadata)?;
         let (_, completed_before) = scrape(agent.http)?;
+        let cpu_before = cpu_seconds(agent.pid())?;
         let probed = wrk(addr, &options)?;
+        agent_cpu.push((cpu_seconds(agent.pid())? - cpu_before) / f64::from(options.seconds));
         std::thread::sleep(Duration::from_millis(500));
         let (_, completed_after) = scrape(agent.http)?;
         agent.stop(Duration::from_secs(5));
@@ -188,6 +205,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "\nthroughput with/without probes: {:.3} (target >= 0.97)", throughput_ratio)?;
     writeln!(out, "p99 latency with/without probes: {:.3}", p99_ratio)?;
+    let cpu = agent_cpu.iter().sum::<f64>() / agent_cpu.len().max(1) as f64;
+    writeln!(out, "agent CPU (user + system) while probed: {:.1}% of one core", cpu * 100.0)?;
     writeln!(
         out,
         "requests counted by the probe / sent by wrk: {counted:.0} / {sent} ({:.4})",

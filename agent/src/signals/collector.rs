@@ -112,7 +112,7 @@ impl Collector {
     pub async fn run(
         mut self,
         mut gpu_updates: mpsc::Receiver<GpuUpdate>,
-        mut probe_updates: mpsc::Receiver<ProbeUpdate>,
+        mut probe_updates: mpsc::Receiver<Vec<ProbeUpdate>>,
         publish: watch::Sender<Arc<NodeView>>,
         shutdown: CancellationToken,
     ) {
@@ -126,7 +126,11 @@ impl Collector {
                     publish.send_replace(Arc::new(self.view()));
                 }
                 Some(update) = gpu_updates.recv() => self.apply_gpu(update),
-                Some(update) = probe_updates.recv() => self.apply_probe(update),
+                Some(batch) = probe_updates.recv() => {
+                    for update in batch {
+                        self.apply_probe(update);
+                    }
+                }
             }
         }
         tracing::debug!("collector stopped");

@@ -209,9 +209,14 @@ fn drain_ring(
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        // Ring records are 8-byte aligned; borrow the event in place.
+        if item.as_ptr().align_offset(std::mem::align_of::<IoEvent>()) != 0 {
+            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         // SAFETY: the record holds an IoEvent written by the kernel side
-        // (same struct, checked size); read unaligned.
-        let event: IoEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        // (same struct; size and alignment checked above).
+        let event: &IoEvent = unsafe { &*item.as_ptr().cast::<IoEvent>() };
         stats.events.fetch_add(1, Ordering::Relaxed);
         if event.bytes > 0 {
             let counts = bytes.entry(event.cgroup_id).or_default();
@@ -221,14 +226,14 @@ fn drain_ring(
                 _ => {}
             }
         }
-        tracker.observe(&event, outcomes);
+        tracker.observe(event, outcomes);
     }
 }
 
 /// Drains the ring buffer whenever it has data, until `shutdown`.
 pub async fn run_reader(
     ring: RingBuf<MapData>,
-    updates: mpsc::Sender<ProbeUpdate>,
+    updates: mpsc::Sender<Vec<ProbeUpdate>>,
     stats: Arc<ReaderStats>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -255,11 +260,15 @@ pub async fn run_reader(
                 guard.clear_ready();
             }
         }
-        let byte_updates =
-            bytes.drain().map(|(cgroup_id, (received, sent))| ProbeUpdate::Bytes { cgroup_id, received, sent });
-        for update in outcomes.drain(..).map(ProbeUpdate::Request).chain(byte_updates) {
-            if updates.try_send(update).is_err() {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
+        // One send per drain: per-event channel traffic would cost more
+        // than the parsing.
+        if !outcomes.is_empty() || !bytes.is_empty() {
+            let byte_updates =
+                bytes.drain().map(|(cgroup_id, (received, sent))| ProbeUpdate::Bytes { cgroup_id, received, sent });
+            let batch: Vec<ProbeUpdate> = outcomes.drain(..).map(ProbeUpdate::Request).chain(byte_updates).collect();
+            let count = batch.len() as u64;
+            if updates.try_send(batch).is_err() {
+                stats.dropped.fetch_add(count, Ordering::Relaxed);
             }
         }
         let tracker_stats = tracker.stats();
