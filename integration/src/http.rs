@@ -219,6 +219,31 @@ impl Client {
     }
 }
 
+/// Streams `spec` back to back on `concurrency` keep-alive connections
+/// until `duration` has passed; returns how many streams completed.
+pub async fn drive_streams(addr: SocketAddr, spec: StreamSpec, concurrency: usize, duration: Duration) -> u64 {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let Ok(mut client) = Client::connect(addr).await else { return done };
+            while Instant::now() < deadline {
+                if client.stream(&spec.path()).await.is_err() {
+                    break;
+                }
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    total
+}
+
 /// One GET on a fresh connection (reading the agent's JSON endpoints).
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
     Client::connect(addr).await?.request(path, b"").await

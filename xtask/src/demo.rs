@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use integration::http::{drive, get, Load};
+use integration::http::{drive, drive_streams, get, Load, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use podgpu_agent::gpu::NvmlBackend;
@@ -57,21 +57,13 @@ fn gpu_choice(explicit: Option<String>) -> String {
 
 async fn demo(options: Options) -> anyhow::Result<()> {
     let gpu = gpu_choice(options.gpu);
-    println!(
-        "GPU backend: {}",
-        if gpu == "sim" {
-            "simulated (embedded demo scenario; no GPU on this machine)".to_string()
-        } else {
-            gpu.clone()
-        }
-    );
-    let tenant = |uid: &str, name: &str, app: &str, body_bytes| TenantSpec {
-        uid: Some(uid.to_string()),
-        body_bytes,
-        ..TenantSpec::new(name, app)
-    };
-    let specs = [tenant(TENANT_A_UID, "llm-a-0", "llm-a", 2048), tenant(TENANT_B_UID, "llm-b-0", "llm-b", 256)];
-    let scene = Scene::start(NAMESPACE, &specs, GpuSetup::Arg(gpu), &[])
+    let backend =
+        if gpu == "sim" { "simulated (embedded demo scenario; no GPU on this machine)" } else { gpu.as_str() };
+    println!("GPU backend: {backend}");
+    let tenant =
+        |uid: &str, name: &str, app: &str| TenantSpec { uid: Some(uid.to_string()), ..TenantSpec::new(name, app) };
+    let specs = [tenant(TENANT_A_UID, "llm-a-0", "llm-a"), tenant(TENANT_B_UID, "llm-b-0", "llm-b")];
+    let scene = Scene::start(NAMESPACE, &specs, GpuSetup::Arg(gpu.clone()), &[])
         .context("starting the demo scene (tenants, cgroups, agent)")?;
     println!(
         "agent pid {} serving KEDA gRPC on {} and HTTP on {}",
@@ -90,17 +82,19 @@ async fn demo(options: Options) -> anyhow::Result<()> {
         );
     }
 
-    // Tenant A ramps up half-way through; tenant B stays light.
+    // Tenant A serves streamed completions (first token after 80 ms, then
+    // 8 tokens 15 ms apart) to 3 clients, then to 10 half-way through;
+    // tenant B answers small requests at a steady 10/s.
     let duration = Duration::from_secs(options.seconds);
     let half = duration / 2;
     let a = scene.tenant("llm-a-0").addr;
     let b = scene.tenant("llm-b-0").addr;
+    let completion = StreamSpec { first_ms: 80, chunks: 8, chunk_ms: 15 };
     let load = tokio::spawn(async move {
         let steady_b = tokio::spawn(drive(b, Load { rate: 10.0, request_bytes: 300, connections: 1, duration }));
-        let first = drive(a, Load { rate: 20.0, request_bytes: 1200, connections: 2, duration: half }).await;
-        let second =
-            drive(a, Load { rate: 80.0, request_bytes: 1200, connections: 4, duration: duration - half }).await;
-        (first.ok + second.ok, steady_b.await.map(|r| r.ok).unwrap_or(0))
+        let first = drive_streams(a, completion, 3, half).await;
+        let second = drive_streams(a, completion, 10, duration - half).await;
+        (first + second, steady_b.await.map(|r| r.ok).unwrap_or(0))
     });
 
     let started = Instant::now();
@@ -111,9 +105,11 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     if interrupted {
         println!("\ninterrupted: asking the scaler once, then cleaning up");
         load.abort();
-    } else if let Ok((a_requests, b_requests)) = load.await {
-        println!("\nload sent: llm-a {a_requests} requests, llm-b {b_requests} requests");
+    } else if let Ok((a_streams, b_requests)) = load.await {
+        println!("\nload sent: llm-a {a_streams} streamed completions, llm-b {b_requests} requests");
     }
+    // Let the last completions reach a published view (one tick).
+    tokio::time::sleep(Duration::from_millis(600)).await;
     keda_answers(scene.agent.keda).await?;
     println!("stopping the agent and tenants, removing their cgroups");
     drop(scene);
@@ -146,33 +142,39 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
     let Ok(view) = serde_json::from_slice::<serde_json::Value>(body) else {
         return "unreadable /pods answer\n".to_string();
     };
+    let health = &view["health"];
     let mut out = format!(
-        "podgpu demo  t={:>3}s/{}s  probes: {}  gpu: {}\n",
+        "podgpu demo  t={:>3}s/{}s  eBPF: {}  GPU: {}\n",
         elapsed.as_secs(),
         duration.as_secs(),
-        view["health"]["probes"]["state"].as_str().unwrap_or("?"),
-        view["health"]["gpu"]["detail"].as_str().or(view["health"]["gpu"]["reason"].as_str()).unwrap_or("?"),
+        health["probes"]["state"].as_str().unwrap_or("?"),
+        health["gpu"]["detail"].as_str().or(health["gpu"]["reason"].as_str()).unwrap_or("?"),
     );
+    let columns =
+        ["pod (5 s window)", "in flight", "req/s", "TTFT p50", "latency p99", "recv B/s", "GPU SM %", "GPU mem"];
     out.push_str(&format!(
-        "{:<22} {:>12} {:>12} {:>9} {:>10}\n",
-        "pod (5 s window)", "recv B/s", "send B/s", "GPU SM %", "GPU mem"
+        "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>9}\n",
+        columns[0], columns[1], columns[2], columns[3], columns[4], columns[5], columns[6], columns[7]
     ));
-    let number = |value: &serde_json::Value| value.as_f64().map_or("-".to_string(), |v| format!("{v:.0}"));
+    let fixed = |value: &serde_json::Value, digits: usize, unit: &str| {
+        value.as_f64().map_or("-".to_string(), |v| format!("{v:.digits$}{unit}"))
+    };
     for pod in view["pods"].as_array().into_iter().flatten() {
         if pod["namespace"] != NAMESPACE {
             continue;
         }
         let values = &pod["values"];
-        let memory = values["gpu_mem_used_bytes"]
-            .as_f64()
-            .map_or("-".to_string(), |b| format!("{:.1} GiB", b / (1u64 << 30) as f64));
+        let memory = values["gpu_mem_used_bytes"].as_f64().map(|b| serde_json::json!(b / (1u64 << 30) as f64));
         out.push_str(&format!(
-            "{:<22} {:>12} {:>12} {:>9} {:>10}\n",
+            "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>9}\n",
             format!("{}/{}", NAMESPACE, pod["name"].as_str().unwrap_or("?")),
-            number(&values["socket_recv_bytes_rate"]),
-            number(&values["socket_send_bytes_rate"]),
-            values["gpu_sm_util"].as_f64().map_or("-".to_string(), |v| format!("{v:.1}")),
-            memory,
+            fixed(&values["requests_in_flight"], 0, ""),
+            fixed(&values["request_rate"], 1, ""),
+            fixed(&values["ttft_ms_p50"], 1, " ms"),
+            fixed(&values["latency_ms_p99"], 1, " ms"),
+            fixed(&values["socket_recv_bytes_rate"], 0, ""),
+            fixed(&values["gpu_sm_util"], 1, ""),
+            fixed(&memory.unwrap_or_default(), 1, " GiB"),
         ));
     }
     out
@@ -181,10 +183,11 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
 /// Asks the scaler what KEDA would get for each workload, as KEDA asks.
 async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
     let mut client = KedaClient::connect(keda).await.context("connecting to the scaler")?;
-    println!("\nKEDA ExternalScaler answers (GetMetricSpec, then GetMetrics + IsActive, window 10 s):");
-    println!("{:<8} {:<24} {:>10} {:>12} {:>7} {:>9}", "app", "metric", "target", "value", "active", "replicas");
+    println!("\nKEDA ExternalScaler answers (GetMetricSpec, then GetMetrics + IsActive; window 10 s;");
+    println!("percentiles come back times the pod count, so AverageValue scales proportionally):");
+    println!("{:<8} {:<20} {:>8} {:>10} {:>7} {:>9}", "app", "metric", "target", "value", "active", "replicas");
     for app in ["llm-a", "llm-b"] {
-        for (metric, target) in [("socket_recv_bytes_rate", "20000"), ("gpu_sm_util", "30")] {
+        for (metric, target) in [("requests_in_flight", "4"), ("ttft_ms_p90", "150"), ("gpu_sm_util", "30")] {
             let selector = format!("app={app}");
             let trigger =
                 scaled_object(NAMESPACE, app, &[("metric", metric), ("target", target), ("podSelector", &selector)]);
@@ -194,12 +197,9 @@ async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
                 Ok(poll) => {
                     // What the HPA does with an AverageValue target.
                     let replicas = (poll.value / spec.target_size_float).ceil().max(1.0);
-                    println!(
-                        "{app:<8} {metric:<24} {target:>10} {:>12.1} {:>7} {replicas:>9}",
-                        poll.value, poll.active
-                    );
+                    println!("{app:<8} {metric:<20} {target:>8} {:>10.1} {:>7} {replicas:>9}", poll.value, poll.active);
                 }
-                Err(status) => println!("{app:<8} {metric:<24} {target:>10} unavailable: {}", status.message()),
+                Err(status) => println!("{app:<8} {metric:<20} {target:>8} unavailable: {}", status.message()),
             }
         }
     }
