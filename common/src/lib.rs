@@ -26,6 +26,54 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
 /// Size of the request probe's ring buffer in bytes.
 pub const REQUEST_RING_BYTES: u32 = 4 << 20;
 
+/// HTTP/2 frame headers recorded per event (request-relevant types only:
+/// DATA, HEADERS, RST_STREAM, GOAWAY).
+pub const MAX_H2_FRAMES: usize = 16;
+
+/// Connection protocol as the kernel side tracks it.
+pub mod conn_mode {
+    /// Not decided yet (no data seen, or joined mid-stream).
+    pub const UNKNOWN: u32 = 0;
+    /// HTTP/1.x or anything that is not HTTP/2: no frame walking.
+    pub const OTHER: u32 = 1;
+    /// HTTP/2, frame boundaries known.
+    pub const H2: u32 = 2;
+    /// HTTP/2, frame boundary lost; resynchronising on plausible headers.
+    pub const H2_UNSYNCED: u32 = 3;
+}
+
+/// Per-connection state kept by the kernel side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    /// cgroup v2 id of the process that accepted the connection.
+    pub cgroup_id: u64,
+    /// A `conn_mode` value.
+    pub mode: u32,
+    /// Bytes into the next read before the next HTTP/2 frame header.
+    pub read_skip: u32,
+    /// Bytes into the next write before the next HTTP/2 frame header.
+    pub write_skip: u32,
+    /// Frame boundaries lost so far on this connection.
+    pub lost_sync: u32,
+}
+
+/// One HTTP/2 frame header seen in a read or write.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Frame {
+    /// Payload length.
+    pub length: u32,
+    /// Stream id (reserved bit cleared).
+    pub stream_id: u32,
+    /// Frame type.
+    pub kind: u8,
+    /// Frame flags.
+    pub flags: u8,
+    /// Padding (zero).
+    pub _pad: [u8; 2],
+}
+
 /// What a request-probe event reports.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +86,10 @@ pub enum IoKind {
     Write = 2,
     /// The tracked connection's fd was closed.
     Close = 3,
+    /// HTTP/2 frames of a read (an `H2Event`).
+    H2Read = 4,
+    /// HTTP/2 frames of a write (an `H2Event`).
+    H2Write = 5,
 }
 
 /// One I/O syscall on a tracked server-side connection. Fixed size, read
@@ -67,10 +119,68 @@ pub struct IoEvent {
     pub suffix: [u8; CAPTURE_SUFFIX],
 }
 
+/// The HTTP/2 frame headers of one read or write, emitted after its
+/// `IoEvent` by the frame-walking program. Starts with the same fields as
+/// `IoEvent` so user space can tell the two apart by `kind`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct H2Event {
+    /// Same as the `IoEvent` of the syscall.
+    pub timestamp_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// Connection key.
+    pub connection: u64,
+    /// Bytes moved.
+    pub bytes: i64,
+    /// `IoKind::H2Read` or `IoKind::H2Write`.
+    pub kind: u32,
+    /// Valid entries in `frames`.
+    pub frame_count: u32,
+    /// The connection's `conn_mode` after the walk.
+    pub mode: u32,
+    /// Padding (zero).
+    pub _pad: u32,
+    /// Request-relevant frame headers, in order.
+    pub frames: [H2Frame; MAX_H2_FRAMES],
+}
+
+/// What the exit program hands the frame walker (per-CPU scratch).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct WalkInput {
+    /// Buffer or iovec array.
+    pub buffer: u64,
+    /// 0 for a contiguous buffer, else the iovec count.
+    pub segments: u64,
+    /// Bytes moved.
+    pub moved: u64,
+    /// Connection key.
+    pub connection: u64,
+    /// Timestamp of the syscall's `IoEvent`.
+    pub timestamp_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// 1 for a read, 0 for a write.
+    pub is_read: u32,
+    /// Frames recorded so far by the walk (kept in map memory, not in a
+    /// register, so the verifier does not track its value).
+    pub recorded: u32,
+}
+
 #[cfg(feature = "user")]
-// SAFETY: repr(C); u64s first, then u32s, then byte arrays: no padding
-// (checked by a test), and every bit pattern is valid.
+// SAFETY: repr(C); u64s first, then u32s, then byte arrays whose lengths
+// keep the following u32s aligned: no padding (checked by a test), and
+// every bit pattern is valid.
 unsafe impl aya::Pod for IoEvent {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u64 then four u32: no padding, any bit pattern valid.
+unsafe impl aya::Pod for ConnState {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), four u64, four u32, then 12-byte frames: no padding.
+unsafe impl aya::Pod for H2Event {}
 
 /// Counters the request probe keeps about itself (`REQUEST_STATS` index).
 #[repr(u32)]
@@ -86,10 +196,12 @@ pub enum RequestStat {
     ArgsMapFull = 3,
     /// Reads of user memory that failed (payload missing from an event).
     CaptureFailed = 4,
+    /// HTTP/2 frame boundaries lost (resynchronised later).
+    H2LostSync = 5,
 }
 
 /// Number of entries in `REQUEST_STATS`.
-pub const REQUEST_STAT_COUNT: u32 = 5;
+pub const REQUEST_STAT_COUNT: u32 = 6;
 
 #[cfg(test)]
 mod tests {
@@ -100,5 +212,9 @@ mod tests {
     #[test]
     fn io_event_has_no_padding() {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
+        assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
+        assert_eq!(core::mem::size_of::<WalkInput>(), 6 * 8 + 2 * 4);
+        assert_eq!(core::mem::size_of::<H2Frame>(), 12);
+        assert_eq!(core::mem::size_of::<ConnState>(), 24);
     }
 }

@@ -30,6 +30,8 @@ pub struct TenantSpec {
     pub gpu_steps: Vec<(f64, f64)>,
     /// Simulated framebuffer bytes.
     pub gpu_memory_bytes: u64,
+    /// Server binary: `tenant` (HTTP/1.1) or `grpc-tenant` (gRPC).
+    pub server: &'static str,
 }
 
 impl TenantSpec {
@@ -42,6 +44,7 @@ impl TenantSpec {
             body_bytes: 256,
             gpu_steps: Vec::new(),
             gpu_memory_bytes: 0,
+            server: "tenant",
         }
     }
 }
@@ -90,8 +93,11 @@ impl Scene {
             let uid = spec.uid.clone().unwrap_or_else(new_uid);
             let mut pod = CgroupPod::create(&cgroup_root, &uid)
                 .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
-            let mut command = Command::new(workspace_binary("tenant"));
-            command.args(["127.0.0.1:0", &spec.body_bytes.to_string()]);
+            let mut command = Command::new(workspace_binary(spec.server));
+            command.arg("127.0.0.1:0");
+            if spec.server == "tenant" {
+                command.arg(spec.body_bytes.to_string());
+            }
             let child = pod.spawn(command).context("starting the tenant server")?;
             let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
             let mut line = String::new();

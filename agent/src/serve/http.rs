@@ -282,9 +282,15 @@ pub fn render_metrics(view: &NodeView) -> String {
     );
     counter(
         &mut out,
-        "podgpu_agent_http2_connections_skipped_total",
-        "HTTP/2 connections seen and not decoded.",
-        health.request_reader.http2_skipped,
+        "podgpu_agent_http2_connections_total",
+        "HTTP/2 connections followed.",
+        health.request_reader.http2_connections,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_http2_lost_sync_total",
+        "HTTP/2 frame boundaries lost (then resynchronised).",
+        probe.http2_lost_sync,
     );
     family(
         &mut out,

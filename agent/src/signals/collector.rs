@@ -340,7 +340,7 @@ impl Collector {
                     malformed: self.probes.reader.malformed.load(Ordering::Relaxed),
                     dropped: self.probes.reader.dropped.load(Ordering::Relaxed),
                     connections: self.probes.reader.connections.load(Ordering::Relaxed),
-                    http2_skipped: self.probes.reader.http2_skipped.load(Ordering::Relaxed),
+                    http2_connections: self.probes.reader.http2_connections.load(Ordering::Relaxed),
                 },
                 gpu_errors: self.gpu_errors.clone(),
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),

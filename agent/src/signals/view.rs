@@ -68,8 +68,8 @@ pub struct ReaderCounters {
     pub dropped: u64,
     /// Connections followed now.
     pub connections: u64,
-    /// HTTP/2 connections recognised and not decoded.
-    pub http2_skipped: u64,
+    /// HTTP/2 connections recognised.
+    pub http2_connections: u64,
 }
 
 /// Cumulative request outcomes of one pod since it was first seen.

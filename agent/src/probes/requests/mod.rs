@@ -3,6 +3,7 @@
 //! and runs the reader task that drains the ring buffer through the
 //! per-connection parsers.
 pub mod http1;
+pub mod http2;
 pub mod seed;
 pub mod tracker;
 
@@ -10,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::Ebpf;
-use podgpu_common::{IoEvent, RequestStat, WATCH_TCP};
+use podgpu_common::{conn_mode, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,8 @@ const PROGRAMS: [(&str, &[&str]); 12] = [
     ),
 ];
 const WATCHED: &str = "WATCHED_CGROUPS";
+const WALKER: &str = "h2_walk";
+const WALKERS: &str = "WALKERS";
 const CONNECTIONS: &str = "CONNECTIONS";
 const EVENTS: &str = "EVENTS";
 const STATS: &str = "REQUEST_STATS";
@@ -84,6 +87,8 @@ pub struct RequestProbeStats {
     pub args_map_full: u64,
     /// Payload captures that failed.
     pub capture_failed: u64,
+    /// HTTP/2 frame boundaries lost (and resynchronised later).
+    pub http2_lost_sync: u64,
 }
 
 /// Loaded and attached request probe. Dropping it detaches the programs.
@@ -96,6 +101,21 @@ impl RequestProbe {
     pub fn load() -> Result<Self, ProbeError> {
         ensure_tracefs()?;
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
+        // The frame walker is not attached: `syscall_exit` tail-calls it.
+        let walker: &mut TracePoint = ebpf
+            .program_mut(WALKER)
+            .ok_or(ProbeError::MissingProgram(WALKER))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name: WALKER, source })?;
+        walker.load().map_err(|source| ProbeError::Program { name: WALKER, source })?;
+        let walker_fd =
+            walker.fd().map_err(|source| ProbeError::Program { name: WALKER, source })?.try_clone().map_err(|err| {
+                ProbeError::Program { name: WALKER, source: aya::programs::ProgramError::IOError(err) }
+            })?;
+        let mut walkers: ProgramArray<_> =
+            ProgramArray::try_from(ebpf.map_mut(WALKERS).ok_or(ProbeError::MissingMap(WALKERS))?)
+                .map_err(|source| ProbeError::Map { name: WALKERS, source })?;
+        walkers.set(0, &walker_fd, 0).map_err(|source| ProbeError::Map { name: WALKERS, source })?;
         for (name, tracepoints) in PROGRAMS {
             let program: &mut TracePoint = ebpf
                 .program_mut(name)
@@ -132,10 +152,12 @@ impl RequestProbe {
     pub fn track_existing(&mut self, tgid: u32, fd: u32, cgroup_id: u64) -> Result<(), ProbeError> {
         let map = self.ebpf.map_mut(CONNECTIONS).ok_or(ProbeError::MissingMap(CONNECTIONS))?;
         // aya's HashMap handle also serves LRU hash maps.
-        let mut connections: HashMap<_, u64, u64> =
+        let mut connections: HashMap<_, u64, ConnState> =
             HashMap::try_from(map).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })?;
         let key = u64::from(tgid) << 32 | u64::from(fd);
-        connections.insert(key, cgroup_id, 0).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })
+        // The protocol is decided by the next data seen (mid-stream rules).
+        let state = ConnState { cgroup_id, mode: conn_mode::UNKNOWN, ..ConnState::default() };
+        connections.insert(key, state, 0).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })
     }
 
     /// The ring buffer, handed to the reader task (once).
@@ -164,6 +186,7 @@ impl RequestProbe {
             connection_map_full: sum(RequestStat::ConnectionMapFull)?,
             args_map_full: sum(RequestStat::ArgsMapFull)?,
             capture_failed: sum(RequestStat::CaptureFailed)?,
+            http2_lost_sync: sum(RequestStat::H2LostSync)?,
         })
     }
 }
@@ -179,8 +202,8 @@ pub struct ReaderStats {
     pub dropped: AtomicU64,
     /// Connections currently followed.
     pub connections: AtomicU64,
-    /// HTTP/2 connections recognised and not decoded.
-    pub http2_skipped: AtomicU64,
+    /// HTTP/2 connections recognised.
+    pub http2_connections: AtomicU64,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -205,6 +228,20 @@ fn drain_ring(
     bytes: &mut ByteCounts,
 ) {
     while let Some(item) = ring.next() {
+        // Both record types start with four u64 then `kind`.
+        let kind = item.get(32..36).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        if matches!(kind, Some(k) if k == IoKind::H2Read as u32 || k == IoKind::H2Write as u32) {
+            if item.len() < std::mem::size_of::<H2Event>() || item.as_ptr().align_offset(8) != 0 {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // SAFETY: an H2Event written by the kernel side (checked size,
+            // 8-byte aligned ring record).
+            let event: &H2Event = unsafe { &*item.as_ptr().cast::<H2Event>() };
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            tracker.observe_h2(event, outcomes);
+            continue;
+        }
         if item.len() < std::mem::size_of::<IoEvent>() {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -273,6 +310,6 @@ pub async fn run_reader(
         }
         let tracker_stats = tracker.stats();
         stats.connections.store(tracker.len() as u64, Ordering::Relaxed);
-        stats.http2_skipped.store(tracker_stats.http2_connections_skipped, Ordering::Relaxed);
+        stats.http2_connections.store(tracker_stats.http2_connections, Ordering::Relaxed);
     }
 }

@@ -1,15 +1,15 @@
-//! Turns the request probe's I/O events into request outcomes per cgroup:
-//! one HTTP/1.1 parser per tracked connection, created on accept (or on the
-//! first request line of a connection that predates the agent) and dropped
-//! on close or after long idleness.
+//! Turns the request probe's events into request outcomes per cgroup: one
+//! HTTP/1.1 parser or HTTP/2 stream tracker per connection, created on
+//! accept (or on the first request line or HTTP/2 frames of a connection
+//! that predates the agent) and dropped on close or after long idleness.
 use std::collections::HashMap;
 
-use podgpu_common::{IoEvent, IoKind};
+use podgpu_common::{H2Event, IoEvent, IoKind};
 
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
+use super::http2::Http2Connection;
 
-/// HTTP/2 connection preface: such connections are recognised and skipped
-/// until the HTTP/2 decoder lands.
+/// HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Connections idle this long are forgotten (the kernel map is LRU too).
 const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
@@ -28,8 +28,8 @@ pub struct RequestEvent {
 #[derive(Debug)]
 enum Protocol {
     Http1(Http1Connection),
-    /// Recognised but not decoded (HTTP/2 until its decoder lands).
-    Skipped,
+    /// Streams are tracked from the kernel's frame records (`H2Event`).
+    Http2(Http2Connection),
 }
 
 #[derive(Debug)]
@@ -44,8 +44,8 @@ struct Connection {
 pub struct TrackerStats {
     /// Connections seen (accepted or joined mid-stream).
     pub connections: u64,
-    /// Connections recognised as HTTP/2 and not decoded.
-    pub http2_connections_skipped: u64,
+    /// Connections recognised as HTTP/2.
+    pub http2_connections: u64,
     /// Connections forgotten after idling.
     pub idle_evictions: u64,
 }
@@ -120,8 +120,8 @@ impl Tracker {
                 Io::Read { prefix, .. }
                     if prefix.starts_with(H2_PREFACE) || H2_PREFACE.starts_with(prefix) && !prefix.is_empty() =>
                 {
-                    self.stats.http2_connections_skipped += 1;
-                    connection.protocol = Some(Protocol::Skipped);
+                    self.stats.http2_connections += 1;
+                    connection.protocol = Some(Protocol::Http2(Http2Connection::default()));
                 }
                 Io::Read { prefix, .. } if looks_like_request(prefix) => {
                     connection.protocol = Some(Protocol::Http1(Http1Connection::default()));
@@ -129,15 +129,45 @@ impl Tracker {
                 _ => {}
             }
         }
-        if let Some(Protocol::Http1(http)) = connection.protocol.as_mut() {
-            self.outcomes.clear();
-            http.observe(at, io, &mut self.outcomes);
-            let cgroup_id = connection.cgroup_id;
-            out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, outcome }));
+        self.outcomes.clear();
+        match connection.protocol.as_mut() {
+            Some(Protocol::Http1(http)) => http.observe(at, io, &mut self.outcomes),
+            // HTTP/2 data arrives as frame records; here only endings matter.
+            Some(Protocol::Http2(http)) if matches!(io, Io::Eof | Io::WriteError | Io::Close) => {
+                http.close(at, &mut self.outcomes)
+            }
+            _ => {}
         }
+        let cgroup_id = connection.cgroup_id;
+        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, outcome }));
         if matches!(io, Io::Close) {
             self.connections.remove(&event.connection);
         }
+    }
+
+    /// Processes the HTTP/2 frames of one read or write.
+    pub fn observe_h2(&mut self, event: &H2Event, out: &mut Vec<RequestEvent>) {
+        let at = event.timestamp_ns;
+        let connection = self.connections.entry(event.connection).or_insert_with(|| {
+            // Joined mid-stream: the kernel resynchronised on frame headers.
+            Connection { cgroup_id: event.cgroup_id, protocol: None, last_seen_ns: at }
+        });
+        connection.last_seen_ns = at;
+        if !matches!(connection.protocol, Some(Protocol::Http2(_))) {
+            self.stats.connections += u64::from(connection.protocol.is_none());
+            self.stats.http2_connections += 1;
+            connection.protocol = Some(Protocol::Http2(Http2Connection::default()));
+        }
+        let Some(Protocol::Http2(http)) = connection.protocol.as_mut() else { return };
+        let frames = &event.frames[..(event.frame_count as usize).min(event.frames.len())];
+        self.outcomes.clear();
+        if event.kind == IoKind::H2Read as u32 {
+            http.on_read(at, frames, &mut self.outcomes);
+        } else {
+            http.on_write(at, frames, &mut self.outcomes);
+        }
+        let cgroup_id = connection.cgroup_id;
+        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, outcome }));
     }
 
     /// Forgets connections idle since before `now_ns - IDLE_NS`, aborting
@@ -152,13 +182,15 @@ impl Tracker {
         for key in stale {
             if let Some(mut connection) = self.connections.remove(&key) {
                 self.stats.idle_evictions += 1;
-                if let Some(Protocol::Http1(http)) = connection.protocol.as_mut() {
-                    self.outcomes.clear();
-                    http.observe(now_ns, Io::Eof, &mut self.outcomes);
-                    out.extend(
-                        self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id: connection.cgroup_id, outcome }),
-                    );
+                self.outcomes.clear();
+                match connection.protocol.as_mut() {
+                    Some(Protocol::Http1(http)) => http.observe(now_ns, Io::Eof, &mut self.outcomes),
+                    Some(Protocol::Http2(http)) => http.close(now_ns, &mut self.outcomes),
+                    None => {}
                 }
+                out.extend(
+                    self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id: connection.cgroup_id, outcome }),
+                );
             }
         }
     }
@@ -211,16 +243,40 @@ mod tests {
         assert!(tracker.is_empty());
     }
 
-    /// HTTP/2 is recognised and skipped (counted), never parsed as HTTP/1.
+    /// HTTP/2 is recognised by its preface, never parsed as HTTP/1; its
+    /// streams come from frame records, and a close aborts open streams.
     #[test]
-    fn http2_is_skipped_and_counted() {
+    fn http2_streams_from_frame_records() {
+        use podgpu_common::{H2Frame, MAX_H2_FRAMES};
         let mut tracker = Tracker::default();
         let mut out = Vec::new();
         tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
         tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
         tracker.observe(&event(IoKind::Write, 2, 2, 9, b"\0\0\0\x04\0\0\0\0\0"), &mut out);
         assert!(out.is_empty());
-        assert_eq!(tracker.stats().http2_connections_skipped, 1);
+        assert_eq!(tracker.stats().http2_connections, 1);
+        let record = |kind: IoKind, at: u64, frames: &[H2Frame]| {
+            let mut all = [H2Frame::default(); MAX_H2_FRAMES];
+            all[..frames.len()].copy_from_slice(frames);
+            H2Event {
+                timestamp_ns: at,
+                cgroup_id: 7,
+                connection: 2,
+                bytes: 1,
+                kind: kind as u32,
+                frame_count: frames.len() as u32,
+                mode: 2,
+                _pad: 0,
+                frames: all,
+            }
+        };
+        let headers = |id, flags| H2Frame { length: 10, stream_id: id, kind: 1, flags, _pad: [0; 2] };
+        tracker.observe_h2(&record(IoKind::H2Read, 3, &[headers(1, 0x5), headers(3, 0x5)]), &mut out);
+        tracker.observe_h2(&record(IoKind::H2Write, 4, &[headers(1, 0x5)]), &mut out);
+        tracker.observe(&event(IoKind::Close, 2, 5, 0, b""), &mut out);
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert!(matches!(out[2].outcome, Outcome::Completed(_)));
+        assert!(matches!(out[3].outcome, Outcome::Aborted { started_ns: 3, at_ns: 5 }));
     }
 
     /// Idle connections are collected and their open requests aborted.
