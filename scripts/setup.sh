@@ -33,7 +33,7 @@ install_apt() {
 }
 
 step "base packages"
-need_apt build-essential pkg-config ca-certificates curl git wrk
+need_apt build-essential pkg-config ca-certificates curl git wrk prometheus
 install_apt
 note "ok"
 

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! - `probes`: loads and attaches the programs of `agent-ebpf`, drains their
-//!   ring buffer, and decodes requests (HTTP/1.1) per connection.
+//!   ring buffer, and tracks requests (HTTP/1.1, HTTP/2/gRPC) per connection.
 //! - `gpu`: the `GpuBackend` trait, NVML and simulated backends, the poller.
 //! - `pods`: cgroup path parsing, the cgroup v2 tree, label selectors,
 //!   static pod metadata.

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
-use crate::signals::metric::Metric;
+use crate::signals::metric::{Combine, Metric};
 use crate::signals::view::{Health, NodeView};
 
 type ViewRx = watch::Receiver<Arc<NodeView>>;
@@ -104,6 +104,16 @@ async fn metrics(State(view): State<ViewRx>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
+/// The identifying labels of a pod's series (dcgm-exporter's names).
+fn pod_labels(pod: &crate::signals::view::PodView) -> String {
+    format!(
+        "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
+        escape(pod.meta.namespace.as_deref().unwrap_or("")),
+        escape(pod.meta.name.as_deref().unwrap_or("")),
+        escape(&pod.meta.uid)
+    )
+}
+
 fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
@@ -125,32 +135,37 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl In
 pub fn render_metrics(view: &NodeView) -> String {
     let window_s = DEFAULT_WINDOW.as_secs_f64();
     let mut out = String::new();
-    for metric in Metric::ALL {
+    for metric in Metric::ALL.into_iter().filter(|m| m.combine() == Combine::Additive) {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let samples = view.pods.iter().filter_map(|pod| {
-            let value = pod.value(metric, window_s)?;
-            let labels = format!(
-                "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
-                escape(pod.meta.namespace.as_deref().unwrap_or("")),
-                escape(pod.meta.name.as_deref().unwrap_or("")),
-                escape(&pod.meta.uid)
-            );
-            Some((labels, value))
-        });
+        let samples = view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s)?)));
         let name = format!("podgpu_pod_{}", metric.name());
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
-
+    // Latency percentiles in base units (seconds), one gauge per quantile
+    // (Prometheus reserves the `quantile` label for summaries); triggers
+    // keep the `_ms_pNN` names.
     if view.health.probes.is_ok() {
-        let samples = view.pods.iter().flat_map(|pod| {
-            let labels = format!(
-                "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
-                escape(pod.meta.namespace.as_deref().unwrap_or("")),
-                escape(pod.meta.name.as_deref().unwrap_or("")),
-                escape(&pod.meta.uid)
+        for metric in Metric::ALL {
+            let (what, quantile) = match metric {
+                Metric::TtftMs(q) => ("ttft", q),
+                Metric::LatencyMs(q) => ("latency", q),
+                _ => continue,
+            };
+            let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
+            let samples =
+                view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s)? / 1000.0)));
+            family(
+                &mut out,
+                &name,
+                "gauge",
+                &format!("Per-pod {} over {window_s}s, in seconds.", metric.name()),
+                samples,
             );
+        }
+        let samples = view.pods.iter().flat_map(|pod| {
+            let labels = pod_labels(pod);
             [
                 ("started", pod.requests.started),
                 ("completed", pod.requests.completed),

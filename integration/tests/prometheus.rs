@@ -1,0 +1,124 @@
+//! A real Prometheus (Debian's `prometheus`) scrapes a running agent: the
+//! exposition passes `promtool check metrics`, and a PromQL query returns
+//! the expected pod's values (as root: the agent loads its eBPF probes).
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration::http::get;
+use integration::scene::{GpuSetup, Scene, TenantSpec};
+
+fn require_root() {
+    // SAFETY: no arguments, no side effects.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
+    );
+}
+
+/// A Prometheus server that is killed when dropped.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: podgpu\n    static_configs:\n      - targets: ['{target}']\n"),
+        )
+        .unwrap();
+        // A free loopback port (released just before Prometheus binds it).
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting prometheus (apt-get install prometheus; scripts/setup.sh does)");
+        Self { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// The exposition is valid for promtool, and Prometheus scrapes it: the
+/// tenant pod's simulated GPU load and request counts come back over PromQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_agent() {
+    require_root();
+    let ns = format!("prom-{}", std::process::id());
+    let mut tenant = TenantSpec::new("scraped-0", "scraped");
+    tenant.gpu_steps = vec![(1.0, 37.0)];
+    let scene =
+        Scene::start(&ns, &[tenant], GpuSetup::SimPerTenant, &["--tick-ms", "100"].map(String::from)).expect("scene");
+    let mut client = integration::http::Client::connect(scene.tenant("scraped-0").addr).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(client.request("/", b"x").await.unwrap().status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let metrics = get(scene.agent.http, "/metrics").await.unwrap().body;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    promtool.stdin.take().unwrap().write_all(&metrics).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    let prometheus = Prometheus::start(scene.agent.http);
+    let query = |promql: String| {
+        let addr = prometheus.addr;
+        async move {
+            let reply = get(addr, &format!("/api/v1/query?query={}", encode(&promql))).await.ok()?;
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+            body["data"]["result"][0]["value"][1].as_str()?.parse::<f64>().ok()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let gpu = loop {
+        if let Some(value) = query(format!("podgpu_pod_gpu_sm_util{{namespace=\"{ns}\",pod=\"scraped-0\"}}")).await {
+            break value;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never returned the pod's series");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!((gpu - 37.0).abs() < 1.0, "gpu_sm_util over PromQL: {gpu}");
+    let completed =
+        query(format!("podgpu_pod_requests_total{{namespace=\"{ns}\",pod=\"scraped-0\",outcome=\"completed\"}}"))
+            .await
+            .expect("request counter series");
+    assert_eq!(completed, 5.0);
+    let up = query("up{job=\"podgpu\"}".to_string()).await.expect("up series");
+    assert_eq!(up, 1.0);
+}
