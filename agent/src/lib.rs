@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use podgpu_proto::externalscaler::external_scaler_server::ExternalScalerServer;
+use podgpu_proto::node::node_signals_server::NodeSignalsServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -66,6 +67,8 @@ pub struct Config {
     pub gpu_interval: Duration,
     /// Exit instead of degrading when the eBPF probes cannot load.
     pub require_ebpf: bool,
+    /// Name this agent reports in the node API.
+    pub node_name: String,
 }
 
 /// Where the servers ended up listening (ports may have been 0).
@@ -153,8 +156,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         let reader = probes::requests::run_reader(ring, request_tx, reader_stats, shutdown.clone());
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
+    // KEDA's ExternalScaler and the node API share the gRPC port.
     let keda = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
+        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
     tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
     let http = axum::serve(http_listener, serve::http::router(view_rx))
@@ -181,6 +186,55 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     if result.is_ok() && !shutdown.is_cancelled() {
         bail!("agent tasks ended without a shutdown request");
+    }
+    result
+}
+
+/// What the scaler role needs.
+#[derive(Clone, Debug)]
+pub struct ScalerConfig {
+    /// KEDA ExternalScaler gRPC listen address.
+    pub keda_listen: SocketAddr,
+    /// HTTP listen address (/healthz, /metrics).
+    pub http_listen: SocketAddr,
+    /// How to reach and judge the node agents.
+    pub cluster: serve::cluster::ClusterConfig,
+}
+
+/// Runs the scaler role (no probes, no GPU: it merges the node agents'
+/// views) until `shutdown`.
+pub async fn run_scaler(
+    config: ScalerConfig,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
+    let keda_listener = TcpListener::bind(config.keda_listen)
+        .await
+        .with_context(|| format!("binding KEDA gRPC on {}", config.keda_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
+    let bound = Bound { keda: keda_listener.local_addr()?, http: http_listener.local_addr()? };
+    let cluster =
+        serve::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
+    let mut tasks = tokio::task::JoinSet::new();
+    let keda = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
+    tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
+    let http = axum::serve(http_listener, serve::scaler_http::router(cluster.view.clone()))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tasks.spawn(async move { http.await.context("HTTP server") });
+    tracing::info!(keda = %bound.keda, http = %bound.http, nodes = ?config.cluster.nodes, "podgpu scaler serving");
+    on_ready(bound);
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined.context("scaler task panicked").and_then(|r| r) {
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(err);
+            }
+        }
     }
     result
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use podgpu_agent::gpu::GpuSource;
-use podgpu_agent::{run, Bound, Config};
+use podgpu_agent::serve::cluster::ClusterConfig;
+use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -23,6 +24,27 @@ struct Cli {
 enum Role {
     /// Node agent and KEDA scaler in one process (one-node installs, the demo).
     Standalone,
+    /// Node agent (DaemonSet): probes, GPU, node API and KEDA for its own pods.
+    Node,
+    /// Scaler (Deployment): merges every node agent's pods and answers KEDA.
+    Scaler(ScalerOptions),
+}
+
+#[derive(clap::Args, Debug)]
+struct ScalerOptions {
+    /// Node agents, `host:port` (gRPC port), comma-separated; a headless
+    /// Service name resolving to every agent works too.
+    #[arg(long, env = "PODGPU_NODES", value_delimiter = ',', required = true)]
+    nodes: Vec<String>,
+    /// Milliseconds between polls of the node agents.
+    #[arg(long, env = "PODGPU_POLL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    poll_ms: u64,
+    /// Milliseconds a node agent has to answer one poll.
+    #[arg(long, env = "PODGPU_NODE_DEADLINE_MS", default_value_t = 400, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    node_deadline_ms: u64,
+    /// Seconds a silent node's last snapshot is still used.
+    #[arg(long, env = "PODGPU_NODE_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    node_grace_s: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,8 +85,32 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let Role::Standalone = cli.role.unwrap_or(Role::Standalone);
     let options = cli.options;
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    // One machine-readable line on stdout for scripts and tests that start
+    // the agent on port 0.
+    let ready = |bound: Bound| {
+        println!("{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}", bound.keda, bound.http);
+    };
+    if let Some(Role::Scaler(scaler)) = cli.role {
+        let config = ScalerConfig {
+            keda_listen: options.keda_listen,
+            http_listen: options.http_listen,
+            cluster: ClusterConfig {
+                nodes: scaler.nodes,
+                poll_interval: Duration::from_millis(scaler.poll_ms),
+                deadline: Duration::from_millis(scaler.node_deadline_ms),
+                grace: Duration::from_secs(scaler.node_grace_s),
+            },
+        };
+        return run_scaler(config, shutdown, ready).await;
+    }
     let config = Config {
         keda_listen: options.keda_listen,
         http_listen: options.http_listen,
@@ -75,21 +121,17 @@ async fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
+        node_name: std::env::var("NODE_NAME").unwrap_or_else(|_| hostname()),
     };
 
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        on_signal.cancel();
-    });
-    run(config, shutdown, |bound: Bound| {
-        // One machine-readable line on stdout for scripts and tests that
-        // start the agent on port 0.
-        println!("{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}", bound.keda, bound.http);
-    })
-    .await
+    run(config, shutdown, ready).await
+}
+
+/// The host's name, for the node API when NODE_NAME is not set.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 async fn wait_for_signal() {

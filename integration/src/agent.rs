@@ -22,11 +22,26 @@ impl AgentProcess {
     /// Starts `podgpu-agent standalone` with `args` on loopback ports chosen
     /// by the kernel, and returns once both servers accept connections.
     pub fn start(binary: &PathBuf, args: &[String]) -> anyhow::Result<Self> {
+        Self::start_role(binary, "standalone", args)
+    }
+
+    /// Starts `podgpu-agent ROLE` (standalone, node, scaler) with `args`.
+    pub fn start_role(binary: &PathBuf, role: &str, args: &[String]) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         crate::detach_from_terminal(&mut command);
         let mut child = command
-            .arg("standalone")
-            .args(["--keda-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .arg(role)
+            // Kernel-chosen loopback ports unless the caller pins them.
+            .args(if args.iter().any(|a| a == "--keda-listen") {
+                &[][..]
+            } else {
+                &["--keda-listen", "127.0.0.1:0"][..]
+            })
+            .args(if args.iter().any(|a| a == "--http-listen") {
+                &[][..]
+            } else {
+                &["--http-listen", "127.0.0.1:0"][..]
+            })
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()))
             .env("NO_COLOR", "1")

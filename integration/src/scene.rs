@@ -80,13 +80,35 @@ pub struct Scene {
     pub namespace: String,
     /// cgroup v2 root used.
     pub cgroup_root: PathBuf,
+    /// The agent's arguments, for restarts.
+    agent_args: Vec<String>,
+    /// A nested root this scene created (a simulated node), removed on drop.
+    node_root: Option<PathBuf>,
     _files: tempfile::TempDir,
 }
 
 impl Scene {
     /// Creates the tenants, writes metadata (and scenario), starts the agent.
     pub fn start(namespace: &str, specs: &[TenantSpec], gpu: GpuSetup, extra_args: &[String]) -> anyhow::Result<Self> {
-        let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?;
+        Self::start_on(None, namespace, specs, gpu, extra_args)
+    }
+
+    /// Like `start`, on a simulated node: the pods live under a nested
+    /// cgroup root `<v2 root>/<node>` and the agent watches only that root,
+    /// as each node's agent sees only its own pods.
+    pub fn start_on(
+        node: Option<&str>,
+        namespace: &str,
+        specs: &[TenantSpec],
+        gpu: GpuSetup,
+        extra_args: &[String],
+    ) -> anyhow::Result<Self> {
+        let host_root = podgpu_agent::pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?;
+        let node_root = node.map(|name| host_root.join(name));
+        if let Some(root) = &node_root {
+            std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        }
+        let cgroup_root = node_root.clone().unwrap_or(host_root);
         let files = tempfile::Builder::new().prefix("podgpu-scene-").tempdir()?;
         let mut tenants = Vec::new();
         for spec in specs {
@@ -134,14 +156,53 @@ impl Scene {
         };
         let mut args =
             vec!["--gpu".to_string(), gpu_arg, "--pod-metadata".to_string(), metadata_path.display().to_string()];
+        if node_root.is_some() {
+            args.extend(["--cgroup-root".to_string(), cgroup_root.display().to_string()]);
+        }
         args.extend_from_slice(extra_args);
         let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
-        Ok(Self { agent, tenants, namespace: namespace.to_string(), cgroup_root, _files: files })
+        Ok(Self {
+            agent,
+            tenants,
+            namespace: namespace.to_string(),
+            cgroup_root,
+            agent_args: args,
+            node_root,
+            _files: files,
+        })
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one with the same
+    /// arguments on the same gRPC address (as a restarted pod behind the
+    /// same Service endpoint).
+    pub fn restart_agent(&mut self) -> anyhow::Result<()> {
+        let keda = self.agent.keda;
+        self.agent.stop(std::time::Duration::from_secs(5));
+        let mut args = self.agent_args.clone();
+        args.extend(["--keda-listen".to_string(), keda.to_string()]);
+        self.agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
+        Ok(())
+    }
+
+    /// Stops the agent and its tenants and removes the simulated node's root.
+    fn teardown(&mut self) {
+        self.agent.stop(std::time::Duration::from_secs(5));
+        self.tenants.clear();
+        if let Some(root) = &self.node_root {
+            let _ = std::fs::remove_dir(root.join("kubepods.slice"));
+            let _ = std::fs::remove_dir(root);
+        }
     }
 
     /// The tenant named `name`.
     pub fn tenant(&self, name: &str) -> &Tenant {
         self.tenants.iter().find(|t| t.spec.name == name).unwrap_or_else(|| panic!("no tenant {name}"))
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.teardown();
     }
 }
 

@@ -1,9 +1,15 @@
-//! gRPC code generated from `proto/`: KEDA's ExternalScaler contract, used by
-//! the agent's scaler (server side) and by tests and the demo (client side,
-//! speaking exactly as KEDA does).
+//! gRPC code generated from `proto/`: KEDA's ExternalScaler contract (the
+//! agent's scaler serves it; tests and the demo speak it as KEDA does), and
+//! podgpu's own node API (node agents serve it; the scaler role reads it).
 
 /// KEDA's `externalscaler` package.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod externalscaler {
     tonic::include_proto!("externalscaler");
+}
+
+/// podgpu's node API (`podgpu.node.v1`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod node {
+    tonic::include_proto!("podgpu.node.v1");
 }

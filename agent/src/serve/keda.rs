@@ -6,6 +6,7 @@
 //! int64 ones when the float is 0.
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use podgpu_proto::externalscaler::external_scaler_server::ExternalScaler;
 use podgpu_proto::externalscaler::{
@@ -17,22 +18,74 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::cluster::ClusterHandle;
 use super::trigger::Trigger;
-use crate::signals::aggregate::{workload_value, WorkloadQuery, WorkloadValue};
+use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
 use crate::signals::view::NodeView;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// The ExternalScaler service over this node's published view.
+/// Where answers come from: this node's view (standalone) or the merged
+/// view of all node agents (scaler role). Both are read from memory.
+#[derive(Clone)]
+pub enum Signals {
+    /// This agent's own pods.
+    Local(watch::Receiver<Arc<NodeView>>),
+    /// Every node agent's pods.
+    Cluster(ClusterHandle),
+}
+
+/// How long a KEDA call may wait for a window no snapshot carries yet.
+const NEW_WINDOW_WAIT: Duration = Duration::from_secs(3);
+
+impl Signals {
+    async fn evaluate(&self, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
+        let query = WorkloadQuery {
+            namespace,
+            selector: &trigger.pod_selector,
+            metric: trigger.metric,
+            window_s: trigger.window.as_secs_f64(),
+            aggregation: trigger.aggregation,
+        };
+        match self {
+            Signals::Local(view) => {
+                let view = view.borrow().clone();
+                workload_value(&view, &query).map_err(ScalerError::Unavailable)
+            }
+            Signals::Cluster(cluster) => {
+                let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
+                if let Some(reason) = view.unavailable(trigger.metric, namespace) {
+                    return Err(ScalerError::Unavailable(reason));
+                }
+                combine(view.pods(), &query).map_err(ScalerError::Unavailable)
+            }
+        }
+    }
+
+    /// Waits until the underlying view changes; false when it never will.
+    async fn changed(&mut self) -> bool {
+        match self {
+            Signals::Local(view) => view.changed().await.is_ok(),
+            Signals::Cluster(cluster) => cluster.view.changed().await.is_ok(),
+        }
+    }
+}
+
+/// The ExternalScaler service.
 #[derive(Clone)]
 pub struct KedaScaler {
-    view: watch::Receiver<Arc<NodeView>>,
+    signals: Signals,
 }
 
 impl KedaScaler {
-    /// A scaler answering from `view`.
+    /// A scaler answering from this node's published view.
     pub fn new(view: watch::Receiver<Arc<NodeView>>) -> Self {
-        Self { view }
+        Self { signals: Signals::Local(view) }
+    }
+
+    /// A scaler answering from every node agent (the scaler role).
+    pub fn for_cluster(cluster: ClusterHandle) -> Self {
+        Self { signals: Signals::Cluster(cluster) }
     }
 }
 
@@ -64,18 +117,6 @@ fn trigger_of(scaled_object: &ScaledObjectRef) -> Result<Trigger, ScalerError> {
     Trigger::from_metadata(&scaled_object.scaler_metadata).map_err(|err| ScalerError::Invalid(err.to_string()))
 }
 
-/// The workload's value for `trigger` in `view`.
-fn evaluate(view: &NodeView, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
-    let query = WorkloadQuery {
-        namespace,
-        selector: &trigger.pod_selector,
-        metric: trigger.metric,
-        window_s: trigger.window.as_secs_f64(),
-        aggregation: trigger.aggregation,
-    };
-    workload_value(view, &query).map_err(ScalerError::Unavailable)
-}
-
 /// KEDA reads `metricValue`/`targetSize` when the float field is 0; keep
 /// the two consistent and saturate instead of overflowing.
 fn as_int(value: f64) -> i64 {
@@ -87,8 +128,7 @@ impl ExternalScaler for KedaScaler {
     async fn is_active(&self, request: Request<ScaledObjectRef>) -> Result<Response<IsActiveResponse>, Status> {
         let scaled_object = request.into_inner();
         let trigger = trigger_of(&scaled_object)?;
-        let view = self.view.borrow().clone();
-        let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
+        let value = self.signals.evaluate(&scaled_object.namespace, &trigger).await?;
         Ok(Response::new(IsActiveResponse { result: value.value > trigger.activation_target }))
     }
 
@@ -100,15 +140,14 @@ impl ExternalScaler for KedaScaler {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let scaled_object = request.into_inner();
         let trigger = trigger_of(&scaled_object)?;
-        let mut view = self.view.clone();
+        let mut signals = self.signals.clone();
         let (sender, receiver) = mpsc::channel(4);
         tokio::spawn(async move {
             // Sends the first state at once, then only changes: a `true`
             // reaches KEDA within one collector tick of the load appearing.
             let mut last_sent = None;
             loop {
-                let current = view.borrow_and_update().clone();
-                match evaluate(&current, &scaled_object.namespace, &trigger) {
+                match signals.evaluate(&scaled_object.namespace, &trigger).await {
                     Ok(value) => {
                         let active = value.value > trigger.activation_target;
                         if last_sent != Some(active) {
@@ -123,7 +162,7 @@ impl ExternalScaler for KedaScaler {
                     }
                 }
                 tokio::select! {
-                    changed = view.changed() => if changed.is_err() { break },
+                    changed = signals.changed() => if !changed { break },
                     _ = sender.closed() => break,
                 }
             }
@@ -153,8 +192,7 @@ impl ExternalScaler for KedaScaler {
         let scaled_object =
             request.scaled_object_ref.ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
         let trigger = trigger_of(&scaled_object)?;
-        let view = self.view.borrow().clone();
-        let value = evaluate(&view, &scaled_object.namespace, &trigger)?;
+        let value = self.signals.evaluate(&scaled_object.namespace, &trigger).await?;
         let metric_name = if request.metric_name.is_empty() { trigger.metric_name() } else { request.metric_name };
         tracing::debug!(
             scaled_object = %scaled_object.name, namespace = %scaled_object.namespace,

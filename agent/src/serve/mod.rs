@@ -1,5 +1,9 @@
-//! Serving: KEDA's ExternalScaler (gRPC) and the agent's HTTP endpoints,
-//! both answering from the collector's latest published view.
+//! Serving: KEDA's ExternalScaler (gRPC), the node API (gRPC, for the
+//! scaler role) and the agent's HTTP endpoints, all answering from the
+//! latest published view; and the scaler role's view of all nodes.
+pub mod cluster;
 pub mod http;
 pub mod keda;
+pub mod node_api;
+pub mod scaler_http;
 pub mod trigger;

@@ -6,8 +6,9 @@
 //! for metrics a user wants to treat as per-pod levels.
 use super::latency::{new_histogram, quantile_ms};
 use super::metric::{Combine, Metric};
-use super::view::NodeView;
+use super::view::{NodeView, PodView};
 use crate::pods::selector::LabelSelector;
+use hdrhistogram::Histogram;
 
 /// How pod values combine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,17 +46,63 @@ pub struct WorkloadValue {
     pub pods: usize,
 }
 
-/// The workload's value, or the reason the metric's source cannot serve.
+/// What aggregation needs from a pod: local pods (`PodView`) and pods of
+/// remote node snapshots (the scaler role) both provide it.
+pub trait PodSignals {
+    /// Namespace, when known.
+    fn namespace(&self) -> Option<&str>;
+    /// Pod labels.
+    fn labels(&self) -> &std::collections::BTreeMap<String, String>;
+    /// Name for messages (name, else UID).
+    fn display_name(&self) -> &str;
+    /// Value of an additive metric over the window (`None`: no value yet).
+    fn value(&self, metric: Metric, window_s: f64) -> Option<f64>;
+    /// Adds the pod's TTFT or latency distribution over the window to `into`.
+    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>);
+    /// Why the pod can never have the metric (MIG, MPS).
+    fn unavailable_reason(&self, metric: Metric) -> Option<&str>;
+}
+
+impl PodSignals for PodView {
+    fn namespace(&self) -> Option<&str> {
+        self.meta.namespace.as_deref()
+    }
+    fn labels(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.meta.labels
+    }
+    fn display_name(&self) -> &str {
+        self.meta.name.as_deref().unwrap_or(&self.meta.uid)
+    }
+    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+        PodView::value(self, metric, window_s)
+    }
+    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>) {
+        PodView::merge_latencies(self, metric, window_s, into)
+    }
+    fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
+        PodView::unavailable_reason(self, metric)
+    }
+}
+
+/// The workload's value on this node, or the reason the metric's source
+/// cannot serve.
 pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<WorkloadValue, String> {
     let status = view.source_status(query.metric);
     if !status.is_ok() {
         return Err(format!("{} is unavailable on this node: {status:?}", query.metric));
     }
-    let selected: Vec<_> = view
-        .pods
-        .iter()
-        .filter(|pod| pod.meta.namespace.as_deref() == Some(query.namespace))
-        .filter(|pod| query.selector.matches(&pod.meta.labels))
+    combine(view.pods.iter(), query)
+}
+
+/// Combines the selected pods among `pods` into one workload value.
+pub fn combine<'a, P: PodSignals + 'a>(
+    pods: impl IntoIterator<Item = &'a P>,
+    query: &WorkloadQuery<'_>,
+) -> Result<WorkloadValue, String> {
+    let selected: Vec<&P> = pods
+        .into_iter()
+        .filter(|pod| pod.namespace() == Some(query.namespace))
+        .filter(|pod| query.selector.matches(pod.labels()))
         .collect();
     // One pod that cannot be measured makes the whole sum wrong: say so
     // instead of under-reporting.
@@ -64,7 +111,7 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
             "{} is unavailable for pod {}/{}: {reason}",
             query.metric,
             query.namespace,
-            pod.meta.name.as_deref().unwrap_or(&pod.meta.uid)
+            pod.display_name()
         ));
     }
     if let Combine::Percentile(quantile) = query.metric.combine() {
@@ -78,9 +125,8 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
         let percentile = quantile_ms(&merged, quantile.fraction()).unwrap_or(0.0);
         return Ok(WorkloadValue { value: percentile * selected.len() as f64, pods: selected.len() });
     }
-    let values = selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s));
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
-    for value in values {
+    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s)) {
         sum += value;
         max = max.max(value);
         pods += 1;

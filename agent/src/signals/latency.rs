@@ -49,6 +49,23 @@ pub fn new_histogram() -> Histogram<u32> {
     empty()
 }
 
+/// A histogram as (value µs, count) pairs, flattened, for the node API.
+pub fn encode_buckets(histogram: &Histogram<u32>) -> Vec<u64> {
+    histogram
+        .iter_recorded()
+        .flat_map(|bucket| [bucket.value_iterated_to(), u64::from(bucket.count_at_value())])
+        .collect()
+}
+
+/// Adds buckets encoded by `encode_buckets` into `into` (odd trailing
+/// entries and out-of-range values are ignored).
+pub fn decode_buckets_into(buckets: &[u64], into: &mut Histogram<u32>) {
+    for pair in buckets.chunks_exact(2) {
+        let count = u32::try_from(pair[1]).unwrap_or(u32::MAX);
+        let _ = into.record_n(pair[0].clamp(LOWEST_US, HIGHEST_US), count);
+    }
+}
+
 /// A rolling window of latency slots, owned by the collector.
 #[derive(Debug)]
 pub struct LatencyWindow {
@@ -121,6 +138,24 @@ mod tests {
         assert_eq!(all.len(), 200);
         assert!((quantile_ms(&all, 0.25).unwrap() - 10.0).abs() < 0.1);
         assert_eq!(quantile_ms(&new_histogram(), 0.5), None);
+    }
+
+    /// Encoding and decoding keeps every quantile (to the histogram's own
+    /// resolution) and the count, so remote merges equal local ones.
+    #[test]
+    fn buckets_round_trip() {
+        let mut original = new_histogram();
+        for value in [120u64, 5_000, 5_000, 77_777, 1_000_000] {
+            original.record(value).unwrap();
+        }
+        let mut decoded = new_histogram();
+        decode_buckets_into(&encode_buckets(&original), &mut decoded);
+        assert_eq!(decoded.len(), original.len());
+        for q in [0.1, 0.5, 0.9, 0.99] {
+            assert_eq!(decoded.value_at_quantile(q), original.value_at_quantile(q));
+        }
+        decode_buckets_into(&[1, 2, 3], &mut decoded);
+        assert_eq!(decoded.len(), original.len() + 2);
     }
 
     /// Old slots are dropped after the retention; snapshots share closed slots.

@@ -1,0 +1,307 @@
+//! The scaler role's view of every node agent: one task resolves the node
+//! addresses (a static list or a headless Service's DNS name), polls each
+//! node's API in parallel with a deadline, keeps the last good snapshot of
+//! an unreachable node for a grace period, then drops it, and publishes an
+//! immutable `ClusterView` that KEDA calls are answered from.
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use podgpu_proto::node::node_signals_client::NodeSignalsClient;
+use podgpu_proto::node::{SnapshotRequest, WindowValues};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::signals::aggregate::PodSignals;
+use crate::signals::latency::decode_buckets_into;
+use crate::signals::metric::{Metric, MetricSource};
+
+/// How the scaler reaches and judges node agents.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `host:port` entries; a name resolving to several addresses (headless
+    /// Service) yields one node per address.
+    pub nodes: Vec<String>,
+    /// Time between polls.
+    pub poll_interval: Duration,
+    /// Deadline of one node's answer.
+    pub deadline: Duration,
+    /// How long a node's last good snapshot is used after it stops answering.
+    pub grace: Duration,
+}
+
+/// A pod from a node snapshot, decoded once per poll.
+#[derive(Debug)]
+pub struct RemotePod {
+    namespace: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    windows: Vec<WindowValues>,
+    unavailable: HashMap<String, String>,
+}
+
+impl RemotePod {
+    fn window(&self, window_s: f64) -> Option<&WindowValues> {
+        self.windows.iter().find(|w| (w.window_s - window_s).abs() < 1e-6)
+    }
+}
+
+impl PodSignals for RemotePod {
+    fn namespace(&self) -> Option<&str> {
+        (!self.namespace.is_empty()).then_some(self.namespace.as_str())
+    }
+    fn labels(&self) -> &BTreeMap<String, String> {
+        &self.labels
+    }
+    fn display_name(&self) -> &str {
+        &self.name
+    }
+    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+        self.window(window_s)?.values.get(metric.name()).copied()
+    }
+    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>) {
+        let Some(window) = self.window(window_s) else { return };
+        match metric {
+            Metric::TtftMs(_) => decode_buckets_into(&window.ttft_us, into),
+            Metric::LatencyMs(_) => decode_buckets_into(&window.latency_us, into),
+            _ => {}
+        }
+    }
+    fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
+        self.unavailable.get(metric.name()).map(String::as_str)
+    }
+}
+
+/// One node as the scaler sees it.
+#[derive(Debug)]
+pub struct NodeEntry {
+    /// The agent's address.
+    pub addr: SocketAddr,
+    /// Its pods at the last good snapshot (shared with the poller).
+    pub pods: Arc<Vec<RemotePod>>,
+    /// Sources the node reported down, by name ("gpu", "probes").
+    pub unavailable_sources: HashMap<String, String>,
+    /// Seconds since that snapshot.
+    pub age_s: f64,
+    /// Why the latest poll failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Everything the scaler knows, published after every poll.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    /// Nodes with a snapshot within the grace period.
+    pub nodes: Vec<NodeEntry>,
+    /// Node addresses resolved (covered or not).
+    pub nodes_total: usize,
+    /// Windows every node snapshot carries.
+    pub windows: Vec<f64>,
+}
+
+impl ClusterView {
+    /// All pods of covered nodes.
+    pub fn pods(&self) -> impl Iterator<Item = &RemotePod> {
+        self.nodes.iter().flat_map(|node| node.pods.iter())
+    }
+
+    /// The reason `metric` cannot be served for pods of `namespace`: a node
+    /// hosting them reports the metric's source down.
+    pub fn unavailable(&self, metric: Metric, namespace: &str) -> Option<String> {
+        let source = match metric.source() {
+            MetricSource::Gpu => "gpu",
+            MetricSource::Probes => "probes",
+        };
+        self.nodes.iter().find_map(|node| {
+            let reason = node.unavailable_sources.get(source)?;
+            node.pods
+                .iter()
+                .any(|pod| pod.namespace == namespace)
+                .then(|| format!("{metric} is unavailable on node {}: {reason}", node.addr))
+        })
+    }
+}
+
+/// Handle to the cluster task: the published view and a way to ask for
+/// another window.
+#[derive(Clone)]
+pub struct ClusterHandle {
+    /// Latest view.
+    pub view: watch::Receiver<Arc<ClusterView>>,
+    windows: mpsc::Sender<f64>,
+}
+
+impl ClusterHandle {
+    /// Makes sure snapshots carry `window_s`; returns once a view has it
+    /// (or after `wait`).
+    pub async fn ensure_window(&self, window_s: f64, wait: Duration) -> Arc<ClusterView> {
+        let mut view = self.view.clone();
+        let has = |v: &ClusterView| v.windows.iter().any(|w| (w - window_s).abs() < 1e-6);
+        if has(&view.borrow()) {
+            return view.borrow().clone();
+        }
+        let _ = self.windows.send(window_s).await;
+        let _ = tokio::time::timeout(wait, async {
+            while view.changed().await.is_ok() {
+                if has(&view.borrow_and_update()) {
+                    break;
+                }
+            }
+        })
+        .await;
+        let latest = view.borrow().clone();
+        latest
+    }
+}
+
+/// A node's last good snapshot, decoded.
+struct GoodSnapshot {
+    at: Instant,
+    pods: Arc<Vec<RemotePod>>,
+    unavailable_sources: HashMap<String, String>,
+}
+
+struct NodeState {
+    client: Option<NodeSignalsClient<Channel>>,
+    snapshot: Option<GoodSnapshot>,
+    last_error: Option<String>,
+}
+
+/// Windows kept in the poll set: the default plus recently requested ones.
+const MAX_POLLED_WINDOWS: usize = 8;
+
+/// Starts the cluster task; it stops with `shutdown`.
+pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: CancellationToken) -> ClusterHandle {
+    let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
+    let (window_tx, mut window_rx) = mpsc::channel::<f64>(16);
+    tokio::spawn(async move {
+        let mut windows = vec![default_window_s];
+        let mut nodes: HashMap<SocketAddr, NodeState> = HashMap::new();
+        let mut ticker = tokio::time::interval(config.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut covered_before = usize::MAX;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+                Some(window) = window_rx.recv() => {
+                    if !windows.iter().any(|w| (w - window).abs() < 1e-6) {
+                        if windows.len() >= MAX_POLLED_WINDOWS {
+                            windows.remove(1);
+                        }
+                        windows.push(window);
+                    }
+                }
+            }
+            let addresses = resolve(&config.nodes).await;
+            nodes.retain(|addr, _| addresses.contains(addr));
+            for addr in &addresses {
+                nodes.entry(*addr).or_insert(NodeState { client: None, snapshot: None, last_error: None });
+            }
+            poll_all(&mut nodes, &windows, config.deadline).await;
+            let view = publish(&nodes, &windows, config.grace);
+            if view.nodes.len() != covered_before {
+                tracing::info!(covered = view.nodes.len(), total = view.nodes_total, "scaler node coverage changed");
+                covered_before = view.nodes.len();
+            }
+            view_tx.send_replace(Arc::new(view));
+        }
+    });
+    ClusterHandle { view: view_rx, windows: window_tx }
+}
+
+async fn resolve(entries: &[String]) -> Vec<SocketAddr> {
+    let mut addresses = Vec::new();
+    for entry in entries {
+        match tokio::net::lookup_host(entry.as_str()).await {
+            Ok(found) => addresses.extend(found),
+            Err(err) => tracing::debug!(node = %entry, error = %err, "resolving node agent address"),
+        }
+    }
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses
+}
+
+async fn poll_all(nodes: &mut HashMap<SocketAddr, NodeState>, windows: &[f64], deadline: Duration) {
+    let mut polls = tokio::task::JoinSet::new();
+    for (addr, state) in nodes.iter_mut() {
+        let addr = *addr;
+        let client = state.client.clone();
+        let request = SnapshotRequest { windows_s: windows.to_vec() };
+        polls.spawn(async move {
+            let result = tokio::time::timeout(deadline, async {
+                let mut client = match client {
+                    Some(client) => client,
+                    None => {
+                        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                            .map_err(|e| e.to_string())?
+                            .connect_timeout(deadline);
+                        NodeSignalsClient::new(endpoint.connect().await.map_err(|e| e.to_string())?)
+                    }
+                };
+                let snapshot = client.snapshot(request).await.map_err(|status| status.message().to_string())?;
+                Ok::<_, String>((client, snapshot.into_inner()))
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")));
+            (addr, result)
+        });
+    }
+    while let Some(joined) = polls.join_next().await {
+        let Ok((addr, result)) = joined else { continue };
+        let Some(state) = nodes.get_mut(&addr) else { continue };
+        match result {
+            Ok((client, snapshot)) => {
+                state.client = Some(client);
+                state.snapshot = Some(GoodSnapshot {
+                    at: Instant::now(),
+                    pods: Arc::new(decode(snapshot.pods)),
+                    unavailable_sources: snapshot.unavailable_sources,
+                });
+                state.last_error = None;
+            }
+            Err(error) => {
+                if state.last_error.is_none() {
+                    tracing::warn!(node = %addr, %error, "node agent did not answer");
+                }
+                // A broken channel is rebuilt on the next poll.
+                state.client = None;
+                state.last_error = Some(error);
+            }
+        }
+    }
+}
+
+fn decode(pods: Vec<podgpu_proto::node::PodSignals>) -> Vec<RemotePod> {
+    pods.into_iter()
+        .map(|pod| RemotePod {
+            namespace: pod.namespace,
+            name: if pod.name.is_empty() { pod.uid } else { pod.name },
+            labels: pod.labels.into_iter().collect(),
+            windows: pod.windows,
+            unavailable: pod.unavailable,
+        })
+        .collect()
+}
+
+fn publish(nodes: &HashMap<SocketAddr, NodeState>, windows: &[f64], grace: Duration) -> ClusterView {
+    let mut view = ClusterView { nodes: Vec::new(), nodes_total: nodes.len(), windows: windows.to_vec() };
+    for (addr, state) in nodes {
+        let Some(good) = &state.snapshot else { continue };
+        if good.at.elapsed() > grace {
+            continue;
+        }
+        view.nodes.push(NodeEntry {
+            addr: *addr,
+            pods: good.pods.clone(),
+            unavailable_sources: good.unavailable_sources.clone(),
+            age_s: good.at.elapsed().as_secs_f64(),
+            last_error: state.last_error.clone(),
+        });
+    }
+    view.nodes.sort_by_key(|node| node.addr);
+    view
+}

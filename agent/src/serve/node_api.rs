@@ -1,0 +1,98 @@
+//! The node API (`podgpu.node.v1.NodeSignals`): a node agent's pods with
+//! their values over the windows the caller asks for, and latency
+//! histograms as mergeable buckets. The scaler role polls it on every node.
+use std::sync::Arc;
+
+use podgpu_proto::node::node_signals_server::NodeSignals;
+use podgpu_proto::node::{NodeSnapshot, PodSignals as PodMessage, SnapshotRequest, WindowValues};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
+use crate::signals::latency::{encode_buckets, new_histogram};
+use crate::signals::metric::{Combine, Metric, MetricSource, Quantile};
+use crate::signals::view::NodeView;
+
+/// Most windows one request may ask for.
+const MAX_WINDOWS: usize = 8;
+
+/// The node API over this agent's published view.
+pub struct NodeApi {
+    node: String,
+    view: watch::Receiver<Arc<NodeView>>,
+}
+
+impl NodeApi {
+    /// Serves `view` under the name `node`.
+    pub fn new(node: String, view: watch::Receiver<Arc<NodeView>>) -> Self {
+        Self { node, view }
+    }
+}
+
+/// The snapshot of `view` for `windows`.
+pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
+    let sources = [(MetricSource::Gpu, "gpu", &view.health.gpu), (MetricSource::Probes, "probes", &view.health.probes)];
+    let unavailable_sources = sources
+        .iter()
+        .filter(|(_, _, status)| !status.is_ok())
+        .map(|(_, name, status)| (name.to_string(), format!("{status:?}")))
+        .collect();
+    let serving = |metric: Metric| view.source_status(metric).is_ok();
+    let pods = view
+        .pods
+        .iter()
+        .map(|pod| PodMessage {
+            uid: pod.meta.uid.clone(),
+            namespace: pod.meta.namespace.clone().unwrap_or_default(),
+            name: pod.meta.name.clone().unwrap_or_default(),
+            labels: pod.meta.labels.clone().into_iter().collect(),
+            windows: windows
+                .iter()
+                .map(|&window_s| {
+                    let values = Metric::ALL
+                        .into_iter()
+                        .filter(|m| m.combine() == Combine::Additive && serving(*m))
+                        .filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s)?)))
+                        .collect();
+                    let buckets = |metric: Metric| {
+                        if !serving(metric) {
+                            return Vec::new();
+                        }
+                        let mut merged = new_histogram();
+                        pod.merge_latencies(metric, window_s, &mut merged);
+                        encode_buckets(&merged)
+                    };
+                    WindowValues {
+                        window_s,
+                        values,
+                        ttft_us: buckets(Metric::TtftMs(Quantile::P50)),
+                        latency_us: buckets(Metric::LatencyMs(Quantile::P50)),
+                    }
+                })
+                .collect(),
+            unavailable: Metric::ALL
+                .into_iter()
+                .filter_map(|m| Some((m.name().to_string(), pod.unavailable_reason(m)?.to_string())))
+                .collect(),
+        })
+        .collect();
+    NodeSnapshot { node: node.to_string(), pods, unavailable_sources, at_s: view.at_s }
+}
+
+#[tonic::async_trait]
+impl NodeSignals for NodeApi {
+    async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
+        let mut windows = request.into_inner().windows_s;
+        if windows.is_empty() {
+            windows.push(DEFAULT_WINDOW.as_secs_f64());
+        }
+        if windows.len() > MAX_WINDOWS {
+            return Err(Status::invalid_argument(format!("windows_s: at most {MAX_WINDOWS} windows")));
+        }
+        if let Some(bad) = windows.iter().find(|w| !(w.is_finite() && **w > 0.0 && **w <= MAX_WINDOW.as_secs_f64())) {
+            return Err(Status::invalid_argument(format!("windows_s: {bad} is not in (0, {}]", MAX_WINDOW.as_secs())));
+        }
+        let view = self.view.borrow().clone();
+        Ok(Response::new(snapshot(&self.node, &view, &windows)))
+    }
+}

@@ -1,0 +1,110 @@
+//! The scaler role over three node agents on loopback, each node a nested
+//! cgroup root with its own pods (as root, real probes, simulated GPUs):
+//! KEDA's protocol gets workload answers summed across nodes, percentiles
+//! merged across nodes, last-known-good while a node is down, exclusion
+//! after the grace period, and recovery when it returns.
+use std::time::{Duration, Instant};
+
+use integration::agent::AgentProcess;
+use integration::http::{get, Client, StreamSpec};
+use integration::keda::{scaled_object, KedaClient};
+use integration::scene::{GpuSetup, Scene, TenantSpec};
+use integration::workspace_binary;
+
+fn require_root() {
+    // SAFETY: no arguments, no side effects.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
+    );
+}
+
+fn node(name: &str, ns: &str, pod: &str, app: &str, gpu_percent: f64) -> Scene {
+    let mut tenant = TenantSpec::new(pod, app);
+    tenant.gpu_steps = vec![(1.0, gpu_percent)];
+    let args = ["--tick-ms", "100", "--gpu-interval-ms", "200"].map(String::from);
+    Scene::start_on(Some(name), ns, &[tenant], GpuSetup::SimPerTenant, &args).expect("node scene starts")
+}
+
+async fn value_eventually(
+    keda: &mut KedaClient,
+    trigger: &podgpu_proto::externalscaler::ScaledObjectRef,
+    metric: &str,
+    expected: f64,
+    within: Duration,
+) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let value = keda.poll(trigger, metric).await.map(|p| p.value).unwrap_or(f64::NAN);
+        if (value - expected).abs() < 1.5 || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Workload values come from all nodes; a killed node keeps its last good
+/// values for the grace period, is then excluded, and counts again once
+/// restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaler_merges_nodes_and_survives_a_node_restart() {
+    require_root();
+    let pid = std::process::id();
+    let ns = format!("cluster-{pid}");
+    let node_a = node(&format!("podgpu-node-a-{pid}"), &ns, "llm-a", "llm", 20.0);
+    let mut node_b = node(&format!("podgpu-node-b-{pid}"), &ns, "llm-b", "llm", 30.0);
+    let node_c = node(&format!("podgpu-node-c-{pid}"), &ns, "other-c", "other", 50.0);
+    let nodes = [&node_a, &node_b, &node_c].map(|n| n.agent.keda.to_string()).join(",");
+    let args =
+        ["--nodes", &nodes, "--poll-ms", "200", "--node-deadline-ms", "300", "--node-grace-s", "3"].map(String::from);
+    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args).expect("scaler starts");
+    let mut keda = KedaClient::connect(scaler.keda).await.expect("connect to the scaler");
+
+    let gpu = scaled_object(
+        &ns,
+        "llm",
+        &[("metric", "gpu_sm_util"), ("target", "10"), ("podSelector", "app=llm"), ("window", "2s")],
+    );
+    let spec = keda.metric_spec(&gpu).await.expect("GetMetricSpec");
+    assert_eq!(spec[0].target_size_float, 10.0);
+    let merged = value_eventually(&mut keda, &gpu, "gpu", 50.0, Duration::from_secs(10)).await;
+    assert!((merged - 50.0).abs() < 1.5, "llm pods on nodes a and b: {merged}");
+    let other = scaled_object(
+        &ns,
+        "other",
+        &[("metric", "gpu_sm_util"), ("target", "10"), ("podSelector", "app=other"), ("window", "2s")],
+    );
+    assert!((value_eventually(&mut keda, &other, "gpu", 50.0, Duration::from_secs(5)).await - 50.0).abs() < 1.5);
+
+    // Percentiles merge histograms across nodes: streams of 60 ms on a, 180 ms on b.
+    for (scene, first_ms) in [(&node_a, 60), (&node_b, 180)] {
+        let mut client = Client::connect(scene.tenants[0].addr).await.unwrap();
+        for _ in 0..5 {
+            client.stream(&StreamSpec { first_ms, chunks: 1, chunk_ms: 0 }.path()).await.unwrap();
+        }
+    }
+    let ttft = scaled_object(
+        &ns,
+        "llm",
+        &[("metric", "ttft_ms_p90"), ("target", "100"), ("podSelector", "app=llm"), ("window", "30s")],
+    );
+    // p90 of the merged 10 samples is a 180 ms one; times 2 pods.
+    let p90 = value_eventually(&mut keda, &ttft, "ttft", 360.0, Duration::from_secs(10)).await;
+    assert!((p90 - 360.0).abs() < 10.0, "merged p90 x pods: {p90}");
+
+    // Node b goes away: last known good first, then excluded.
+    node_b.agent.stop(Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let held = keda.poll(&gpu, "gpu").await.unwrap().value;
+    assert!((held - 50.0).abs() < 1.5, "within the grace period the last snapshot counts: {held}");
+    let without_b = value_eventually(&mut keda, &gpu, "gpu", 20.0, Duration::from_secs(8)).await;
+    assert!((without_b - 20.0).abs() < 1.5, "after the grace period node b is excluded: {without_b}");
+    let health: serde_json::Value = serde_json::from_slice(&get(scaler.http, "/healthz").await.unwrap().body).unwrap();
+    assert_eq!((health["nodes_total"].as_u64(), health["nodes_covered"].as_u64()), (Some(3), Some(2)), "{health}");
+
+    // It comes back on the same address.
+    node_b.restart_agent().expect("node b restarts");
+    let back = value_eventually(&mut keda, &gpu, "gpu", 50.0, Duration::from_secs(10)).await;
+    assert!((back - 50.0).abs() < 1.5, "node b counted again: {back}");
+}
