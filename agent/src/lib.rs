@@ -160,7 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let keda = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
         .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
     tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
     let http = axum::serve(http_listener, serve::http::router(view_rx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -188,6 +188,20 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         bail!("agent tasks ended without a shutdown request");
     }
     result
+}
+
+/// Accepted connections with Nagle off: small gRPC answers must not wait
+/// for a delayed ACK (40 ms on Linux).
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted {
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(error = %err, "setting TCP_NODELAY");
+            }
+        }
+        accepted
+    })
 }
 
 /// What the scaler role needs.
@@ -220,7 +234,7 @@ pub async fn run_scaler(
     let mut tasks = tokio::task::JoinSet::new();
     let keda = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(keda_listener), shutdown.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
     tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
     let http = axum::serve(http_listener, serve::scaler_http::router(cluster.view.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::signals::aggregate::PodSignals;
+use crate::signals::aggregate::{PodSignals, WorkloadValue};
 use crate::signals::latency::decode_buckets_into;
 use crate::signals::metric::{Metric, MetricSource};
 
@@ -99,9 +99,28 @@ pub struct ClusterView {
     pub nodes_total: usize,
     /// Windows every node snapshot carries.
     pub windows: Vec<f64>,
+    /// Answers computed from this view, by query. KEDA asks GetMetrics then
+    /// IsActive for the same trigger back to back; the second is free. The
+    /// memo dies with the view, so it can never serve stale data.
+    answers: std::sync::Mutex<HashMap<String, Result<WorkloadValue, String>>>,
 }
 
 impl ClusterView {
+    /// The answer for `key`, computed once per view.
+    pub fn memoized(
+        &self,
+        key: String,
+        compute: impl FnOnce() -> Result<WorkloadValue, String>,
+    ) -> Result<WorkloadValue, String> {
+        if let Some(answer) = self.answers.lock().expect("answer memo poisoned").get(&key) {
+            return answer.clone();
+        }
+        // Computed outside the lock: concurrent first calls may both compute.
+        let answer = compute();
+        self.answers.lock().expect("answer memo poisoned").insert(key, answer.clone());
+        answer
+    }
+
     /// All pods of covered nodes.
     pub fn pods(&self) -> impl Iterator<Item = &RemotePod> {
         self.nodes.iter().flat_map(|node| node.pods.iter())
@@ -255,10 +274,13 @@ async fn poll_all(nodes: &mut HashMap<SocketAddr, NodeState>, windows: &[f64], d
         let Some(state) = nodes.get_mut(&addr) else { continue };
         match result {
             Ok((client, snapshot)) => {
+                // Decoding thousands of pods is CPU work: keep it off the
+                // async workers that answer KEDA.
+                let pods = tokio::task::spawn_blocking(move || decode(snapshot.pods)).await.unwrap_or_default();
                 state.client = Some(client);
                 state.snapshot = Some(GoodSnapshot {
                     at: Instant::now(),
-                    pods: Arc::new(decode(snapshot.pods)),
+                    pods: Arc::new(pods),
                     unavailable_sources: snapshot.unavailable_sources,
                 });
                 state.last_error = None;
@@ -288,7 +310,7 @@ fn decode(pods: Vec<podgpu_proto::node::PodSignals>) -> Vec<RemotePod> {
 }
 
 fn publish(nodes: &HashMap<SocketAddr, NodeState>, windows: &[f64], grace: Duration) -> ClusterView {
-    let mut view = ClusterView { nodes: Vec::new(), nodes_total: nodes.len(), windows: windows.to_vec() };
+    let mut view = ClusterView { nodes_total: nodes.len(), windows: windows.to_vec(), ..ClusterView::default() };
     for (addr, state) in nodes {
         let Some(good) = &state.snapshot else { continue };
         if good.at.elapsed() > grace {

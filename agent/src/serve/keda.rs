@@ -54,10 +54,17 @@ impl Signals {
             }
             Signals::Cluster(cluster) => {
                 let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
-                if let Some(reason) = view.unavailable(trigger.metric, namespace) {
-                    return Err(ScalerError::Unavailable(reason));
-                }
-                combine(view.pods(), &query).map_err(ScalerError::Unavailable)
+                let key = format!(
+                    "{namespace}\0{:?}\0{:?}\0{}\0{:?}",
+                    trigger.metric, trigger.pod_selector, query.window_s, trigger.aggregation
+                );
+                view.memoized(key, || {
+                    if let Some(reason) = view.unavailable(trigger.metric, namespace) {
+                        return Err(reason);
+                    }
+                    combine(view.pods(), &query)
+                })
+                .map_err(ScalerError::Unavailable)
             }
         }
     }
