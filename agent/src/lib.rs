@@ -103,13 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         None => None,
     };
 
-    let keda_listener = TcpListener::bind(config.keda_listen)
-        .await
-        .with_context(|| format!("binding KEDA gRPC on {}", config.keda_listen))?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
-    let bound = Bound { keda: keda_listener.local_addr()?, http: http_listener.local_addr()? };
+    let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
 
     let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
     // Bounded: a stalled collector drops GPU updates (counted) instead of
@@ -190,6 +184,14 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     result
 }
 
+/// Binds the gRPC and HTTP listeners (ports may be 0) and reports where.
+async fn bind(keda: SocketAddr, http: SocketAddr) -> anyhow::Result<(TcpListener, TcpListener, Bound)> {
+    let keda_listener = TcpListener::bind(keda).await.with_context(|| format!("binding KEDA gRPC on {keda}"))?;
+    let http_listener = TcpListener::bind(http).await.with_context(|| format!("binding HTTP on {http}"))?;
+    let bound = Bound { keda: keda_listener.local_addr()?, http: http_listener.local_addr()? };
+    Ok((keda_listener, http_listener, bound))
+}
+
 /// Accepted connections with Nagle off: small gRPC answers must not wait
 /// for a delayed ACK (40 ms on Linux).
 fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
@@ -222,13 +224,7 @@ pub async fn run_scaler(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let keda_listener = TcpListener::bind(config.keda_listen)
-        .await
-        .with_context(|| format!("binding KEDA gRPC on {}", config.keda_listen))?;
-    let http_listener = TcpListener::bind(config.http_listen)
-        .await
-        .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
-    let bound = Bound { keda: keda_listener.local_addr()?, http: http_listener.local_addr()? };
+    let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
     let cluster =
         serve::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
