@@ -183,14 +183,7 @@ async fn load_step(steps: u32) -> anyhow::Result<Vec<f64>> {
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("the load-step part loads eBPF programs and creates cgroups: run as root");
-    }
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = crate::root_runtime("the load-step part")?;
     runtime.block_on(async {
         println!("GetMetrics + IsActive latency through the scaler role ({} sequential polls each):", options.calls);
         println!("{:>6} {:>8} {:>22} {:>22}", "nodes", "pods", "sum p50 / p99 (ms)", "merged p99 p50 / p99 (ms)");

@@ -33,15 +33,7 @@ pub struct Options {
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
-    // SAFETY: getuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("the demo loads eBPF programs and creates cgroups: run it as root (sudo scripts/demo.sh)");
-    }
-    if std::env::var_os("RUST_LOG").is_none() {
-        // Keep the agent's log to warnings so the live view stays readable.
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = crate::root_runtime("the demo")?;
     runtime.block_on(demo(options))
 }
 

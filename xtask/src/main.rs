@@ -23,6 +23,20 @@ enum Command {
     BenchScaler(bench_scaler::Options),
 }
 
+/// For commands that start agents: checks for root (eBPF, cgroups), keeps
+/// the agents' logs to warnings unless RUST_LOG says otherwise, and builds
+/// the runtime.
+fn root_runtime(what: &str) -> anyhow::Result<tokio::runtime::Runtime> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("{what} loads eBPF programs and creates cgroups: run it as root (sudo)");
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(options) => demo::run(options),
