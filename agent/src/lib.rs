@@ -69,6 +69,8 @@ pub struct Config {
     pub require_ebpf: bool,
     /// Name this agent reports in the node API.
     pub node_name: String,
+    /// TLS (and mTLS) on the gRPC port.
+    pub tls: serve::tls::ServerTls,
 }
 
 /// Where the servers ended up listening (ports may have been 0).
@@ -103,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         None => None,
     };
 
+    let mut grpc = grpc_server(&config.tls)?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
 
     let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
@@ -151,7 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.
-    let keda = tonic::transport::Server::builder()
+    let keda = grpc
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
         .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())))
         .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
@@ -192,6 +195,18 @@ async fn bind(keda: SocketAddr, http: SocketAddr) -> anyhow::Result<(TcpListener
     Ok((keda_listener, http_listener, bound))
 }
 
+/// A gRPC server builder, with TLS when configured.
+fn grpc_server(tls: &serve::tls::ServerTls) -> anyhow::Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    match tls.config().context("gRPC TLS")? {
+        Some(config) => {
+            tracing::info!(mutual = tls.client_ca.is_some(), "gRPC port serves TLS");
+            builder.tls_config(config).context("gRPC TLS")
+        }
+        None => Ok(builder),
+    }
+}
+
 /// Accepted connections with Nagle off: small gRPC answers must not wait
 /// for a delayed ACK (40 ms on Linux).
 fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
@@ -215,6 +230,8 @@ pub struct ScalerConfig {
     pub http_listen: SocketAddr,
     /// How to reach and judge the node agents.
     pub cluster: serve::cluster::ClusterConfig,
+    /// TLS (and mTLS) on the KEDA gRPC port.
+    pub tls: serve::tls::ServerTls,
 }
 
 /// Runs the scaler role (no probes, no GPU: it merges the node agents'
@@ -224,11 +241,12 @@ pub async fn run_scaler(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
+    let mut grpc = grpc_server(&config.tls)?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
     let cluster =
         serve::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    let keda = tonic::transport::Server::builder()
+    let keda = grpc
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())))
         .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
     tasks.spawn(async move { keda.await.context("KEDA gRPC server") });

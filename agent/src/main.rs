@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use podgpu_agent::gpu::GpuSource;
 use podgpu_agent::serve::cluster::ClusterConfig;
+use podgpu_agent::serve::tls::{ClientTls, ServerTls};
 use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -45,6 +46,18 @@ struct ScalerOptions {
     /// Seconds a silent node's last snapshot is still used.
     #[arg(long, env = "PODGPU_NODE_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     node_grace_s: u64,
+    /// CA (PEM) that signed the node agents' certificates: dial them over TLS.
+    #[arg(long, env = "PODGPU_NODE_TLS_CA")]
+    node_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for node agents that require mTLS.
+    #[arg(long, env = "PODGPU_NODE_TLS_CERT")]
+    node_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --node-tls-cert.
+    #[arg(long, env = "PODGPU_NODE_TLS_KEY")]
+    node_tls_key: Option<PathBuf>,
+    /// Name the node agents' certificates are issued for (they are dialled by IP).
+    #[arg(long, env = "PODGPU_NODE_TLS_SERVER_NAME")]
+    node_tls_server_name: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -76,6 +89,15 @@ struct Options {
     /// Exit with an error when the eBPF probes cannot load instead of degrading.
     #[arg(long, env = "PODGPU_REQUIRE_EBPF", global = true, action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
     require_ebpf: bool,
+    /// Certificate chain (PEM): serve TLS on the gRPC port (KEDA's `caCert` trusts its CA).
+    #[arg(long, env = "PODGPU_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "PODGPU_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) client certificates must chain to: require mTLS (KEDA's `tlsClientCert`).
+    #[arg(long, env = "PODGPU_TLS_CLIENT_CA", global = true)]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -98,7 +120,14 @@ async fn main() -> anyhow::Result<()> {
     let ready = |bound: Bound| {
         println!("{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}", bound.keda, bound.http);
     };
+    let tls = ServerTls { cert: options.tls_cert, key: options.tls_key, client_ca: options.tls_client_ca };
     if let Some(Role::Scaler(scaler)) = cli.role {
+        let node_tls = ClientTls {
+            ca: scaler.node_tls_ca,
+            cert: scaler.node_tls_cert,
+            key: scaler.node_tls_key,
+            server_name: scaler.node_tls_server_name,
+        };
         let config = ScalerConfig {
             keda_listen: options.keda_listen,
             http_listen: options.http_listen,
@@ -107,7 +136,9 @@ async fn main() -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(scaler.poll_ms),
                 deadline: Duration::from_millis(scaler.node_deadline_ms),
                 grace: Duration::from_secs(scaler.node_grace_s),
+                node_tls: node_tls.config()?,
             },
+            tls,
         };
         return run_scaler(config, shutdown, ready).await;
     }
@@ -122,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
         node_name: std::env::var("NODE_NAME").unwrap_or_else(|_| hostname()),
+        tls,
     };
 
     run(config, shutdown, ready).await

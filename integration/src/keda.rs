@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use podgpu_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use podgpu_proto::externalscaler::{GetMetricsRequest, MetricSpec, ScaledObjectRef};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// One KEDA poll's result.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +37,23 @@ impl KedaClient {
     /// Connects over plaintext gRPC.
     pub async fn connect(addr: SocketAddr) -> Result<Self, tonic::transport::Error> {
         Ok(Self { client: ExternalScalerClient::connect(format!("http://{addr}")).await? })
+    }
+
+    /// Connects over TLS as KEDA does with `caCert` (PEM of the CA that
+    /// signed the scaler's certificate) and, for mTLS, `tlsClientCert` /
+    /// `tlsClientKey` (PEM).
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        ca_cert: &[u8],
+        client_identity: Option<(&[u8], &[u8])>,
+    ) -> Result<Self, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_cert)).domain_name(server_name);
+        if let Some((cert, key)) = client_identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect().await?;
+        Ok(Self { client: ExternalScalerClient::new(channel) })
     }
 
     /// GetMetricSpec, as KEDA calls it when it builds the HPA.

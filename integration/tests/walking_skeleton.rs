@@ -191,3 +191,54 @@ async fn stream_is_active_turns_true_when_traffic_starts() {
     eprintln!("push activation after {:?}", started.elapsed());
     load.await.unwrap();
 }
+
+/// Scale from zero: a workload with no pods is activated by traffic at an
+/// upstream (gateway) pod named by `activationPodSelector`, while its own
+/// metric stays 0 for the HPA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_traffic_activates_a_workload_at_zero_replicas() {
+    require_root();
+    let ns = namespace("zero");
+    let scene = Scene::start(
+        &ns,
+        &[TenantSpec::new("gateway-0", "gateway")],
+        GpuSetup::Arg("none".into()),
+        &args(&["--tick-ms", "100"]),
+    )
+    .expect("scene starts");
+    let mut keda = KedaClient::connect(scene.agent.keda).await.expect("connect");
+    let trigger = scaled_object(
+        &ns,
+        "llm",
+        &[
+            ("scalerAddress", "podgpu.podgpu-system:6000"),
+            ("metric", "request_rate"),
+            ("target", "5"),
+            ("window", "1s"),
+            ("podSelector", "app=llm"),
+            ("activationPodSelector", "app=gateway"),
+        ],
+    );
+    let idle = keda.poll(&trigger, "podgpu-request-rate").await.expect("poll while idle");
+    assert!(!idle.active, "idle gateway activated the workload");
+    let mut stream = keda.stream_is_active(&trigger).await.expect("StreamIsActive");
+    let first =
+        tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("first message").unwrap().unwrap();
+    assert!(!first.result, "idle gateway reported active");
+
+    let load = tokio::spawn(drive(
+        scene.tenant("gateway-0").addr,
+        Load { rate: 20.0, request_bytes: 64, connections: 1, duration: Duration::from_secs(3) },
+    ));
+    let next = tokio::time::timeout(Duration::from_secs(3), stream.message())
+        .await
+        .expect("activation within 3 s")
+        .unwrap()
+        .unwrap();
+    assert!(next.result, "gateway traffic did not activate the workload");
+    let busy = keda.poll(&trigger, "podgpu-request-rate").await.expect("poll under gateway load");
+    assert!(busy.active);
+    // The workload's own pods (none) carry the HPA value, not the gateway's.
+    assert_eq!(busy.value, 0.0, "gateway traffic leaked into the workload's metric");
+    load.await.unwrap();
+}

@@ -111,7 +111,9 @@ async fn get_metrics_latency(nodes: usize, calls: u32) -> anyhow::Result<(f64, f
             poll_interval: Duration::from_millis(500),
             deadline: Duration::from_millis(400),
             grace: Duration::from_secs(30),
+            node_tls: None,
         },
+        tls: Default::default(),
     };
     let scaler_shutdown = shutdown.clone();
     tokio::spawn(async move {

@@ -13,7 +13,7 @@ use podgpu_proto::node::node_signals_client::NodeSignalsClient;
 use podgpu_proto::node::{SnapshotRequest, WindowValues};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::signals::aggregate::{PodSignals, WorkloadValue};
 use crate::signals::latency::decode_buckets_into;
@@ -31,6 +31,8 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// How long a node's last good snapshot is used after it stops answering.
     pub grace: Duration,
+    /// TLS towards node agents; plaintext when `None`.
+    pub node_tls: Option<ClientTlsConfig>,
 }
 
 /// A pod from a node snapshot, decoded once per poll.
@@ -219,7 +221,7 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
             for addr in &addresses {
                 nodes.entry(*addr).or_insert(NodeState { client: None, snapshot: None, last_error: None });
             }
-            poll_all(&mut nodes, &windows, config.deadline).await;
+            poll_all(&mut nodes, &windows, config.deadline, config.node_tls.as_ref()).await;
             let view = publish(&nodes, &windows, config.grace);
             if view.nodes.len() != covered_before {
                 tracing::info!(covered = view.nodes.len(), total = view.nodes_total, "scaler node coverage changed");
@@ -244,21 +246,49 @@ async fn resolve(entries: &[String]) -> Vec<SocketAddr> {
     addresses
 }
 
-async fn poll_all(nodes: &mut HashMap<SocketAddr, NodeState>, windows: &[f64], deadline: Duration) {
+/// tonic's transport errors say only "transport error"; the cause (refused,
+/// TLS handshake, unknown CA) is in the source chain.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How one node agent is dialled.
+fn node_endpoint(addr: SocketAddr, tls: Option<&ClientTlsConfig>, deadline: Duration) -> Result<Endpoint, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| e.to_string())?.connect_timeout(deadline);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS: {e}"))?;
+    }
+    Ok(endpoint)
+}
+
+async fn poll_all(
+    nodes: &mut HashMap<SocketAddr, NodeState>,
+    windows: &[f64],
+    deadline: Duration,
+    tls: Option<&ClientTlsConfig>,
+) {
     let mut polls = tokio::task::JoinSet::new();
     for (addr, state) in nodes.iter_mut() {
         let addr = *addr;
         let client = state.client.clone();
         let request = SnapshotRequest { windows_s: windows.to_vec() };
+        let tls = tls.cloned();
         polls.spawn(async move {
             let result = tokio::time::timeout(deadline, async {
                 let mut client = match client {
                     Some(client) => client,
                     None => {
-                        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                            .map_err(|e| e.to_string())?
-                            .connect_timeout(deadline);
-                        NodeSignalsClient::new(endpoint.connect().await.map_err(|e| e.to_string())?)
+                        let endpoint = node_endpoint(addr, tls.as_ref(), deadline)?;
+                        NodeSignalsClient::new(endpoint.connect().await.map_err(|e| error_chain(&e))?)
                     }
                 };
                 let snapshot = client.snapshot(request).await.map_err(|status| status.message().to_string())?;

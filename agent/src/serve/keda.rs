@@ -20,7 +20,9 @@ use tonic::{Request, Response, Status};
 
 use super::cluster::ClusterHandle;
 use super::trigger::Trigger;
+use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
+use crate::signals::metric::Metric;
 use crate::signals::view::NodeView;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -40,10 +42,22 @@ const NEW_WINDOW_WAIT: Duration = Duration::from_secs(3);
 
 impl Signals {
     async fn evaluate(&self, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
+        self.evaluate_pods(namespace, trigger, &trigger.pod_selector, trigger.metric).await
+    }
+
+    /// The value of `metric` over the pods `selector` picks, with the
+    /// trigger's window and aggregation.
+    async fn evaluate_pods(
+        &self,
+        namespace: &str,
+        trigger: &Trigger,
+        selector: &LabelSelector,
+        metric: Metric,
+    ) -> Result<WorkloadValue, ScalerError> {
         let query = WorkloadQuery {
             namespace,
-            selector: &trigger.pod_selector,
-            metric: trigger.metric,
+            selector,
+            metric,
             window_s: trigger.window.as_secs_f64(),
             aggregation: trigger.aggregation,
         };
@@ -54,18 +68,35 @@ impl Signals {
             }
             Signals::Cluster(cluster) => {
                 let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
-                let key = format!(
-                    "{namespace}\0{:?}\0{:?}\0{}\0{:?}",
-                    trigger.metric, trigger.pod_selector, query.window_s, trigger.aggregation
-                );
+                let key =
+                    format!("{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}", query.window_s, trigger.aggregation);
                 view.memoized(key, || {
-                    if let Some(reason) = view.unavailable(trigger.metric, namespace) {
+                    if let Some(reason) = view.unavailable(metric, namespace) {
                         return Err(reason);
                     }
                     combine(view.pods(), &query)
                 })
                 .map_err(ScalerError::Unavailable)
             }
+        }
+    }
+
+    /// Whether the workload should run: its own value above the activation
+    /// target, or (at zero replicas, when it has no pods) its upstream's.
+    async fn is_active(&self, namespace: &str, trigger: &Trigger) -> Result<bool, ScalerError> {
+        let own = self.evaluate(namespace, trigger).await;
+        if matches!(&own, Ok(value) if value.value > trigger.activation_target) {
+            return Ok(true);
+        }
+        let Some(upstream) = &trigger.upstream else {
+            return own.map(|_| false);
+        };
+        let upstream = self.evaluate_pods(namespace, trigger, &upstream.pod_selector, upstream.metric).await;
+        match (own, upstream) {
+            (_, Ok(value)) if value.value > trigger.activation_target => Ok(true),
+            // Either side answering "idle" is an answer; both failing is not.
+            (Ok(_), _) | (_, Ok(_)) => Ok(false),
+            (Err(err), Err(_)) => Err(err),
         }
     }
 
@@ -135,8 +166,8 @@ impl ExternalScaler for KedaScaler {
     async fn is_active(&self, request: Request<ScaledObjectRef>) -> Result<Response<IsActiveResponse>, Status> {
         let scaled_object = request.into_inner();
         let trigger = trigger_of(&scaled_object)?;
-        let value = self.signals.evaluate(&scaled_object.namespace, &trigger).await?;
-        Ok(Response::new(IsActiveResponse { result: value.value > trigger.activation_target }))
+        let active = self.signals.is_active(&scaled_object.namespace, &trigger).await?;
+        Ok(Response::new(IsActiveResponse { result: active }))
     }
 
     type StreamIsActiveStream = ResponseStream<IsActiveResponse>;
@@ -154,9 +185,8 @@ impl ExternalScaler for KedaScaler {
             // reaches KEDA within one collector tick of the load appearing.
             let mut last_sent = None;
             loop {
-                match signals.evaluate(&scaled_object.namespace, &trigger).await {
-                    Ok(value) => {
-                        let active = value.value > trigger.activation_target;
+                match signals.is_active(&scaled_object.namespace, &trigger).await {
+                    Ok(active) => {
                         if last_sent != Some(active) {
                             if sender.send(Ok(IsActiveResponse { result: active })).await.is_err() {
                                 break;

@@ -1,9 +1,11 @@
 //! Serving: KEDA's ExternalScaler (gRPC), the node API (gRPC, for the
 //! scaler role) and the agent's HTTP endpoints, all answering from the
-//! latest published view; and the scaler role's view of all nodes.
+//! latest published view; the scaler role's view of all nodes; TLS for
+//! the gRPC ports.
 pub mod cluster;
 pub mod http;
 pub mod keda;
 pub mod node_api;
 pub mod scaler_http;
+pub mod tls;
 pub mod trigger;

@@ -13,7 +13,13 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 /// Longest window a trigger may ask for (the collector's retention).
 pub const MAX_WINDOW: Duration = Duration::from_secs(60);
 const MIN_WINDOW: Duration = Duration::from_secs(1);
-const MAX_KEYS: usize = 16;
+const MAX_KEYS: usize = 24;
+/// Keys KEDA itself uses to reach the scaler. KEDA passes the whole trigger
+/// metadata in `scalerMetadata`, so they arrive here and are ignored.
+const KEDA_CONNECTION_KEYS: [&str; 7] =
+    ["scalerAddress", "caCert", "tlsCertFile", "tlsClientCert", "tlsClientKey", "unsafeSsl", "enableTLS"];
+const PODGPU_KEYS: &str =
+    "metric, target, activationTarget, podSelector, aggregation, window, profile, activationPodSelector, activationMetric";
 const MAX_VALUE_BYTES: usize = 1024;
 
 /// A bad trigger: which key and why.
@@ -45,7 +51,46 @@ pub struct Trigger {
     pub aggregation: Aggregation,
     /// Window for rates and means.
     pub window: Duration,
+    /// An upstream signal that also activates the workload (scale from
+    /// zero through a gateway's traffic).
+    pub upstream: Option<Upstream>,
 }
+
+/// Pods outside the workload whose signal activates it: at zero replicas
+/// the workload's own pods do not exist, so their signal cannot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upstream {
+    /// Which pods of the namespace (e.g. the gateway in front of the workload).
+    pub pod_selector: LabelSelector,
+    /// What to read from them (default: the trigger's metric).
+    pub metric: Metric,
+}
+
+/// Defaults a `profile` gives for keys the trigger leaves out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Profile {
+    /// Profile name as written in the trigger.
+    pub name: &'static str,
+    /// Default metric.
+    pub metric: Metric,
+    /// Default target per replica.
+    pub target: f64,
+    /// Default window.
+    pub window: Duration,
+}
+
+/// The documented profiles (docs/scaler.md says why each default).
+pub const PROFILES: [Profile; 5] = [
+    // vLLM batches continuously: requests in flight per replica is its
+    // queue depth, the signal that leads TTFT growth.
+    Profile { name: "vllm", metric: Metric::RequestsInFlight, target: 16.0, window: DEFAULT_WINDOW },
+    // Triton's dynamic batcher holds fewer, larger batches per model.
+    Profile { name: "triton", metric: Metric::RequestsInFlight, target: 8.0, window: DEFAULT_WINDOW },
+    Profile { name: "tgi", metric: Metric::RequestsInFlight, target: 16.0, window: DEFAULT_WINDOW },
+    // Jobs without requests: GPU time is the only load signal.
+    Profile { name: "training", metric: Metric::GpuSmUtil, target: 90.0, window: Duration::from_secs(60) },
+    Profile { name: "batch", metric: Metric::GpuSmUtil, target: 80.0, window: Duration::from_secs(30) },
+];
 
 impl Trigger {
     /// Validates KEDA's metadata map.
@@ -54,28 +99,52 @@ impl Trigger {
             return Err(invalid("*", format!("{} keys given, at most {MAX_KEYS} allowed", metadata.len())));
         }
         for (key, value) in metadata {
+            // Certificates KEDA passes along may be PEM text: only podgpu's
+            // own values are size-limited.
+            if KEDA_CONNECTION_KEYS.contains(&key.as_str()) {
+                continue;
+            }
             if value.len() > MAX_VALUE_BYTES {
                 return Err(invalid(key, format!("value is {} bytes, at most {MAX_VALUE_BYTES} allowed", value.len())));
             }
             match key.as_str() {
-                "metric" | "target" | "activationTarget" | "podSelector" | "aggregation" | "window" => {}
-                "profile" | "ports" => {
-                    return Err(invalid(key, "not supported by this agent version yet"));
-                }
-                _ => {
+                "metric"
+                | "target"
+                | "activationTarget"
+                | "podSelector"
+                | "aggregation"
+                | "window"
+                | "profile"
+                | "activationPodSelector"
+                | "activationMetric" => {}
+                "ports" => {
                     return Err(invalid(
                         key,
-                        "unknown key; expected metric, target, activationTarget, podSelector, aggregation or window",
-                    ))
+                        "per-port filtering is not supported by this agent version; every server port of the \
+                         selected pods counts",
+                    ));
                 }
+                _ => return Err(invalid(key, format!("unknown key; expected one of {PODGPU_KEYS}"))),
             }
         }
-        let metric_name = metadata.get("metric").ok_or_else(|| invalid("metric", "required"))?;
-        let metric = Metric::from_name(metric_name.trim()).ok_or_else(|| {
-            let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
-            invalid("metric", format!("unknown metric {metric_name:?}; known: {}", known.join(", ")))
-        })?;
-        let target = number(metadata, "target")?.ok_or_else(|| invalid("target", "required"))?;
+        let profile = match metadata.get("profile").map(|p| p.trim()) {
+            None => None,
+            Some(name) => Some(*PROFILES.iter().find(|p| p.name == name).ok_or_else(|| {
+                let known: Vec<&str> = PROFILES.iter().map(|p| p.name).collect();
+                invalid("profile", format!("unknown profile {name:?}; known: {}", known.join(", ")))
+            })?),
+        };
+        let metric = match (metric_key(metadata, "metric")?, profile) {
+            (Some(metric), _) => metric,
+            (None, Some(profile)) => profile.metric,
+            (None, None) => return Err(invalid("metric", "required (or a profile)")),
+        };
+        // A profile's target belongs to its metric: overriding the metric
+        // without a target would silently reuse a target in other units.
+        let profile_target = profile.filter(|p| p.metric == metric).map(|p| p.target);
+        let target = number(metadata, "target")?
+            .or(profile_target)
+            .ok_or_else(|| invalid("target", "required (a profile only supplies it for its own metric)"))?;
         if target <= 0.0 {
             return Err(invalid("target", "must be greater than 0"));
         }
@@ -95,18 +164,40 @@ impl Trigger {
         };
         let window = match metadata.get("window") {
             Some(text) => parse_duration(text.trim()).map_err(|reason| invalid("window", reason))?,
-            None => DEFAULT_WINDOW,
+            None => profile.map_or(DEFAULT_WINDOW, |p| p.window),
         };
         if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
             return Err(invalid("window", format!("must be between {MIN_WINDOW:?} and {MAX_WINDOW:?}")));
         }
-        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window })
+        let upstream_selector = match metadata.get("activationPodSelector") {
+            Some(text) => Some(LabelSelector::parse(text).map_err(|reason| invalid("activationPodSelector", reason))?),
+            None => None,
+        };
+        let upstream_metric = metric_key(metadata, "activationMetric")?;
+        let upstream = match (upstream_selector, upstream_metric) {
+            (Some(pod_selector), metric_override) => {
+                Some(Upstream { pod_selector, metric: metric_override.unwrap_or(metric) })
+            }
+            (None, Some(_)) => return Err(invalid("activationMetric", "only meaningful with activationPodSelector")),
+            (None, None) => None,
+        };
+        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window, upstream })
     }
 
     /// The metric name podgpu announces in GetMetricSpec.
     pub fn metric_name(&self) -> String {
         format!("podgpu-{}", self.metric.name().replace('_', "-"))
     }
+}
+
+fn metric_key(metadata: &HashMap<String, String>, key: &str) -> Result<Option<Metric>, TriggerError> {
+    let Some(name) = metadata.get(key) else {
+        return Ok(None);
+    };
+    Metric::from_name(name.trim()).map(Some).ok_or_else(|| {
+        let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+        invalid(key, format!("unknown metric {name:?}; known: {}", known.join(", ")))
+    })
 }
 
 fn number(metadata: &HashMap<String, String>, key: &str) -> Result<Option<f64>, TriggerError> {
@@ -187,7 +278,15 @@ mod tests {
             ([&ok[..], &[("window", "2m")]].concat(), "window"),
             ([&ok[..], &[("window", "-3s")]].concat(), "window"),
             ([&ok[..], &[("targetValue", "5")]].concat(), "targetValue"),
-            ([&ok[..], &[("profile", "vllm")]].concat(), "profile"),
+            ([&ok[..], &[("profile", "llama")]].concat(), "profile"),
+            ([&ok[..], &[("ports", "8000")]].concat(), "ports"),
+            ([&ok[..], &[("activationMetric", "request_rate")]].concat(), "activationMetric"),
+            (
+                [&ok[..], &[("activationPodSelector", "app=gw"), ("activationMetric", "qps")]].concat(),
+                "activationMetric",
+            ),
+            ([&ok[..], &[("activationPodSelector", "app in (")]].concat(), "activationPodSelector"),
+            (vec![("profile", "vllm"), ("metric", "gpu_sm_util")], "target"),
         ];
         for (pairs, key) in cases {
             let err = Trigger::from_metadata(&metadata(&pairs)).unwrap_err();
@@ -196,6 +295,44 @@ mod tests {
         }
         let huge = "a".repeat(MAX_VALUE_BYTES + 1);
         assert_eq!(Trigger::from_metadata(&metadata(&[("metric", &huge)])).unwrap_err().key, "metric");
+    }
+
+    /// A profile fills metric, target and window; explicit keys win.
+    #[test]
+    fn profiles_fill_defaults() {
+        let vllm = Trigger::from_metadata(&metadata(&[("profile", "vllm")])).unwrap();
+        assert_eq!((vllm.metric, vllm.target, vllm.window), (Metric::RequestsInFlight, 16.0, DEFAULT_WINDOW));
+        let batch = Trigger::from_metadata(&metadata(&[("profile", "batch"), ("target", "50")])).unwrap();
+        assert_eq!((batch.metric, batch.target, batch.window), (Metric::GpuSmUtil, 50.0, Duration::from_secs(30)));
+        let overridden =
+            Trigger::from_metadata(&metadata(&[("profile", "tgi"), ("metric", "ttft_ms_p90"), ("target", "500")]))
+                .unwrap();
+        assert_eq!(overridden.metric, Metric::TtftMs(crate::signals::metric::Quantile::P90));
+        for profile in PROFILES {
+            assert!(Trigger::from_metadata(&metadata(&[("profile", profile.name)])).is_ok(), "{}", profile.name);
+        }
+    }
+
+    /// KEDA's own connection keys arrive in scalerMetadata and are accepted.
+    #[test]
+    fn keda_connection_keys_are_ignored() {
+        let mut pairs = vec![("metric", "requests_in_flight"), ("target", "4")];
+        pairs.extend(KEDA_CONNECTION_KEYS.iter().map(|key| (*key, "x")));
+        assert!(Trigger::from_metadata(&metadata(&pairs)).is_ok());
+    }
+
+    /// An upstream selector activates; its metric defaults to the trigger's.
+    #[test]
+    fn upstream_activation() {
+        let trigger = Trigger::from_metadata(&metadata(&[
+            ("metric", "requests_in_flight"),
+            ("target", "4"),
+            ("activationPodSelector", "app=gateway"),
+        ]))
+        .unwrap();
+        let upstream = trigger.upstream.unwrap();
+        assert_eq!(upstream.metric, Metric::RequestsInFlight);
+        assert_eq!(upstream.pod_selector, LabelSelector::parse("app=gateway").unwrap());
     }
 
     /// Durations accept the documented units.
