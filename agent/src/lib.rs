@@ -20,11 +20,13 @@
 //!
 //! Readers never touch the sources: every KEDA call and scrape reads the
 //! latest `NodeView` the collector published.
+pub mod backoff;
 pub mod gpu;
 pub mod pods;
 pub mod probes;
 pub mod serve;
 pub mod signals;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -71,6 +73,12 @@ pub struct Config {
     pub node_name: String,
     /// TLS (and mTLS) on the gRPC port.
     pub tls: serve::tls::ServerTls,
+    /// Kubernetes API access for pod metadata.
+    pub kube_api: pods::kube_api::KubeAccess,
+    /// Kubelet pod-resources socket; `None` turns the source off.
+    pub kubelet_socket: Option<PathBuf>,
+    /// Time between full kubelet pod-resources lists.
+    pub kubelet_interval: Duration,
 }
 
 /// Where the servers ended up listening (ports may have been 0).
@@ -89,13 +97,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Some(root) => root.clone(),
         None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
     };
-    let metadata = match &config.pod_metadata {
+    let static_pods = match &config.pod_metadata {
         Some(path) => pods::static_source::load(path)?,
-        None => {
-            tracing::info!("no pod metadata source: pods carry their UID only and match no namespace");
-            HashMap::new()
-        }
+        None => HashMap::new(),
     };
+    let kube_pods = pods::kube_api::spawn(&config.kube_api, &config.node_name, shutdown.clone()).await;
+    let kubelet = config.kubelet_socket.clone().map(|socket| {
+        pods::kubelet::spawn(
+            pods::kubelet::KubeletConfig { socket, interval: config.kubelet_interval },
+            shutdown.clone(),
+        )
+    });
+    if config.pod_metadata.is_none() && kube_pods.is_none() {
+        tracing::info!("no pod metadata source (static file or Kubernetes API): pods carry their UID and cgroup only and match no namespace");
+    }
+    let directory = pods::directory::Directory::new(static_pods, kube_pods, kubelet);
 
     let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
@@ -133,11 +149,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             rescan: Duration::from_secs(2),
             retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
             cgroup_root: cgroup_root.clone(),
-            metadata,
             // Three missed polls: a slow NVML call is not yet an outage.
             gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
             proc_root: config.proc_root.clone(),
         },
+        directory,
         Probes { requests, status: probe_status, reader: reader_stats.clone() },
         gpu_dropped,
     );

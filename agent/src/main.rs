@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use podgpu_agent::gpu::GpuSource;
+use podgpu_agent::pods::kube_api::KubeAccess;
+use podgpu_agent::pods::kubelet;
 use podgpu_agent::serve::cluster::ClusterConfig;
 use podgpu_agent::serve::tls::{ClientTls, ServerTls};
 use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
@@ -98,6 +100,19 @@ struct Options {
     /// CA (PEM) client certificates must chain to: require mTLS (KEDA's `tlsClientCert`).
     #[arg(long, env = "PODGPU_TLS_CLIENT_CA", global = true)]
     tls_client_ca: Option<PathBuf>,
+    /// Kubernetes API for pod names, labels and owners: auto (in-cluster
+    /// when running in a pod), off, or kubeconfig:PATH.
+    #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto", global = true)]
+    kube_api: KubeAccess,
+    /// Kubelet pod-resources socket (GPU devices per container); "off" disables it.
+    #[arg(long, env = "PODGPU_KUBELET_SOCKET", default_value = kubelet::DEFAULT_SOCKET, global = true)]
+    kubelet_socket: String,
+    /// Seconds between full kubelet pod-resources lists.
+    #[arg(long, env = "PODGPU_KUBELET_INTERVAL_S", default_value_t = 10, global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    kubelet_interval_s: u64,
+    /// This node's name (Kubernetes API field selector, node API); defaults to the host name.
+    #[arg(long, env = "NODE_NAME", global = true)]
+    node_name: Option<String>,
 }
 
 #[tokio::main]
@@ -152,11 +167,28 @@ async fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
-        node_name: std::env::var("NODE_NAME").unwrap_or_else(|_| hostname()),
+        node_name: options.node_name.unwrap_or_else(hostname),
         tls,
+        kube_api: options.kube_api,
+        kubelet_socket: kubelet_socket(&options.kubelet_socket),
+        kubelet_interval: Duration::from_secs(options.kubelet_interval_s),
     };
 
     run(config, shutdown, ready).await
+}
+
+/// The default socket is only used where its directory exists (a
+/// Kubernetes node; the socket itself vanishes while kubelet restarts); an
+/// explicitly named one is used (and reported failing) even if missing.
+fn kubelet_socket(flag: &str) -> Option<PathBuf> {
+    match flag {
+        "off" => None,
+        path if path == kubelet::DEFAULT_SOCKET && !std::path::Path::new(path).parent().is_some_and(|d| d.is_dir()) => {
+            tracing::info!(socket = path, "no kubelet pod-resources socket: GPU devices per container unknown");
+            None
+        }
+        path => Some(PathBuf::from(path)),
+    }
 }
 
 /// The host's name, for the node API when NODE_NAME is not set.

@@ -8,7 +8,11 @@
 //! - `agent`: runs the built `podgpu-agent` binary and waits until it serves.
 //! - `keda`: a client that calls the ExternalScaler exactly as KEDA does.
 //! - `scene`: tenants + metadata + (simulated) GPU + agent, started together.
+//! - `fake_kubelet`, `fake_apiserver`: kubelet pod-resources and the
+//!   Kubernetes API's pod list/watch, served from test data.
 pub mod agent;
+pub mod fake_apiserver;
+pub mod fake_kubelet;
 pub mod http;
 pub mod keda;
 pub mod pod;

@@ -1,8 +1,13 @@
 //! podgpu's developer commands, run with `cargo xtask <command>` (aya's
 //! convention). One module per command.
+mod alloc_count;
+mod bench_pods;
 mod bench_probes;
 mod bench_scaler;
 mod demo;
+
+#[global_allocator]
+static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +26,8 @@ enum Command {
     BenchProbes(bench_probes::Options),
     /// How fast KEDA gets answers: GetMetrics latency over 1/10/100 nodes, load step to answer.
     BenchScaler(bench_scaler::Options),
+    /// What pod identity costs: pid/cgroup lookups, rescans, memory per pod.
+    BenchPods(bench_pods::Options),
 }
 
 /// For commands that start agents: checks for root (eBPF, cgroups), keeps
@@ -42,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(options) => demo::run(options),
         Command::BenchProbes(options) => bench_probes::run(options),
         Command::BenchScaler(options) => bench_scaler::run(options),
+        Command::BenchPods(options) => bench_pods::run(options),
     }
 }

@@ -15,9 +15,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{open, DeviceSample, GpuBackend, GpuError, GpuPoll, GpuSource, Sharing};
-use crate::pods::{cgroup_path, cgroup_tree};
+use crate::backoff::backoff;
+use crate::pods::pid_cache::PidCache;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// GPU processes are long-lived; a pid unused this long is forgotten even
+/// if it still runs (it re-resolves on its next sample).
+const PID_IDLE_EXPIRY: Duration = Duration::from_secs(60);
 
 /// GPU use of one pod at one poll, as NVML reports it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -117,10 +121,15 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
     // Consecutive failures (open or poll): they drive the backoff and keep
     // a long outage to one warning instead of one per attempt.
     let mut failures: u32 = 0;
+    let mut pids = PidCache::new(&config.proc_root, PID_IDLE_EXPIRY);
     while !updates.is_closed() {
         let started = Instant::now();
         let outcome = match backend.as_mut() {
-            Some(active) => active.poll().map(|poll| attribute(active.describe(), poll, &config)),
+            Some(active) => active.poll().map(|poll| {
+                let update = attribute(active.describe(), poll, &mut pids);
+                pids.sweep(Instant::now());
+                update
+            }),
             None => match open(&config.source, &config.cgroup_root, epoch) {
                 Ok(Some(opened)) => {
                     tracing::info!(backend = %opened.describe(), "GPU backend ready");
@@ -146,7 +155,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
             Err(err) => {
                 // Any failure may leave NVML in a bad state: start over.
                 backend = None;
-                let pause = backoff(config.interval, failures);
+                let pause = backoff(config.interval, failures, MAX_BACKOFF);
                 report_failure(&err, failures, pause);
                 failures = failures.saturating_add(1);
                 send(GpuUpdate::Unavailable { kind: err.kind(), reason: err.to_string() });
@@ -155,11 +164,6 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
         };
         sleep_unless_closed(&updates, pause);
     }
-}
-
-/// interval, 2x, 4x, ... capped at a minute.
-fn backoff(interval: Duration, failures: u32) -> Duration {
-    interval.saturating_mul(1u32 << failures.min(16)).min(MAX_BACKOFF)
 }
 
 fn report_failure(err: &GpuError, failures: u32, retry_in: Duration) {
@@ -189,18 +193,17 @@ fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration) {
 /// Processes outside pods (host daemons) are not pods' load, and neither is
 /// the MPS server's: NVML books every client's work on it, so wherever it
 /// runs (often a device-plugin pod) its samples belong to no single pod.
-fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate {
+fn attribute(backend: String, poll: GpuPoll, pids: &mut PidCache) -> GpuUpdate {
+    let now = Instant::now();
     let mut pods: HashMap<String, PodGpu> = HashMap::new();
     for process in &poll.processes {
         if process.sharing == Sharing::Mps && process.util.is_some() {
             continue;
         }
-        let Some(owner) =
-            cgroup_tree::process_cgroup(&config.proc_root, process.pid).and_then(|p| cgroup_path::parse(&p))
-        else {
+        let Some(owner) = pids.resolve(process.pid, now) else {
             continue;
         };
-        pods.entry(owner.pod_uid).or_default().add(process);
+        pods.entry(owner.pod_uid.clone()).or_default().add(process);
     }
     GpuUpdate::Polled { backend, devices: poll.devices, pods }
 }
@@ -209,6 +212,7 @@ fn attribute(backend: String, poll: GpuPoll, config: &PollerConfig) -> GpuUpdate
 mod tests {
     use super::*;
     use crate::gpu::{ProcessSample, ProcessUtil};
+    use crate::pods::pid_cache::write_fake_process;
 
     const UID_A: &str = "7d1c2a4e-0000-4000-8000-00000000000a";
     const UID_B: &str = "7d1c2a4e-0000-4000-8000-00000000000b";
@@ -217,19 +221,9 @@ mod tests {
     fn proc_root(pids: &[(u32, String)]) -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();
         for (pid, cgroup) in pids {
-            std::fs::create_dir_all(root.path().join(pid.to_string())).unwrap();
-            std::fs::write(root.path().join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
+            write_fake_process(root.path(), *pid, 100, &format!("0::{cgroup}\n")).unwrap();
         }
         root
-    }
-
-    fn config(proc_root: &std::path::Path) -> PollerConfig {
-        PollerConfig {
-            source: GpuSource::None,
-            cgroup_root: PathBuf::from("/nonexistent"),
-            proc_root: proc_root.to_path_buf(),
-            interval: Duration::from_secs(1),
-        }
     }
 
     fn sample(pid: u32, sm: Option<f64>, memory: u64, sharing: Sharing) -> ProcessSample {
@@ -248,7 +242,8 @@ mod tests {
     }
 
     fn pods_of(poll: GpuPoll, proc_root: &std::path::Path) -> HashMap<String, PodGpu> {
-        match attribute("test".into(), poll, &config(proc_root)) {
+        let mut pids = PidCache::new(proc_root, PID_IDLE_EXPIRY);
+        match attribute("test".into(), poll, &mut pids) {
             GpuUpdate::Polled { pods, .. } => pods,
             other => panic!("expected a poll, got {other:?}"),
         }
@@ -279,15 +274,6 @@ mod tests {
             unattributable: None,
         };
         assert_eq!(pods[UID_A], expected);
-    }
-
-    /// Backoff doubles from the poll interval and stops at a minute.
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let interval = Duration::from_millis(200);
-        assert_eq!(backoff(interval, 0), interval);
-        assert_eq!(backoff(interval, 3), Duration::from_millis(1600));
-        assert_eq!(backoff(interval, 40), MAX_BACKOFF);
     }
 
     /// The MPS server's samples (all clients' work) are booked on no pod,

@@ -96,13 +96,6 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut HashMap<u64, PodCgrou
     }
 }
 
-/// The cgroup v2 path of a process, from `<proc_root>/<pid>/cgroup`
-/// (the `0::` line); `None` when the process is gone.
-pub fn process_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines().find_map(|line| line.strip_prefix("0::")).map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,15 +129,5 @@ mod tests {
         assert_eq!(entry.owner.container_id.as_deref(), Some(id.as_str()));
         assert_eq!(entry.owner.pod_uid, uid.replace('_', "-"));
         assert!(entry.path.starts_with("/kubepods.slice/"));
-    }
-
-    /// The v2 line of /proc/PID/cgroup is used; v1 lines are ignored.
-    #[test]
-    fn process_cgroup_reads_v2_line() {
-        let proc_root = tempfile::tempdir().unwrap();
-        fs::create_dir_all(proc_root.path().join("42")).unwrap();
-        fs::write(proc_root.path().join("42/cgroup"), "3:cpu:/x\n0::/kubepods/podA/ctr\n").unwrap();
-        assert_eq!(process_cgroup(proc_root.path(), 42).as_deref(), Some("/kubepods/podA/ctr"));
-        assert_eq!(process_cgroup(proc_root.path(), 43), None);
     }
 }

@@ -7,6 +7,9 @@
 //!     namespace: demo
 //!     name: llm-a-0
 //!     labels: { app: llm-a }
+//!     owner: { kind: Deployment, name: llm-a }          # optional
+//!     containers:                                        # optional
+//!       - { name: vllm, devices: [GPU-8f6c...] }
 //! ```
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -14,7 +17,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::PodMeta;
+use super::{ContainerMeta, Owner, PodMeta};
 
 /// Failure to read the metadata file.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,10 @@ struct Entry {
     name: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    owner: Option<Owner>,
+    #[serde(default)]
+    containers: Vec<ContainerMeta>,
 }
 
 /// Reads `path` into metadata keyed by pod UID.
@@ -54,6 +61,8 @@ pub fn load(path: &Path) -> Result<HashMap<String, PodMeta>, StaticSourceError> 
             namespace: Some(entry.namespace),
             name: Some(entry.name),
             labels: entry.labels,
+            owner: entry.owner,
+            containers: entry.containers,
         };
         if pods.insert(uid.clone(), meta).is_some() {
             return Err(error(format!("pod uid {uid} listed twice")));

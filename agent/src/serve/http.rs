@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use crate::status::SourceStatus;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,7 +40,11 @@ struct HealthBody<'a> {
 /// pod); the body says which sources are degraded and why.
 async fn healthz(State(view): State<ViewRx>) -> Response {
     let view = view.borrow().clone();
-    let degraded = !view.health.probes.is_ok() || !view.health.gpu.is_ok();
+    let health = &view.health;
+    // Metadata sources are optional: only a wanted-but-failing one degrades.
+    let metadata_failing =
+        [&health.kube_api, &health.kubelet].iter().any(|s| matches!(s, SourceStatus::Degraded { .. }));
+    let degraded = !health.probes.is_ok() || !health.gpu.is_ok() || metadata_failing;
     let status = if degraded { "degraded" } else { "ok" };
     Json(HealthBody { status, health: &view.health }).into_response()
 }
@@ -50,6 +55,10 @@ struct PodRow<'a> {
     namespace: Option<&'a str>,
     name: Option<&'a str>,
     labels: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a crate::pods::Owner>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    containers: &'a [crate::pods::ContainerMeta],
     values: HashMap<&'static str, Option<f64>>,
     requests: crate::signals::view::RequestCounts,
 }
@@ -82,6 +91,8 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
             namespace: pod.meta.namespace.as_deref(),
             name: pod.meta.name.as_deref(),
             labels: &pod.meta.labels,
+            owner: pod.meta.owner.as_ref(),
+            containers: &pod.meta.containers,
             values: Metric::ALL
                 .into_iter()
                 .map(|metric| {
@@ -104,13 +115,19 @@ async fn metrics(State(view): State<ViewRx>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
-/// The identifying labels of a pod's series (dcgm-exporter's names).
+/// The identifying labels of a pod's series: dcgm-exporter's `namespace`,
+/// `pod` and `container` (so its series join podgpu's), the pod UID, and
+/// `gpu`: the GPU UUIDs kubelet gave the pod, comma-separated, empty when
+/// unknown. `container` names the GPU-holding (or only) container; empty
+/// when that is ambiguous, since the values are the whole pod's.
 fn pod_labels(pod: &crate::signals::view::PodView) -> String {
     format!(
-        "namespace=\"{}\",pod=\"{}\",pod_uid=\"{}\"",
+        "namespace=\"{}\",pod=\"{}\",container=\"{}\",pod_uid=\"{}\",gpu=\"{}\"",
         escape(pod.meta.namespace.as_deref().unwrap_or("")),
         escape(pod.meta.name.as_deref().unwrap_or("")),
-        escape(&pod.meta.uid)
+        escape(pod.meta.main_container().map_or("", |c| c.name.as_str())),
+        escape(&pod.meta.uid),
+        escape(&pod.meta.gpus().join(",")),
     )
 }
 
@@ -237,6 +254,8 @@ pub fn render_metrics(view: &NodeView) -> String {
         [
             ("source=\"probes\"".to_string(), up(health.probes.is_ok())),
             ("source=\"gpu\"".to_string(), up(health.gpu.is_ok())),
+            ("source=\"kube_api\"".to_string(), up(health.kube_api.is_ok())),
+            ("source=\"kubelet\"".to_string(), up(health.kubelet.is_ok())),
         ],
     );
     let counter = |out: &mut String, name: &str, help: &str, value: u64| {
@@ -359,7 +378,12 @@ mod tests {
                 uid: "u1".into(),
                 namespace: Some("ns".into()),
                 name: Some("we\"ird".into()),
-                labels: Default::default(),
+                containers: vec![crate::pods::ContainerMeta {
+                    name: "vllm".into(),
+                    id: None,
+                    devices: vec!["GPU-1234::2".into()],
+                }],
+                ..PodMeta::default()
             },
             history,
             gpu: Default::default(),
@@ -370,7 +394,9 @@ mod tests {
         });
         let text = render_metrics(&view);
         assert!(
-            text.contains("podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",pod_uid=\"u1\"} 500\n"),
+            text.contains(
+                "podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"} 500\n"
+            ),
             "{text}"
         );
         assert!(!text.contains("podgpu_pod_gpu_sm_util{"), "{text}");

@@ -157,6 +157,7 @@ mod tests {
                 namespace: Some(namespace.to_string()),
                 name: Some(app.to_string()),
                 labels: [("app".to_string(), app.to_string())].into(),
+                ..PodMeta::default()
             },
             history,
             gpu: Default::default(),

@@ -17,6 +17,7 @@ use super::view::{Health, NodeView, PodView, ReaderCounters, RequestCounts, Sour
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
+use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
 use crate::probes::requests::http1::Outcome;
 use crate::probes::requests::{seed, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
@@ -32,8 +33,6 @@ pub struct CollectorConfig {
     pub retention: Duration,
     /// cgroup v2 root.
     pub cgroup_root: PathBuf,
-    /// Pod metadata by UID (static source).
-    pub metadata: HashMap<String, PodMeta>,
     /// GPU data older than this is stale: GPU signals turn unavailable.
     pub gpu_stale_after: Duration,
     /// procfs root, for finding connections that predate the agent.
@@ -68,6 +67,7 @@ struct PodState {
 /// Owns the probes and all per-pod state.
 pub struct Collector {
     config: CollectorConfig,
+    directory: Directory,
     probes: Probes,
     request_probe_stats: RequestProbeStats,
     bpf_programs: Vec<crate::probes::BpfProgramStats>,
@@ -88,9 +88,15 @@ pub struct Collector {
 
 impl Collector {
     /// A collector over `probes`.
-    pub fn new(config: CollectorConfig, probes: Probes, gpu_updates_dropped: Arc<AtomicU64>) -> Self {
+    pub fn new(
+        config: CollectorConfig,
+        directory: Directory,
+        probes: Probes,
+        gpu_updates_dropped: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             config,
+            directory,
             probes,
             request_probe_stats: RequestProbeStats::default(),
             bpf_programs: Vec::new(),
@@ -140,6 +146,9 @@ impl Collector {
     pub fn tick(&mut self) {
         if self.last_rescan.is_none_or(|at| at.elapsed() >= self.config.rescan) {
             self.rescan();
+        }
+        if self.directory.refresh() {
+            self.refresh_metadata();
         }
         self.read_probes();
         self.check_gpu_staleness();
@@ -201,12 +210,8 @@ impl Collector {
         self.pods.retain(|uid, _| live.contains(uid.as_str()));
         for uid in live {
             if !self.pods.contains_key(uid) {
-                let meta = self
-                    .config
-                    .metadata
-                    .get(uid)
-                    .cloned()
-                    .unwrap_or_else(|| PodMeta { uid: uid.to_string(), ..PodMeta::default() });
+                let meta = self.directory.meta(uid);
+                self.directory.request_devices(&meta);
                 tracing::info!(pod_uid = uid, namespace = ?meta.namespace, name = ?meta.name, "tracking pod");
                 self.pods.insert(
                     uid.to_string(),
@@ -228,6 +233,19 @@ impl Collector {
         }
         if !gone.is_empty() || !new.is_empty() {
             tracing::debug!(added = new.len(), removed = gone.len(), pods = self.pods.len(), "cgroup rescan");
+        }
+    }
+
+    /// A metadata source changed: re-stamp every pod.
+    fn refresh_metadata(&mut self) {
+        for (uid, pod) in &mut self.pods {
+            let meta = self.directory.meta(uid);
+            if meta != pod.meta {
+                if meta.name != pod.meta.name || meta.namespace != pod.meta.namespace {
+                    tracing::info!(pod_uid = %uid, namespace = ?meta.namespace, name = ?meta.name, "pod metadata updated");
+                }
+                pod.meta = meta;
+            }
         }
     }
 
@@ -326,6 +344,7 @@ impl Collector {
         pods.sort_by(|a, b| {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
         });
+        let (kube_api_health, kubelet_health) = self.directory.health();
         NodeView {
             at_s: self.last_tick_s,
             pods,
@@ -333,6 +352,9 @@ impl Collector {
             health: Health {
                 probes: self.probes.status.clone(),
                 gpu: self.gpu_status.clone(),
+                kube_api: kube_api_health,
+                kubelet: kubelet_health,
+                api_pods: self.directory.api_pods(),
                 request_probe: self.request_probe_stats,
                 bpf_programs: self.bpf_programs.clone(),
                 request_reader: ReaderCounters {
@@ -361,12 +383,11 @@ mod tests {
             rescan: Duration::ZERO,
             retention: Duration::from_secs(60),
             cgroup_root: root.to_path_buf(),
-            metadata: HashMap::new(),
             gpu_stale_after: Duration::from_millis(200),
             proc_root: PathBuf::from("/nonexistent"),
         };
         let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
-        Collector::new(config, probes, Arc::new(AtomicU64::new(0)))
+        Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)))
     }
 
     /// Pods appear with their cgroups and vanish with them; GPU updates set

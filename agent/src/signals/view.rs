@@ -10,31 +10,7 @@ use crate::gpu::poller::PodGpu;
 use crate::gpu::{DeviceSample, Sharing};
 use crate::pods::PodMeta;
 use crate::probes::requests::RequestProbeStats;
-
-/// Health of one source.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-pub enum SourceStatus {
-    /// Working; `detail` says what is serving (e.g. the GPU backend).
-    Ok {
-        /// What is serving.
-        detail: String,
-    },
-    /// Wanted but failing; the agent keeps serving the other sources.
-    Degraded {
-        /// Why.
-        reason: String,
-    },
-    /// Switched off by configuration.
-    Disabled,
-}
-
-impl SourceStatus {
-    /// Whether the source's signals can be served.
-    pub fn is_ok(&self) -> bool {
-        matches!(self, SourceStatus::Ok { .. })
-    }
-}
+pub use crate::status::SourceStatus;
 
 /// Health of the agent's sources.
 #[derive(Clone, Debug, Serialize)]
@@ -43,6 +19,12 @@ pub struct Health {
     pub probes: SourceStatus,
     /// GPU backend.
     pub gpu: SourceStatus,
+    /// Kubernetes API pod watch (names, labels, owners).
+    pub kube_api: SourceStatus,
+    /// Kubelet pod-resources (devices per container).
+    pub kubelet: SourceStatus,
+    /// Pods the Kubernetes API watch holds (this node's).
+    pub api_pods: usize,
     /// The request probe's kernel-side counters.
     pub request_probe: RequestProbeStats,
     /// The request reader's counters.
@@ -175,6 +157,9 @@ impl NodeView {
             health: Health {
                 probes: SourceStatus::Degraded { reason: "starting".to_string() },
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
+                kube_api: SourceStatus::Disabled,
+                kubelet: SourceStatus::Disabled,
+                api_pods: 0,
                 request_probe: RequestProbeStats::default(),
                 request_reader: ReaderCounters::default(),
                 bpf_programs: Vec::new(),

@@ -1,0 +1,28 @@
+//! The health vocabulary every source reports in (probes, GPU, kubelet,
+//! Kubernetes API), shown on /healthz and as `podgpu_agent_source_up`.
+use serde::Serialize;
+
+/// Health of one source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum SourceStatus {
+    /// Working; `detail` says what is serving (e.g. the GPU backend).
+    Ok {
+        /// What is serving.
+        detail: String,
+    },
+    /// Wanted but failing; the agent keeps serving the other sources.
+    Degraded {
+        /// Why.
+        reason: String,
+    },
+    /// Switched off by configuration.
+    Disabled,
+}
+
+impl SourceStatus {
+    /// Whether the source's signals can be served.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, SourceStatus::Ok { .. })
+    }
+}
