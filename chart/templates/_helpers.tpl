@@ -7,3 +7,13 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/name: podgpu
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{- define "podgpu.tlsArgs" -}}
+{{- if .Values.tls.secretName -}}
+- --tls-cert=/etc/podgpu-tls/tls.crt
+- --tls-key=/etc/podgpu-tls/tls.key
+{{- if .Values.tls.requireClientCert }}
+- --tls-client-ca=/etc/podgpu-tls/ca.crt
+{{- end }}
+{{- end -}}
+{{- end -}}

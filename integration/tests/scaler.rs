@@ -108,3 +108,38 @@ async fn scaler_merges_nodes_and_survives_a_node_restart() {
     let back = value_eventually(&mut keda, &gpu, "gpu", 50.0, Duration::from_secs(10)).await;
     assert!((back - 50.0).abs() < 1.5, "node b counted again: {back}");
 }
+
+/// The node API's Watch streams a snapshot per published tick, each newer
+/// than the last, and rejects bad windows by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_watch_streams_every_tick() {
+    use podgpu_proto::node::node_signals_client::NodeSignalsClient;
+    use podgpu_proto::node::WatchRequest;
+    require_root();
+    let pid = std::process::id();
+    let ns = format!("watch-{pid}");
+    let scene = node(&format!("podgpu-node-w-{pid}"), &ns, "llm-w", "llm", 40.0);
+    let mut client = NodeSignalsClient::connect(format!("http://{}", scene.agent.keda)).await.expect("node API");
+    let bad = client.watch(WatchRequest { windows_s: vec![0.0], min_interval_ms: 0 }).await;
+    let status = bad.err().expect("a zero window is refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("windows_s"), "{status:?}");
+
+    let mut stream =
+        client.watch(WatchRequest { windows_s: vec![1.0], min_interval_ms: 0 }).await.expect("Watch").into_inner();
+    let started = Instant::now();
+    let mut stamps = Vec::new();
+    while stamps.len() < 5 {
+        let snapshot = tokio::time::timeout(Duration::from_secs(3), stream.message())
+            .await
+            .expect("a snapshot within 3 s")
+            .expect("stream healthy")
+            .expect("stream open");
+        assert!(snapshot.pods.iter().any(|p| p.name == "llm-w"), "{snapshot:?}");
+        stamps.push(snapshot.at_s);
+    }
+    let elapsed = started.elapsed();
+    assert!(stamps.windows(2).all(|w| w[1] > w[0]), "snapshots not newer each time: {stamps:?}");
+    // Five snapshots at a 100 ms tick: live updates, not a 1 s poll.
+    assert!(elapsed < Duration::from_secs(2), "5 snapshots took {elapsed:?}");
+}

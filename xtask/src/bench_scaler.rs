@@ -19,7 +19,7 @@ use podgpu_agent::serve::cluster::ClusterConfig;
 use podgpu_agent::signals::latency::encode_buckets;
 use podgpu_agent::{run_scaler, ScalerConfig};
 use podgpu_proto::node::node_signals_server::{NodeSignals, NodeSignalsServer};
-use podgpu_proto::node::{NodeSnapshot, PodSignals, SnapshotRequest, WindowValues};
+use podgpu_proto::node::{NodeSnapshot, PodSignals, SnapshotRequest, WatchRequest, WindowValues};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -52,6 +52,13 @@ impl NodeSignals for FakeNode {
         }
         Ok(Response::new(snapshot))
     }
+
+    type WatchStream = tokio_stream::Empty<Result<NodeSnapshot, Status>>;
+
+    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        // The scaler polls `Snapshot`; the stand-in serves only that.
+        Err(Status::unimplemented("the benchmark's node stand-in serves Snapshot only"))
+    }
 }
 
 fn fake_snapshot(node: usize) -> NodeSnapshot {
@@ -73,6 +80,8 @@ fn fake_snapshot(node: usize) -> NodeSnapshot {
                 latency_us: buckets.clone(),
             }],
             unavailable: Default::default(),
+            owner: String::new(),
+            containers: Vec::new(),
         })
         .collect();
     NodeSnapshot { node: format!("node-{node}"), pods, unavailable_sources: Default::default(), at_s: 0.0 }

@@ -1,11 +1,16 @@
 //! The node API (`podgpu.node.v1.NodeSignals`): a node agent's pods with
 //! their values over the windows the caller asks for, and latency
-//! histograms as mergeable buckets. The scaler role polls it on every node.
+//! histograms as mergeable buckets, once (`Snapshot`) or on every published
+//! change (`Watch`). The scaler role polls `Snapshot` on every node: a poll
+//! with a deadline tells a hung node from a quiet one without keepalives.
 use std::sync::Arc;
 
 use podgpu_proto::node::node_signals_server::NodeSignals;
-use podgpu_proto::node::{NodeSnapshot, PodSignals as PodMessage, SnapshotRequest, WindowValues};
-use tokio::sync::watch;
+use podgpu_proto::node::{
+    Container, NodeSnapshot, PodSignals as PodMessage, SnapshotRequest, WatchRequest, WindowValues,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
@@ -46,6 +51,17 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
             namespace: pod.meta.namespace.clone().unwrap_or_default(),
             name: pod.meta.name.clone().unwrap_or_default(),
             labels: pod.meta.labels.clone().into_iter().collect(),
+            owner: pod.meta.owner.as_ref().map(|o| format!("{}/{}", o.kind, o.name)).unwrap_or_default(),
+            containers: pod
+                .meta
+                .containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.clone(),
+                    id: c.id.clone().unwrap_or_default(),
+                    devices: c.devices.clone(),
+                })
+                .collect(),
             windows: windows
                 .iter()
                 .map(|&window_s| {
@@ -79,20 +95,53 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
     NodeSnapshot { node: node.to_string(), pods, unavailable_sources, at_s: view.at_s }
 }
 
+/// Defaults and bounds for the requested windows.
+fn checked_windows(mut windows: Vec<f64>) -> Result<Vec<f64>, Status> {
+    if windows.is_empty() {
+        windows.push(DEFAULT_WINDOW.as_secs_f64());
+    }
+    if windows.len() > MAX_WINDOWS {
+        return Err(Status::invalid_argument(format!("windows_s: at most {MAX_WINDOWS} windows")));
+    }
+    if let Some(bad) = windows.iter().find(|w| !(w.is_finite() && **w > 0.0 && **w <= MAX_WINDOW.as_secs_f64())) {
+        return Err(Status::invalid_argument(format!("windows_s: {bad} is not in (0, {}]", MAX_WINDOW.as_secs())));
+    }
+    Ok(windows)
+}
+
 #[tonic::async_trait]
 impl NodeSignals for NodeApi {
     async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
-        let mut windows = request.into_inner().windows_s;
-        if windows.is_empty() {
-            windows.push(DEFAULT_WINDOW.as_secs_f64());
-        }
-        if windows.len() > MAX_WINDOWS {
-            return Err(Status::invalid_argument(format!("windows_s: at most {MAX_WINDOWS} windows")));
-        }
-        if let Some(bad) = windows.iter().find(|w| !(w.is_finite() && **w > 0.0 && **w <= MAX_WINDOW.as_secs_f64())) {
-            return Err(Status::invalid_argument(format!("windows_s: {bad} is not in (0, {}]", MAX_WINDOW.as_secs())));
-        }
+        let windows = checked_windows(request.into_inner().windows_s)?;
         let view = self.view.borrow().clone();
         Ok(Response::new(snapshot(&self.node, &view, &windows)))
+    }
+
+    type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeSnapshot, Status>> + Send>>;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let windows = checked_windows(request.windows_s)?;
+        let min_interval = std::time::Duration::from_millis(request.min_interval_ms.into());
+        let mut view = self.view.clone();
+        let node = self.node.clone();
+        // One snapshot in flight at most: a slow reader gets the latest
+        // state when it catches up, not a backlog.
+        let (sender, receiver) = mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let current = view.borrow_and_update().clone();
+                let message = snapshot(&node, &current, &windows);
+                if sender.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(min_interval).await;
+                tokio::select! {
+                    changed = view.changed() => if changed.is_err() { return },
+                    _ = sender.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
