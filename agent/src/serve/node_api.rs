@@ -95,16 +95,17 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
     NodeSnapshot { node: node.to_string(), pods, unavailable_sources, at_s: view.at_s }
 }
 
-/// Defaults and bounds for the requested windows.
-fn checked_windows(mut windows: Vec<f64>) -> Result<Vec<f64>, Status> {
+/// Defaults and bounds for the requested windows; the error becomes an
+/// InvalidArgument.
+fn checked_windows(mut windows: Vec<f64>) -> Result<Vec<f64>, String> {
     if windows.is_empty() {
         windows.push(DEFAULT_WINDOW.as_secs_f64());
     }
     if windows.len() > MAX_WINDOWS {
-        return Err(Status::invalid_argument(format!("windows_s: at most {MAX_WINDOWS} windows")));
+        return Err(format!("windows_s: at most {MAX_WINDOWS} windows"));
     }
     if let Some(bad) = windows.iter().find(|w| !(w.is_finite() && **w > 0.0 && **w <= MAX_WINDOW.as_secs_f64())) {
-        return Err(Status::invalid_argument(format!("windows_s: {bad} is not in (0, {}]", MAX_WINDOW.as_secs())));
+        return Err(format!("windows_s: {bad} is not in (0, {}]", MAX_WINDOW.as_secs()));
     }
     Ok(windows)
 }
@@ -112,7 +113,7 @@ fn checked_windows(mut windows: Vec<f64>) -> Result<Vec<f64>, Status> {
 #[tonic::async_trait]
 impl NodeSignals for NodeApi {
     async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
-        let windows = checked_windows(request.into_inner().windows_s)?;
+        let windows = checked_windows(request.into_inner().windows_s).map_err(Status::invalid_argument)?;
         let view = self.view.borrow().clone();
         Ok(Response::new(snapshot(&self.node, &view, &windows)))
     }
@@ -121,7 +122,7 @@ impl NodeSignals for NodeApi {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
-        let windows = checked_windows(request.windows_s)?;
+        let windows = checked_windows(request.windows_s).map_err(Status::invalid_argument)?;
         let min_interval = std::time::Duration::from_millis(request.min_interval_ms.into());
         let mut view = self.view.clone();
         let node = self.node.clone();
