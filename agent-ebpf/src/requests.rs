@@ -113,13 +113,16 @@ fn connection_key(fd: u64) -> u64 {
 
 // ---- accept: start tracking -------------------------------------------
 
-fn accept_enter() -> Result<(), i64> {
+fn accept_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     if WATCHED_CGROUPS.get_ptr(cgroup_id).is_none() {
         return Ok(());
     }
-    let pending = Pending { buffer: 0, segments: 0, cgroup_id, fd: 0, kind: IoKind::Accept as u32 };
+    // The listening socket: user space maps it to the server port once.
+    // SAFETY: offset from the tracepoint format.
+    let listener: u64 = unsafe { ctx.read_at(ARG0)? };
+    let pending = Pending { buffer: 0, segments: 0, cgroup_id, fd: listener as u32, kind: IoKind::Accept as u32 };
     if PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).is_err() {
         bump(RequestStat::ArgsMapFull);
     }
@@ -127,14 +130,14 @@ fn accept_enter() -> Result<(), i64> {
 }
 
 #[tracepoint]
-pub fn accept4_enter(_ctx: TracePointContext) -> u32 {
-    let _ = accept_enter();
+pub fn accept4_enter(ctx: TracePointContext) -> u32 {
+    let _ = accept_enter(&ctx);
     0
 }
 
 #[tracepoint]
-pub fn accept_enter_plain(_ctx: TracePointContext) -> u32 {
-    let _ = accept_enter();
+pub fn accept_enter_plain(ctx: TracePointContext) -> u32 {
+    let _ = accept_enter(&ctx);
     0
 }
 
@@ -225,7 +228,8 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
             bump(RequestStat::ConnectionMapFull);
             return Ok(());
         }
-        return emit(key, pending.cgroup_id, IoKind::Accept as u32, ret, None);
+        // The new fd is in the key; `bytes` carries the listening fd.
+        return emit(key, pending.cgroup_id, IoKind::Accept as u32, i64::from(pending.fd), None);
     }
     // Non-blocking sockets answer EAGAIN constantly: not an event.
     if ret == -EAGAIN {

@@ -166,7 +166,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
     if let Some(ring) = request_ring {
-        let reader = probes::requests::run_reader(ring, request_tx, reader_stats, shutdown.clone());
+        let reader =
+            probes::requests::run_reader(ring, config.proc_root.clone(), request_tx, reader_stats, shutdown.clone());
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.

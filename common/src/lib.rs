@@ -103,7 +103,9 @@ pub struct IoEvent {
     pub cgroup_id: u64,
     /// Connection key: `tgid << 32 | fd`.
     pub connection: u64,
-    /// Syscall return value: bytes moved, 0 for EOF, or -errno.
+    /// Syscall return value: bytes moved, 0 for EOF, or -errno. For
+    /// `Accept` events: the listening socket's fd (the new fd is in
+    /// `connection`).
     pub bytes: i64,
     /// An `IoKind`.
     pub kind: u32,

@@ -32,6 +32,8 @@ pub struct TenantSpec {
     pub gpu_memory_bytes: u64,
     /// Server binary: `tenant` (HTTP/1.1) or `grpc-tenant` (gRPC).
     pub server: &'static str,
+    /// Serve HTTP on a second port too (`tenant` only).
+    pub second_port: bool,
 }
 
 impl TenantSpec {
@@ -45,6 +47,7 @@ impl TenantSpec {
             gpu_steps: Vec::new(),
             gpu_memory_bytes: 0,
             server: "tenant",
+            second_port: false,
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct Tenant {
     pub pod: CgroupPod,
     /// Where its server listens.
     pub addr: SocketAddr,
+    /// Its second port, when asked for.
+    pub second_addr: Option<SocketAddr>,
     /// Its spec.
     pub spec: TenantSpec,
 }
@@ -119,6 +124,9 @@ impl Scene {
             command.arg("127.0.0.1:0");
             if spec.server == "tenant" {
                 command.arg(spec.body_bytes.to_string());
+                if spec.second_port {
+                    command.args(["0", "127.0.0.1:0"]);
+                }
             }
             let child = pod.spawn(command).context("starting the tenant server")?;
             let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
@@ -127,7 +135,8 @@ impl Scene {
             let ready: serde_json::Value =
                 serde_json::from_str(&line).with_context(|| format!("tenant said {line:?}"))?;
             let addr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line:?}"))?.parse()?;
-            tenants.push(Tenant { pod, addr, spec: TenantSpec { uid: Some(uid), ..spec.clone() } });
+            let second_addr = ready["second"].as_str().map(str::parse).transpose()?;
+            tenants.push(Tenant { pod, addr, second_addr, spec: TenantSpec { uid: Some(uid), ..spec.clone() } });
         }
 
         let mut metadata = String::from("pods:\n");

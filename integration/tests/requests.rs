@@ -209,3 +209,64 @@ async fn bad_traffic_and_idle_connections() {
     assert!(tracked(&after) <= tracked(&before) + 10, "closed connections leaked");
     assert_eq!(during["request_probe"]["ring_full_drops"], 0);
 }
+
+/// `ports`: a server on two ports (API and, say, metrics) counts requests
+/// per port, on the node agent and through the scaler; connections keep
+/// the port of the listener that accepted them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ports_count_only_the_named_server_ports() {
+    use integration::agent::AgentProcess;
+    use integration::workspace_binary;
+    require_root();
+    let ns = format!("ports-{}", std::process::id());
+    let mut tenant = TenantSpec::new("llm-0", "llm");
+    tenant.second_port = true;
+    let args = ["--tick-ms", "100"].map(String::from);
+    let scene = Scene::start(&ns, &[tenant], GpuSetup::Arg("none".into()), &args).expect("scene starts");
+    let api = scene.tenant("llm-0").addr;
+    let metrics_port = scene.tenant("llm-0").second_addr.expect("second port");
+
+    let held = StreamSpec { first_ms: 3000, chunks: 2, chunk_ms: 10 };
+    let mut streams = Vec::new();
+    for (addr, count) in [(api, 3), (metrics_port, 2)] {
+        for _ in 0..count {
+            streams.push(tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&held.path()).await }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let in_flight = |ports: &str| {
+        let mut metadata = vec![("metric", "requests_in_flight"), ("target", "1"), ("podSelector", "app=llm")];
+        if !ports.is_empty() {
+            metadata.push(("ports", ports));
+        }
+        scaled_object(&ns, "llm", &metadata)
+    };
+    let (a, b) = (api.port(), metrics_port.port());
+    let cases = [
+        (String::new(), 5.0),
+        (a.to_string(), 3.0),
+        (b.to_string(), 2.0),
+        (format!("{a},{b}"), 5.0),
+        ("1".into(), 0.0),
+    ];
+
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    for (ports, expected) in &cases {
+        let poll = keda.poll(&in_flight(ports), "podgpu-requests-in-flight").await.unwrap();
+        assert_eq!(poll.value, *expected, "node agent, ports {ports:?}");
+    }
+
+    let scaler_args = ["--nodes", &scene.agent.keda.to_string(), "--poll-ms", "100"].map(String::from);
+    let scaler =
+        AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &scaler_args).expect("scaler starts");
+    let mut via_scaler = KedaClient::connect(scaler.keda).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for (ports, expected) in &cases {
+        let poll = via_scaler.poll(&in_flight(ports), "podgpu-requests-in-flight").await.unwrap();
+        assert_eq!(poll.value, *expected, "scaler, ports {ports:?}");
+    }
+    for stream in streams {
+        stream.await.unwrap().expect("stream completes");
+    }
+}

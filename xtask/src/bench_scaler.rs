@@ -78,6 +78,7 @@ fn fake_snapshot(node: usize) -> NodeSnapshot {
                 values: [("gpu_sm_util".to_string(), 30.0), ("requests_in_flight".to_string(), 3.0)].into(),
                 ttft_us: buckets.clone(),
                 latency_us: buckets.clone(),
+                ports: Vec::new(),
             }],
             unavailable: Default::default(),
             owner: String::new(),

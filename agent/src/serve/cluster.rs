@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use podgpu_proto::node::node_signals_client::NodeSignalsClient;
-use podgpu_proto::node::{SnapshotRequest, WindowValues};
+use podgpu_proto::node::{PortValues, SnapshotRequest, WindowValues};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -51,6 +51,11 @@ impl RemotePod {
     }
 }
 
+/// The per-port values of `window` for the given ports.
+fn selected_ports<'a>(window: &'a WindowValues, ports: &'a [u16]) -> impl Iterator<Item = &'a PortValues> {
+    window.ports.iter().filter(|p| u16::try_from(p.port).is_ok_and(|port| ports.contains(&port)))
+}
+
 impl PodSignals for RemotePod {
     fn namespace(&self) -> Option<&str> {
         (!self.namespace.is_empty()).then_some(self.namespace.as_str())
@@ -61,15 +66,26 @@ impl PodSignals for RemotePod {
     fn display_name(&self) -> &str {
         &self.name
     }
-    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
-        self.window(window_s)?.values.get(metric.name()).copied()
+    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
+        let window = self.window(window_s)?;
+        if ports.is_empty() || metric.source() != MetricSource::Probes {
+            return window.values.get(metric.name()).copied();
+        }
+        // A pod serving nothing on those ports contributes 0.
+        Some(selected_ports(window, ports).filter_map(|p| p.values.get(metric.name())).sum())
     }
-    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>) {
+    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>) {
         let Some(window) = self.window(window_s) else { return };
-        match metric {
-            Metric::TtftMs(_) => decode_buckets_into(&window.ttft_us, into),
-            Metric::LatencyMs(_) => decode_buckets_into(&window.latency_us, into),
+        let mut pick = |ttft: &[u64], latency: &[u64]| match metric {
+            Metric::TtftMs(_) => decode_buckets_into(ttft, into),
+            Metric::LatencyMs(_) => decode_buckets_into(latency, into),
             _ => {}
+        };
+        if ports.is_empty() {
+            return pick(&window.ttft_us, &window.latency_us);
+        }
+        for port in selected_ports(window, ports) {
+            pick(&port.ttft_us, &port.latency_us);
         }
     }
     fn unavailable_reason(&self, metric: Metric) -> Option<&str> {

@@ -96,7 +96,7 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
             values: Metric::ALL
                 .into_iter()
                 .map(|metric| {
-                    let value = view.source_status(metric).is_ok().then(|| pod.value(metric, window_s)).flatten();
+                    let value = view.source_status(metric).is_ok().then(|| pod.value(metric, window_s, &[])).flatten();
                     (metric.name(), value)
                 })
                 .collect(),
@@ -156,7 +156,7 @@ pub fn render_metrics(view: &NodeView) -> String {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let samples = view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s)?)));
+        let samples = view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s, &[])?)));
         let name = format!("podgpu_pod_{}", metric.name());
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
@@ -172,7 +172,7 @@ pub fn render_metrics(view: &NodeView) -> String {
             };
             let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
             let samples =
-                view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s)? / 1000.0)));
+                view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s, &[])? / 1000.0)));
             family(
                 &mut out,
                 &name,
@@ -391,6 +391,7 @@ mod tests {
             requests: Default::default(),
             ttft: Default::default(),
             latency: Default::default(),
+            ports: Vec::new(),
         });
         let text = render_metrics(&view);
         assert!(

@@ -42,17 +42,18 @@ const NEW_WINDOW_WAIT: Duration = Duration::from_secs(3);
 
 impl Signals {
     async fn evaluate(&self, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
-        self.evaluate_pods(namespace, trigger, &trigger.pod_selector, trigger.metric).await
+        self.evaluate_pods(namespace, trigger, &trigger.pod_selector, trigger.metric, &trigger.ports).await
     }
 
-    /// The value of `metric` over the pods `selector` picks, with the
-    /// trigger's window and aggregation.
+    /// The value of `metric` over the pods `selector` picks (on `ports`
+    /// when not empty), with the trigger's window and aggregation.
     async fn evaluate_pods(
         &self,
         namespace: &str,
         trigger: &Trigger,
         selector: &LabelSelector,
         metric: Metric,
+        ports: &[u16],
     ) -> Result<WorkloadValue, ScalerError> {
         let query = WorkloadQuery {
             namespace,
@@ -60,6 +61,7 @@ impl Signals {
             metric,
             window_s: trigger.window.as_secs_f64(),
             aggregation: trigger.aggregation,
+            ports,
         };
         match self {
             Signals::Local(view) => {
@@ -68,8 +70,10 @@ impl Signals {
             }
             Signals::Cluster(cluster) => {
                 let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
-                let key =
-                    format!("{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}", query.window_s, trigger.aggregation);
+                let key = format!(
+                    "{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}\0{:?}",
+                    query.window_s, trigger.aggregation, ports
+                );
                 view.memoized(key, || {
                     if let Some(reason) = view.unavailable(metric, namespace) {
                         return Err(reason);
@@ -91,7 +95,8 @@ impl Signals {
         let Some(upstream) = &trigger.upstream else {
             return own.map(|_| false);
         };
-        let upstream = self.evaluate_pods(namespace, trigger, &upstream.pod_selector, upstream.metric).await;
+        let upstream =
+            self.evaluate_pods(namespace, trigger, &upstream.pod_selector, upstream.metric, &upstream.ports).await;
         match (own, upstream) {
             (_, Ok(value)) if value.value > trigger.activation_target => Ok(true),
             // Either side answering "idle" is an answer; both failing is not.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use podgpu_proto::node::node_signals_server::NodeSignals;
 use podgpu_proto::node::{
-    Container, NodeSnapshot, PodSignals as PodMessage, SnapshotRequest, WatchRequest, WindowValues,
+    Container, NodeSnapshot, PodSignals as PodMessage, PortValues, SnapshotRequest, WatchRequest, WindowValues,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
 use crate::signals::latency::{encode_buckets, new_histogram};
 use crate::signals::metric::{Combine, Metric, MetricSource, Quantile};
-use crate::signals::view::NodeView;
+use crate::signals::view::{NodeView, PodView};
 
 /// Most windows one request may ask for.
 const MAX_WINDOWS: usize = 8;
@@ -62,30 +62,7 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
                     devices: c.devices.clone(),
                 })
                 .collect(),
-            windows: windows
-                .iter()
-                .map(|&window_s| {
-                    let values = Metric::ALL
-                        .into_iter()
-                        .filter(|m| m.combine() == Combine::Additive && serving(*m))
-                        .filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s)?)))
-                        .collect();
-                    let buckets = |metric: Metric| {
-                        if !serving(metric) {
-                            return Vec::new();
-                        }
-                        let mut merged = new_histogram();
-                        pod.merge_latencies(metric, window_s, &mut merged);
-                        encode_buckets(&merged)
-                    };
-                    WindowValues {
-                        window_s,
-                        values,
-                        ttft_us: buckets(Metric::TtftMs(Quantile::P50)),
-                        latency_us: buckets(Metric::LatencyMs(Quantile::P50)),
-                    }
-                })
-                .collect(),
+            windows: windows.iter().map(|&window_s| window_values(pod, window_s, &serving)).collect(),
             unavailable: Metric::ALL
                 .into_iter()
                 .filter_map(|m| Some((m.name().to_string(), pod.unavailable_reason(m)?.to_string())))
@@ -93,6 +70,48 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
         })
         .collect();
     NodeSnapshot { node: node.to_string(), pods, unavailable_sources, at_s: view.at_s }
+}
+
+/// One pod's values over one window: additive metrics of the whole pod,
+/// histograms as buckets, and the same per server port.
+fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool) -> WindowValues {
+    let values = |ports: &[u16]| {
+        Metric::ALL
+            .into_iter()
+            .filter(|m| m.combine() == Combine::Additive && serving(*m))
+            .filter(|m| ports.is_empty() || m.source() == MetricSource::Probes)
+            .filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s, ports)?)))
+            .collect()
+    };
+    let buckets = |metric: Metric, ports: &[u16]| {
+        if !serving(metric) {
+            return Vec::new();
+        }
+        let mut merged = new_histogram();
+        pod.merge_latencies(metric, window_s, ports, &mut merged);
+        encode_buckets(&merged)
+    };
+    let ttft = Metric::TtftMs(Quantile::P50);
+    let latency = Metric::LatencyMs(Quantile::P50);
+    WindowValues {
+        window_s,
+        values: values(&[]),
+        ttft_us: buckets(ttft, &[]),
+        latency_us: buckets(latency, &[]),
+        ports: pod
+            .ports
+            .iter()
+            .map(|port| {
+                let only = [port.port];
+                PortValues {
+                    port: port.port.into(),
+                    values: values(&only),
+                    ttft_us: buckets(ttft, &only),
+                    latency_us: buckets(latency, &only),
+                }
+            })
+            .collect(),
+    }
 }
 
 /// Defaults and bounds for the requested windows; the error becomes an

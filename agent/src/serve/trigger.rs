@@ -18,8 +18,10 @@ const MAX_KEYS: usize = 24;
 /// metadata in `scalerMetadata`, so they arrive here and are ignored.
 const KEDA_CONNECTION_KEYS: [&str; 7] =
     ["scalerAddress", "caCert", "tlsCertFile", "tlsClientCert", "tlsClientKey", "unsafeSsl", "enableTLS"];
-const PODGPU_KEYS: &str =
-    "metric, target, activationTarget, podSelector, aggregation, window, profile, activationPodSelector, activationMetric";
+const PODGPU_KEYS: &str = "metric, target, activationTarget, podSelector, aggregation, window, profile, ports, \
+                           activationPodSelector, activationMetric, activationPorts";
+/// Most ports one trigger may name.
+const MAX_PORTS: usize = 16;
 const MAX_VALUE_BYTES: usize = 1024;
 
 /// A bad trigger: which key and why.
@@ -51,6 +53,8 @@ pub struct Trigger {
     pub aggregation: Aggregation,
     /// Window for rates and means.
     pub window: Duration,
+    /// Server ports whose requests count (sorted; empty = every port).
+    pub ports: Vec<u16>,
     /// An upstream signal that also activates the workload (scale from
     /// zero through a gateway's traffic).
     pub upstream: Option<Upstream>,
@@ -64,6 +68,8 @@ pub struct Upstream {
     pub pod_selector: LabelSelector,
     /// What to read from them (default: the trigger's metric).
     pub metric: Metric,
+    /// Their server ports that count (`activationPorts`; empty = all).
+    pub ports: Vec<u16>,
 }
 
 /// Defaults a `profile` gives for keys the trigger leaves out.
@@ -115,15 +121,10 @@ impl Trigger {
                 | "aggregation"
                 | "window"
                 | "profile"
+                | "ports"
                 | "activationPodSelector"
-                | "activationMetric" => {}
-                "ports" => {
-                    return Err(invalid(
-                        key,
-                        "per-port filtering is not supported by this agent version; every server port of the \
-                         selected pods counts",
-                    ));
-                }
+                | "activationMetric"
+                | "activationPorts" => {}
                 _ => return Err(invalid(key, format!("unknown key; expected one of {PODGPU_KEYS}"))),
             }
         }
@@ -169,25 +170,58 @@ impl Trigger {
         if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
             return Err(invalid("window", format!("must be between {MIN_WINDOW:?} and {MAX_WINDOW:?}")));
         }
+        let ports = match metadata.get("ports") {
+            Some(text) => parse_ports(text).map_err(|reason| invalid("ports", reason))?,
+            None => Vec::new(),
+        };
         let upstream_selector = match metadata.get("activationPodSelector") {
             Some(text) => Some(LabelSelector::parse(text).map_err(|reason| invalid("activationPodSelector", reason))?),
             None => None,
         };
         let upstream_metric = metric_key(metadata, "activationMetric")?;
-        let upstream = match (upstream_selector, upstream_metric) {
-            (Some(pod_selector), metric_override) => {
-                Some(Upstream { pod_selector, metric: metric_override.unwrap_or(metric) })
-            }
-            (None, Some(_)) => return Err(invalid("activationMetric", "only meaningful with activationPodSelector")),
-            (None, None) => None,
+        let upstream_ports = match metadata.get("activationPorts") {
+            Some(text) => Some(parse_ports(text).map_err(|reason| invalid("activationPorts", reason))?),
+            None => None,
         };
-        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window, upstream })
+        let upstream = match (upstream_selector, upstream_metric, upstream_ports) {
+            (Some(pod_selector), metric_override, ports) => Some(Upstream {
+                pod_selector,
+                metric: metric_override.unwrap_or(metric),
+                ports: ports.unwrap_or_default(),
+            }),
+            (None, Some(_), _) => {
+                return Err(invalid("activationMetric", "only meaningful with activationPodSelector"))
+            }
+            (None, None, Some(_)) => {
+                return Err(invalid("activationPorts", "only meaningful with activationPodSelector"))
+            }
+            (None, None, None) => None,
+        };
+        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window, ports, upstream })
     }
 
     /// The metric name podgpu announces in GetMetricSpec.
     pub fn metric_name(&self) -> String {
         format!("podgpu-{}", self.metric.name().replace('_', "-"))
     }
+}
+
+/// `8000`, `8000,8001`: server ports, 1-65535, at most `MAX_PORTS`.
+fn parse_ports(text: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let port: u16 = item.parse().map_err(|_| format!("{item:?} is not a port number"))?;
+        if port == 0 {
+            return Err("port 0 is not a server port".to_string());
+        }
+        ports.push(port);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() > MAX_PORTS {
+        return Err(format!("{} ports given, at most {MAX_PORTS}", ports.len()));
+    }
+    Ok(ports)
 }
 
 fn metric_key(metadata: &HashMap<String, String>, key: &str) -> Result<Option<Metric>, TriggerError> {
@@ -250,6 +284,14 @@ mod tests {
         assert_eq!(full.aggregation, Aggregation::Max);
         assert_eq!(full.window, Duration::from_secs(30));
         assert_eq!(full.metric_name(), "podgpu-gpu-sm-util");
+        let ported = Trigger::from_metadata(&metadata(&[
+            ("metric", "request_rate"),
+            ("target", "5"),
+            ("ports", "8001, 8000,8001"),
+        ]))
+        .unwrap();
+        assert_eq!(ported.ports, vec![8000, 8001]);
+        assert!(full.ports.is_empty());
 
         let minimal =
             Trigger::from_metadata(&metadata(&[("metric", "socket_recv_bytes_rate"), ("target", "1000")])).unwrap();
@@ -279,13 +321,18 @@ mod tests {
             ([&ok[..], &[("window", "-3s")]].concat(), "window"),
             ([&ok[..], &[("targetValue", "5")]].concat(), "targetValue"),
             ([&ok[..], &[("profile", "llama")]].concat(), "profile"),
-            ([&ok[..], &[("ports", "8000")]].concat(), "ports"),
+            ([&ok[..], &[("ports", "80,http")]].concat(), "ports"),
+            ([&ok[..], &[("ports", "0")]].concat(), "ports"),
+            ([&ok[..], &[("ports", "70000")]].concat(), "ports"),
+            ([&ok[..], &[("ports", "")]].concat(), "ports"),
             ([&ok[..], &[("activationMetric", "request_rate")]].concat(), "activationMetric"),
             (
                 [&ok[..], &[("activationPodSelector", "app=gw"), ("activationMetric", "qps")]].concat(),
                 "activationMetric",
             ),
             ([&ok[..], &[("activationPodSelector", "app in (")]].concat(), "activationPodSelector"),
+            ([&ok[..], &[("activationPorts", "8080")]].concat(), "activationPorts"),
+            ([&ok[..], &[("activationPodSelector", "app=gw"), ("activationPorts", "x")]].concat(), "activationPorts"),
             (vec![("profile", "vllm"), ("metric", "gpu_sm_util")], "target"),
         ];
         for (pairs, key) in cases {
@@ -332,6 +379,7 @@ mod tests {
         .unwrap();
         let upstream = trigger.upstream.unwrap();
         assert_eq!(upstream.metric, Metric::RequestsInFlight);
+        assert!(upstream.ports.is_empty());
         assert_eq!(upstream.pod_selector, LabelSelector::parse("app=gateway").unwrap());
     }
 

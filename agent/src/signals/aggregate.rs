@@ -35,6 +35,8 @@ pub struct WorkloadQuery<'a> {
     pub window_s: f64,
     /// How to combine pods.
     pub aggregation: Aggregation,
+    /// Count only these server ports for request metrics (all when empty).
+    pub ports: &'a [u16],
 }
 
 /// A workload's value and how many pods it covers.
@@ -55,10 +57,12 @@ pub trait PodSignals {
     fn labels(&self) -> &std::collections::BTreeMap<String, String>;
     /// Name for messages (name, else UID).
     fn display_name(&self) -> &str;
-    /// Value of an additive metric over the window (`None`: no value yet).
-    fn value(&self, metric: Metric, window_s: f64) -> Option<f64>;
-    /// Adds the pod's TTFT or latency distribution over the window to `into`.
-    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>);
+    /// Value of an additive metric over the window, on `ports` only when
+    /// not empty (`None`: no value yet).
+    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64>;
+    /// Adds the pod's TTFT or latency distribution over the window (on
+    /// `ports` only, when not empty) to `into`.
+    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>);
     /// Why the pod can never have the metric (MIG, MPS).
     fn unavailable_reason(&self, metric: Metric) -> Option<&str>;
 }
@@ -73,11 +77,11 @@ impl PodSignals for PodView {
     fn display_name(&self) -> &str {
         self.meta.name.as_deref().unwrap_or(&self.meta.uid)
     }
-    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
-        PodView::value(self, metric, window_s)
+    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
+        PodView::value(self, metric, window_s, ports)
     }
-    fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut Histogram<u32>) {
-        PodView::merge_latencies(self, metric, window_s, into)
+    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>) {
+        PodView::merge_latencies(self, metric, window_s, ports, into)
     }
     fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
         PodView::unavailable_reason(self, metric)
@@ -120,13 +124,13 @@ pub fn combine<'a, P: PodSignals + 'a>(
         // proportional rule that fits a latency (DESIGN.md).
         let mut merged = new_histogram();
         for pod in &selected {
-            pod.merge_latencies(query.metric, query.window_s, &mut merged);
+            pod.merge_latencies(query.metric, query.window_s, query.ports, &mut merged);
         }
         let percentile = quantile_ms(&merged, quantile.fraction()).unwrap_or(0.0);
         return Ok(WorkloadValue { value: percentile * selected.len() as f64, pods: selected.len() });
     }
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
-    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s)) {
+    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s, query.ports)) {
         sum += value;
         max = max.max(value);
         pods += 1;
@@ -165,6 +169,7 @@ mod tests {
             requests: Default::default(),
             ttft: Default::default(),
             latency: Default::default(),
+            ports: Vec::new(),
         }
     }
 
@@ -176,7 +181,14 @@ mod tests {
     }
 
     fn query(selector: &LabelSelector, aggregation: Aggregation) -> WorkloadQuery<'_> {
-        WorkloadQuery { namespace: "ns", selector, metric: Metric::SocketRecvBytesRate, window_s: 10.0, aggregation }
+        WorkloadQuery {
+            namespace: "ns",
+            selector,
+            metric: Metric::SocketRecvBytesRate,
+            window_s: 10.0,
+            aggregation,
+            ports: &[],
+        }
     }
 
     /// Sum, max and avg cover exactly the selected pods of the namespace.

@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::history::{History, Point};
 use super::latency::LatencyWindow;
-use super::view::{Health, NodeView, PodView, ReaderCounters, RequestCounts, SourceStatus};
+use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
 use crate::probes::requests::http1::Outcome;
-use crate::probes::requests::{seed, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
+use crate::probes::requests::{sockets, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
 /// Collector schedule and inputs.
 #[derive(Clone, Debug)]
@@ -49,19 +49,95 @@ pub struct Probes {
     pub reader: Arc<ReaderStats>,
 }
 
+/// Request-side counters of a pod, or of one server port of a pod.
+#[derive(Debug)]
+struct RequestState {
+    recv_bytes: u64,
+    send_bytes: u64,
+    requests: RequestCounts,
+    ttft: LatencyWindow,
+    latency: LatencyWindow,
+}
+
+impl RequestState {
+    fn new(retention_s: f64) -> Self {
+        Self {
+            recv_bytes: 0,
+            send_bytes: 0,
+            requests: RequestCounts::default(),
+            ttft: LatencyWindow::new(retention_s),
+            latency: LatencyWindow::new(retention_s),
+        }
+    }
+
+    fn add_bytes(&mut self, received: u64, sent: u64) {
+        self.recv_bytes += received;
+        self.send_bytes += sent;
+    }
+
+    fn record(&mut self, now_s: f64, outcome: &Outcome) {
+        match outcome {
+            Outcome::Started { .. } => self.requests.started += 1,
+            Outcome::Completed(timing) => {
+                self.requests.completed += 1;
+                self.latency.record(now_s, timing.latency_ns());
+                if let Some(ttft) = timing.ttft_ns() {
+                    self.ttft.record(now_s, ttft);
+                }
+            }
+            Outcome::Aborted { .. } => self.requests.aborted += 1,
+        }
+    }
+
+    fn in_flight(&self) -> u64 {
+        self.requests.started.saturating_sub(self.requests.completed + self.requests.aborted)
+    }
+
+    /// A history point of the request-side counters (GPU fields zero).
+    fn point(&self, at_s: f64) -> Point {
+        Point {
+            at_s,
+            recv_bytes: self.recv_bytes,
+            send_bytes: self.send_bytes,
+            requests_started: self.requests.started,
+            ..Point::default()
+        }
+    }
+}
+
+/// One server port of a pod: its counters and their history, for
+/// triggers that count only some ports.
+#[derive(Debug)]
+struct PortState {
+    requests: RequestState,
+    history: History,
+}
+
 /// The state of one pod between ticks.
 struct PodState {
     meta: PodMeta,
     history: History,
-    recv_bytes: u64,
-    send_bytes: u64,
     gpu_sm_util_integral: f64,
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
-    requests: RequestCounts,
-    ttft: LatencyWindow,
-    latency: LatencyWindow,
+    /// All ports together.
+    requests: RequestState,
+    /// Per server port (0: connections whose port could not be named).
+    ports: BTreeMap<u16, PortState>,
+}
+
+impl PodState {
+    fn port(&mut self, port: u16, retention_s: f64) -> &mut RequestState {
+        &mut self
+            .ports
+            .entry(port)
+            .or_insert_with(|| PortState {
+                requests: RequestState::new(retention_s),
+                history: History::new(retention_s),
+            })
+            .requests
+    }
 }
 
 /// Owns the probes and all per-pod state.
@@ -165,14 +241,14 @@ impl Collector {
                 pod.gpu_known_s += elapsed;
             }
             pod.history.push(Point {
-                at_s: now_s,
-                recv_bytes: pod.recv_bytes,
-                send_bytes: pod.send_bytes,
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
-                requests_started: pod.requests.started,
+                ..pod.requests.point(now_s)
             });
+            for port in pod.ports.values_mut() {
+                port.history.push(port.requests.point(now_s));
+            }
         }
     }
 
@@ -198,7 +274,7 @@ impl Collector {
                 let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
                     .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
                     .unwrap_or_default();
-                for existing in seed::existing_connections(&self.config.proc_root, &pids) {
+                for existing in sockets::existing_connections(&self.config.proc_root, &pids) {
                     if let Err(err) = probe.track_existing(existing.tgid, existing.fd, *id) {
                         tracing::debug!(error = %err, "tracking an existing connection");
                     }
@@ -218,15 +294,12 @@ impl Collector {
                     PodState {
                         meta,
                         history: History::new(self.config.retention.as_secs_f64()),
-                        recv_bytes: 0,
-                        send_bytes: 0,
                         gpu_sm_util_integral: 0.0,
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
-                        requests: RequestCounts::default(),
-                        ttft: LatencyWindow::new(self.config.retention.as_secs_f64()),
-                        latency: LatencyWindow::new(self.config.retention.as_secs_f64()),
+                        requests: RequestState::new(self.config.retention.as_secs_f64()),
+                        ports: BTreeMap::new(),
                     },
                 );
             }
@@ -260,11 +333,11 @@ impl Collector {
     pub fn apply_probe(&mut self, update: ProbeUpdate) {
         match update {
             ProbeUpdate::Request(event) => self.apply_request(event),
-            ProbeUpdate::Bytes { cgroup_id, received, sent } => {
+            ProbeUpdate::Bytes { cgroup_id, port, received, sent } => {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
-                pod.recv_bytes += received;
-                pod.send_bytes += sent;
+                pod.requests.add_bytes(received, sent);
+                pod.port(port, self.config.retention.as_secs_f64()).add_bytes(received, sent);
             }
         }
     }
@@ -273,17 +346,8 @@ impl Collector {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
-        match event.outcome {
-            Outcome::Started { .. } => pod.requests.started += 1,
-            Outcome::Completed(timing) => {
-                pod.requests.completed += 1;
-                pod.latency.record(now_s, timing.latency_ns());
-                if let Some(ttft) = timing.ttft_ns() {
-                    pod.ttft.record(now_s, ttft);
-                }
-            }
-            Outcome::Aborted { .. } => pod.requests.aborted += 1,
-        }
+        pod.requests.record(now_s, &event.outcome);
+        pod.port(event.port, self.config.retention.as_secs_f64()).record(now_s, &event.outcome);
     }
 
     /// Applies one update from the GPU poller.
@@ -335,10 +399,22 @@ impl Collector {
                 meta: pod.meta.clone(),
                 history: pod.history.clone(),
                 gpu: pod.gpu,
-                requests_in_flight: pod.requests.started.saturating_sub(pod.requests.completed + pod.requests.aborted),
-                requests: pod.requests,
-                ttft: pod.ttft.snapshot(),
-                latency: pod.latency.snapshot(),
+                requests_in_flight: pod.requests.in_flight(),
+                requests: pod.requests.requests,
+                ttft: pod.requests.ttft.snapshot(),
+                latency: pod.requests.latency.snapshot(),
+                ports: pod
+                    .ports
+                    .iter_mut()
+                    .map(|(&port, state)| PortView {
+                        port,
+                        history: state.history.clone(),
+                        requests_in_flight: state.requests.in_flight(),
+                        requests: state.requests.requests,
+                        ttft: state.requests.ttft.snapshot(),
+                        latency: state.requests.latency.snapshot(),
+                    })
+                    .collect(),
             })
             .collect();
         pods.sort_by(|a, b| {
@@ -414,9 +490,9 @@ mod tests {
         collector.tick();
         let view = collector.view();
         assert!(view.health.gpu.is_ok());
-        let util = view.pods[0].value(Metric::GpuSmUtil, 0.02).unwrap();
+        let util = view.pods[0].value(Metric::GpuSmUtil, 0.02, &[]).unwrap();
         assert!((util - 40.0).abs() < 1e-6, "{util}");
-        assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0), Some(7.0));
+        assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0, &[]), Some(7.0));
 
         collector.apply_gpu(GpuUpdate::Unavailable { kind: "gpu_lost", reason: "GPU lost".into() });
         let view = collector.view();

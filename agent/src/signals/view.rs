@@ -82,17 +82,88 @@ pub struct PodView {
     pub ttft: LatencySnapshot,
     /// Request latency distribution.
     pub latency: LatencySnapshot,
+    /// The same request signals per server port (0: port unknown).
+    pub ports: Vec<PortView>,
+}
+
+/// One server port of a pod: its request signals alone.
+#[derive(Clone, Debug)]
+pub struct PortView {
+    /// Local port of the server socket.
+    pub port: u16,
+    /// Cumulative request-side points (GPU fields unused).
+    pub history: History,
+    /// Requests started and not answered or aborted.
+    pub requests_in_flight: u64,
+    /// Cumulative request counts.
+    pub requests: RequestCounts,
+    /// Time-to-first-byte distribution.
+    pub ttft: LatencySnapshot,
+    /// Request latency distribution.
+    pub latency: LatencySnapshot,
+}
+
+/// A request-side metric (socket bytes, requests, TTFT, latency) from one
+/// set of counters: a whole pod's or one port's. `None` for GPU metrics.
+fn request_value(
+    metric: Metric,
+    window_s: f64,
+    history: &History,
+    requests_in_flight: u64,
+    ttft: &LatencySnapshot,
+    latency: &LatencySnapshot,
+) -> Option<f64> {
+    match metric {
+        Metric::SocketRecvBytesRate => history.rate(window_s, |p| p.recv_bytes as f64),
+        Metric::SocketSendBytesRate => history.rate(window_s, |p| p.send_bytes as f64),
+        Metric::RequestsInFlight => Some(requests_in_flight as f64),
+        Metric::RequestRate => history.rate(window_s, |p| p.requests_started as f64),
+        Metric::TtftMs(q) | Metric::LatencyMs(q) => {
+            let mut merged = new_histogram();
+            merge_distribution(metric, window_s, history, ttft, latency, &mut merged);
+            quantile_ms(&merged, q.fraction()).or(Some(0.0))
+        }
+        Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => None,
+    }
+}
+
+fn merge_distribution(
+    metric: Metric,
+    window_s: f64,
+    history: &History,
+    ttft: &LatencySnapshot,
+    latency: &LatencySnapshot,
+    into: &mut hdrhistogram::Histogram<u32>,
+) {
+    let now_s = history.latest().map_or(0.0, |p| p.at_s);
+    match metric {
+        Metric::TtftMs(_) => ttft.merge_into(now_s, window_s, into),
+        Metric::LatencyMs(_) => latency.merge_into(now_s, window_s, into),
+        _ => {}
+    }
+}
+
+impl PortView {
+    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+        request_value(metric, window_s, &self.history, self.requests_in_flight, &self.ttft, &self.latency)
+    }
 }
 
 impl PodView {
     /// Adds this pod's TTFT or latency distribution over the window to
-    /// `into` (other metrics add nothing).
-    pub fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut hdrhistogram::Histogram<u32>) {
-        let now_s = self.history.latest().map_or(0.0, |p| p.at_s);
-        match metric {
-            Metric::TtftMs(_) => self.ttft.merge_into(now_s, window_s, into),
-            Metric::LatencyMs(_) => self.latency.merge_into(now_s, window_s, into),
-            _ => {}
+    /// `into` (other metrics add nothing); with `ports`, only theirs.
+    pub fn merge_latencies(
+        &self,
+        metric: Metric,
+        window_s: f64,
+        ports: &[u16],
+        into: &mut hdrhistogram::Histogram<u32>,
+    ) {
+        if ports.is_empty() {
+            return merge_distribution(metric, window_s, &self.history, &self.ttft, &self.latency, into);
+        }
+        for port in self.ports.iter().filter(|p| ports.contains(&p.port)) {
+            merge_distribution(metric, window_s, &port.history, &port.ttft, &port.latency, into);
         }
     }
 
@@ -111,9 +182,11 @@ impl PodView {
         }
     }
 
-    /// The pod's value of `metric` over `window_s`; `None` while the pod
-    /// has too little history or when `unavailable_reason` says why.
-    pub fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+    /// The pod's value of `metric` over `window_s`, counting only the
+    /// server `ports` given (all when empty; GPU metrics are per pod);
+    /// `None` while the pod has too little history or when
+    /// `unavailable_reason` says why.
+    pub fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
         if self.unavailable_reason(metric).is_some() {
             return None;
         }
@@ -121,15 +194,18 @@ impl PodView {
             Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
-            Metric::SocketRecvBytesRate => self.history.rate(window_s, |p| p.recv_bytes as f64),
-            Metric::SocketSendBytesRate => self.history.rate(window_s, |p| p.send_bytes as f64),
-            Metric::RequestsInFlight => Some(self.requests_in_flight as f64),
-            Metric::RequestRate => self.history.rate(window_s, |p| p.requests_started as f64),
+            _ if ports.is_empty() => {
+                request_value(metric, window_s, &self.history, self.requests_in_flight, &self.ttft, &self.latency)
+            }
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
-                self.merge_latencies(metric, window_s, &mut merged);
+                self.merge_latencies(metric, window_s, ports, &mut merged);
                 quantile_ms(&merged, q.fraction()).or(Some(0.0))
             }
+            // Additive: a pod serving nothing on those ports contributes 0.
+            _ => Some(
+                self.ports.iter().filter(|p| ports.contains(&p.port)).filter_map(|p| p.value(metric, window_s)).sum(),
+            ),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! A tenant HTTP server for tests and the demo. Prints one JSON line with
 //! its address on stdout, then serves until killed.
 //!
-//! usage: tenant [LISTEN_ADDR] [BODY_BYTES] [DELAY_MS]
+//! usage: tenant [LISTEN_ADDR] [BODY_BYTES] [DELAY_MS] [SECOND_LISTEN_ADDR]
+//!
+//! With a second address it serves the same on two ports (as an inference
+//! server with a separate metrics or admin port).
 use std::time::Duration;
 
 use integration::http::{serve, ServerBehaviour};
@@ -12,8 +15,15 @@ async fn main() -> anyhow::Result<()> {
     let listen = args.first().map_or("127.0.0.1:0", String::as_str);
     let body_bytes = args.get(1).map_or(Ok(256), |s| s.parse()).map_err(|e| anyhow::anyhow!("BODY_BYTES: {e}"))?;
     let delay_ms: u64 = args.get(2).map_or(Ok(0), |s| s.parse()).map_err(|e| anyhow::anyhow!("DELAY_MS: {e}"))?;
+    let behaviour = ServerBehaviour { body_bytes, delay: Duration::from_millis(delay_ms) };
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("{{\"listening\":\"{}\"}}", listener.local_addr()?);
-    serve(listener, ServerBehaviour { body_bytes, delay: Duration::from_millis(delay_ms) }).await?;
+    let Some(second) = args.get(3) else {
+        println!("{{\"listening\":\"{}\"}}", listener.local_addr()?);
+        serve(listener, behaviour).await?;
+        return Ok(());
+    };
+    let second = tokio::net::TcpListener::bind(second.as_str()).await?;
+    println!("{{\"listening\":\"{}\",\"second\":\"{}\"}}", listener.local_addr()?, second.local_addr()?);
+    tokio::try_join!(serve(listener, behaviour), serve(second, behaviour))?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! per-connection parsers.
 pub mod http1;
 pub mod http2;
-pub mod seed;
+pub mod sockets;
 pub mod tracker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +31,8 @@ pub enum ProbeUpdate {
     Bytes {
         /// cgroup v2 id.
         cgroup_id: u64,
+        /// Server port (0: unknown).
+        port: u16,
         /// Bytes the server read (requests arriving).
         received: u64,
         /// Bytes the server wrote (responses leaving).
@@ -217,8 +219,8 @@ pub fn monotonic_ns() -> u64 {
 /// Longest time an event waits in the ring before the reader looks.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Bytes (received, sent) per cgroup since the last flush.
-type ByteCounts = std::collections::HashMap<u64, (u64, u64)>;
+/// Bytes (received, sent) per (cgroup, server port) since the last flush.
+type ByteCounts = std::collections::HashMap<(u64, u16), (u64, u64)>;
 
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
@@ -255,21 +257,22 @@ fn drain_ring(
         // (same struct; size and alignment checked above).
         let event: &IoEvent = unsafe { &*item.as_ptr().cast::<IoEvent>() };
         stats.events.fetch_add(1, Ordering::Relaxed);
+        tracker.observe(event, outcomes);
         if event.bytes > 0 {
-            let counts = bytes.entry(event.cgroup_id).or_default();
+            let counts = bytes.entry((event.cgroup_id, tracker.port_of(event.connection))).or_default();
             match event.kind {
                 k if k == podgpu_common::IoKind::Read as u32 => counts.0 += event.bytes as u64,
                 k if k == podgpu_common::IoKind::Write as u32 => counts.1 += event.bytes as u64,
                 _ => {}
             }
         }
-        tracker.observe(event, outcomes);
     }
 }
 
 /// Drains the ring buffer whenever it has data, until `shutdown`.
 pub async fn run_reader(
     ring: RingBuf<MapData>,
+    proc_root: std::path::PathBuf,
     updates: mpsc::Sender<Vec<ProbeUpdate>>,
     stats: Arc<ReaderStats>,
     shutdown: CancellationToken,
@@ -278,7 +281,7 @@ pub async fn run_reader(
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|err| std::io::Error::other(err.to_string()))?;
-    let mut tracker = tracker::Tracker::default();
+    let mut tracker = tracker::Tracker::new(&proc_root);
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::new();
     let mut gc = tokio::time::interval(Duration::from_secs(30));
@@ -300,8 +303,12 @@ pub async fn run_reader(
         // One send per drain: per-event channel traffic would cost more
         // than the parsing.
         if !outcomes.is_empty() || !bytes.is_empty() {
-            let byte_updates =
-                bytes.drain().map(|(cgroup_id, (received, sent))| ProbeUpdate::Bytes { cgroup_id, received, sent });
+            let byte_updates = bytes.drain().map(|((cgroup_id, port), (received, sent))| ProbeUpdate::Bytes {
+                cgroup_id,
+                port,
+                received,
+                sent,
+            });
             let batch: Vec<ProbeUpdate> = outcomes.drain(..).map(ProbeUpdate::Request).chain(byte_updates).collect();
             let count = batch.len() as u64;
             if updates.try_send(batch).is_err() {

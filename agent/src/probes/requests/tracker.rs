@@ -2,12 +2,17 @@
 //! HTTP/1.1 parser or HTTP/2 stream tracker per connection, created on
 //! accept (or on the first request line or HTTP/2 frames of a connection
 //! that predates the agent) and dropped on close or after long idleness.
+//! Each connection knows its server port (from the listening socket it was
+//! accepted on), so outcomes can be counted per port.
 use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
 
 use podgpu_common::{H2Event, IoEvent, IoKind};
 
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
+use super::sockets::PortResolver;
 
 /// HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -21,6 +26,8 @@ const ECONNRESET: i64 = 104;
 pub struct RequestEvent {
     /// cgroup v2 id of the serving process.
     pub cgroup_id: u64,
+    /// Server port of the connection; 0 when it could not be named.
+    pub port: u16,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -35,6 +42,7 @@ enum Protocol {
 #[derive(Debug)]
 struct Connection {
     cgroup_id: u64,
+    port: u16,
     protocol: Option<Protocol>,
     last_seen_ns: u64,
 }
@@ -51,14 +59,35 @@ pub struct TrackerStats {
 }
 
 /// All tracked connections of the node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
     connections: HashMap<u64, Connection>,
     stats: TrackerStats,
     outcomes: Vec<Outcome>,
+    ports: PortResolver,
+}
+
+/// (tgid, fd) of a connection key (`tgid << 32 | fd`).
+fn split_key(connection: u64) -> (u32, u32) {
+    ((connection >> 32) as u32, connection as u32)
 }
 
 impl Tracker {
+    /// A tracker naming ports through `proc_root` (the host's /proc).
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            connections: HashMap::new(),
+            stats: TrackerStats::default(),
+            outcomes: Vec::new(),
+            ports: PortResolver::new(proc_root),
+        }
+    }
+
+    /// Server port of a tracked connection (0: unknown or untracked).
+    pub fn port_of(&self, connection: u64) -> u16 {
+        self.connections.get(&connection).map_or(0, |c| c.port)
+    }
+
     /// What the tracker could not follow so far.
     pub fn stats(&self) -> TrackerStats {
         self.stats
@@ -80,8 +109,12 @@ impl Tracker {
         if event.kind == IoKind::Accept as u32 {
             // fd numbers are reused: an accept replaces whatever was there.
             self.stats.connections += 1;
-            self.connections
-                .insert(event.connection, Connection { cgroup_id: event.cgroup_id, protocol: None, last_seen_ns: at });
+            let (tgid, _) = split_key(event.connection);
+            let port = self.ports.listener_port(tgid, event.bytes as u32, Instant::now()).unwrap_or(0);
+            self.connections.insert(
+                event.connection,
+                Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at },
+            );
             return;
         }
         let prefix = &event.prefix[..(event.prefix_len as usize).min(event.prefix.len())];
@@ -107,8 +140,11 @@ impl Tracker {
                     return;
                 }
                 self.stats.connections += 1;
+                let (tgid, fd) = split_key(event.connection);
+                let port = self.ports.socket_port(tgid, fd).unwrap_or(0);
                 self.connections.entry(event.connection).or_insert(Connection {
                     cgroup_id: event.cgroup_id,
+                    port,
                     protocol: None,
                     last_seen_ns: at,
                 })
@@ -138,8 +174,8 @@ impl Tracker {
             }
             _ => {}
         }
-        let cgroup_id = connection.cgroup_id;
-        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, outcome }));
+        let (cgroup_id, port) = (connection.cgroup_id, connection.port);
+        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
         if matches!(io, Io::Close) {
             self.connections.remove(&event.connection);
         }
@@ -148,9 +184,12 @@ impl Tracker {
     /// Processes the HTTP/2 frames of one read or write.
     pub fn observe_h2(&mut self, event: &H2Event, out: &mut Vec<RequestEvent>) {
         let at = event.timestamp_ns;
+        let ports = &self.ports;
         let connection = self.connections.entry(event.connection).or_insert_with(|| {
             // Joined mid-stream: the kernel resynchronised on frame headers.
-            Connection { cgroup_id: event.cgroup_id, protocol: None, last_seen_ns: at }
+            let (tgid, fd) = split_key(event.connection);
+            let port = ports.socket_port(tgid, fd).unwrap_or(0);
+            Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at }
         });
         connection.last_seen_ns = at;
         if !matches!(connection.protocol, Some(Protocol::Http2(_))) {
@@ -166,8 +205,8 @@ impl Tracker {
         } else {
             http.on_write(at, frames, &mut self.outcomes);
         }
-        let cgroup_id = connection.cgroup_id;
-        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, outcome }));
+        let (cgroup_id, port) = (connection.cgroup_id, connection.port);
+        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
     }
 
     /// Forgets connections idle since before `now_ns - IDLE_NS`, aborting
@@ -188,9 +227,8 @@ impl Tracker {
                     Some(Protocol::Http2(http)) => http.close(now_ns, &mut self.outcomes),
                     None => {}
                 }
-                out.extend(
-                    self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id: connection.cgroup_id, outcome }),
-                );
+                let (cgroup_id, port) = (connection.cgroup_id, connection.port);
+                out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
             }
         }
     }
@@ -225,7 +263,7 @@ mod tests {
     /// completion attributed to the connection's cgroup.
     #[test]
     fn accepted_connection_lifecycle() {
-        let mut tracker = Tracker::default();
+        let mut tracker = Tracker::new(Path::new("/nonexistent"));
         let mut out = Vec::new();
         let request = b"GET / HTTP/1.1\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -248,7 +286,7 @@ mod tests {
     #[test]
     fn http2_streams_from_frame_records() {
         use podgpu_common::{H2Frame, MAX_H2_FRAMES};
-        let mut tracker = Tracker::default();
+        let mut tracker = Tracker::new(Path::new("/nonexistent"));
         let mut out = Vec::new();
         tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
         tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
@@ -282,7 +320,7 @@ mod tests {
     /// Idle connections are collected and their open requests aborted.
     #[test]
     fn idle_connections_are_collected() {
-        let mut tracker = Tracker::default();
+        let mut tracker = Tracker::new(Path::new("/nonexistent"));
         let mut out = Vec::new();
         let request = b"GET / HTTP/1.1\r\n\r\n";
         tracker.observe(&event(IoKind::Read, 3, 5, request.len() as i64, request), &mut out);
