@@ -121,4 +121,6 @@ async fn prometheus_scrapes_the_agent() {
     assert_eq!(completed, 5.0);
     let up = query("up{job=\"podgpu\"}".to_string()).await.expect("up series");
     assert_eq!(up, 1.0);
+    let scrape_s = query("podgpu_agent_scrape_duration_seconds".to_string()).await.expect("scrape cost series");
+    assert!(scrape_s > 0.0 && scrape_s < 1.0, "scrape cost {scrape_s} s");
 }

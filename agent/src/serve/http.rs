@@ -111,7 +111,17 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
 /// agent's self-metrics.
 async fn metrics(State(view): State<ViewRx>) -> Response {
     let view = view.borrow().clone();
-    let body = render_metrics(&view);
+    let started = std::time::Instant::now();
+    let mut body = render_metrics(&view);
+    // This scrape's own cost, so a node with many pods shows what /metrics
+    // costs it (the family itself is the only part not timed).
+    family(
+        &mut body,
+        "podgpu_agent_scrape_duration_seconds",
+        "gauge",
+        "Time this /metrics answer took to render.",
+        [(String::new(), started.elapsed().as_secs_f64())],
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

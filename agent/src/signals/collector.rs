@@ -220,10 +220,14 @@ impl Collector {
 
     /// One step: rescan if due, read probes, extend every pod's history.
     pub fn tick(&mut self) {
-        if self.last_rescan.is_none_or(|at| at.elapsed() >= self.config.rescan) {
+        // A metadata change (a pod added or deleted on this node, kubelet
+        // devices) is a hint of churn: rescan now rather than at the next
+        // scheduled walk, so new pods are watched sooner.
+        let metadata_changed = self.directory.refresh();
+        if metadata_changed || self.last_rescan.is_none_or(|at| at.elapsed() >= self.config.rescan) {
             self.rescan();
         }
-        if self.directory.refresh() {
+        if metadata_changed {
             self.refresh_metadata();
         }
         self.read_probes();
