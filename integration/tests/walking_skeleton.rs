@@ -161,6 +161,24 @@ async fn missing_gpu_degrades_and_keeps_serving() {
     assert!(scene.agent.stop(Duration::from_secs(5)), "agent did not exit cleanly on SIGTERM");
 }
 
+/// Starts 3 s of 20 req/s at `addr` and returns the load task with the
+/// next StreamIsActive message (which must come within 3 s).
+async fn load_and_next_push(
+    addr: std::net::SocketAddr,
+    stream: &mut tonic::Streaming<podgpu_proto::externalscaler::IsActiveResponse>,
+) -> (tokio::task::JoinHandle<integration::http::LoadReport>, podgpu_proto::externalscaler::IsActiveResponse) {
+    let load = tokio::spawn(drive(
+        addr,
+        Load { rate: 20.0, request_bytes: 64, connections: 1, duration: Duration::from_secs(3) },
+    ));
+    let next = tokio::time::timeout(Duration::from_secs(3), stream.message())
+        .await
+        .expect("activation within 3 s")
+        .expect("stream healthy")
+        .expect("stream open");
+    (load, next)
+}
+
 /// `external-push`: StreamIsActive says false while the pod is idle and
 /// true soon after traffic starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,15 +196,7 @@ async fn stream_is_active_turns_true_when_traffic_starts() {
     assert!(!first.result, "idle pod reported active");
 
     let started = std::time::Instant::now();
-    let load = tokio::spawn(drive(
-        scene.tenant("a-0").addr,
-        Load { rate: 20.0, request_bytes: 64, connections: 1, duration: Duration::from_secs(3) },
-    ));
-    let next = tokio::time::timeout(Duration::from_secs(3), stream.message())
-        .await
-        .expect("activation within 3 s")
-        .unwrap()
-        .unwrap();
+    let (load, next) = load_and_next_push(scene.tenant("a-0").addr, &mut stream).await;
     assert!(next.result);
     eprintln!("push activation after {:?}", started.elapsed());
     load.await.unwrap();
@@ -226,15 +236,7 @@ async fn gateway_traffic_activates_a_workload_at_zero_replicas() {
         tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("first message").unwrap().unwrap();
     assert!(!first.result, "idle gateway reported active");
 
-    let load = tokio::spawn(drive(
-        scene.tenant("gateway-0").addr,
-        Load { rate: 20.0, request_bytes: 64, connections: 1, duration: Duration::from_secs(3) },
-    ));
-    let next = tokio::time::timeout(Duration::from_secs(3), stream.message())
-        .await
-        .expect("activation within 3 s")
-        .unwrap()
-        .unwrap();
+    let (load, next) = load_and_next_push(scene.tenant("gateway-0").addr, &mut stream).await;
     assert!(next.result, "gateway traffic did not activate the workload");
     let busy = keda.poll(&trigger, "podgpu-request-rate").await.expect("poll under gateway load");
     assert!(busy.active);
