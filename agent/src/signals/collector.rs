@@ -12,14 +12,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::history::{History, Point};
-use super::latency::LatencyWindow;
-use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
+use super::request_state::{PortState, RequestState};
+use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, SourceStatus};
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
-use crate::probes::requests::http1::Outcome;
 use crate::probes::requests::{sockets, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
 /// Collector schedule and inputs.
@@ -47,70 +46,6 @@ pub struct Probes {
     pub status: SourceStatus,
     /// Counters of its reader task.
     pub reader: Arc<ReaderStats>,
-}
-
-/// Request-side counters of a pod, or of one server port of a pod.
-#[derive(Debug)]
-struct RequestState {
-    recv_bytes: u64,
-    send_bytes: u64,
-    requests: RequestCounts,
-    ttft: LatencyWindow,
-    latency: LatencyWindow,
-}
-
-impl RequestState {
-    fn new(retention_s: f64) -> Self {
-        Self {
-            recv_bytes: 0,
-            send_bytes: 0,
-            requests: RequestCounts::default(),
-            ttft: LatencyWindow::new(retention_s),
-            latency: LatencyWindow::new(retention_s),
-        }
-    }
-
-    fn add_bytes(&mut self, received: u64, sent: u64) {
-        self.recv_bytes += received;
-        self.send_bytes += sent;
-    }
-
-    fn record(&mut self, now_s: f64, outcome: &Outcome) {
-        match outcome {
-            Outcome::Started { .. } => self.requests.started += 1,
-            Outcome::Completed(timing) => {
-                self.requests.completed += 1;
-                self.latency.record(now_s, timing.latency_ns());
-                if let Some(ttft) = timing.ttft_ns() {
-                    self.ttft.record(now_s, ttft);
-                }
-            }
-            Outcome::Aborted { .. } => self.requests.aborted += 1,
-        }
-    }
-
-    fn in_flight(&self) -> u64 {
-        self.requests.started.saturating_sub(self.requests.completed + self.requests.aborted)
-    }
-
-    /// A history point of the request-side counters (GPU fields zero).
-    fn point(&self, at_s: f64) -> Point {
-        Point {
-            at_s,
-            recv_bytes: self.recv_bytes,
-            send_bytes: self.send_bytes,
-            requests_started: self.requests.started,
-            ..Point::default()
-        }
-    }
-}
-
-/// One server port of a pod: its counters and their history, for
-/// triggers that count only some ports.
-#[derive(Debug)]
-struct PortState {
-    requests: RequestState,
-    history: History,
 }
 
 /// The state of one pod between ticks.

@@ -5,4 +5,5 @@ pub mod collector;
 pub mod history;
 pub mod latency;
 pub mod metric;
+pub mod request_state;
 pub mod view;

@@ -1,0 +1,78 @@
+//! Request-side state the collector keeps per pod and per server port:
+//! socket bytes, request outcomes and latency windows, and the history
+//! point they contribute each tick.
+use super::history::{History, Point};
+use super::latency::LatencyWindow;
+use super::view::RequestCounts;
+use crate::probes::requests::http1::Outcome;
+
+/// Request-side counters of a pod, or of one server port of a pod.
+#[derive(Debug)]
+pub struct RequestState {
+    /// Bytes the server read, cumulative.
+    pub recv_bytes: u64,
+    /// Bytes the server wrote, cumulative.
+    pub send_bytes: u64,
+    /// Request outcomes, cumulative.
+    pub requests: RequestCounts,
+    /// TTFT distribution.
+    pub ttft: LatencyWindow,
+    /// Latency distribution.
+    pub latency: LatencyWindow,
+}
+
+impl RequestState {
+    pub fn new(retention_s: f64) -> Self {
+        Self {
+            recv_bytes: 0,
+            send_bytes: 0,
+            requests: RequestCounts::default(),
+            ttft: LatencyWindow::new(retention_s),
+            latency: LatencyWindow::new(retention_s),
+        }
+    }
+
+    pub fn add_bytes(&mut self, received: u64, sent: u64) {
+        self.recv_bytes += received;
+        self.send_bytes += sent;
+    }
+
+    pub fn record(&mut self, now_s: f64, outcome: &Outcome) {
+        match outcome {
+            Outcome::Started { .. } => self.requests.started += 1,
+            Outcome::Completed(timing) => {
+                self.requests.completed += 1;
+                self.latency.record(now_s, timing.latency_ns());
+                if let Some(ttft) = timing.ttft_ns() {
+                    self.ttft.record(now_s, ttft);
+                }
+            }
+            Outcome::Aborted { .. } => self.requests.aborted += 1,
+        }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.requests.started.saturating_sub(self.requests.completed + self.requests.aborted)
+    }
+
+    /// A history point of the request-side counters (GPU fields zero).
+    pub fn point(&self, at_s: f64) -> Point {
+        Point {
+            at_s,
+            recv_bytes: self.recv_bytes,
+            send_bytes: self.send_bytes,
+            requests_started: self.requests.started,
+            ..Point::default()
+        }
+    }
+}
+
+/// One server port of a pod: its counters and their history, for
+/// triggers that count only some ports.
+#[derive(Debug)]
+pub struct PortState {
+    /// The port's counters.
+    pub requests: RequestState,
+    /// Their history, for rates over any window.
+    pub history: History,
+}
