@@ -191,6 +191,42 @@ mod tests {
         }
     }
 
+    /// With `ports`, request metrics count only those ports' connections;
+    /// GPU metrics stay per pod.
+    #[test]
+    fn ports_filter_request_metrics() {
+        use crate::signals::view::PortView;
+        let port = |port: u16, in_flight: u64, recv_rate: u64| {
+            let mut history = History::new(60.0);
+            history.push(Point { at_s: 0.0, ..Point::default() });
+            history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
+            PortView {
+                port,
+                history,
+                requests_in_flight: in_flight,
+                requests: Default::default(),
+                ttft: Default::default(),
+                latency: Default::default(),
+            }
+        };
+        let mut view = view();
+        view.pods[0].requests_in_flight = 7;
+        view.pods[0].ports = vec![port(8000, 5, 60), port(8002, 2, 40)];
+        view.pods[1].requests_in_flight = 1;
+        view.pods[1].ports = vec![port(8000, 1, 300)];
+        let selector = LabelSelector::parse("app=llm").unwrap();
+        let in_flight = |ports: &[u16]| {
+            let query = WorkloadQuery { metric: Metric::RequestsInFlight, ports, ..query(&selector, Aggregation::Sum) };
+            workload_value(&view, &query).unwrap().value
+        };
+        assert_eq!(in_flight(&[]), 8.0);
+        assert_eq!(in_flight(&[8000]), 6.0);
+        assert_eq!(in_flight(&[8002]), 2.0);
+        assert_eq!(in_flight(&[9999]), 0.0);
+        let rate = WorkloadQuery { ports: &[8002], ..query(&selector, Aggregation::Sum) };
+        assert_eq!(workload_value(&view, &rate).unwrap().value, 40.0);
+    }
+
     /// Sum, max and avg cover exactly the selected pods of the namespace.
     #[test]
     fn aggregations_over_selected_pods() {
