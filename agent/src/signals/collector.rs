@@ -63,13 +63,14 @@ struct PodState {
 }
 
 impl PodState {
-    fn port(&mut self, port: u16, retention_s: f64) -> &mut RequestState {
+    fn port(&mut self, port: u16, config: &CollectorConfig) -> &mut RequestState {
+        let retention_s = config.retention.as_secs_f64();
         &mut self
             .ports
             .entry(port)
             .or_insert_with(|| PortState {
                 requests: RequestState::new(retention_s),
-                history: History::new(retention_s),
+                history: History::for_interval(retention_s, config.tick.as_secs_f64()),
             })
             .requests
     }
@@ -232,7 +233,10 @@ impl Collector {
                     uid.to_string(),
                     PodState {
                         meta,
-                        history: History::new(self.config.retention.as_secs_f64()),
+                        history: History::for_interval(
+                            self.config.retention.as_secs_f64(),
+                            self.config.tick.as_secs_f64(),
+                        ),
                         gpu_sm_util_integral: 0.0,
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
@@ -276,7 +280,7 @@ impl Collector {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
                 pod.requests.add_bytes(received, sent);
-                pod.port(port, self.config.retention.as_secs_f64()).add_bytes(received, sent);
+                pod.port(port, &self.config).add_bytes(received, sent);
             }
         }
     }
@@ -286,7 +290,7 @@ impl Collector {
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
         pod.requests.record(now_s, &event.outcome);
-        pod.port(event.port, self.config.retention.as_secs_f64()).record(now_s, &event.outcome);
+        pod.port(event.port, &self.config).record(now_s, &event.outcome);
     }
 
     /// Applies one update from the GPU poller.

@@ -39,6 +39,14 @@ impl History {
         Self { points: VecDeque::new(), retention_s }
     }
 
+    /// An empty history for points every `interval_s`, with room for the
+    /// whole retention allocated once (growth by doubling would reserve up
+    /// to twice that for every pod).
+    pub fn for_interval(retention_s: f64, interval_s: f64) -> Self {
+        let points = (retention_s / interval_s.max(1e-3)).ceil() as usize + 2;
+        Self { points: VecDeque::with_capacity(points), retention_s }
+    }
+
     /// Appends a point and forgets those older than the retention (keeping
     /// one just beyond it, so a full-retention window still has a start).
     pub fn push(&mut self, point: Point) {
