@@ -35,9 +35,15 @@ static WATCHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHE
 static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
 /// Arguments of an in-progress syscall, per thread, from entry to exit.
-/// A plain hash (LRU inserts cost more); entries are removed at exit.
+/// A thread's slot is written in place at every entry and marked
+/// `CONSUMED` at exit, never deleted: an insert plus a delete per syscall
+/// cost more than the two in-place writes. LRU so slots of exited threads
+/// make room for new ones.
 #[map]
-static PENDING: HashMap<u64, Pending> = HashMap::with_max_entries(16384, 0);
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+/// `Pending::kind` of a slot whose syscall has exited.
+const CONSUMED: u32 = u32::MAX;
 
 /// Events for user space.
 #[map]
@@ -74,6 +80,9 @@ struct Pending {
     cgroup_id: u64,
     fd: u32,
     kind: u32,
+    /// The connection's `conn_mode` at entry (saves a lookup at exit).
+    mode: u32,
+    _padding: u32,
 }
 
 #[repr(C)]
@@ -122,11 +131,15 @@ fn accept_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // The listening socket: user space maps it to the server port once.
     // SAFETY: offset from the tracepoint format.
     let listener: u64 = unsafe { ctx.read_at(ARG0)? };
-    let pending = Pending { buffer: 0, segments: 0, cgroup_id, fd: listener as u32, kind: IoKind::Accept as u32 };
-    if PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).is_err() {
-        bump(RequestStat::ArgsMapFull);
-    }
-    Ok(())
+    stash(Pending {
+        buffer: 0,
+        segments: 0,
+        cgroup_id,
+        fd: listener as u32,
+        kind: IoKind::Accept as u32,
+        mode: conn_mode::UNKNOWN,
+        _padding: 0,
+    })
 }
 
 #[tracepoint]
@@ -149,8 +162,8 @@ fn stash_contiguous(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     let fd: u64 = unsafe { ctx.read_at(ARG0)? };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above; the map value is plain data.
-    let (buffer, cgroup_id) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id) };
-    stash(Pending { buffer, segments: 0, cgroup_id, fd: fd as u32, kind: kind as u32 })
+    let (buffer, cgroup_id, mode) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id, (*state).mode) };
+    stash(Pending { buffer, segments: 0, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
 }
 
 /// Vectored calls: `(fd, iov, iovcnt)`.
@@ -159,9 +172,9 @@ fn stash_vectored(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     let fd: u64 = unsafe { ctx.read_at(ARG0)? };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above.
-    let (buffer, segments, cgroup_id) =
-        unsafe { (ctx.read_at::<u64>(ARG1)?, ctx.read_at::<u64>(ARG2)?, (*state).cgroup_id) };
-    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32 })
+    let (buffer, segments, cgroup_id, mode) =
+        unsafe { (ctx.read_at::<u64>(ARG1)?, ctx.read_at::<u64>(ARG2)?, (*state).cgroup_id, (*state).mode) };
+    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
 }
 
 /// Message calls: `(fd, msghdr, flags)`; the iovec array is read from the header.
@@ -170,14 +183,20 @@ fn stash_message(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     let fd: u64 = unsafe { ctx.read_at(ARG0)? };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above; user memory is read through the checked helper.
-    let (header, cgroup_id) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id) };
+    let (header, cgroup_id, mode) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id, (*state).mode) };
     let buffer: u64 = unsafe { bpf_probe_read_user((header + MSGHDR_IOV) as *const u64)? };
     let segments: u64 = unsafe { bpf_probe_read_user((header + MSGHDR_IOVLEN) as *const u64)? };
-    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32 })
+    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
 }
 
 fn stash(pending: Pending) -> Result<(), i64> {
-    if PENDING.insert(bpf_get_current_pid_tgid(), pending, 0).is_err() {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(slot) = PENDING.get_ptr_mut(id) {
+        // SAFETY: this thread's slot; only this thread writes it.
+        unsafe { *slot = pending };
+        return Ok(());
+    }
+    if PENDING.insert(id, pending, 0).is_err() {
         bump(RequestStat::ArgsMapFull);
     }
     Ok(())
@@ -212,10 +231,13 @@ pub fn syscall_exit(ctx: TracePointContext) -> u32 {
 
 fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let id = bpf_get_current_pid_tgid();
-    let Some(pending) = PENDING.get_ptr(id) else { return Ok(()) };
-    // SAFETY: the value is plain data; copied before the entry is removed.
-    let pending = unsafe { *pending };
-    let _ = PENDING.remove(id);
+    let Some(slot) = PENDING.get_ptr_mut(id) else { return Ok(()) };
+    // SAFETY: this thread's slot (plain data), copied, then marked consumed.
+    let pending = unsafe { *slot };
+    if pending.kind == CONSUMED {
+        return Ok(());
+    }
+    unsafe { (*slot).kind = CONSUMED };
     // SAFETY: offset from the tracepoint format.
     let ret: i64 = unsafe { ctx.read_at(RET)? };
     if pending.kind == IoKind::Accept as u32 {
@@ -241,9 +263,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     // HTTP/2 (or not yet decided): walk the frame headers in `h2_walk`.
-    let Some(state) = CONNECTIONS.get_ptr(key) else { return Ok(()) };
-    // SAFETY: plain-data map value.
-    if unsafe { (*state).mode } == conn_mode::OTHER {
+    if pending.mode == conn_mode::OTHER {
         return Ok(());
     }
     if let Some(input) = WALK_INPUT.get_ptr_mut(0) {
