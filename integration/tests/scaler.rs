@@ -76,6 +76,12 @@ async fn scaler_merges_nodes_and_survives_a_node_restart() {
         &[("metric", "gpu_sm_util"), ("target", "10"), ("podSelector", "app=other"), ("window", "2s")],
     );
     assert!((value_eventually(&mut keda, &other, "gpu", 50.0, Duration::from_secs(5)).await - 50.0).abs() < 1.5);
+    // Each node's GPU sample age travels with its snapshot.
+    let health: serde_json::Value = serde_json::from_slice(&get(scaler.http, "/healthz").await.unwrap().body).unwrap();
+    for node in health["nodes"].as_array().expect("nodes listed") {
+        let age = node["gpu_sample_age_s"].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..2.0).contains(&age), "GPU sample age of a node polling every 200 ms: {node}");
+    }
 
     // Percentiles merge histograms across nodes: streams of 60 ms on a, 180 ms on b.
     for (scene, first_ms) in [(&node_a, 60), (&node_b, 180)] {

@@ -85,7 +85,13 @@ fn fake_snapshot(node: usize) -> NodeSnapshot {
             containers: Vec::new(),
         })
         .collect();
-    NodeSnapshot { node: format!("node-{node}"), pods, unavailable_sources: Default::default(), at_s: 0.0 }
+    NodeSnapshot {
+        node: format!("node-{node}"),
+        pods,
+        unavailable_sources: Default::default(),
+        at_s: 0.0,
+        gpu_sample_age_s: 0.5,
+    }
 }
 
 async fn start_fake_node(node: usize, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {

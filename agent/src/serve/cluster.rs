@@ -104,6 +104,9 @@ pub struct NodeEntry {
     pub unavailable_sources: HashMap<String, String>,
     /// Seconds since that snapshot.
     pub age_s: f64,
+    /// The node's GPU sample age when the snapshot was taken (`None`: no
+    /// GPU data on that node).
+    pub gpu_sample_age_s: Option<f64>,
     /// Why the latest poll failed, if it did.
     pub last_error: Option<String>,
 }
@@ -198,6 +201,7 @@ struct GoodSnapshot {
     at: Instant,
     pods: Arc<Vec<RemotePod>>,
     unavailable_sources: HashMap<String, String>,
+    gpu_sample_age_s: Option<f64>,
 }
 
 struct NodeState {
@@ -328,6 +332,7 @@ async fn poll_all(
                     at: Instant::now(),
                     pods: Arc::new(pods),
                     unavailable_sources: snapshot.unavailable_sources,
+                    gpu_sample_age_s: (snapshot.gpu_sample_age_s >= 0.0).then_some(snapshot.gpu_sample_age_s),
                 });
                 state.last_error = None;
             }
@@ -367,6 +372,7 @@ fn publish(nodes: &HashMap<SocketAddr, NodeState>, windows: &[f64], grace: Durat
             pods: good.pods.clone(),
             unavailable_sources: good.unavailable_sources.clone(),
             age_s: good.at.elapsed().as_secs_f64(),
+            gpu_sample_age_s: good.gpu_sample_age_s,
             last_error: state.last_error.clone(),
         });
     }

@@ -69,7 +69,13 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
                 .collect(),
         })
         .collect();
-    NodeSnapshot { node: node.to_string(), pods, unavailable_sources, at_s: view.at_s }
+    NodeSnapshot {
+        node: node.to_string(),
+        pods,
+        unavailable_sources,
+        at_s: view.at_s,
+        gpu_sample_age_s: view.health.gpu_sample_age_s.unwrap_or(-1.0),
+    }
 }
 
 /// One pod's values over one window: additive metrics of the whole pod,

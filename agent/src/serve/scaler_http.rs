@@ -28,6 +28,7 @@ async fn healthz(State(view): State<ViewRx>) -> Response {
                 "addr": node.addr.to_string(),
                 "pods": node.pods.len(),
                 "snapshot_age_s": node.age_s,
+                "gpu_sample_age_s": node.gpu_sample_age_s,
                 "last_error": node.last_error,
             })
         })
