@@ -73,6 +73,8 @@ pub struct Config {
     pub node_name: String,
     /// TLS (and mTLS) on the gRPC port.
     pub tls: serve::tls::ServerTls,
+    /// How often TLS files are checked for rotation.
+    pub tls_reload: Duration,
     /// Kubernetes API access for pod metadata.
     pub kube_api: pods::kube_api::KubeAccess,
     /// Kubelet pod-resources socket; `None` turns the source off.
@@ -121,7 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         None => None,
     };
 
-    let mut grpc = grpc_server(&config.tls)?;
+    let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
 
     let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
@@ -171,11 +173,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.
-    let keda = grpc
+    let router = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
-        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())))
-        .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
-    tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
+        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())));
+    tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
     let http = axum::serve(http_listener, serve::http::router(view_rx))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tasks.spawn(async move { http.await.context("HTTP server") });
@@ -212,16 +213,25 @@ async fn bind(keda: SocketAddr, http: SocketAddr) -> anyhow::Result<(TcpListener
     Ok((keda_listener, http_listener, bound))
 }
 
-/// A gRPC server builder, with TLS when configured.
-fn grpc_server(tls: &serve::tls::ServerTls) -> anyhow::Result<tonic::transport::Server> {
-    let builder = tonic::transport::Server::builder();
-    match tls.config().context("gRPC TLS")? {
-        Some(config) => {
-            tracing::info!(mutual = tls.client_ca.is_some(), "gRPC port serves TLS");
-            builder.tls_config(config).context("gRPC TLS")
+/// Serves the gRPC `router` on `listener` until `shutdown`, over TLS when
+/// an acceptor is given (its certificates re-read every `tls_reload`).
+async fn serve_grpc(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<serve::tls::ServerAcceptor>,
+    tls_reload: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let stopped = shutdown.clone().cancelled_owned();
+    let served = match tls {
+        Some(acceptor) => {
+            tracing::info!("gRPC port serves TLS");
+            let incoming = acceptor.incoming(listener, tls_reload, shutdown);
+            router.serve_with_incoming_shutdown(incoming, stopped).await
         }
-        None => Ok(builder),
-    }
+        None => router.serve_with_incoming_shutdown(incoming(listener), stopped).await,
+    };
+    served.context("gRPC server")
 }
 
 /// Accepted connections with Nagle off: small gRPC answers must not wait
@@ -249,6 +259,8 @@ pub struct ScalerConfig {
     pub cluster: serve::cluster::ClusterConfig,
     /// TLS (and mTLS) on the KEDA gRPC port.
     pub tls: serve::tls::ServerTls,
+    /// How often TLS files are checked for rotation.
+    pub tls_reload: Duration,
 }
 
 /// Runs the scaler role (no probes, no GPU: it merges the node agents'
@@ -258,15 +270,14 @@ pub async fn run_scaler(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let mut grpc = grpc_server(&config.tls)?;
+    let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
     let cluster =
         serve::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    let keda = grpc
-        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())))
-        .serve_with_incoming_shutdown(incoming(keda_listener), shutdown.clone().cancelled_owned());
-    tasks.spawn(async move { keda.await.context("KEDA gRPC server") });
+    let router = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())));
+    tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
     let http = axum::serve(http_listener, serve::scaler_http::router(cluster.view.clone()))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tasks.spawn(async move { http.await.context("HTTP server") });

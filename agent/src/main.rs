@@ -100,6 +100,9 @@ struct Options {
     /// CA (PEM) client certificates must chain to: require mTLS (KEDA's `tlsClientCert`).
     #[arg(long, env = "PODGPU_TLS_CLIENT_CA", global = true)]
     tls_client_ca: Option<PathBuf>,
+    /// Seconds between checks of the TLS files for rotation (re-read when changed).
+    #[arg(long, env = "PODGPU_TLS_RELOAD_S", default_value_t = 10, global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    tls_reload_s: u64,
     /// Kubernetes API for pod names, labels and owners: auto (in-cluster
     /// when running in a pod), off, or kubeconfig:PATH.
     #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto", global = true)]
@@ -143,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
             key: scaler.node_tls_key,
             server_name: scaler.node_tls_server_name,
         };
+        // Bad files fail the start, naming the flag; later rotations are
+        // picked up by the scaler itself.
+        node_tls.config()?;
         let config = ScalerConfig {
             keda_listen: options.keda_listen,
             http_listen: options.http_listen,
@@ -151,9 +157,10 @@ async fn main() -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(scaler.poll_ms),
                 deadline: Duration::from_millis(scaler.node_deadline_ms),
                 grace: Duration::from_secs(scaler.node_grace_s),
-                node_tls: node_tls.config()?,
+                node_tls,
             },
             tls,
+            tls_reload: Duration::from_secs(options.tls_reload_s),
         };
         return run_scaler(config, shutdown, ready).await;
     }
@@ -169,6 +176,7 @@ async fn main() -> anyhow::Result<()> {
         require_ebpf: options.require_ebpf,
         node_name: options.node_name.unwrap_or_else(hostname),
         tls,
+        tls_reload: Duration::from_secs(options.tls_reload_s),
         kube_api: options.kube_api,
         kubelet_socket: kubelet_socket(&options.kubelet_socket),
         kubelet_interval: Duration::from_secs(options.kubelet_interval_s),

@@ -13,6 +13,7 @@ use integration::workspace_binary;
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 
 const SERVER_NAME: &str = "podgpu.podgpu-system.svc";
+const ROTATED_NAME: &str = "podgpu-renewed.podgpu-system.svc";
 
 fn require_root() {
     // SAFETY: no arguments, no side effects.
@@ -21,6 +22,8 @@ fn require_root() {
 
 /// PEM files of one test PKI.
 struct Pki {
+    ca_cert: rcgen::Certificate,
+    ca_key: KeyPair,
     ca: Vec<u8>,
     client_cert: Vec<u8>,
     client_key: Vec<u8>,
@@ -69,6 +72,8 @@ fn make_pki(dir: &Path) -> Pki {
     }
     Pki {
         ca: ca_cert.pem().into_bytes(),
+        ca_cert,
+        ca_key,
         client_cert: client_cert.into_bytes(),
         client_key: client_key.into_bytes(),
         rogue_cert: rogue_cert.into_bytes(),
@@ -88,7 +93,7 @@ async fn mtls_refuses_clients_without_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki(dir.path());
     let ns = format!("tls-{}", std::process::id());
-    let mut args: Vec<String> = ["--tick-ms", "100"].map(String::from).to_vec();
+    let mut args: Vec<String> = ["--tick-ms", "100", "--tls-reload-s", "1"].map(String::from).to_vec();
     args.extend([
         "--tls-cert".into(),
         path_arg(dir.path(), "server.pem"),
@@ -163,6 +168,35 @@ async fn mtls_refuses_clients_without_a_certificate() {
     let mut via_scaler = KedaClient::connect_tls(scaler.keda, SERVER_NAME, &pki.ca, None).await.expect("TLS to scaler");
     let poll = via_scaler.poll(&trigger, "podgpu-requests-in-flight").await.expect("poll through the scaler");
     assert_eq!(poll.value, 0.0);
+
+    // Rotation without a restart: the node's certificate is renewed for
+    // another name (files replaced by rename, as a Secret volume does);
+    // within the reload interval clients see the new one.
+    let (renewed_cert, renewed_key) =
+        signed(ExtendedKeyUsagePurpose::ServerAuth, vec![ROTATED_NAME.into()], &pki.ca_cert, &pki.ca_key);
+    for (name, pem) in [("server-key.pem", renewed_key), ("server.pem", renewed_cert)] {
+        let staged = dir.path().join(format!("{name}.new"));
+        std::fs::write(&staged, pem).unwrap();
+        std::fs::rename(&staged, dir.path().join(name)).unwrap();
+    }
+    let identity = Some((&pki.client_cert[..], &pki.client_key[..]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let renewed = match KedaClient::connect_tls(addr, ROTATED_NAME, &pki.ca, identity).await {
+            Ok(mut client) => client.metric_spec(&trigger).await.is_ok(),
+            Err(_) => false,
+        };
+        if renewed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the renewed certificate was not served within 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old_name = match KedaClient::connect_tls(addr, SERVER_NAME, &pki.ca, identity).await {
+        Err(_) => true,
+        Ok(mut client) => client.metric_spec(&trigger).await.is_err(),
+    };
+    assert!(old_name, "the old certificate is still served after the reload");
 }
 
 /// A swapped key file is refused at start with the flag's name.

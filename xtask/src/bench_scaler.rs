@@ -127,9 +127,10 @@ async fn get_metrics_latency(nodes: usize, calls: u32) -> anyhow::Result<(f64, f
             poll_interval: Duration::from_millis(500),
             deadline: Duration::from_millis(400),
             grace: Duration::from_secs(30),
-            node_tls: None,
+            node_tls: Default::default(),
         },
         tls: Default::default(),
+        tls_reload: Duration::from_secs(10),
     };
     let scaler_shutdown = shutdown.clone();
     tokio::spawn(async move {

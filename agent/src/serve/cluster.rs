@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::tls::{ClientTls, FilesStamp};
 use crate::signals::aggregate::{PodSignals, WorkloadValue};
 use crate::signals::latency::decode_buckets_into;
 use crate::signals::metric::{Metric, MetricSource};
@@ -31,8 +32,9 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// How long a node's last good snapshot is used after it stops answering.
     pub grace: Duration,
-    /// TLS towards node agents; plaintext when `None`.
-    pub node_tls: Option<ClientTlsConfig>,
+    /// TLS towards node agents (files; plaintext when none are named).
+    /// Re-read before a poll when they change, so rotation needs no restart.
+    pub node_tls: ClientTls,
 }
 
 /// A pod from a node snapshot, decoded once per poll.
@@ -223,6 +225,8 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
         let mut ticker = tokio::time::interval(config.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut covered_before = usize::MAX;
+        let mut tls: Option<ClientTlsConfig> = None;
+        let mut tls_stamp: Option<FilesStamp> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -241,7 +245,24 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
             for addr in &addresses {
                 nodes.entry(*addr).or_insert(NodeState { client: None, snapshot: None, last_error: None });
             }
-            poll_all(&mut nodes, &windows, config.deadline, config.node_tls.as_ref()).await;
+            let stamp = config.node_tls.stamp();
+            if tls_stamp.as_ref() != Some(&stamp) {
+                match config.node_tls.config() {
+                    Ok(fresh) => {
+                        if tls_stamp.is_some() {
+                            tracing::info!("node TLS files changed: reloaded; reconnecting to node agents");
+                        }
+                        tls = fresh;
+                        // Connections keep the identity they were made with.
+                        for state in nodes.values_mut() {
+                            state.client = None;
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "node TLS files unusable; keeping the previous ones"),
+                }
+                tls_stamp = Some(stamp);
+            }
+            poll_all(&mut nodes, &windows, config.deadline, tls.as_ref()).await;
             let view = publish(&nodes, &windows, config.grace);
             if view.nodes.len() != covered_before {
                 tracing::info!(covered = view.nodes.len(), total = view.nodes_total, "scaler node coverage changed");

@@ -5,11 +5,17 @@
 //! KEDA's `caCert` / `tlsClientCert` / `tlsClientKey` map onto this: the
 //! agent's `--tls-client-ca` is the CA that signed KEDA's `tlsClientCert`,
 //! and KEDA's `caCert` is the CA that signed the agent's `--tls-cert`.
-//! Files are read once at start; rotating certificates means restarting
-//! the pod (a mounted Secret update does not reload them).
-use std::path::{Path, PathBuf};
+//!
+//! Certificates rotate without restarts: the server side (`acceptor`)
+//! re-reads its files when they change, and the scaler re-reads its client
+//! files before the next poll (`ClientTls::stamp`).
+mod acceptor;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use acceptor::ServerAcceptor;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A TLS file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +43,14 @@ pub enum TlsError {
     /// Half of a key pair was given.
     #[error("{0}")]
     Incomplete(&'static str),
+    /// The files parse but do not make a usable TLS setup.
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// Which flag(s).
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Server side: the agent's certificate and, for mTLS, the CA client
@@ -53,23 +67,39 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
-    /// The tonic config, or `None` for plaintext.
-    pub fn config(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
-        let (cert, key) = match (&self.cert, &self.key) {
-            (None, None) if self.client_ca.is_none() => return Ok(None),
-            (Some(cert), Some(key)) => (cert, key),
-            (None, None) => return Err(TlsError::Incomplete("--tls-client-ca needs --tls-cert and --tls-key")),
-            _ => return Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
-        };
-        let identity = Identity::from_pem(
-            read_pem(cert, "--tls-cert", "CERTIFICATE")?,
-            read_pem(key, "--tls-key", "PRIVATE KEY")?,
-        );
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.client_ca {
-            config = config.client_ca_root(Certificate::from_pem(read_pem(ca, "--tls-client-ca", "CERTIFICATE")?));
+    /// Whether TLS is configured at all; half a key pair is an error.
+    pub fn paths(&self) -> Result<Option<(&Path, &Path)>, TlsError> {
+        match (&self.cert, &self.key) {
+            (None, None) if self.client_ca.is_none() => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Err(TlsError::Incomplete("--tls-client-ca needs --tls-cert and --tls-key")),
+            _ => Err(TlsError::Incomplete("--tls-cert and --tls-key go together")),
         }
-        Ok(Some(config))
+    }
+
+    /// Modification stamps of the files, to notice rotation.
+    fn stamp(&self) -> FilesStamp {
+        FilesStamp::of([&self.cert, &self.key, &self.client_ca])
+    }
+}
+
+/// (modified, length) of up to three files; a change means "re-read".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FilesStamp(Vec<Option<(SystemTime, u64)>>);
+
+impl FilesStamp {
+    fn of<'a>(paths: impl IntoIterator<Item = &'a Option<PathBuf>>) -> Self {
+        // metadata() follows symlinks, so a Kubernetes Secret volume's
+        // atomic `..data` swap shows up as a change.
+        Self(
+            paths
+                .into_iter()
+                .map(|path| {
+                    let meta = std::fs::metadata(path.as_ref()?).ok()?;
+                    Some((meta.modified().ok()?, meta.len()))
+                })
+                .collect(),
+        )
     }
 }
 
@@ -111,6 +141,11 @@ impl ClientTls {
         }
         Ok(Some(config))
     }
+
+    /// Modification stamps of the client files, to notice rotation.
+    pub fn stamp(&self) -> FilesStamp {
+        FilesStamp::of([&self.ca, &self.cert, &self.key])
+    }
 }
 
 /// Reads a PEM file and checks it holds a block of the expected kind, so a
@@ -135,21 +170,21 @@ mod tests {
     /// wrong files are errors naming the flag.
     #[test]
     fn config_errors_name_the_flag() {
-        assert!(ServerTls::default().config().unwrap().is_none());
+        assert!(ServerAcceptor::load(&ServerTls::default()).unwrap().is_none());
         assert!(ClientTls::default().config().unwrap().is_none());
 
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("cert.pem");
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
         let only_cert = ServerTls { cert: Some(cert.clone()), ..Default::default() };
-        assert!(only_cert.config().unwrap_err().to_string().contains("--tls-key"));
+        assert!(ServerAcceptor::load(&only_cert).unwrap_err().to_string().contains("--tls-key"));
 
         let swapped = ServerTls { cert: Some(cert.clone()), key: Some(cert.clone()), client_ca: None };
-        let err = swapped.config().unwrap_err().to_string();
+        let err = ServerAcceptor::load(&swapped).unwrap_err().to_string();
         assert!(err.contains("--tls-key") && err.contains("PRIVATE KEY"), "{err}");
 
         let missing = ServerTls { cert: Some(dir.path().join("nope")), key: Some(cert.clone()), client_ca: None };
-        assert!(missing.config().unwrap_err().to_string().contains("reading --tls-cert"));
+        assert!(ServerAcceptor::load(&missing).unwrap_err().to_string().contains("reading --tls-cert"));
 
         let client_without_ca = ClientTls { cert: Some(cert.clone()), key: Some(cert), ..Default::default() };
         assert!(client_without_ca.config().unwrap_err().to_string().contains("--node-tls-ca"));
