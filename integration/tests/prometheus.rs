@@ -63,6 +63,9 @@ fn encode(query: &str) -> String {
         .collect()
 }
 
+/// The GPU of the scene's simulated scenario.
+const SIM_GPU: &str = "GPU-00000000-0000-4000-8000-5ce4e0000000";
+
 /// The exposition is valid for promtool, and Prometheus scrapes it: the
 /// tenant pod's simulated GPU load and request counts come back over PromQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +110,9 @@ async fn prometheus_scrapes_the_agent() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     let gpu = loop {
-        if let Some(value) = query(format!("podgpu_pod_gpu_sm_util{{namespace=\"{ns}\",pod=\"scraped-0\"}}")).await {
+        // `gpu`: the simulated GPU the pod's processes run on (no kubelet here).
+        let series = format!("podgpu_pod_gpu_sm_util{{namespace=\"{ns}\",pod=\"scraped-0\",gpu=\"{SIM_GPU}\"}}");
+        if let Some(value) = query(series).await {
             break value;
         }
         assert!(Instant::now() < deadline, "Prometheus never returned the pod's series");

@@ -38,6 +38,22 @@ pub struct PodGpu {
     /// Set when the pod runs on a MIG instance or an MPS-shared GPU, where
     /// NVML cannot give a per-process SM % (and under MPS not memory either).
     pub unattributable: Option<Sharing>,
+    /// Devices its processes were seen on: bit i is the poll's device i
+    /// (a MIG instance counts as its parent GPU; GPUs past 64 are not
+    /// recorded).
+    pub devices_seen: u64,
+}
+
+impl PodGpu {
+    /// UUIDs of the devices (of the same poll) the pod was seen on.
+    pub fn device_uuids<'a>(&self, devices: &'a [DeviceSample]) -> Vec<&'a str> {
+        devices
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index < 64 && self.devices_seen & (1 << index) != 0)
+            .map(|(_, device)| device.uuid.as_str())
+            .collect()
+    }
 }
 
 impl PodGpu {
@@ -203,7 +219,14 @@ fn attribute(backend: String, poll: GpuPoll, pids: &mut PidCache) -> GpuUpdate {
         let Some(owner) = pids.resolve(process.pid, now) else {
             continue;
         };
-        pods.entry(owner.pod_uid.clone()).or_default().add(process);
+        let pod = pods.entry(owner.pod_uid.clone()).or_default();
+        pod.add(process);
+        let device = poll.devices.iter().position(|device| {
+            device.uuid == process.gpu_uuid || device.mig_devices.iter().any(|mig| mig.uuid == process.gpu_uuid)
+        });
+        if let Some(index) = device.filter(|index| *index < 64) {
+            pod.devices_seen |= 1 << index;
+        }
     }
     GpuUpdate::Polled { backend, devices: poll.devices, pods }
 }
@@ -264,7 +287,12 @@ mod tests {
             sample(12, Some(50.0), 9, Sharing::TimeSliced),
             sample(13, Some(1.0), 1, Sharing::TimeSliced),
         ];
-        let pods = pods_of(GpuPoll { devices: vec![], processes }, root.path());
+        // Sample processes run on device "G", the second of the poll.
+        let devices = vec![
+            DeviceSample { uuid: "GPU-other".into(), ..DeviceSample::default() },
+            DeviceSample { uuid: "G".into(), ..DeviceSample::default() },
+        ];
+        let pods = pods_of(GpuPoll { devices: devices.clone(), processes }, root.path());
         assert_eq!(pods.len(), 1);
         let expected = PodGpu {
             sm_util_percent: 30.0,
@@ -272,8 +300,10 @@ mod tests {
             memory_used_bytes: 12,
             unsampled_processes: 1,
             unattributable: None,
+            devices_seen: 0b10,
         };
         assert_eq!(pods[UID_A], expected);
+        assert_eq!(pods[UID_A].device_uuids(&devices), vec!["G"]);
     }
 
     /// The MPS server's samples (all clients' work) are booked on no pod,

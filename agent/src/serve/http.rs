@@ -59,6 +59,8 @@ struct PodRow<'a> {
     owner: Option<&'a crate::pods::Owner>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     containers: &'a [crate::pods::ContainerMeta],
+    /// GPUs NVML saw the pod's processes on at the latest poll.
+    gpus_seen: Vec<&'a str>,
     values: HashMap<&'static str, Option<f64>>,
     requests: crate::signals::view::RequestCounts,
 }
@@ -93,6 +95,7 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
             labels: &pod.meta.labels,
             owner: pod.meta.owner.as_ref(),
             containers: &pod.meta.containers,
+            gpus_seen: pod.gpu.device_uuids(&view.devices),
             values: Metric::ALL
                 .into_iter()
                 .map(|metric| {
@@ -127,17 +130,20 @@ async fn metrics(State(view): State<ViewRx>) -> Response {
 
 /// The identifying labels of a pod's series: dcgm-exporter's `namespace`,
 /// `pod` and `container` (so its series join podgpu's), the pod UID, and
-/// `gpu`: the GPU UUIDs kubelet gave the pod, comma-separated, empty when
-/// unknown. `container` names the GPU-holding (or only) container; empty
-/// when that is ambiguous, since the values are the whole pod's.
-fn pod_labels(pod: &crate::signals::view::PodView) -> String {
+/// `gpu`: the GPU UUIDs kubelet gave the pod, or else the GPUs NVML saw its
+/// processes on, comma-separated, empty when neither is known. `container`
+/// names the GPU-holding (or only) container; empty when that is
+/// ambiguous, since the values are the whole pod's.
+fn pod_labels(pod: &crate::signals::view::PodView, devices: &[crate::gpu::DeviceSample]) -> String {
+    let assigned = pod.meta.gpus();
+    let gpus = if assigned.is_empty() { pod.gpu.device_uuids(devices) } else { assigned };
     format!(
         "namespace=\"{}\",pod=\"{}\",container=\"{}\",pod_uid=\"{}\",gpu=\"{}\"",
         escape(pod.meta.namespace.as_deref().unwrap_or("")),
         escape(pod.meta.name.as_deref().unwrap_or("")),
         escape(pod.meta.main_container().map_or("", |c| c.name.as_str())),
         escape(&pod.meta.uid),
-        escape(&pod.meta.gpus().join(",")),
+        escape(&gpus.join(",")),
     )
 }
 
@@ -166,7 +172,10 @@ pub fn render_metrics(view: &NodeView) -> String {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let samples = view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s, &[])?)));
+        let samples = view
+            .pods
+            .iter()
+            .filter_map(|pod| Some((pod_labels(pod, &view.devices), pod.value(metric, window_s, &[])?)));
         let name = format!("podgpu_pod_{}", metric.name());
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
@@ -181,8 +190,10 @@ pub fn render_metrics(view: &NodeView) -> String {
                 _ => continue,
             };
             let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
-            let samples =
-                view.pods.iter().filter_map(|pod| Some((pod_labels(pod), pod.value(metric, window_s, &[])? / 1000.0)));
+            let samples = view
+                .pods
+                .iter()
+                .filter_map(|pod| Some((pod_labels(pod, &view.devices), pod.value(metric, window_s, &[])? / 1000.0)));
             family(
                 &mut out,
                 &name,
@@ -192,7 +203,7 @@ pub fn render_metrics(view: &NodeView) -> String {
             );
         }
         let samples = view.pods.iter().flat_map(|pod| {
-            let labels = pod_labels(pod);
+            let labels = pod_labels(pod, &view.devices);
             [
                 ("started", pod.requests.started),
                 ("completed", pod.requests.completed),
