@@ -93,6 +93,18 @@ struct IoVec {
 }
 
 // Offsets in the syscall tracepoint records (see .../syscalls/*/format).
+/// Reads a syscall argument or return value straight from the tracepoint
+/// record: tracepoint programs may load from their context directly, which
+/// saves a `bpf_probe_read` helper call per field on every syscall.
+///
+/// # Safety
+/// `offset` must be an 8-byte aligned field of the syscall tracepoint's
+/// format (the verifier rejects anything else).
+#[inline(always)]
+unsafe fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    unsafe { *(aya_ebpf::EbpfContext::as_ptr(ctx) as *const u8).add(offset).cast::<T>() }
+}
+
 const ARG0: usize = 16;
 const ARG1: usize = 24;
 const ARG2: usize = 32;
@@ -130,7 +142,7 @@ fn accept_enter(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // The listening socket: user space maps it to the server port once.
     // SAFETY: offset from the tracepoint format.
-    let listener: u64 = unsafe { ctx.read_at(ARG0)? };
+    let listener: u64 = unsafe { field(ctx, ARG0) };
     stash(Pending {
         buffer: 0,
         segments: 0,
@@ -159,31 +171,31 @@ pub fn accept_enter_plain(ctx: TracePointContext) -> u32 {
 /// Contiguous calls: `(fd, buf, ...)`.
 fn stash_contiguous(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     // SAFETY: offsets from the tracepoint format.
-    let fd: u64 = unsafe { ctx.read_at(ARG0)? };
+    let fd: u64 = unsafe { field(ctx, ARG0) };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above; the map value is plain data.
-    let (buffer, cgroup_id, mode) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id, (*state).mode) };
+    let (buffer, cgroup_id, mode) = unsafe { (field::<u64>(ctx, ARG1), (*state).cgroup_id, (*state).mode) };
     stash(Pending { buffer, segments: 0, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
 }
 
 /// Vectored calls: `(fd, iov, iovcnt)`.
 fn stash_vectored(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     // SAFETY: offsets from the tracepoint format.
-    let fd: u64 = unsafe { ctx.read_at(ARG0)? };
+    let fd: u64 = unsafe { field(ctx, ARG0) };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above.
     let (buffer, segments, cgroup_id, mode) =
-        unsafe { (ctx.read_at::<u64>(ARG1)?, ctx.read_at::<u64>(ARG2)?, (*state).cgroup_id, (*state).mode) };
+        unsafe { (field::<u64>(ctx, ARG1), field::<u64>(ctx, ARG2), (*state).cgroup_id, (*state).mode) };
     stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
 }
 
 /// Message calls: `(fd, msghdr, flags)`; the iovec array is read from the header.
 fn stash_message(ctx: &TracePointContext, kind: IoKind) -> Result<(), i64> {
     // SAFETY: offsets from the tracepoint format.
-    let fd: u64 = unsafe { ctx.read_at(ARG0)? };
+    let fd: u64 = unsafe { field(ctx, ARG0) };
     let Some(state) = CONNECTIONS.get_ptr(connection_key(fd)) else { return Ok(()) };
     // SAFETY: as above; user memory is read through the checked helper.
-    let (header, cgroup_id, mode) = unsafe { (ctx.read_at::<u64>(ARG1)?, (*state).cgroup_id, (*state).mode) };
+    let (header, cgroup_id, mode) = unsafe { (field::<u64>(ctx, ARG1), (*state).cgroup_id, (*state).mode) };
     let buffer: u64 = unsafe { bpf_probe_read_user((header + MSGHDR_IOV) as *const u64)? };
     let segments: u64 = unsafe { bpf_probe_read_user((header + MSGHDR_IOVLEN) as *const u64)? };
     stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
@@ -239,7 +251,7 @@ fn try_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     unsafe { (*slot).kind = CONSUMED };
     // SAFETY: offset from the tracepoint format.
-    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    let ret: i64 = unsafe { field(ctx, RET) };
     if pending.kind == IoKind::Accept as u32 {
         if ret < 0 {
             return Ok(());
@@ -295,7 +307,7 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
 
 fn try_close(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offset from the tracepoint format.
-    let fd: u64 = unsafe { ctx.read_at(ARG0)? };
+    let fd: u64 = unsafe { field(ctx, ARG0) };
     let key = connection_key(fd);
     let Some(state) = CONNECTIONS.get_ptr(key) else { return Ok(()) };
     // SAFETY: plain-data map value.

@@ -59,7 +59,9 @@ fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
 
 /// Unary calls and server streams on one HTTP/2 connection: exact counts,
 /// and TTFT (first message) / latency percentiles within 5% (or 1 ms) of
-/// the client's.
+/// the client's. Delays are LLM-like (50-290 ms), so one scheduling hiccup
+/// of the test client on this 2-core machine (up to ~8 ms seen) cannot by
+/// itself move a percentile past 5%.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_unary_and_streaming_match_the_client() {
     require_root();
@@ -69,15 +71,17 @@ async fn grpc_unary_and_streaming_match_the_client() {
     let (mut ttfts, mut latencies) = (Vec::new(), Vec::new());
     for i in 0..20u64 {
         let started = Instant::now();
-        let request =
-            GetMetricsRequest { scaled_object_ref: Some(script(&[("delay_ms", 20 + i * 4)])), metric_name: "m".into() };
+        let request = GetMetricsRequest {
+            scaled_object_ref: Some(script(&[("delay_ms", 50 + i * 10)])),
+            metric_name: "m".into(),
+        };
         grpc.get_metrics(request).await.expect("unary call");
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
     }
     for i in 0..20u64 {
         let started = Instant::now();
         let mut stream = grpc
-            .stream_is_active(script(&[("first_ms", 40 + i * 5), ("interval_ms", 10), ("messages", 4)]))
+            .stream_is_active(script(&[("first_ms", 100 + i * 10), ("interval_ms", 10), ("messages", 4)]))
             .await
             .expect("stream call")
             .into_inner();
