@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
-use podgpu_common::{H2Event, IoEvent, IoKind};
+use podgpu_common::{H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
 
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
@@ -119,7 +119,14 @@ impl Tracker {
         }
         let prefix = &event.prefix[..(event.prefix_len as usize).min(event.prefix.len())];
         let suffix_len = (event.suffix_len as usize).min(event.suffix.len());
-        let suffix = &event.suffix[..suffix_len];
+        // The kernel leaves the suffix out when the whole payload fit in
+        // the prefix: its last bytes are the suffix.
+        let whole_in_prefix = suffix_len == 0 && event.bytes > 0 && prefix.len() as i64 == event.bytes;
+        let suffix = if whole_in_prefix {
+            &prefix[prefix.len().saturating_sub(CAPTURE_SUFFIX)..]
+        } else {
+            &event.suffix[..suffix_len]
+        };
         let io = match event.kind {
             k if k == IoKind::Read as u32 && event.bytes > 0 => Io::Read { bytes: event.bytes as u64, prefix },
             k if k == IoKind::Read as u32 && event.bytes == 0 => Io::Eof,
@@ -257,6 +264,23 @@ mod tests {
         let s = event.suffix_len as usize;
         event.suffix[..s].copy_from_slice(&data[data.len() - s..]);
         event
+    }
+
+    /// A chunked response in one small write, sent by the kernel without a
+    /// separate suffix (it fit in the prefix), still ends at its terminator.
+    #[test]
+    fn suffix_comes_from_the_prefix_when_left_out() {
+        let mut tracker = Tracker::new(Path::new("/nonexistent"));
+        let mut out = Vec::new();
+        let request = b"GET / HTTP/1.1\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        let mut write = event(IoKind::Write, 1, 20, response.len() as i64, response);
+        write.suffix_len = 0;
+        for e in [event(IoKind::Accept, 1, 0, 5, b""), event(IoKind::Read, 1, 10, request.len() as i64, request), write]
+        {
+            tracker.observe(&e, &mut out);
+        }
+        assert!(matches!(out.last().map(|e| e.outcome), Some(Outcome::Completed(t)) if t.end_ns == 20), "{out:?}");
     }
 
     /// Accept, a request, its response, close: one start and one
