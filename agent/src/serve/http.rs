@@ -168,14 +168,15 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl In
 pub fn render_metrics(view: &NodeView) -> String {
     let window_s = DEFAULT_WINDOW.as_secs_f64();
     let mut out = String::new();
+    // Each pod's label set, built once per scrape for all its families.
+    let labelled: Vec<(String, &crate::signals::view::PodView)> =
+        view.pods.iter().map(|pod| (pod_labels(pod, &view.devices), pod)).collect();
     for metric in Metric::ALL.into_iter().filter(|m| m.combine() == Combine::Additive) {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let samples = view
-            .pods
-            .iter()
-            .filter_map(|pod| Some((pod_labels(pod, &view.devices), pod.value(metric, window_s, &[])?)));
+        let samples =
+            labelled.iter().filter_map(|(labels, pod)| Some((labels.clone(), pod.value(metric, window_s, &[])?)));
         let name = format!("podgpu_pod_{}", metric.name());
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
@@ -190,10 +191,9 @@ pub fn render_metrics(view: &NodeView) -> String {
                 _ => continue,
             };
             let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
-            let samples = view
-                .pods
+            let samples = labelled
                 .iter()
-                .filter_map(|pod| Some((pod_labels(pod, &view.devices), pod.value(metric, window_s, &[])? / 1000.0)));
+                .filter_map(|(labels, pod)| Some((labels.clone(), pod.value(metric, window_s, &[])? / 1000.0)));
             family(
                 &mut out,
                 &name,
@@ -202,8 +202,7 @@ pub fn render_metrics(view: &NodeView) -> String {
                 samples,
             );
         }
-        let samples = view.pods.iter().flat_map(|pod| {
-            let labels = pod_labels(pod, &view.devices);
+        let samples = labelled.iter().flat_map(|(labels, pod)| {
             [
                 ("started", pod.requests.started),
                 ("completed", pod.requests.completed),
@@ -410,8 +409,6 @@ mod tests {
             gpu: Default::default(),
             requests_in_flight: 0,
             requests: Default::default(),
-            ttft: Default::default(),
-            latency: Default::default(),
             ports: Vec::new(),
         });
         let text = render_metrics(&view);

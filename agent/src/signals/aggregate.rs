@@ -167,8 +167,6 @@ mod tests {
             gpu: Default::default(),
             requests_in_flight: 0,
             requests: Default::default(),
-            ttft: Default::default(),
-            latency: Default::default(),
             ports: Vec::new(),
         }
     }
@@ -191,24 +189,25 @@ mod tests {
         }
     }
 
+    /// A port's request signals (history of `recv_rate` bytes/s over 10 s).
+    fn port(port: u16, in_flight: u64, recv_rate: u64) -> crate::signals::view::PortView {
+        let mut history = History::new(60.0);
+        history.push(Point { at_s: 0.0, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
+        crate::signals::view::PortView {
+            port,
+            history,
+            requests_in_flight: in_flight,
+            requests: Default::default(),
+            ttft: Default::default(),
+            latency: Default::default(),
+        }
+    }
+
     /// With `ports`, request metrics count only those ports' connections;
     /// GPU metrics stay per pod.
     #[test]
     fn ports_filter_request_metrics() {
-        use crate::signals::view::PortView;
-        let port = |port: u16, in_flight: u64, recv_rate: u64| {
-            let mut history = History::new(60.0);
-            history.push(Point { at_s: 0.0, ..Point::default() });
-            history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
-            PortView {
-                port,
-                history,
-                requests_in_flight: in_flight,
-                requests: Default::default(),
-                ttft: Default::default(),
-                latency: Default::default(),
-            }
-        };
         let mut view = view();
         view.pods[0].requests_in_flight = 7;
         view.pods[0].ports = vec![port(8000, 5, 60), port(8002, 2, 40)];
@@ -257,8 +256,8 @@ mod tests {
         for _ in 0..10 {
             slow.record(9.0, 1_000_000_000);
         }
-        view.pods[0].latency = fast.snapshot();
-        view.pods[1].latency = slow.snapshot();
+        view.pods[0].ports = vec![crate::signals::view::PortView { latency: fast.snapshot(), ..port(8000, 0, 0) }];
+        view.pods[1].ports = vec![crate::signals::view::PortView { latency: slow.snapshot(), ..port(8000, 0, 0) }];
         let llm = LabelSelector::parse("app=llm").unwrap();
         let mut q = query(&llm, Aggregation::Sum);
         q.metric = Metric::LatencyMs(crate::signals::metric::Quantile::P50);

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::history::{History, Point};
 use super::request_state::{PortState, RequestState};
-use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, SourceStatus};
+use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
@@ -56,9 +56,8 @@ struct PodState {
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
-    /// All ports together.
-    requests: RequestState,
-    /// Per server port (0: connections whose port could not be named).
+    /// Request state per server port (0: connections whose port could not
+    /// be named); pod totals are their sums, so each outcome is recorded once.
     ports: BTreeMap<u16, PortState>,
 }
 
@@ -180,15 +179,21 @@ impl Collector {
                 pod.gpu_mem_bw_util_integral += pod.gpu.mem_bw_util_percent * elapsed;
                 pod.gpu_known_s += elapsed;
             }
-            pod.history.push(Point {
+            let mut point = Point {
+                at_s: now_s,
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
-                ..pod.requests.point(now_s)
-            });
+                ..Point::default()
+            };
             for port in pod.ports.values_mut() {
-                port.history.push(port.requests.point(now_s));
+                let port_point = port.requests.point(now_s);
+                point.recv_bytes += port_point.recv_bytes;
+                point.send_bytes += port_point.send_bytes;
+                point.requests_started += port_point.requests_started;
+                port.history.push(port_point);
             }
+            pod.history.push(point);
         }
     }
 
@@ -241,7 +246,6 @@ impl Collector {
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
-                        requests: RequestState::new(self.config.retention.as_secs_f64()),
                         ports: BTreeMap::new(),
                     },
                 );
@@ -279,7 +283,6 @@ impl Collector {
             ProbeUpdate::Bytes { cgroup_id, port, received, sent } => {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
-                pod.requests.add_bytes(received, sent);
                 pod.port(port, &self.config).add_bytes(received, sent);
             }
         }
@@ -289,7 +292,6 @@ impl Collector {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
-        pod.requests.record(now_s, &event.outcome);
         pod.port(event.port, &self.config).record(now_s, &event.outcome);
     }
 
@@ -338,15 +340,8 @@ impl Collector {
         let mut pods: Vec<PodView> = self
             .pods
             .values_mut()
-            .map(|pod| PodView {
-                meta: pod.meta.clone(),
-                history: pod.history.clone(),
-                gpu: pod.gpu,
-                requests_in_flight: pod.requests.in_flight(),
-                requests: pod.requests.requests,
-                ttft: pod.requests.ttft.snapshot(),
-                latency: pod.requests.latency.snapshot(),
-                ports: pod
+            .map(|pod| {
+                let ports: Vec<PortView> = pod
                     .ports
                     .iter_mut()
                     .map(|(&port, state)| PortView {
@@ -357,7 +352,21 @@ impl Collector {
                         ttft: state.requests.ttft.snapshot(),
                         latency: state.requests.latency.snapshot(),
                     })
-                    .collect(),
+                    .collect();
+                let mut requests = RequestCounts::default();
+                for port in &ports {
+                    requests.started += port.requests.started;
+                    requests.completed += port.requests.completed;
+                    requests.aborted += port.requests.aborted;
+                }
+                PodView {
+                    meta: pod.meta.clone(),
+                    history: pod.history.clone(),
+                    gpu: pod.gpu,
+                    requests_in_flight: ports.iter().map(|p| p.requests_in_flight).sum(),
+                    requests,
+                    ports,
+                }
             })
             .collect();
         pods.sort_by(|a, b| {

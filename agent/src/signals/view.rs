@@ -74,15 +74,12 @@ pub struct PodView {
     pub history: History,
     /// GPU use at the latest poll.
     pub gpu: PodGpu,
-    /// Requests started and not answered or aborted.
+    /// Requests started and not answered or aborted, all ports.
     pub requests_in_flight: u64,
-    /// Cumulative request counts.
+    /// Cumulative request counts, all ports.
     pub requests: RequestCounts,
-    /// Time-to-first-byte distribution.
-    pub ttft: LatencySnapshot,
-    /// Request latency distribution.
-    pub latency: LatencySnapshot,
-    /// The same request signals per server port (0: port unknown).
+    /// Request signals per server port (0: port unknown); the pod's
+    /// distributions are these merged.
     pub ports: Vec<PortView>,
 }
 
@@ -103,55 +100,21 @@ pub struct PortView {
     pub latency: LatencySnapshot,
 }
 
-/// A request-side metric (socket bytes, requests, TTFT, latency) from one
-/// set of counters: a whole pod's or one port's. `None` for GPU metrics.
-fn request_value(
-    metric: Metric,
-    window_s: f64,
-    history: &History,
-    requests_in_flight: u64,
-    ttft: &LatencySnapshot,
-    latency: &LatencySnapshot,
-) -> Option<f64> {
+/// An additive request-side metric (socket bytes, requests) from one set
+/// of counters: a whole pod's or one port's. `None` for other metrics.
+fn additive_request_value(metric: Metric, window_s: f64, history: &History, requests_in_flight: u64) -> Option<f64> {
     match metric {
         Metric::SocketRecvBytesRate => history.rate(window_s, |p| p.recv_bytes as f64),
         Metric::SocketSendBytesRate => history.rate(window_s, |p| p.send_bytes as f64),
         Metric::RequestsInFlight => Some(requests_in_flight as f64),
         Metric::RequestRate => history.rate(window_s, |p| p.requests_started as f64),
-        Metric::TtftMs(q) | Metric::LatencyMs(q) => {
-            let mut merged = new_histogram();
-            merge_distribution(metric, window_s, history, ttft, latency, &mut merged);
-            quantile_ms(&merged, q.fraction()).or(Some(0.0))
-        }
-        Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => None,
-    }
-}
-
-fn merge_distribution(
-    metric: Metric,
-    window_s: f64,
-    history: &History,
-    ttft: &LatencySnapshot,
-    latency: &LatencySnapshot,
-    into: &mut hdrhistogram::Histogram<u32>,
-) {
-    let now_s = history.latest().map_or(0.0, |p| p.at_s);
-    match metric {
-        Metric::TtftMs(_) => ttft.merge_into(now_s, window_s, into),
-        Metric::LatencyMs(_) => latency.merge_into(now_s, window_s, into),
-        _ => {}
-    }
-}
-
-impl PortView {
-    fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
-        request_value(metric, window_s, &self.history, self.requests_in_flight, &self.ttft, &self.latency)
+        _ => None,
     }
 }
 
 impl PodView {
-    /// Adds this pod's TTFT or latency distribution over the window to
-    /// `into` (other metrics add nothing); with `ports`, only theirs.
+    /// Adds the TTFT or latency distribution over the window of the pod's
+    /// `ports` (all when empty) to `into`; other metrics add nothing.
     pub fn merge_latencies(
         &self,
         metric: Metric,
@@ -159,12 +122,18 @@ impl PodView {
         ports: &[u16],
         into: &mut hdrhistogram::Histogram<u32>,
     ) {
-        if ports.is_empty() {
-            return merge_distribution(metric, window_s, &self.history, &self.ttft, &self.latency, into);
+        for port in self.selected_ports(ports) {
+            let now_s = port.history.latest().map_or(0.0, |p| p.at_s);
+            match metric {
+                Metric::TtftMs(_) => port.ttft.merge_into(now_s, window_s, into),
+                Metric::LatencyMs(_) => port.latency.merge_into(now_s, window_s, into),
+                _ => {}
+            }
         }
-        for port in self.ports.iter().filter(|p| ports.contains(&p.port)) {
-            merge_distribution(metric, window_s, &port.history, &port.ttft, &port.latency, into);
-        }
+    }
+
+    fn selected_ports<'a>(&'a self, ports: &'a [u16]) -> impl Iterator<Item = &'a PortView> {
+        self.ports.iter().filter(move |p| ports.is_empty() || ports.contains(&p.port))
     }
 
     /// Why this pod cannot have a value for `metric` at all (as opposed to
@@ -194,17 +163,17 @@ impl PodView {
             Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
-            _ if ports.is_empty() => {
-                request_value(metric, window_s, &self.history, self.requests_in_flight, &self.ttft, &self.latency)
-            }
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
                 self.merge_latencies(metric, window_s, ports, &mut merged);
                 quantile_ms(&merged, q.fraction()).or(Some(0.0))
             }
-            // Additive: a pod serving nothing on those ports contributes 0.
+            _ if ports.is_empty() => additive_request_value(metric, window_s, &self.history, self.requests_in_flight),
+            // A pod serving nothing on those ports contributes 0.
             _ => Some(
-                self.ports.iter().filter(|p| ports.contains(&p.port)).filter_map(|p| p.value(metric, window_s)).sum(),
+                self.selected_ports(ports)
+                    .filter_map(|p| additive_request_value(metric, window_s, &p.history, p.requests_in_flight))
+                    .sum(),
             ),
         }
     }

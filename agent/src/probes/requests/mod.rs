@@ -257,9 +257,9 @@ fn drain_ring(
         // (same struct; size and alignment checked above).
         let event: &IoEvent = unsafe { &*item.as_ptr().cast::<IoEvent>() };
         stats.events.fetch_add(1, Ordering::Relaxed);
-        tracker.observe(event, outcomes);
+        let port = tracker.observe(event, outcomes);
         if event.bytes > 0 {
-            let counts = bytes.entry((event.cgroup_id, tracker.port_of(event.connection))).or_default();
+            let counts = bytes.entry((event.cgroup_id, port)).or_default();
             match event.kind {
                 k if k == podgpu_common::IoKind::Read as u32 => counts.0 += event.bytes as u64,
                 k if k == podgpu_common::IoKind::Write as u32 => counts.1 += event.bytes as u64,

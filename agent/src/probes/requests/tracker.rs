@@ -83,11 +83,6 @@ impl Tracker {
         }
     }
 
-    /// Server port of a tracked connection (0: unknown or untracked).
-    pub fn port_of(&self, connection: u64) -> u16 {
-        self.connections.get(&connection).map_or(0, |c| c.port)
-    }
-
     /// What the tracker could not follow so far.
     pub fn stats(&self) -> TrackerStats {
         self.stats
@@ -103,8 +98,9 @@ impl Tracker {
         self.connections.is_empty()
     }
 
-    /// Processes one probe event, appending request events.
-    pub fn observe(&mut self, event: &IoEvent, out: &mut Vec<RequestEvent>) {
+    /// Processes one probe event, appending request events; returns the
+    /// server port of the event's connection (0: unknown or untracked).
+    pub fn observe(&mut self, event: &IoEvent, out: &mut Vec<RequestEvent>) -> u16 {
         let at = event.timestamp_ns;
         if event.kind == IoKind::Accept as u32 {
             // fd numbers are reused: an accept replaces whatever was there.
@@ -115,7 +111,7 @@ impl Tracker {
                 event.connection,
                 Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at },
             );
-            return;
+            return port;
         }
         let prefix = &event.prefix[..(event.prefix_len as usize).min(event.prefix.len())];
         let suffix_len = (event.suffix_len as usize).min(event.suffix.len());
@@ -135,16 +131,17 @@ impl Tracker {
             }
             k if k == IoKind::Write as u32 && (event.bytes == -EPIPE || event.bytes == -ECONNRESET) => Io::WriteError,
             k if k == IoKind::Close as u32 => Io::Close,
-            _ => return,
+            // Errors and unknown kinds move no bytes: no port needed.
+            _ => return 0,
         };
         let connection = match self.connections.get_mut(&event.connection) {
             Some(connection) => connection,
             None => {
                 // A connection that predates the agent (seeded in the kernel
                 // map): join it at its next request line.
-                let Io::Read { prefix, .. } = io else { return };
+                let Io::Read { prefix, .. } = io else { return 0 };
                 if !looks_like_request(prefix) && !prefix.starts_with(H2_PREFACE) {
-                    return;
+                    return 0;
                 }
                 self.stats.connections += 1;
                 let (tgid, fd) = split_key(event.connection);
@@ -186,6 +183,7 @@ impl Tracker {
         if matches!(io, Io::Close) {
             self.connections.remove(&event.connection);
         }
+        port
     }
 
     /// Processes the HTTP/2 frames of one read or write.
