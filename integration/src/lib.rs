@@ -20,6 +20,14 @@ pub mod scene;
 
 use std::path::PathBuf;
 
+/// Fails the test unless it runs as root: the integration tests load eBPF
+/// programs and create cgroups, and must fail (not skip) without them.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and no side effects.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "run as root (scripts/test.sh): these tests load eBPF programs and create cgroups");
+}
+
 /// Makes a child independent of the terminal's Ctrl-C (its own process
 /// group, so the harness decides when it stops) without outliving the
 /// harness (SIGTERM when the parent dies).

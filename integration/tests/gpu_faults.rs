@@ -2,6 +2,7 @@
 //! scripted NVML faults in the simulator make GPU signals unavailable and
 //! counted while socket signals keep serving, and the agent recovers on its
 //! own; pods NVML cannot measure (MPS clients) are reported as such.
+use integration::require_root;
 use std::time::{Duration, Instant};
 
 use integration::http::get;
@@ -9,15 +10,6 @@ use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, pod_slice_path};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use tonic::Code;
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
-    );
-}
 
 fn tenant(uid: &str, name: &str) -> TenantSpec {
     TenantSpec { uid: Some(uid.to_string()), ..TenantSpec::new(name, name) }

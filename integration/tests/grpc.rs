@@ -1,6 +1,7 @@
 //! The request probe on HTTP/2: a real gRPC server (tonic) in a cgroup pod,
 //! unary and server-streaming calls, compared with what the client measured
 //! (as root, real eBPF, frame headers walked in the kernel).
+use integration::require_root;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -10,15 +11,6 @@ use integration::scene::{GpuSetup, Scene, TenantSpec};
 use podgpu_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use podgpu_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
-    );
-}
 
 fn start(test: &str) -> Scene {
     let ns = format!("{test}-{}", std::process::id());

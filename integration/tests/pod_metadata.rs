@@ -5,6 +5,7 @@
 //! ids and GPU UUIDs reach /pods, /metrics and KEDA's selectors; kubelet
 //! restarts and API updates/deletes are followed; 10,000 API pod churn
 //! cycles leave no stale entries.
+use integration::require_root;
 use std::time::{Duration, Instant};
 
 use integration::fake_apiserver::{api_pod, FakeApiServer};
@@ -17,11 +18,6 @@ use serde_json::Value;
 
 const NODE: &str = "gpu-node-7";
 const CONTAINER_ID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (scripts/test.sh): these tests load eBPF and make cgroups");
-}
 
 async fn json(scene: &Scene, path: &str) -> Value {
     serde_json::from_slice(&get(scene.agent.http, path).await.expect("agent answers").body).expect("JSON")

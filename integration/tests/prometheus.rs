@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's `prometheus`) scrapes a running agent: the
 //! exposition passes `promtool check metrics`, and a PromQL query returns
 //! the expected pod's values (as root: the agent loads its eBPF probes).
+use integration::require_root;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
@@ -8,15 +9,6 @@ use std::time::{Duration, Instant};
 
 use integration::http::get;
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
-    );
-}
 
 /// A Prometheus server that is killed when dropped.
 struct Prometheus {

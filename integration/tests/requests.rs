@@ -2,21 +2,13 @@
 //! own cgroup pod, compared with what the client measured (as root, real
 //! eBPF): in-flight, exact counts, TTFT and latency percentiles, no leaks
 //! between pods, aborts.
+use integration::require_root;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use integration::http::{get, Client, Measured, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
-    );
-}
 
 fn start(test: &str, tenants: &[&str]) -> Scene {
     let ns = format!("{test}-{}", std::process::id());

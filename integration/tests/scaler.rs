@@ -3,6 +3,7 @@
 //! KEDA's protocol gets workload answers summed across nodes, percentiles
 //! merged across nodes, last-known-good while a node is down, exclusion
 //! after the grace period, and recovery when it returns.
+use integration::require_root;
 use std::time::{Duration, Instant};
 
 use integration::agent::AgentProcess;
@@ -10,15 +11,6 @@ use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use integration::workspace_binary;
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root (scripts/test.sh): these tests load eBPF and create cgroups"
-    );
-}
 
 fn node(name: &str, ns: &str, pod: &str, app: &str, gpu_percent: f64) -> Scene {
     let mut tenant = TenantSpec::new(pod, app);

@@ -2,6 +2,7 @@
 //! node agent requiring client certificates answers a KEDA client that
 //! presents one and refuses clients that do not (or speak plaintext); a
 //! scaler reaches that node over mTLS and serves KEDA over TLS itself.
+use integration::require_root;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,6 @@ use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, 
 
 const SERVER_NAME: &str = "podgpu.podgpu-system.svc";
 const ROTATED_NAME: &str = "podgpu-renewed.podgpu-system.svc";
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (scripts/test.sh): these tests load eBPF");
-}
 
 /// PEM files of one test PKI.
 struct Pki {

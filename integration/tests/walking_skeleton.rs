@@ -1,18 +1,13 @@
 //! End to end through the real binary, as root: tenant servers in cgroup
 //! "pods", the agent with real eBPF probes and a simulated GPU, and a client
 //! speaking KEDA's ExternalScaler protocol.
+use integration::require_root;
 use std::time::Duration;
 
 use integration::http::{drive, Load};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use tonic::Code;
-
-fn require_root() {
-    // SAFETY: no arguments, no side effects.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests load eBPF programs and create cgroups: run them as root (scripts/test.sh)");
-}
 
 fn namespace(test: &str) -> String {
     format!("{test}-{}", std::process::id())
