@@ -2,7 +2,7 @@
 //! root): decides the protocol, follows frame headers across syscalls and
 //! iovecs, and emits the request-relevant ones as an `H2Event`.
 
-use aya_ebpf::{helpers::bpf_probe_read_user, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_probe_read_user, macros::raw_tracepoint, programs::RawTracePointContext};
 use podgpu_common::{conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, MAX_H2_FRAMES};
 
 use crate::{
@@ -97,8 +97,8 @@ fn plausible(length: u32, kind: u8, stream_id: u32, reserved: bool) -> bool {
 /// HTTP/2: decides the protocol on the first data, walks the frame headers
 /// of this read or write, carries the offset of the next header into the
 /// next syscall, and emits an `H2Event` with the request-relevant frames.
-#[tracepoint]
-pub fn h2_walk(_ctx: TracePointContext) -> u32 {
+#[raw_tracepoint]
+pub fn h2_walk(_ctx: RawTracePointContext) -> i32 {
     let Some(input) = WALK_INPUT.get_ptr(0) else { return 0 };
     // SAFETY: this CPU's scratch slot, written just before the tail call.
     let input = unsafe { *input };

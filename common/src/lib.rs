@@ -11,6 +11,10 @@
 /// Capacity of the set of cgroups user space asks the probes to watch.
 pub const MAX_WATCHED_CGROUPS: u32 = 4096;
 
+/// 64-bit words in each tgid set of the request probe: one byte per tgid,
+/// eight per word, so 2^20 tgids (1 MiB) before larger ones alias smaller.
+pub const SERVER_TGID_WORDS: u32 = 1 << 17;
+
 /// Value stored in the watched-cgroup set: which kinds of traffic to follow.
 /// Only bit 0 (TCP server connections) is defined today.
 pub const WATCH_TCP: u32 = 1;

@@ -2,9 +2,6 @@
 //! them, and reading their maps. One module per program set.
 pub mod requests;
 
-use std::io;
-use std::path::Path;
-
 /// Failures while loading, attaching or reading probes.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -35,15 +32,6 @@ pub enum ProbeError {
         #[source]
         source: aya::maps::MapError,
     },
-    /// tracefs is neither mounted nor mountable.
-    #[error("tracefs at {path}: {source}")]
-    Tracefs {
-        /// Mount point tried.
-        path: String,
-        /// Why it failed.
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// The kernel's own accounting of one eBPF program (counts only while
@@ -70,25 +58,4 @@ pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
             })
         })
         .collect()
-}
-
-const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// Tracepoints are attached by id, read from tracefs; many hosts (this
-/// project's CI machine among them) do not mount it by default.
-pub fn ensure_tracefs() -> Result<(), ProbeError> {
-    if Path::new(TRACEFS).join("events").is_dir() || Path::new("/sys/kernel/debug/tracing/events").is_dir() {
-        return Ok(());
-    }
-    let error = |source| ProbeError::Tracefs { path: TRACEFS.to_string(), source };
-    let target = std::ffi::CString::new(TRACEFS).map_err(|err| error(io::Error::other(err)))?;
-    let fstype = c"tracefs";
-    let source = c"nodev";
-    // SAFETY: all pointers are valid NUL-terminated strings for the call.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(error(io::Error::last_os_error()));
-    }
-    tracing::info!(path = TRACEFS, "mounted tracefs");
-    Ok(())
 }

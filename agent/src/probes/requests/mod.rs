@@ -11,15 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::programs::RawTracePoint;
 use aya::Ebpf;
-use podgpu_common::{conn_mode, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
+use podgpu_common::{conn_mode, ConnState, H2Event, IoEvent, IoKind, RequestStat, SERVER_TGID_WORDS, WATCH_TCP};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ensure_tracefs, ProbeError};
+use super::ProbeError;
 pub use tracker::{RequestEvent, TrackerStats};
 
 /// What the reader hands the collector.
@@ -40,41 +40,15 @@ pub enum ProbeUpdate {
     },
 }
 
-/// (program, tracepoints it attaches to).
-const PROGRAMS: [(&str, &[&str]); 12] = [
-    ("accept4_enter", &["sys_enter_accept4"]),
-    ("accept_enter_plain", &["sys_enter_accept"]),
-    ("read_enter", &["sys_enter_read"]),
-    ("recvfrom_enter", &["sys_enter_recvfrom"]),
-    ("readv_enter", &["sys_enter_readv"]),
-    ("recvmsg_enter", &["sys_enter_recvmsg"]),
-    ("write_enter", &["sys_enter_write"]),
-    ("sendto_enter", &["sys_enter_sendto"]),
-    ("writev_enter", &["sys_enter_writev"]),
-    ("sendmsg_enter", &["sys_enter_sendmsg"]),
-    ("close_enter", &["sys_enter_close"]),
-    (
-        "syscall_exit",
-        &[
-            "sys_exit_accept4",
-            "sys_exit_accept",
-            "sys_exit_read",
-            "sys_exit_recvfrom",
-            "sys_exit_readv",
-            "sys_exit_recvmsg",
-            "sys_exit_write",
-            "sys_exit_sendto",
-            "sys_exit_writev",
-            "sys_exit_sendmsg",
-        ],
-    ),
-];
+/// (program, raw tracepoint it attaches to).
+const PROGRAMS: [(&str, &str); 2] = [("syscall_enter", "sys_enter"), ("syscall_exit", "sys_exit")];
 const WATCHED: &str = "WATCHED_CGROUPS";
 const WALKER: &str = "h2_walk";
 const WALKERS: &str = "WALKERS";
 const CONNECTIONS: &str = "CONNECTIONS";
 const EVENTS: &str = "EVENTS";
 const STATS: &str = "REQUEST_STATS";
+const SEEDED_TGIDS: &str = "SEEDED_TGIDS";
 
 /// The kernel side's own counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -99,12 +73,11 @@ pub struct RequestProbe {
 }
 
 impl RequestProbe {
-    /// Loads the embedded object and attaches every tracepoint.
+    /// Loads the embedded object and attaches its raw tracepoints.
     pub fn load() -> Result<Self, ProbeError> {
-        ensure_tracefs()?;
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
         // The frame walker is not attached: `syscall_exit` tail-calls it.
-        let walker: &mut TracePoint = ebpf
+        let walker: &mut RawTracePoint = ebpf
             .program_mut(WALKER)
             .ok_or(ProbeError::MissingProgram(WALKER))?
             .try_into()
@@ -118,16 +91,14 @@ impl RequestProbe {
             ProgramArray::try_from(ebpf.map_mut(WALKERS).ok_or(ProbeError::MissingMap(WALKERS))?)
                 .map_err(|source| ProbeError::Map { name: WALKERS, source })?;
         walkers.set(0, &walker_fd, 0).map_err(|source| ProbeError::Map { name: WALKERS, source })?;
-        for (name, tracepoints) in PROGRAMS {
-            let program: &mut TracePoint = ebpf
+        for (name, tracepoint) in PROGRAMS {
+            let program: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .ok_or(ProbeError::MissingProgram(name))?
                 .try_into()
                 .map_err(|source| ProbeError::Program { name, source })?;
             program.load().map_err(|source| ProbeError::Program { name, source })?;
-            for tracepoint in tracepoints {
-                program.attach("syscalls", tracepoint).map_err(|source| ProbeError::Program { name, source })?;
-            }
+            program.attach(tracepoint).map_err(|source| ProbeError::Program { name, source })?;
         }
         Ok(Self { ebpf })
     }
@@ -159,7 +130,17 @@ impl RequestProbe {
         let key = u64::from(tgid) << 32 | u64::from(fd);
         // The protocol is decided by the next data seen (mid-stream rules).
         let state = ConnState { cgroup_id, mode: conn_mode::UNKNOWN, ..ConnState::default() };
-        connections.insert(key, state, 0).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })
+        connections.insert(key, state, 0).map_err(|source| ProbeError::Map { name: CONNECTIONS, source })?;
+        // The kernel follows I/O only of processes marked in a tgid bitmap.
+        let map = self.ebpf.map_mut(SEEDED_TGIDS).ok_or(ProbeError::MissingMap(SEEDED_TGIDS))?;
+        let mut seeded: Array<_, u64> =
+            Array::try_from(map).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })?;
+        // One byte per tgid, eight per word (the kernel side's layout).
+        let word = (tgid >> 3) % SERVER_TGID_WORDS;
+        let marked = seeded.get(&word, 0).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })?;
+        seeded
+            .set(word, marked | 1 << ((tgid & 7) * 8), 0)
+            .map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })
     }
 
     /// The ring buffer, handed to the reader task (once).
