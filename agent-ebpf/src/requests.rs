@@ -31,9 +31,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use podgpu_common::{
-    conn_mode, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX,
-    CAPTURE_SUFFIX, MAX_H2_FRAMES, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES,
-    REQUEST_STAT_COUNT, SERVER_TGID_WORDS,
+    conn_mode, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
+    MAX_H2_FRAMES, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES, REQUEST_STAT_COUNT,
+    SERVER_TGID_WORDS,
 };
 
 /// cgroup ids whose accepted connections are tracked.

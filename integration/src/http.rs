@@ -15,6 +15,10 @@ pub struct ServerBehaviour {
     pub body_bytes: usize,
     /// Delay before the response is written.
     pub delay: Duration,
+    /// CPU time spent per request before answering (busy, not sleeping):
+    /// stands in for the parsing, tokenising and scheduling a real
+    /// inference front end does per request.
+    pub work: Duration,
 }
 
 /// Serves every connection accepted on `listener` until the process ends.
@@ -85,6 +89,12 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
         }
         if !behaviour.delay.is_zero() {
             tokio::time::sleep(behaviour.delay).await;
+        }
+        if !behaviour.work.is_zero() {
+            let started = Instant::now();
+            while started.elapsed() < behaviour.work {
+                std::hint::spin_loop();
+            }
         }
         let mut response =
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n", body.len())

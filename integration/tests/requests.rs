@@ -264,3 +264,32 @@ async fn ports_count_only_the_named_server_ports() {
         stream.await.unwrap().expect("stream completes");
     }
 }
+
+/// A keep-alive connection accepted before the agent started (here: before
+/// a restart) is found in procfs, seeded into the kernel, and its next
+/// requests are counted and timed; an in-flight stream on it shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_older_than_the_agent_are_joined() {
+    require_root();
+    let mut scene = start("seeded", &["old"]);
+    let addr = scene.tenant("old").addr;
+    let mut client = Client::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(client.request("/", b"before").await.unwrap().status, 200);
+    }
+    // A new agent: the connection predates it, and no accept will be seen.
+    scene.restart_agent().expect("agent restarts");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(counts(scene.agent.http, "old").await, (0, 0, 0), "a new agent starts from zero");
+    for _ in 0..5 {
+        assert_eq!(client.request("/", b"after").await.unwrap().status, 200);
+    }
+    let held = StreamSpec { first_ms: 1500, chunks: 2, chunk_ms: 10 };
+    let stream = tokio::spawn(async move { client.stream(&held.path()).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    assert_eq!(metric(&mut keda, &scene, "old", "requests_in_flight", "10s").await, 1.0);
+    stream.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(counts(scene.agent.http, "old").await, (6, 6, 0), "requests on the seeded connection");
+}

@@ -1,13 +1,18 @@
 //! `cargo xtask bench-probes`: what the eBPF probes cost a busy server.
 //!
 //! A tenant HTTP server runs in a cgroup pod; wrk drives it with keep-alive
-//! connections, alternating rounds without the agent and with the agent
-//! watching the pod (probes attached), all in one run. Printed: throughput
-//! and p99 ratios (with / without), how many requests the probe counted
-//! against what wrk reported, and, from one extra probed run with
-//! `kernel.bpf_stats_enabled=1` (which itself slows every program, so it
-//! is kept out of the timed runs), each eBPF program's mean ns per run.
-use std::io::{BufRead, BufReader, Write as _};
+//! connections. Each round runs wrk three times, back to back: without
+//! anything attached, with only no-op programs on the probe's hooks (the
+//! floor: what any syscall hook costs), and with the agent watching the pod.
+//! Two server profiles run in one go: an empty answer (the worst case: the
+//! probe's cost against almost nothing) and one with `--work-us` of CPU per
+//! request (a stand-in for a real inference front end's per-request work).
+//! Printed: throughput and p99 ratios (median of adjacent runs), how many
+//! requests the probe counted against what wrk reported, the agent's CPU,
+//! and, from one extra probed run with `kernel.bpf_stats_enabled=1` (which
+//! itself slows every program, so it is kept out of the timed runs), each
+//! eBPF program's mean ns per run and the eBPF time per request.
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -17,6 +22,7 @@ use anyhow::{anyhow, bail, Context as _};
 use integration::agent::AgentProcess;
 use integration::pod::{new_uid, CgroupPod};
 use integration::workspace_binary;
+use podgpu_agent::probes::baseline::HookBaseline;
 
 /// Benchmark options.
 #[derive(clap::Args, Debug)]
@@ -25,8 +31,11 @@ pub struct Options {
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Seconds per wrk run.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     seconds: u32,
+    /// Busy CPU microseconds per request in the second server profile.
+    #[arg(long, default_value_t = 100)]
+    work_us: u64,
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: u32,
@@ -128,110 +137,182 @@ fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
         .context("kernel.bpf_stats_enabled")
 }
 
-pub fn run(options: Options) -> anyhow::Result<()> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
-    }
-    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root()?;
-    let uid = new_uid();
-    let mut pod = CgroupPod::create(&cgroup_root, &uid)?;
+/// A tenant server in its own cgroup pod.
+struct BenchTenant {
+    addr: SocketAddr,
+    /// Owns the server process; dropping it ends the server.
+    _pod: CgroupPod,
+}
+
+fn start_tenant(cgroup_root: &Path, uid: &str, work_us: u64) -> anyhow::Result<BenchTenant> {
+    let mut pod = CgroupPod::create(cgroup_root, uid)?;
     let child = pod.spawn({
         let mut command = Command::new(workspace_binary("tenant"));
-        command.args(["127.0.0.1:0", "256"]);
+        command.args(["127.0.0.1:0", "256", "0", "-", &work_us.to_string()]);
         command
     })?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("tenant stdout"))?).read_line(&mut line)?;
     let ready: serde_json::Value = serde_json::from_str(&line)?;
     let addr: SocketAddr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line}"))?.parse()?;
-    let metadata = tempfile_path("podgpu-bench-pods.yaml");
-    std::fs::write(
-        &metadata,
-        format!("pods:\n  - {{uid: {uid}, namespace: bench, name: tenant, labels: {{app: tenant}}}}\n"),
-    )?;
-    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    Ok(BenchTenant { addr, _pod: pod })
+}
 
-    println!(
-        "tenant {addr} in {}; wrk -t2 -c{} -d{}s, {} rounds",
-        pod.container_dir.display(),
-        options.connections,
-        options.seconds,
-        options.rounds
-    );
-    let (mut without, mut with) = (Vec::new(), Vec::new());
-    let mut costs = ProgramCosts::new();
-    let (mut counted, mut sent) = (0.0, 0u64);
-    let mut agent_cpu: Vec<f64> = Vec::new();
+/// The runs of one server profile.
+#[derive(Default)]
+struct Profile {
+    without: Vec<WrkRun>,
+    hooks_only: Vec<WrkRun>,
+    probed: Vec<WrkRun>,
+    /// Requests the probe counted / wrk sent, over the probed runs.
+    counted: f64,
+    sent: u64,
+    /// Agent CPU seconds per second, per probed run.
+    agent_cpu: Vec<f64>,
+}
+
+/// Median over rounds of `f(run) / f(the run without anything just before)`.
+fn median_ratio(runs: &[WrkRun], without: &[WrkRun], f: fn(&WrkRun) -> f64) -> f64 {
+    let mut ratios: Vec<f64> = runs.iter().zip(without).map(|(run, base)| f(run) / f(base)).collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: &str) -> anyhow::Result<Profile> {
+    let mut profile = Profile::default();
     for round in 1..=options.rounds {
-        let base = wrk(addr, &options)?;
-        println!("round {round} without probes: {:>9.0} req/s  p99 {:>6.2} ms", base.requests_per_s, base.p99_ms);
-        without.push(base);
+        let base = wrk(tenant.addr, options)?;
+        println!(
+            "{label} round {round} nothing attached:  {:>9.0} req/s  p99 {:>6.2} ms",
+            base.requests_per_s, base.p99_ms
+        );
+        profile.without.push(base);
 
-        let mut agent = start_agent(&metadata)?;
+        let hooks = HookBaseline::attach().context("attaching the no-op hook programs")?;
+        let floor = wrk(tenant.addr, options)?;
+        drop(hooks);
+        println!(
+            "{label} round {round} no-op hooks only:  {:>9.0} req/s  p99 {:>6.2} ms",
+            floor.requests_per_s, floor.p99_ms
+        );
+        profile.hooks_only.push(floor);
+
+        let mut agent = start_agent(metadata)?;
         let (_, completed_before) = scrape(agent.http)?;
         let cpu_before = cpu_seconds(agent.pid())?;
-        let probed = wrk(addr, &options)?;
-        agent_cpu.push((cpu_seconds(agent.pid())? - cpu_before) / f64::from(options.seconds));
+        let probed = wrk(tenant.addr, options)?;
+        profile.agent_cpu.push((cpu_seconds(agent.pid())? - cpu_before) / f64::from(options.seconds));
         std::thread::sleep(Duration::from_millis(500));
         let (_, completed_after) = scrape(agent.http)?;
         agent.stop(Duration::from_secs(5));
-        println!("round {round} with probes:    {:>9.0} req/s  p99 {:>6.2} ms", probed.requests_per_s, probed.p99_ms);
-        counted += completed_after - completed_before;
-        sent += probed.requests;
-        with.push(probed);
+        println!(
+            "{label} round {round} agent (probes):    {:>9.0} req/s  p99 {:>6.2} ms",
+            probed.requests_per_s, probed.p99_ms
+        );
+        profile.counted += completed_after - completed_before;
+        profile.sent += probed.requests;
+        profile.probed.push(probed);
     }
+    Ok(profile)
+}
+
+fn report(out: &mut impl Write, label: &str, profile: &Profile) -> anyhow::Result<()> {
+    let mean = |runs: &[WrkRun]| runs.iter().map(|r| r.requests_per_s).sum::<f64>() / runs.len().max(1) as f64;
+    let throughput = |r: &WrkRun| r.requests_per_s;
+    let p99 = |r: &WrkRun| r.p99_ms;
+    writeln!(out, "\n{label}")?;
+    writeln!(
+        out,
+        "  mean req/s: nothing attached {:.0}, no-op hooks {:.0}, agent {:.0}",
+        mean(&profile.without),
+        mean(&profile.hooks_only),
+        mean(&profile.probed)
+    )?;
+    writeln!(
+        out,
+        "  throughput with the agent / without: {:.3} (target >= 0.97); no-op hooks alone: {:.3}",
+        median_ratio(&profile.probed, &profile.without, throughput),
+        median_ratio(&profile.hooks_only, &profile.without, throughput)
+    )?;
+    writeln!(
+        out,
+        "  p99 latency with the agent / without: {:.3}; no-op hooks alone: {:.3}",
+        median_ratio(&profile.probed, &profile.without, p99),
+        median_ratio(&profile.hooks_only, &profile.without, p99)
+    )?;
+    let cpu = profile.agent_cpu.iter().sum::<f64>() / profile.agent_cpu.len().max(1) as f64;
+    writeln!(
+        out,
+        "  agent CPU (user + system): {:.1}% of one core, {:.2} us per request",
+        cpu * 100.0,
+        cpu / mean(&profile.probed).max(1.0) * 1e6
+    )?;
+    writeln!(
+        out,
+        "  requests counted by the probe / sent by wrk: {:.0} / {} ({:.4})",
+        profile.counted,
+        profile.sent,
+        profile.counted / profile.sent.max(1) as f64
+    )?;
+    Ok(())
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
+    }
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root()?;
+    let (empty_uid, working_uid) = (new_uid(), new_uid());
+    let metadata = tempfile_path("podgpu-bench-pods.yaml");
+    std::fs::write(
+        &metadata,
+        format!(
+            "pods:\n  - {{uid: {empty_uid}, namespace: bench, name: empty, labels: {{app: tenant}}}}\n  \
+             - {{uid: {working_uid}, namespace: bench, name: working, labels: {{app: tenant}}}}\n"
+        ),
+    )?;
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    println!(
+        "wrk -t2 -c{} -d{}s, {} rounds of (nothing attached, no-op hooks, agent) per server profile",
+        options.connections, options.seconds, options.rounds
+    );
+
+    let empty = start_tenant(&cgroup_root, &empty_uid, 0)?;
+    let empty_label = "empty answers (worst case)";
+    let empty_profile = run_profile(&empty, &metadata, &options, "empty")?;
 
     // Per-program cost, in its own run: bpf_stats accounting is not free.
     let mut agent = start_agent(&metadata)?;
     set_bpf_stats(true)?;
     let (before, _) = scrape(agent.http)?;
-    let costed = wrk(addr, &options)?;
+    let events_before = scrape_counter(agent.http, "podgpu_agent_request_events_total")?;
+    let costed = wrk(empty.addr, &options)?;
     std::thread::sleep(Duration::from_millis(500));
     let (after, _) = scrape(agent.http)?;
+    let events = scrape_counter(agent.http, "podgpu_agent_request_events_total")? - events_before;
     set_bpf_stats(false)?;
     agent.stop(Duration::from_secs(5));
-    let requests_in_cost_run = costed.requests.max(1) as f64;
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+    drop(empty);
+    let mut costs = ProgramCosts::new();
     for (name, ns, runs) in after {
         let (ns0, runs0) = before.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
         costs.push((name, ns - ns0, runs - runs0));
     }
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+
+    let working = start_tenant(&cgroup_root, &working_uid, options.work_us)?;
+    let working_label = format!("{} us of CPU per request (an inference front end's share)", options.work_us);
+    let working_profile = run_profile(&working, &metadata, &options, "work")?;
+    drop(working);
     let _ = std::fs::remove_file(&metadata);
 
-    let mean = |runs: &[WrkRun], f: fn(&WrkRun) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
-    // This VM's throughput drifts between runs: compare each probed run
-    // with the baseline run just before it, and report the median ratio.
-    let median_ratio = |f: fn(&WrkRun) -> f64| {
-        let mut ratios: Vec<f64> = with.iter().zip(&without).map(|(w, b)| f(w) / f(b)).collect();
-        ratios.sort_by(f64::total_cmp);
-        ratios[ratios.len() / 2]
-    };
-    let throughput_ratio = median_ratio(|r| r.requests_per_s);
-    let p99_ratio = median_ratio(|r| r.p99_ms);
-    writeln!(
-        std::io::stdout(),
-        "\nmean req/s without {:.0}, with {:.0}",
-        mean(&without, |r| r.requests_per_s),
-        mean(&with, |r| r.requests_per_s)
-    )?;
     let mut out = std::io::stdout().lock();
+    report(&mut out, empty_label, &empty_profile)?;
+    report(&mut out, &working_label, &working_profile)?;
     writeln!(
         out,
-        "throughput with/without probes (median of adjacent pairs): {:.3} (target >= 0.97)",
-        throughput_ratio
-    )?;
-    writeln!(out, "p99 latency with/without probes (median of adjacent pairs): {:.3}", p99_ratio)?;
-    let cpu = agent_cpu.iter().sum::<f64>() / agent_cpu.len().max(1) as f64;
-    writeln!(out, "agent CPU (user + system) while probed: {:.1}% of one core", cpu * 100.0)?;
-    writeln!(
-        out,
-        "requests counted by the probe / sent by wrk: {counted:.0} / {sent} ({:.4})",
-        counted / sent.max(1) as f64
-    )?;
-    writeln!(
-        out,
-        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, during the probed runs)",
+        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, one probed run, empty answers)",
         "eBPF program", "runs", "mean ns/run"
     )?;
     costs.sort_by(|a, b| b.2.total_cmp(&a.2));
@@ -239,15 +320,32 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         writeln!(out, "{name:<22} {runs:>14.0} {:>12.0}", ns / runs)?;
     }
     let (ns, runs) = costs.iter().fold((0.0, 0.0), |(a, b), (_, ns, runs)| (a + ns, b + runs));
-    writeln!(out, "{:<22} {runs:>14.0} {:>12.0}   (target <= 200)", "all programs", ns / runs.max(1.0))?;
     writeln!(
         out,
-        "kernel time per request: {:.2} us (all programs, {} requests)",
-        ns / requests_in_cost_run / 1000.0,
+        "{:<22} {runs:>14.0} {:>12.0}   (every syscall on the node runs both; target <= 200)",
+        "all programs",
+        ns / runs.max(1.0)
+    )?;
+    let requests = costed.requests.max(1) as f64;
+    writeln!(
+        out,
+        "eBPF time per request: {:.2} us over {:.1} program runs; per event emitted: {:.0} ns ({} requests, {events:.0} events)",
+        ns / requests / 1000.0,
+        runs / requests,
+        ns / events.max(1.0),
         costed.requests
     )?;
-    drop(pod);
     Ok(())
+}
+
+/// One counter's value from /metrics.
+fn scrape_counter(http: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
+    let text = String::from_utf8_lossy(&reply.body).to_string();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .ok_or_else(|| anyhow!("{name} missing from /metrics"))
 }
 
 fn tempfile_path(name: &str) -> std::path::PathBuf {

@@ -1,5 +1,6 @@
 //! eBPF probes: loading the programs built from `agent-ebpf`, attaching
 //! them, and reading their maps. One module per program set.
+pub mod baseline;
 pub mod requests;
 
 /// Failures while loading, attaching or reading probes.
@@ -58,4 +59,19 @@ pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
             })
         })
         .collect()
+}
+
+/// Loads each named program of `ebpf` and attaches it to its raw
+/// tracepoint.
+pub fn attach_raw_tracepoints(ebpf: &mut aya::Ebpf, programs: &[(&'static str, &str)]) -> Result<(), ProbeError> {
+    for &(name, tracepoint) in programs {
+        let program: &mut aya::programs::RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(ProbeError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name, source })?;
+        program.load().map_err(|source| ProbeError::Program { name, source })?;
+        program.attach(tracepoint).map_err(|source| ProbeError::Program { name, source })?;
+    }
+    Ok(())
 }

@@ -91,15 +91,7 @@ impl RequestProbe {
             ProgramArray::try_from(ebpf.map_mut(WALKERS).ok_or(ProbeError::MissingMap(WALKERS))?)
                 .map_err(|source| ProbeError::Map { name: WALKERS, source })?;
         walkers.set(0, &walker_fd, 0).map_err(|source| ProbeError::Map { name: WALKERS, source })?;
-        for (name, tracepoint) in PROGRAMS {
-            let program: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            program.load().map_err(|source| ProbeError::Program { name, source })?;
-            program.attach(tracepoint).map_err(|source| ProbeError::Program { name, source })?;
-        }
+        super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
         Ok(Self { ebpf })
     }
 
