@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything podgpu needs to build and test, idempotently, on
 # Debian 12 as root: apt packages, Rust (stable + nightly with rust-src),
-# bpf-linker built against the LLVM that matches nightly rustc, tracefs.
+# bpf-linker built against the LLVM that matches nightly rustc.
 # Safe to run again: each step checks first and says what it does.
 set -euo pipefail
 
@@ -74,13 +74,6 @@ else
       --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-$LLVM_MAJOR"
   touch "$marker"
   note "installed $(bpf-linker --version)"
-fi
-
-step "tracefs (tracepoints are attached through it)"
-if [ -d /sys/kernel/tracing/events ] || [ -d /sys/kernel/debug/tracing/events ]; then
-  note "mounted"
-else
-  mount -t tracefs nodev /sys/kernel/tracing && note "mounted at /sys/kernel/tracing"
 fi
 
 # Later steps (test.sh, demo.sh) build with the toolchain chosen here.

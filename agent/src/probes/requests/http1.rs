@@ -153,18 +153,20 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     memchr::memmem::find(haystack, needle)
 }
 
-/// Body framing from a head's header lines.
+/// Body framing from a head's header lines. Works on bytes: this runs for
+/// every response, and header names are ASCII.
 fn body_of(head: &[u8]) -> Option<Body> {
-    let text = String::from_utf8_lossy(head);
     let mut length = None;
-    for line in text.split("\r\n").skip(1) {
-        let Some((name, value)) = line.split_once(':') else { continue };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("transfer-encoding") && value.to_ascii_lowercase().contains("chunked") {
+    for line in head.split(|&byte| byte == b'\n').skip(1) {
+        let Some(colon) = memchr::memchr(b':', line) else { continue };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if name.eq_ignore_ascii_case(b"transfer-encoding")
+            && value.windows(7).any(|word| word.eq_ignore_ascii_case(b"chunked"))
+        {
             return Some(Body::Chunked);
         }
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value.parse::<u64>().ok();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(value).ok().and_then(|digits| digits.parse::<u64>().ok());
         }
     }
     length.map(Body::Length)
