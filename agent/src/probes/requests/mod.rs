@@ -193,7 +193,7 @@ pub fn monotonic_ns() -> u64 {
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Bytes (received, sent) per (cgroup, server port) since the last flush.
-type ByteCounts = std::collections::HashMap<(u64, u16), (u64, u64)>;
+type ByteCounts = std::collections::HashMap<(u64, u16), (u64, u64), foldhash::fast::RandomState>;
 
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
@@ -256,7 +256,7 @@ pub async fn run_reader(
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let mut tracker = tracker::Tracker::new(&proc_root);
     let mut outcomes = Vec::new();
-    let mut bytes = ByteCounts::new();
+    let mut bytes = ByteCounts::default();
     let mut gc = tokio::time::interval(Duration::from_secs(30));
     // The kernel wakes us only for batches (64 KiB); the timer bounds how
     // stale a quiet connection's events can get.

@@ -61,7 +61,9 @@ pub struct TrackerStats {
 /// All tracked connections of the node.
 #[derive(Debug)]
 pub struct Tracker {
-    connections: HashMap<u64, Connection>,
+    /// foldhash, not SipHash: looked up for every event, keyed by kernel
+    /// values no client chooses.
+    connections: HashMap<u64, Connection, foldhash::fast::RandomState>,
     stats: TrackerStats,
     outcomes: Vec<Outcome>,
     ports: PortResolver,
@@ -76,7 +78,7 @@ impl Tracker {
     /// A tracker naming ports through `proc_root` (the host's /proc).
     pub fn new(proc_root: &Path) -> Self {
         Self {
-            connections: HashMap::new(),
+            connections: HashMap::default(),
             stats: TrackerStats::default(),
             outcomes: Vec::new(),
             ports: PortResolver::new(proc_root),
