@@ -133,8 +133,12 @@ const EAGAIN: i64 = 11;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Pending bytes in the ring that trigger a wakeup of the reader.
-const WAKEUP_BYTES: u64 = 64 * 1024;
+/// Pending bytes in the ring that trigger a wakeup of the reader. Each
+/// wakeup is an irq_work plus a context switch; at 64 KiB they cost a
+/// saturated server ~10% of its throughput (measured: 0.80 -> 0.91). The
+/// reader also drains every 20 ms, so this only matters under load, and
+/// the 4 MiB ring keeps 3.5 MiB of headroom.
+const WAKEUP_BYTES: u64 = 512 * 1024;
 /// iovecs inspected when looking for the last byte of a vectored call.
 const MAX_SEGMENTS_WALKED: u64 = 8;
 

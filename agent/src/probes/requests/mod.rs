@@ -258,7 +258,7 @@ pub async fn run_reader(
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
     let mut gc = tokio::time::interval(Duration::from_secs(30));
-    // The kernel wakes us only for batches (64 KiB); the timer bounds how
+    // The kernel wakes us only for batches (512 KiB); the timer bounds how
     // stale a quiet connection's events can get.
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
