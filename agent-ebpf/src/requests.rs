@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use podgpu_common::{
-    conn_mode, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
+    conn_mode, tgid_slot, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
     MAX_H2_FRAMES, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES, REQUEST_STAT_COUNT,
     SERVER_TGID_WORDS,
 };
@@ -147,14 +147,6 @@ fn bump(stat: RequestStat) {
         // SAFETY: this CPU's slot, exclusive while the program runs.
         unsafe { *value += 1 };
     }
-}
-
-/// (word, byte) of a tgid in the tgid sets: one byte per tgid, so that
-/// marking one is a plain byte store (the BPF target has no atomic OR, and
-/// a read-modify-write of a shared word could lose another CPU's mark).
-#[inline(always)]
-fn tgid_slot(tgid: u64) -> (u32, u64) {
-    (((tgid >> 3) % u64::from(SERVER_TGID_WORDS)) as u32, tgid & 7)
 }
 
 #[inline(always)]

@@ -15,6 +15,15 @@ pub const MAX_WATCHED_CGROUPS: u32 = 4096;
 /// eight per word, so 2^20 tgids (1 MiB) before larger ones alias smaller.
 pub const SERVER_TGID_WORDS: u32 = 1 << 17;
 
+/// (word, byte within the word) of a tgid in the request probe's tgid sets.
+/// One byte per tgid, so the kernel marks one with a plain byte store (the
+/// BPF target has no atomic OR, and a read-modify-write of a shared word
+/// could lose another CPU's mark).
+#[inline(always)]
+pub const fn tgid_slot(tgid: u64) -> (u32, u64) {
+    (((tgid >> 3) % SERVER_TGID_WORDS as u64) as u32, tgid & 7)
+}
+
 /// Value stored in the watched-cgroup set: which kinds of traffic to follow.
 /// Only bit 0 (TCP server connections) is defined today.
 pub const WATCH_TCP: u32 = 1;

@@ -84,8 +84,16 @@ fn parse_wrk_duration(text: &str) -> anyhow::Result<f64> {
 /// (program, kernel ns, runs) of each eBPF program.
 type ProgramCosts = Vec<(String, f64, f64)>;
 
-/// Program costs and the completed requests of all pods, from /metrics.
-fn scrape(http: SocketAddr) -> anyhow::Result<(ProgramCosts, f64)> {
+/// What the benchmark reads from the agent's /metrics.
+struct Scrape {
+    programs: ProgramCosts,
+    /// Completed requests of all pods.
+    completed: f64,
+    /// Events the request probe wrote to its ring.
+    events: f64,
+}
+
+fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
     let text = String::from_utf8_lossy(&reply.body).to_string();
@@ -107,7 +115,12 @@ fn scrape(http: SocketAddr) -> anyhow::Result<(ProgramCosts, f64)> {
         .filter(|l| l.starts_with("podgpu_pod_requests_total{") && l.contains("outcome=\"completed\""))
         .map(value_of)
         .sum();
-    Ok((programs, completed))
+    let events = text
+        .lines()
+        .find(|l| l.starts_with("podgpu_agent_request_events_total "))
+        .map(value_of)
+        .ok_or_else(|| anyhow!("podgpu_agent_request_events_total missing from /metrics"))?;
+    Ok(Scrape { programs, completed, events })
 }
 
 fn start_agent(metadata: &Path) -> anyhow::Result<AgentProcess> {
@@ -198,12 +211,12 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
         profile.hooks_only.push(floor);
 
         let mut agent = start_agent(metadata)?;
-        let (_, completed_before) = scrape(agent.http)?;
+        let completed_before = scrape(agent.http)?.completed;
         let cpu_before = cpu_seconds(agent.pid())?;
         let probed = wrk(tenant.addr, options)?;
         profile.agent_cpu.push((cpu_seconds(agent.pid())? - cpu_before) / f64::from(options.seconds));
         std::thread::sleep(Duration::from_millis(500));
-        let (_, completed_after) = scrape(agent.http)?;
+        let completed_after = scrape(agent.http)?.completed;
         agent.stop(Duration::from_secs(5));
         println!(
             "{label} round {round} agent (probes):    {:>9.0} req/s  p99 {:>6.2} ms",
@@ -285,19 +298,18 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     // Per-program cost, in its own run: bpf_stats accounting is not free.
     let mut agent = start_agent(&metadata)?;
     set_bpf_stats(true)?;
-    let (before, _) = scrape(agent.http)?;
-    let events_before = scrape_counter(agent.http, "podgpu_agent_request_events_total")?;
+    let before = scrape(agent.http)?;
     let costed = wrk(empty.addr, &options)?;
     std::thread::sleep(Duration::from_millis(500));
-    let (after, _) = scrape(agent.http)?;
-    let events = scrape_counter(agent.http, "podgpu_agent_request_events_total")? - events_before;
+    let after = scrape(agent.http)?;
+    let events = after.events - before.events;
     set_bpf_stats(false)?;
     agent.stop(Duration::from_secs(5));
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
     drop(empty);
     let mut costs = ProgramCosts::new();
-    for (name, ns, runs) in after {
-        let (ns0, runs0) = before.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+    for (name, ns, runs) in after.programs {
+        let (ns0, runs0) = before.programs.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
         costs.push((name, ns - ns0, runs - runs0));
     }
 
@@ -336,16 +348,6 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         costed.requests
     )?;
     Ok(())
-}
-
-/// One counter's value from /metrics.
-fn scrape_counter(http: SocketAddr, name: &str) -> anyhow::Result<f64> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
-    let text = String::from_utf8_lossy(&reply.body).to_string();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
-        .ok_or_else(|| anyhow!("{name} missing from /metrics"))
 }
 
 fn tempfile_path(name: &str) -> std::path::PathBuf {

@@ -10,7 +10,8 @@ const PROGRAMS: [(&str, &str); 2] = [("baseline_enter", "sys_enter"), ("baseline
 
 /// The attached no-op programs; dropping detaches them.
 pub struct HookBaseline {
-    ebpf: Ebpf,
+    /// Held only to keep the programs attached.
+    _ebpf: Ebpf,
 }
 
 impl HookBaseline {
@@ -18,11 +19,6 @@ impl HookBaseline {
     pub fn attach() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
         super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
-        Ok(Self { ebpf })
-    }
-
-    /// Kernel run-time statistics of the no-op programs.
-    pub fn program_stats(&self) -> Vec<super::BpfProgramStats> {
-        super::program_stats(&self.ebpf)
+        Ok(Self { _ebpf: ebpf })
     }
 }

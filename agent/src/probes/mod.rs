@@ -61,16 +61,25 @@ pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
         .collect()
 }
 
+/// Loads the raw tracepoint program `name` of `ebpf` (not attached).
+pub fn load_raw_tracepoint<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::RawTracePoint, ProbeError> {
+    let program: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })?;
+    program.load().map_err(|source| ProbeError::Program { name, source })?;
+    Ok(program)
+}
+
 /// Loads each named program of `ebpf` and attaches it to its raw
 /// tracepoint.
 pub fn attach_raw_tracepoints(ebpf: &mut aya::Ebpf, programs: &[(&'static str, &str)]) -> Result<(), ProbeError> {
     for &(name, tracepoint) in programs {
-        let program: &mut aya::programs::RawTracePoint = ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { name, source })?;
-        program.load().map_err(|source| ProbeError::Program { name, source })?;
+        let program = load_raw_tracepoint(ebpf, name)?;
         program.attach(tracepoint).map_err(|source| ProbeError::Program { name, source })?;
     }
     Ok(())

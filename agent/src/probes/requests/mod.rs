@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
-use aya::programs::RawTracePoint;
 use aya::Ebpf;
-use podgpu_common::{conn_mode, ConnState, H2Event, IoEvent, IoKind, RequestStat, SERVER_TGID_WORDS, WATCH_TCP};
+use podgpu_common::{conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -77,12 +76,7 @@ impl RequestProbe {
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
         // The frame walker is not attached: `syscall_exit` tail-calls it.
-        let walker: &mut RawTracePoint = ebpf
-            .program_mut(WALKER)
-            .ok_or(ProbeError::MissingProgram(WALKER))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { name: WALKER, source })?;
-        walker.load().map_err(|source| ProbeError::Program { name: WALKER, source })?;
+        let walker = super::load_raw_tracepoint(&mut ebpf, WALKER)?;
         let walker_fd =
             walker.fd().map_err(|source| ProbeError::Program { name: WALKER, source })?.try_clone().map_err(|err| {
                 ProbeError::Program { name: WALKER, source: aya::programs::ProgramError::IOError(err) }
@@ -127,12 +121,9 @@ impl RequestProbe {
         let map = self.ebpf.map_mut(SEEDED_TGIDS).ok_or(ProbeError::MissingMap(SEEDED_TGIDS))?;
         let mut seeded: Array<_, u64> =
             Array::try_from(map).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })?;
-        // One byte per tgid, eight per word (the kernel side's layout).
-        let word = (tgid >> 3) % SERVER_TGID_WORDS;
+        let (word, byte) = tgid_slot(u64::from(tgid));
         let marked = seeded.get(&word, 0).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })?;
-        seeded
-            .set(word, marked | 1 << ((tgid & 7) * 8), 0)
-            .map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })
+        seeded.set(word, marked | 1 << (byte * 8), 0).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })
     }
 
     /// The ring buffer, handed to the reader task (once).
