@@ -24,6 +24,7 @@ pub mod backoff;
 pub mod gpu;
 pub mod pods;
 pub mod probes;
+pub mod proc;
 pub mod serve;
 pub mod signals;
 pub mod status;
@@ -83,6 +84,26 @@ pub struct Config {
     pub kubelet_interval: Duration,
 }
 
+/// procfs as this agent sees it, with its cgroup namespace found: in the
+/// DaemonSet the agent has its own, and other pods' cgroups read relative.
+fn host_proc(proc_root: &std::path::Path, cgroup_root: &std::path::Path) -> proc::ProcFs {
+    let plain = proc::ProcFs::new(proc_root);
+    match proc::detect_cgroup_ns_root(&plain, cgroup_root, std::process::id()) {
+        Some(ns_root) => {
+            if ns_root != "/" {
+                tracing::info!(%ns_root, "cgroup paths of other processes are rebased on this agent's cgroup namespace");
+            }
+            plain.with_cgroup_ns_root(&ns_root)
+        }
+        None => {
+            tracing::warn!(
+                "could not tell where this agent's cgroup namespace sits in the host tree; relative cgroup paths are read as host paths"
+            );
+            plain
+        }
+    }
+}
+
 /// Where the servers ended up listening (ports may have been 0).
 #[derive(Clone, Copy, Debug)]
 pub struct Bound {
@@ -99,6 +120,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Some(root) => root.clone(),
         None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
     };
+    let proc = host_proc(&config.proc_root, &cgroup_root);
     let static_pods = match &config.pod_metadata {
         Some(path) => pods::static_source::load(path)?,
         None => HashMap::new(),
@@ -117,6 +139,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
+    let kernel_connections = requests.as_ref().and_then(|probe| match probe.kernel_connections() {
+        Ok(map) => Some(map),
+        Err(err) => {
+            tracing::warn!(error = %err, "no second handle on the kernel connection map: evicted connections are found only when idle");
+            None
+        }
+    });
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
         Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
@@ -135,7 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         PollerConfig {
             source: config.gpu.clone(),
             cgroup_root: cgroup_root.clone(),
-            proc_root: config.proc_root.clone(),
+            proc: proc.clone(),
             interval: config.gpu_interval,
         },
         gpu_tx,
@@ -153,7 +182,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             cgroup_root: cgroup_root.clone(),
             // Three missed polls: a slow NVML call is not yet an outage.
             gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
-            proc_root: config.proc_root.clone(),
+            proc: proc.clone(),
         },
         directory,
         Probes { requests, status: probe_status, reader: reader_stats.clone() },
@@ -168,8 +197,14 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
     if let Some(ring) = request_ring {
-        let reader =
-            probes::requests::run_reader(ring, config.proc_root.clone(), request_tx, reader_stats, shutdown.clone());
+        let reader = probes::requests::run_reader(
+            ring,
+            proc.clone(),
+            kernel_connections,
+            request_tx,
+            reader_stats,
+            shutdown.clone(),
+        );
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.

@@ -48,6 +48,10 @@ struct ScalerOptions {
     /// Seconds a silent node's last snapshot is still used.
     #[arg(long, env = "PODGPU_NODE_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     node_grace_s: u64,
+    /// Seconds after its last snapshot a silent node is forgotten; until
+    /// then a query selecting pods it hosted is an error (KEDA's fallback).
+    #[arg(long, env = "PODGPU_NODE_FORGET_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    node_forget_s: u64,
     /// CA (PEM) that signed the node agents' certificates: dial them over TLS.
     #[arg(long, env = "PODGPU_NODE_TLS_CA")]
     node_tls_ca: Option<PathBuf>,
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 poll_interval: Duration::from_millis(scaler.poll_ms),
                 deadline: Duration::from_millis(scaler.node_deadline_ms),
                 grace: Duration::from_secs(scaler.node_grace_s),
+                forget: Duration::from_secs(scaler.node_forget_s.max(scaler.node_grace_s)),
                 node_tls,
             },
             tls,
@@ -201,9 +206,7 @@ fn kubelet_socket(flag: &str) -> Option<PathBuf> {
 
 /// The host's name, for the node API when NODE_NAME is not set.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    podgpu_agent::proc::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 async fn wait_for_signal() {

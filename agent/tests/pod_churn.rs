@@ -4,15 +4,15 @@
 //! pids reused across pods. Nothing may be misattributed on the way, and
 //! nothing may remain after the expiry window.
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podgpu_agent::pods::directory::Directory;
 use podgpu_agent::pods::kube_api::KubePods;
-use podgpu_agent::pods::pid_cache::{write_fake_process, PidCache};
+use podgpu_agent::pods::pid_cache::PidCache;
 use podgpu_agent::pods::PodMeta;
+use podgpu_agent::proc::{write_fake_process, ProcFs};
 use podgpu_agent::signals::collector::{Collector, CollectorConfig, Probes};
 use podgpu_agent::status::SourceStatus;
 use tokio::sync::watch;
@@ -34,12 +34,12 @@ fn ten_thousand_pod_cycles_leave_nothing_behind() {
         retention: Duration::from_secs(60),
         cgroup_root: cgroup_root.path().to_path_buf(),
         gpu_stale_after: Duration::from_secs(5),
-        proc_root: PathBuf::from("/nonexistent"),
+        proc: ProcFs::new(std::path::Path::new("/nonexistent")),
     };
     let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
     let directory = Directory::new(HashMap::new(), Some(api_rx), None);
     let mut collector = Collector::new(config, directory, probes, Arc::new(AtomicU64::new(0)));
-    let mut pids = PidCache::new(proc_root.path(), PID_EXPIRY);
+    let mut pids = PidCache::new(ProcFs::new(proc_root.path()), PID_EXPIRY);
     let container = "ab".repeat(32);
     let now = Instant::now();
 

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use podgpu_agent::pods::cgroup_path;
 use podgpu_agent::pods::cgroup_tree;
 use podgpu_agent::pods::directory::Directory;
-use podgpu_agent::pods::pid_cache::{write_fake_process, PidCache};
+use podgpu_agent::pods::pid_cache::PidCache;
+use podgpu_agent::proc::{write_fake_process, ProcFs};
 use podgpu_agent::signals::collector::{Collector, CollectorConfig, Probes};
 use podgpu_agent::status::SourceStatus;
 
@@ -52,7 +53,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     // pid -> pod on the real /proc: this process and its threads' pids are
     // live, so hits pay exactly what a GPU process lookup pays.
     let own_pid = std::process::id();
-    let mut cache = PidCache::new(&PathBuf::from("/proc"), Duration::from_secs(60));
+    let mut cache = PidCache::new(ProcFs::new(&PathBuf::from("/proc")), Duration::from_secs(60));
     let now = Instant::now();
     cache.resolve(own_pid, now);
     let started = Instant::now();
@@ -63,7 +64,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let misses = options.lookups / 20;
     let started = Instant::now();
     for _ in 0..misses {
-        let mut cold = PidCache::new(&PathBuf::from("/proc"), Duration::from_secs(60));
+        let mut cold = PidCache::new(ProcFs::new(&PathBuf::from("/proc")), Duration::from_secs(60));
         black_box(cold.resolve(black_box(own_pid), now));
     }
     let miss_ns = per_op(started.elapsed(), misses);
@@ -116,7 +117,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         retention: Duration::from_secs(65),
         cgroup_root: root.path().to_path_buf(),
         gpu_stale_after: Duration::from_secs(5),
-        proc_root: PathBuf::from("/nonexistent"),
+        proc: podgpu_agent::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
     };
     let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
     let mut collector = Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)));
@@ -139,7 +140,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         owners.insert(pid, uid(n));
     }
     let before = allocated_bytes();
-    let mut cache = PidCache::new(proc_root.path(), Duration::from_secs(60));
+    let mut cache = PidCache::new(ProcFs::new(proc_root.path()), Duration::from_secs(60));
     for (pid, owner) in &owners {
         let resolved = cache.resolve(*pid, now).map(|o| o.pod_uid.clone());
         anyhow::ensure!(resolved.as_ref() == Some(owner), "pid {pid} resolved to {resolved:?}, not {owner}");

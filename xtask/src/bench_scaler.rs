@@ -83,6 +83,7 @@ fn fake_snapshot(node: usize) -> NodeSnapshot {
             unavailable: Default::default(),
             owner: String::new(),
             containers: Vec::new(),
+            metadata_pending: false,
         })
         .collect();
     NodeSnapshot {
@@ -127,6 +128,7 @@ async fn get_metrics_latency(nodes: usize, calls: u32) -> anyhow::Result<(f64, f
             poll_interval: Duration::from_millis(500),
             deadline: Duration::from_millis(400),
             grace: Duration::from_secs(30),
+            forget: Duration::from_secs(600),
             node_tls: Default::default(),
         },
         tls: Default::default(),

@@ -108,8 +108,8 @@ pub struct PollerConfig {
     pub source: GpuSource,
     /// cgroup v2 root (the simulator resolves cgroup tenants under it).
     pub cgroup_root: PathBuf,
-    /// procfs root, for pid -> cgroup.
-    pub proc_root: PathBuf,
+    /// procfs, for pid -> cgroup.
+    pub proc: crate::proc::ProcFs,
     /// Time between polls.
     pub interval: Duration,
 }
@@ -137,7 +137,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
     // Consecutive failures (open or poll): they drive the backoff and keep
     // a long outage to one warning instead of one per attempt.
     let mut failures: u32 = 0;
-    let mut pids = PidCache::new(&config.proc_root, PID_IDLE_EXPIRY);
+    let mut pids = PidCache::new(config.proc.clone(), PID_IDLE_EXPIRY);
     while !updates.is_closed() {
         let started = Instant::now();
         let outcome = match backend.as_mut() {
@@ -235,7 +235,7 @@ fn attribute(backend: String, poll: GpuPoll, pids: &mut PidCache) -> GpuUpdate {
 mod tests {
     use super::*;
     use crate::gpu::{ProcessSample, ProcessUtil};
-    use crate::pods::pid_cache::write_fake_process;
+    use crate::proc::{write_fake_process, ProcFs};
 
     const UID_A: &str = "7d1c2a4e-0000-4000-8000-00000000000a";
     const UID_B: &str = "7d1c2a4e-0000-4000-8000-00000000000b";
@@ -265,7 +265,7 @@ mod tests {
     }
 
     fn pods_of(poll: GpuPoll, proc_root: &std::path::Path) -> HashMap<String, PodGpu> {
-        let mut pids = PidCache::new(proc_root, PID_IDLE_EXPIRY);
+        let mut pids = PidCache::new(ProcFs::new(proc_root), PID_IDLE_EXPIRY);
         match attribute("test".into(), poll, &mut pids) {
             GpuUpdate::Polled { pods, .. } => pods,
             other => panic!("expected a poll, got {other:?}"),

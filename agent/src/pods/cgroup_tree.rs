@@ -51,7 +51,7 @@ fn unescape_mount_path(raw: &str) -> String {
 
 /// The cgroup v2 mount of this host, from `/proc/self/mountinfo`.
 pub fn host_v2_root() -> io::Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let mountinfo = crate::proc::self_mountinfo()?;
     find_v2_root(&mountinfo)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/self/mountinfo"))
 }

@@ -88,6 +88,12 @@ impl Directory {
         (kube, kubelet)
     }
 
+    /// Whether pod names and labels come from the Kubernetes API (so a
+    /// pod found without them is waiting for the watch, not unknown).
+    pub fn watches_api(&self) -> bool {
+        self.kube.is_some()
+    }
+
     /// Pods the API watch knows (for the churn check: none may linger).
     pub fn api_pods(&self) -> usize {
         self.kube.as_ref().map_or(0, |kube| kube.borrow().pods.len())

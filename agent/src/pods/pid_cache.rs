@@ -8,12 +8,10 @@
 //! every runtime `cgroup_path` knows). Processes outside pods resolve to
 //! `None` and are cached as such.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use procfs::process::Process;
-
 use super::cgroup_path::{self, CgroupOwner};
+use crate::proc::{CgroupLine, ProcFs};
 
 /// How the cache has been used (self-metrics and the benchmark).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -38,7 +36,7 @@ struct Entry {
 /// The cache; one per thread that resolves pids (the GPU poller).
 #[derive(Debug)]
 pub struct PidCache {
-    proc_root: PathBuf,
+    proc: ProcFs,
     entries: HashMap<u32, Entry>,
     idle_expiry: Duration,
     stats: PidCacheStats,
@@ -47,15 +45,14 @@ pub struct PidCache {
 impl PidCache {
     /// A cache over `proc_root` (the host's /proc); entries unused for
     /// `idle_expiry` are dropped by `sweep` even if the process lives.
-    pub fn new(proc_root: &Path, idle_expiry: Duration) -> Self {
-        Self { proc_root: proc_root.to_path_buf(), entries: HashMap::new(), idle_expiry, stats: Default::default() }
+    pub fn new(proc: ProcFs, idle_expiry: Duration) -> Self {
+        Self { proc, entries: HashMap::new(), idle_expiry, stats: Default::default() }
     }
 
     /// The pod (and container) `pid` belongs to; `None` for host processes
     /// and processes that are gone.
     pub fn resolve(&mut self, pid: u32, now: Instant) -> Option<&CgroupOwner> {
-        let process_dir = self.proc_root.join(pid.to_string());
-        let Some(start_time) = start_time(&process_dir) else {
+        let Some(start_time) = self.proc.start_time(pid) else {
             self.forget(pid);
             return None;
         };
@@ -67,7 +64,7 @@ impl PidCache {
                     self.stats.reused += 1;
                 }
                 self.stats.misses += 1;
-                let owner = Process::new_with_root(process_dir).ok().and_then(|process| owner_of(&process));
+                let owner = self.proc.cgroups(pid).map(|lines| owner_of(&lines));
                 let Some(owner) = owner else {
                     self.forget(pid);
                     return None;
@@ -84,12 +81,10 @@ impl PidCache {
     /// unused for the idle expiry. Call once per poll.
     pub fn sweep(&mut self, now: Instant) {
         let before = self.entries.len();
-        let proc_root = &self.proc_root;
+        let proc = &self.proc;
         let idle_expiry = self.idle_expiry;
-        self.entries.retain(|pid, entry| {
-            now.saturating_duration_since(entry.last_used) < idle_expiry
-                && proc_root.join(pid.to_string()).join("stat").exists()
-        });
+        self.entries
+            .retain(|pid, entry| now.saturating_duration_since(entry.last_used) < idle_expiry && proc.exists(*pid));
         self.stats.expired += (before - self.entries.len()) as u64;
     }
 
@@ -115,53 +110,25 @@ impl PidCache {
     }
 }
 
-/// Field 22 of `/proc/PID/stat` (clock ticks since boot at exec), read
-/// with one small read: this is every cache hit's cost, and procfs's full
-/// `Stat` parse is several times slower (see `cargo xtask bench-pods`).
-fn start_time(process_dir: &Path) -> Option<u64> {
-    use std::io::Read as _;
-    let mut buffer = [0u8; 1024];
-    let mut file = std::fs::File::open(process_dir.join("stat")).ok()?;
-    let len = file.read(&mut buffer).ok()?;
-    let text = std::str::from_utf8(&buffer[..len]).ok()?;
-    // comm (field 2) may hold spaces and parentheses: fields after it are
-    // counted from the last ')'. Field 3 is the first after it.
-    let after_comm = &text[text.rfind(')')? + 1..];
-    after_comm.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
-}
-
-/// The owner from `/proc/PID/cgroup`: `Some(None)` for a host process,
-/// `None` when the file cannot be read (process gone).
-fn owner_of(process: &Process) -> Option<Option<CgroupOwner>> {
-    let cgroups = process.cgroups().ok()?;
+/// The owner from the cgroup lines of a process: `None` for a host process.
+fn owner_of(lines: &[CgroupLine]) -> Option<CgroupOwner> {
     let mut v1_owner = None;
-    for cgroup in cgroups.0 {
-        let owner = cgroup_path::parse(&cgroup.pathname);
-        if cgroup.hierarchy == 0 && owner.is_some() {
-            return Some(owner);
+    for line in lines {
+        let owner = cgroup_path::parse(&line.path);
+        if line.hierarchy == 0 && owner.is_some() {
+            return owner;
         }
         if v1_owner.is_none() {
             v1_owner = owner;
         }
     }
-    Some(v1_owner)
-}
-
-/// Writes a fake `/proc/PID` (stat and cgroup) for tests and benchmarks.
-#[doc(hidden)]
-pub fn write_fake_process(proc_root: &Path, pid: u32, start_time: u64, cgroup: &str) -> std::io::Result<()> {
-    let dir = proc_root.join(pid.to_string());
-    std::fs::create_dir_all(&dir)?;
-    // 52 fields as Linux 5.x+ writes them; field 22 is the start time.
-    let mut fields: Vec<String> = vec![pid.to_string(), "(python3 worker)".into(), "S".into()];
-    fields.extend((4..=52).map(|n| if n == 22 { start_time.to_string() } else { "0".into() }));
-    std::fs::write(dir.join("stat"), fields.join(" ") + "\n")?;
-    std::fs::write(dir.join("cgroup"), cgroup)
+    v1_owner
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proc::write_fake_process;
 
     const UID_A: &str = "7d1c2a4e-0000-4000-8000-00000000000a";
     const UID_B: &str = "7d1c2a4e-0000-4000-8000-00000000000b";
@@ -175,7 +142,7 @@ mod tests {
     #[test]
     fn pid_reuse_is_detected() {
         let proc_root = tempfile::tempdir().unwrap();
-        let mut cache = PidCache::new(proc_root.path(), Duration::from_secs(60));
+        let mut cache = PidCache::new(ProcFs::new(proc_root.path()), Duration::from_secs(60));
         let now = Instant::now();
         write_fake_process(proc_root.path(), 42, 1000, &v2(UID_A)).unwrap();
         assert_eq!(cache.resolve(42, now).unwrap().pod_uid, UID_A);
@@ -192,7 +159,7 @@ mod tests {
     #[test]
     fn v1_host_and_gone() {
         let proc_root = tempfile::tempdir().unwrap();
-        let mut cache = PidCache::new(proc_root.path(), Duration::from_secs(60));
+        let mut cache = PidCache::new(ProcFs::new(proc_root.path()), Duration::from_secs(60));
         let now = Instant::now();
         let v1 = format!(
             "12:memory:/kubepods/burstable/pod{UID_A}/{ID}\n1:name=systemd:/kubepods/burstable/pod{UID_A}/{ID}\n0::/\n"
@@ -212,7 +179,7 @@ mod tests {
     #[test]
     fn sweep_expires_exited_and_idle() {
         let proc_root = tempfile::tempdir().unwrap();
-        let mut cache = PidCache::new(proc_root.path(), Duration::from_secs(30));
+        let mut cache = PidCache::new(ProcFs::new(proc_root.path()), Duration::from_secs(30));
         let start = Instant::now();
         for pid in [1, 2, 3] {
             write_fake_process(proc_root.path(), pid, 1, &v2(UID_A)).unwrap();

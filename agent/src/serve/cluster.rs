@@ -1,8 +1,17 @@
 //! The scaler role's view of every node agent: one task resolves the node
 //! addresses (a static list or a headless Service's DNS name), polls each
-//! node's API in parallel with a deadline, keeps the last good snapshot of
-//! an unreachable node for a grace period, then drops it, and publishes an
-//! immutable `ClusterView` that KEDA calls are answered from.
+//! node's API in parallel with a deadline, and publishes an immutable
+//! `ClusterView` that KEDA calls are answered from.
+//!
+//! Nodes are known by the name their agent reports, not by address: a
+//! restarted agent pod comes back on a new IP and is the same node. A
+//! silent node's last good snapshot is used for the grace period; after it
+//! the node is *lost* until it is forgotten (`forget`, 10 minutes by
+//! default): a query that selects any pod it hosted is an error, never a
+//! smaller sum. Likewise, an address that resolves but never answered, a
+//! name that does not resolve, and the time before the first poll make
+//! every answer an error (see `ClusterView::coverage_error`), so KEDA's
+//! `fallback` holds the replicas instead of the scaler guessing.
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::tls::{ClientTls, FilesStamp};
+use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{PodSignals, WorkloadValue};
 use crate::signals::latency::decode_buckets_into;
 use crate::signals::metric::{Metric, MetricSource};
@@ -32,6 +42,9 @@ pub struct ClusterConfig {
     pub deadline: Duration,
     /// How long a node's last good snapshot is used after it stops answering.
     pub grace: Duration,
+    /// How long after its last snapshot a silent node is forgotten (until
+    /// then, queries that select its pods are errors).
+    pub forget: Duration,
     /// TLS towards node agents (files; plaintext when none are named).
     /// Re-read before a poll when they change, so rotation needs no restart.
     pub node_tls: ClientTls,
@@ -45,6 +58,7 @@ pub struct RemotePod {
     labels: BTreeMap<String, String>,
     windows: Vec<WindowValues>,
     unavailable: HashMap<String, String>,
+    metadata_pending: bool,
 }
 
 impl RemotePod {
@@ -93,12 +107,17 @@ impl PodSignals for RemotePod {
     fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
         self.unavailable.get(metric.name()).map(String::as_str)
     }
+    fn metadata_pending(&self) -> bool {
+        self.metadata_pending
+    }
 }
 
 /// One node as the scaler sees it.
 #[derive(Debug)]
 pub struct NodeEntry {
-    /// The agent's address.
+    /// The node's name, as its agent reports it.
+    pub name: String,
+    /// The address its agent last answered on.
     pub addr: SocketAddr,
     /// Its pods at the last good snapshot (shared with the poller).
     pub pods: Arc<Vec<RemotePod>>,
@@ -116,9 +135,18 @@ pub struct NodeEntry {
 /// Everything the scaler knows, published after every poll.
 #[derive(Debug, Default)]
 pub struct ClusterView {
+    /// Whether a poll has completed (before it, nothing is known).
+    pub polled: bool,
     /// Nodes with a snapshot within the grace period.
     pub nodes: Vec<NodeEntry>,
-    /// Node addresses resolved (covered or not).
+    /// Nodes silent past the grace period and not yet forgotten, with the
+    /// pods they hosted.
+    pub lost_nodes: Vec<NodeEntry>,
+    /// Resolved addresses that have never answered, with the last error.
+    pub silent_addresses: Vec<(SocketAddr, String)>,
+    /// Node entries that did not resolve, with the error.
+    pub resolution_errors: Vec<String>,
+    /// Nodes known (covered, lost or silent).
     pub nodes_total: usize,
     /// Windows every node snapshot carries.
     pub windows: Vec<f64>,
@@ -149,9 +177,32 @@ impl ClusterView {
         self.nodes.iter().flat_map(|node| node.pods.iter())
     }
 
-    /// The reason `metric` cannot be served for pods of `namespace`: a node
-    /// hosting them reports the metric's source down.
-    pub fn unavailable(&self, metric: Metric, namespace: &str) -> Option<String> {
+    /// Why `metric` for the pods `selector` picks in `namespace` cannot be
+    /// answered from this view: something that may host them is unseen
+    /// (no poll yet, a name that does not resolve, an address that never
+    /// answered, a node silent past its grace that hosted selected pods),
+    /// or a node hosting pods of the namespace reports the metric's source
+    /// down. `None`: the view covers the query.
+    pub fn coverage_error(&self, metric: Metric, namespace: &str, selector: &LabelSelector) -> Option<String> {
+        if !self.polled {
+            return Some("the scaler has not heard from the node agents yet".to_string());
+        }
+        if let Some(error) = self.resolution_errors.first() {
+            return Some(format!("node agents cannot all be found: {error}"));
+        }
+        if let Some((addr, error)) = self.silent_addresses.first() {
+            return Some(format!("the node agent at {addr} has never answered ({error}): its pods are unknown"));
+        }
+        let selected = |pod: &RemotePod| pod.namespace == namespace && selector.matches(&pod.labels);
+        if let Some(node) = self.lost_nodes.iter().find(|node| node.pods.iter().any(selected)) {
+            return Some(format!(
+                "node {} ({}) has not answered for {:.0} s and hosted pods this query selects: {}",
+                node.name,
+                node.addr,
+                node.age_s,
+                node.last_error.as_deref().unwrap_or("no answer")
+            ));
+        }
         let source = match metric.source() {
             MetricSource::Gpu => "gpu",
             MetricSource::Probes => "probes",
@@ -161,10 +212,18 @@ impl ClusterView {
             node.pods
                 .iter()
                 .any(|pod| pod.namespace == namespace)
-                .then(|| format!("{metric} is unavailable on node {}: {reason}", node.addr))
+                .then(|| format!("{metric} is unavailable on node {}: {reason}", node.name))
         })
     }
+
+    /// Whether every node snapshot carries `window_s`.
+    pub fn has_window(&self, window_s: f64) -> bool {
+        self.windows.iter().any(|w| (w - window_s).abs() < 1e-6)
+    }
 }
+
+/// Windows asked for, by their bits, with when they were last asked for.
+type WindowRequests = std::sync::Mutex<HashMap<u64, (f64, Instant)>>;
 
 /// Handle to the cluster task: the published view and a way to ask for
 /// another window.
@@ -173,21 +232,22 @@ pub struct ClusterHandle {
     /// Latest view.
     pub view: watch::Receiver<Arc<ClusterView>>,
     windows: mpsc::Sender<f64>,
+    requested: Arc<WindowRequests>,
 }
 
 impl ClusterHandle {
     /// Makes sure snapshots carry `window_s`; returns once a view has it
-    /// (or after `wait`).
+    /// (or after `wait`; the caller checks `has_window`).
     pub async fn ensure_window(&self, window_s: f64, wait: Duration) -> Arc<ClusterView> {
+        self.requested.lock().expect("window requests poisoned").insert(window_s.to_bits(), (window_s, Instant::now()));
         let mut view = self.view.clone();
-        let has = |v: &ClusterView| v.windows.iter().any(|w| (w - window_s).abs() < 1e-6);
-        if has(&view.borrow()) {
+        if view.borrow().has_window(window_s) {
             return view.borrow().clone();
         }
         let _ = self.windows.send(window_s).await;
         let _ = tokio::time::timeout(wait, async {
             while view.changed().await.is_ok() {
-                if has(&view.borrow_and_update()) {
+                if view.borrow_and_update().has_window(window_s) {
                     break;
                 }
             }
@@ -206,22 +266,53 @@ struct GoodSnapshot {
     gpu_sample_age_s: Option<f64>,
 }
 
-struct NodeState {
+/// One resolved address of a node agent.
+struct AddressState {
     client: Option<NodeSignalsClient<Channel>>,
-    snapshot: Option<GoodSnapshot>,
+    /// The node that last answered here.
+    node: Option<String>,
     last_error: Option<String>,
 }
 
-/// Windows kept in the poll set: the default plus recently requested ones.
-const MAX_POLLED_WINDOWS: usize = 8;
+/// One node, by name.
+struct NodeState {
+    addr: SocketAddr,
+    snapshot: GoodSnapshot,
+}
+
+/// Windows kept in the poll set besides the default: every trigger's
+/// window (1-60 s), up to this many, the least recently asked dropped.
+const MAX_POLLED_WINDOWS: usize = 64;
+/// A window no KEDA call asked for in this long leaves the poll set.
+const WINDOW_IDLE_EXPIRY: Duration = Duration::from_secs(600);
+
+/// The windows to poll: the default, then those asked for recently.
+fn polled_windows(default_window_s: f64, requested: &WindowRequests) -> Vec<f64> {
+    let mut requested = requested.lock().expect("window requests poisoned");
+    requested.retain(|_, (_, at)| at.elapsed() < WINDOW_IDLE_EXPIRY);
+    let mut recent: Vec<(f64, Instant)> = requested.values().copied().collect();
+    recent.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+    let mut windows = vec![default_window_s];
+    for (window, _) in recent {
+        if windows.len() > MAX_POLLED_WINDOWS {
+            break;
+        }
+        if !windows.iter().any(|w| (w - window).abs() < 1e-6) {
+            windows.push(window);
+        }
+    }
+    windows
+}
 
 /// Starts the cluster task; it stops with `shutdown`.
 pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: CancellationToken) -> ClusterHandle {
     let (view_tx, view_rx) = watch::channel(Arc::new(ClusterView::default()));
     let (window_tx, mut window_rx) = mpsc::channel::<f64>(16);
+    let requested: Arc<WindowRequests> = Arc::default();
+    let window_requests = requested.clone();
     tokio::spawn(async move {
-        let mut windows = vec![default_window_s];
-        let mut nodes: HashMap<SocketAddr, NodeState> = HashMap::new();
+        let mut addresses: HashMap<SocketAddr, AddressState> = HashMap::new();
+        let mut nodes: HashMap<String, NodeState> = HashMap::new();
         let mut ticker = tokio::time::interval(config.poll_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut covered_before = usize::MAX;
@@ -231,19 +322,14 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
-                Some(window) = window_rx.recv() => {
-                    if !windows.iter().any(|w| (w - window).abs() < 1e-6) {
-                        if windows.len() >= MAX_POLLED_WINDOWS {
-                            windows.remove(1);
-                        }
-                        windows.push(window);
-                    }
-                }
+                // A new window: poll now rather than at the next tick.
+                Some(_) = window_rx.recv() => {}
             }
-            let addresses = resolve(&config.nodes).await;
-            nodes.retain(|addr, _| addresses.contains(addr));
-            for addr in &addresses {
-                nodes.entry(*addr).or_insert(NodeState { client: None, snapshot: None, last_error: None });
+            let windows = polled_windows(default_window_s, &window_requests);
+            let (resolved, resolution_errors) = resolve(&config.nodes).await;
+            addresses.retain(|addr, _| resolved.contains(addr));
+            for addr in &resolved {
+                addresses.entry(*addr).or_insert(AddressState { client: None, node: None, last_error: None });
             }
             let stamp = config.node_tls.stamp();
             if tls_stamp.as_ref() != Some(&stamp) {
@@ -254,7 +340,7 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
                         }
                         tls = fresh;
                         // Connections keep the identity they were made with.
-                        for state in nodes.values_mut() {
+                        for state in addresses.values_mut() {
                             state.client = None;
                         }
                     }
@@ -262,8 +348,15 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
                 }
                 tls_stamp = Some(stamp);
             }
-            poll_all(&mut nodes, &windows, config.deadline, tls.as_ref()).await;
-            let view = publish(&nodes, &windows, config.grace);
+            poll_all(&mut addresses, &mut nodes, &windows, config.deadline, tls.as_ref()).await;
+            nodes.retain(|name, node| {
+                let keep = node.snapshot.at.elapsed() <= config.forget;
+                if !keep {
+                    tracing::warn!(node = %name, "node agent silent past the forget period: its pods no longer hold answers back");
+                }
+                keep
+            });
+            let view = publish(&addresses, &nodes, &windows, config.grace, resolution_errors);
             if view.nodes.len() != covered_before {
                 tracing::info!(covered = view.nodes.len(), total = view.nodes_total, "scaler node coverage changed");
                 covered_before = view.nodes.len();
@@ -271,20 +364,32 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
             view_tx.send_replace(Arc::new(view));
         }
     });
-    ClusterHandle { view: view_rx, windows: window_tx }
+    ClusterHandle { view: view_rx, windows: window_tx, requested }
 }
 
-async fn resolve(entries: &[String]) -> Vec<SocketAddr> {
+/// Resolves every entry; entries that fail are returned as errors (a DNS
+/// blip must not make nodes disappear silently).
+async fn resolve(entries: &[String]) -> (Vec<SocketAddr>, Vec<String>) {
     let mut addresses = Vec::new();
+    let mut errors = Vec::new();
     for entry in entries {
         match tokio::net::lookup_host(entry.as_str()).await {
-            Ok(found) => addresses.extend(found),
-            Err(err) => tracing::debug!(node = %entry, error = %err, "resolving node agent address"),
+            Ok(found) => {
+                let before = addresses.len();
+                addresses.extend(found);
+                if addresses.len() == before {
+                    errors.push(format!("{entry} resolves to no address"));
+                }
+            }
+            Err(err) => {
+                tracing::debug!(node = %entry, error = %err, "resolving node agent address");
+                errors.push(format!("resolving {entry}: {err}"));
+            }
         }
     }
     addresses.sort_unstable();
     addresses.dedup();
-    addresses
+    (addresses, errors)
 }
 
 /// tonic's transport errors say only "transport error"; the cause (refused,
@@ -312,13 +417,14 @@ fn node_endpoint(addr: SocketAddr, tls: Option<&ClientTlsConfig>, deadline: Dura
 }
 
 async fn poll_all(
-    nodes: &mut HashMap<SocketAddr, NodeState>,
+    addresses: &mut HashMap<SocketAddr, AddressState>,
+    nodes: &mut HashMap<String, NodeState>,
     windows: &[f64],
     deadline: Duration,
     tls: Option<&ClientTlsConfig>,
 ) {
     let mut polls = tokio::task::JoinSet::new();
-    for (addr, state) in nodes.iter_mut() {
+    for (addr, state) in addresses.iter_mut() {
         let addr = *addr;
         let client = state.client.clone();
         let request = SnapshotRequest { windows_s: windows.to_vec() };
@@ -342,20 +448,26 @@ async fn poll_all(
     }
     while let Some(joined) = polls.join_next().await {
         let Ok((addr, result)) = joined else { continue };
-        let Some(state) = nodes.get_mut(&addr) else { continue };
+        let Some(state) = addresses.get_mut(&addr) else { continue };
         match result {
             Ok((client, snapshot)) => {
+                let name = if snapshot.node.is_empty() { addr.to_string() } else { snapshot.node.clone() };
                 // Decoding thousands of pods is CPU work: keep it off the
                 // async workers that answer KEDA.
                 let pods = tokio::task::spawn_blocking(move || decode(snapshot.pods)).await.unwrap_or_default();
                 state.client = Some(client);
-                state.snapshot = Some(GoodSnapshot {
+                state.last_error = None;
+                if let Some(previous) = nodes.get(&name).filter(|node| node.addr != addr) {
+                    tracing::info!(node = %name, old = %previous.addr, new = %addr, "node agent answers on a new address");
+                }
+                state.node = Some(name.clone());
+                let snapshot = GoodSnapshot {
                     at: Instant::now(),
                     pods: Arc::new(pods),
                     unavailable_sources: snapshot.unavailable_sources,
                     gpu_sample_age_s: (snapshot.gpu_sample_age_s >= 0.0).then_some(snapshot.gpu_sample_age_s),
-                });
-                state.last_error = None;
+                };
+                nodes.insert(name, NodeState { addr, snapshot });
             }
             Err(error) => {
                 if state.last_error.is_none() {
@@ -377,26 +489,44 @@ fn decode(pods: Vec<podgpu_proto::node::PodSignals>) -> Vec<RemotePod> {
             labels: pod.labels.into_iter().collect(),
             windows: pod.windows,
             unavailable: pod.unavailable,
+            metadata_pending: pod.metadata_pending,
         })
         .collect()
 }
 
-fn publish(nodes: &HashMap<SocketAddr, NodeState>, windows: &[f64], grace: Duration) -> ClusterView {
-    let mut view = ClusterView { nodes_total: nodes.len(), windows: windows.to_vec(), ..ClusterView::default() };
-    for (addr, state) in nodes {
-        let Some(good) = &state.snapshot else { continue };
-        if good.at.elapsed() > grace {
-            continue;
-        }
-        view.nodes.push(NodeEntry {
-            addr: *addr,
+fn publish(
+    addresses: &HashMap<SocketAddr, AddressState>,
+    nodes: &HashMap<String, NodeState>,
+    windows: &[f64],
+    grace: Duration,
+    resolution_errors: Vec<String>,
+) -> ClusterView {
+    let mut view = ClusterView { polled: true, windows: windows.to_vec(), resolution_errors, ..ClusterView::default() };
+    for (name, node) in nodes {
+        let good = &node.snapshot;
+        let entry = NodeEntry {
+            name: name.clone(),
+            addr: node.addr,
             pods: good.pods.clone(),
             unavailable_sources: good.unavailable_sources.clone(),
             age_s: good.at.elapsed().as_secs_f64(),
             gpu_sample_age_s: good.gpu_sample_age_s,
-            last_error: state.last_error.clone(),
-        });
+            last_error: addresses.get(&node.addr).and_then(|a| a.last_error.clone()),
+        };
+        if good.at.elapsed() > grace {
+            view.lost_nodes.push(entry);
+        } else {
+            view.nodes.push(entry);
+        }
     }
-    view.nodes.sort_by_key(|node| node.addr);
+    view.silent_addresses = addresses
+        .iter()
+        .filter(|(_, state)| state.node.is_none())
+        .map(|(addr, state)| (*addr, state.last_error.clone().unwrap_or_else(|| "not polled yet".to_string())))
+        .collect();
+    view.silent_addresses.sort();
+    view.nodes_total = view.nodes.len() + view.lost_nodes.len() + view.silent_addresses.len();
+    view.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    view.lost_nodes.sort_by(|a, b| a.name.cmp(&b.name));
     view
 }

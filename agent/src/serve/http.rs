@@ -346,6 +346,27 @@ pub fn render_metrics(view: &NodeView) -> String {
         "HTTP/2 frame boundaries lost (then resynchronised).",
         probe.http2_lost_sync,
     );
+    let missed = &health.request_reader.missed_endings;
+    family(
+        &mut out,
+        "podgpu_agent_missed_connection_endings_total",
+        "counter",
+        "Connections whose end the probe never reported, ended by the tracker (their open requests aborted), by reason.",
+        [
+            ("fd_reused", missed.fd_reuses),
+            ("process_exited", missed.process_exits),
+            ("fd_gone", missed.fds_gone),
+            ("kernel_evicted", missed.kernel_evictions),
+            ("idle", missed.idle_evictions),
+        ]
+        .map(|(reason, count)| (format!("reason=\"{reason}\""), count as f64)),
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_open_request_corrections_total",
+        "Sweeps that found the open-request level out of step with the parsers (healed).",
+        missed.open_request_corrections,
+    );
     family(
         &mut out,
         "podgpu_agent_tracked_connections",
@@ -410,6 +431,7 @@ mod tests {
             requests_in_flight: 0,
             requests: Default::default(),
             ports: Vec::new(),
+            metadata_pending: false,
         });
         let text = render_metrics(&view);
         assert!(

@@ -75,7 +75,13 @@ impl Signals {
                     query.window_s, trigger.aggregation, ports
                 );
                 view.memoized(key, || {
-                    if let Some(reason) = view.unavailable(metric, namespace) {
+                    if !view.has_window(query.window_s) {
+                        return Err(format!(
+                            "the {}s window is not polled from the node agents yet; it will be within a poll",
+                            query.window_s
+                        ));
+                    }
+                    if let Some(reason) = view.coverage_error(metric, namespace, selector) {
                         return Err(reason);
                     }
                     combine(view.pods(), &query)

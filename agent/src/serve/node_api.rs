@@ -67,6 +67,7 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
                 .into_iter()
                 .filter_map(|m| Some((m.name().to_string(), pod.unavailable_reason(m)?.to_string())))
                 .collect(),
+            metadata_pending: pod.metadata_pending,
         })
         .collect();
     NodeSnapshot {

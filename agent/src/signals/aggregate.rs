@@ -65,6 +65,9 @@ pub trait PodSignals {
     fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>);
     /// Why the pod can never have the metric (MIG, MPS).
     fn unavailable_reason(&self, metric: Metric) -> Option<&str>;
+    /// Whether the pod's namespace and labels are not known yet (its
+    /// cgroup was found before its metadata arrived).
+    fn metadata_pending(&self) -> bool;
 }
 
 impl PodSignals for PodView {
@@ -86,6 +89,9 @@ impl PodSignals for PodView {
     fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
         PodView::unavailable_reason(self, metric)
     }
+    fn metadata_pending(&self) -> bool {
+        self.metadata_pending
+    }
 }
 
 /// The workload's value on this node, or the reason the metric's source
@@ -103,6 +109,16 @@ pub fn combine<'a, P: PodSignals + 'a>(
     pods: impl IntoIterator<Item = &'a P>,
     query: &WorkloadQuery<'_>,
 ) -> Result<WorkloadValue, String> {
+    let pods: Vec<&P> = pods.into_iter().collect();
+    // A pod whose labels have not arrived may be one the selector picks:
+    // answering without it would be a smaller sum than the truth.
+    if let Some(pod) = pods.iter().find(|pod| pod.metadata_pending()) {
+        return Err(format!(
+            "{} cannot be computed yet: pod {} was found before its metadata (namespace, labels) arrived",
+            query.metric,
+            pod.display_name()
+        ));
+    }
     let selected: Vec<&P> = pods
         .into_iter()
         .filter(|pod| pod.namespace() == Some(query.namespace))
@@ -168,6 +184,7 @@ mod tests {
             requests_in_flight: 0,
             requests: Default::default(),
             ports: Vec::new(),
+            metadata_pending: false,
         }
     }
 

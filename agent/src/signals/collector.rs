@@ -34,8 +34,8 @@ pub struct CollectorConfig {
     pub cgroup_root: PathBuf,
     /// GPU data older than this is stale: GPU signals turn unavailable.
     pub gpu_stale_after: Duration,
-    /// procfs root, for finding connections that predate the agent.
-    pub proc_root: PathBuf,
+    /// procfs, for finding connections that predate the agent.
+    pub proc: crate::proc::ProcFs,
 }
 
 /// The eBPF request probe the collector drives, and its status.
@@ -48,9 +48,15 @@ pub struct Probes {
     pub reader: Arc<ReaderStats>,
 }
 
+/// How long a pod found without metadata holds answers back while the
+/// Kubernetes API watch catches up; after it the pod is taken as one the
+/// API does not know (it matches no selector).
+const METADATA_WAIT: Duration = Duration::from_secs(30);
+
 /// The state of one pod between ticks.
 struct PodState {
     meta: PodMeta,
+    first_seen: Instant,
     history: History,
     gpu_sm_util_integral: f64,
     gpu_mem_bw_util_integral: f64,
@@ -219,7 +225,7 @@ impl Collector {
                 let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
                     .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
                     .unwrap_or_default();
-                for existing in sockets::existing_connections(&self.config.proc_root, &pids) {
+                for existing in sockets::existing_connections(&self.config.proc, &pids) {
                     if let Err(err) = probe.track_existing(existing.tgid, existing.fd, *id) {
                         tracing::debug!(error = %err, "tracking an existing connection");
                     }
@@ -238,6 +244,7 @@ impl Collector {
                     uid.to_string(),
                     PodState {
                         meta,
+                        first_seen: Instant::now(),
                         history: History::for_interval(
                             self.config.retention.as_secs_f64(),
                             self.config.tick.as_secs_f64(),
@@ -270,10 +277,28 @@ impl Collector {
     }
 
     fn read_probes(&mut self) {
+        self.apply_open_requests();
         if let Some(stats) = self.probes.requests.as_ref().and_then(|probe| probe.stats().ok()) {
             self.request_probe_stats = stats;
         }
         self.bpf_programs = self.probes.requests.as_ref().map(|probe| probe.program_stats()).unwrap_or_default();
+    }
+
+    /// Sets every port's in-flight level from the tracker's open requests.
+    fn apply_open_requests(&mut self) {
+        let open = self.probes.reader.open_requests.lock().expect("open requests poisoned").clone();
+        for pod in self.pods.values_mut() {
+            for port in pod.ports.values_mut() {
+                port.requests.open = 0;
+            }
+        }
+        for ((cgroup_id, port), count) in open {
+            // A cgroup no longer in the tree has no live process: the
+            // tracker ends its connections at its next sweep.
+            let Some(cgroup) = self.cgroups.get(&cgroup_id) else { continue };
+            let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { continue };
+            pod.port(port, &self.config).open += count;
+        }
     }
 
     /// Applies one update from the request reader.
@@ -337,10 +362,13 @@ impl Collector {
 
     /// An immutable snapshot of the current state.
     pub fn view(&mut self) -> NodeView {
+        let watches_api = self.directory.watches_api();
         let mut pods: Vec<PodView> = self
             .pods
             .values_mut()
             .map(|pod| {
+                let metadata_pending =
+                    watches_api && pod.meta.namespace.is_none() && pod.first_seen.elapsed() < METADATA_WAIT;
                 let ports: Vec<PortView> = pod
                     .ports
                     .iter_mut()
@@ -366,6 +394,7 @@ impl Collector {
                     requests_in_flight: ports.iter().map(|p| p.requests_in_flight).sum(),
                     requests,
                     ports,
+                    metadata_pending,
                 }
             })
             .collect();
@@ -391,6 +420,7 @@ impl Collector {
                     dropped: self.probes.reader.dropped.load(Ordering::Relaxed),
                     connections: self.probes.reader.connections.load(Ordering::Relaxed),
                     http2_connections: self.probes.reader.http2_connections.load(Ordering::Relaxed),
+                    missed_endings: *self.probes.reader.tracker.lock().expect("tracker stats poisoned"),
                 },
                 gpu_errors: self.gpu_errors.clone(),
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
@@ -412,7 +442,7 @@ mod tests {
             retention: Duration::from_secs(60),
             cgroup_root: root.to_path_buf(),
             gpu_stale_after: Duration::from_millis(200),
-            proc_root: PathBuf::from("/nonexistent"),
+            proc: crate::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
         };
         let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
         Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)))

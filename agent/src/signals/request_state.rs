@@ -13,8 +13,12 @@ pub struct RequestState {
     pub recv_bytes: u64,
     /// Bytes the server wrote, cumulative.
     pub send_bytes: u64,
-    /// Request outcomes, cumulative.
+    /// Request outcomes, cumulative (for rates).
     pub requests: RequestCounts,
+    /// Requests open now, as the request tracker counts them (a level set
+    /// every tick, never derived from the cumulative counts: a lost ending
+    /// must not hold it up).
+    pub open: u64,
     /// TTFT distribution.
     pub ttft: LatencyWindow,
     /// Latency distribution.
@@ -27,6 +31,7 @@ impl RequestState {
             recv_bytes: 0,
             send_bytes: 0,
             requests: RequestCounts::default(),
+            open: 0,
             ttft: LatencyWindow::new(retention_s),
             latency: LatencyWindow::new(retention_s),
         }
@@ -52,7 +57,7 @@ impl RequestState {
     }
 
     pub fn in_flight(&self) -> u64 {
-        self.requests.started.saturating_sub(self.requests.completed + self.requests.aborted)
+        self.open
     }
 
     /// A history point of the request-side counters (GPU fields zero).

@@ -52,6 +52,9 @@ pub struct ReaderCounters {
     pub connections: u64,
     /// HTTP/2 connections recognised.
     pub http2_connections: u64,
+    /// Connections the tracker ended on its own because their ending was
+    /// never seen (fd reuse, process exit, fd gone, kernel eviction, idle).
+    pub missed_endings: crate::probes::requests::TrackerStats,
 }
 
 /// Cumulative request outcomes of one pod since it was first seen.
@@ -81,6 +84,8 @@ pub struct PodView {
     /// Request signals per server port (0: port unknown); the pod's
     /// distributions are these merged.
     pub ports: Vec<PortView>,
+    /// Found before its metadata arrived: selectors cannot be evaluated.
+    pub metadata_pending: bool,
 }
 
 /// One server port of a pod: its request signals alone.

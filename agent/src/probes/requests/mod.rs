@@ -19,7 +19,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::ProbeError;
-pub use tracker::{RequestEvent, TrackerStats};
+use crate::proc::ProcFs;
+pub use tracker::{OpenRequests, RequestEvent, TrackerStats};
 
 /// What the reader hands the collector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +127,21 @@ impl RequestProbe {
         seeded.set(word, marked | 1 << (byte * 8), 0).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })
     }
 
+    /// A second handle on the kernel's connection map, for the reader to
+    /// tell connections the kernel evicted from ones that are just quiet.
+    pub fn kernel_connections(&self) -> Result<KernelConnections, ProbeError> {
+        let map_error = |source| ProbeError::Map { name: CONNECTIONS, source };
+        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(CONNECTIONS) else {
+            return Err(ProbeError::MissingMap(CONNECTIONS));
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned().map_err(|io_error| {
+            map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
+        })?;
+        let data = MapData::from_fd(fd).map_err(map_error)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_error)?;
+        Ok(KernelConnections { map: HashMap::try_from(map).map_err(map_error)? })
+    }
+
     /// The ring buffer, handed to the reader task (once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self.ebpf.take_map(EVENTS).ok_or(ProbeError::MissingMap(EVENTS))?;
@@ -157,6 +173,38 @@ impl RequestProbe {
     }
 }
 
+/// The kernel's connection map, read by the reader's sweeps.
+pub struct KernelConnections {
+    map: HashMap<MapData, u64, ConnState>,
+}
+
+/// The host as the tracker's sweeps see it: processes and fds through
+/// procfs, connections through the kernel map.
+struct HostLiveness<'a> {
+    proc: &'a ProcFs,
+    kernel: Option<&'a KernelConnections>,
+}
+
+impl tracker::Liveness for HostLiveness<'_> {
+    fn start_time(&self, tgid: u32) -> Option<u64> {
+        self.proc.start_time(tgid)
+    }
+
+    fn is_socket(&self, tgid: u32, fd: u32) -> bool {
+        match self.proc.fd_target(tgid, fd) {
+            Ok(target) => target.to_str().is_some_and(|t| t.starts_with("socket:[")),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+            // Not allowed to look (no ptrace access): cannot tell, keep it.
+            Err(_) => true,
+        }
+    }
+
+    fn kernel_tracks(&self, connection: u64) -> bool {
+        let Some(kernel) = self.kernel else { return true };
+        !matches!(kernel.map.get(&connection, 0), Err(aya::maps::MapError::KeyNotFound))
+    }
+}
+
 /// What the reader task has done, shared with the collector.
 #[derive(Debug, Default)]
 pub struct ReaderStats {
@@ -170,6 +218,12 @@ pub struct ReaderStats {
     pub connections: AtomicU64,
     /// HTTP/2 connections recognised.
     pub http2_connections: AtomicU64,
+    /// Requests open now per (cgroup, port): a level, replaced whole after
+    /// every change, so nothing lost on the way (a full channel, an
+    /// unknown cgroup) can leave it wrong.
+    pub open_requests: std::sync::Mutex<OpenRequests>,
+    /// What the tracker ended on its own (missed endings).
+    pub tracker: std::sync::Mutex<TrackerStats>,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -233,10 +287,15 @@ fn drain_ring(
     }
 }
 
+/// Time between tracker sweeps (missed endings, recount of open requests):
+/// the bound on how long a lost ending can hold a request open.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Drains the ring buffer whenever it has data, until `shutdown`.
 pub async fn run_reader(
     ring: RingBuf<MapData>,
-    proc_root: std::path::PathBuf,
+    proc: ProcFs,
+    kernel: Option<KernelConnections>,
     updates: mpsc::Sender<Vec<ProbeUpdate>>,
     stats: Arc<ReaderStats>,
     shutdown: CancellationToken,
@@ -245,10 +304,11 @@ pub async fn run_reader(
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|err| std::io::Error::other(err.to_string()))?;
-    let mut tracker = tracker::Tracker::new(&proc_root);
+    let mut tracker = tracker::Tracker::new(proc.clone());
+    let host = HostLiveness { proc: &proc, kernel: kernel.as_ref() };
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
-    let mut gc = tokio::time::interval(Duration::from_secs(30));
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     // The kernel wakes us only for batches (512 KiB); the timer bounds how
     // stale a quiet connection's events can get.
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
@@ -256,13 +316,20 @@ pub async fn run_reader(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = gc.tick() => tracker.collect_idle(monotonic_ns(), &mut outcomes),
+            _ = sweep.tick() => {
+                tracker.sweep(monotonic_ns(), &host, &mut outcomes);
+                *stats.tracker.lock().expect("tracker stats poisoned") = tracker.stats();
+                *stats.open_requests.lock().expect("open requests poisoned") = tracker.open_requests().clone();
+            }
             _ = drain.tick() => drain_ring(ring.get_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain_ring(guard.get_inner_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes);
                 guard.clear_ready();
             }
+        }
+        if !outcomes.is_empty() {
+            *stats.open_requests.lock().expect("open requests poisoned") = tracker.open_requests().clone();
         }
         // One send per drain: per-event channel traffic would cost more
         // than the parsing.

@@ -7,9 +7,9 @@
 //! and naming the server port a connection belongs to (`PortResolver`), for
 //! triggers that count only some ports.
 use std::collections::{HashMap, HashSet};
-use std::fs;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use crate::proc::ProcFs;
 
 /// One established server-side connection of a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,35 +58,24 @@ fn parse_tcp_table(text: &str, sockets: &mut HashMap<u64, TcpSocket>) {
 }
 
 /// Every TCP socket of `pid`'s network namespace, by inode.
-fn tcp_sockets(proc_root: &Path, pid: u32) -> HashMap<u64, TcpSocket> {
+fn tcp_sockets(proc: &ProcFs, pid: u32) -> HashMap<u64, TcpSocket> {
     let mut sockets = HashMap::new();
-    let base = proc_root.join(pid.to_string());
-    for table in ["net/tcp", "net/tcp6"] {
-        if let Ok(text) = fs::read_to_string(base.join(table)) {
-            parse_tcp_table(&text, &mut sockets);
-        }
+    for table in proc.tcp_tables(pid) {
+        parse_tcp_table(&table, &mut sockets);
     }
     sockets
 }
 
-/// The socket inode behind `fd` of `pid` (`socket:[INODE]`).
-fn socket_inode(fd_path: &Path) -> Option<u64> {
-    let target = fs::read_link(fd_path).ok()?;
-    target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-}
-
 /// Established server-side connections of `pids`: established sockets
 /// whose local port the same namespace listens on.
-pub fn existing_connections(proc_root: &Path, pids: &[u32]) -> Vec<ExistingConnection> {
+pub fn existing_connections(proc: &ProcFs, pids: &[u32]) -> Vec<ExistingConnection> {
     let mut found = Vec::new();
     for &pid in pids {
-        let sockets = tcp_sockets(proc_root, pid);
+        let sockets = tcp_sockets(proc, pid);
         let listening: HashSet<u16> =
             sockets.values().filter(|s| s.state == SocketState::Listening).map(|s| s.local_port).collect();
-        let Ok(fds) = fs::read_dir(proc_root.join(pid.to_string()).join("fd")) else { continue };
-        for entry in fds.flatten() {
-            let Ok(fd) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Some(socket) = socket_inode(&entry.path()).and_then(|inode| sockets.get(&inode)) else { continue };
+        for (fd, inode) in proc.socket_fds(pid) {
+            let Some(socket) = sockets.get(&inode) else { continue };
             if socket.state == SocketState::Established && listening.contains(&socket.local_port) {
                 found.push(ExistingConnection { tgid: pid, fd });
             }
@@ -106,14 +95,14 @@ const MAX_LISTENERS: usize = 4096;
 /// costs one procfs lookup per listener per minute.
 #[derive(Debug)]
 pub struct PortResolver {
-    proc_root: PathBuf,
+    proc: ProcFs,
     listeners: HashMap<(u32, u32), (Option<u16>, Instant)>,
 }
 
 impl PortResolver {
-    /// A resolver reading `proc_root` (the host's /proc).
-    pub fn new(proc_root: &Path) -> Self {
-        Self { proc_root: proc_root.to_path_buf(), listeners: HashMap::new() }
+    /// A resolver reading `proc` (the host's /proc).
+    pub fn new(proc: ProcFs) -> Self {
+        Self { proc, listeners: HashMap::new() }
     }
 
     /// The port of listening socket `fd` of `tgid` (cached).
@@ -137,15 +126,15 @@ impl PortResolver {
     /// The local port of socket `fd` of `tgid`, looked up now (for
     /// connections joined mid-stream, which have no accept to go by).
     pub fn socket_port(&self, tgid: u32, fd: u32) -> Option<u16> {
-        let fd_path = self.proc_root.join(tgid.to_string()).join("fd").join(fd.to_string());
-        let inode = socket_inode(&fd_path)?;
-        tcp_sockets(&self.proc_root, tgid).get(&inode).map(|s| s.local_port)
+        let inode = self.proc.socket_inode(tgid, fd)?;
+        tcp_sockets(&self.proc, tgid).get(&inode).map(|s| s.local_port)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// A fake /proc/42 with a listener on 8080 (fd 3), a server-side
     /// connection on it (fd 7), an outbound connection (fd 9) and a
@@ -177,7 +166,10 @@ mod tests {
     #[test]
     fn finds_server_side_established_sockets() {
         let root = fake_proc();
-        assert_eq!(existing_connections(root.path(), &[42, 43]), vec![ExistingConnection { tgid: 42, fd: 7 }]);
+        assert_eq!(
+            existing_connections(&ProcFs::new(root.path()), &[42, 43]),
+            vec![ExistingConnection { tgid: 42, fd: 7 }]
+        );
     }
 
     /// Listener and connection fds resolve to their local port (IPv4 and
@@ -186,7 +178,7 @@ mod tests {
     #[test]
     fn resolves_ports() {
         let root = fake_proc();
-        let mut resolver = PortResolver::new(root.path());
+        let mut resolver = PortResolver::new(ProcFs::new(root.path()));
         let now = Instant::now();
         assert_eq!(resolver.listener_port(42, 3, now), Some(8080));
         assert_eq!(resolver.listener_port(42, 4, now), Some(9090));

@@ -1,11 +1,24 @@
 //! Turns the request probe's events into request outcomes per cgroup: one
 //! HTTP/1.1 parser or HTTP/2 stream tracker per connection, created on
 //! accept (or on the first request line or HTTP/2 frames of a connection
-//! that predates the agent) and dropped on close or after long idleness.
-//! Each connection knows its server port (from the listening socket it was
+//! that predates the agent) and dropped when the connection ends. Each
+//! connection knows its server port (from the listening socket it was
 //! accepted on), so outcomes can be counted per port.
-use std::collections::HashMap;
-use std::path::Path;
+//!
+//! The tracker is also the source of truth for requests in flight: it keeps
+//! the number of open requests per (cgroup, port) in step with every
+//! outcome it emits, and a connection whose ending the probe never reported
+//! is ended here, aborting its open requests, by one of these rules:
+//! - an accept on a (tgid, fd) already tracked (the fd was reused);
+//! - its process exited (checked every sweep; a SIGKILLed server closes its
+//!   sockets without a close syscall);
+//! - it has open requests, has been quiet since the last sweep, and its fd
+//!   is no longer a socket, or the kernel no longer tracks it (LRU eviction);
+//! - it idled for 15 minutes.
+//!
+//! Every sweep also recounts the open requests from the parsers themselves,
+//! so the published level can never drift from what the parsers hold.
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use podgpu_common::{H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
@@ -13,11 +26,15 @@ use podgpu_common::{H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
 use super::sockets::PortResolver;
+use crate::proc::ProcFs;
 
 /// HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Connections idle this long are forgotten (the kernel map is LRU too).
 const IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
+/// A connection with open requests and no event for this long has its fd
+/// and kernel entry checked at the next sweep.
+const QUIET_NS: u64 = 1_000_000_000;
 const EPIPE: i64 = 32;
 const ECONNRESET: i64 = 104;
 
@@ -31,6 +48,10 @@ pub struct RequestEvent {
     /// What happened.
     pub outcome: Outcome,
 }
+
+/// Open requests per (cgroup id, server port): the level that
+/// `requests_in_flight` is read from. Keys with no open request are absent.
+pub type OpenRequests = HashMap<(u64, u16), u64>;
 
 #[derive(Debug)]
 enum Protocol {
@@ -47,7 +68,34 @@ struct Connection {
     last_seen_ns: u64,
 }
 
-/// Counters the tracker keeps about what it could not follow.
+impl Connection {
+    fn open_requests(&self) -> usize {
+        match &self.protocol {
+            Some(Protocol::Http1(http)) => http.in_flight(),
+            Some(Protocol::Http2(http)) => http.in_flight(),
+            None => 0,
+        }
+    }
+}
+
+/// Why a connection stopped being tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The probe saw its close.
+    Closed,
+    /// An accept reused its (tgid, fd): its close was missed.
+    FdReused,
+    /// Its process is gone.
+    ProcessExited,
+    /// Its fd is no longer a socket: its close was missed.
+    FdGone,
+    /// The kernel map no longer holds it: nothing more will be seen.
+    KernelEvicted,
+    /// No event for `IDLE_NS`.
+    Idle,
+}
+
+/// Counters the tracker keeps about connections it ended on its own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TrackerStats {
     /// Connections seen (accepted or joined mid-stream).
@@ -56,6 +104,29 @@ pub struct TrackerStats {
     pub http2_connections: u64,
     /// Connections forgotten after idling.
     pub idle_evictions: u64,
+    /// Connections replaced by an accept on the same (tgid, fd).
+    pub fd_reuses: u64,
+    /// Connections ended because their process exited.
+    pub process_exits: u64,
+    /// Connections ended because their fd was no longer a socket.
+    pub fds_gone: u64,
+    /// Connections ended because the kernel map dropped them.
+    pub kernel_evictions: u64,
+    /// Sweeps whose recount of open requests differed from the running
+    /// level (should stay 0; a non-zero value means an ending was lost
+    /// between parser and level and has now been healed).
+    pub open_request_corrections: u64,
+}
+
+/// What the tracker asks the host when it sweeps: whether processes and
+/// connections it follows still exist.
+pub trait Liveness {
+    /// Start time of process `tgid` (`None`: gone).
+    fn start_time(&self, tgid: u32) -> Option<u64>;
+    /// Whether `fd` of `tgid` is (still) a socket.
+    fn is_socket(&self, tgid: u32, fd: u32) -> bool;
+    /// Whether the kernel still follows `connection` (`tgid << 32 | fd`).
+    fn kernel_tracks(&self, connection: u64) -> bool;
 }
 
 /// All tracked connections of the node.
@@ -67,6 +138,10 @@ pub struct Tracker {
     stats: TrackerStats,
     outcomes: Vec<Outcome>,
     ports: PortResolver,
+    open: OpenRequests,
+    /// Start time of each process that owns tracked connections, as first
+    /// seen: a different one later means the pid was reused.
+    processes: HashMap<u32, u64>,
 }
 
 /// (tgid, fd) of a connection key (`tgid << 32 | fd`).
@@ -74,14 +149,41 @@ fn split_key(connection: u64) -> (u32, u32) {
     ((connection >> 32) as u32, connection as u32)
 }
 
+/// Hands `outcomes` on as request events of (cgroup, port), keeping the
+/// open-request level in step.
+fn deliver(
+    open: &mut OpenRequests,
+    outcomes: &mut Vec<Outcome>,
+    cgroup_id: u64,
+    port: u16,
+    out: &mut Vec<RequestEvent>,
+) {
+    if outcomes.is_empty() {
+        return;
+    }
+    let level = open.entry((cgroup_id, port)).or_default();
+    for outcome in outcomes.drain(..) {
+        match outcome {
+            Outcome::Started { .. } => *level += 1,
+            Outcome::Completed(_) | Outcome::Aborted { .. } => *level = level.saturating_sub(1),
+        }
+        out.push(RequestEvent { cgroup_id, port, outcome });
+    }
+    if *level == 0 {
+        open.remove(&(cgroup_id, port));
+    }
+}
+
 impl Tracker {
-    /// A tracker naming ports through `proc_root` (the host's /proc).
-    pub fn new(proc_root: &Path) -> Self {
+    /// A tracker naming ports through `proc` (the host's /proc).
+    pub fn new(proc: ProcFs) -> Self {
         Self {
             connections: HashMap::default(),
             stats: TrackerStats::default(),
             outcomes: Vec::new(),
-            ports: PortResolver::new(proc_root),
+            ports: PortResolver::new(proc),
+            open: OpenRequests::new(),
+            processes: HashMap::new(),
         }
     }
 
@@ -100,12 +202,21 @@ impl Tracker {
         self.connections.is_empty()
     }
 
+    /// Requests open now, per (cgroup, port).
+    pub fn open_requests(&self) -> &OpenRequests {
+        &self.open
+    }
+
     /// Processes one probe event, appending request events; returns the
     /// server port of the event's connection (0: unknown or untracked).
     pub fn observe(&mut self, event: &IoEvent, out: &mut Vec<RequestEvent>) -> u16 {
         let at = event.timestamp_ns;
         if event.kind == IoKind::Accept as u32 {
-            // fd numbers are reused: an accept replaces whatever was there.
+            // fd numbers are reused: an accept on a tracked (tgid, fd)
+            // means that connection's close was missed.
+            if self.connections.contains_key(&event.connection) {
+                self.end(event.connection, at, Ending::FdReused, out);
+            }
             self.stats.connections += 1;
             let (tgid, _) = split_key(event.connection);
             let port = self.ports.listener_port(tgid, event.bytes as u32, Instant::now()).unwrap_or(0);
@@ -136,6 +247,11 @@ impl Tracker {
             // Errors and unknown kinds move no bytes: no port needed.
             _ => return 0,
         };
+        if matches!(io, Io::Close) {
+            let port = self.connections.get(&event.connection).map_or(0, |c| c.port);
+            self.end(event.connection, at, Ending::Closed, out);
+            return port;
+        }
         let connection = match self.connections.get_mut(&event.connection) {
             Some(connection) => connection,
             None => {
@@ -175,16 +291,11 @@ impl Tracker {
         match connection.protocol.as_mut() {
             Some(Protocol::Http1(http)) => http.observe(at, io, &mut self.outcomes),
             // HTTP/2 data arrives as frame records; here only endings matter.
-            Some(Protocol::Http2(http)) if matches!(io, Io::Eof | Io::WriteError | Io::Close) => {
-                http.close(at, &mut self.outcomes)
-            }
+            Some(Protocol::Http2(http)) if matches!(io, Io::Eof | Io::WriteError) => http.close(at, &mut self.outcomes),
             _ => {}
         }
         let (cgroup_id, port) = (connection.cgroup_id, connection.port);
-        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
-        if matches!(io, Io::Close) {
-            self.connections.remove(&event.connection);
-        }
+        deliver(&mut self.open, &mut self.outcomes, cgroup_id, port, out);
         port
     }
 
@@ -213,30 +324,88 @@ impl Tracker {
             http.on_write(at, frames, &mut self.outcomes);
         }
         let (cgroup_id, port) = (connection.cgroup_id, connection.port);
-        out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
+        deliver(&mut self.open, &mut self.outcomes, cgroup_id, port, out);
     }
 
-    /// Forgets connections idle since before `now_ns - IDLE_NS`, aborting
-    /// their open requests (the kernel LRU may have evicted them silently).
-    pub fn collect_idle(&mut self, now_ns: u64, out: &mut Vec<RequestEvent>) {
-        let stale: Vec<u64> = self
+    /// Stops tracking `key`: a seen close completes a response delimited by
+    /// it; any other ending aborts whatever was open.
+    fn end(&mut self, key: u64, at_ns: u64, why: Ending, out: &mut Vec<RequestEvent>) {
+        let Some(mut connection) = self.connections.remove(&key) else { return };
+        match why {
+            Ending::Closed => {}
+            Ending::FdReused => self.stats.fd_reuses += 1,
+            Ending::ProcessExited => self.stats.process_exits += 1,
+            Ending::FdGone => self.stats.fds_gone += 1,
+            Ending::KernelEvicted => self.stats.kernel_evictions += 1,
+            Ending::Idle => self.stats.idle_evictions += 1,
+        }
+        self.outcomes.clear();
+        match connection.protocol.as_mut() {
+            Some(Protocol::Http1(http)) => {
+                let io = if why == Ending::Closed { Io::Close } else { Io::Eof };
+                http.observe(at_ns, io, &mut self.outcomes)
+            }
+            Some(Protocol::Http2(http)) => http.close(at_ns, &mut self.outcomes),
+            None => {}
+        }
+        deliver(&mut self.open, &mut self.outcomes, connection.cgroup_id, connection.port, out);
+    }
+
+    /// Ends the connections whose ending the probe did not report (see the
+    /// module doc) and recounts the open requests. Run about once a second.
+    pub fn sweep(&mut self, now_ns: u64, host: &impl Liveness, out: &mut Vec<RequestEvent>) {
+        let tgids: HashSet<u32> = self.connections.keys().map(|key| split_key(*key).0).collect();
+        self.processes.retain(|tgid, _| tgids.contains(tgid));
+        let mut exited = HashSet::new();
+        for tgid in tgids {
+            match (self.processes.get(&tgid), host.start_time(tgid)) {
+                (Some(known), Some(now)) if *known == now => {}
+                (None, Some(now)) => {
+                    self.processes.insert(tgid, now);
+                }
+                _ => {
+                    self.processes.remove(&tgid);
+                    exited.insert(tgid);
+                }
+            }
+        }
+        let ended: Vec<(u64, Ending)> = self
             .connections
             .iter()
-            .filter(|(_, c)| now_ns.saturating_sub(c.last_seen_ns) > IDLE_NS)
-            .map(|(key, _)| *key)
-            .collect();
-        for key in stale {
-            if let Some(mut connection) = self.connections.remove(&key) {
-                self.stats.idle_evictions += 1;
-                self.outcomes.clear();
-                match connection.protocol.as_mut() {
-                    Some(Protocol::Http1(http)) => http.observe(now_ns, Io::Eof, &mut self.outcomes),
-                    Some(Protocol::Http2(http)) => http.close(now_ns, &mut self.outcomes),
-                    None => {}
+            .filter_map(|(&key, connection)| {
+                let (tgid, fd) = split_key(key);
+                if exited.contains(&tgid) {
+                    return Some((key, Ending::ProcessExited));
                 }
-                let (cgroup_id, port) = (connection.cgroup_id, connection.port);
-                out.extend(self.outcomes.iter().map(|&outcome| RequestEvent { cgroup_id, port, outcome }));
+                let quiet_ns = now_ns.saturating_sub(connection.last_seen_ns);
+                if quiet_ns > IDLE_NS {
+                    return Some((key, Ending::Idle));
+                }
+                if connection.open_requests() == 0 || quiet_ns < QUIET_NS {
+                    return None;
+                }
+                if !host.is_socket(tgid, fd) {
+                    Some((key, Ending::FdGone))
+                } else if !host.kernel_tracks(key) {
+                    Some((key, Ending::KernelEvicted))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (key, why) in ended {
+            self.end(key, now_ns, why, out);
+        }
+        let mut recount = OpenRequests::new();
+        for connection in self.connections.values() {
+            let open = connection.open_requests() as u64;
+            if open > 0 {
+                *recount.entry((connection.cgroup_id, connection.port)).or_default() += open;
             }
+        }
+        if recount != self.open {
+            self.stats.open_request_corrections += 1;
+            self.open = recount;
         }
     }
 }
@@ -245,6 +414,42 @@ impl Tracker {
 mod tests {
     use super::*;
     use podgpu_common::{CAPTURE_PREFIX, CAPTURE_SUFFIX};
+    use std::path::Path;
+
+    fn tracker() -> Tracker {
+        Tracker::new(ProcFs::new(Path::new("/nonexistent")))
+    }
+
+    /// A host where every process and socket lives and the kernel tracks
+    /// everything, unless told otherwise.
+    #[derive(Default)]
+    struct FakeHost {
+        dead: HashSet<u32>,
+        restarted: HashSet<u32>,
+        not_sockets: HashSet<(u32, u32)>,
+        evicted: HashSet<u64>,
+    }
+
+    impl Liveness for FakeHost {
+        fn start_time(&self, tgid: u32) -> Option<u64> {
+            (!self.dead.contains(&tgid)).then_some(if self.restarted.contains(&tgid) { 2 } else { 1 })
+        }
+        fn is_socket(&self, tgid: u32, fd: u32) -> bool {
+            !self.not_sockets.contains(&(tgid, fd))
+        }
+        fn kernel_tracks(&self, connection: u64) -> bool {
+            !self.evicted.contains(&connection)
+        }
+    }
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
+
+    /// Opens one request on connection (tgid, fd) at time `at`.
+    fn open_one(tracker: &mut Tracker, tgid: u32, fd: u32, at: u64, out: &mut Vec<RequestEvent>) {
+        let key = u64::from(tgid) << 32 | u64::from(fd);
+        tracker.observe(&event(IoKind::Accept, key, at, 5, b""), out);
+        tracker.observe(&event(IoKind::Read, key, at + 1, REQUEST.len() as i64, REQUEST), out);
+    }
 
     fn event(kind: IoKind, connection: u64, at: u64, bytes: i64, data: &[u8]) -> IoEvent {
         let mut event = IoEvent {
@@ -270,7 +475,7 @@ mod tests {
     /// separate suffix (it fit in the prefix), still ends at its terminator.
     #[test]
     fn suffix_comes_from_the_prefix_when_left_out() {
-        let mut tracker = Tracker::new(Path::new("/nonexistent"));
+        let mut tracker = tracker();
         let mut out = Vec::new();
         let request = b"GET / HTTP/1.1\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
@@ -287,7 +492,7 @@ mod tests {
     /// completion attributed to the connection's cgroup.
     #[test]
     fn accepted_connection_lifecycle() {
-        let mut tracker = Tracker::new(Path::new("/nonexistent"));
+        let mut tracker = tracker();
         let mut out = Vec::new();
         let request = b"GET / HTTP/1.1\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -310,7 +515,7 @@ mod tests {
     #[test]
     fn http2_streams_from_frame_records() {
         use podgpu_common::{H2Frame, MAX_H2_FRAMES};
-        let mut tracker = Tracker::new(Path::new("/nonexistent"));
+        let mut tracker = tracker();
         let mut out = Vec::new();
         tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
         tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
@@ -344,14 +549,71 @@ mod tests {
     /// Idle connections are collected and their open requests aborted.
     #[test]
     fn idle_connections_are_collected() {
-        let mut tracker = Tracker::new(Path::new("/nonexistent"));
+        let mut tracker = tracker();
         let mut out = Vec::new();
-        let request = b"GET / HTTP/1.1\r\n\r\n";
-        tracker.observe(&event(IoKind::Read, 3, 5, request.len() as i64, request), &mut out);
+        tracker.observe(&event(IoKind::Read, 3, 5, REQUEST.len() as i64, REQUEST), &mut out);
         assert_eq!(tracker.len(), 1, "mid-stream connection joined at its request line");
-        tracker.collect_idle(5 + IDLE_NS + 1, &mut out);
+        tracker.sweep(5 + IDLE_NS + 1, &FakeHost::default(), &mut out);
         assert!(tracker.is_empty());
         assert!(matches!(out.last().unwrap().outcome, Outcome::Aborted { .. }));
         assert_eq!(tracker.stats().idle_evictions, 1);
+        assert!(tracker.open_requests().is_empty());
+    }
+
+    /// The open level follows starts and endings; a missed close followed
+    /// by an accept on the same fd aborts what the old connection held.
+    #[test]
+    fn fd_reuse_ends_the_old_connection() {
+        let mut tracker = tracker();
+        let mut out = Vec::new();
+        open_one(&mut tracker, 9, 4, 10, &mut out);
+        open_one(&mut tracker, 9, 5, 10, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 2);
+        open_one(&mut tracker, 9, 4, 50, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 2, "one aborted, one new");
+        assert_eq!(tracker.stats().fd_reuses, 1);
+        assert_eq!(out.iter().filter(|e| matches!(e.outcome, Outcome::Aborted { .. })).count(), 1);
+    }
+
+    /// A server killed with requests open (no close syscall ever comes) has
+    /// them aborted at the next sweep; so does a pid reused by a new process.
+    #[test]
+    fn exited_processes_end_their_connections() {
+        let mut tracker = tracker();
+        let mut out = Vec::new();
+        let mut host = FakeHost::default();
+        for fd in 4..9 {
+            open_one(&mut tracker, 100, fd, 10, &mut out);
+        }
+        open_one(&mut tracker, 200, 4, 10, &mut out);
+        open_one(&mut tracker, 300, 4, 10, &mut out);
+        tracker.sweep(20, &host, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 7, "all alive");
+        host.dead.insert(100);
+        host.restarted.insert(300);
+        tracker.sweep(30, &host, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 1);
+        assert_eq!(tracker.stats().process_exits, 6);
+        assert_eq!(tracker.len(), 1);
+    }
+
+    /// A quiet connection with an open request whose fd stopped being a
+    /// socket, or which the kernel map dropped, is ended; busy connections
+    /// and connections with nothing open are not checked.
+    #[test]
+    fn lost_fds_and_kernel_evictions_end_quiet_connections() {
+        let mut tracker = tracker();
+        let mut out = Vec::new();
+        let mut host = FakeHost::default();
+        open_one(&mut tracker, 1, 4, 0, &mut out);
+        open_one(&mut tracker, 1, 5, 0, &mut out);
+        open_one(&mut tracker, 1, 6, 0, &mut out);
+        host.not_sockets.insert((1, 4));
+        host.evicted.insert(1 << 32 | 5);
+        tracker.sweep(QUIET_NS / 2, &host, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "not quiet yet");
+        tracker.sweep(QUIET_NS + 10, &host, &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 1);
+        assert_eq!((tracker.stats().fds_gone, tracker.stats().kernel_evictions), (1, 1));
     }
 }

@@ -1,0 +1,271 @@
+//! The one home for reading processes through procfs.
+//!
+//! Every read of another process's `/proc/PID` goes through [`ProcFs`],
+//! which knows two things a bare path does not:
+//! - the proc root (the host's `/proc` under `hostPID`, or a fixture in
+//!   tests), and
+//! - where the agent's own cgroup namespace sits in the host's cgroup tree.
+//!   In a container with its own cgroup namespace (the DaemonSet), the
+//!   kernel shows other processes' cgroups relative to the agent's, e.g.
+//!   `0::/../../kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`;
+//!   [`ProcFs::cgroups`] rebases such paths onto the host tree so the rest
+//!   of the agent only ever sees host paths.
+use std::fs;
+use std::io::{self, Read as _};
+use std::path::{Path, PathBuf};
+
+/// A procfs view: a root and the agent's cgroup namespace root.
+#[derive(Clone, Debug)]
+pub struct ProcFs {
+    root: PathBuf,
+    /// Host path (relative to the cgroup v2 root, starting with `/`) of
+    /// this agent's cgroup namespace root; `/` outside a namespace.
+    cgroup_ns_root: String,
+}
+
+/// One line of `/proc/PID/cgroup`, with its path on the host tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupLine {
+    /// Hierarchy id: 0 is the v2 (unified) hierarchy.
+    pub hierarchy: u32,
+    /// Absolute path in the host's hierarchy.
+    pub path: String,
+}
+
+impl ProcFs {
+    /// procfs at `root`, read from outside any cgroup namespace.
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), cgroup_ns_root: "/".to_string() }
+    }
+
+    /// The same view, rebasing relative cgroup paths onto `ns_root` (a
+    /// host path, relative to the cgroup v2 root).
+    pub fn with_cgroup_ns_root(mut self, ns_root: &str) -> Self {
+        self.cgroup_ns_root = normalize(ns_root);
+        self
+    }
+
+    /// The proc root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The agent's cgroup namespace root on the host tree (`/` when none).
+    pub fn cgroup_ns_root(&self) -> &str {
+        &self.cgroup_ns_root
+    }
+
+    fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.root.join(pid.to_string())
+    }
+
+    /// Whether `pid` exists now.
+    pub fn exists(&self, pid: u32) -> bool {
+        self.pid_dir(pid).join("stat").exists()
+    }
+
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot at exec), read
+    /// with one small read: a process is (pid, start time), since pids are
+    /// reused. This is the cost of every pid-cache hit, and procfs's full
+    /// stat parse is several times slower (`cargo xtask bench-pods`).
+    pub fn start_time(&self, pid: u32) -> Option<u64> {
+        let mut buffer = [0u8; 1024];
+        let mut file = fs::File::open(self.pid_dir(pid).join("stat")).ok()?;
+        let len = file.read(&mut buffer).ok()?;
+        let text = std::str::from_utf8(&buffer[..len]).ok()?;
+        // comm (field 2) may hold spaces and parentheses: fields after it
+        // are counted from the last ')'. Field 3 is the first after it.
+        let after_comm = &text[text.rfind(')')? + 1..];
+        after_comm.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+    }
+
+    /// The cgroups of `pid`, with host paths; `None` when it is gone.
+    pub fn cgroups(&self, pid: u32) -> Option<Vec<CgroupLine>> {
+        let text = fs::read_to_string(self.pid_dir(pid).join("cgroup")).ok()?;
+        Some(parse_cgroup_file(&text, &self.cgroup_ns_root))
+    }
+
+    /// The socket inode behind `fd` of `pid` (`socket:[INODE]`); `None`
+    /// when the fd is gone or is not a socket.
+    pub fn socket_inode(&self, pid: u32, fd: u32) -> Option<u64> {
+        socket_inode_of(&self.pid_dir(pid).join("fd").join(fd.to_string()))
+    }
+
+    /// What `fd` of `pid` points to (`socket:[INODE]`, a path, ...).
+    /// NotFound means the fd (or process) is gone; PermissionDenied that
+    /// this agent may not look (no ptrace access to the process).
+    pub fn fd_target(&self, pid: u32, fd: u32) -> io::Result<PathBuf> {
+        fs::read_link(self.pid_dir(pid).join("fd").join(fd.to_string()))
+    }
+
+    /// Every fd of `pid` that is a socket, with its inode.
+    pub fn socket_fds(&self, pid: u32) -> Vec<(u32, u64)> {
+        let Ok(entries) = fs::read_dir(self.pid_dir(pid).join("fd")) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let fd = entry.file_name().to_str()?.parse().ok()?;
+                Some((fd, socket_inode_of(&entry.path())?))
+            })
+            .collect()
+    }
+
+    /// The texts of `/proc/PID/net/tcp` and `tcp6` (the process's network
+    /// namespace); missing tables are skipped.
+    pub fn tcp_tables(&self, pid: u32) -> Vec<String> {
+        let base = self.pid_dir(pid);
+        ["net/tcp", "net/tcp6"].iter().filter_map(|table| fs::read_to_string(base.join(table)).ok()).collect()
+    }
+}
+
+fn socket_inode_of(fd_path: &Path) -> Option<u64> {
+    let target = fs::read_link(fd_path).ok()?;
+    target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// Parses `/proc/PID/cgroup` ("ID:controllers:path" lines), rebasing
+/// namespace-relative paths onto `ns_root`.
+pub fn parse_cgroup_file(text: &str, ns_root: &str) -> Vec<CgroupLine> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let hierarchy = fields.next()?.parse().ok()?;
+            let _controllers = fields.next()?;
+            let path = fields.next()?;
+            let path = if hierarchy == 0 { normalize(&format!("{ns_root}/{path}")) } else { path.to_string() };
+            Some(CgroupLine { hierarchy, path })
+        })
+        .collect()
+}
+
+/// Resolves `.` and `..` components of an absolute cgroup path (never
+/// above `/`).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The agent's own mount table (`/proc/self/mountinfo`): always this
+/// process's, whatever the proc root.
+pub fn self_mountinfo() -> io::Result<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+}
+
+/// The host name the kernel reports (the node's, under hostNetwork or not:
+/// the UTS name).
+pub fn hostname() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|name| name.trim().to_string())
+}
+
+/// Where this agent's cgroup namespace root sits in the host tree at
+/// `cgroup_root` (the host's v2 hierarchy, e.g. a hostPath mount).
+///
+/// Outside a namespace the agent's own v2 path is absolute and the answer
+/// is `/`. Inside one, `/proc/self/cgroup` reads `0::/` and the host's
+/// init reads `0::/../..`: the root is then the host directory whose
+/// `cgroup.procs` holds this process (at most as deep as init's path has
+/// `..` steps). `None` when that cannot be told.
+pub fn detect_cgroup_ns_root(proc: &ProcFs, cgroup_root: &Path, own_pid: u32) -> Option<String> {
+    let raw_v2_path = |pid: u32| -> Option<String> {
+        let text = fs::read_to_string(proc.root().join(pid.to_string()).join("cgroup")).ok()?;
+        text.lines().find_map(|line| line.strip_prefix("0::").map(str::to_string))
+    };
+    let init = raw_v2_path(1)?;
+    let depth = init.split('/').filter(|component| *component == "..").count();
+    if depth == 0 {
+        return raw_v2_path(own_pid).map(|path| normalize(&path));
+    }
+    find_cgroup_of(cgroup_root, cgroup_root, own_pid, depth)
+}
+
+/// The directory below `root` (at most `depth` levels) whose
+/// `cgroup.procs` lists `pid`, as a path relative to `root`.
+fn find_cgroup_of(root: &Path, dir: &Path, pid: u32, depth: usize) -> Option<String> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    if procs.lines().any(|line| line.trim().parse() == Ok(pid)) {
+        return Some(format!("/{}", dir.strip_prefix(root).ok()?.display()));
+    }
+    if depth == 0 {
+        return None;
+    }
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            if let Some(found) = find_cgroup_of(root, &entry.path(), pid, depth - 1) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// Writes a fake `/proc/PID` (stat and cgroup) for tests and benchmarks.
+pub fn write_fake_process(proc_root: &Path, pid: u32, start_time: u64, cgroup: &str) -> io::Result<()> {
+    let dir = proc_root.join(pid.to_string());
+    fs::create_dir_all(&dir)?;
+    // 52 fields; start time is field 22. comm holds a space and a ')'.
+    let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+    fields[22 - 3] = start_time.to_string();
+    fs::write(dir.join("stat"), format!("{pid} (fake) proc) {}\n", fields.join(" ")))?;
+    fs::write(dir.join("cgroup"), cgroup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inside a cgroup namespace, other processes' v2 paths are relative
+    /// to the agent's cgroup; rebased, they name the host directory, while
+    /// v1 lines and paths outside a namespace are kept as they are.
+    #[test]
+    fn relative_cgroup_paths_are_rebased() {
+        let agent = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-poda.slice/cri-containerd-1.scope";
+        let text = "12:cpu,cpuacct:/kubepods/x\n0::/../../kubepods-burstable-podb.slice/cri-containerd-2.scope\n";
+        let lines = parse_cgroup_file(text, agent);
+        assert_eq!(lines[0], CgroupLine { hierarchy: 12, path: "/kubepods/x".into() });
+        assert_eq!(
+            lines[1].path,
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podb.slice/cri-containerd-2.scope"
+        );
+        assert_eq!(parse_cgroup_file("0::/a/b\n", "/")[0].path, "/a/b");
+        assert_eq!(normalize("/../../x"), "/x");
+    }
+
+    /// The stat start time survives a comm with spaces and parentheses.
+    #[test]
+    fn start_time_after_odd_comm() {
+        let root = tempfile::tempdir().unwrap();
+        write_fake_process(root.path(), 42, 123456, "0::/\n").unwrap();
+        let proc = ProcFs::new(root.path());
+        assert_eq!(proc.start_time(42), Some(123456));
+        assert!(proc.exists(42));
+        assert!(!proc.exists(43));
+        assert_eq!(proc.start_time(43), None);
+    }
+
+    /// A namespaced agent finds its root as the host directory that lists
+    /// its pid; outside a namespace the root is its own absolute path.
+    #[test]
+    fn namespace_root_detection() {
+        let proc_root = tempfile::tempdir().unwrap();
+        let cgroups = tempfile::tempdir().unwrap();
+        let agent_dir = "kubepods.slice/kubepods-podx.slice/cri-containerd-1.scope";
+        fs::create_dir_all(cgroups.path().join(agent_dir)).unwrap();
+        fs::write(cgroups.path().join(agent_dir).join("cgroup.procs"), "7\n").unwrap();
+        write_fake_process(proc_root.path(), 7, 1, "0::/\n").unwrap();
+        write_fake_process(proc_root.path(), 1, 1, "0::/../../../init.scope\n").unwrap();
+        let proc = ProcFs::new(proc_root.path());
+        assert_eq!(detect_cgroup_ns_root(&proc, cgroups.path(), 7).as_deref(), Some(&format!("/{agent_dir}")[..]));
+        write_fake_process(proc_root.path(), 1, 1, "0::/init.scope\n").unwrap();
+        write_fake_process(proc_root.path(), 7, 1, "0::/system.slice/podgpu.service\n").unwrap();
+        assert_eq!(detect_cgroup_ns_root(&proc, cgroups.path(), 7).as_deref(), Some("/system.slice/podgpu.service"));
+    }
+}
