@@ -139,10 +139,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
-    let kernel_connections = requests.as_ref().and_then(|probe| match probe.kernel_connections() {
-        Ok(map) => Some(map),
+    let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
+        Ok(maps) => Some(maps),
         Err(err) => {
-            tracing::warn!(error = %err, "no second handle on the kernel connection map: evicted connections are found only when idle");
+            tracing::warn!(error = %err, "no second handle on the request probe's maps: evicted connections are found only when idle, ring losses only by the sweep's recount");
             None
         }
     });
@@ -197,14 +197,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
     if let Some(ring) = request_ring {
-        let reader = probes::requests::run_reader(
-            ring,
-            proc.clone(),
-            kernel_connections,
-            request_tx,
-            reader_stats,
-            shutdown.clone(),
-        );
+        let reader =
+            probes::requests::run_reader(ring, proc.clone(), kernel_maps, request_tx, reader_stats, shutdown.clone());
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.
@@ -212,7 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
         .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())));
     tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
-    let http = axum::serve(http_listener, serve::http::router(view_rx))
+    let http = axum::serve(http_listener, serve::http::router(view_rx, config.tick))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tasks.spawn(async move { http.await.context("HTTP server") });
 

@@ -64,7 +64,8 @@ impl ProcFs {
         self.pid_dir(pid).join("stat").exists()
     }
 
-    /// Field 22 of `/proc/PID/stat` (clock ticks since boot at exec), read
+    /// Field 22 of `/proc/PID/stat` (clock ticks since boot at exec), or
+    /// `None` when the process is gone or a zombie. Read
     /// with one small read: a process is (pid, start time), since pids are
     /// reused. This is the cost of every pid-cache hit, and procfs's full
     /// stat parse is several times slower (`cargo xtask bench-pods`).
@@ -75,8 +76,13 @@ impl ProcFs {
         let text = std::str::from_utf8(&buffer[..len]).ok()?;
         // comm (field 2) may hold spaces and parentheses: fields after it
         // are counted from the last ')'. Field 3 is the first after it.
-        let after_comm = &text[text.rfind(')')? + 1..];
-        after_comm.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+        let mut fields = text[text.rfind(')')? + 1..].split_ascii_whitespace();
+        // A zombie has released its fds and GPU contexts: it is gone for
+        // every purpose here, though its parent has not reaped it yet.
+        if matches!(fields.next()?, "Z" | "X") {
+            return None;
+        }
+        fields.nth(22 - 4)?.parse().ok()
     }
 
     /// The cgroups of `pid`, with host paths; `None` when it is gone.
@@ -213,6 +219,7 @@ pub fn write_fake_process(proc_root: &Path, pid: u32, start_time: u64, cgroup: &
     fs::create_dir_all(&dir)?;
     // 52 fields; start time is field 22. comm holds a space and a ')'.
     let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+    fields[0] = "S".to_string();
     fields[22 - 3] = start_time.to_string();
     fs::write(dir.join("stat"), format!("{pid} (fake) proc) {}\n", fields.join(" ")))?;
     fs::write(dir.join("cgroup"), cgroup)
@@ -249,6 +256,9 @@ mod tests {
         assert!(proc.exists(42));
         assert!(!proc.exists(43));
         assert_eq!(proc.start_time(43), None);
+        let stat = fs::read_to_string(root.path().join("42/stat")).unwrap();
+        fs::write(root.path().join("42/stat"), stat.replacen(") S ", ") Z ", 1)).unwrap();
+        assert_eq!(proc.start_time(42), None, "a zombie is gone");
     }
 
     /// A namespaced agent finds its root as the host directory that lists

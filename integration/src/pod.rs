@@ -64,6 +64,15 @@ impl CgroupPod {
         Ok(self.child.as_mut().expect("child was just stored"))
     }
 
+    /// Kills the process with SIGKILL (what an OOM kill does: no close
+    /// syscall for its sockets) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Pids currently in the container cgroup.
     pub fn pids(&self) -> Vec<u32> {
         fs::read_to_string(self.container_dir.join("cgroup.procs"))

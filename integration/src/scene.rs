@@ -165,8 +165,9 @@ impl Scene {
         };
         let mut args =
             vec!["--gpu".to_string(), gpu_arg, "--pod-metadata".to_string(), metadata_path.display().to_string()];
-        if node_root.is_some() {
-            args.extend(["--cgroup-root".to_string(), cgroup_root.display().to_string()]);
+        if let (Some(root), Some(name)) = (&node_root, node) {
+            args.extend(["--cgroup-root".to_string(), root.display().to_string()]);
+            args.extend(["--node-name".to_string(), name.to_string()]);
         }
         args.extend_from_slice(extra_args);
         let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;

@@ -1,8 +1,10 @@
 //! The scaler role over three node agents on loopback, each node a nested
 //! cgroup root with its own pods (as root, real probes, simulated GPUs):
 //! KEDA's protocol gets workload answers summed across nodes, percentiles
-//! merged across nodes, last-known-good while a node is down, exclusion
-//! after the grace period, and recovery when it returns.
+//! merged across nodes, last-known-good while a node is down, an error
+//! (never a smaller sum) after the grace period for workloads with pods
+//! there, recovery when it returns, and errors whenever the scaler cannot
+//! see everything (names that do not resolve, windows not polled yet).
 use integration::require_root;
 use std::time::{Duration, Instant};
 
@@ -91,13 +93,17 @@ async fn scaler_merges_nodes_and_survives_a_node_restart() {
     let p90 = value_eventually(&mut keda, &ttft, "ttft", 360.0, Duration::from_secs(10)).await;
     assert!((p90 - 360.0).abs() < 10.0, "merged p90 x pods: {p90}");
 
-    // Node b goes away: last known good first, then excluded.
+    // Node b goes away: last known good first, then an error naming it
+    // for the workload that had a pod there; the other workload is whole.
     node_b.agent.stop(Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let held = keda.poll(&gpu, "gpu").await.unwrap().value;
     assert!((held - 50.0).abs() < 1.5, "within the grace period the last snapshot counts: {held}");
-    let without_b = value_eventually(&mut keda, &gpu, "gpu", 20.0, Duration::from_secs(8)).await;
-    assert!((without_b - 20.0).abs() < 1.5, "after the grace period node b is excluded: {without_b}");
+    let lost = error_eventually(&mut keda, &gpu, "gpu", Duration::from_secs(8)).await;
+    assert_eq!(lost.code(), tonic::Code::Unavailable, "{lost:?}");
+    assert!(lost.message().contains(&format!("podgpu-node-b-{pid}")), "names the lost node: {lost:?}");
+    let other_value = keda.poll(&other, "gpu").await.expect("a workload without pods on node b still answers").value;
+    assert!((other_value - 50.0).abs() < 1.5, "{other_value}");
     let health: serde_json::Value = serde_json::from_slice(&get(scaler.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!((health["nodes_total"].as_u64(), health["nodes_covered"].as_u64()), (Some(3), Some(2)), "{health}");
 
@@ -105,6 +111,40 @@ async fn scaler_merges_nodes_and_survives_a_node_restart() {
     node_b.restart_agent().expect("node b restarts");
     let back = value_eventually(&mut keda, &gpu, "gpu", 50.0, Duration::from_secs(10)).await;
     assert!((back - 50.0).abs() < 1.5, "node b counted again: {back}");
+}
+
+async fn error_eventually(
+    keda: &mut KedaClient,
+    trigger: &podgpu_proto::externalscaler::ScaledObjectRef,
+    metric: &str,
+    within: Duration,
+) -> tonic::Status {
+    let deadline = Instant::now() + within;
+    loop {
+        match keda.poll(trigger, metric).await {
+            Err(status) => return status,
+            Ok(poll) if Instant::now() > deadline => panic!("still answering {poll:?}"),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A node list that does not resolve, and a window no snapshot carries
+/// yet, are errors (KEDA's fallback applies), never a 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_scaler_answers_errors_when_it_cannot_see() {
+    require_root();
+    let pid = std::process::id();
+    let ns = format!("blind-{pid}");
+    let args = ["--nodes", "no-such-node.invalid:6000", "--poll-ms", "200"].map(String::from);
+    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args).expect("scaler");
+    let mut keda = KedaClient::connect(scaler.keda).await.unwrap();
+    let trigger = scaled_object(&ns, "llm", &[("metric", "requests_in_flight"), ("target", "10")]);
+    let status = error_eventually(&mut keda, &trigger, "inflight", Duration::from_secs(5)).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("no-such-node.invalid"), "{status:?}");
+    let active = keda.poll(&trigger, "inflight").await;
+    assert!(active.is_err(), "IsActive must not say false either: {active:?}");
 }
 
 /// The node API's Watch streams a snapshot per published tick, each newer

@@ -45,10 +45,11 @@ pub struct DeviceSample {
     pub uuid: String,
     /// Product name.
     pub name: String,
-    /// Device SM utilization, percent (trustworthy on every sharing mode).
-    pub util_percent: f64,
-    /// Device memory-bandwidth utilization, percent.
-    pub mem_bw_util_percent: f64,
+    /// Device SM utilization, percent (trustworthy where NVML gives it;
+    /// `None` on a MIG-enabled GPU, where NVML answers NotSupported).
+    pub util_percent: Option<f64>,
+    /// Device memory-bandwidth utilization, percent (`None` as above).
+    pub mem_bw_util_percent: Option<f64>,
     /// Framebuffer in use, bytes.
     pub memory_used_bytes: u64,
     /// Framebuffer size, bytes.

@@ -98,14 +98,16 @@ impl NvmlBackend {
         let device = self.nvml.device_by_index(index).map_err(|err| poll_error(&label, err))?;
         let uuid = device.uuid().map_err(|err| poll_error(&label, err))?;
         let fail = |err| poll_error(&uuid, err);
-        let util = device.utilization_rates().map_err(fail)?;
+        // NotSupported on a MIG-enabled GPU: the poll goes on without it
+        // (memory and per-instance processes still come).
+        let util = optional(device.utilization_rates()).map_err(fail)?;
         let memory = device.memory_info().map_err(fail)?;
         let mig_on = optional(device.mig_mode()).map_err(fail)?.is_some_and(|mode| mode.current == 1);
         let mut sample = DeviceSample {
             uuid: uuid.clone(),
             name: device.name().unwrap_or_default(),
-            util_percent: f64::from(util.gpu),
-            mem_bw_util_percent: f64::from(util.memory),
+            util_percent: util.as_ref().map(|u| f64::from(u.gpu)),
+            mem_bw_util_percent: util.as_ref().map(|u| f64::from(u.memory)),
             memory_used_bytes: memory.used,
             memory_total_bytes: memory.total,
             power_watts: optional(device.power_usage()).map_err(fail)?.map(|mw| f64::from(mw) / 1000.0),

@@ -1,9 +1,12 @@
-//! The node agent's HTTP endpoints: `/healthz` (what works and what is
-//! degraded), `/pods` (the per-pod view as JSON, used by the demo's live
-//! view) and `/metrics` (Prometheus text format).
+//! The node agent's HTTP endpoints: `/healthz` (liveness: what works and
+//! what is degraded; 503 when the collector has stopped publishing),
+//! `/readyz` (readiness: a fresh view is being served), `/pods` (the
+//! per-pod view as JSON, used by the demo's live view) and `/metrics`
+//! (Prometheus text format).
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::status::SourceStatus;
 use axum::extract::{Query, State};
@@ -21,12 +24,53 @@ use crate::signals::view::{Health, NodeView};
 type ViewRx = watch::Receiver<Arc<NodeView>>;
 
 /// The HTTP router over the published view.
-pub fn router(view: ViewRx) -> Router {
+pub fn router(view: ViewRx, tick: Duration) -> Router {
+    let freshness = Freshness {
+        ready_within: (tick * 3).max(Duration::from_secs(1)),
+        live_within: (tick * 10).max(Duration::from_secs(5)),
+    };
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/pods", get(pods))
         .route("/metrics", get(metrics))
-        .with_state(view)
+        .with_state(AppState { view, freshness })
+}
+
+/// How old the published view may be: a collector that stopped ticking
+/// (a deadlock, a stuck source call on its task) must fail its probes
+/// rather than serve its last view as if current.
+#[derive(Clone, Copy, Debug)]
+struct Freshness {
+    /// `/readyz` answers 503 beyond this (3 ticks, at least 1 s).
+    ready_within: Duration,
+    /// `/healthz` answers 503 beyond this (10 ticks, at least 5 s).
+    live_within: Duration,
+}
+
+#[derive(Clone)]
+struct AppState {
+    view: ViewRx,
+    freshness: Freshness,
+}
+
+/// Age of the published view (`None`: nothing published yet).
+fn view_age(view: &NodeView) -> Option<Duration> {
+    view.built.map(|built| built.elapsed())
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let view = state.view.borrow().clone();
+    match view_age(&view) {
+        Some(age) if age <= state.freshness.ready_within => {
+            Json(serde_json::json!({"status": "ready", "view_age_s": age.as_secs_f64()})).into_response()
+        }
+        age => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "view_age_s": age.map(|a| a.as_secs_f64())})),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Serialize)]
@@ -38,8 +82,18 @@ struct HealthBody<'a> {
 
 /// Always 200 while the agent serves (a missing GPU must not restart the
 /// pod); the body says which sources are degraded and why.
-async fn healthz(State(view): State<ViewRx>) -> Response {
-    let view = view.borrow().clone();
+async fn healthz(State(state): State<AppState>) -> Response {
+    let view = state.view.borrow().clone();
+    let age = view_age(&view);
+    if age.is_none_or(|age| age > state.freshness.live_within) {
+        let body = serde_json::json!({
+            "status": "stalled",
+            "reason": "the collector has not published a view within the liveness limit",
+            "view_age_s": age.map(|a| a.as_secs_f64()),
+            "limit_s": state.freshness.live_within.as_secs_f64(),
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let health = &view.health;
     // Metadata sources are optional: only a wanted-but-failing one degrades.
     let metadata_failing =
@@ -75,7 +129,7 @@ struct PodsBody<'a> {
 }
 
 /// `/pods?window=SECONDS`: every pod and every metric over the window.
-async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query<HashMap<String, String>>) -> Response {
     let window_s = match query.get("window").map(|w| w.parse::<f64>()) {
         None => DEFAULT_WINDOW.as_secs_f64(),
         Some(Ok(w)) if w > 0.0 && w <= MAX_WINDOW.as_secs_f64() => w,
@@ -112,7 +166,7 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
 
 /// Prometheus exposition of per-pod signals (default window) and the
 /// agent's self-metrics.
-async fn metrics(State(view): State<ViewRx>) -> Response {
+async fn metrics(State(AppState { view, .. }): State<AppState>) -> Response {
     let view = view.borrow().clone();
     let started = std::time::Instant::now();
     let mut body = render_metrics(&view);
@@ -231,14 +285,14 @@ pub fn render_metrics(view: &NodeView) -> String {
             "podgpu_gpu_utilization_percent",
             "gauge",
             "Device SM utilization (NVML).",
-            per_device(&|d| Some(d.util_percent)),
+            per_device(&|d| d.util_percent),
         );
         family(
             &mut out,
             "podgpu_gpu_memory_bandwidth_percent",
             "gauge",
             "Device memory-bandwidth utilization (NVML).",
-            per_device(&|d| Some(d.mem_bw_util_percent)),
+            per_device(&|d| d.mem_bw_util_percent),
         );
         family(
             &mut out,
@@ -443,5 +497,27 @@ mod tests {
         assert!(!text.contains("podgpu_pod_gpu_sm_util{"), "{text}");
         assert!(text.contains("podgpu_agent_source_up{source=\"gpu\"} 0"));
         assert!(text.contains("podgpu_agent_tracked_pods 1"));
+    }
+
+    /// Liveness and readiness judge the age of the published view: fresh
+    /// passes both, a few ticks old fails readiness only, a stalled
+    /// collector fails both, and nothing published yet is not alive.
+    #[tokio::test]
+    async fn probes_fail_when_the_view_is_stale() {
+        let status = |age: Option<Duration>| async move {
+            let mut view = NodeView::empty();
+            view.built = age.map(|age| std::time::Instant::now() - age);
+            let (_tx, rx) = watch::channel(Arc::new(view));
+            let state = AppState {
+                view: rx,
+                freshness: Freshness { ready_within: Duration::from_secs(1), live_within: Duration::from_secs(5) },
+            };
+            (healthz(State(state.clone())).await.status(), readyz(State(state)).await.status())
+        };
+        assert_eq!(status(Some(Duration::ZERO)).await, (StatusCode::OK, StatusCode::OK));
+        assert_eq!(status(Some(Duration::from_secs(2))).await, (StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE));
+        let stalled = (StatusCode::SERVICE_UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(Some(Duration::from_secs(6))).await, stalled);
+        assert_eq!(status(None).await, stalled);
     }
 }

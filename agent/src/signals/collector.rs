@@ -404,6 +404,7 @@ impl Collector {
         let (kube_api_health, kubelet_health) = self.directory.health();
         NodeView {
             at_s: self.last_tick_s,
+            built: Some(Instant::now()),
             pods,
             devices: self.gpu_devices.clone(),
             health: Health {
@@ -522,5 +523,41 @@ mod tests {
             other => panic!("expected stale, got {other:?}"),
         }
         assert!(view.health.gpu_sample_age_s.unwrap() >= 0.25);
+    }
+
+    /// In flight is the tracker's open-request level, not started minus
+    /// ended: starts whose endings were lost (a full channel, a container
+    /// restart) leave no residue once the tracker's level says 0.
+    #[test]
+    fn in_flight_is_the_trackers_level() {
+        use crate::probes::requests::http1::Outcome;
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let uid = "7d1c2a4e-0000-4000-8000-00000000000d";
+        let pod_dir = root.path().join(format!("kubepods/pod{uid}"));
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        let cgroup_id = std::fs::metadata(&pod_dir).unwrap().ino();
+        let mut collector = collector(root.path());
+        collector.tick();
+        for at_ns in 0..5 {
+            let outcome = Outcome::Started { at_ns };
+            collector.apply_probe(ProbeUpdate::Request(RequestEvent { cgroup_id, port: 8000, outcome }));
+        }
+        let level = |collector: &Collector, open: u64| {
+            let mut levels = collector.probes.reader.open_requests.lock().unwrap();
+            levels.clear();
+            if open > 0 {
+                levels.insert((cgroup_id, 8000), open);
+            }
+        };
+        level(&collector, 2);
+        collector.tick();
+        let view = collector.view();
+        assert_eq!(view.pods[0].requests.started, 5);
+        assert_eq!(view.pods[0].requests_in_flight, 2);
+        assert_eq!(view.pods[0].ports[0].requests_in_flight, 2);
+        level(&collector, 0);
+        collector.tick();
+        assert_eq!(collector.view().pods[0].requests_in_flight, 0, "no residue of the 3 lost endings");
     }
 }

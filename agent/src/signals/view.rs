@@ -189,6 +189,9 @@ impl PodView {
 pub struct NodeView {
     /// Seconds since the collector started, at publication.
     pub at_s: f64,
+    /// When the collector built this view (`None`: the empty view before
+    /// the first tick). Liveness and readiness judge its age.
+    pub built: Option<std::time::Instant>,
     /// Pods with a cgroup on this node.
     pub pods: Vec<PodView>,
     /// GPUs at the latest successful poll.
@@ -202,6 +205,7 @@ impl NodeView {
     pub fn empty() -> Self {
         Self {
             at_s: 0.0,
+            built: None,
             pods: Vec::new(),
             devices: Vec::new(),
             health: Health {

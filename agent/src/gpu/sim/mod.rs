@@ -104,9 +104,12 @@ impl SimBackend {
             let process = &self.scenario.processes[*index];
             let gpu = &self.scenario.gpus[process.gpu];
             let device = &mut devices[process.gpu];
-            device.util_percent = (device.util_percent + schedule_at(&process.sm_util, now_s)).min(100.0);
-            device.mem_bw_util_percent =
-                (device.mem_bw_util_percent + schedule_at(&process.mem_bw_util, now_s)).min(100.0);
+            // As NVML: no device utilization on a MIG-enabled GPU.
+            if gpu.sharing != Sharing::Mig {
+                let add = |total: Option<f64>, percent: f64| Some((total.unwrap_or(0.0) + percent).min(100.0));
+                device.util_percent = add(device.util_percent, schedule_at(&process.sm_util, now_s));
+                device.mem_bw_util_percent = add(device.mem_bw_util_percent, schedule_at(&process.mem_bw_util, now_s));
+            }
             let memory = process.memory_bytes * pids.len() as u64;
             device.memory_used_bytes += memory;
 
@@ -187,8 +190,11 @@ impl SimBackend {
 }
 
 fn device_template(gpu: &SimGpu) -> DeviceSample {
+    let idle = (gpu.sharing != Sharing::Mig).then_some(0.0);
     DeviceSample {
         uuid: gpu.uuid.clone(),
+        util_percent: idle,
+        mem_bw_util_percent: idle,
         name: gpu.name.clone(),
         memory_total_bytes: gpu.memory_total_bytes,
         power_watts: Some(70.0),
@@ -273,7 +279,7 @@ mod tests {
         assert_eq!(pids, vec![11, 12, 99]);
         assert_eq!(by_pid(&poll, 11).util.unwrap().sm_percent, 20.0);
         assert_eq!(by_pid(&poll, 11).util.unwrap().samples, 6);
-        assert_eq!(poll.devices[0].util_percent, 50.0);
+        assert_eq!(poll.devices[0].util_percent, Some(50.0));
         assert_eq!(poll.devices[0].memory_used_bytes, 10);
     }
 
@@ -304,7 +310,7 @@ mod tests {
         assert_eq!(by_pid(&poll, 1).util, None);
         assert_eq!(by_pid(&poll, 2).util, None);
         assert_eq!(by_pid(&poll, 3).util.unwrap().sm_percent, 50.0);
-        assert_eq!(poll.devices[0].util_percent, 75.0);
+        assert_eq!(poll.devices[0].util_percent, Some(75.0));
     }
 
     /// MIG: memory per instance, no per-process SM %; MPS: everything is
@@ -320,7 +326,8 @@ mod tests {
         let mig = by_pid(&poll, 1);
         assert_eq!((mig.gpu_uuid.as_str(), mig.util, mig.sharing), ("MIG-b", None, Sharing::Mig));
         assert_eq!(poll.devices[0].mig_devices[1].memory_used_bytes, 7);
-        assert_eq!(poll.devices[0].util_percent, 60.0);
+        assert_eq!(poll.devices[0].util_percent, None, "NVML has no device utilization under MIG");
+        assert_eq!(poll.devices[1].util_percent, Some(50.0));
         for client in [2, 3] {
             assert_eq!((by_pid(&poll, client).util, by_pid(&poll, client).memory_used_bytes), (None, 0));
         }

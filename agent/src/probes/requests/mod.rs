@@ -127,19 +127,29 @@ impl RequestProbe {
         seeded.set(word, marked | 1 << (byte * 8), 0).map_err(|source| ProbeError::Map { name: SEEDED_TGIDS, source })
     }
 
-    /// A second handle on the kernel's connection map, for the reader to
-    /// tell connections the kernel evicted from ones that are just quiet.
-    pub fn kernel_connections(&self) -> Result<KernelConnections, ProbeError> {
-        let map_error = |source| ProbeError::Map { name: CONNECTIONS, source };
-        let Some(aya::maps::Map::LruHashMap(data)) = self.ebpf.map(CONNECTIONS) else {
-            return Err(ProbeError::MissingMap(CONNECTIONS));
+    /// Second handles on the kernel's connection map and counters, for
+    /// the reader: to tell connections the kernel evicted from quiet ones,
+    /// and to learn that the ring lost events.
+    pub fn kernel_maps(&self) -> Result<KernelMaps, ProbeError> {
+        Ok(KernelMaps {
+            connections: HashMap::try_from(self.second_handle(CONNECTIONS)?)
+                .map_err(|source| ProbeError::Map { name: CONNECTIONS, source })?,
+            stats: PerCpuArray::try_from(self.second_handle(STATS)?)
+                .map_err(|source| ProbeError::Map { name: STATS, source })?,
+        })
+    }
+
+    /// Another handle on map `name` (a duplicated fd).
+    fn second_handle(&self, name: &'static str) -> Result<aya::maps::Map, ProbeError> {
+        let map_error = |source| ProbeError::Map { name, source };
+        let data = match self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))? {
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::PerCpuArray(data) => data,
+            _ => return Err(ProbeError::MissingMap(name)),
         };
         let fd = std::os::fd::AsFd::as_fd(data.fd()).try_clone_to_owned().map_err(|io_error| {
             map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
         })?;
-        let data = MapData::from_fd(fd).map_err(map_error)?;
-        let map = aya::maps::Map::from_map_data(data).map_err(map_error)?;
-        Ok(KernelConnections { map: HashMap::try_from(map).map_err(map_error)? })
+        aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(map_error)?).map_err(map_error)
     }
 
     /// The ring buffer, handed to the reader task (once).
@@ -173,16 +183,24 @@ impl RequestProbe {
     }
 }
 
-/// The kernel's connection map, read by the reader's sweeps.
-pub struct KernelConnections {
-    map: HashMap<MapData, u64, ConnState>,
+/// The kernel's connection map and counters, read by the reader's sweeps.
+pub struct KernelMaps {
+    connections: HashMap<MapData, u64, ConnState>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl KernelMaps {
+    /// Events the kernel dropped on a full ring, since load.
+    fn ring_drops(&self) -> u64 {
+        self.stats.get(&(RequestStat::RingFull as u32), 0).map_or(0, |values| values.iter().sum())
+    }
 }
 
 /// The host as the tracker's sweeps see it: processes and fds through
 /// procfs, connections through the kernel map.
 struct HostLiveness<'a> {
     proc: &'a ProcFs,
-    kernel: Option<&'a KernelConnections>,
+    kernel: Option<&'a KernelMaps>,
 }
 
 impl tracker::Liveness for HostLiveness<'_> {
@@ -201,7 +219,7 @@ impl tracker::Liveness for HostLiveness<'_> {
 
     fn kernel_tracks(&self, connection: u64) -> bool {
         let Some(kernel) = self.kernel else { return true };
-        !matches!(kernel.map.get(&connection, 0), Err(aya::maps::MapError::KeyNotFound))
+        !matches!(kernel.connections.get(&connection, 0), Err(aya::maps::MapError::KeyNotFound))
     }
 }
 
@@ -295,7 +313,7 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run_reader(
     ring: RingBuf<MapData>,
     proc: ProcFs,
-    kernel: Option<KernelConnections>,
+    kernel: Option<KernelMaps>,
     updates: mpsc::Sender<Vec<ProbeUpdate>>,
     stats: Arc<ReaderStats>,
     shutdown: CancellationToken,
@@ -309,6 +327,7 @@ pub async fn run_reader(
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut ring_drops_seen = kernel.as_ref().map_or(0, KernelMaps::ring_drops);
     // The kernel wakes us only for batches (512 KiB); the timer bounds how
     // stale a quiet connection's events can get.
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
@@ -317,6 +336,12 @@ pub async fn run_reader(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = sweep.tick() => {
+                let ring_drops = kernel.as_ref().map_or(0, KernelMaps::ring_drops);
+                if ring_drops > ring_drops_seen {
+                    tracing::debug!(lost = ring_drops - ring_drops_seen, "request ring lost events; open requests resynchronise");
+                    tracker.events_lost();
+                    ring_drops_seen = ring_drops;
+                }
                 tracker.sweep(monotonic_ns(), &host, &mut outcomes);
                 *stats.tracker.lock().expect("tracker stats poisoned") = tracker.stats();
                 *stats.open_requests.lock().expect("open requests poisoned") = tracker.open_requests().clone();

@@ -18,6 +18,13 @@
 //!
 //! Every sweep also recounts the open requests from the parsers themselves,
 //! so the published level can never drift from what the parsers hold.
+//!
+//! Events lost inside the kernel (a full ring buffer) may have carried a
+//! response's end. Then every HTTP/1.1 connection with open requests is
+//! marked suspect (`events_lost`), and a suspect connection resynchronises
+//! at its next request line: requests still open then are aborted instead
+//! of being taken as pipelined. (HTTP/2 streams are not resynchronised this
+//! way; a lost END_STREAM is ended with its connection.)
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -66,6 +73,8 @@ struct Connection {
     port: u16,
     protocol: Option<Protocol>,
     last_seen_ns: u64,
+    /// Events may have been lost while requests were open.
+    suspect: bool,
 }
 
 impl Connection {
@@ -112,6 +121,8 @@ pub struct TrackerStats {
     pub fds_gone: u64,
     /// Connections ended because the kernel map dropped them.
     pub kernel_evictions: u64,
+    /// Suspect HTTP/1.1 connections resynchronised at a request line.
+    pub resyncs: u64,
     /// Sweeps whose recount of open requests differed from the running
     /// level (should stay 0; a non-zero value means an ending was lost
     /// between parser and level and has now been healed).
@@ -222,7 +233,7 @@ impl Tracker {
             let port = self.ports.listener_port(tgid, event.bytes as u32, Instant::now()).unwrap_or(0);
             self.connections.insert(
                 event.connection,
-                Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at },
+                Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at, suspect: false },
             );
             return port;
         }
@@ -269,6 +280,7 @@ impl Tracker {
                     port,
                     protocol: None,
                     last_seen_ns: at,
+                    suspect: false,
                 })
             }
         };
@@ -288,6 +300,19 @@ impl Tracker {
             }
         }
         self.outcomes.clear();
+        if connection.suspect {
+            match (connection.protocol.as_mut(), io) {
+                (Some(Protocol::Http1(http)), Io::Read { prefix, .. })
+                    if looks_like_request(prefix) && http.in_flight() > 0 =>
+                {
+                    // What is still open was answered in events we lost.
+                    http.observe(at, Io::Eof, &mut self.outcomes);
+                    self.stats.resyncs += 1;
+                    connection.suspect = false;
+                }
+                _ => connection.suspect = connection.open_requests() > 0,
+            }
+        }
         match connection.protocol.as_mut() {
             Some(Protocol::Http1(http)) => http.observe(at, io, &mut self.outcomes),
             // HTTP/2 data arrives as frame records; here only endings matter.
@@ -307,7 +332,7 @@ impl Tracker {
             // Joined mid-stream: the kernel resynchronised on frame headers.
             let (tgid, fd) = split_key(event.connection);
             let port = ports.socket_port(tgid, fd).unwrap_or(0);
-            Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at }
+            Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at, suspect: false }
         });
         connection.last_seen_ns = at;
         if !matches!(connection.protocol, Some(Protocol::Http2(_))) {
@@ -325,6 +350,14 @@ impl Tracker {
         }
         let (cgroup_id, port) = (connection.cgroup_id, connection.port);
         deliver(&mut self.open, &mut self.outcomes, cgroup_id, port, out);
+    }
+
+    /// The kernel lost events (its ring was full): connections with open
+    /// requests may have missed their endings.
+    pub fn events_lost(&mut self) {
+        for connection in self.connections.values_mut() {
+            connection.suspect = connection.open_requests() > 0;
+        }
     }
 
     /// Stops tracking `key`: a seen close completes a response delimited by
@@ -615,5 +648,28 @@ mod tests {
         tracker.sweep(QUIET_NS + 10, &host, &mut out);
         assert_eq!(tracker.open_requests()[&(7, 0)], 1);
         assert_eq!((tracker.stats().fds_gone, tracker.stats().kernel_evictions), (1, 1));
+    }
+
+    /// After the kernel lost events, a keep-alive connection whose
+    /// response end was lost resynchronises at its next request line; a
+    /// pipelined request on a healthy connection is still pipelined.
+    #[test]
+    fn lost_events_resynchronise_at_the_next_request() {
+        let mut tracker = tracker();
+        let mut out = Vec::new();
+        open_one(&mut tracker, 1, 4, 0, &mut out);
+        open_one(&mut tracker, 1, 5, 0, &mut out);
+        let (lossy, healthy) = (1u64 << 32 | 4, 1u64 << 32 | 5);
+        tracker.events_lost();
+        // The healthy connection's response arrives after the loss.
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        tracker.observe(&event(IoKind::Write, healthy, 5, response.len() as i64, response), &mut out);
+        tracker.observe(&event(IoKind::Read, healthy, 6, REQUEST.len() as i64, REQUEST), &mut out);
+        tracker.observe(&event(IoKind::Read, healthy, 7, REQUEST.len() as i64, REQUEST), &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "lossy 1 + healthy pipelined 2");
+        tracker.observe(&event(IoKind::Read, lossy, 8, REQUEST.len() as i64, REQUEST), &mut out);
+        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "lossy: old one aborted, new one open");
+        assert_eq!(tracker.stats().resyncs, 1);
+        assert!(matches!(out.iter().rev().nth(1).map(|e| e.outcome), Some(Outcome::Aborted { started_ns: 1, .. })));
     }
 }

@@ -530,3 +530,6 @@ fn publish(
     view.lost_nodes.sort_by(|a, b| a.name.cmp(&b.name));
     view
 }
+
+#[cfg(test)]
+mod tests;

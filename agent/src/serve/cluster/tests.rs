@@ -1,0 +1,145 @@
+//! The scaler's node bookkeeping against in-process node agents: nodes are
+//! known by name across address changes, silent nodes are held for the
+//! grace period and then hold answers back, and what cannot be seen makes
+//! the answer an error.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use podgpu_proto::node::node_signals_server::{NodeSignals, NodeSignalsServer};
+use podgpu_proto::node::{NodeSnapshot, PodSignals, SnapshotRequest, WatchRequest, WindowValues};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::*;
+
+struct FakeNode {
+    name: String,
+}
+
+#[tonic::async_trait]
+impl NodeSignals for FakeNode {
+    async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
+        let windows = request.into_inner().windows_s;
+        let pod = PodSignals {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: format!("llm-on-{}", self.name),
+            labels: [("app".to_string(), "llm".to_string())].into(),
+            windows: windows
+                .iter()
+                .map(|&window_s| WindowValues {
+                    window_s,
+                    values: [("requests_in_flight".to_string(), 3.0)].into(),
+                    ..WindowValues::default()
+                })
+                .collect(),
+            ..PodSignals::default()
+        };
+        Ok(Response::new(NodeSnapshot { node: self.name.clone(), pods: vec![pod], ..NodeSnapshot::default() }))
+    }
+
+    type WatchStream = tokio_stream::Empty<Result<NodeSnapshot, Status>>;
+
+    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("snapshot only"))
+    }
+}
+
+async fn start_node(name: &str, stop: CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tonic::transport::Server::builder()
+        .add_service(NodeSignalsServer::new(FakeNode { name: name.to_string() }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop.cancelled_owned());
+    tokio::spawn(server);
+    addr
+}
+
+/// The bookkeeping of one scaler, stepped by hand.
+#[derive(Default)]
+struct Scaler {
+    addresses: HashMap<SocketAddr, AddressState>,
+    nodes: HashMap<String, NodeState>,
+}
+
+impl Scaler {
+    async fn poll(&mut self, resolved: &[SocketAddr], grace: Duration) -> ClusterView {
+        self.addresses.retain(|addr, _| resolved.contains(addr));
+        for addr in resolved {
+            self.addresses.entry(*addr).or_insert(AddressState { client: None, node: None, last_error: None });
+        }
+        poll_all(&mut self.addresses, &mut self.nodes, &[10.0], Duration::from_millis(300), None).await;
+        publish(&self.addresses, &self.nodes, &[10.0], grace, Vec::new())
+    }
+}
+
+fn llm() -> LabelSelector {
+    LabelSelector::parse("app=llm").unwrap()
+}
+
+/// A node agent replaced on a new address keeps its node: the old
+/// snapshot holds through the gap and the new answers replace it, with no
+/// moment where the node's pods go missing.
+#[tokio::test]
+async fn a_node_on_a_new_address_is_the_same_node() {
+    let (old_stop, new_stop) = (CancellationToken::new(), CancellationToken::new());
+    let old = start_node("gpu-1", old_stop.clone()).await;
+    let mut scaler = Scaler::default();
+    let view = scaler.poll(&[old], Duration::from_secs(30)).await;
+    assert_eq!(view.nodes.len(), 1);
+    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &llm()), None);
+
+    // The old pod is gone and DNS no longer lists it; the new one is not up.
+    old_stop.cancel();
+    let view = scaler.poll(&[], Duration::from_secs(30)).await;
+    assert_eq!(view.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["gpu-1"], "held in grace");
+    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &llm()), None);
+
+    let new = start_node("gpu-1", new_stop.clone()).await;
+    let view = scaler.poll(&[new], Duration::from_secs(30)).await;
+    assert_eq!(view.nodes.len(), 1);
+    assert_eq!(view.nodes[0].addr, new);
+    assert!(view.nodes[0].age_s < 1.0);
+    new_stop.cancel();
+}
+
+/// Past the grace period a silent node holds back the answers of queries
+/// that selected its pods (and only those); an address that never answered
+/// holds back every answer.
+#[tokio::test]
+async fn lost_and_silent_nodes_are_errors() {
+    let stop = CancellationToken::new();
+    let addr = start_node("gpu-2", stop.clone()).await;
+    let mut scaler = Scaler::default();
+    scaler.poll(&[addr], Duration::ZERO).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let view = scaler.poll(&[addr], Duration::ZERO).await;
+    assert!(view.nodes.is_empty());
+    assert_eq!(view.lost_nodes.len(), 1);
+    let error = view.coverage_error(Metric::RequestsInFlight, "ns", &llm()).expect("lost node's pods selected");
+    assert!(error.contains("gpu-2"), "{error}");
+    let other = LabelSelector::parse("app=other").unwrap();
+    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &other), None);
+    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "elsewhere", &llm()), None);
+
+    let mut fresh = Scaler::default();
+    let view = fresh.poll(&[addr], Duration::from_secs(30)).await;
+    let error = view.coverage_error(Metric::RequestsInFlight, "elsewhere", &other).expect("never answered");
+    assert!(error.contains(&addr.to_string()), "{error}");
+    assert!(ClusterView::default().coverage_error(Metric::RequestsInFlight, "ns", &llm()).is_some(), "not polled");
+}
+
+/// A window asked for recently stays polled; the default is always there.
+#[test]
+fn recently_asked_windows_are_polled() {
+    let requested = WindowRequests::default();
+    for window in 1..=70 {
+        requested.lock().unwrap().insert(f64::to_bits(window as f64), (window as f64, Instant::now()));
+    }
+    let windows = polled_windows(10.0, &requested);
+    assert_eq!(windows[0], 10.0);
+    assert!(windows.len() <= MAX_POLLED_WINDOWS + 1, "{}", windows.len());
+    assert!(windows.contains(&70.0), "the most recent is kept");
+}
