@@ -11,11 +11,16 @@ On the GPU machine (no Rust there: build here, carry the binary):
     && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
   run: python3 integration/gpu/validate_nvml.py --agent .gpu-carry/podgpu-agent \
          --worker .gpu-carry/duty_worker.py          (carry: [".gpu-carry"])
+--agent-cgroupns runs the agent as the DaemonSet does on cgroup v2: in its
+own kubelet-shaped cgroup and its own cgroup namespace, where other
+processes' cgroups read relative (0::/../../kubepods-...); memory per pod
+matching NVML per pid then proves pod identity works from inside.
 Without a GPU, --fake-workers replaces the CUDA workers by idle processes and
 the agent's simulator by a scenario with the same duties, which checks the
 plumbing (cgroups, agent, /pods, truth arithmetic, table) but not NVML.
 """
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -65,6 +70,20 @@ class Pod:
                 pass
 
 
+CLONE_NEWCGROUP = 0x02000000
+
+
+def enter_agent_pod(cgroup_dir):
+    """preexec_fn: move into the agent's own pod cgroup, then unshare the
+    cgroup namespace (as runc does for a container)."""
+    def enter():
+        with open(os.path.join(cgroup_dir, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWCGROUP) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWCGROUP)")
+    return enter
+
+
 def get_json(http, path):
     with urllib.request.urlopen(f"http://{http}{path}", timeout=5) as r:
         return json.load(r)
@@ -94,11 +113,13 @@ def main():
     ap.add_argument("--n", type=int, default=4096, help="matmul size (>= 4096 keeps truth honest)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--fake-workers", action="store_true")
+    ap.add_argument("--agent-cgroupns", action="store_true", help="agent in its own pod cgroup and cgroup namespace")
     args = ap.parse_args()
     duties = [float(d) for d in args.duties.split(",")]
     root = v2_root()
     work = tempfile.mkdtemp(prefix="podgpu-gpuval-")
     pods = [Pod(root, i) for i in range(len(duties))]
+    agent_pod = Pod(root, 0xa9e47) if args.agent_cgroupns else None
     agent = None
     try:
         kernel_s = None
@@ -129,8 +150,16 @@ def main():
         agent = subprocess.Popen(
             [args.agent, "standalone", "--gpu", gpu, "--pod-metadata", os.path.join(work, "pods.yaml"),
              "--keda-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500"],
-            stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
+            stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="info" if agent_pod else "warn"),
+            preexec_fn=enter_agent_pod(agent_pod.dir) if agent_pod else None)
         ready = json.loads(agent.stdout.readline())
+        if agent_pod:
+            with open(f"/proc/{agent.pid}/cgroup") as f:
+                print(f"agent cgroup (as it sees itself): {f.read().strip()}")
+            sample = pods[0].proc.pid
+            print(f"pod 0's cgroup as the agent reads it: "
+                  + subprocess.run(["nsenter", "-t", str(agent.pid), "-C", "cat", f"/proc/{sample}/cgroup"],
+                                   capture_output=True, text=True).stdout.strip())
         http = ready["http"]
         start = time.time()
         # Skip CUDA init, then average the agent's 10 s windows over the run.
@@ -150,7 +179,11 @@ def main():
         for pod in pods:
             if not args.fake_workers:
                 pod.proc.wait(timeout=args.seconds + 60)
-        print(f"\nGPU: {'fake (simulator)' if args.fake_workers else (nvml[2] + ', driver ' + nvml[1]) if nvml else 'unknown'}")
+        devices = get_json(http, "/pods?window=10").get("devices", [])
+        print(f"\nGPU: {'fake (simulator)' if args.fake_workers else (nvml[2] + ', driver ' + nvml[1]) if nvml else 'unknown'}"
+              f"; agent in its own cgroup namespace: {bool(agent_pod)}")
+        for d in devices:
+            print(f"device {d.get('uuid')}: util {d.get('util_percent')} %, sharing {d.get('sharing')}, mig devices {len(d.get('mig_devices', []))}")
         print(f"{'tenant':<10} {'duty':>5} {'true busy %':>12} {'podgpu (NVML) %':>16} {'error':>7}   memory podgpu / NVML")
         for i, (pod, duty, out_json) in enumerate(zip(pods, duties, outs)):
             if args.fake_workers:
@@ -170,7 +203,7 @@ def main():
         if agent and agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
             agent.wait(timeout=10)
-        for pod in pods:
+        for pod in pods + ([agent_pod] if agent_pod else []):
             pod.stop()
         try:
             os.rmdir(os.path.join(root, "kubepods.slice"))
