@@ -11,6 +11,7 @@
 //! - `fake_kubelet`, `fake_apiserver`: kubelet pod-resources and the
 //!   Kubernetes API's pod list/watch, served from test data.
 pub mod agent;
+pub mod container;
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod http;

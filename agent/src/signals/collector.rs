@@ -68,14 +68,18 @@ struct PodState {
 }
 
 impl PodState {
-    fn port(&mut self, port: u16, config: &CollectorConfig) -> &mut RequestState {
+    /// The state of `port`, created on first use with a zero point at the
+    /// last tick, so its first requests count in its rates (they happened
+    /// after that point).
+    fn port(&mut self, port: u16, config: &CollectorConfig, last_tick_s: f64) -> &mut RequestState {
         let retention_s = config.retention.as_secs_f64();
         &mut self
             .ports
             .entry(port)
-            .or_insert_with(|| PortState {
-                requests: RequestState::new(retention_s),
-                history: History::for_interval(retention_s, config.tick.as_secs_f64()),
+            .or_insert_with(|| {
+                let mut history = History::for_interval(retention_s, config.tick.as_secs_f64());
+                history.push(Point { at_s: last_tick_s, ..Point::default() });
+                PortState { requests: RequestState::new(retention_s), history }
             })
             .requests
     }
@@ -205,7 +209,12 @@ impl Collector {
 
     fn rescan(&mut self) {
         self.last_rescan = Some(Instant::now());
-        let found = cgroup_tree::scan(&self.config.cgroup_root);
+        let mut found = cgroup_tree::scan(&self.config.cgroup_root);
+        // The agent's own pod (its cgroup namespace root, in the DaemonSet)
+        // is not a tenant: its scrapes and API calls are not inference.
+        if let Some(own) = crate::pods::cgroup_path::parse(self.config.proc.cgroup_ns_root()) {
+            found.retain(|_, cgroup| cgroup.owner.pod_uid != own.pod_uid);
+        }
         let gone: Vec<u64> = self.cgroups.keys().filter(|id| !found.contains_key(id)).copied().collect();
         let new: Vec<u64> = found.keys().filter(|id| !self.cgroups.contains_key(id)).copied().collect();
         for id in &gone {
@@ -297,7 +306,7 @@ impl Collector {
             // tracker ends its connections at its next sweep.
             let Some(cgroup) = self.cgroups.get(&cgroup_id) else { continue };
             let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { continue };
-            pod.port(port, &self.config).open += count;
+            pod.port(port, &self.config, self.last_tick_s).open += count;
         }
     }
 
@@ -308,7 +317,7 @@ impl Collector {
             ProbeUpdate::Bytes { cgroup_id, port, received, sent } => {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
-                pod.port(port, &self.config).add_bytes(received, sent);
+                pod.port(port, &self.config, self.last_tick_s).add_bytes(received, sent);
             }
         }
     }
@@ -317,7 +326,7 @@ impl Collector {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
-        pod.port(event.port, &self.config).record(now_s, &event.outcome);
+        pod.port(event.port, &self.config, self.last_tick_s).record(now_s, &event.outcome);
     }
 
     /// Applies one update from the GPU poller.

@@ -1,0 +1,318 @@
+//! The node agent as the DaemonSet runs it (as root, real eBPF probes,
+//! `runc`): in a container with its own mount and cgroup namespaces, the
+//! host's PID namespace, the chart's hostPath mounts (read-only where the
+//! chart says) and exactly the chart's capabilities, all read from
+//! `chart/templates/daemonset.yaml`. Tenants run in their own containers
+//! with kubelet-shaped cgroups (systemd and cgroupfs layouts; guaranteed,
+//! burstable and besteffort pods) and their own PID namespaces.
+//!
+//! One deviation from a cluster: every container shares the host network,
+//! so the test reaches the servers and the agent on loopback. The probes
+//! and procfs reads do not depend on it (`/proc/PID/net` is the target's).
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use integration::container::{kubelet_cgroup_path, Bind, CgroupLayout, ChartAgent, Container, ContainerSpec, Qos};
+use integration::http::{get, Client, StreamSpec};
+use integration::keda::{scaled_object, KedaClient};
+use integration::pod::new_uid;
+use integration::{require_root, workspace_binary};
+
+const NAMESPACE: &str = "ds";
+
+/// What containerd gives a container that asks for nothing: the agent may
+/// not read such a process's `/proc/PID/fd` unless it holds every one of
+/// these or CAP_SYS_PTRACE.
+const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A tenant pod: one container running the test HTTP server.
+struct TenantPod {
+    name: &'static str,
+    uid: String,
+    container: Container,
+    addr: SocketAddr,
+    second: Option<SocketAddr>,
+}
+
+fn container_id(uid: &str, salt: u8) -> String {
+    format!("{salt:02x}{}", uid.replace('-', "")).repeat(2)[..64].to_string()
+}
+
+fn start_tenant(name: &'static str, layout: CgroupLayout, qos: Qos, salt: u8, second_port: bool) -> TenantPod {
+    restart_tenant(name, new_uid(), layout, qos, salt, second_port)
+}
+
+/// A container of pod `uid` (a restarted container has a new id, hence a
+/// new cgroup, in the same pod).
+fn restart_tenant(
+    name: &'static str,
+    uid: String,
+    layout: CgroupLayout,
+    qos: Qos,
+    salt: u8,
+    second_port: bool,
+) -> TenantPod {
+    let id = container_id(&uid, salt);
+    let cgroup_path = kubelet_cgroup_path(layout, qos, &uid, &id);
+    let mut args = vec!["/tenant".to_string(), "127.0.0.1:0".to_string(), "256".to_string()];
+    if second_port {
+        args.extend(["0".to_string(), "127.0.0.1:0".to_string()]);
+    }
+    let spec = ContainerSpec {
+        args,
+        env: vec!["PATH=/usr/bin".to_string()],
+        cgroup_path,
+        host_pid: false,
+        capabilities: CONTAINERD_DEFAULT_CAPS.map(String::from).to_vec(),
+        binds: vec![Bind { source: workspace_binary("tenant"), destination: "/tenant".into(), read_only: true }],
+    };
+    let container =
+        Container::run(&format!("podgpu-{name}-{salt}-{}", std::process::id()), &spec).expect("tenant runs");
+    let line = container.wait_for_line(Duration::from_secs(10), |l| l.contains("listening")).expect("tenant ready");
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = ready["listening"].as_str().unwrap().parse().unwrap();
+    let second = ready["second"].as_str().map(|s| s.parse().unwrap());
+    TenantPod { name, uid, container, addr, second }
+}
+
+/// The agent, in a container set up as the chart sets it up.
+struct AgentPod {
+    container: Container,
+    keda: SocketAddr,
+    http: SocketAddr,
+    _files: tempfile::TempDir,
+    _created: Vec<tempfile::TempDir>,
+}
+
+fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
+    let files = tempfile::tempdir().unwrap();
+    let mut metadata = String::from("pods:\n");
+    let mut scenario = String::from(
+        "name: daemonset\ngpus: [{uuid: GPU-ds, name: sim, memory_total_bytes: 85899345920}]\nprocesses:\n",
+    );
+    for (index, pod) in pods.iter().enumerate() {
+        let _ = writeln!(
+            metadata,
+            "  - {{uid: {}, namespace: {NAMESPACE}, name: {}, labels: {{app: {}}}}}",
+            pod.uid, pod.name, pod.name
+        );
+        // NVML reports host pids: the simulator does too.
+        let percent = 10 * (index + 1);
+        let _ = writeln!(
+            scenario,
+            "  - {{pid: {}, gpu: 0, memory_bytes: {}, sm_util: [{{seconds: 1, percent: {percent}}}]}}",
+            pod.container.pid,
+            (index + 1) << 30
+        );
+    }
+    std::fs::write(files.path().join("pods.yaml"), metadata).unwrap();
+    std::fs::write(files.path().join("scenario.yaml"), scenario).unwrap();
+
+    let mut binds = vec![
+        Bind { source: workspace_binary("podgpu-agent"), destination: "/podgpu-agent".into(), read_only: true },
+        Bind { source: files.path().to_path_buf(), destination: "/etc/podgpu".into(), read_only: true },
+    ];
+    let mut created = Vec::new();
+    for mount in &chart.mounts {
+        let host = PathBuf::from(&mount.host_path);
+        // DirectoryOrCreate volumes (NVIDIA libraries, kubelet's socket
+        // directory) are empty stand-ins here: no GPU, no kubelet.
+        let source = if host.exists() {
+            host
+        } else {
+            let stand_in = tempfile::tempdir().unwrap();
+            let path = stand_in.path().to_path_buf();
+            created.push(stand_in);
+            path
+        };
+        binds.push(Bind { source, destination: mount.mount_path.clone(), read_only: mount.read_only });
+    }
+    let (keda, http) = (free_port(), free_port());
+    let uid = new_uid();
+    let cgroup_path = kubelet_cgroup_path(CgroupLayout::Systemd, Qos::Burstable, &uid, &container_id(&uid, 0xa9));
+    let spec = ContainerSpec {
+        args: [
+            "/podgpu-agent",
+            "node",
+            "--gpu=sim:/etc/podgpu/scenario.yaml",
+            &format!("--keda-listen=127.0.0.1:{keda}"),
+            &format!("--http-listen=127.0.0.1:{http}"),
+            "--tick-ms=100",
+            "--gpu-interval-ms=200",
+            "--kube-api=off",
+            "--kubelet-socket=/var/lib/kubelet/pod-resources/kubelet.sock",
+            "--pod-metadata=/etc/podgpu/pods.yaml",
+            "--require-ebpf",
+            "--node-name=ds-node",
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: vec!["PATH=/usr/bin".into(), "RUST_LOG=info".into()],
+        cgroup_path,
+        host_pid: chart.host_pid,
+        capabilities: chart.capabilities.iter().map(|cap| format!("CAP_{cap}")).collect(),
+        binds,
+    };
+    let container = Container::run(&format!("podgpu-agent-{}", std::process::id()), &spec).expect("agent container");
+    container
+        .wait_for_line(Duration::from_secs(20), |line| line.contains("\"event\":\"ready\""))
+        .unwrap_or_else(|err| panic!("{err}"));
+    AgentPod {
+        container,
+        keda: format!("127.0.0.1:{keda}").parse().unwrap(),
+        http: format!("127.0.0.1:{http}").parse().unwrap(),
+        _files: files,
+        _created: created,
+    }
+}
+
+async fn pods_json(http: SocketAddr) -> serde_json::Value {
+    serde_json::from_slice(&get(http, "/pods?window=2").await.expect("GET /pods").body).unwrap()
+}
+
+fn row<'a>(view: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    view["pods"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("{name} in {view}"))
+}
+
+async fn value(keda: &mut KedaClient, app: &str, metric: &str, extra: &[(&str, &str)]) -> f64 {
+    let selector = format!("app={app}");
+    let mut metadata = vec![("metric", metric), ("target", "1"), ("podSelector", selector.as_str()), ("window", "10s")];
+    metadata.extend_from_slice(extra);
+    let trigger = scaled_object(NAMESPACE, app, &metadata);
+    keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{app} {metric}: {e}")).value
+}
+
+async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check().await
+}
+
+/// The agent in a chart-shaped container attributes requests and GPU
+/// processes of containerised tenants to their pods, joins a connection
+/// that is older than the agent, names server ports, and releases the
+/// requests of a container that is SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_as_the_daemonset_runs_it() {
+    require_root();
+    let chart = ChartAgent::read(&chart_dir()).expect("chart readable");
+    assert!(chart.drops_all && !chart.privileged && chart.host_pid, "the chart's security settings changed: {chart:?}");
+    println!("chart capabilities: {:?}; mounts: {:?}", chart.capabilities, chart.mounts);
+
+    let guaranteed = start_tenant("llm-a", CgroupLayout::Systemd, Qos::Guaranteed, 1, false);
+    let burstable = start_tenant("llm-b", CgroupLayout::Systemd, Qos::Burstable, 2, true);
+    let besteffort = start_tenant("llm-c", CgroupLayout::Cgroupfs, Qos::BestEffort, 3, false);
+    // A keep-alive connection made before the agent exists.
+    let mut old_connection = Client::connect(burstable.addr).await.unwrap();
+    assert_eq!(old_connection.request("/", b"before").await.unwrap().status, 200);
+
+    let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort]);
+    let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
+    assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
+    assert_eq!(get(agent.http, "/readyz").await.unwrap().status, 200);
+    let mut keda = KedaClient::connect(agent.keda).await.expect("the agent's gRPC port");
+
+    // GPU: host pids of containerised processes resolve to their pods from
+    // inside the agent's cgroup namespace.
+    let gpu_ok = eventually(Duration::from_secs(10), async || {
+        let view = pods_json(agent.http).await;
+        ["llm-a", "llm-b", "llm-c"]
+            .iter()
+            .enumerate()
+            .all(|(i, name)| row(&view, name)["values"]["gpu_mem_used_bytes"].as_f64() == Some(((i + 1) << 30) as f64))
+    })
+    .await;
+    assert!(gpu_ok, "GPU memory per pod: {}", pods_json(agent.http).await);
+    let util = value(&mut keda, "llm-b", "gpu_sm_util", &[]).await;
+    assert!((util - 20.0).abs() < 1.0, "llm-b GPU share {util}");
+
+    // Requests: streams held on the guaranteed pod, the pre-agent
+    // connection on the burstable one (named by its port), nothing on the
+    // besteffort one.
+    let held = StreamSpec { first_ms: 30_000, chunks: 1, chunk_ms: 0 };
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let addr = guaranteed.addr;
+        streams.push(tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&held.path()).await }));
+    }
+    for _ in 0..2 {
+        assert_eq!(old_connection.request("/", b"after").await.unwrap().status, 200);
+    }
+    let port = burstable.addr.port().to_string();
+    let counted = eventually(Duration::from_secs(5), async || {
+        value(&mut keda, "llm-a", "requests_in_flight", &[]).await == 3.0
+            && row(&pods_json(agent.http).await, "llm-b")["requests"]["completed"] == 2
+    })
+    .await;
+    assert!(counted, "{}", pods_json(agent.http).await);
+    let on_port = value(&mut keda, "llm-b", "request_rate", &[("ports", &port)]).await;
+    let all = value(&mut keda, "llm-b", "request_rate", &[]).await;
+    // Pod and port histories start a tick apart: equal within a few %.
+    assert!(on_port > 0.0 && (on_port - all).abs() <= 0.05 * all, "port named from /proc: {on_port} of {all}");
+    let second = burstable.second.unwrap().port().to_string();
+    assert_eq!(value(&mut keda, "llm-b", "request_rate", &[("ports", &second)]).await, 0.0);
+    assert_eq!(row(&pods_json(agent.http).await, "llm-c")["requests"]["started"], 0);
+
+    // SIGKILL the guaranteed pod's container with its streams open.
+    let killed_at = Instant::now();
+    guaranteed.container.kill().expect("container killed");
+    let released =
+        eventually(Duration::from_secs(3), async || value(&mut keda, "llm-a", "requests_in_flight", &[]).await == 0.0)
+            .await;
+    assert!(released, "in flight still up {:?} after the container was killed", killed_at.elapsed());
+    println!("in flight back to 0 within {} ms of the kill", killed_at.elapsed().as_millis());
+    for stream in streams {
+        stream.abort();
+    }
+
+    // The container restarts in the same pod (new id, new cgroup): its
+    // requests count for the same pod, from zero in flight.
+    let restarted = restart_tenant("llm-a", guaranteed.uid.clone(), CgroupLayout::Systemd, Qos::Guaranteed, 4, false);
+    drop(guaranteed);
+    // A new cgroup is watched from the next rescan (every 2 s, sooner when
+    // pod metadata changes): traffic accepted before that is not seen.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let addr = restarted.addr;
+    let again = tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&held.path()).await });
+    let counted_again =
+        eventually(Duration::from_secs(5), async || value(&mut keda, "llm-a", "requests_in_flight", &[]).await == 1.0)
+            .await;
+    assert!(counted_again, "{}", pods_json(agent.http).await);
+    again.abort();
+    let names: Vec<String> =
+        pods_json(agent.http).await["pods"].as_array().unwrap().iter().map(|p| p["name"].to_string()).collect();
+    assert_eq!(names.len(), 3, "the agent's own pod is not a tenant: {names:?}");
+
+    let output = agent.container.output();
+    assert!(output.contains("rebased on this agent's cgroup namespace"), "agent log:\n{output}");
+}
