@@ -312,4 +312,21 @@ mod tests {
         let err = workload_value(&view(), &q).unwrap_err();
         assert!(err.contains("gpu_sm_util is unavailable"), "{err}");
     }
+
+    /// A pod found before its namespace and labels arrived may be one the
+    /// selector picks: the answer is an error naming it, not a smaller sum.
+    #[test]
+    fn metadata_pending_pod_is_an_error() {
+        let mut view = view();
+        view.health.probes = SourceStatus::Ok { detail: "test".into() };
+        let selector = LabelSelector::parse("app=llm").unwrap();
+        let q = query(&selector, Aggregation::Sum);
+        assert!(workload_value(&view, &q).is_ok());
+        let mut newcomer = pod("ns", "llm", 0);
+        newcomer.meta = PodMeta::unknown("7d1c2a4e-0000-4000-8000-0000000000ff");
+        newcomer.metadata_pending = true;
+        view.pods.push(newcomer);
+        let err = workload_value(&view, &q).unwrap_err();
+        assert!(err.contains("7d1c2a4e-0000-4000-8000-0000000000ff") && err.contains("metadata"), "{err}");
+    }
 }
