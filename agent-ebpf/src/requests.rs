@@ -239,9 +239,10 @@ fn accept_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<(), i64> {
     // Marked at entry so that this accept's own exit passes the filter.
     mark_server(tgid);
     // The listening socket: user space maps it to the server port once.
-    let [listener, _, _] = syscall_args(ctx)?;
+    // The peer's address buffer (may be NULL) is copied out at exit.
+    let [listener, peer_address, _] = syscall_args(ctx)?;
     stash(Pending {
-        buffer: 0,
+        buffer: peer_address,
         segments: 0,
         cgroup_id,
         fd: listener as u32,
@@ -301,15 +302,17 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
             bump(RequestStat::ConnectionMapFull);
             return Ok(());
         }
-        // The new fd is in the key; `bytes` carries the listening fd.
-        return emit(key, pending.cgroup_id, IoKind::Accept as u32, i64::from(pending.fd), None);
+        // The new fd is in the key; `bytes` carries the listening fd and
+        // the prefix the peer's address (user space spots loopback peers).
+        let peer = (pending.buffer != 0).then_some((&pending, SOCKADDR_CAPTURE));
+        return emit(key, pending.cgroup_id, IoKind::Accept as u32, i64::from(pending.fd), peer);
     }
     // Non-blocking sockets answer EAGAIN constantly: not an event.
     if ret == -EAGAIN {
         return Ok(());
     }
     let key = (id & 0xffff_ffff_0000_0000) | u64::from(pending.fd);
-    emit(key, pending.cgroup_id, pending.kind, ret, Some(&pending))?;
+    emit(key, pending.cgroup_id, pending.kind, ret, (ret > 0).then_some((&pending, ret as u64)))?;
     if ret <= 0 {
         return Ok(());
     }
@@ -338,7 +341,20 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
 
 // ---- the event -------------------------------------------------------------
 
-fn emit(connection: u64, cgroup_id: u64, kind: u32, bytes: i64, io: Option<&Pending>) -> Result<(), i64> {
+/// Bytes of a `sockaddr_in6` (the larger of the two families).
+const SOCKADDR_CAPTURE: u64 = 28;
+
+/// Writes one event; `capture_from` names the user buffer and how many of
+/// its bytes to copy into the prefix (and suffix). Inlined: BPF calls take
+/// at most five arguments.
+#[inline(always)]
+fn emit(
+    connection: u64,
+    cgroup_id: u64,
+    kind: u32,
+    bytes: i64,
+    capture_from: Option<(&Pending, u64)>,
+) -> Result<(), i64> {
     let Some(mut entry) = EVENTS.reserve::<IoEvent>(0) else {
         bump(RequestStat::RingFull);
         return Ok(());
@@ -355,8 +371,8 @@ fn emit(connection: u64, cgroup_id: u64, kind: u32, bytes: i64, io: Option<&Pend
         (*event).prefix_len = 0;
         (*event).suffix_len = 0;
         (*event).segments = 1;
-        if let (Some(io), true) = (io, bytes > 0) {
-            capture(event, io, bytes as u64);
+        if let Some((io, moved)) = capture_from {
+            capture(event, io, moved);
         }
     }
     // Waking the reader per event costs more than the event: wake it only

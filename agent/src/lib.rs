@@ -82,6 +82,8 @@ pub struct Config {
     pub kubelet_socket: Option<PathBuf>,
     /// Time between full kubelet pod-resources lists.
     pub kubelet_interval: Duration,
+    /// Request paths counted as probe traffic, not inference.
+    pub probe_paths: probes::requests::traffic::ProbePaths,
 }
 
 /// procfs as this agent sees it, with its cgroup namespace found: in the
@@ -197,8 +199,15 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
     if let Some(ring) = request_ring {
-        let reader =
-            probes::requests::run_reader(ring, proc.clone(), kernel_maps, request_tx, reader_stats, shutdown.clone());
+        let reader = probes::requests::run_reader(
+            ring,
+            proc.clone(),
+            config.probe_paths.clone(),
+            kernel_maps,
+            request_tx,
+            reader_stats,
+            shutdown.clone(),
+        );
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
     // KEDA's ExternalScaler and the node API share the gRPC port.

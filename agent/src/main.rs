@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use podgpu_agent::gpu::GpuSource;
 use podgpu_agent::pods::kube_api::KubeAccess;
 use podgpu_agent::pods::kubelet;
+use podgpu_agent::probes::requests::traffic::ProbePaths;
 use podgpu_agent::serve::cluster::ClusterConfig;
 use podgpu_agent::serve::tls::{ClientTls, ServerTls};
 use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
@@ -120,6 +121,15 @@ struct Options {
     /// This node's name (Kubernetes API field selector, node API); defaults to the host name.
     #[arg(long, env = "NODE_NAME", global = true)]
     node_name: Option<String>,
+    /// Request paths counted as probe traffic (health checks, metrics
+    /// scrapes), comma-separated prefixes; "" counts every request as an
+    /// inference request. Triggers include them with includeProbeRequests.
+    #[arg(long, env = "PODGPU_PROBE_PATHS", default_value = podgpu_agent::probes::requests::traffic::DEFAULT_PROBE_PATHS, global = true, value_parser = parse_probe_paths)]
+    probe_paths: ProbePaths,
+}
+
+fn parse_probe_paths(text: &str) -> Result<ProbePaths, String> {
+    ProbePaths::parse(text)
 }
 
 #[tokio::main]
@@ -185,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         kube_api: options.kube_api,
         kubelet_socket: kubelet_socket(&options.kubelet_socket),
         kubelet_interval: Duration::from_secs(options.kubelet_interval_s),
+        probe_paths: options.probe_paths,
     };
 
     run(config, shutdown, ready).await

@@ -104,6 +104,16 @@ impl ProcFs {
         fs::read_link(self.pid_dir(pid).join("fd").join(fd.to_string()))
     }
 
+    /// Whether `pid` has a network namespace other than the host's: a
+    /// pod's, not `hostNetwork`. The host's is read from kthreadd (pid 2,
+    /// always in the initial namespaces, and readable where init may not
+    /// be), else from pid 1. `None` when it cannot be told.
+    pub fn has_own_network(&self, pid: u32) -> Option<bool> {
+        let namespace = |pid: u32| fs::read_link(self.pid_dir(pid).join("ns/net")).ok();
+        let host = namespace(2).or_else(|| namespace(1))?;
+        Some(namespace(pid)? != host)
+    }
+
     /// Every fd of `pid` that is a socket, with its inode.
     pub fn socket_fds(&self, pid: u32) -> Vec<(u32, u64)> {
         let Ok(entries) = fs::read_dir(self.pid_dir(pid).join("fd")) else { return Vec::new() };

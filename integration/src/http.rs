@@ -53,8 +53,9 @@ impl StreamSpec {
         format!("/stream/{}/{}/{}", self.first_ms, self.chunks, self.chunk_ms)
     }
 
+    /// Under any prefix: `/health/stream/...` is a slow health check.
     fn parse(path: &str) -> Option<Self> {
-        let mut parts = path.strip_prefix("/stream/")?.split('/');
+        let mut parts = path[path.find("/stream/")? + "/stream/".len()..].split('/');
         let first_ms = parts.next()?.parse().ok()?;
         let chunks = parts.next()?.parse().ok()?;
         let chunk_ms = parts.next()?.parse().ok()?;

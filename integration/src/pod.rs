@@ -42,6 +42,13 @@ impl CgroupPod {
     /// Creates the cgroup directories of pod `uid` under `cgroup_root` (v2).
     pub fn create(cgroup_root: &Path, uid: &str) -> io::Result<Self> {
         let container_id: String = uid.replace('-', "").repeat(2).chars().take(64).collect();
+        Self::create_container(cgroup_root, uid, &container_id)
+    }
+
+    /// Creates container `container_id` (64 hex digits) of pod `uid`: a
+    /// second container of a pod (a sidecar) shares the pod directory.
+    pub fn create_container(cgroup_root: &Path, uid: &str, container_id: &str) -> io::Result<Self> {
+        let container_id = container_id.to_string();
         let pod_dir = cgroup_root.join(pod_slice_path(uid));
         let container_dir = pod_dir.join(format!("cri-containerd-{container_id}.scope"));
         fs::create_dir_all(&container_dir)?;
@@ -88,13 +95,13 @@ impl Drop for CgroupPod {
             let _ = child.wait();
         }
         // A cgroup can only be removed once empty; the process is reaped above.
-        for dir in [&self.container_dir, &self.pod_dir] {
-            if let Err(err) = fs::remove_dir(dir) {
-                if err.kind() != io::ErrorKind::NotFound {
-                    eprintln!("warning: could not remove {}: {err}", dir.display());
-                }
+        if let Err(err) = fs::remove_dir(&self.container_dir) {
+            if err.kind() != io::ErrorKind::NotFound {
+                eprintln!("warning: could not remove {}: {err}", self.container_dir.display());
             }
         }
+        // Another container of the pod may still be there (a sidecar).
+        let _ = fs::remove_dir(&self.pod_dir);
         // Shared parent: removed only when no other pod remains.
         if let Some(parent) = self.pod_dir.parent() {
             let _ = fs::remove_dir(parent);

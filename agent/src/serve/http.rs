@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::signals::traffic_filter::TrafficFilter;
 use crate::status::SourceStatus;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -153,7 +154,11 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
             values: Metric::ALL
                 .into_iter()
                 .map(|metric| {
-                    let value = view.source_status(metric).is_ok().then(|| pod.value(metric, window_s, &[])).flatten();
+                    let value = view
+                        .source_status(metric)
+                        .is_ok()
+                        .then(|| pod.value(metric, window_s, &TrafficFilter::default()))
+                        .flatten();
                     (metric.name(), value)
                 })
                 .collect(),
@@ -229,8 +234,9 @@ pub fn render_metrics(view: &NodeView) -> String {
         if !view.source_status(metric).is_ok() {
             continue;
         }
-        let samples =
-            labelled.iter().filter_map(|(labels, pod)| Some((labels.clone(), pod.value(metric, window_s, &[])?)));
+        let samples = labelled.iter().filter_map(|(labels, pod)| {
+            Some((labels.clone(), pod.value(metric, window_s, &TrafficFilter::default())?))
+        });
         let name = format!("podgpu_pod_{}", metric.name());
         family(&mut out, &name, "gauge", &format!("Per-pod {} over {window_s}s.", metric.name()), samples);
     }
@@ -245,9 +251,9 @@ pub fn render_metrics(view: &NodeView) -> String {
                 _ => continue,
             };
             let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
-            let samples = labelled
-                .iter()
-                .filter_map(|(labels, pod)| Some((labels.clone(), pod.value(metric, window_s, &[])? / 1000.0)));
+            let samples = labelled.iter().filter_map(|(labels, pod)| {
+                Some((labels.clone(), pod.value(metric, window_s, &TrafficFilter::default())? / 1000.0))
+            });
             family(
                 &mut out,
                 &name,
@@ -400,7 +406,7 @@ pub fn render_metrics(view: &NodeView) -> String {
         "HTTP/2 frame boundaries lost (then resynchronised).",
         probe.http2_lost_sync,
     );
-    let missed = &health.request_reader.missed_endings;
+    let missed = &health.request_reader.tracker;
     family(
         &mut out,
         "podgpu_agent_missed_connection_endings_total",
@@ -414,6 +420,18 @@ pub fn render_metrics(view: &NodeView) -> String {
             ("idle", missed.idle_evictions),
         ]
         .map(|(reason, count)| (format!("reason=\"{reason}\""), count as f64)),
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_intra_pod_connections_total",
+        "Connections from another container of the same pod (a sidecar's hop to the app), not counted as requests.",
+        missed.intra_pod_connections,
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_request_resyncs_total",
+        "HTTP/1.1 connections resynchronised at a request line after the kernel lost events.",
+        missed.resyncs,
     );
     counter(
         &mut out,

@@ -23,6 +23,7 @@ use super::trigger::Trigger;
 use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
 use crate::signals::metric::Metric;
+use crate::signals::traffic_filter::TrafficFilter;
 use crate::signals::view::NodeView;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -61,7 +62,7 @@ impl Signals {
             metric,
             window_s: trigger.window.as_secs_f64(),
             aggregation: trigger.aggregation,
-            ports,
+            traffic: TrafficFilter { ports, include_probes: trigger.include_probe_requests },
         };
         match self {
             Signals::Local(view) => {
@@ -72,7 +73,7 @@ impl Signals {
                 let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
                 let key = format!(
                     "{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}\0{:?}",
-                    query.window_s, trigger.aggregation, ports
+                    query.window_s, trigger.aggregation, query.traffic
                 );
                 view.memoized(key, || {
                     if !view.has_window(query.window_s) {

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
 use crate::signals::latency::{encode_buckets, new_histogram};
 use crate::signals::metric::{Combine, Metric, MetricSource, Quantile};
+use crate::signals::traffic_filter::TrafficFilter;
 use crate::signals::view::{NodeView, PodView};
 
 /// Most windows one request may ask for.
@@ -82,40 +83,37 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
 /// One pod's values over one window: additive metrics of the whole pod,
 /// histograms as buckets, and the same per server port.
 fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool) -> WindowValues {
-    let values = |ports: &[u16]| {
-        Metric::ALL
-            .into_iter()
-            .filter(|m| m.combine() == Combine::Additive && serving(*m))
-            .filter(|m| ports.is_empty() || m.source() == MetricSource::Probes)
-            .filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s, ports)?)))
-            .collect()
-    };
-    let buckets = |metric: Metric, ports: &[u16]| {
+    let additive = || Metric::ALL.into_iter().filter(|m| m.combine() == Combine::Additive && serving(*m));
+    let buckets = |merge: &dyn Fn(&mut hdrhistogram::Histogram<u32>), metric: Metric| {
         if !serving(metric) {
             return Vec::new();
         }
         let mut merged = new_histogram();
-        pod.merge_latencies(metric, window_s, ports, &mut merged);
+        merge(&mut merged);
         encode_buckets(&merged)
     };
     let ttft = Metric::TtftMs(Quantile::P50);
     let latency = Metric::LatencyMs(Quantile::P50);
+    let pod_level = TrafficFilter::default();
     WindowValues {
         window_s,
-        values: values(&[]),
-        ttft_us: buckets(ttft, &[]),
-        latency_us: buckets(latency, &[]),
+        values: additive().filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s, &pod_level)?))).collect(),
+        ttft_us: buckets(&|into| pod.merge_latencies(ttft, window_s, &pod_level, into), ttft),
+        latency_us: buckets(&|into| pod.merge_latencies(latency, window_s, &pod_level, into), latency),
+        // Each port and class on its own, so the scaler can filter exactly
+        // as a node does.
         ports: pod
             .ports
             .iter()
-            .map(|port| {
-                let only = [port.port];
-                PortValues {
-                    port: port.port.into(),
-                    values: values(&only),
-                    ttft_us: buckets(ttft, &only),
-                    latency_us: buckets(latency, &only),
-                }
+            .map(|port| PortValues {
+                port: port.port.into(),
+                values: additive()
+                    .filter(|m| m.source() == MetricSource::Probes)
+                    .filter_map(|m| Some((m.name().to_string(), port.value(m, window_s)?)))
+                    .collect(),
+                ttft_us: buckets(&|into| port.merge_latencies(ttft, window_s, into), ttft),
+                latency_us: buckets(&|into| port.merge_latencies(latency, window_s, into), latency),
+                probe: port.probe,
             })
             .collect(),
     }

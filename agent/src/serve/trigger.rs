@@ -19,7 +19,7 @@ const MAX_KEYS: usize = 24;
 const KEDA_CONNECTION_KEYS: [&str; 7] =
     ["scalerAddress", "caCert", "tlsCertFile", "tlsClientCert", "tlsClientKey", "unsafeSsl", "enableTLS"];
 const PODGPU_KEYS: &str = "metric, target, activationTarget, podSelector, aggregation, window, profile, ports, \
-                           activationPodSelector, activationMetric, activationPorts";
+                           includeProbeRequests, activationPodSelector, activationMetric, activationPorts";
 /// Most ports one trigger may name.
 const MAX_PORTS: usize = 16;
 const MAX_VALUE_BYTES: usize = 1024;
@@ -55,6 +55,9 @@ pub struct Trigger {
     pub window: Duration,
     /// Server ports whose requests count (sorted; empty = every port).
     pub ports: Vec<u16>,
+    /// Health-check and metrics-scrape requests count too
+    /// (`includeProbeRequests`; default: they do not).
+    pub include_probe_requests: bool,
     /// An upstream signal that also activates the workload (scale from
     /// zero through a gateway's traffic).
     pub upstream: Option<Upstream>,
@@ -122,6 +125,7 @@ impl Trigger {
                 | "window"
                 | "profile"
                 | "ports"
+                | "includeProbeRequests"
                 | "activationPodSelector"
                 | "activationMetric"
                 | "activationPorts" => {}
@@ -174,6 +178,11 @@ impl Trigger {
             Some(text) => parse_ports(text).map_err(|reason| invalid("ports", reason))?,
             None => Vec::new(),
         };
+        let include_probe_requests = match metadata.get("includeProbeRequests").map(|v| v.trim()) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(invalid("includeProbeRequests", format!("{other:?} is not true or false"))),
+        };
         let upstream_selector = match metadata.get("activationPodSelector") {
             Some(text) => Some(LabelSelector::parse(text).map_err(|reason| invalid("activationPodSelector", reason))?),
             None => None,
@@ -197,7 +206,17 @@ impl Trigger {
             }
             (None, None, None) => None,
         };
-        Ok(Self { metric, target, activation_target, pod_selector, aggregation, window, ports, upstream })
+        Ok(Self {
+            metric,
+            target,
+            activation_target,
+            pod_selector,
+            aggregation,
+            window,
+            ports,
+            include_probe_requests,
+            upstream,
+        })
     }
 
     /// The metric name podgpu announces in GetMetricSpec.
@@ -392,5 +411,22 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 s").is_err());
+    }
+
+    /// `includeProbeRequests` takes true or false and nothing else.
+    #[test]
+    fn include_probe_requests() {
+        let parse = |value: &str| {
+            let metadata: HashMap<String, String> =
+                [("metric", "requests_in_flight"), ("target", "4"), ("includeProbeRequests", value)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+            Trigger::from_metadata(&metadata)
+        };
+        assert!(parse("true").unwrap().include_probe_requests);
+        assert!(!parse("false").unwrap().include_probe_requests);
+        let err = parse("yes").unwrap_err().to_string();
+        assert!(err.contains("includeProbeRequests"), "{err}");
     }
 }

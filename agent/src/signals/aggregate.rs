@@ -6,6 +6,7 @@
 //! for metrics a user wants to treat as per-pod levels.
 use super::latency::{new_histogram, quantile_ms};
 use super::metric::{Combine, Metric};
+use super::traffic_filter::TrafficFilter;
 use super::view::{NodeView, PodView};
 use crate::pods::selector::LabelSelector;
 use hdrhistogram::Histogram;
@@ -35,8 +36,8 @@ pub struct WorkloadQuery<'a> {
     pub window_s: f64,
     /// How to combine pods.
     pub aggregation: Aggregation,
-    /// Count only these server ports for request metrics (all when empty).
-    pub ports: &'a [u16],
+    /// Which request traffic counts (ports, probe traffic).
+    pub traffic: TrafficFilter<'a>,
 }
 
 /// A workload's value and how many pods it covers.
@@ -57,12 +58,12 @@ pub trait PodSignals {
     fn labels(&self) -> &std::collections::BTreeMap<String, String>;
     /// Name for messages (name, else UID).
     fn display_name(&self) -> &str;
-    /// Value of an additive metric over the window, on `ports` only when
-    /// not empty (`None`: no value yet).
-    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64>;
-    /// Adds the pod's TTFT or latency distribution over the window (on
-    /// `ports` only, when not empty) to `into`.
-    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>);
+    /// Value of an additive metric over the window, over the traffic
+    /// `filter` admits (`None`: no value yet).
+    fn value(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>) -> Option<f64>;
+    /// Adds the pod's TTFT or latency distribution over the window (of the
+    /// traffic `filter` admits) to `into`.
+    fn merge_latencies(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>, into: &mut Histogram<u32>);
     /// Why the pod can never have the metric (MIG, MPS).
     fn unavailable_reason(&self, metric: Metric) -> Option<&str>;
     /// Whether the pod's namespace and labels are not known yet (its
@@ -80,11 +81,11 @@ impl PodSignals for PodView {
     fn display_name(&self) -> &str {
         self.meta.name.as_deref().unwrap_or(&self.meta.uid)
     }
-    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
-        PodView::value(self, metric, window_s, ports)
+    fn value(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>) -> Option<f64> {
+        PodView::value(self, metric, window_s, filter)
     }
-    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>) {
-        PodView::merge_latencies(self, metric, window_s, ports, into)
+    fn merge_latencies(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>, into: &mut Histogram<u32>) {
+        PodView::merge_latencies(self, metric, window_s, filter, into)
     }
     fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
         PodView::unavailable_reason(self, metric)
@@ -140,13 +141,13 @@ pub fn combine<'a, P: PodSignals + 'a>(
         // proportional rule that fits a latency (DESIGN.md).
         let mut merged = new_histogram();
         for pod in &selected {
-            pod.merge_latencies(query.metric, query.window_s, query.ports, &mut merged);
+            pod.merge_latencies(query.metric, query.window_s, &query.traffic, &mut merged);
         }
         let percentile = quantile_ms(&merged, quantile.fraction()).unwrap_or(0.0);
         return Ok(WorkloadValue { value: percentile * selected.len() as f64, pods: selected.len() });
     }
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
-    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s, query.ports)) {
+    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s, &query.traffic)) {
         sum += value;
         max = max.max(value);
         pods += 1;
@@ -202,7 +203,7 @@ mod tests {
             metric: Metric::SocketRecvBytesRate,
             window_s: 10.0,
             aggregation,
-            ports: &[],
+            traffic: TrafficFilter::default(),
         }
     }
 
@@ -212,6 +213,7 @@ mod tests {
         history.push(Point { at_s: 0.0, ..Point::default() });
         history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
         crate::signals::view::PortView {
+            probe: false,
             port,
             history,
             requests_in_flight: in_flight,
@@ -231,15 +233,21 @@ mod tests {
         view.pods[1].requests_in_flight = 1;
         view.pods[1].ports = vec![port(8000, 1, 300)];
         let selector = LabelSelector::parse("app=llm").unwrap();
-        let in_flight = |ports: &[u16]| {
-            let query = WorkloadQuery { metric: Metric::RequestsInFlight, ports, ..query(&selector, Aggregation::Sum) };
+        // Pod 0 also answered 3 health checks on 8000, counted apart.
+        view.pods[0].ports.push(crate::signals::view::PortView { probe: true, ..port(8000, 3, 10) });
+        let in_flight = |ports: &[u16], include_probes: bool| {
+            let traffic = TrafficFilter { ports, include_probes };
+            let query =
+                WorkloadQuery { metric: Metric::RequestsInFlight, traffic, ..query(&selector, Aggregation::Sum) };
             workload_value(&view, &query).unwrap().value
         };
-        assert_eq!(in_flight(&[]), 8.0);
-        assert_eq!(in_flight(&[8000]), 6.0);
-        assert_eq!(in_flight(&[8002]), 2.0);
-        assert_eq!(in_flight(&[9999]), 0.0);
-        let rate = WorkloadQuery { ports: &[8002], ..query(&selector, Aggregation::Sum) };
+        assert_eq!(in_flight(&[], false), 8.0);
+        assert_eq!(in_flight(&[8000], false), 6.0);
+        assert_eq!(in_flight(&[8002], false), 2.0);
+        assert_eq!(in_flight(&[9999], false), 0.0);
+        assert_eq!(in_flight(&[], true), 11.0, "probe traffic only when asked for");
+        assert_eq!(in_flight(&[8000], true), 9.0);
+        let rate = WorkloadQuery { traffic: TrafficFilter::ports(&[8002]), ..query(&selector, Aggregation::Sum) };
         assert_eq!(workload_value(&view, &rate).unwrap().value, 40.0);
     }
 

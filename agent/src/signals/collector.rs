@@ -62,20 +62,21 @@ struct PodState {
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
-    /// Request state per server port (0: connections whose port could not
-    /// be named); pod totals are their sums, so each outcome is recorded once.
-    ports: BTreeMap<u16, PortState>,
+    /// Request state per (server port, probe traffic) (port 0: connections
+    /// whose port could not be named); pod totals are the sums of the
+    /// application entries, so each outcome is recorded once.
+    ports: BTreeMap<(u16, bool), PortState>,
 }
 
 impl PodState {
     /// The state of `port`, created on first use with a zero point at the
     /// last tick, so its first requests count in its rates (they happened
     /// after that point).
-    fn port(&mut self, port: u16, config: &CollectorConfig, last_tick_s: f64) -> &mut RequestState {
+    fn port(&mut self, key: (u16, bool), config: &CollectorConfig, last_tick_s: f64) -> &mut RequestState {
         let retention_s = config.retention.as_secs_f64();
         &mut self
             .ports
-            .entry(port)
+            .entry(key)
             .or_insert_with(|| {
                 let mut history = History::for_interval(retention_s, config.tick.as_secs_f64());
                 history.push(Point { at_s: last_tick_s, ..Point::default() });
@@ -196,11 +197,13 @@ impl Collector {
                 gpu_known_s: pod.gpu_known_s,
                 ..Point::default()
             };
-            for port in pod.ports.values_mut() {
+            for (&(_, probe), port) in pod.ports.iter_mut() {
                 let port_point = port.requests.point(now_s);
-                point.recv_bytes += port_point.recv_bytes;
-                point.send_bytes += port_point.send_bytes;
-                point.requests_started += port_point.requests_started;
+                if !probe {
+                    point.recv_bytes += port_point.recv_bytes;
+                    point.send_bytes += port_point.send_bytes;
+                    point.requests_started += port_point.requests_started;
+                }
                 port.history.push(port_point);
             }
             pod.history.push(point);
@@ -301,12 +304,12 @@ impl Collector {
                 port.requests.open = 0;
             }
         }
-        for ((cgroup_id, port), count) in open {
+        for ((cgroup_id, port, probe), count) in open {
             // A cgroup no longer in the tree has no live process: the
             // tracker ends its connections at its next sweep.
             let Some(cgroup) = self.cgroups.get(&cgroup_id) else { continue };
             let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { continue };
-            pod.port(port, &self.config, self.last_tick_s).open += count;
+            pod.port((port, probe), &self.config, self.last_tick_s).open += count;
         }
     }
 
@@ -314,10 +317,10 @@ impl Collector {
     pub fn apply_probe(&mut self, update: ProbeUpdate) {
         match update {
             ProbeUpdate::Request(event) => self.apply_request(event),
-            ProbeUpdate::Bytes { cgroup_id, port, received, sent } => {
+            ProbeUpdate::Bytes { cgroup_id, port, probe, received, sent } => {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
-                pod.port(port, &self.config, self.last_tick_s).add_bytes(received, sent);
+                pod.port((port, probe), &self.config, self.last_tick_s).add_bytes(received, sent);
             }
         }
     }
@@ -326,7 +329,7 @@ impl Collector {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
         let now_s = self.started.elapsed().as_secs_f64();
-        pod.port(event.port, &self.config, self.last_tick_s).record(now_s, &event.outcome);
+        pod.port((event.port, event.probe), &self.config, self.last_tick_s).record(now_s, &event.outcome);
     }
 
     /// Applies one update from the GPU poller.
@@ -381,8 +384,9 @@ impl Collector {
                 let ports: Vec<PortView> = pod
                     .ports
                     .iter_mut()
-                    .map(|(&port, state)| PortView {
+                    .map(|(&(port, probe), state)| PortView {
                         port,
+                        probe,
                         history: state.history.clone(),
                         requests_in_flight: state.requests.in_flight(),
                         requests: state.requests.requests,
@@ -391,7 +395,7 @@ impl Collector {
                     })
                     .collect();
                 let mut requests = RequestCounts::default();
-                for port in &ports {
+                for port in ports.iter().filter(|p| !p.probe) {
                     requests.started += port.requests.started;
                     requests.completed += port.requests.completed;
                     requests.aborted += port.requests.aborted;
@@ -400,7 +404,7 @@ impl Collector {
                     meta: pod.meta.clone(),
                     history: pod.history.clone(),
                     gpu: pod.gpu,
-                    requests_in_flight: ports.iter().map(|p| p.requests_in_flight).sum(),
+                    requests_in_flight: ports.iter().filter(|p| !p.probe).map(|p| p.requests_in_flight).sum(),
                     requests,
                     ports,
                     metadata_pending,
@@ -430,7 +434,7 @@ impl Collector {
                     dropped: self.probes.reader.dropped.load(Ordering::Relaxed),
                     connections: self.probes.reader.connections.load(Ordering::Relaxed),
                     http2_connections: self.probes.reader.http2_connections.load(Ordering::Relaxed),
-                    missed_endings: *self.probes.reader.tracker.lock().expect("tracker stats poisoned"),
+                    tracker: *self.probes.reader.tracker.lock().expect("tracker stats poisoned"),
                 },
                 gpu_errors: self.gpu_errors.clone(),
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
@@ -482,9 +486,9 @@ mod tests {
         collector.tick();
         let view = collector.view();
         assert!(view.health.gpu.is_ok());
-        let util = view.pods[0].value(Metric::GpuSmUtil, 0.02, &[]).unwrap();
+        let util = view.pods[0].value(Metric::GpuSmUtil, 0.02, &Default::default()).unwrap();
         assert!((util - 40.0).abs() < 1e-6, "{util}");
-        assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0, &[]), Some(7.0));
+        assert_eq!(view.pods[0].value(Metric::GpuMemUsedBytes, 10.0, &Default::default()), Some(7.0));
 
         collector.apply_gpu(GpuUpdate::Unavailable { kind: "gpu_lost", reason: "GPU lost".into() });
         let view = collector.view();
@@ -550,13 +554,13 @@ mod tests {
         collector.tick();
         for at_ns in 0..5 {
             let outcome = Outcome::Started { at_ns };
-            collector.apply_probe(ProbeUpdate::Request(RequestEvent { cgroup_id, port: 8000, outcome }));
+            collector.apply_probe(ProbeUpdate::Request(RequestEvent { cgroup_id, port: 8000, probe: false, outcome }));
         }
         let level = |collector: &Collector, open: u64| {
             let mut levels = collector.probes.reader.open_requests.lock().unwrap();
             levels.clear();
             if open > 0 {
-                levels.insert((cgroup_id, 8000), open);
+                levels.insert((cgroup_id, 8000, false), open);
             }
         };
         level(&collector, 2);

@@ -6,4 +6,5 @@ pub mod history;
 pub mod latency;
 pub mod metric;
 pub mod request_state;
+pub mod traffic_filter;
 pub mod view;

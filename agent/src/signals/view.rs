@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::history::History;
 use super::latency::{new_histogram, quantile_ms, LatencySnapshot};
 use super::metric::{Metric, MetricSource};
+use super::traffic_filter::TrafficFilter;
 use crate::gpu::poller::PodGpu;
 use crate::gpu::{DeviceSample, Sharing};
 use crate::pods::PodMeta;
@@ -52,9 +53,10 @@ pub struct ReaderCounters {
     pub connections: u64,
     /// HTTP/2 connections recognised.
     pub http2_connections: u64,
-    /// Connections the tracker ended on its own because their ending was
-    /// never seen (fd reuse, process exit, fd gone, kernel eviction, idle).
-    pub missed_endings: crate::probes::requests::TrackerStats,
+    /// What the request tracker did on its own: connections ended because
+    /// their ending was never seen (fd reuse, process exit, fd gone, kernel
+    /// eviction, idle), resynchronisations, intra-pod hops left uncounted.
+    pub tracker: crate::probes::requests::TrackerStats,
 }
 
 /// Cumulative request outcomes of one pod since it was first seen.
@@ -93,6 +95,9 @@ pub struct PodView {
 pub struct PortView {
     /// Local port of the server socket.
     pub port: u16,
+    /// Probe traffic (health checks, metrics scrapes) on that port; the
+    /// pod's own values exclude it.
+    pub probe: bool,
     /// Cumulative request-side points (GPU fields unused).
     pub history: History,
     /// Requests started and not answered or aborted.
@@ -117,28 +122,42 @@ fn additive_request_value(metric: Metric, window_s: f64, history: &History, requ
     }
 }
 
+impl PortView {
+    /// This port's (and class's) value of an additive request metric over
+    /// `window_s` (`None` for other metrics).
+    pub fn value(&self, metric: Metric, window_s: f64) -> Option<f64> {
+        additive_request_value(metric, window_s, &self.history, self.requests_in_flight)
+    }
+
+    /// Adds this port's TTFT or latency distribution over the window to
+    /// `into`; other metrics add nothing.
+    pub fn merge_latencies(&self, metric: Metric, window_s: f64, into: &mut hdrhistogram::Histogram<u32>) {
+        let now_s = self.history.latest().map_or(0.0, |p| p.at_s);
+        match metric {
+            Metric::TtftMs(_) => self.ttft.merge_into(now_s, window_s, into),
+            Metric::LatencyMs(_) => self.latency.merge_into(now_s, window_s, into),
+            _ => {}
+        }
+    }
+}
+
 impl PodView {
-    /// Adds the TTFT or latency distribution over the window of the pod's
-    /// `ports` (all when empty) to `into`; other metrics add nothing.
+    /// Adds the TTFT or latency distribution over the window of the
+    /// traffic `filter` admits to `into`; other metrics add nothing.
     pub fn merge_latencies(
         &self,
         metric: Metric,
         window_s: f64,
-        ports: &[u16],
+        filter: &TrafficFilter<'_>,
         into: &mut hdrhistogram::Histogram<u32>,
     ) {
-        for port in self.selected_ports(ports) {
-            let now_s = port.history.latest().map_or(0.0, |p| p.at_s);
-            match metric {
-                Metric::TtftMs(_) => port.ttft.merge_into(now_s, window_s, into),
-                Metric::LatencyMs(_) => port.latency.merge_into(now_s, window_s, into),
-                _ => {}
-            }
+        for port in self.selected_ports(filter) {
+            port.merge_latencies(metric, window_s, into);
         }
     }
 
-    fn selected_ports<'a>(&'a self, ports: &'a [u16]) -> impl Iterator<Item = &'a PortView> {
-        self.ports.iter().filter(move |p| ports.is_empty() || ports.contains(&p.port))
+    fn selected_ports<'a>(&'a self, filter: &'a TrafficFilter<'_>) -> impl Iterator<Item = &'a PortView> {
+        self.ports.iter().filter(move |p| filter.admits(p.port, p.probe))
     }
 
     /// Why this pod cannot have a value for `metric` at all (as opposed to
@@ -157,10 +176,10 @@ impl PodView {
     }
 
     /// The pod's value of `metric` over `window_s`, counting only the
-    /// server `ports` given (all when empty; GPU metrics are per pod);
-    /// `None` while the pod has too little history or when
-    /// `unavailable_reason` says why.
-    pub fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
+    /// request traffic `filter` admits (GPU metrics are per pod); `None`
+    /// while the pod has too little history or when `unavailable_reason`
+    /// says why.
+    pub fn value(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>) -> Option<f64> {
         if self.unavailable_reason(metric).is_some() {
             return None;
         }
@@ -170,16 +189,14 @@ impl PodView {
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
-                self.merge_latencies(metric, window_s, ports, &mut merged);
+                self.merge_latencies(metric, window_s, filter, &mut merged);
                 quantile_ms(&merged, q.fraction()).or(Some(0.0))
             }
-            _ if ports.is_empty() => additive_request_value(metric, window_s, &self.history, self.requests_in_flight),
+            _ if filter.is_pod_level() => {
+                additive_request_value(metric, window_s, &self.history, self.requests_in_flight)
+            }
             // A pod serving nothing on those ports contributes 0.
-            _ => Some(
-                self.selected_ports(ports)
-                    .filter_map(|p| additive_request_value(metric, window_s, &p.history, p.requests_in_flight))
-                    .sum(),
-            ),
+            _ => Some(self.selected_ports(filter).filter_map(|p| p.value(metric, window_s)).sum()),
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod http1;
 pub mod http2;
 pub mod sockets;
 pub mod tracker;
+pub mod traffic;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub enum ProbeUpdate {
         cgroup_id: u64,
         /// Server port (0: unknown).
         port: u16,
+        /// Probe traffic (health checks, metrics scrapes).
+        probe: bool,
         /// Bytes the server read (requests arriving).
         received: u64,
         /// Bytes the server wrote (responses leaving).
@@ -255,8 +258,8 @@ pub fn monotonic_ns() -> u64 {
 /// Longest time an event waits in the ring before the reader looks.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Bytes (received, sent) per (cgroup, server port) since the last flush.
-type ByteCounts = std::collections::HashMap<(u64, u16), (u64, u64), foldhash::fast::RandomState>;
+/// Bytes (received, sent) per traffic key since the last flush.
+type ByteCounts = std::collections::HashMap<tracker::TrafficKey, (u64, u64), foldhash::fast::RandomState>;
 
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
@@ -293,9 +296,9 @@ fn drain_ring(
         // (same struct; size and alignment checked above).
         let event: &IoEvent = unsafe { &*item.as_ptr().cast::<IoEvent>() };
         stats.events.fetch_add(1, Ordering::Relaxed);
-        let port = tracker.observe(event, outcomes);
-        if event.bytes > 0 {
-            let counts = bytes.entry((event.cgroup_id, port)).or_default();
+        let counted = tracker.observe(event, outcomes);
+        if let (true, Some((port, probe))) = (event.bytes > 0, counted) {
+            let counts = bytes.entry((event.cgroup_id, port, probe)).or_default();
             match event.kind {
                 k if k == podgpu_common::IoKind::Read as u32 => counts.0 += event.bytes as u64,
                 k if k == podgpu_common::IoKind::Write as u32 => counts.1 += event.bytes as u64,
@@ -313,6 +316,7 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run_reader(
     ring: RingBuf<MapData>,
     proc: ProcFs,
+    probe_paths: traffic::ProbePaths,
     kernel: Option<KernelMaps>,
     updates: mpsc::Sender<Vec<ProbeUpdate>>,
     stats: Arc<ReaderStats>,
@@ -322,7 +326,7 @@ pub async fn run_reader(
     // for as long as the AsyncFd that owns the ring buffer lives.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|err| std::io::Error::other(err.to_string()))?;
-    let mut tracker = tracker::Tracker::new(proc.clone());
+    let mut tracker = tracker::Tracker::new(proc.clone(), probe_paths);
     let host = HostLiveness { proc: &proc, kernel: kernel.as_ref() };
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
@@ -359,9 +363,10 @@ pub async fn run_reader(
         // One send per drain: per-event channel traffic would cost more
         // than the parsing.
         if !outcomes.is_empty() || !bytes.is_empty() {
-            let byte_updates = bytes.drain().map(|((cgroup_id, port), (received, sent))| ProbeUpdate::Bytes {
+            let byte_updates = bytes.drain().map(|((cgroup_id, port, probe), (received, sent))| ProbeUpdate::Bytes {
                 cgroup_id,
                 port,
+                probe,
                 received,
                 sent,
             });

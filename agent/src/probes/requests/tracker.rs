@@ -33,6 +33,7 @@ use podgpu_common::{H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
 use super::sockets::PortResolver;
+use super::traffic::{peer_is_loopback, ProbePaths};
 use crate::proc::ProcFs;
 
 /// HTTP/2 connection preface.
@@ -52,13 +53,19 @@ pub struct RequestEvent {
     pub cgroup_id: u64,
     /// Server port of the connection; 0 when it could not be named.
     pub port: u16,
+    /// Health-check or metrics-scrape traffic (`traffic::ProbePaths`).
+    pub probe: bool,
     /// What happened.
     pub outcome: Outcome,
 }
 
-/// Open requests per (cgroup id, server port): the level that
-/// `requests_in_flight` is read from. Keys with no open request are absent.
-pub type OpenRequests = HashMap<(u64, u16), u64>;
+/// Where a connection's requests are counted: cgroup id, server port, and
+/// whether they are probe traffic.
+pub type TrafficKey = (u64, u16, bool);
+
+/// Open requests per `TrafficKey`: the level that `requests_in_flight` is
+/// read from. Keys with no open request are absent.
+pub type OpenRequests = HashMap<TrafficKey, u64>;
 
 #[derive(Debug)]
 enum Protocol {
@@ -75,9 +82,23 @@ struct Connection {
     last_seen_ns: u64,
     /// Events may have been lost while requests were open.
     suspect: bool,
+    /// Its requests are health checks or metrics scrapes.
+    probe: bool,
+    /// Accepted from another container of the same pod (a sidecar's hop):
+    /// its requests were counted where they entered the pod.
+    internal: bool,
 }
 
 impl Connection {
+    fn new(cgroup_id: u64, port: u16, at_ns: u64) -> Self {
+        Self { cgroup_id, port, protocol: None, last_seen_ns: at_ns, suspect: false, probe: false, internal: false }
+    }
+
+    /// Where its requests and bytes are counted (`None`: nowhere).
+    fn counted_as(&self) -> Option<TrafficKey> {
+        (!self.internal).then_some((self.cgroup_id, self.port, self.probe))
+    }
+
     fn open_requests(&self) -> usize {
         match &self.protocol {
             Some(Protocol::Http1(http)) => http.in_flight(),
@@ -123,6 +144,8 @@ pub struct TrackerStats {
     pub kernel_evictions: u64,
     /// Suspect HTTP/1.1 connections resynchronised at a request line.
     pub resyncs: u64,
+    /// Connections from another container of the same pod, not counted.
+    pub intra_pod_connections: u64,
     /// Sweeps whose recount of open requests differed from the running
     /// level (should stay 0; a non-zero value means an ending was lost
     /// between parser and level and has now been healed).
@@ -149,10 +172,15 @@ pub struct Tracker {
     stats: TrackerStats,
     outcomes: Vec<Outcome>,
     ports: PortResolver,
+    proc: ProcFs,
+    probe_paths: ProbePaths,
     open: OpenRequests,
     /// Start time of each process that owns tracked connections, as first
     /// seen: a different one later means the pid was reused.
     processes: HashMap<u32, u64>,
+    /// Whether each server process has a network namespace of its own (a
+    /// pod's), where a loopback peer is another container of the pod.
+    private_network: HashMap<u32, bool>,
 }
 
 /// (tgid, fd) of a connection key (`tgid << 32 | fd`).
@@ -160,42 +188,47 @@ fn split_key(connection: u64) -> (u32, u32) {
     ((connection >> 32) as u32, connection as u32)
 }
 
-/// Hands `outcomes` on as request events of (cgroup, port), keeping the
-/// open-request level in step.
-fn deliver(
-    open: &mut OpenRequests,
-    outcomes: &mut Vec<Outcome>,
-    cgroup_id: u64,
-    port: u16,
-    out: &mut Vec<RequestEvent>,
-) {
-    if outcomes.is_empty() {
+/// Hands `outcomes` on as request events of `key`, keeping the
+/// open-request level in step (`None`: not counted, dropped).
+fn deliver(open: &mut OpenRequests, outcomes: &mut Vec<Outcome>, key: Option<TrafficKey>, out: &mut Vec<RequestEvent>) {
+    let Some(key @ (cgroup_id, port, probe)) = key.filter(|_| !outcomes.is_empty()) else {
+        outcomes.clear();
         return;
-    }
-    let level = open.entry((cgroup_id, port)).or_default();
+    };
+    let level = open.entry(key).or_default();
     for outcome in outcomes.drain(..) {
         match outcome {
             Outcome::Started { .. } => *level += 1,
             Outcome::Completed(_) | Outcome::Aborted { .. } => *level = level.saturating_sub(1),
         }
-        out.push(RequestEvent { cgroup_id, port, outcome });
+        out.push(RequestEvent { cgroup_id, port, probe, outcome });
     }
     if *level == 0 {
-        open.remove(&(cgroup_id, port));
+        open.remove(&key);
     }
 }
 
 impl Tracker {
-    /// A tracker naming ports through `proc` (the host's /proc).
-    pub fn new(proc: ProcFs) -> Self {
+    /// A tracker naming ports through `proc` (the host's /proc) and
+    /// counting requests for `probe_paths` as probe traffic.
+    pub fn new(proc: ProcFs, probe_paths: ProbePaths) -> Self {
         Self {
             connections: HashMap::default(),
             stats: TrackerStats::default(),
             outcomes: Vec::new(),
-            ports: PortResolver::new(proc),
+            ports: PortResolver::new(proc.clone()),
+            proc,
+            probe_paths,
             open: OpenRequests::new(),
             processes: HashMap::new(),
+            private_network: HashMap::new(),
         }
+    }
+
+    /// Whether `tgid` has a network namespace of its own (cached).
+    fn in_private_network(&mut self, tgid: u32) -> bool {
+        let proc = &self.proc;
+        *self.private_network.entry(tgid).or_insert_with(|| proc.has_own_network(tgid).unwrap_or(false))
     }
 
     /// What the tracker could not follow so far.
@@ -218,10 +251,12 @@ impl Tracker {
         &self.open
     }
 
-    /// Processes one probe event, appending request events; returns the
-    /// server port of the event's connection (0: unknown or untracked).
-    pub fn observe(&mut self, event: &IoEvent, out: &mut Vec<RequestEvent>) -> u16 {
+    /// Processes one probe event, appending request events; returns where
+    /// the event's bytes count (port 0: unknown or untracked; `None`: not
+    /// at all, an intra-pod hop).
+    pub fn observe(&mut self, event: &IoEvent, out: &mut Vec<RequestEvent>) -> Option<(u16, bool)> {
         let at = event.timestamp_ns;
+        let prefix = &event.prefix[..(event.prefix_len as usize).min(event.prefix.len())];
         if event.kind == IoKind::Accept as u32 {
             // fd numbers are reused: an accept on a tracked (tgid, fd)
             // means that connection's close was missed.
@@ -231,13 +266,16 @@ impl Tracker {
             self.stats.connections += 1;
             let (tgid, _) = split_key(event.connection);
             let port = self.ports.listener_port(tgid, event.bytes as u32, Instant::now()).unwrap_or(0);
-            self.connections.insert(
-                event.connection,
-                Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at, suspect: false },
-            );
-            return port;
+            let mut connection = Connection::new(event.cgroup_id, port, at);
+            // The prefix holds the peer's address, when the server asked for it.
+            if peer_is_loopback(prefix) && self.in_private_network(tgid) {
+                connection.internal = true;
+                self.stats.intra_pod_connections += 1;
+            }
+            let counted = connection.counted_as();
+            self.connections.insert(event.connection, connection);
+            return counted.map(|(_, port, probe)| (port, probe));
         }
-        let prefix = &event.prefix[..(event.prefix_len as usize).min(event.prefix.len())];
         let suffix_len = (event.suffix_len as usize).min(event.suffix.len());
         // The kernel leaves the suffix out when the whole payload fit in
         // the prefix: its last bytes are the suffix.
@@ -256,32 +294,26 @@ impl Tracker {
             k if k == IoKind::Write as u32 && (event.bytes == -EPIPE || event.bytes == -ECONNRESET) => Io::WriteError,
             k if k == IoKind::Close as u32 => Io::Close,
             // Errors and unknown kinds move no bytes: no port needed.
-            _ => return 0,
+            _ => return Some((0, false)),
         };
         if matches!(io, Io::Close) {
-            let port = self.connections.get(&event.connection).map_or(0, |c| c.port);
+            let counted = self.connections.get(&event.connection).map_or(Some((0, 0, false)), Connection::counted_as);
             self.end(event.connection, at, Ending::Closed, out);
-            return port;
+            return counted.map(|(_, port, probe)| (port, probe));
         }
         let connection = match self.connections.get_mut(&event.connection) {
             Some(connection) => connection,
             None => {
                 // A connection that predates the agent (seeded in the kernel
                 // map): join it at its next request line.
-                let Io::Read { prefix, .. } = io else { return 0 };
+                let Io::Read { prefix, .. } = io else { return Some((0, false)) };
                 if !looks_like_request(prefix) && !prefix.starts_with(H2_PREFACE) {
-                    return 0;
+                    return Some((0, false));
                 }
                 self.stats.connections += 1;
                 let (tgid, fd) = split_key(event.connection);
                 let port = self.ports.socket_port(tgid, fd).unwrap_or(0);
-                self.connections.entry(event.connection).or_insert(Connection {
-                    cgroup_id: event.cgroup_id,
-                    port,
-                    protocol: None,
-                    last_seen_ns: at,
-                    suspect: false,
-                })
+                self.connections.entry(event.connection).or_insert(Connection::new(event.cgroup_id, port, at))
             }
         };
         connection.last_seen_ns = at;
@@ -300,6 +332,13 @@ impl Tracker {
             }
         }
         self.outcomes.clear();
+        // The class follows the connection's request lines; it changes
+        // only between requests, so a request ends in the class it began.
+        if let Io::Read { prefix, .. } = io {
+            if looks_like_request(prefix) && connection.open_requests() == 0 {
+                connection.probe = self.probe_paths.matches_request(prefix);
+            }
+        }
         if connection.suspect {
             match (connection.protocol.as_mut(), io) {
                 (Some(Protocol::Http1(http)), Io::Read { prefix, .. })
@@ -319,9 +358,9 @@ impl Tracker {
             Some(Protocol::Http2(http)) if matches!(io, Io::Eof | Io::WriteError) => http.close(at, &mut self.outcomes),
             _ => {}
         }
-        let (cgroup_id, port) = (connection.cgroup_id, connection.port);
-        deliver(&mut self.open, &mut self.outcomes, cgroup_id, port, out);
-        port
+        let counted = connection.counted_as();
+        deliver(&mut self.open, &mut self.outcomes, counted, out);
+        counted.map(|(_, port, probe)| (port, probe))
     }
 
     /// Processes the HTTP/2 frames of one read or write.
@@ -332,7 +371,7 @@ impl Tracker {
             // Joined mid-stream: the kernel resynchronised on frame headers.
             let (tgid, fd) = split_key(event.connection);
             let port = ports.socket_port(tgid, fd).unwrap_or(0);
-            Connection { cgroup_id: event.cgroup_id, port, protocol: None, last_seen_ns: at, suspect: false }
+            Connection::new(event.cgroup_id, port, at)
         });
         connection.last_seen_ns = at;
         if !matches!(connection.protocol, Some(Protocol::Http2(_))) {
@@ -348,8 +387,8 @@ impl Tracker {
         } else {
             http.on_write(at, frames, &mut self.outcomes);
         }
-        let (cgroup_id, port) = (connection.cgroup_id, connection.port);
-        deliver(&mut self.open, &mut self.outcomes, cgroup_id, port, out);
+        let counted = connection.counted_as();
+        deliver(&mut self.open, &mut self.outcomes, counted, out);
     }
 
     /// The kernel lost events (its ring was full): connections with open
@@ -381,7 +420,7 @@ impl Tracker {
             Some(Protocol::Http2(http)) => http.close(at_ns, &mut self.outcomes),
             None => {}
         }
-        deliver(&mut self.open, &mut self.outcomes, connection.cgroup_id, connection.port, out);
+        deliver(&mut self.open, &mut self.outcomes, connection.counted_as(), out);
     }
 
     /// Ends the connections whose ending the probe did not report (see the
@@ -389,6 +428,7 @@ impl Tracker {
     pub fn sweep(&mut self, now_ns: u64, host: &impl Liveness, out: &mut Vec<RequestEvent>) {
         let tgids: HashSet<u32> = self.connections.keys().map(|key| split_key(*key).0).collect();
         self.processes.retain(|tgid, _| tgids.contains(tgid));
+        self.private_network.retain(|tgid, _| tgids.contains(tgid));
         let mut exited = HashSet::new();
         for tgid in tgids {
             match (self.processes.get(&tgid), host.start_time(tgid)) {
@@ -432,8 +472,8 @@ impl Tracker {
         let mut recount = OpenRequests::new();
         for connection in self.connections.values() {
             let open = connection.open_requests() as u64;
-            if open > 0 {
-                *recount.entry((connection.cgroup_id, connection.port)).or_default() += open;
+            if let (true, Some(key)) = (open > 0, connection.counted_as()) {
+                *recount.entry(key).or_default() += open;
             }
         }
         if recount != self.open {
@@ -450,7 +490,7 @@ mod tests {
     use std::path::Path;
 
     fn tracker() -> Tracker {
-        Tracker::new(ProcFs::new(Path::new("/nonexistent")))
+        Tracker::new(ProcFs::new(Path::new("/nonexistent")), ProbePaths::parse("/health").unwrap())
     }
 
     /// A host where every process and socket lives and the kernel tracks
@@ -601,9 +641,9 @@ mod tests {
         let mut out = Vec::new();
         open_one(&mut tracker, 9, 4, 10, &mut out);
         open_one(&mut tracker, 9, 5, 10, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 2);
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 2);
         open_one(&mut tracker, 9, 4, 50, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 2, "one aborted, one new");
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 2, "one aborted, one new");
         assert_eq!(tracker.stats().fd_reuses, 1);
         assert_eq!(out.iter().filter(|e| matches!(e.outcome, Outcome::Aborted { .. })).count(), 1);
     }
@@ -621,11 +661,11 @@ mod tests {
         open_one(&mut tracker, 200, 4, 10, &mut out);
         open_one(&mut tracker, 300, 4, 10, &mut out);
         tracker.sweep(20, &host, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 7, "all alive");
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 7, "all alive");
         host.dead.insert(100);
         host.restarted.insert(300);
         tracker.sweep(30, &host, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 1);
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 1);
         assert_eq!(tracker.stats().process_exits, 6);
         assert_eq!(tracker.len(), 1);
     }
@@ -644,9 +684,9 @@ mod tests {
         host.not_sockets.insert((1, 4));
         host.evicted.insert(1 << 32 | 5);
         tracker.sweep(QUIET_NS / 2, &host, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "not quiet yet");
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 3, "not quiet yet");
         tracker.sweep(QUIET_NS + 10, &host, &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 1);
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 1);
         assert_eq!((tracker.stats().fds_gone, tracker.stats().kernel_evictions), (1, 1));
     }
 
@@ -666,10 +706,55 @@ mod tests {
         tracker.observe(&event(IoKind::Write, healthy, 5, response.len() as i64, response), &mut out);
         tracker.observe(&event(IoKind::Read, healthy, 6, REQUEST.len() as i64, REQUEST), &mut out);
         tracker.observe(&event(IoKind::Read, healthy, 7, REQUEST.len() as i64, REQUEST), &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "lossy 1 + healthy pipelined 2");
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 3, "lossy 1 + healthy pipelined 2");
         tracker.observe(&event(IoKind::Read, lossy, 8, REQUEST.len() as i64, REQUEST), &mut out);
-        assert_eq!(tracker.open_requests()[&(7, 0)], 3, "lossy: old one aborted, new one open");
+        assert_eq!(tracker.open_requests()[&(7, 0, false)], 3, "lossy: old one aborted, new one open");
         assert_eq!(tracker.stats().resyncs, 1);
         assert!(matches!(out.iter().rev().nth(1).map(|e| e.outcome), Some(Outcome::Aborted { started_ns: 1, .. })));
+    }
+
+    /// Requests for probe paths are counted apart, on their own key; the
+    /// class follows the connection's request lines.
+    #[test]
+    fn probe_requests_are_counted_apart() {
+        let mut tracker = tracker();
+        let mut out = Vec::new();
+        let health = b"GET /health HTTP/1.1\r\n\r\n";
+        tracker.observe(&event(IoKind::Accept, 5, 0, 3, b""), &mut out);
+        tracker.observe(&event(IoKind::Read, 5, 1, health.len() as i64, health), &mut out);
+        assert_eq!(tracker.open_requests().get(&(7, 0, true)), Some(&1));
+        assert!(out.iter().all(|e| e.probe));
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        tracker.observe(&event(IoKind::Write, 5, 2, response.len() as i64, response), &mut out);
+        tracker.observe(&event(IoKind::Read, 5, 3, REQUEST.len() as i64, REQUEST), &mut out);
+        assert_eq!(tracker.open_requests().get(&(7, 0, false)), Some(&1), "the next request is inference");
+        assert!(!out.last().unwrap().probe);
+    }
+
+    /// A connection from a loopback peer into a process with its own
+    /// network namespace (another container of the pod, e.g. a sidecar)
+    /// is not counted; in the host's network namespace it is.
+    #[test]
+    fn intra_pod_hops_are_not_counted() {
+        let proc_root = tempfile::tempdir().unwrap();
+        for (pid, namespace) in [(2, "net:[1]"), (8, "net:[1]"), (9, "net:[2]")] {
+            let dir = proc_root.path().join(format!("{pid}/ns"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::symlink(namespace, dir.join("net")).unwrap();
+        }
+        let mut tracker = Tracker::new(ProcFs::new(proc_root.path()), ProbePaths::default());
+        let mut loopback_peer = [0u8; 16];
+        loopback_peer[..2].copy_from_slice(&2u16.to_ne_bytes());
+        loopback_peer[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        let mut out = Vec::new();
+        for tgid in [8u64, 9] {
+            let key = tgid << 32 | 4;
+            let counted = tracker.observe(&event(IoKind::Accept, key, 0, 3, &loopback_peer), &mut out);
+            assert_eq!(counted.is_none(), tgid == 9);
+            tracker.observe(&event(IoKind::Read, key, 1, REQUEST.len() as i64, REQUEST), &mut out);
+        }
+        assert_eq!(out.len(), 1, "only the host-network server's request: {out:?}");
+        assert_eq!(tracker.open_requests().values().sum::<u64>(), 1);
+        assert_eq!(tracker.stats().intra_pod_connections, 1);
     }
 }

@@ -29,6 +29,7 @@ use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{PodSignals, WorkloadValue};
 use crate::signals::latency::decode_buckets_into;
 use crate::signals::metric::{Metric, MetricSource};
+use crate::signals::traffic_filter::TrafficFilter;
 
 /// How the scaler reaches and judges node agents.
 #[derive(Clone, Debug)]
@@ -67,9 +68,9 @@ impl RemotePod {
     }
 }
 
-/// The per-port values of `window` for the given ports.
-fn selected_ports<'a>(window: &'a WindowValues, ports: &'a [u16]) -> impl Iterator<Item = &'a PortValues> {
-    window.ports.iter().filter(|p| u16::try_from(p.port).is_ok_and(|port| ports.contains(&port)))
+/// The per-port values of `window` that `filter` admits.
+fn selected_ports<'a>(window: &'a WindowValues, filter: &'a TrafficFilter<'_>) -> impl Iterator<Item = &'a PortValues> {
+    window.ports.iter().filter(|p| u16::try_from(p.port).is_ok_and(|port| filter.admits(port, p.probe)))
 }
 
 impl PodSignals for RemotePod {
@@ -82,25 +83,25 @@ impl PodSignals for RemotePod {
     fn display_name(&self) -> &str {
         &self.name
     }
-    fn value(&self, metric: Metric, window_s: f64, ports: &[u16]) -> Option<f64> {
+    fn value(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>) -> Option<f64> {
         let window = self.window(window_s)?;
-        if ports.is_empty() || metric.source() != MetricSource::Probes {
+        if filter.is_pod_level() || metric.source() != MetricSource::Probes {
             return window.values.get(metric.name()).copied();
         }
         // A pod serving nothing on those ports contributes 0.
-        Some(selected_ports(window, ports).filter_map(|p| p.values.get(metric.name())).sum())
+        Some(selected_ports(window, filter).filter_map(|p| p.values.get(metric.name())).sum())
     }
-    fn merge_latencies(&self, metric: Metric, window_s: f64, ports: &[u16], into: &mut Histogram<u32>) {
+    fn merge_latencies(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>, into: &mut Histogram<u32>) {
         let Some(window) = self.window(window_s) else { return };
         let mut pick = |ttft: &[u64], latency: &[u64]| match metric {
             Metric::TtftMs(_) => decode_buckets_into(ttft, into),
             Metric::LatencyMs(_) => decode_buckets_into(latency, into),
             _ => {}
         };
-        if ports.is_empty() {
+        if filter.is_pod_level() {
             return pick(&window.ttft_us, &window.latency_us);
         }
-        for port in selected_ports(window, ports) {
+        for port in selected_ports(window, filter) {
             pick(&port.ttft_us, &port.latency_us);
         }
     }
