@@ -1,6 +1,12 @@
 //! HTTP/2 frame walking, tail-called from `syscall_exit` (see the crate
 //! root): decides the protocol, follows frame headers across syscalls and
-//! iovecs, and emits the request-relevant ones as an `H2Event`.
+//! iovecs, and emits the request-relevant ones as `H2Event`s.
+//!
+//! One invocation follows at most `MAX_WALK` headers per buffer and
+//! records at most `MAX_H2_FRAMES` frames. When either runs out before the
+//! syscall's data does (a busy server writing many streams' frames at
+//! once), the walker emits what it has and tail-calls itself to go on from
+//! there, up to `MAX_CONTINUATIONS` times, so no END_STREAM is skipped.
 
 use aya_ebpf::{helpers::bpf_probe_read_user, macros::raw_tracepoint, programs::RawTracePointContext};
 use podgpu_common::{conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, MAX_H2_FRAMES};
@@ -16,6 +22,23 @@ struct Walk {
     next: u64,
     /// The boundary was lost (implausible or straddling header).
     lost: bool,
+    /// This invocation's budget (steps or frame scratch) ran out at `next`:
+    /// a continuation goes on from there.
+    paused: bool,
+}
+
+/// Times one syscall's walk may continue in a fresh invocation (the
+/// kernel allows 33 tail calls in a chain; `syscall_exit` used one).
+const MAX_CONTINUATIONS: u32 = 24;
+
+/// Whether this CPU's frame scratch is full.
+#[inline(always)]
+fn scratch_full() -> bool {
+    match WALK_INPUT.get_ptr(0) {
+        // SAFETY: this CPU's scratch slot.
+        Some(input) => (unsafe { (*input).recorded }) >= MAX_H2_FRAMES as u32,
+        None => true,
+    }
 }
 
 /// Appends a frame to this CPU's scratch (dropped when it is full).
@@ -44,6 +67,10 @@ unsafe fn walk_buffer(base: u64, len: u64, walk: &mut Walk) {
         if walk.next >= len {
             return;
         }
+        if scratch_full() {
+            walk.paused = true;
+            return;
+        }
         if walk.next + 9 > len {
             // The header straddles buffers or syscalls.
             walk.lost = true;
@@ -67,8 +94,8 @@ unsafe fn walk_buffer(base: u64, len: u64, walk: &mut Walk) {
         walk.next += 9 + u64::from(length);
     }
     if walk.next < len {
-        // More frames in this buffer than one walk follows.
-        walk.lost = true;
+        // More frames in this buffer than one invocation follows.
+        walk.paused = true;
     }
 }
 
@@ -98,13 +125,13 @@ fn plausible(length: u32, kind: u8, stream_id: u32, reserved: bool) -> bool {
 /// of this read or write, carries the offset of the next header into the
 /// next syscall, and emits an `H2Event` with the request-relevant frames.
 #[raw_tracepoint]
-pub fn h2_walk(_ctx: RawTracePointContext) -> i32 {
+pub fn h2_walk(ctx: RawTracePointContext) -> i32 {
     let Some(input) = WALK_INPUT.get_ptr(0) else { return 0 };
     // SAFETY: this CPU's scratch slot, written just before the tail call.
     let input = unsafe { *input };
     let Some(state) = CONNECTIONS.get_ptr_mut(input.connection) else { return 0 };
     // SAFETY: the connection's map value.
-    unsafe { follow_http2(&input, state) };
+    unsafe { follow_http2(&ctx, &input, state) };
     0
 }
 
@@ -122,48 +149,53 @@ fn first_bytes(input: &WalkInput) -> Option<[u8; 4]> {
 
 /// # Safety
 /// `state` must be this connection's map value.
-unsafe fn follow_http2(input: &WalkInput, state: *mut ConnState) {
+unsafe fn follow_http2(ctx: &RawTracePointContext, input: &WalkInput, state: *mut ConnState) {
     let is_read = input.is_read != 0;
     let moved = input.moved;
+    let resuming = input.continuations > 0;
     let mut skip: u64 = 0;
-    let mode = unsafe { (*state).mode };
-    if mode == conn_mode::UNKNOWN {
-        if !is_read || moved < 4 {
-            return;
-        }
-        let Some(first) = first_bytes(input) else { return };
-        if first == *b"PRI " {
-            unsafe { (*state).mode = conn_mode::H2 };
-            skip = u64::from(H2_PREFACE_LEN);
-        } else if first[0].is_ascii_uppercase() {
-            unsafe { (*state).mode = conn_mode::OTHER };
-            return;
-        } else {
-            // Joined mid-stream: maybe HTTP/2, decided by a plausible header.
-            unsafe { (*state).mode = conn_mode::H2_UNSYNCED };
-        }
-    } else if mode == conn_mode::OTHER {
-        return;
-    } else if mode == conn_mode::H2 {
-        skip = u64::from(unsafe {
-            if is_read {
-                (*state).read_skip
-            } else {
-                (*state).write_skip
+    if !resuming {
+        let mode = unsafe { (*state).mode };
+        if mode == conn_mode::UNKNOWN {
+            if !is_read || moved < 4 {
+                return;
             }
-        });
+            let Some(first) = first_bytes(input) else { return };
+            if first == *b"PRI " {
+                unsafe { (*state).mode = conn_mode::H2 };
+                skip = u64::from(H2_PREFACE_LEN);
+            } else if first[0].is_ascii_uppercase() {
+                unsafe { (*state).mode = conn_mode::OTHER };
+                return;
+            } else {
+                // Joined mid-stream: maybe HTTP/2, decided by a plausible header.
+                unsafe { (*state).mode = conn_mode::H2_UNSYNCED };
+            }
+        } else if mode == conn_mode::OTHER {
+            return;
+        } else if mode == conn_mode::H2 {
+            skip = u64::from(unsafe {
+                if is_read {
+                    (*state).read_skip
+                } else {
+                    (*state).write_skip
+                }
+            });
+        }
     }
 
     // Walk each buffer in turn, carrying the offset of the next header from
     // one into the next. `walk.next` is relative to the current buffer.
     let unsynced = unsafe { (*state).mode } == conn_mode::H2_UNSYNCED;
-    let mut walk = Walk { next: skip, lost: false };
-    let mut walked = 0u64;
+    let mut walk = Walk { next: if resuming { input.resume_next } else { skip }, lost: false, paused: false };
+    let mut walked = if resuming { input.resume_walked } else { 0 };
+    let mut index = if resuming { input.resume_segment as usize } else { 0 };
     if input.segments == 0 {
         unsafe { walk_buffer(input.buffer, moved, &mut walk) };
-        walked = moved;
+        if !walk.paused {
+            walked = moved;
+        }
     } else {
-        let mut index = 0usize;
         while index < MAX_WALK_SEGMENTS && (index as u64) < input.segments && walked < moved && !walk.lost {
             let Ok(segment) = (unsafe { bpf_probe_read_user((input.buffer + index as u64 * 16) as *const IoVec) })
             else {
@@ -172,11 +204,33 @@ unsafe fn follow_http2(input: &WalkInput, state: *mut ConnState) {
             };
             let len = if segment.len < moved - walked { segment.len } else { moved - walked };
             unsafe { walk_buffer(segment.base, len, &mut walk) };
+            if walk.paused {
+                break;
+            }
             // Not lost means the next header is at or beyond this buffer's end.
             walk.next = walk.next.saturating_sub(len);
             walked += len;
             index += 1;
         }
+    }
+    if walk.paused && !walk.lost {
+        // Hand over: emit what this invocation recorded, then go on from
+        // the next header in a fresh invocation.
+        emit_frames(input, conn_mode::H2);
+        if input.continuations + 1 < MAX_CONTINUATIONS {
+            if let Some(next) = WALK_INPUT.get_ptr_mut(0) {
+                // SAFETY: this CPU's scratch slot.
+                unsafe {
+                    (*next).resume_next = walk.next;
+                    (*next).resume_walked = walked;
+                    (*next).resume_segment = index as u32;
+                    (*next).continuations = input.continuations + 1;
+                    // Only returns when the tail call fails.
+                    let _ = crate::WALKERS.tail_call(ctx, 0);
+                }
+            }
+        }
+        walk.lost = true;
     }
     // Data beyond the iovecs we follow cannot be walked.
     let lost = walk.lost || walked < moved;
@@ -199,15 +253,21 @@ unsafe fn follow_http2(input: &WalkInput, state: *mut ConnState) {
             }
         }
     }
+    emit_frames(input, unsafe { (*state).mode });
+}
+
+/// Emits the frames recorded in this CPU's scratch as one `H2Event` (none:
+/// nothing) and empties the scratch.
+#[inline(always)]
+fn emit_frames(input: &WalkInput, mode: u32) {
     // Read back from map memory: an untracked value for the verifier.
-    let recorded = match WALK_INPUT.get_ptr(0) {
-        // SAFETY: this CPU's scratch slot.
-        Some(input) => unsafe { (*input).recorded },
-        None => 0,
-    };
+    let Some(scratch) = WALK_INPUT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot.
+    let recorded = unsafe { (*scratch).recorded };
     if recorded == 0 {
         return;
     }
+    unsafe { (*scratch).recorded = 0 };
     let Some(mut entry) = EVENTS.reserve::<H2Event>(0) else {
         bump(RequestStat::RingFull);
         return;
@@ -218,9 +278,9 @@ unsafe fn follow_http2(input: &WalkInput, state: *mut ConnState) {
         (*event).timestamp_ns = input.timestamp_ns;
         (*event).cgroup_id = input.cgroup_id;
         (*event).connection = input.connection;
-        (*event).bytes = moved as i64;
-        (*event).kind = if is_read { IoKind::H2Read as u32 } else { IoKind::H2Write as u32 };
-        (*event).mode = (*state).mode;
+        (*event).bytes = input.moved as i64;
+        (*event).kind = if input.is_read != 0 { IoKind::H2Read as u32 } else { IoKind::H2Write as u32 };
+        (*event).mode = mode;
         (*event)._pad = 0;
         let mut copied = 0u32;
         for index in 0..MAX_H2_FRAMES {

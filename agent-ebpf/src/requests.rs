@@ -332,6 +332,10 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
                 cgroup_id: pending.cgroup_id,
                 is_read: u32::from(pending.kind == IoKind::Read as u32),
                 recorded: 0,
+                resume_next: 0,
+                resume_walked: 0,
+                resume_segment: 0,
+                continuations: 0,
             };
             WALKERS.tail_call(ctx, 0);
         }

@@ -181,6 +181,16 @@ pub struct WalkInput {
     /// Frames recorded so far by the walk (kept in map memory, not in a
     /// register, so the verifier does not track its value).
     pub recorded: u32,
+    /// Where a continued walk resumes: next header offset within the
+    /// current buffer.
+    pub resume_next: u64,
+    /// Bytes of the syscall's data already walked past.
+    pub resume_walked: u64,
+    /// iovec the walk resumes in.
+    pub resume_segment: u32,
+    /// Continuations so far (the walker tail-calls itself when its frame
+    /// scratch or its step budget is used up, instead of giving up).
+    pub continuations: u32,
 }
 
 #[cfg(feature = "user")]
@@ -228,7 +238,7 @@ mod tests {
     fn io_event_has_no_padding() {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
-        assert_eq!(core::mem::size_of::<WalkInput>(), 6 * 8 + 2 * 4);
+        assert_eq!(core::mem::size_of::<WalkInput>(), 8 * 8 + 4 * 4);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 24);
     }

@@ -1,14 +1,21 @@
 //! Requests whose ending the probe never sees must not stay in flight (as
 //! root, real eBPF probes, tenant servers in cgroup pods): a server killed
 //! with SIGKILL while streams are open closes its sockets without a close
-//! syscall, and its open requests are ended by the tracker's sweep.
+//! syscall, and its open requests are ended by the tracker's sweep; an
+//! HTTP/2 server that answers many streams in one write (more frames than
+//! one walk of the kernel program follows) still ends every stream.
 use integration::require_root;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use integration::agent::AgentProcess;
 use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
+use integration::pod::{new_uid, CgroupPod};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
+use integration::workspace_binary;
+use std::io::{BufRead, BufReader};
+use tokio::io::AsyncWriteExt;
 
 async fn in_flight(keda: &mut KedaClient, scene: &Scene, app: &str) -> f64 {
     let selector = format!("app={app}");
@@ -72,4 +79,82 @@ async fn a_killed_server_releases_its_open_requests() {
     for stream in streams {
         stream.abort();
     }
+}
+
+/// An HTTP/2 frame header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// 40 streams requested in one write and answered in one write (120
+/// response frames): more than one kernel walk records (16 frames) or
+/// follows (32 headers), so the walker continues in fresh invocations.
+/// All 40 show in flight, then all 40 end; no frame boundary is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_write_of_many_streams_ends_them_all() {
+    require_root();
+    const STREAMS: u32 = 40;
+    let ns = format!("h2bulk-{}", std::process::id());
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let uid = new_uid();
+    let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let metadata = files.path().join("pods.yaml");
+    std::fs::write(
+        &metadata,
+        format!("pods:\n  - {{uid: {uid}, namespace: {ns}, name: grpc-0, labels: {{app: grpc}}}}\n"),
+    )
+    .unwrap();
+    let args = ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", metadata.to_str().unwrap()].map(String::from);
+    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args).expect("agent starts");
+    // Started once the agent watches: an accept() entered before the
+    // probes were attached is not seen (its connection would be missed).
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/h2_bulk_server.py");
+    let mut command = std::process::Command::new("python3");
+    command.arg(&script).args([STREAMS.to_string(), "3".to_string()]);
+    let child = pod.spawn(command).expect("python3 runs the raw HTTP/2 server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("server said {line:?}"));
+    let addr: SocketAddr = ready["listening"].as_str().unwrap().parse().unwrap();
+
+    let mut keda = KedaClient::connect(agent.keda).await.unwrap();
+    let trigger =
+        scaled_object(&ns, "grpc", &[("metric", "requests_in_flight"), ("target", "1"), ("podSelector", "app=grpc")]);
+
+    let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    request.extend(h2_frame(4, 0, 0, b""));
+    for stream in (1..=2 * STREAMS).step_by(2) {
+        request.extend(h2_frame(1, 0x5, stream, b"\x82\x84"));
+    }
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client.write_all(&request).await.unwrap();
+
+    let in_flight =
+        async |keda: &mut KedaClient| keda.poll(&trigger, "inflight").await.map(|p| p.value).unwrap_or(-1.0);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut peak = 0.0f64;
+    while Instant::now() < deadline && peak < STREAMS as f64 {
+        peak = peak.max(in_flight(&mut keda).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(peak, STREAMS as f64, "every stream of the one read seen starting");
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while in_flight(&mut keda).await != 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(in_flight(&mut keda).await, 0.0, "every stream of the one write seen ending");
+    let view: serde_json::Value = serde_json::from_slice(&get(agent.http, "/pods").await.unwrap().body).unwrap();
+    let row = view["pods"].as_array().unwrap().iter().find(|p| p["name"] == "grpc-0").unwrap().clone();
+    assert_eq!(
+        (row["requests"]["started"].as_u64(), row["requests"]["completed"].as_u64()),
+        (Some(40), Some(40)),
+        "{row}"
+    );
+    assert_eq!(view["health"]["request_probe"]["http2_lost_sync"], 0, "{}", view["health"]);
+    drop(client);
 }
