@@ -195,6 +195,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     // probes' watch sets before anyone is told the agent serves.
     let mut collector = collector;
     collector.tick();
+    // And the first view is published before anyone is told: /healthz and
+    // /readyz judge its age from the start.
+    view_tx.send_replace(Arc::new(collector.view()));
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());

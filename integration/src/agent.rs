@@ -114,3 +114,36 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// One pod of a static metadata file: uid, namespace, name, `app` label.
+pub struct PodEntry<'a> {
+    /// Pod UID.
+    pub uid: &'a str,
+    /// Namespace.
+    pub namespace: &'a str,
+    /// Pod name.
+    pub name: &'a str,
+    /// Value of its `app` label.
+    pub app: &'a str,
+}
+
+impl AgentProcess {
+    /// Starts `podgpu-agent standalone` without a GPU, ticking every
+    /// 100 ms, with a static metadata file naming `pods`; the file's
+    /// directory lives as long as the returned guard.
+    pub fn start_for_pods(pods: &[PodEntry<'_>]) -> anyhow::Result<(Self, tempfile::TempDir)> {
+        let files = tempfile::tempdir()?;
+        let metadata = files.path().join("pods.yaml");
+        let mut text = String::from("pods:\n");
+        for pod in pods {
+            text.push_str(&format!(
+                "  - {{uid: {}, namespace: {}, name: {}, labels: {{app: {}}}}}\n",
+                pod.uid, pod.namespace, pod.name, pod.app
+            ));
+        }
+        std::fs::write(&metadata, text)?;
+        let metadata = metadata.display().to_string();
+        let args = ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", &metadata].map(String::from);
+        Ok((Self::start(&crate::workspace_binary("podgpu-agent"), &args)?, files))
+    }
+}

@@ -65,3 +65,18 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     let variable = format!("PODGPU_{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
     std::env::var_os(variable).map(PathBuf::from).unwrap_or_else(|| profile_dir().join(name))
 }
+
+/// Polls `check` every 100 ms until it holds or `within` has passed;
+/// whether it held.
+pub async fn eventually(within: std::time::Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

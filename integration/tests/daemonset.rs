@@ -18,7 +18,7 @@ use integration::container::{kubelet_cgroup_path, Bind, CgroupLayout, ChartAgent
 use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::new_uid;
-use integration::{require_root, workspace_binary};
+use integration::{eventually, require_root, workspace_binary};
 
 const NAMESPACE: &str = "ds";
 
@@ -205,17 +205,6 @@ async fn value(keda: &mut KedaClient, app: &str, metric: &str, extra: &[(&str, &
     metadata.extend_from_slice(extra);
     let trigger = scaled_object(NAMESPACE, app, &metadata);
     keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{app} {metric}: {e}")).value
-}
-
-async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    check().await
 }
 
 /// The agent in a chart-shaped container attributes requests and GPU

@@ -6,14 +6,14 @@ use integration::require_root;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration::agent::AgentProcess;
+use integration::agent::{AgentProcess, PodEntry};
 use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, CgroupPod};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-use integration::workspace_binary;
+use integration::{eventually, workspace_binary};
 
 async fn value(keda: &mut KedaClient, namespace: &str, app: &str, metric: &str, extra: &[(&str, &str)]) -> f64 {
     let selector = format!("app={app}");
@@ -27,17 +27,6 @@ async fn started(http: SocketAddr, pod: &str) -> u64 {
     let view: serde_json::Value = serde_json::from_slice(&get(http, "/pods").await.unwrap().body).unwrap();
     let row = view["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).expect("pod listed").clone();
     row["requests"]["started"].as_u64().unwrap()
-}
-
-async fn wait_for(within: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 /// Kubelet-style health checks (a connection each) and Prometheus-style
@@ -69,7 +58,7 @@ async fn health_checks_and_scrapes_do_not_count() {
         let path = format!("{path}{}", held.path());
         streams.push(tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&path).await }));
     }
-    let settled = wait_for(Duration::from_secs(5), async || {
+    let settled = eventually(Duration::from_secs(5), async || {
         value(&mut keda, &ns, "llm", "requests_in_flight", &[("includeProbeRequests", "true")]).await == 5.0
     })
     .await;
@@ -157,15 +146,8 @@ async fn a_sidecar_hop_counts_once() {
     let listen = format!("{}:0", network.pod_ip);
     let proxy_addr = listening(&mut sidecar, network.command("proxy", &[&listen, &app_addr.to_string()]));
 
-    let files = tempfile::tempdir().unwrap();
-    let metadata = files.path().join("pods.yaml");
-    std::fs::write(
-        &metadata,
-        format!("pods:\n  - {{uid: {uid}, namespace: {ns}, name: llm-0, labels: {{app: llm}}}}\n"),
-    )
-    .unwrap();
-    let args = ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", metadata.to_str().unwrap()].map(String::from);
-    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args).expect("agent starts");
+    let pods = [PodEntry { uid: &uid, namespace: &ns, name: "llm-0", app: "llm" }];
+    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
     let mut keda = KedaClient::connect(agent.keda).await.unwrap();
 
     let mut client = Client::connect(proxy_addr).await.expect("the pod, through its sidecar");
@@ -178,9 +160,10 @@ async fn a_sidecar_hop_counts_once() {
         streams
             .push(tokio::spawn(async move { Client::connect(proxy_addr).await.unwrap().stream(&held.path()).await }));
     }
-    let settled =
-        wait_for(Duration::from_secs(5), async || value(&mut keda, &ns, "llm", "requests_in_flight", &[]).await == 3.0)
-            .await;
+    let settled = eventually(Duration::from_secs(5), async || {
+        value(&mut keda, &ns, "llm", "requests_in_flight", &[]).await == 3.0
+    })
+    .await;
     if !settled {
         let metrics = String::from_utf8(get(agent.http, "/metrics").await.unwrap().body).unwrap();
         let debug: Vec<&str> =
@@ -191,7 +174,7 @@ async fn a_sidecar_hop_counts_once() {
     assert_eq!(value(&mut keda, &ns, "llm", "requests_in_flight", &[]).await, 3.0, "not 6: the hop is not counted");
     assert_eq!(started(agent.http, "llm-0").await, 7, "4 requests + 3 streams, once each");
     // Tracker counters are published with its sweep (every second).
-    let counted_hops = wait_for(Duration::from_secs(3), async || {
+    let counted_hops = eventually(Duration::from_secs(3), async || {
         let metrics = String::from_utf8(get(agent.http, "/metrics").await.unwrap().body).unwrap();
         metrics.lines().any(|l| l.starts_with("podgpu_agent_intra_pod_connections_total") && !l.ends_with(" 0"))
     })

@@ -8,12 +8,11 @@ use integration::require_root;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use integration::agent::AgentProcess;
+use integration::agent::{AgentProcess, PodEntry};
 use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, CgroupPod};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-use integration::workspace_binary;
 use std::io::{BufRead, BufReader};
 use tokio::io::AsyncWriteExt;
 
@@ -102,15 +101,8 @@ async fn an_http2_write_of_many_streams_ends_them_all() {
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
-    let files = tempfile::tempdir().unwrap();
-    let metadata = files.path().join("pods.yaml");
-    std::fs::write(
-        &metadata,
-        format!("pods:\n  - {{uid: {uid}, namespace: {ns}, name: grpc-0, labels: {{app: grpc}}}}\n"),
-    )
-    .unwrap();
-    let args = ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", metadata.to_str().unwrap()].map(String::from);
-    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args).expect("agent starts");
+    let pods = [PodEntry { uid: &uid, namespace: &ns, name: "grpc-0", app: "grpc" }];
+    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
     // Started once the agent watches: an accept() entered before the
     // probes were attached is not seen (its connection would be missed).
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/h2_bulk_server.py");
