@@ -141,6 +141,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
+    // Launch accounting (libcuda uprobes), on by default.
+    let (launch_probe, launch_status) =
+        load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?;
+    let launch_snapshot = Arc::new(std::sync::Mutex::new(probes::launches::LaunchSnapshot::default()));
     let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
         Ok(maps) => Some(maps),
         Err(err) => {
@@ -187,7 +191,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             proc: proc.clone(),
         },
         directory,
-        Probes { requests, status: probe_status, reader: reader_stats.clone() },
+        Probes {
+            requests,
+            status: probe_status,
+            reader: reader_stats.clone(),
+            launches: launch_snapshot.clone(),
+            launch_status,
+        },
         gpu_dropped,
     );
 
@@ -213,6 +223,14 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         );
         tasks.spawn(async move { reader.await.context("request probe reader") });
     }
+    let launch_reader = launch_probe.map(|probe| {
+        probes::launch_reader::spawn(
+            probe,
+            probes::launch_reader::LaunchReaderConfig { proc: proc.clone(), cgroup_root: cgroup_root.clone() },
+            launch_snapshot.clone(),
+            shutdown.clone(),
+        )
+    });
     // KEDA's ExternalScaler and the node API share the gRPC port.
     let router = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
@@ -240,6 +258,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     }
     // The poller thread notices the closed channel within 100 ms.
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+    // The launch reader checks the shutdown token once a second.
+    if let Some(reader) = launch_reader {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
     if result.is_ok() && !shutdown.is_cancelled() {
         bail!("agent tasks ended without a shutdown request");
     }

@@ -23,6 +23,17 @@ pub struct ProcFs {
     cgroup_ns_root: String,
 }
 
+/// A file mapped into a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedFile {
+    /// Device, as maps writes it (`fd:01`).
+    pub device: String,
+    /// Inode on that device.
+    pub inode: u64,
+    /// Path inside the process's mount namespace.
+    pub path: String,
+}
+
 /// One line of `/proc/PID/cgroup`, with its path on the host tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupLine {
@@ -112,6 +123,27 @@ impl ProcFs {
         let namespace = |pid: u32| fs::read_link(self.pid_dir(pid).join("ns/net")).ok();
         let host = namespace(2).or_else(|| namespace(1))?;
         Some(namespace(pid)? != host)
+    }
+
+    /// Files `pid` has mapped whose path contains `name` (one entry per
+    /// file: device and inode from `/proc/PID/maps`, path as the process
+    /// sees it). Empty when the process is gone or may not be read.
+    pub fn mapped_files(&self, pid: u32, name: &str) -> Vec<MappedFile> {
+        let Ok(text) = fs::read_to_string(self.pid_dir(pid).join("maps")) else { return Vec::new() };
+        let mut files: Vec<MappedFile> = Vec::new();
+        for line in text.lines().filter(|line| line.contains(name)) {
+            // address perms offset dev inode path
+            let mut fields = line.split_ascii_whitespace();
+            let (Some(device), Some(inode), Some(path)) = (fields.nth(3), fields.next(), fields.next()) else {
+                continue;
+            };
+            let Ok(inode) = inode.parse::<u64>() else { continue };
+            if inode == 0 || files.iter().any(|f| f.inode == inode && f.device == device) {
+                continue;
+            }
+            files.push(MappedFile { device: device.to_string(), inode, path: path.to_string() });
+        }
+        files
     }
 
     /// Every fd of `pid` that is a socket, with its inode.

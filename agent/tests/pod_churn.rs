@@ -36,7 +36,7 @@ fn ten_thousand_pod_cycles_leave_nothing_behind() {
         gpu_stale_after: Duration::from_secs(5),
         proc: ProcFs::new(std::path::Path::new("/nonexistent")),
     };
-    let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
+    let probes = Probes::disabled();
     let directory = Directory::new(HashMap::new(), Some(api_rx), None);
     let mut collector = Collector::new(config, directory, probes, Arc::new(AtomicU64::new(0)));
     let mut pids = PidCache::new(ProcFs::new(proc_root.path()), PID_EXPIRY);

@@ -193,6 +193,45 @@ pub struct WalkInput {
     pub continuations: u32,
 }
 
+/// Launch accounting (`agent-ebpf/src/launches.rs`): uprobes on libcuda's
+/// launch entry points count launches per `LaunchKey` in a per-CPU hash
+/// map, never one event per launch.
+pub const MAX_LAUNCH_KEYS: u32 = 16384;
+
+/// Which libcuda entry point launched (`LaunchKey::kind`).
+pub mod launch_kind {
+    /// `cuLaunchKernel` / `_ptsz`.
+    pub const KERNEL: u32 = 0;
+    /// `cuLaunchKernelEx` / `_ptsz`.
+    pub const KERNEL_EX: u32 = 1;
+    /// `cuLaunchCooperativeKernel` / `_ptsz`.
+    pub const COOPERATIVE: u32 = 2;
+    /// `cuGraphLaunch` / `_ptsz`: `function` is the graph handle.
+    pub const GRAPH: u32 = 3;
+}
+
+/// What one launch is counted under: process, entry point, kernel function
+/// (or graph) handle and launch size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LaunchKey {
+    /// Process (thread group) id.
+    pub tgid: u32,
+    /// `launch_kind`.
+    pub kind: u32,
+    /// `CUfunction` (or `CUgraphExec`) handle.
+    pub function: u64,
+    /// Grid dimensions (0 for graphs).
+    pub grid: [u32; 3],
+    /// Block dimensions (0 for graphs).
+    pub block: [u32; 3],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), 4 + 4 + 8 + 12 + 12 bytes with no padding (checked by a
+// test); every bit pattern is valid.
+unsafe impl aya::Pod for LaunchKey {}
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C); u64s first, then u32s, then byte arrays whose lengths
 // keep the following u32s aligned: no padding (checked by a test), and
@@ -239,6 +278,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
         assert_eq!(core::mem::size_of::<WalkInput>(), 8 * 8 + 4 * 4);
+        assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 24);
     }

@@ -17,7 +17,6 @@ use podgpu_agent::pods::directory::Directory;
 use podgpu_agent::pods::pid_cache::PidCache;
 use podgpu_agent::proc::{write_fake_process, ProcFs};
 use podgpu_agent::signals::collector::{Collector, CollectorConfig, Probes};
-use podgpu_agent::status::SourceStatus;
 
 use crate::alloc_count::allocated_bytes;
 
@@ -119,7 +118,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         gpu_stale_after: Duration::from_secs(5),
         proc: podgpu_agent::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
     };
-    let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
+    let probes = Probes::disabled();
     let mut collector = Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)));
     for _ in 0..=(65 * 4) {
         collector.tick();

@@ -1,7 +1,8 @@
 //! The node agent's HTTP endpoints: `/healthz` (liveness: what works and
 //! what is degraded; 503 when the collector has stopped publishing),
 //! `/readyz` (readiness: a fresh view is being served), `/pods` (the
-//! per-pod view as JSON, used by the demo's live view) and `/metrics`
+//! per-pod view as JSON, used by the demo's live view), `/launches`
+//! (kernel launches per process, function and size) and `/metrics`
 //! (Prometheus text format).
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -34,6 +35,7 @@ pub fn router(view: ViewRx, tick: Duration) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/pods", get(pods))
+        .route("/launches", get(launches))
         .route("/metrics", get(metrics))
         .with_state(AppState { view, freshness })
 }
@@ -171,6 +173,13 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
 
 /// Prometheus exposition of per-pod signals (default window) and the
 /// agent's self-metrics.
+/// `/launches`: kernel launches per live process, kernel function (or
+/// graph) and launch size, cumulative (the attribution estimator's input).
+async fn launches(State(AppState { view, .. }): State<AppState>) -> Response {
+    let view = view.borrow().clone();
+    Json(serde_json::json!({ "status": view.health.launches, "rows": view.launches.as_slice() })).into_response()
+}
+
 async fn metrics(State(AppState { view, .. }): State<AppState>) -> Response {
     let view = view.borrow().clone();
     let started = std::time::Instant::now();

@@ -37,7 +37,11 @@ impl NodeApi {
 
 /// The snapshot of `view` for `windows`.
 pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
-    let sources = [(MetricSource::Gpu, "gpu", &view.health.gpu), (MetricSource::Probes, "probes", &view.health.probes)];
+    let sources = [
+        (MetricSource::Gpu, "gpu", &view.health.gpu),
+        (MetricSource::Probes, "probes", &view.health.probes),
+        (MetricSource::Launches, "launches", &view.health.launches),
+    ];
     let unavailable_sources = sources
         .iter()
         .filter(|(_, _, status)| !status.is_ok())

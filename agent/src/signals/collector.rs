@@ -19,6 +19,7 @@ use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
+use crate::probes::launches::LaunchSnapshot;
 use crate::probes::requests::{sockets, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
 /// Collector schedule and inputs.
@@ -46,6 +47,23 @@ pub struct Probes {
     pub status: SourceStatus,
     /// Counters of its reader task.
     pub reader: Arc<ReaderStats>,
+    /// What the launch reader publishes (launches per pod, per process).
+    pub launches: Arc<std::sync::Mutex<LaunchSnapshot>>,
+    /// Whether the launch probe serves.
+    pub launch_status: SourceStatus,
+}
+
+impl Probes {
+    /// No probes at all (tests, benchmarks of the collector alone).
+    pub fn disabled() -> Self {
+        Self {
+            requests: None,
+            status: SourceStatus::Disabled,
+            reader: Arc::default(),
+            launches: Arc::default(),
+            launch_status: SourceStatus::Disabled,
+        }
+    }
 }
 
 /// How long a pod found without metadata holds answers back while the
@@ -62,6 +80,8 @@ struct PodState {
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
+    /// Kernel launches since the agent started (exited processes included).
+    launches: u64,
     /// Request state per (server port, probe traffic) (port 0: connections
     /// whose port could not be named); pod totals are the sums of the
     /// application entries, so each outcome is recorded once.
@@ -182,7 +202,9 @@ impl Collector {
         let elapsed = (now_s - self.last_tick_s).max(0.0);
         self.last_tick_s = now_s;
         let gpu_known = self.gpu_status.is_ok();
-        for pod in self.pods.values_mut() {
+        let launches = self.probes.launches.lock().expect("launch snapshot poisoned").per_pod.clone();
+        for (uid, pod) in self.pods.iter_mut() {
+            pod.launches = pod.launches.max(launches.get(uid).copied().unwrap_or(0));
             // Sample-and-hold between GPU polls keeps short windows smooth;
             // time without valid GPU data is not integrated at all.
             if gpu_known {
@@ -195,6 +217,7 @@ impl Collector {
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
+                gpu_launches: pod.launches,
                 ..Point::default()
             };
             for (&(_, probe), port) in pod.ports.iter_mut() {
@@ -265,6 +288,7 @@ impl Collector {
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
+                        launches: 0,
                         ports: BTreeMap::new(),
                     },
                 );
@@ -415,14 +439,20 @@ impl Collector {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
         });
         let (kube_api_health, kubelet_health) = self.directory.health();
+        let launches = self.probes.launches.lock().expect("launch snapshot poisoned");
+        let (launch_rows, launch_libraries) = (Arc::new(launches.rows.clone()), launches.libraries);
+        drop(launches);
         NodeView {
             at_s: self.last_tick_s,
+            launches: launch_rows,
             built: Some(Instant::now()),
             pods,
             devices: self.gpu_devices.clone(),
             health: Health {
                 probes: self.probes.status.clone(),
                 gpu: self.gpu_status.clone(),
+                launches: self.probes.launch_status.clone(),
+                launch_libraries,
                 kube_api: kube_api_health,
                 kubelet: kubelet_health,
                 api_pods: self.directory.api_pods(),
@@ -458,7 +488,7 @@ mod tests {
             gpu_stale_after: Duration::from_millis(200),
             proc: crate::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
         };
-        let probes = Probes { requests: None, status: SourceStatus::Disabled, reader: Arc::default() };
+        let probes = Probes::disabled();
         Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)))
     }
 

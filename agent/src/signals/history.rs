@@ -24,6 +24,8 @@ pub struct Point {
     pub gpu_known_s: f64,
     /// Requests started, cumulative.
     pub requests_started: u64,
+    /// Kernel launches, cumulative.
+    pub gpu_launches: u64,
 }
 
 /// Points of the last `retention_s` seconds, oldest first.

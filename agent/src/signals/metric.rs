@@ -35,6 +35,8 @@ pub enum Metric {
     GpuMemBwUtil,
     /// Framebuffer bytes held by the pod's processes (latest poll).
     GpuMemUsedBytes,
+    /// Kernel launches per second over the window (libcuda uprobes).
+    GpuLaunchRate,
     /// Bytes/s the pod's server connections received (requests arriving).
     SocketRecvBytesRate,
     /// Bytes/s the pod's server connections sent (responses leaving).
@@ -56,6 +58,8 @@ pub enum MetricSource {
     Gpu,
     /// The eBPF request probe (socket bytes and requests).
     Probes,
+    /// The libcuda launch uprobes.
+    Launches,
 }
 
 /// How a workload value is formed from pod values (see `aggregate`).
@@ -70,10 +74,11 @@ pub enum Combine {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 14] = [
         Metric::GpuSmUtil,
         Metric::GpuMemBwUtil,
         Metric::GpuMemUsedBytes,
+        Metric::GpuLaunchRate,
         Metric::SocketRecvBytesRate,
         Metric::SocketSendBytesRate,
         Metric::RequestsInFlight,
@@ -92,6 +97,7 @@ impl Metric {
             Metric::GpuSmUtil => "gpu_sm_util",
             Metric::GpuMemBwUtil => "gpu_mem_bw_util",
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
+            Metric::GpuLaunchRate => "gpu_launch_rate",
             Metric::SocketRecvBytesRate => "socket_recv_bytes_rate",
             Metric::SocketSendBytesRate => "socket_send_bytes_rate",
             Metric::RequestsInFlight => "requests_in_flight",
@@ -114,6 +120,7 @@ impl Metric {
     pub fn source(self) -> MetricSource {
         match self {
             Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
+            Metric::GpuLaunchRate => MetricSource::Launches,
             Metric::SocketRecvBytesRate
             | Metric::SocketSendBytesRate
             | Metric::RequestsInFlight

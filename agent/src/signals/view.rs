@@ -1,6 +1,8 @@
 //! The node's published state: per-pod histories plus the health of each
 //! source. The collector publishes a fresh `NodeView` every tick; readers
 //! (KEDA answers, HTTP) only ever look at a published snapshot.
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use super::history::History;
@@ -20,6 +22,10 @@ pub struct Health {
     pub probes: SourceStatus,
     /// GPU backend.
     pub gpu: SourceStatus,
+    /// libcuda launch uprobes (`gpu_launch_rate`).
+    pub launches: SourceStatus,
+    /// libcuda files the launch uprobes are attached to.
+    pub launch_libraries: usize,
     /// Kubernetes API pod watch (names, labels, owners).
     pub kube_api: SourceStatus,
     /// Kubelet pod-resources (devices per container).
@@ -187,6 +193,7 @@ impl PodView {
             Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
+            Metric::GpuLaunchRate => self.history.rate(window_s, |p| p.gpu_launches as f64),
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
                 self.merge_latencies(metric, window_s, filter, &mut merged);
@@ -206,6 +213,8 @@ impl PodView {
 pub struct NodeView {
     /// Seconds since the collector started, at publication.
     pub at_s: f64,
+    /// Launches per (process, function, size), live processes only.
+    pub launches: Arc<Vec<crate::probes::launches::LaunchRow>>,
     /// When the collector built this view (`None`: the empty view before
     /// the first tick). Liveness and readiness judge its age.
     pub built: Option<std::time::Instant>,
@@ -222,12 +231,15 @@ impl NodeView {
     pub fn empty() -> Self {
         Self {
             at_s: 0.0,
+            launches: Arc::default(),
             built: None,
             pods: Vec::new(),
             devices: Vec::new(),
             health: Health {
                 probes: SourceStatus::Degraded { reason: "starting".to_string() },
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
+                launches: SourceStatus::Degraded { reason: "starting".to_string() },
+                launch_libraries: 0,
                 kube_api: SourceStatus::Disabled,
                 kubelet: SourceStatus::Disabled,
                 api_pods: 0,
@@ -246,6 +258,7 @@ impl NodeView {
         match metric.source() {
             MetricSource::Gpu => &self.health.gpu,
             MetricSource::Probes => &self.health.probes,
+            MetricSource::Launches => &self.health.launches,
         }
     }
 }

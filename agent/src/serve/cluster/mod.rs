@@ -207,6 +207,7 @@ impl ClusterView {
         let source = match metric.source() {
             MetricSource::Gpu => "gpu",
             MetricSource::Probes => "probes",
+            MetricSource::Launches => "launches",
         };
         self.nodes.iter().find_map(|node| {
             let reason = node.unavailable_sources.get(source)?;

@@ -1,0 +1,127 @@
+//! Launch accounting on libcuda (as root, real uprobes): a stand-in
+//! `libcuda.so.1` built here with gcc exports the launch entry points, and
+//! stand-in applications in two cgroup pods load it with `dlopen` and call
+//! them through function pointers, as the CUDA runtime does, a known number
+//! of times with known sizes. The agent finds the library in their maps,
+//! attaches once, and counts per pod, function and size.
+use integration::require_root;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use integration::agent::{AgentProcess, PodEntry};
+use integration::eventually;
+use integration::http::get;
+use integration::keda::{scaled_object, KedaClient};
+use integration::pod::{new_uid, CgroupPod};
+
+fn build(dir: &Path) {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let gcc = |args: &[&str]| {
+        let status = Command::new("gcc").args(args).current_dir(&sources).status().expect("gcc");
+        assert!(status.success(), "gcc {args:?}");
+    };
+    let lib = dir.join("libcuda.so.1");
+    let launcher = dir.join("launcher");
+    gcc(&["-shared", "-fPIC", "-O2", "-o", lib.to_str().unwrap(), "libcuda.c"]);
+    gcc(&["-O2", "-o", launcher.to_str().unwrap(), "launcher.c", "-ldl"]);
+}
+
+async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    serde_json::from_slice(&get(http, path).await.expect("GET").body).unwrap()
+}
+
+/// Launches of `pid` with `entry` and `function`: (grid, block, launches, threads).
+fn row(view: &serde_json::Value, pid: u32, entry: &str, function: &str) -> Option<(Vec<u64>, Vec<u64>, u64, u64)> {
+    let rows = view["rows"].as_array()?;
+    let row = rows.iter().find(|r| r["pid"] == pid && r["entry"] == entry && r["function"] == function)?;
+    let dims = |key: &str| row[key].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+    Some((dims("grid"), dims("block"), row["launches"].as_u64()?, row["threads"].as_u64()?))
+}
+
+/// Per process, function and size counts are exact (including the `_ptsz`
+/// variant and `cuLaunchKernelEx`'s config struct), `gpu_launch_rate`
+/// follows the pods' launch counts, and an exited process's launches stay
+/// booked on its pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn launches_are_counted_per_pod_function_and_size() {
+    require_root();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path());
+    let ns = format!("launch-{}", std::process::id());
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let (uid_a, uid_b) = (new_uid(), new_uid());
+    let mut pod_a = CgroupPod::create(&cgroup_root, &uid_a).unwrap();
+    let mut pod_b = CgroupPod::create(&cgroup_root, &uid_b).unwrap();
+    let pods = [
+        PodEntry { uid: &uid_a, namespace: &ns, name: "train-a", app: "a" },
+        PodEntry { uid: &uid_b, namespace: &ns, name: "train-b", app: "b" },
+    ];
+    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
+    let go = tools.path().join("go");
+    let lib = tools.path().join("libcuda.so.1");
+    let mut start = |pod: &mut CgroupPod, seed: &str, kernels: &str, ex: &str, graphs: &str| {
+        let mut command = Command::new(tools.path().join("launcher"));
+        command.args([lib.to_str().unwrap(), go.to_str().unwrap(), seed, kernels, ex, graphs]);
+        let child = pod.spawn(command).expect("launcher runs");
+        let pid = child.id();
+        let mut line = String::new();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        output.read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "{line}");
+        // Kept open: the launcher writes again when done.
+        (pid, output)
+    };
+    let (pid_a, _output_a) = start(&mut pod_a, "1", "100", "50", "7");
+    let (pid_b, _output_b) = start(&mut pod_b, "2", "300", "0", "0");
+    let attached = eventually(Duration::from_secs(5), async || {
+        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
+    std::fs::write(&go, b"go").unwrap();
+
+    let counted = eventually(Duration::from_secs(5), async || {
+        let view = json(agent.http, "/launches").await;
+        row(&view, pid_b, "kernel", "0x1002").is_some_and(|r| r.2 == 310)
+            && row(&view, pid_a, "graph", "0x3001").is_some_and(|r| r.2 == 7)
+    })
+    .await;
+    let view = json(agent.http, "/launches").await;
+    assert!(counted, "{view}");
+    assert_eq!(row(&view, pid_a, "kernel", "0x1001"), Some((vec![4, 2, 1], vec![128, 1, 1], 110, 110 * 1024)));
+    assert_eq!(row(&view, pid_a, "kernel_ex", "0x2001"), Some((vec![8, 1, 1], vec![256, 1, 1], 50, 50 * 2048)));
+    assert_eq!(row(&view, pid_b, "kernel", "0x1002"), Some((vec![4, 2, 1], vec![128, 1, 2], 310, 310 * 2048)));
+    assert!(view["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["pod_uid"] == uid_a.as_str() || r["pod_uid"] == uid_b.as_str()));
+
+    let mut keda = KedaClient::connect(agent.keda).await.unwrap();
+    let mut rate = async |app: &str| {
+        let selector = format!("app={app}");
+        let trigger = scaled_object(
+            &ns,
+            app,
+            &[("metric", "gpu_launch_rate"), ("target", "1"), ("podSelector", &selector), ("window", "30s")],
+        );
+        keda.poll(&trigger, "launches").await.expect("gpu_launch_rate").value
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (rate_a, rate_b) = (rate("a").await, rate("b").await);
+    assert!(rate_a > 0.0 && rate_b > 0.0, "{rate_a} {rate_b}");
+    let ratio = rate_b / rate_a;
+    assert!((ratio - 310.0 / 167.0).abs() < 0.1, "launch rates follow the counts: b/a = {ratio}");
+
+    // A's process exits: its rows go, its launches stay booked on the pod.
+    pod_a.kill();
+    let retired = eventually(Duration::from_secs(4), async || {
+        row(&json(agent.http, "/launches").await, pid_a, "kernel", "0x1001").is_none()
+    })
+    .await;
+    assert!(retired, "exited process still listed");
+    let after = rate("a").await;
+    assert!(after > 0.5 * rate_a, "the pod's launches were kept: {after} vs {rate_a}");
+}
