@@ -61,7 +61,7 @@ async fn launches_are_counted_per_pod_function_and_size() {
     let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
     let go = tools.path().join("go");
     let lib = tools.path().join("libcuda.so.1");
-    let mut start = |pod: &mut CgroupPod, seed: &str, kernels: &str, ex: &str, graphs: &str| {
+    let start = |pod: &mut CgroupPod, seed: &str, kernels: &str, ex: &str, graphs: &str| {
         let mut command = Command::new(tools.path().join("launcher"));
         command.args([lib.to_str().unwrap(), go.to_str().unwrap(), seed, kernels, ex, graphs]);
         let child = pod.spawn(command).expect("launcher runs");
