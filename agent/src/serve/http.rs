@@ -120,6 +120,8 @@ struct PodRow<'a> {
     gpus_seen: Vec<&'a str>,
     values: HashMap<&'static str, Option<f64>>,
     requests: crate::signals::view::RequestCounts,
+    /// Kernel launches since the agent started (exited processes included).
+    gpu_launches: u64,
 }
 
 #[derive(Serialize)]
@@ -165,6 +167,7 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
                 })
                 .collect(),
             requests: pod.requests,
+            gpu_launches: pod.history.latest().map_or(0, |point| point.gpu_launches),
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })

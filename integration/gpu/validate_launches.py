@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Real-GPU validation of podgpu's launch accounting (issue 12).
+
+Part A: duty_worker.py tenants (PyTorch matmuls through the CUDA runtime and
+cuBLAS), each in its own cgroup pod, with the agent on real NVML. Prints per
+tenant: launches/s from the libcuda uprobes (by entry point), the pod's
+gpu_launch_rate, and the first moment each source saw the pod GPU-active
+(launch counts vs NVML memory), measured from the worker's start.
+
+Part B: what the uprobes cost a launch-bound tenant: a loop of tiny
+kernels (PyTorch `add_` on a small tensor), timed without the agent and
+with it (probes attached), alternated, in one run. Prints launches/s,
+the throughput ratio and ns added per launch.
+
+On the GPU machine (no Rust there: build here, carry the binary):
+  mkdir -p .gpu-carry && cp ../shared/gpu/duty_worker.py .gpu-carry/ \
+    && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
+  python3 integration/gpu/validate_launches.py --agent .gpu-carry/podgpu-agent --worker .gpu-carry/duty_worker.py
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from validate_nvml import NS, Pod, v2_root, get_json  # noqa: E402
+
+LOOP = r"""
+import sys, time, torch
+n = int(sys.argv[1])
+x = torch.zeros(256, device="cuda")
+for _ in range(2000):
+    x.add_(1)
+torch.cuda.synchronize()
+# Both modes wait alike: the agent attaches within a second or two of
+# libcuda appearing in the process's maps.
+time.sleep(3)
+start = time.perf_counter()
+for _ in range(n):
+    x.add_(1)
+torch.cuda.synchronize()
+print(time.perf_counter() - start)
+"""
+
+
+def start_agent(agent, work, pods_yaml, gpu="nvml"):
+    proc = subprocess.Popen(
+        [agent, "standalone", "--gpu", gpu, "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
+    ready = json.loads(proc.stdout.readline())
+    return proc, ready["http"]
+
+
+def stop(proc):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def part_a(args, root, work):
+    duties = [0.25, 0.5]
+    pods = [Pod(root, i) for i in range(len(duties))]
+    pods_yaml = os.path.join(work, "pods.yaml")
+    with open(pods_yaml, "w") as f:
+        f.write("pods:\n")
+        for i, pod in enumerate(pods):
+            f.write(f"  - {{uid: {pod.uid}, namespace: {NS}, name: tenant-{i}, labels: {{app: tenant-{i}}}}}\n")
+    agent, http = start_agent(args.agent, work, pods_yaml)
+    try:
+        out = subprocess.run([sys.executable, args.worker, "calibrate", "4096"], check=True, capture_output=True, text=True)
+        kernel_s = json.loads(out.stdout)["kernel_s"]
+        started = time.time()
+        for pod, duty in zip(pods, duties):
+            pod.start([sys.executable, args.worker, "run", str(duty), str(args.seconds), os.path.join(work, pod.uid + ".json"),
+                       "4096", str(kernel_s)])
+        first = {pod.uid: {} for pod in pods}
+        while time.time() - started < args.seconds:
+            view = get_json(http, "/pods?window=2")
+            for row in view["pods"]:
+                seen = first.get(row["uid"])
+                if seen is None:
+                    continue
+                values = row["values"]
+                if (values.get("gpu_launch_rate") or 0) > 0 and "launches" not in seen:
+                    seen["launches"] = time.time() - started
+                if (values.get("gpu_mem_used_bytes") or 0) > 0 and "nvml" not in seen:
+                    seen["nvml"] = time.time() - started
+            time.sleep(0.1)
+        launches = get_json(http, "/launches")
+        view = get_json(http, "/pods?window=10")
+        print(f"\n== A: launch counting, {args.seconds:.0f} s, duty_worker 4096 matmuls")
+        print(f"{'tenant':<9} {'duty':>5} {'launches/s (uprobes, 10 s)':>27} {'by entry point':<40} {'first seen: launches / NVML':>28}")
+        for i, pod in enumerate(pods):
+            rows = [r for r in launches["rows"] if r["pod_uid"] == pod.uid]
+            by_entry = {}
+            for r in rows:
+                by_entry[r["entry"]] = by_entry.get(r["entry"], 0) + r["launches"]
+            rate = next((r["values"].get("gpu_launch_rate") for r in view["pods"] if r["uid"] == pod.uid), None)
+            seen = first[pod.uid]
+            print(f"tenant-{i:<2} {duties[i]:>5.2f} {rate or 0:>27.0f} {json.dumps(by_entry):<40} "
+                  f"{seen.get('launches', float('nan')):>12.2f} s / {seen.get('nvml', float('nan')):.2f} s")
+        functions = len({(r["pid"], r["function"], tuple(r["grid"]), tuple(r["block"])) for r in launches["rows"]})
+        print(f"distinct (process, function, size) keys: {functions}")
+        for pod in pods:
+            pod.proc.wait(timeout=args.seconds + 60)
+    finally:
+        stop(agent)
+        for pod in pods:
+            pod.stop()
+
+
+def part_b(args, root, work):
+    pod = Pod(root, 7)
+    pods_yaml = os.path.join(work, "pods-b.yaml")
+    with open(pods_yaml, "w") as f:
+        f.write(f"pods:\n  - {{uid: {pod.uid}, namespace: {NS}, name: loop, labels: {{app: loop}}}}\n")
+    n = args.launches
+    results = {"without": [], "with": []}
+    try:
+        for round_ in range(args.rounds):
+            for mode in ("without", "with"):
+                agent = None
+                if mode == "with":
+                    agent, http = start_agent(args.agent, work, pods_yaml, gpu="none")
+                # The loop runs in the pod, so the agent finds its libcuda
+                # (it attaches within a second of CUDA loading; the warm-up
+                # covers that) and counts its launches.
+                out = os.path.join(work, "loop.out")
+                with open(out, "w") as f:
+                    p = subprocess.Popen([sys.executable, "-c", LOOP, str(n)], stdout=f, start_new_session=True)
+                with open(os.path.join(pod.dir, "cgroup.procs"), "w") as f:
+                    f.write(str(p.pid))
+                p.wait()
+                results[mode].append(float(open(out).read()))
+                if agent:
+                    time.sleep(1.2)
+                    counted = next(r["gpu_launches"] for r in get_json(http, "/pods")["pods"] if r["uid"] == pod.uid)
+                    print(f"round {round_}: the agent counted {counted} launches for {n} timed + 2000 warm-up (+ init)")
+                    stop(agent)
+        best = {mode: min(times) for mode, times in results.items()}
+        print(f"\n== B: launch-bound loop, {n} tiny kernels, {args.rounds} alternated rounds (best of each)")
+        for mode in ("without", "with"):
+            print(f"{mode:>8} agent: {n / best[mode]:>10.0f} launches/s   runs: {', '.join(f'{t:.3f}' for t in results[mode])} s")
+        print(f"throughput with / without: {best['without'] / best['with']:.4f}")
+        print(f"added per launch: {(best['with'] - best['without']) / n * 1e9:.0f} ns")
+    finally:
+        pod.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--agent", required=True)
+    ap.add_argument("--worker", required=True)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--launches", type=int, default=200000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    root = v2_root()
+    work = tempfile.mkdtemp(prefix="podgpu-launchval-")
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        print(f"GPU: {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}, driver {pynvml.nvmlSystemGetDriverVersion()}")
+    except Exception as err:  # noqa: BLE001
+        print(f"GPU: unknown ({err})")
+    part_a(args, root, work)
+    part_b(args, root, work)
+
+
+if __name__ == "__main__":
+    main()
