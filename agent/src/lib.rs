@@ -84,6 +84,8 @@ pub struct Config {
     pub kubelet_interval: Duration,
     /// Request paths counted as probe traffic, not inference.
     pub probe_paths: probes::requests::traffic::ProbePaths,
+    /// Count kernel launches with uprobes on libcuda.
+    pub launch_accounting: bool,
 }
 
 /// procfs as this agent sees it, with its cgroup namespace found: in the
@@ -141,9 +143,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let (mut requests, probe_status) =
         load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
-    // Launch accounting (libcuda uprobes), on by default.
-    let (launch_probe, launch_status) =
-        load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?;
+    // Launch accounting (libcuda uprobes), when asked for: it costs every
+    // launch a uprobe trap (docs/gpu.md, "Launch accounting").
+    let (launch_probe, launch_status) = if config.launch_accounting {
+        load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?
+    } else {
+        (None, SourceStatus::Disabled)
+    };
     let launch_snapshot = Arc::new(std::sync::Mutex::new(probes::launches::LaunchSnapshot::default()));
     let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
         Ok(maps) => Some(maps),

@@ -51,7 +51,7 @@ print(time.perf_counter() - start)
 def start_agent(agent, work, pods_yaml, gpu="nvml"):
     proc = subprocess.Popen(
         [agent, "standalone", "--gpu", gpu, "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100"],
+         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100", "--launch-accounting", "on"],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
     ready = json.loads(proc.stdout.readline())
     return proc, ready["http"]

@@ -129,9 +129,9 @@ pub struct PodEntry<'a> {
 
 impl AgentProcess {
     /// Starts `podgpu-agent standalone` without a GPU, ticking every
-    /// 100 ms, with a static metadata file naming `pods`; the file's
-    /// directory lives as long as the returned guard.
-    pub fn start_for_pods(pods: &[PodEntry<'_>]) -> anyhow::Result<(Self, tempfile::TempDir)> {
+    /// 100 ms, with a static metadata file naming `pods` and `extra`
+    /// arguments; the file's directory lives as long as the returned guard.
+    pub fn start_for_pods(pods: &[PodEntry<'_>], extra: &[&str]) -> anyhow::Result<(Self, tempfile::TempDir)> {
         let files = tempfile::tempdir()?;
         let metadata = files.path().join("pods.yaml");
         let mut text = String::from("pods:\n");
@@ -143,7 +143,9 @@ impl AgentProcess {
         }
         std::fs::write(&metadata, text)?;
         let metadata = metadata.display().to_string();
-        let args = ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", &metadata].map(String::from);
+        let mut args: Vec<String> =
+            ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", &metadata].map(String::from).to_vec();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
         Ok((Self::start(&crate::workspace_binary("podgpu-agent"), &args)?, files))
     }
 }

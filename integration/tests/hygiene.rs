@@ -147,7 +147,7 @@ async fn a_sidecar_hop_counts_once() {
     let proxy_addr = listening(&mut sidecar, network.command("proxy", &[&listen, &app_addr.to_string()]));
 
     let pods = [PodEntry { uid: &uid, namespace: &ns, name: "llm-0", app: "llm" }];
-    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &[]).expect("agent starts");
     let mut keda = KedaClient::connect(agent.keda).await.unwrap();
 
     let mut client = Client::connect(proxy_addr).await.expect("the pod, through its sidecar");

@@ -58,7 +58,7 @@ async fn launches_are_counted_per_pod_function_and_size() {
         PodEntry { uid: &uid_a, namespace: &ns, name: "train-a", app: "a" },
         PodEntry { uid: &uid_b, namespace: &ns, name: "train-b", app: "b" },
     ];
-    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on"]).expect("agent starts");
     let go = tools.path().join("go");
     let lib = tools.path().join("libcuda.so.1");
     let start = |pod: &mut CgroupPod, seed: &str, kernels: &str, ex: &str, graphs: &str| {

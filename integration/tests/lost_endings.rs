@@ -102,7 +102,7 @@ async fn an_http2_write_of_many_streams_ends_them_all() {
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
     let pods = [PodEntry { uid: &uid, namespace: &ns, name: "grpc-0", app: "grpc" }];
-    let (agent, _files) = AgentProcess::start_for_pods(&pods).expect("agent starts");
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &[]).expect("agent starts");
     // Started once the agent watches: an accept() entered before the
     // probes were attached is not seen (its connection would be missed).
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/h2_bulk_server.py");
