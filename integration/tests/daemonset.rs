@@ -168,6 +168,9 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
             "--kubelet-socket=/var/lib/kubelet/pod-resources/kubelet.sock",
             "--pod-metadata=/etc/podgpu/pods.yaml",
             "--require-ebpf",
+            // Off in the chart by default; on here so the launch uprobes
+            // are shown to load with the chart's capabilities too.
+            "--launch-accounting=on",
             "--node-name=ds-node",
         ]
         .map(String::from)
@@ -228,6 +231,7 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort]);
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
+    assert_eq!(health["launches"]["state"], "ok", "launch uprobes load with the chart's capabilities: {health}");
     assert_eq!(get(agent.http, "/readyz").await.unwrap().status, 200);
     let mut keda = KedaClient::connect(agent.keda).await.expect("the agent's gRPC port");
 

@@ -35,6 +35,9 @@ impl ProbePaths {
     /// Whether the request line at the start of `prefix` asks for a probe
     /// path: the path equals an entry or continues it with `/` or `?`.
     pub fn matches_request(&self, prefix: &[u8]) -> bool {
+        if self.paths.is_empty() {
+            return false;
+        }
         let Some(path) = request_path(prefix) else { return false };
         self.paths
             .iter()

@@ -64,8 +64,8 @@ pub struct RequestEvent {
 pub type TrafficKey = (u64, u16, bool);
 
 /// Open requests per `TrafficKey`: the level that `requests_in_flight` is
-/// read from. Keys with no open request are absent.
-pub type OpenRequests = HashMap<TrafficKey, u64>;
+/// read from (keys may hold 0). foldhash: updated twice per request.
+pub type OpenRequests = HashMap<TrafficKey, u64, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 enum Protocol {
@@ -195,6 +195,8 @@ fn deliver(open: &mut OpenRequests, outcomes: &mut Vec<Outcome>, key: Option<Tra
         outcomes.clear();
         return;
     };
+    // Entries stay at 0 rather than being removed: a keep-alive
+    // connection goes 0 -> 1 -> 0 on every request.
     let level = open.entry(key).or_default();
     for outcome in outcomes.drain(..) {
         match outcome {
@@ -202,9 +204,6 @@ fn deliver(open: &mut OpenRequests, outcomes: &mut Vec<Outcome>, key: Option<Tra
             Outcome::Completed(_) | Outcome::Aborted { .. } => *level = level.saturating_sub(1),
         }
         out.push(RequestEvent { cgroup_id, port, probe, outcome });
-    }
-    if *level == 0 {
-        open.remove(&key);
     }
 }
 
@@ -219,7 +218,7 @@ impl Tracker {
             ports: PortResolver::new(proc.clone()),
             proc,
             probe_paths,
-            open: OpenRequests::new(),
+            open: OpenRequests::default(),
             processes: HashMap::new(),
             private_network: HashMap::new(),
         }
@@ -469,13 +468,15 @@ impl Tracker {
         for (key, why) in ended {
             self.end(key, now_ns, why, out);
         }
-        let mut recount = OpenRequests::new();
+        let mut recount = OpenRequests::default();
         for connection in self.connections.values() {
             let open = connection.open_requests() as u64;
             if let (true, Some(key)) = (open > 0, connection.counted_as()) {
                 *recount.entry(key).or_default() += open;
             }
         }
+        // Keys of connections that are gone go with them.
+        self.open.retain(|_, open| *open > 0);
         if recount != self.open {
             self.stats.open_request_corrections += 1;
             self.open = recount;
