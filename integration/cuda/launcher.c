@@ -14,14 +14,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-typedef struct {
-    unsigned int gridDimX, gridDimY, gridDimZ;
-    unsigned int blockDimX, blockDimY, blockDimZ;
-    unsigned int sharedMemBytes;
-    void *hStream;
-    void *attrs;
-    unsigned int numAttrs;
-} CUlaunchConfig;
+#include "cuda_standin.h"
 
 typedef int (*launch_fn)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
                          void **, void **);

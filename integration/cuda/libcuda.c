@@ -3,14 +3,7 @@
  * driver API's signatures, and does nothing. */
 #include <stddef.h>
 
-typedef struct {
-    unsigned int gridDimX, gridDimY, gridDimZ;
-    unsigned int blockDimX, blockDimY, blockDimZ;
-    unsigned int sharedMemBytes;
-    void *hStream;
-    void *attrs;
-    unsigned int numAttrs;
-} CUlaunchConfig;
+#include "cuda_standin.h"
 
 #define ENTRY __attribute__((visibility("default"), noinline, used))
 
