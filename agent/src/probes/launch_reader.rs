@@ -20,10 +20,10 @@ use crate::pods::cgroup_tree;
 use crate::pods::pid_cache::PidCache;
 use crate::proc::ProcFs;
 
-/// Time between reads (and library discovery).
+/// Time between reads.
 const READ_INTERVAL: Duration = Duration::from_secs(1);
-/// A process without libcuda is looked at again after this long (CUDA is
-/// loaded lazily, at the first GPU call).
+/// Time between looks for libcuda; a process without it is looked at
+/// again after this long (CUDA is loaded lazily, at the first GPU call).
 const RECHECK: Duration = Duration::from_secs(2);
 
 /// What the reader needs.
@@ -66,17 +66,26 @@ fn run(
     // Pod of each process seen launching, for booking it after it exits.
     let mut owners: HashMap<u32, Option<String>> = HashMap::new();
     let mut retired: HashMap<String, u64> = HashMap::new();
+    let mut discovered_at: Option<Instant> = None;
     while !shutdown.is_cancelled() {
         let now = Instant::now();
-        discover(&mut probe, proc, &config.cgroup_root, &mut checked, now);
+        // The cgroup walk is the costly part: every RECHECK, not every read.
+        if discovered_at.is_none_or(|at| now.duration_since(at) >= RECHECK) {
+            discover(&mut probe, proc, &config.cgroup_root, &mut checked, now);
+            discovered_at = Some(now);
+        }
         let counts = match probe.counts() {
             Ok(counts) => counts,
             Err(err) => {
+                // Publish nothing: the last snapshot ages and the collector
+                // turns launch signals unavailable instead of reading 0.
                 tracing::warn!(error = %err, "reading launch counts");
-                Vec::new()
+                thread::sleep(READ_INTERVAL.saturating_sub(now.elapsed()));
+                continue;
             }
         };
-        let mut snapshot = LaunchSnapshot { libraries: probe.libraries(), ..LaunchSnapshot::default() };
+        let mut snapshot =
+            LaunchSnapshot { libraries: probe.libraries(), published: Some(now), ..LaunchSnapshot::default() };
         let mut gone = Vec::new();
         for (key, launches) in counts {
             if proc.start_time(key.tgid).is_none() {
@@ -128,7 +137,7 @@ fn discover(
     checked: &mut HashMap<u32, Checked>,
     now: Instant,
 ) {
-    let mut alive = Vec::new();
+    let mut alive = std::collections::HashSet::new();
     for cgroup in cgroup_tree::scan(cgroup_root).into_values() {
         let dir = cgroup_root.join(cgroup.path.trim_start_matches('/'));
         let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };

@@ -172,4 +172,7 @@ pub struct LaunchSnapshot {
     pub rows: Vec<LaunchRow>,
     /// libcuda files probed.
     pub libraries: usize,
+    /// When the reader published this (`None`: not yet). A reader that
+    /// stops publishing must not leave counts that read as "no launches".
+    pub published: Option<std::time::Instant>,
 }

@@ -126,7 +126,14 @@ pub struct Collector {
     started: Instant,
     last_tick_s: f64,
     last_rescan: Option<Instant>,
+    /// The launch source's status as served: the probe's, unless its
+    /// reader has stopped publishing.
+    launch_health: SourceStatus,
 }
+
+/// Launch counts older than this are stale: the reader publishes every
+/// second, so five missed reads mean it is stuck.
+const LAUNCHES_STALE_AFTER: Duration = Duration::from_secs(5);
 
 impl Collector {
     /// A collector over `probes`.
@@ -136,6 +143,7 @@ impl Collector {
         probes: Probes,
         gpu_updates_dropped: Arc<AtomicU64>,
     ) -> Self {
+        let launch_health = probes.launch_status.clone();
         Self {
             config,
             directory,
@@ -150,6 +158,7 @@ impl Collector {
             gpu_latest: HashMap::new(),
             gpu_polled_at: None,
             gpu_updates_dropped,
+            launch_health,
             started: Instant::now(),
             last_tick_s: 0.0,
             last_rescan: None,
@@ -202,7 +211,11 @@ impl Collector {
         let elapsed = (now_s - self.last_tick_s).max(0.0);
         self.last_tick_s = now_s;
         let gpu_known = self.gpu_status.is_ok();
-        let launches = self.probes.launches.lock().expect("launch snapshot poisoned").per_pod.clone();
+        let (launches, published) = {
+            let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
+            (snapshot.per_pod.clone(), snapshot.published)
+        };
+        self.launch_health = self.launch_health_at(published);
         for (uid, pod) in self.pods.iter_mut() {
             pod.launches = pod.launches.max(launches.get(uid).copied().unwrap_or(0));
             // Sample-and-hold between GPU polls keeps short windows smooth;
@@ -356,6 +369,18 @@ impl Collector {
         pod.port((event.port, event.probe), &self.config, self.last_tick_s).record(now_s, &event.outcome);
     }
 
+    /// The launch source's status given when its reader last published
+    /// (before the first publication, the age counts from the start).
+    fn launch_health_at(&self, published: Option<Instant>) -> SourceStatus {
+        let age = published.unwrap_or(self.started).elapsed();
+        match &self.probes.launch_status {
+            SourceStatus::Ok { .. } if age > LAUNCHES_STALE_AFTER => SourceStatus::Degraded {
+                reason: format!("launch counts are stale: last read {:.1} s ago", age.as_secs_f64()),
+            },
+            status => status.clone(),
+        }
+    }
+
     /// Applies one update from the GPU poller.
     pub fn apply_gpu(&mut self, update: GpuUpdate) {
         match update {
@@ -451,7 +476,7 @@ impl Collector {
             health: Health {
                 probes: self.probes.status.clone(),
                 gpu: self.gpu_status.clone(),
-                launches: self.probes.launch_status.clone(),
+                launches: self.launch_health.clone(),
                 launch_libraries,
                 kube_api: kube_api_health,
                 kubelet: kubelet_health,

@@ -126,3 +126,24 @@ fn in_flight_is_the_trackers_level() {
     collector.tick();
     assert_eq!(collector.view().pods[0].requests_in_flight, 0, "no residue of the 3 lost endings");
 }
+
+/// Launch counts that stop arriving turn the launch source degraded, so
+/// `gpu_launch_rate` is unavailable rather than read as "no launches".
+#[test]
+fn stale_launch_counts_are_unavailable() {
+    let root = tempfile::tempdir().unwrap();
+    let mut collector = collector(root.path());
+    collector.probes.launch_status = SourceStatus::Ok { detail: "test".into() };
+    let fresh = Instant::now();
+    collector.probes.launches.lock().unwrap().published = Some(fresh);
+    collector.tick();
+    assert!(collector.view().health.launches.is_ok());
+    collector.probes.launches.lock().unwrap().published = fresh.checked_sub(LAUNCHES_STALE_AFTER * 2);
+    collector.tick();
+    let view = collector.view();
+    match &view.health.launches {
+        SourceStatus::Degraded { reason } => assert!(reason.contains("stale"), "{reason}"),
+        other => panic!("expected stale, got {other:?}"),
+    }
+    assert!(!view.source_status(Metric::GpuLaunchRate).is_ok());
+}
