@@ -33,7 +33,7 @@ install_apt() {
 }
 
 step "base packages"
-need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc
+need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc libfuse3-dev
 install_apt
 note "ok"
 

@@ -226,7 +226,7 @@ unsafe fn follow_http2(ctx: &RawTracePointContext, input: &WalkInput, state: *mu
                     (*next).resume_segment = index as u32;
                     (*next).continuations = input.continuations + 1;
                     // Only returns when the tail call fails.
-                    let _ = crate::WALKERS.tail_call(ctx, 0);
+                    let _ = crate::TAIL_CALLS.tail_call(ctx, 0);
                 }
             }
         }

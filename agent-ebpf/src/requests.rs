@@ -84,11 +84,11 @@ static H2_SCRATCH: PerCpuArray<H2Frame> = PerCpuArray::with_max_entries(MAX_H2_F
 #[map]
 static WALK_INPUT: PerCpuArray<WalkInput> = PerCpuArray::with_max_entries(1, 0);
 
-/// Slot 0: the `h2_walk` program. A tail call keeps the walk out of the
-/// exit program, so each verifies on its own (together they exceed the
-/// verifier's budget).
+/// Slot 0: the `h2_walk` program; slot 1 (`driver::DECODE_SLOT`):
+/// `driver_decode`. Tail calls keep them out of the exit program, so each
+/// verifies on its own (together they exceed the verifier's budget).
 #[map]
-static WALKERS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+static TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 /// The probe's own counters, indexed by `RequestStat`.
 #[map]
@@ -104,9 +104,12 @@ struct Pending {
     cgroup_id: u64,
     fd: u32,
     kind: u32,
-    /// The connection's `conn_mode` at entry (saves a lookup at exit).
+    /// The connection's `conn_mode` at entry (saves a lookup at exit);
+    /// for an ioctl, the fd's `fd_kind`.
     mode: u32,
     _padding: u32,
+    /// Entry time of an ioctl (time blocked in the driver); 0 otherwise.
+    started_ns: u64,
 }
 
 #[repr(C)]
@@ -177,6 +180,8 @@ enum Entry {
     /// `(fd, msghdr, flags)`.
     Message(IoKind),
     Close,
+    /// `(fd, request, params)`: a driver call if the fd is NVIDIA's.
+    Ioctl,
 }
 
 #[inline(always)]
@@ -190,6 +195,7 @@ fn classify(nr: i64) -> Option<Entry> {
         syscalls::SENDMSG => Entry::Message(IoKind::Write),
         syscalls::ACCEPT | syscalls::ACCEPT4 => Entry::Accept,
         syscalls::CLOSE => Entry::Close,
+        syscalls::IOCTL => Entry::Ioctl,
         _ => return None,
     })
 }
@@ -204,8 +210,19 @@ pub fn syscall_enter(ctx: RawTracePointContext) -> i32 {
 
 fn try_enter(ctx: &RawTracePointContext, entry: Entry) -> Result<(), i64> {
     let tgid = bpf_get_current_pid_tgid() >> 32;
-    if let Entry::Accept = entry {
-        return accept_enter(ctx, tgid);
+    match entry {
+        Entry::Accept => return accept_enter(ctx, tgid),
+        Entry::Ioctl => {
+            return match driver::ioctl_enter(ctx, tgid)? {
+                Some(pending) => stash(pending),
+                None => Ok(()),
+            }
+        }
+        Entry::Close if driver::is_client(tgid) => {
+            let [fd, _, _] = syscall_args(ctx)?;
+            driver::close(tgid, fd);
+        }
+        _ => {}
     }
     if !is_server(tgid) {
         return Ok(());
@@ -225,9 +242,9 @@ fn try_enter(ctx: &RawTracePointContext, entry: Entry) -> Result<(), i64> {
             (kind, buffer, segments)
         }
         Entry::Close => return close(key, cgroup_id),
-        Entry::Accept => return Ok(()),
+        Entry::Accept | Entry::Ioctl => return Ok(()),
     };
-    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0 })
+    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0, started_ns: 0 })
 }
 
 fn accept_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<(), i64> {
@@ -249,6 +266,7 @@ fn accept_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<(), i64> {
         kind: IoKind::Accept as u32,
         mode: conn_mode::UNKNOWN,
         _padding: 0,
+        started_ns: 0,
     })
 }
 
@@ -281,7 +299,7 @@ pub fn syscall_exit(ctx: RawTracePointContext) -> i32 {
 
 fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
     let id = bpf_get_current_pid_tgid();
-    if !is_server(id >> 32) {
+    if !is_server(id >> 32) && !driver::is_client(id >> 32) {
         return Ok(());
     }
     let Some(slot) = PENDING.get_ptr_mut(id) else { return Ok(()) };
@@ -292,6 +310,10 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
     }
     unsafe { (*slot).kind = CONSUMED };
     let ret: i64 = ctx.arg(1);
+    if pending.kind == driver::PENDING_IOCTL {
+        driver::ioctl_exit(ctx, &pending, ret);
+        return Ok(());
+    }
     if pending.kind == IoKind::Accept as u32 {
         if ret < 0 {
             return Ok(());
@@ -337,7 +359,7 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
                 resume_segment: 0,
                 continuations: 0,
             };
-            WALKERS.tail_call(ctx, 0);
+            TAIL_CALLS.tail_call(ctx, 0);
         }
     }
     Ok(())
@@ -459,6 +481,7 @@ unsafe fn capture(event: *mut IoEvent, io: &Pending, moved: u64) {
     }
 }
 
+mod driver;
 mod h2;
 mod syscalls;
 

@@ -8,6 +8,7 @@ mod arch {
     pub const READ: i64 = 0;
     pub const WRITE: i64 = 1;
     pub const CLOSE: i64 = 3;
+    pub const IOCTL: i64 = 16;
     pub const READV: i64 = 19;
     pub const WRITEV: i64 = 20;
     pub const ACCEPT: i64 = 43;
@@ -24,6 +25,7 @@ mod arch {
 
 #[cfg(bpf_target_arch = "aarch64")]
 mod arch {
+    pub const IOCTL: i64 = 29;
     pub const CLOSE: i64 = 57;
     pub const READ: i64 = 63;
     pub const WRITE: i64 = 64;

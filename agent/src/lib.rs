@@ -86,6 +86,8 @@ pub struct Config {
     pub probe_paths: probes::requests::traffic::ProbePaths,
     /// Count kernel launches with uprobes on libcuda.
     pub launch_accounting: bool,
+    /// Files to treat as NVIDIA devices (tests without a GPU).
+    pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
 }
 
 /// procfs as this agent sees it, with its cgroup namespace found: in the
@@ -158,6 +160,20 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             None
         }
     });
+    // The driver path lives in the request probe's programs: it serves
+    // whenever they loaded.
+    let driver_maps = match requests.as_mut().map(|probe| probe.take_driver_maps()) {
+        Some(Ok(maps)) => Some(maps),
+        Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the driver path's maps")),
+        None => None,
+    };
+    let driver_status = match (&driver_maps, &probe_status) {
+        (Some(_), _) => SourceStatus::Ok { detail: "ioctls decoded in the request probe's tracepoints".to_string() },
+        (None, SourceStatus::Degraded { reason }) => SourceStatus::Degraded { reason: reason.clone() },
+        (None, _) => SourceStatus::Disabled,
+    };
+    let driver_snapshot = Arc::new(std::sync::Mutex::new(probes::driver::DriverSnapshot::default()));
+    let poll_gpu_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
         Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
@@ -178,6 +194,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             cgroup_root: cgroup_root.clone(),
             proc: proc.clone(),
             interval: config.gpu_interval,
+            poll_now: poll_gpu_now.clone(),
         },
         gpu_tx,
         gpu_dropped.clone(),
@@ -203,6 +220,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             reader: reader_stats.clone(),
             launches: launch_snapshot.clone(),
             launch_status,
+            driver: driver_snapshot.clone(),
+            driver_status,
         },
         gpu_dropped,
     );
@@ -237,6 +256,19 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             shutdown.clone(),
         )
     });
+    let driver_reader = driver_maps.map(|maps| {
+        let matcher = probes::driver::devices::DeviceMatcher::new(
+            proc.clone(),
+            &config.proc_root.join("devices"),
+            &config.driver_stand_ins,
+        );
+        probes::driver::spawn(
+            maps,
+            probes::driver::DriverReaderConfig { proc: proc.clone(), matcher, poll_gpu_now },
+            driver_snapshot,
+            shutdown.clone(),
+        )
+    });
     // KEDA's ExternalScaler and the node API share the gRPC port.
     let router = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
@@ -266,6 +298,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let _ = tokio::task::spawn_blocking(move || poller.join()).await;
     // The launch reader checks the shutdown token once a second.
     if let Some(reader) = launch_reader {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
+    if let Some(reader) = driver_reader {
         let _ = tokio::task::spawn_blocking(move || reader.join()).await;
     }
     if result.is_ok() && !shutdown.is_cancelled() {

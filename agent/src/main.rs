@@ -132,6 +132,11 @@ struct Options {
     /// tiny kernels at 114k launches/s, about 0.4% at 2,600 launches/s).
     #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "off", global = true, value_parser = ["on", "off"])]
     launch_accounting: String,
+    /// Treat a file as an NVIDIA device node, KIND=PATH with KIND ctl, gpu
+    /// or uvm (repeatable): tests drive the driver decoder with crafted
+    /// ioctls on a stand-in device.
+    #[arg(long, global = true, hide = true)]
+    driver_stand_in: Vec<podgpu_agent::probes::driver::devices::StandIn>,
 }
 
 fn parse_probe_paths(text: &str) -> Result<ProbePaths, String> {
@@ -203,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         kubelet_interval: Duration::from_secs(options.kubelet_interval_s),
         probe_paths: options.probe_paths,
         launch_accounting: options.launch_accounting == "on",
+        driver_stand_ins: options.driver_stand_in.clone(),
     };
 
     run(config, shutdown, ready).await

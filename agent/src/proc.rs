@@ -115,6 +115,13 @@ impl ProcFs {
         fs::read_link(self.pid_dir(pid).join("fd").join(fd.to_string()))
     }
 
+    /// `stat` of what `fd` of `pid` opens (the magic link is followed, so
+    /// a device node inside a container's mount namespace is seen with
+    /// its real device numbers).
+    pub fn fd_metadata(&self, pid: u32, fd: u32) -> io::Result<fs::Metadata> {
+        fs::metadata(self.pid_dir(pid).join("fd").join(fd.to_string()))
+    }
+
     /// Whether `pid` has a network namespace other than the host's: a
     /// pod's, not `hostNetwork`. The host's is read from kthreadd (pid 2,
     /// always in the initial namespaces, and readable where init may not

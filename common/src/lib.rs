@@ -8,6 +8,8 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod driver;
+
 /// Capacity of the set of cgroups user space asks the probes to watch.
 pub const MAX_WATCHED_CGROUPS: u32 = 4096;
 
@@ -262,10 +264,12 @@ pub enum RequestStat {
     CaptureFailed = 4,
     /// HTTP/2 frame boundaries lost (resynchronised later).
     H2LostSync = 5,
+    /// Driver events lost because their ring buffer was full.
+    DriverRingFull = 6,
 }
 
 /// Number of entries in `REQUEST_STATS`.
-pub const REQUEST_STAT_COUNT: u32 = 6;
+pub const REQUEST_STAT_COUNT: u32 = 7;
 
 #[cfg(test)]
 mod tests {

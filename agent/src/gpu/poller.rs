@@ -112,6 +112,9 @@ pub struct PollerConfig {
     pub proc: crate::proc::ProcFs,
     /// Time between polls.
     pub interval: Duration,
+    /// Set by the driver path when a pod opens its first GPU context: the
+    /// next poll runs at once, not at the end of the interval.
+    pub poll_now: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the poller thread. It ends when the receiver is dropped.
@@ -178,7 +181,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
                 pause
             }
         };
-        sleep_unless_closed(&updates, pause);
+        sleep_unless_closed(&updates, pause, &config.poll_now);
     }
 }
 
@@ -193,15 +196,19 @@ fn report_failure(err: &GpuError, failures: u32, retry_in: Duration) {
     }
 }
 
-/// Sleeps in short steps so shutdown is noticed promptly.
-fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration) {
+/// Sleeps in short steps so shutdown and a poll-now request are noticed
+/// promptly.
+fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration, poll_now: &std::sync::atomic::AtomicBool) {
     let deadline = Instant::now() + total;
     while !updates.is_closed() {
+        if poll_now.swap(false, Ordering::Relaxed) {
+            return;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return;
         }
-        thread::sleep(left.min(Duration::from_millis(100)));
+        thread::sleep(left.min(Duration::from_millis(50)));
     }
 }
 

@@ -1,6 +1,7 @@
 //! eBPF probes: loading the programs built from `agent-ebpf`, attaching
 //! them, and reading their maps. One module per program set.
 pub mod baseline;
+pub mod driver;
 pub mod launch_reader;
 pub mod launches;
 pub mod requests;

@@ -36,6 +36,7 @@ pub fn router(view: ViewRx, tick: Duration) -> Router {
         .route("/readyz", get(readyz))
         .route("/pods", get(pods))
         .route("/launches", get(launches))
+        .route("/driver", get(driver))
         .route("/metrics", get(metrics))
         .with_state(AppState { view, freshness })
 }
@@ -122,6 +123,8 @@ struct PodRow<'a> {
     requests: crate::signals::view::RequestCounts,
     /// Kernel launches since the agent started (exited processes included).
     gpu_launches: u64,
+    /// Contexts, driver memory, driver calls by kind.
+    gpu_driver: &'a crate::probes::driver::PodDriver,
 }
 
 #[derive(Serialize)]
@@ -168,6 +171,7 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
                 .collect(),
             requests: pod.requests,
             gpu_launches: pod.history.latest().map_or(0, |point| point.gpu_launches),
+            gpu_driver: &pod.driver,
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })
@@ -181,6 +185,18 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
 async fn launches(State(AppState { view, .. }): State<AppState>) -> Response {
     let view = view.borrow().clone();
     Json(serde_json::json!({ "status": view.health.launches, "rows": view.launches.as_slice() })).into_response()
+}
+
+/// `/driver`: what each live process holds in the NVIDIA driver (contexts
+/// and their GPUs, VRAM) and its driver calls by kind.
+async fn driver(State(AppState { view, .. }): State<AppState>) -> Response {
+    let view = view.borrow().clone();
+    Json(serde_json::json!({
+        "status": view.health.driver,
+        "reader": view.health.driver_reader,
+        "rows": view.driver.as_slice(),
+    }))
+    .into_response()
 }
 
 async fn metrics(State(AppState { view, .. }): State<AppState>) -> Response {
@@ -290,6 +306,21 @@ pub fn render_metrics(view: &NodeView) -> String {
             samples,
         );
     }
+    if view.health.driver.is_ok() {
+        let samples = labelled.iter().flat_map(|(labels, pod)| {
+            pod.driver
+                .calls_by_kind
+                .iter()
+                .map(move |(kind, calls)| (format!("{labels},kind=\"{}\"", kind.name()), *calls as f64))
+        });
+        family(
+            &mut out,
+            "podgpu_pod_gpu_driver_calls_total",
+            "counter",
+            "NVIDIA driver calls (ioctls) of the pod's processes, by kind.",
+            samples,
+        );
+    }
     let gpu_label = |device: &crate::gpu::DeviceSample| {
         format!("gpu=\"{}\",model=\"{}\"", escape(&device.uuid), escape(&device.name))
     };
@@ -346,6 +377,8 @@ pub fn render_metrics(view: &NodeView) -> String {
         [
             ("source=\"probes\"".to_string(), up(health.probes.is_ok())),
             ("source=\"gpu\"".to_string(), up(health.gpu.is_ok())),
+            ("source=\"launches\"".to_string(), up(health.launches.is_ok())),
+            ("source=\"driver\"".to_string(), up(health.driver.is_ok())),
             ("source=\"kube_api\"".to_string(), up(health.kube_api.is_ok())),
             ("source=\"kubelet\"".to_string(), up(health.kubelet.is_ok())),
         ],
@@ -512,12 +545,29 @@ mod tests {
             },
             history,
             gpu: Default::default(),
+            driver: crate::probes::driver::PodDriver {
+                contexts: 2,
+                vram_bytes: 1 << 30,
+                calls_by_kind: [(crate::probes::driver::objects::CallKind::Context, 6)].into(),
+                ..Default::default()
+            },
             requests_in_flight: 0,
             requests: Default::default(),
             ports: Vec::new(),
             metadata_pending: false,
         });
         let text = render_metrics(&view);
+        // Driver signals only while the driver path serves.
+        assert!(!text.contains("podgpu_pod_gpu_contexts{"), "{text}");
+        view.health.driver = SourceStatus::Ok { detail: "ioctls".into() };
+        let text = render_metrics(&view);
+        let labels = "namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"";
+        assert!(text.contains(&format!("podgpu_pod_gpu_contexts{{{labels}}} 2\n")), "{text}");
+        assert!(text.contains(&format!("podgpu_pod_gpu_driver_mem_bytes{{{labels}}} 1073741824\n")), "{text}");
+        assert!(
+            text.contains(&format!("podgpu_pod_gpu_driver_calls_total{{{labels},kind=\"context\"}} 6\n")),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"} 500\n"

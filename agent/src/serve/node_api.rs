@@ -37,15 +37,11 @@ impl NodeApi {
 
 /// The snapshot of `view` for `windows`.
 pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
-    let sources = [
-        (MetricSource::Gpu, "gpu", &view.health.gpu),
-        (MetricSource::Probes, "probes", &view.health.probes),
-        (MetricSource::Launches, "launches", &view.health.launches),
-    ];
-    let unavailable_sources = sources
-        .iter()
-        .filter(|(_, _, status)| !status.is_ok())
-        .map(|(_, name, status)| (name.to_string(), format!("{status:?}")))
+    let unavailable_sources = MetricSource::ALL
+        .into_iter()
+        .map(|source| (source.name(), view.health.of(source)))
+        .filter(|(_, status)| !status.is_ok())
+        .map(|(name, status)| (name.to_string(), format!("{status:?}")))
         .collect();
     let serving = |metric: Metric| view.source_status(metric).is_ok();
     let pods = view

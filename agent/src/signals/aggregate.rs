@@ -182,6 +182,7 @@ mod tests {
             },
             history,
             gpu: Default::default(),
+            driver: Default::default(),
             requests_in_flight: 0,
             requests: Default::default(),
             ports: Vec::new(),

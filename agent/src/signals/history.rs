@@ -26,6 +26,10 @@ pub struct Point {
     pub requests_started: u64,
     /// Kernel launches, cumulative.
     pub gpu_launches: u64,
+    /// NVIDIA driver calls, cumulative.
+    pub gpu_driver_calls: u64,
+    /// Seconds blocked in driver calls, cumulative.
+    pub gpu_driver_blocked_s: f64,
 }
 
 /// Points of the last `retention_s` seconds, oldest first.

@@ -37,6 +37,16 @@ pub enum Metric {
     GpuMemUsedBytes,
     /// Kernel launches per second over the window (libcuda uprobes).
     GpuLaunchRate,
+    /// GPU contexts the pod's processes hold now: (process, GPU) pairs
+    /// with a live channel group or compute object (driver path).
+    GpuContexts,
+    /// VRAM the pod's processes allocated through the driver (now).
+    GpuDriverMemBytes,
+    /// NVIDIA driver calls (ioctls) per second over the window.
+    GpuDriverCallRate,
+    /// Seconds blocked in driver calls per second over the window, summed
+    /// over threads.
+    GpuDriverBlockedRatio,
     /// Bytes/s the pod's server connections received (requests arriving).
     SocketRecvBytesRate,
     /// Bytes/s the pod's server connections sent (responses leaving).
@@ -60,6 +70,24 @@ pub enum MetricSource {
     Probes,
     /// The libcuda launch uprobes.
     Launches,
+    /// The driver ioctl path (decoded in the request probe's tracepoints).
+    Driver,
+}
+
+impl MetricSource {
+    /// Every source.
+    pub const ALL: [MetricSource; 4] =
+        [MetricSource::Gpu, MetricSource::Probes, MetricSource::Launches, MetricSource::Driver];
+
+    /// Name in the node API's `unavailable_sources` and in errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            MetricSource::Gpu => "gpu",
+            MetricSource::Probes => "probes",
+            MetricSource::Launches => "launches",
+            MetricSource::Driver => "driver",
+        }
+    }
 }
 
 /// How a workload value is formed from pod values (see `aggregate`).
@@ -74,11 +102,15 @@ pub enum Combine {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 18] = [
         Metric::GpuSmUtil,
         Metric::GpuMemBwUtil,
         Metric::GpuMemUsedBytes,
         Metric::GpuLaunchRate,
+        Metric::GpuContexts,
+        Metric::GpuDriverMemBytes,
+        Metric::GpuDriverCallRate,
+        Metric::GpuDriverBlockedRatio,
         Metric::SocketRecvBytesRate,
         Metric::SocketSendBytesRate,
         Metric::RequestsInFlight,
@@ -98,6 +130,10 @@ impl Metric {
             Metric::GpuMemBwUtil => "gpu_mem_bw_util",
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
             Metric::GpuLaunchRate => "gpu_launch_rate",
+            Metric::GpuContexts => "gpu_contexts",
+            Metric::GpuDriverMemBytes => "gpu_driver_mem_bytes",
+            Metric::GpuDriverCallRate => "gpu_driver_call_rate",
+            Metric::GpuDriverBlockedRatio => "gpu_driver_blocked_ratio",
             Metric::SocketRecvBytesRate => "socket_recv_bytes_rate",
             Metric::SocketSendBytesRate => "socket_send_bytes_rate",
             Metric::RequestsInFlight => "requests_in_flight",
@@ -121,6 +157,10 @@ impl Metric {
         match self {
             Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
             Metric::GpuLaunchRate => MetricSource::Launches,
+            Metric::GpuContexts
+            | Metric::GpuDriverMemBytes
+            | Metric::GpuDriverCallRate
+            | Metric::GpuDriverBlockedRatio => MetricSource::Driver,
             Metric::SocketRecvBytesRate
             | Metric::SocketSendBytesRate
             | Metric::RequestsInFlight

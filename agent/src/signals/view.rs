@@ -26,6 +26,10 @@ pub struct Health {
     pub launches: SourceStatus,
     /// libcuda files the launch uprobes are attached to.
     pub launch_libraries: usize,
+    /// The driver path (`gpu_contexts`, `gpu_driver_*`).
+    pub driver: SourceStatus,
+    /// The driver reader's counters.
+    pub driver_reader: crate::probes::driver::DriverReaderStats,
     /// Kubernetes API pod watch (names, labels, owners).
     pub kube_api: SourceStatus,
     /// Kubelet pod-resources (devices per container).
@@ -44,6 +48,18 @@ pub struct Health {
     pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
     pub gpu_updates_dropped: u64,
+}
+
+impl Health {
+    /// The status of one source.
+    pub fn of(&self, source: MetricSource) -> &SourceStatus {
+        match source {
+            MetricSource::Gpu => &self.gpu,
+            MetricSource::Probes => &self.probes,
+            MetricSource::Launches => &self.launches,
+            MetricSource::Driver => &self.driver,
+        }
+    }
 }
 
 /// What the request reader task has done.
@@ -85,6 +101,8 @@ pub struct PodView {
     pub history: History,
     /// GPU use at the latest poll.
     pub gpu: PodGpu,
+    /// What its processes hold in and ask of the NVIDIA driver.
+    pub driver: crate::probes::driver::PodDriver,
     /// Requests started and not answered or aborted, all ports.
     pub requests_in_flight: u64,
     /// Cumulative request counts, all ports.
@@ -194,6 +212,10 @@ impl PodView {
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
             Metric::GpuLaunchRate => self.history.rate(window_s, |p| p.gpu_launches as f64),
+            Metric::GpuContexts => Some(f64::from(self.driver.contexts)),
+            Metric::GpuDriverMemBytes => Some(self.driver.vram_bytes as f64),
+            Metric::GpuDriverCallRate => self.history.rate(window_s, |p| p.gpu_driver_calls as f64),
+            Metric::GpuDriverBlockedRatio => self.history.rate(window_s, |p| p.gpu_driver_blocked_s),
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
                 self.merge_latencies(metric, window_s, filter, &mut merged);
@@ -215,6 +237,8 @@ pub struct NodeView {
     pub at_s: f64,
     /// Launches per (process, function, size), live processes only.
     pub launches: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    /// Driver state per live process that called the driver.
+    pub driver: Arc<Vec<crate::probes::driver::DriverRow>>,
     /// When the collector built this view (`None`: the empty view before
     /// the first tick). Liveness and readiness judge its age.
     pub built: Option<std::time::Instant>,
@@ -232,6 +256,7 @@ impl NodeView {
         Self {
             at_s: 0.0,
             launches: Arc::default(),
+            driver: Arc::default(),
             built: None,
             pods: Vec::new(),
             devices: Vec::new(),
@@ -240,6 +265,8 @@ impl NodeView {
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
                 launches: SourceStatus::Degraded { reason: "starting".to_string() },
                 launch_libraries: 0,
+                driver: SourceStatus::Degraded { reason: "starting".to_string() },
+                driver_reader: Default::default(),
                 kube_api: SourceStatus::Disabled,
                 kubelet: SourceStatus::Disabled,
                 api_pods: 0,
@@ -255,10 +282,6 @@ impl NodeView {
 
     /// The status of the source `metric` depends on.
     pub fn source_status(&self, metric: Metric) -> &SourceStatus {
-        match metric.source() {
-            MetricSource::Gpu => &self.health.gpu,
-            MetricSource::Probes => &self.health.probes,
-            MetricSource::Launches => &self.health.launches,
-        }
+        self.health.of(metric.source())
     }
 }

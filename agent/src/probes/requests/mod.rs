@@ -47,7 +47,10 @@ pub enum ProbeUpdate {
 const PROGRAMS: [(&str, &str); 2] = [("syscall_enter", "sys_enter"), ("syscall_exit", "sys_exit")];
 const WATCHED: &str = "WATCHED_CGROUPS";
 const WALKER: &str = "h2_walk";
-const WALKERS: &str = "WALKERS";
+const DRIVER_DECODE: &str = "driver_decode";
+const TAIL_CALLS: &str = "TAIL_CALLS";
+const DRIVER_EVENTS: &str = "DRIVER_EVENTS";
+const DRIVER_FDS: &str = "DRIVER_FDS";
 const CONNECTIONS: &str = "CONNECTIONS";
 const EVENTS: &str = "EVENTS";
 const STATS: &str = "REQUEST_STATS";
@@ -68,6 +71,8 @@ pub struct RequestProbeStats {
     pub capture_failed: u64,
     /// HTTP/2 frame boundaries lost (and resynchronised later).
     pub http2_lost_sync: u64,
+    /// Driver events lost to a full driver ring.
+    pub driver_ring_full_drops: u64,
 }
 
 /// Loaded and attached request probe. Dropping it detaches the programs.
@@ -79,16 +84,20 @@ impl RequestProbe {
     /// Loads the embedded object and attaches its raw tracepoints.
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
-        // The frame walker is not attached: `syscall_exit` tail-calls it.
-        let walker = super::load_raw_tracepoint(&mut ebpf, WALKER)?;
-        let walker_fd =
-            walker.fd().map_err(|source| ProbeError::Program { name: WALKER, source })?.try_clone().map_err(|err| {
-                ProbeError::Program { name: WALKER, source: aya::programs::ProgramError::IOError(err) }
-            })?;
-        let mut walkers: ProgramArray<_> =
-            ProgramArray::try_from(ebpf.map_mut(WALKERS).ok_or(ProbeError::MissingMap(WALKERS))?)
-                .map_err(|source| ProbeError::Map { name: WALKERS, source })?;
-        walkers.set(0, &walker_fd, 0).map_err(|source| ProbeError::Map { name: WALKERS, source })?;
+        // The frame walker and the driver decoder are not attached:
+        // `syscall_exit` tail-calls them (slots 0 and 1).
+        for (slot, name) in [(0, WALKER), (1, DRIVER_DECODE)] {
+            let program = super::load_raw_tracepoint(&mut ebpf, name)?;
+            let fd = program
+                .fd()
+                .map_err(|source| ProbeError::Program { name, source })?
+                .try_clone()
+                .map_err(|err| ProbeError::Program { name, source: aya::programs::ProgramError::IOError(err) })?;
+            let mut tail_calls: ProgramArray<_> =
+                ProgramArray::try_from(ebpf.map_mut(TAIL_CALLS).ok_or(ProbeError::MissingMap(TAIL_CALLS))?)
+                    .map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
+            tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
+        }
         super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
         Ok(Self { ebpf })
     }
@@ -161,6 +170,16 @@ impl RequestProbe {
         RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: EVENTS, source })
     }
 
+    /// The driver path's event ring and fd map, handed to the driver
+    /// reader (once).
+    pub fn take_driver_maps(&mut self) -> Result<crate::probes::driver::DriverMaps, ProbeError> {
+        let ring = self.ebpf.take_map(DRIVER_EVENTS).ok_or(ProbeError::MissingMap(DRIVER_EVENTS))?;
+        let ring = RingBuf::try_from(ring).map_err(|source| ProbeError::Map { name: DRIVER_EVENTS, source })?;
+        let fds = self.ebpf.take_map(DRIVER_FDS).ok_or(ProbeError::MissingMap(DRIVER_FDS))?;
+        let fds = HashMap::try_from(fds).map_err(|source| ProbeError::Map { name: DRIVER_FDS, source })?;
+        Ok(crate::probes::driver::DriverMaps { ring, fds })
+    }
+
     /// Kernel run-time statistics of this probe's programs.
     pub fn program_stats(&self) -> Vec<crate::probes::BpfProgramStats> {
         crate::probes::program_stats(&self.ebpf)
@@ -182,6 +201,7 @@ impl RequestProbe {
             args_map_full: sum(RequestStat::ArgsMapFull)?,
             capture_failed: sum(RequestStat::CaptureFailed)?,
             http2_lost_sync: sum(RequestStat::H2LostSync)?,
+            driver_ring_full_drops: sum(RequestStat::DriverRingFull)?,
         })
     }
 }

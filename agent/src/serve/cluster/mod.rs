@@ -204,11 +204,7 @@ impl ClusterView {
                 node.last_error.as_deref().unwrap_or("no answer")
             ));
         }
-        let source = match metric.source() {
-            MetricSource::Gpu => "gpu",
-            MetricSource::Probes => "probes",
-            MetricSource::Launches => "launches",
-        };
+        let source = metric.source().name();
         self.nodes.iter().find_map(|node| {
             let reason = node.unavailable_sources.get(source)?;
             node.pods

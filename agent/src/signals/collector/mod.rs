@@ -19,6 +19,7 @@ use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::{self, PodCgroup};
 use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
+use crate::probes::driver::{DriverSnapshot, PodDriver};
 use crate::probes::launches::LaunchSnapshot;
 use crate::probes::requests::{sockets, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
@@ -51,6 +52,10 @@ pub struct Probes {
     pub launches: Arc<std::sync::Mutex<LaunchSnapshot>>,
     /// Whether the launch probe serves.
     pub launch_status: SourceStatus,
+    /// What the driver reader publishes (contexts, driver memory, calls).
+    pub driver: Arc<std::sync::Mutex<DriverSnapshot>>,
+    /// Whether the driver path serves.
+    pub driver_status: SourceStatus,
 }
 
 impl Probes {
@@ -62,6 +67,8 @@ impl Probes {
             reader: Arc::default(),
             launches: Arc::default(),
             launch_status: SourceStatus::Disabled,
+            driver: Arc::default(),
+            driver_status: SourceStatus::Disabled,
         }
     }
 }
@@ -82,6 +89,8 @@ struct PodState {
     gpu: PodGpu,
     /// Kernel launches since the agent started (exited processes included).
     launches: u64,
+    /// Driver state (calls and blocked time kept monotonic).
+    driver: PodDriver,
     /// Request state per (server port, probe traffic) (port 0: connections
     /// whose port could not be named); pod totals are the sums of the
     /// application entries, so each outcome is recorded once.
@@ -126,14 +135,16 @@ pub struct Collector {
     started: Instant,
     last_tick_s: f64,
     last_rescan: Option<Instant>,
-    /// The launch source's status as served: the probe's, unless its
-    /// reader has stopped publishing.
+    /// The launch and driver sources' status as served: the probe's,
+    /// unless its reader has stopped publishing.
     launch_health: SourceStatus,
+    driver_health: SourceStatus,
+    driver_reader: crate::probes::driver::DriverReaderStats,
 }
 
-/// Launch counts older than this are stale: the reader publishes every
-/// second, so five missed reads mean it is stuck.
-const LAUNCHES_STALE_AFTER: Duration = Duration::from_secs(5);
+/// Launch counts or driver state older than this are stale: the readers
+/// publish every second or faster, so five seconds mean one is stuck.
+const READER_STALE_AFTER: Duration = Duration::from_secs(5);
 
 impl Collector {
     /// A collector over `probes`.
@@ -144,6 +155,7 @@ impl Collector {
         gpu_updates_dropped: Arc<AtomicU64>,
     ) -> Self {
         let launch_health = probes.launch_status.clone();
+        let driver_health = probes.driver_status.clone();
         Self {
             config,
             directory,
@@ -159,6 +171,8 @@ impl Collector {
             gpu_polled_at: None,
             gpu_updates_dropped,
             launch_health,
+            driver_health,
+            driver_reader: Default::default(),
             started: Instant::now(),
             last_tick_s: 0.0,
             last_rescan: None,
@@ -215,9 +229,21 @@ impl Collector {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             (snapshot.per_pod.clone(), snapshot.published)
         };
-        self.launch_health = self.launch_health_at(published);
+        self.launch_health = self.reader_health("launch counts", &self.probes.launch_status, published);
+        let (driver, published) = {
+            let snapshot = self.probes.driver.lock().expect("driver snapshot poisoned");
+            self.driver_reader = snapshot.stats;
+            (snapshot.per_pod.clone(), snapshot.published)
+        };
+        self.driver_health = self.reader_health("driver state", &self.probes.driver_status, published);
         for (uid, pod) in self.pods.iter_mut() {
             pod.launches = pod.launches.max(launches.get(uid).copied().unwrap_or(0));
+            let now = driver.get(uid).cloned().unwrap_or_default();
+            pod.driver = PodDriver {
+                calls: pod.driver.calls.max(now.calls),
+                blocked_ns: pod.driver.blocked_ns.max(now.blocked_ns),
+                ..now
+            };
             // Sample-and-hold between GPU polls keeps short windows smooth;
             // time without valid GPU data is not integrated at all.
             if gpu_known {
@@ -231,6 +257,8 @@ impl Collector {
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
                 gpu_launches: pod.launches,
+                gpu_driver_calls: pod.driver.calls,
+                gpu_driver_blocked_s: pod.driver.blocked_ns as f64 / 1e9,
                 ..Point::default()
             };
             for (&(_, probe), port) in pod.ports.iter_mut() {
@@ -302,6 +330,7 @@ impl Collector {
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
                         launches: 0,
+                        driver: PodDriver::default(),
                         ports: BTreeMap::new(),
                     },
                 );
@@ -369,14 +398,14 @@ impl Collector {
         pod.port((event.port, event.probe), &self.config, self.last_tick_s).record(now_s, &event.outcome);
     }
 
-    /// The launch source's status given when its reader last published
+    /// A reader-fed source's status given when its reader last published
     /// (before the first publication, the age counts from the start).
-    fn launch_health_at(&self, published: Option<Instant>) -> SourceStatus {
+    fn reader_health(&self, what: &str, status: &SourceStatus, published: Option<Instant>) -> SourceStatus {
         let age = published.unwrap_or(self.started).elapsed();
-        match &self.probes.launch_status {
-            SourceStatus::Ok { .. } if age > LAUNCHES_STALE_AFTER => SourceStatus::Degraded {
-                reason: format!("launch counts are stale: last read {:.1} s ago", age.as_secs_f64()),
-            },
+        match status {
+            SourceStatus::Ok { .. } if age > READER_STALE_AFTER => {
+                SourceStatus::Degraded { reason: format!("{what} are stale: last read {:.1} s ago", age.as_secs_f64()) }
+            }
             status => status.clone(),
         }
     }
@@ -453,6 +482,7 @@ impl Collector {
                     meta: pod.meta.clone(),
                     history: pod.history.clone(),
                     gpu: pod.gpu,
+                    driver: pod.driver.clone(),
                     requests_in_flight: ports.iter().filter(|p| !p.probe).map(|p| p.requests_in_flight).sum(),
                     requests,
                     ports,
@@ -467,9 +497,11 @@ impl Collector {
         let launches = self.probes.launches.lock().expect("launch snapshot poisoned");
         let (launch_rows, launch_libraries) = (Arc::new(launches.rows.clone()), launches.libraries);
         drop(launches);
+        let driver_rows = Arc::new(self.probes.driver.lock().expect("driver snapshot poisoned").rows.clone());
         NodeView {
             at_s: self.last_tick_s,
             launches: launch_rows,
+            driver: driver_rows,
             built: Some(Instant::now()),
             pods,
             devices: self.gpu_devices.clone(),
@@ -478,6 +510,8 @@ impl Collector {
                 gpu: self.gpu_status.clone(),
                 launches: self.launch_health.clone(),
                 launch_libraries,
+                driver: self.driver_health.clone(),
+                driver_reader: self.driver_reader,
                 kube_api: kube_api_health,
                 kubelet: kubelet_health,
                 api_pods: self.directory.api_pods(),

@@ -1,0 +1,315 @@
+//! NVIDIA driver calls, decoded in the syscall tracepoints the request
+//! probe already runs for every syscall (no hook of its own, so the driver
+//! path adds nothing to other syscalls than a compare on their number).
+//!
+//! `ioctl` entry: a request shaped like an NVIDIA escape (`_IOWR('F', nr,
+//! size)`, `nr` in the escape ranges), or any ioctl of a process already
+//! seen calling the driver (UVM commands carry no `_IOC` shape), is looked
+//! up in `DRIVER_FDS`. An fd checked as not NVIDIA's is ignored; a known
+//! or unverified one has its arguments stashed. At exit, after the driver
+//! wrote its results back, `driver_decode` (tail-called, so it verifies on
+//! its own) unwraps XFER, reads the parameter struct chosen by escape and
+//! size, and emits one `DriverEvent`. Unknown sizes are counted, never
+//! read. User space checks unverified fds (`/proc/PID/fd`, device numbers)
+//! and fills `DRIVER_FDS`; `close` of a mapped fd removes it.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, raw_tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::RawTracePointContext,
+};
+use podgpu_common::{
+    driver::{
+        decode_flags, driver_event, escape, fd_kind, is_escape_shaped, DriverEvent, DRIVER_RING_BYTES, MAX_DRIVER_FDS,
+        STATUS_UNKNOWN,
+    },
+    tgid_slot, RequestStat, SERVER_TGID_WORDS,
+};
+
+use crate::{bump, syscall_args, Pending, TAIL_CALLS};
+
+/// (tgid << 32 | fd) -> `fd_kind`, written by user space after checking the
+/// fd, removed by the kernel at close. LRU: an evicted entry only makes
+/// the fd unverified again.
+#[map]
+static DRIVER_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(MAX_DRIVER_FDS, 0);
+
+/// tgids (a byte each, as `SERVER_TGIDS`) that issued an escape-shaped
+/// ioctl: their other ioctls and their closes are looked at too.
+#[map]
+static DRIVER_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
+
+/// Driver events for user space.
+#[map]
+static DRIVER_EVENTS: RingBuf = RingBuf::with_byte_size(DRIVER_RING_BYTES, 0);
+
+/// What the exit program hands `driver_decode`.
+#[map]
+static DRIVER_INPUT: PerCpuArray<DriverInput> = PerCpuArray::with_max_entries(1, 0);
+
+/// `Pending::kind` of a stashed ioctl (beyond every `IoKind`).
+pub const PENDING_IOCTL: u32 = 0x100;
+/// Slot of `driver_decode` in `TAIL_CALLS`.
+pub const DECODE_SLOT: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DriverInput {
+    params: u64,
+    cgroup_id: u64,
+    started_ns: u64,
+    ret: i64,
+    request: u32,
+    fd: u32,
+    fd_kind: u32,
+    _padding: u32,
+}
+
+#[inline(always)]
+pub fn is_client(tgid: u64) -> bool {
+    let (word, byte) = tgid_slot(tgid);
+    DRIVER_TGIDS.get(word).is_some_and(|value| (value >> (byte * 8)) & 0xff != 0)
+}
+
+#[inline(always)]
+fn mark_client(tgid: u64) {
+    let (word, byte) = tgid_slot(tgid);
+    if let Some(value) = DRIVER_TGIDS.get_ptr_mut(word) {
+        // SAFETY: byte `byte` (< 8) of an 8-byte map value.
+        unsafe { *(value as *mut u8).add(byte as usize) = 1 };
+    }
+}
+
+/// `ioctl` entry: the stash for `ioctl_exit`, or `None` if it is not a
+/// driver call.
+#[inline(always)]
+pub fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>, i64> {
+    let [fd, request, params] = syscall_args(ctx)?;
+    let request = request as u32;
+    if !is_escape_shaped(request) && !is_client(tgid) {
+        return Ok(None);
+    }
+    let key = (tgid << 32) | (fd & 0xffff_ffff);
+    let kind = match DRIVER_FDS.get_ptr(key) {
+        // SAFETY: plain-data map value.
+        Some(kind) => unsafe { *kind },
+        None => fd_kind::UNVERIFIED,
+    };
+    if kind == fd_kind::NOT_NVIDIA {
+        return Ok(None);
+    }
+    mark_client(tgid);
+    Ok(Some(Pending {
+        buffer: params,
+        segments: u64::from(request),
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        fd: fd as u32,
+        kind: PENDING_IOCTL,
+        mode: kind,
+        _padding: 0,
+        // SAFETY: helper without arguments.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+    }))
+}
+
+/// `ioctl` exit: hand the call to `driver_decode`.
+#[inline(always)]
+pub fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
+    let Some(input) = DRIVER_INPUT.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot.
+    unsafe {
+        *input = DriverInput {
+            params: pending.buffer,
+            cgroup_id: pending.cgroup_id,
+            started_ns: pending.started_ns,
+            ret,
+            request: pending.segments as u32,
+            fd: pending.fd,
+            fd_kind: pending.mode,
+            _padding: 0,
+        };
+        let _ = TAIL_CALLS.tail_call(ctx, DECODE_SLOT);
+    }
+}
+
+/// `close` by a driver client: forget the fd, and tell user space if it was
+/// a mapped one.
+#[inline(always)]
+pub fn close(tgid: u64, fd: u64) {
+    let key = (tgid << 32) | (fd & 0xffff_ffff);
+    let Some(kind) = DRIVER_FDS.get_ptr(key) else { return };
+    // SAFETY: plain-data map value.
+    let kind = unsafe { *kind };
+    let _ = DRIVER_FDS.remove(key);
+    let Some(mut entry) = DRIVER_EVENTS.reserve::<DriverEvent>(0) else {
+        bump(RequestStat::DriverRingFull);
+        return;
+    };
+    // SAFETY: a reserved, exclusively owned ring slot of the right size.
+    unsafe {
+        entry.as_mut_ptr().write(DriverEvent {
+            timestamp_ns: bpf_ktime_get_ns(),
+            cgroup_id: bpf_get_current_cgroup_id(),
+            tgid: tgid as u32,
+            fd: fd as u32,
+            event: driver_event::CLOSE,
+            status: STATUS_UNKNOWN,
+            fd_kind: kind,
+            ..DriverEvent::default()
+        })
+    };
+    entry.submit(0);
+}
+
+#[raw_tracepoint]
+pub fn driver_decode(_ctx: RawTracePointContext) -> i32 {
+    let Some(input) = DRIVER_INPUT.get(0) else { return 0 };
+    let input = *input;
+    let Some(mut entry) = DRIVER_EVENTS.reserve::<DriverEvent>(0) else {
+        bump(RequestStat::DriverRingFull);
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut event = DriverEvent {
+        timestamp_ns: now,
+        duration_ns: now.saturating_sub(input.started_ns),
+        cgroup_id: input.cgroup_id,
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        fd: input.fd,
+        event: driver_event::IOCTL,
+        request: input.request,
+        nr: input.request,
+        ret: input.ret as i32,
+        status: STATUS_UNKNOWN,
+        fd_kind: input.fd_kind,
+        ..DriverEvent::default()
+    };
+    if input.fd_kind != fd_kind::UVM && is_escape_shaped(input.request) {
+        decode(&mut event, input.params);
+    }
+    // SAFETY: a reserved, exclusively owned ring slot of the right size.
+    unsafe { entry.as_mut_ptr().write(event) };
+    entry.submit(0);
+    0
+}
+
+/// `nv_ioctl_xfer_t`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Xfer {
+    request: u32,
+    size: u32,
+    params: u64,
+}
+
+/// Reads `N` u32 words of parameters.
+#[inline(always)]
+fn words<const N: usize>(params: u64, event: &mut DriverEvent) -> Option<[u32; N]> {
+    // SAFETY: user memory through the checked helper.
+    match unsafe { bpf_probe_read_user(params as *const [u32; N]) } {
+        Ok(words) => Some(words),
+        Err(_) => {
+            event.flags |= decode_flags::READ_FAILED;
+            None
+        }
+    }
+}
+
+#[inline(always)]
+fn read_u64(address: u64, event: &mut DriverEvent) -> u64 {
+    // SAFETY: user memory through the checked helper.
+    unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or_else(|_| {
+        event.flags |= decode_flags::READ_FAILED;
+        0
+    })
+}
+
+/// Class of NV01_MEMORY_LOCAL_USER (VRAM), NV01_DEVICE_0, and
+/// KEPLER_CHANNEL_GROUP_A (every TSG since Kepler).
+const CLASS_VRAM: u32 = 0x40;
+const CLASS_DEVICE: u32 = 0x80;
+const CLASS_CHANNEL_GROUP: u32 = 0xa06c;
+/// `NV_MEMORY_ALLOCATION_PARAMS.size`, `NV_CHANNEL_GROUP_ALLOCATION_PARAMETERS.engineType`.
+const VRAM_SIZE_OFFSET: u64 = 64;
+const ENGINE_TYPE_OFFSET: u64 = 12;
+
+#[inline(always)]
+fn decode(event: &mut DriverEvent, params: u64) {
+    let mut nr = event.request & 0xff;
+    let mut size = (event.request >> 16) & 0x3fff;
+    let mut params = params;
+    if nr == escape::XFER && size == 16 {
+        // SAFETY: user memory through the checked helper.
+        let Ok(xfer) = (unsafe { bpf_probe_read_user(params as *const Xfer) }) else {
+            event.flags |= decode_flags::READ_FAILED;
+            return;
+        };
+        // The inner command is the escape number (some callers encode it).
+        nr = if xfer.request > 0xff { xfer.request & 0xff } else { xfer.request };
+        size = xfer.size;
+        params = xfer.params;
+        event.flags |= decode_flags::XFER;
+    }
+    event.nr = nr;
+    event.size = size;
+    match (nr, size) {
+        (escape::RM_ALLOC, 32) => {
+            let Some(w) = words::<8>(params, event) else { return };
+            alloc(event, [w[0], w[1], w[2], w[3]], u64::from(w[4]) | u64::from(w[5]) << 32, w[7]);
+        }
+        (escape::RM_ALLOC, 48) => {
+            let Some(w) = words::<12>(params, event) else { return };
+            alloc(event, [w[0], w[1], w[2], w[3]], u64::from(w[4]) | u64::from(w[5]) << 32, w[10]);
+        }
+        (escape::RM_FREE, 16) => {
+            let Some(w) = words::<4>(params, event) else { return };
+            event.handles = [w[0], w[1], w[2]];
+            event.status = w[3];
+            event.flags |= decode_flags::DECODED;
+        }
+        (escape::RM_CONTROL, 32) => {
+            let Some(w) = words::<8>(params, event) else { return };
+            event.handles = [w[0], w[1], w[2]];
+            event.status = w[7];
+            event.flags |= decode_flags::DECODED;
+        }
+        (escape::RM_ALLOC_MEMORY, 56) => {
+            let Some(w) = words::<14>(params, event) else { return };
+            event.handles = [w[0], w[1], w[2]];
+            event.class = w[3];
+            event.alloc_word = u64::from(w[8]) | u64::from(w[9]) << 32;
+            event.status = w[10];
+            event.flags |= decode_flags::DECODED;
+        }
+        (escape::RM_MAP_MEMORY, 56) => {
+            let Some(w) = words::<14>(params, event) else { return };
+            event.handles = [w[0], w[1], w[2]];
+            event.alloc_word = u64::from(w[6]) | u64::from(w[7]) << 32;
+            event.status = w[10];
+            event.flags |= decode_flags::DECODED;
+        }
+        _ => {}
+    }
+}
+
+/// RM_ALLOC (NVOS21 or NVOS64): handles, class, status, and the one word
+/// of the class's allocation parameters the signals need.
+#[inline(always)]
+fn alloc(event: &mut DriverEvent, head: [u32; 4], alloc_params: u64, status: u32) {
+    event.handles = [head[0], head[1], head[2]];
+    event.class = head[3];
+    event.status = status;
+    event.flags |= decode_flags::DECODED;
+    if alloc_params == 0 {
+        return;
+    }
+    event.alloc_word = match head[3] {
+        CLASS_VRAM => read_u64(alloc_params + VRAM_SIZE_OFFSET, event),
+        CLASS_DEVICE => read_u64(alloc_params, event) & 0xffff_ffff,
+        CLASS_CHANNEL_GROUP => read_u64(alloc_params + ENGINE_TYPE_OFFSET, event) & 0xffff_ffff,
+        _ => 0,
+    };
+}

@@ -1,0 +1,195 @@
+//! The NVIDIA driver path (as root, real probes): a stand-in for the
+//! driver's device nodes (a FUSE file system whose files answer ioctls with
+//! success, `integration/driver/standin_device.c`) and a client that makes
+//! the calls a CUDA process makes, with known sizes, in two cgroup pods
+//! (`driver_client.c`). The agent is told to treat the stand-in files as
+//! NVIDIA devices; everything else is the production path: the request
+//! probe's syscall tracepoints decode the ioctls (XFER unwrapped, status
+//! read back at exit, unknown sizes counted), user space checks the fds
+//! and rebuilds what each process holds.
+use integration::require_root;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use integration::agent::{AgentProcess, PodEntry};
+use integration::eventually;
+use integration::http::get;
+use integration::keda::{scaled_object, KedaClient};
+use integration::pod::{new_uid, CgroupPod};
+
+fn build(dir: &Path) {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
+    let fuse = Command::new("pkg-config").args(["--cflags", "--libs", "fuse3"]).output().expect("pkg-config");
+    assert!(fuse.status.success(), "libfuse3-dev is installed by scripts/setup.sh");
+    let fuse_flags: Vec<String> =
+        String::from_utf8(fuse.stdout).unwrap().split_whitespace().map(String::from).collect();
+    let gcc = |args: &[&str]| {
+        let status = Command::new("gcc").args(args).current_dir(&sources).status().expect("gcc");
+        assert!(status.success(), "gcc {args:?}");
+    };
+    let device = dir.join("standin_device");
+    let mut device_args = vec!["-O2", "-Wall", "-o", device.to_str().unwrap(), "standin_device.c"];
+    device_args.extend(fuse_flags.iter().map(String::as_str));
+    gcc(&device_args);
+    gcc(&["-O2", "-Wall", "-o", dir.join("driver_client").to_str().unwrap(), "driver_client.c"]);
+}
+
+/// The mounted stand-in; unmounted (SIGTERM to its server, which unmounts,
+/// then a lazy unmount in case it could not) when dropped.
+struct StandIn {
+    server: Child,
+    mountpoint: PathBuf,
+}
+
+impl StandIn {
+    fn mount(tools: &Path) -> Self {
+        let mountpoint = tools.join("dev");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let mut server = Command::new(tools.join("standin_device"))
+            .arg(&mountpoint)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("stand-in device starts");
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "mounted", "the stand-in device mounts (FUSE)");
+        Self { server, mountpoint }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.mountpoint.join(name).display().to_string()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the child this guard started.
+        unsafe { libc::kill(self.server.id() as i32, libc::SIGTERM) };
+        let _ = self.server.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).stderr(Stdio::null()).status();
+    }
+}
+
+async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    serde_json::from_slice(&get(http, path).await.expect("GET").body).unwrap()
+}
+
+fn row(view: &serde_json::Value, pid: u32) -> Option<serde_json::Value> {
+    view["rows"].as_array()?.iter().find(|row| row["pid"] == pid).cloned()
+}
+
+/// Reads the client's next line (it prints one per phase).
+fn expect_line(output: &mut BufReader<ChildStdout>, expected: &str) {
+    let mut line = String::new();
+    output.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), expected);
+}
+
+/// Contexts, driver memory, calls by kind and time blocked are exact per
+/// pod; frees release subtrees; XFER-wrapped allocations count, refused
+/// and unknown-size ones do not change memory; ioctls on fds that are not
+/// NVIDIA's are ignored; an exited process's calls stay booked on its pod
+/// while its contexts and memory go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driver_calls_are_decoded_per_pod() {
+    require_root();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path());
+    let device = StandIn::mount(tools.path());
+    let ns = format!("driver-{}", std::process::id());
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let (uid_a, uid_b) = (new_uid(), new_uid());
+    let mut pod_a = CgroupPod::create(&cgroup_root, &uid_a).unwrap();
+    let mut pod_b = CgroupPod::create(&cgroup_root, &uid_b).unwrap();
+    let pods = [
+        PodEntry { uid: &uid_a, namespace: &ns, name: "infer-a", app: "a" },
+        PodEntry { uid: &uid_b, namespace: &ns, name: "infer-b", app: "b" },
+    ];
+    let (ctl, uvm) = (format!("ctl={}", device.file("nvidiactl")), format!("uvm={}", device.file("nvidia-uvm")));
+    let (agent, _files) =
+        AgentProcess::start_for_pods(&pods, &["--driver-stand-in", &ctl, "--driver-stand-in", &uvm]).expect("agent");
+    let go = tools.path().join("go");
+    let start = |pod: &mut CgroupPod, first_mib: &str, second_mib: &str| {
+        let mut command = Command::new(tools.path().join("driver_client"));
+        command.args([device.mountpoint.to_str().unwrap(), first_mib, second_mib, go.to_str().unwrap()]);
+        let child = pod.spawn(command).expect("driver client runs");
+        let pid = child.id();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        expect_line(&mut output, "allocated");
+        (pid, output)
+    };
+    let (pid_a, mut output_a) = start(&mut pod_a, "64", "32");
+    let (pid_b, mut output_b) = start(&mut pod_b, "512", "256");
+
+    let seen = eventually(Duration::from_secs(5), async || {
+        let view = json(agent.http, "/driver").await;
+        [pid_a, pid_b].iter().all(|pid| row(&view, *pid).is_some_and(|r| r["calls"] == 16))
+    })
+    .await;
+    let view = json(agent.http, "/driver").await;
+    assert!(seen, "{view}");
+    let a = row(&view, pid_a).unwrap();
+    assert_eq!(a["pod_uid"], uid_a.as_str());
+    assert_eq!(a["context_devices"], serde_json::json!([0]));
+    assert_eq!(a["vram_bytes"], 96u64 << 20, "NVOS21 + XFER(NVOS64); the refused 1 GiB not counted");
+    let expected_kinds = serde_json::json!({
+        "setup": 3, "control": 3, "context": 3, "vram_alloc": 2, "failed": 1,
+        "undecoded": 1, "mapping": 1, "uvm": 1, "uvm_registration": 1,
+    });
+    assert_eq!(a["calls_by_kind"], expected_kinds);
+    // Three controls blocked 20 ms each in the stand-in.
+    let blocked_ms = a["blocked_ms"].as_f64().unwrap();
+    assert!((60.0..200.0).contains(&blocked_ms), "time blocked in the driver: {blocked_ms} ms");
+    assert_eq!(row(&view, pid_b).unwrap()["vram_bytes"], 768u64 << 20);
+    // The escape-shaped ioctl on /dev/null was checked and ignored.
+    assert!(view["reader"]["fds_not_nvidia"].as_u64().unwrap() >= 2, "{view}");
+
+    let mut keda = KedaClient::connect(agent.keda).await.unwrap();
+    let mut value = async |app: &str, metric: &str| {
+        let selector = format!("app={app}");
+        let trigger = scaled_object(
+            &ns,
+            app,
+            &[("metric", metric), ("target", "1"), ("podSelector", &selector), ("window", "30s")],
+        );
+        keda.poll(&trigger, metric).await.map(|poll| poll.value)
+    };
+    assert_eq!(value("a", "gpu_contexts").await.unwrap(), 1.0);
+    assert_eq!(value("b", "gpu_driver_mem_bytes").await.unwrap(), (768u64 << 20) as f64);
+    let call_rate = value("a", "gpu_driver_call_rate").await.unwrap();
+    assert!(call_rate > 0.0, "calls per second over the window: {call_rate}");
+    let blocked = value("a", "gpu_driver_blocked_ratio").await.unwrap();
+    assert!(blocked > 0.0, "time blocked per second: {blocked}");
+    let metrics = String::from_utf8(get(agent.http, "/metrics").await.unwrap().body).unwrap();
+    let line = format!("podgpu_pod_gpu_driver_mem_bytes{{namespace=\"{ns}\",pod=\"infer-a\"");
+    assert!(metrics.lines().any(|l| l.starts_with(&line) && l.ends_with(&format!(" {}", 96u64 << 20))), "{metrics}");
+
+    // Phase 2: A frees its first allocation and its channel group.
+    std::fs::write(go.with_extension("1"), b"").unwrap();
+    expect_line(&mut output_a, "freed");
+    expect_line(&mut output_b, "freed");
+    let freed = eventually(Duration::from_secs(3), async || {
+        row(&json(agent.http, "/driver").await, pid_a)
+            .is_some_and(|r| r["vram_bytes"] == 32u64 << 20 && r["context_devices"] == serde_json::json!([]))
+    })
+    .await;
+    assert!(freed, "{}", json(agent.http, "/driver").await);
+    assert_eq!(value("a", "gpu_contexts").await.unwrap(), 0.0);
+    assert_eq!(value("a", "gpu_driver_mem_bytes").await.unwrap(), (32u64 << 20) as f64);
+
+    // Phase 3: the processes exit; contexts and memory go, calls stay.
+    std::fs::write(go.with_extension("2"), b"").unwrap();
+    let gone = eventually(Duration::from_secs(4), async || {
+        let view = json(agent.http, "/driver").await;
+        row(&view, pid_a).is_none() && row(&view, pid_b).is_none()
+    })
+    .await;
+    assert!(gone, "exited processes still listed");
+    assert_eq!(value("b", "gpu_driver_mem_bytes").await.unwrap(), 0.0);
+    let pods = json(agent.http, "/pods").await;
+    let pod_a_row = pods["pods"].as_array().unwrap().iter().find(|p| p["uid"] == uid_a.as_str()).unwrap().clone();
+    assert_eq!(pod_a_row["gpu_driver"]["calls"], 18, "{pod_a_row}");
+    assert_eq!(pod_a_row["gpu_driver"]["calls_by_kind"]["free"], 2);
+}
