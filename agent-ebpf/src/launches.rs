@@ -9,13 +9,18 @@
 //! CUlaunchConfig *config, CUfunction f, ...)` carries the sizes in
 //! `config` (gridDimX/Y/Z, blockDimX/Y/Z: six u32 at offset 0);
 //! `cuGraphLaunch(hGraphExec, hStream)` is counted per graph.
+//!
+//! When user space samples (attaches for part of an interval), it also
+//! sets `WINDOW` to the kernel-time span it means to count: attaching and
+//! detaching eight entry points takes milliseconds, and a count over an
+//! exact span is what the scaling needs.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::PerCpuHashMap,
+    maps::{Array, PerCpuHashMap},
     programs::ProbeContext,
 };
 use podgpu_common::{launch_kind, LaunchKey, MAX_LAUNCH_KEYS};
@@ -24,8 +29,28 @@ use podgpu_common::{launch_kind, LaunchKey, MAX_LAUNCH_KEYS};
 #[map]
 static LAUNCHES: PerCpuHashMap<LaunchKey, u64> = PerCpuHashMap::with_max_entries(MAX_LAUNCH_KEYS, 0);
 
+/// [start, end) in `bpf_ktime_get_ns` time: launches outside it are not
+/// counted. All zero (the default) counts everything.
+#[map]
+static WINDOW: Array<u64> = Array::with_max_entries(2, 0);
+
+#[inline(always)]
+fn in_window() -> bool {
+    let end = WINDOW.get(1).copied().unwrap_or(0);
+    if end == 0 {
+        return true;
+    }
+    let start = WINDOW.get(0).copied().unwrap_or(0);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    now >= start && now < end
+}
+
 #[inline(always)]
 fn count(key: LaunchKey) {
+    if !in_window() {
+        return;
+    }
     match LAUNCHES.get_ptr_mut(&key) {
         // SAFETY: this CPU's value; only this CPU writes it.
         Some(launches) => unsafe { *launches += 1 },

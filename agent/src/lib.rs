@@ -86,6 +86,8 @@ pub struct Config {
     pub probe_paths: probes::requests::traffic::ProbePaths,
     /// Count kernel launches with uprobes on libcuda.
     pub launch_accounting: bool,
+    /// Fraction of a launch-bound tenant's time launch accounting may cost.
+    pub launch_overhead_budget: f64,
     /// Files to treat as NVIDIA devices (tests without a GPU).
     pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
 }
@@ -251,7 +253,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let launch_reader = launch_probe.map(|probe| {
         probes::launch_reader::spawn(
             probe,
-            probes::launch_reader::LaunchReaderConfig { proc: proc.clone(), cgroup_root: cgroup_root.clone() },
+            probes::launch_reader::LaunchReaderConfig {
+                proc: proc.clone(),
+                cgroup_root: cgroup_root.clone(),
+                overhead_budget: config.launch_overhead_budget,
+            },
             launch_snapshot.clone(),
             shutdown.clone(),
         )

@@ -127,16 +127,30 @@ struct Options {
     #[arg(long, env = "PODGPU_PROBE_PATHS", default_value = podgpu_agent::probes::requests::traffic::DEFAULT_PROBE_PATHS, global = true, value_parser = parse_probe_paths)]
     probe_paths: ProbePaths,
     /// Kernel launch accounting with uprobes on libcuda (gpu_launch_rate,
-    /// /launches): on or off. Off by default: each launch costs the
-    /// launching thread about 1.4 µs (measured on an H200: 14% of a loop of
-    /// tiny kernels at 114k launches/s, about 0.4% at 2,600 launches/s).
+    /// /launches): on or off. A probed launch costs the launching thread
+    /// a uprobe trap (1.4 µs on an H200 host; calibrated at start on each
+    /// node); above --launch-overhead-budget the probes are attached for
+    /// part of each interval and counts are scaled from that sample. Off
+    /// by default until the sampled mode's cost is measured on a GPU
+    /// (docs/gpu.md, "Launch accounting").
     #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "off", global = true, value_parser = ["on", "off"])]
     launch_accounting: String,
+    /// Most a launch-bound tenant may lose to launch accounting, percent of
+    /// its time (full counting below it, sampling above).
+    #[arg(long, env = "PODGPU_LAUNCH_OVERHEAD_BUDGET", default_value_t = 1.0, global = true, value_parser = parse_budget)]
+    launch_overhead_budget: f64,
     /// Treat a file as an NVIDIA device node, KIND=PATH with KIND ctl, gpu
     /// or uvm (repeatable): tests drive the driver decoder with crafted
     /// ioctls on a stand-in device.
     #[arg(long, global = true, hide = true)]
     driver_stand_in: Vec<podgpu_agent::probes::driver::devices::StandIn>,
+}
+
+fn parse_budget(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(percent) if percent > 0.0 && percent <= 100.0 => Ok(percent),
+        _ => Err(format!("expected a percentage in (0, 100], got {text:?}")),
+    }
 }
 
 fn parse_probe_paths(text: &str) -> Result<ProbePaths, String> {
@@ -208,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
         kubelet_interval: Duration::from_secs(options.kubelet_interval_s),
         probe_paths: options.probe_paths,
         launch_accounting: options.launch_accounting == "on",
+        launch_overhead_budget: options.launch_overhead_budget / 100.0,
         driver_stand_ins: options.driver_stand_in.clone(),
     };
 

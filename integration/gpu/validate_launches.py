@@ -48,10 +48,14 @@ print(time.perf_counter() - start)
 """
 
 
+AGENT_ARGS = []
+
+
 def start_agent(agent, work, pods_yaml, gpu="nvml"):
     proc = subprocess.Popen(
         [agent, "standalone", "--gpu", gpu, "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100", "--launch-accounting", "on"],
+         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100", "--launch-accounting", "on"]
+        + AGENT_ARGS,
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
     ready = json.loads(proc.stdout.readline())
     return proc, ready["http"]
@@ -160,7 +164,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--launches", type=int, default=200000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--agent-args", default="", help='extra agent flags, e.g. "--launch-overhead-budget 1" (sampled mode)')
     args = ap.parse_args()
+    AGENT_ARGS.extend(args.agent_args.split())
     root = v2_root()
     work = tempfile.mkdtemp(prefix="podgpu-launchval-")
     try:

@@ -169,7 +169,8 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
             "--pod-metadata=/etc/podgpu/pods.yaml",
             "--require-ebpf",
             // Off in the chart by default; on here so the launch uprobes
-            // are shown to load with the chart's capabilities too.
+            // are shown to load, and calibrate their cost, with the
+            // chart's capabilities too.
             "--launch-accounting=on",
             "--node-name=ds-node",
         ]
@@ -232,6 +233,12 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
     assert_eq!(health["launches"]["state"], "ok", "launch uprobes load with the chart's capabilities: {health}");
+    let calibrated = eventually(Duration::from_secs(3), async || {
+        let health = get(agent.http, "/healthz").await.unwrap().body;
+        serde_json::from_slice::<serde_json::Value>(&health).unwrap()["launch_hit_cost_ns"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    assert!(calibrated, "the launch probe's cost is calibrated in the container");
     assert_eq!(get(agent.http, "/readyz").await.unwrap().status, 200);
     let mut keda = KedaClient::connect(agent.keda).await.expect("the agent's gRPC port");
 

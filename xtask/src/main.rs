@@ -1,6 +1,7 @@
 //! podgpu's developer commands, run with `cargo xtask <command>` (aya's
 //! convention). One module per command.
 mod alloc_count;
+mod bench_launches;
 mod bench_pods;
 mod bench_probes;
 mod bench_scaler;
@@ -26,6 +27,8 @@ enum Command {
     BenchProbes(bench_probes::Options),
     /// How fast KEDA gets answers: GetMetrics latency over 1/10/100 nodes, load step to answer.
     BenchScaler(bench_scaler::Options),
+    /// What launch accounting costs a launch-bound loop (always on vs sampled) and sampling's accuracy.
+    BenchLaunches(bench_launches::Options),
     /// What pod identity costs: pid/cgroup lookups, rescans, memory per pod.
     BenchPods(bench_pods::Options),
 }
@@ -50,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Command::BenchProbes(options) => bench_probes::run(options),
         Command::BenchScaler(options) => bench_scaler::run(options),
         Command::BenchPods(options) => bench_pods::run(options),
+        Command::BenchLaunches(options) => bench_launches::run(options),
     }
 }

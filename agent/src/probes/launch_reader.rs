@@ -1,6 +1,8 @@
 //! The launch probe's reader: a thread that, every second, finds libcuda
-//! in the pods' processes (attaching the uprobes to each new library file),
-//! reads the per-CPU launch counts, books them on pods, and publishes a
+//! in the pods' processes (adding each new library file to the probe),
+//! keeps the probes attached for the part of the second the overhead
+//! budget allows (`launch_sampler`), reads the per-CPU launch counts,
+//! books them (scaled when sampled) on pods, and publishes a
 //! `LaunchSnapshot` the collector reads every tick.
 //!
 //! Counts are kept cumulative per pod: a process that exits has its last
@@ -15,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::launches::{entry_name, threads_per_launch, LaunchProbe, LaunchRow, LaunchSnapshot, LIBRARY_NAME};
+use super::launch_sampler::{Estimates, Sampler, Window};
+use super::launches::{
+    entry_name, monotonic_now, threads_per_launch, LaunchProbe, LaunchRow, LaunchSnapshot, LIBRARY_NAME,
+};
 use crate::pods::cgroup_tree;
 use crate::pods::pid_cache::PidCache;
 use crate::proc::ProcFs;
@@ -32,7 +37,16 @@ pub struct LaunchReaderConfig {
     pub proc: ProcFs,
     /// cgroup v2 root (pods' processes are found in its `cgroup.procs`).
     pub cgroup_root: PathBuf,
+    /// Fraction of a launch-bound tenant's time the probes may cost it.
+    pub overhead_budget: f64,
 }
+
+/// Part of the first interval the probes are attached.
+const INITIAL_DUTY: f64 = 0.05;
+
+/// Cost of one probed launch assumed when calibration fails (measured on
+/// an H200 host: 1.4 µs).
+const DEFAULT_HIT_COST: Duration = Duration::from_nanos(1_500);
 
 /// Starts the reader thread; it ends with `shutdown`.
 pub fn spawn(
@@ -67,6 +81,22 @@ fn run(
     let mut owners: HashMap<u32, Option<String>> = HashMap::new();
     let mut retired: HashMap<String, u64> = HashMap::new();
     let mut discovered_at: Option<Instant> = None;
+    let hit_cost = probe.calibrate().unwrap_or_else(|err| {
+        tracing::warn!(error = %err, assumed_ns = DEFAULT_HIT_COST.as_nanos() as u64, "calibrating the launch probe's cost");
+        DEFAULT_HIT_COST
+    });
+    let sampler = Sampler { budget: config.overhead_budget, hit_cost_s: hit_cost.as_secs_f64() };
+    tracing::info!(
+        hit_cost_ns = hit_cost.as_nanos() as u64,
+        budget = sampler.budget,
+        "launch accounting cost calibrated"
+    );
+    let mut estimates = Estimates::default();
+    // Rates are unknown until the first read: start sampled, so a
+    // launch-bound tenant already running is not probed for a whole
+    // second; a light load lifts the duty to 1 at the next read.
+    let mut duty = INITIAL_DUTY;
+    let mut period_start = Instant::now();
     while !shutdown.is_cancelled() {
         let now = Instant::now();
         // The cgroup walk is the costly part: every RECHECK, not every read.
@@ -74,20 +104,46 @@ fn run(
             discover(&mut probe, proc, &config.cgroup_root, &mut checked, now);
             discovered_at = Some(now);
         }
+        // The first read comes after a second whatever the duty: rates
+        // are unknown until then.
+        let interval = if estimates.is_empty() { READ_INTERVAL } else { interval_for(duty) };
+        let attached = attach_for(&mut probe, duty, interval, now, &shutdown);
+        let period = period_start.elapsed();
+        period_start = Instant::now();
         let counts = match probe.counts() {
             Ok(counts) => counts,
             Err(err) => {
                 // Publish nothing: the last snapshot ages and the collector
                 // turns launch signals unavailable instead of reading 0.
                 tracing::warn!(error = %err, "reading launch counts");
-                thread::sleep(READ_INTERVAL.saturating_sub(now.elapsed()));
                 continue;
             }
         };
-        let mut snapshot =
-            LaunchSnapshot { libraries: probe.libraries(), published: Some(now), ..LaunchSnapshot::default() };
+        let window =
+            Window { attached_s: attached.as_secs_f64().min(period.as_secs_f64()), period_s: period.as_secs_f64() };
+        let busiest_rate = estimates.book(&counts, window);
+        tracing::debug!(
+            ?window,
+            busiest_rate,
+            raw = counts.iter().map(|(_, n)| n).sum::<u64>(),
+            "launch counts booked"
+        );
+        let sampled_duty = duty;
+        // A read that saw no launches (a library found mid-interval, a
+        // tenant just starting) is weak evidence of a light load: the duty
+        // rises at most fourfold on it.
+        let target = sampler.duty(busiest_rate);
+        duty = if busiest_rate > 0.0 { target } else { target.min(duty * 4.0) };
+        let mut snapshot = LaunchSnapshot {
+            libraries: probe.libraries(),
+            published: Some(now),
+            duty: sampled_duty,
+            hit_cost_ns: hit_cost.as_nanos() as u64,
+            ..LaunchSnapshot::default()
+        };
         let mut gone = Vec::new();
-        for (key, launches) in counts {
+        for (key, _) in counts {
+            let launches = estimates.launches(&key);
             if proc.start_time(key.tgid).is_none() {
                 if let Some(Some(uid)) = owners.get(&key.tgid) {
                     *retired.entry(uid.clone()).or_default() += launches;
@@ -115,6 +171,7 @@ fn run(
             if let Err(err) = probe.forget(&gone) {
                 tracing::warn!(error = %err, "forgetting exited processes' launch counts");
             }
+            estimates.forget(&gone);
             owners.retain(|tgid, _| !gone.iter().any(|key| key.tgid == *tgid));
         }
         for (uid, launches) in &retired {
@@ -123,9 +180,86 @@ fn run(
         snapshot.rows.sort_by(|a, b| (a.pid, &a.function, a.grid, a.block).cmp(&(b.pid, &b.function, b.grid, b.block)));
         pids.sweep(now);
         *publish.lock().expect("launch snapshot poisoned") = snapshot;
-        let slept = now.elapsed();
-        thread::sleep(READ_INTERVAL.saturating_sub(slept));
     }
+    probe.detach();
+}
+
+/// Shortest sampled window (a floor of 0.6% under the duty with
+/// `MAX_INTERVAL`: at most 0.6% of a tenant's time even at the trap
+/// rate's limit).
+const MIN_WINDOW: Duration = Duration::from_millis(25);
+/// Read interval while sampling: launch signals are at most this old.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(4);
+
+/// The read interval for `duty`: a second while counting everything;
+/// `MAX_INTERVAL` while sampling, because each sample has a fixed cost
+/// besides its window's traps (installing and removing eight breakpoints
+/// in every process mapping the library: measured ~25 ms of a tenant's
+/// time on a 2-core VM), which a long interval spreads thin.
+fn interval_for(duty: f64) -> Duration {
+    if duty >= 1.0 {
+        READ_INTERVAL
+    } else {
+        MAX_INTERVAL
+    }
+}
+
+/// Keeps the probes attached for `duty` of the read interval that began at
+/// `started` (all of it when `duty` is 1: no detach churn), then waits out
+/// the interval; returns how long they counted. A sampled window is
+/// counted by the kernel over an exact span (`LaunchProbe::set_window`)
+/// opened once every entry point is attached.
+fn attach_for(
+    probe: &mut LaunchProbe,
+    duty: f64,
+    interval: Duration,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> Duration {
+    let sleep_until = |deadline: Instant| {
+        while !shutdown.is_cancelled() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            thread::sleep(left.min(Duration::from_millis(100)));
+        }
+    };
+    let end = started + interval;
+    let window = if duty >= 1.0 { None } else { Some(interval.mul_f64(duty).max(MIN_WINDOW)) };
+    // Close the window before attaching so nothing counts while the
+    // entry points go live one by one.
+    let closed = monotonic_now();
+    let closed_window = window.map(|_| (closed, closed));
+    let ready = probe.set_window(closed_window).and_then(|()| probe.attach());
+    if let Err(err) = ready {
+        tracing::warn!(error = %err, "attaching the launch probes");
+        probe.detach();
+        sleep_until(end);
+        return Duration::ZERO;
+    }
+    let Some(window) = window else {
+        sleep_until(end);
+        return started.elapsed();
+    };
+    let open = monotonic_now();
+    if let Err(err) = probe.set_window(Some((open, open + window))) {
+        tracing::warn!(error = %err, "opening the launch counting window");
+        probe.detach();
+        sleep_until(end);
+        return Duration::ZERO;
+    }
+    sleep_until(Instant::now() + window);
+    let detaching = Instant::now();
+    probe.detach();
+    tracing::debug!(
+        window_ms = window.as_secs_f64() * 1e3,
+        detach_ms = detaching.elapsed().as_secs_f64() * 1e3,
+        interval_ms = interval.as_secs_f64() * 1e3,
+        "launch probes sampled"
+    );
+    sleep_until(end);
+    window
 }
 
 /// Looks for libcuda in the pods' processes not yet known to have it
@@ -154,8 +288,8 @@ fn discover(
         }
         let libraries = proc.mapped_files(pid, LIBRARY_NAME);
         for library in &libraries {
-            if let Err(err) = probe.attach(proc, pid, library) {
-                tracing::warn!(pid, library = %library.path, error = %err, "attaching launch probes");
+            if let Err(err) = probe.add_library(proc, pid, library) {
+                tracing::warn!(pid, library = %library.path, error = %err, "adding a libcuda to launch accounting");
             }
         }
         checked.insert(pid, Checked { start_time, found: !libraries.is_empty(), at: now });

@@ -8,10 +8,11 @@
 //! every process mapping that file, now and later. Launches made through
 //! the CUDA runtime reach these entry points too (the runtime calls the
 //! driver API).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use aya::maps::PerCpuHashMap;
-use aya::programs::uprobe::UProbeScope;
+use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope};
 use aya::programs::UProbe;
 use aya::Ebpf;
 use podgpu_common::LaunchKey;
@@ -34,14 +35,28 @@ const ENTRY_POINTS: [(&str, &str); 8] = [
 const PROGRAMS: [&str; 4] =
     ["cu_launch_kernel", "cu_launch_kernel_ex", "cu_launch_cooperative_kernel", "cu_graph_launch"];
 const LAUNCHES: &str = "LAUNCHES";
+const WINDOW: &str = "WINDOW";
 /// What a file must be called to be probed.
 pub const LIBRARY_NAME: &str = "libcuda.so";
 
-/// Loaded launch programs and the libraries they are attached to.
+/// One libcuda file, opened once: attachments go through
+/// `/proc/self/fd/N`, so the file stays reachable after the process that
+/// revealed it exits, and its entry points are resolved only once.
+struct Library {
+    file: std::fs::File,
+    /// (program, file offset) of each entry point found.
+    points: Vec<(&'static str, u64)>,
+}
+
+/// Loaded launch programs, the libraries found, and whether the probes are
+/// attached to them now (sampling attaches for part of each second).
 pub struct LaunchProbe {
     ebpf: Ebpf,
-    /// Library files attached to, by (device, inode).
-    attached: HashSet<(String, u64)>,
+    /// Library files, by (device, inode).
+    libraries: HashMap<(String, u64), Library>,
+    /// Live attachments, with the program that owns each.
+    links: Vec<(&'static str, UProbeLinkId)>,
+    attached: bool,
 }
 
 impl LaunchProbe {
@@ -49,50 +64,137 @@ impl LaunchProbe {
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-launches")))?;
         for name in PROGRAMS {
-            let program: &mut UProbe = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| ProbeError::Program { name, source })?;
-            program.load().map_err(|source| ProbeError::Program { name, source })?;
+            program(&mut ebpf, name)?.load().map_err(|source| ProbeError::Program { name, source })?;
         }
-        Ok(Self { ebpf, attached: HashSet::new() })
+        Ok(Self { ebpf, libraries: HashMap::new(), links: Vec::new(), attached: false })
     }
 
-    /// Library files probed so far.
+    /// Library files found so far.
     pub fn libraries(&self) -> usize {
-        self.attached.len()
+        self.libraries.len()
     }
 
-    /// Attaches the entry points to `library`, mapped by `pid`, unless this
-    /// file already has them; returns how many entry points were found in
-    /// it (0: already attached, or not a libcuda after all).
-    pub fn attach(&mut self, proc: &ProcFs, pid: u32, library: &MappedFile) -> Result<usize, ProbeError> {
+    /// Whether the probes are attached now.
+    pub fn is_attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Adds `library`, mapped by `pid`, unless this file is known: opens
+    /// it through the process's root, resolves its entry points, and
+    /// attaches them if the probes are attached now. Returns how many
+    /// entry points it has (0: already known, or not a libcuda after all).
+    pub fn add_library(&mut self, proc: &ProcFs, pid: u32, library: &MappedFile) -> Result<usize, ProbeError> {
         let key = (library.device.clone(), library.inode);
-        if self.attached.contains(&key) {
+        if self.libraries.contains_key(&key) {
             return Ok(0);
         }
         let path = proc.root().join(pid.to_string()).join("root").join(library.path.trim_start_matches('/'));
-        let mut found = 0;
-        for (name, symbol) in ENTRY_POINTS {
-            let program: &mut UProbe = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::MissingProgram(name))?
-                .try_into()
+        let file = std::fs::File::open(&path).map_err(|err| ProbeError::Library { path: path.clone(), source: err })?;
+        let points = entry_points(&file).map_err(|err| ProbeError::Library { path: path.clone(), source: err })?;
+        let found = points.len();
+        let added = Library { file, points };
+        if self.attached {
+            self.attach_library(&added)?;
+        }
+        self.libraries.insert(key, added);
+        tracing::info!(path = %path.display(), entry_points = found, "libcuda found for launch accounting");
+        Ok(found)
+    }
+
+    /// Attaches the entry points of every library (no-op if attached);
+    /// returns when counting began: the midpoint of the attachments (each
+    /// entry point counts from its own).
+    pub fn attach(&mut self) -> Result<Instant, ProbeError> {
+        let started = Instant::now();
+        if self.attached {
+            return Ok(started);
+        }
+        self.attached = true;
+        let libraries: Vec<(std::path::PathBuf, Vec<(&'static str, u64)>)> =
+            self.libraries.values().map(|library| (fd_path(&library.file), library.points.clone())).collect();
+        for (path, points) in libraries {
+            self.attach_points(&path, &points)?;
+        }
+        Ok(started + started.elapsed() / 2)
+    }
+
+    fn attach_library(&mut self, library: &Library) -> Result<(), ProbeError> {
+        self.attach_points(&fd_path(&library.file), &library.points)
+    }
+
+    fn attach_points(&mut self, path: &std::path::Path, points: &[(&'static str, u64)]) -> Result<(), ProbeError> {
+        for &(name, offset) in points {
+            let link = program(&mut self.ebpf, name)?
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), path, UProbeScope::AllProcesses)
                 .map_err(|source| ProbeError::Program { name, source })?;
-            match program.attach(symbol, &path, UProbeScope::AllProcesses) {
-                Ok(_) => found += 1,
-                // Older drivers lack some entry points (`_ptsz`, `Ex`).
-                Err(aya::programs::ProgramError::UProbeError(aya::programs::uprobe::UProbeError::SymbolError {
-                    ..
-                })) => {}
-                Err(source) => return Err(ProbeError::Program { name, source }),
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    /// Detaches everything: launches cost nothing until the next attach.
+    /// The links are closed in parallel: each close stops its counting at
+    /// once but then waits for the kernel's grace periods (tens of ms), so
+    /// closing them one by one would leave the last ones counting (and
+    /// trapping) for hundreds of ms longer than the first.
+    pub fn detach(&mut self) {
+        let mut owned = Vec::with_capacity(self.links.len());
+        for (name, link) in std::mem::take(&mut self.links) {
+            if let Ok(program) = program(&mut self.ebpf, name) {
+                if let Ok(link) = program.take_link(link) {
+                    owned.push(link);
+                }
             }
         }
-        self.attached.insert(key);
-        tracing::info!(path = %path.display(), entry_points = found, "launch probes attached to libcuda");
-        Ok(found)
+        std::thread::scope(|scope| {
+            for link in owned {
+                scope.spawn(move || drop(link));
+            }
+        });
+        self.attached = false;
+    }
+
+    /// The time one probed launch costs the launching thread here: a
+    /// function of this binary is called with and without a launch probe
+    /// on it (the trap, the program and the return: what a launch pays).
+    pub fn calibrate(&mut self) -> Result<std::time::Duration, ProbeError> {
+        const CALLS: u32 = 20_000;
+        let exe = std::path::PathBuf::from("/proc/self/exe");
+        let file = std::fs::File::open(&exe).map_err(|err| ProbeError::Library { path: exe.clone(), source: err })?;
+        let offset = symbol_offset(&file, CALIBRATION_SYMBOL)
+            .map_err(|err| ProbeError::Library { path: exe.clone(), source: err })?;
+        let time_calls = || {
+            let started = std::time::Instant::now();
+            for call in 0..CALLS {
+                std::hint::black_box(podgpu_uprobe_calibration_target(std::hint::black_box(call)));
+            }
+            started.elapsed()
+        };
+        let bare = time_calls();
+        let name = PROGRAMS[0];
+        let link = program(&mut self.ebpf, name)?
+            .attach(UProbeAttachLocation::AbsoluteOffset(offset), &exe, UProbeScope::AllProcesses)
+            .map_err(|source| ProbeError::Program { name, source })?;
+        let probed = time_calls();
+        let _ = program(&mut self.ebpf, name)?.detach(link);
+        // The calibration's own counts are not launches.
+        let own: Vec<LaunchKey> =
+            self.counts()?.into_iter().map(|(key, _)| key).filter(|key| key.tgid == std::process::id()).collect();
+        self.forget(&own)?;
+        Ok(probed.saturating_sub(bare) / CALLS)
+    }
+
+    /// Counts only launches within [start, end) of CLOCK_MONOTONIC (the
+    /// kernel's `bpf_ktime_get_ns`); `None` counts every launch.
+    pub fn set_window(&mut self, window: Option<(Duration, Duration)>) -> Result<(), ProbeError> {
+        let map = self.ebpf.map_mut(WINDOW).ok_or(ProbeError::MissingMap(WINDOW))?;
+        let mut bounds: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name: WINDOW, source })?;
+        let (start, end) = window.map_or((0, 0), |(start, end)| (start.as_nanos() as u64, end.as_nanos() as u64));
+        // End first: a half-written window never opens early.
+        bounds.set(1, 0, 0).map_err(|source| ProbeError::Map { name: WINDOW, source })?;
+        bounds.set(0, start, 0).map_err(|source| ProbeError::Map { name: WINDOW, source })?;
+        bounds.set(1, end, 0).map_err(|source| ProbeError::Map { name: WINDOW, source })
     }
 
     /// Launches counted so far, per key, summed over CPUs.
@@ -123,6 +225,57 @@ impl LaunchProbe {
     pub fn program_stats(&self) -> Vec<crate::probes::BpfProgramStats> {
         crate::probes::program_stats(&self.ebpf)
     }
+}
+
+/// A launch program of `ebpf`.
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, ProbeError> {
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
+/// The path of an open file through this process's fd table.
+fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// The symbol the calibration probes: a function of this binary that
+/// stands for a launch entry point.
+const CALIBRATION_SYMBOL: &str = "podgpu_uprobe_calibration_target";
+
+/// Called by `LaunchProbe::calibrate` with and without a probe on it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn podgpu_uprobe_calibration_target(call: u32) -> u32 {
+    std::hint::black_box(call.wrapping_mul(31))
+}
+
+/// (program, file offset) of each launch entry point `file` exports
+/// (older drivers lack some: `_ptsz`, `Ex`).
+fn entry_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
+    Ok(ENTRY_POINTS.iter().filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?))).collect())
+}
+
+/// File offset of `symbol` in `file`.
+fn symbol_offset(file: &std::fs::File, symbol: &str) -> std::io::Result<u64> {
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
+    file_offset(&elf, symbol)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("symbol {symbol} not found")))
+}
+
+/// A symbol's address translated to a file offset (what a uprobe takes):
+/// its offset within its section plus the section's file offset.
+fn file_offset<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>, symbol: &str) -> Option<u64> {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let found = elf.dynamic_symbols().chain(elf.symbols()).find(|s| s.name() == Ok(symbol) && s.is_definition())?;
+    let section = elf.section_by_index(found.section_index()?).ok()?;
+    let (section_offset, _) = section.file_range()?;
+    Some(found.address() - section.address() + section_offset)
 }
 
 /// Threads one launch of `key` starts (grid x block; 0 for graphs).
@@ -175,4 +328,17 @@ pub struct LaunchSnapshot {
     /// When the reader published this (`None`: not yet). A reader that
     /// stops publishing must not leave counts that read as "no launches".
     pub published: Option<std::time::Instant>,
+    /// Part of the last second the probes were attached (1: exact counts;
+    /// less: counts scaled from a sample, `launch_sampler`).
+    pub duty: f64,
+    /// Calibrated cost of one probed launch, ns.
+    pub hit_cost_ns: u64,
+}
+
+/// CLOCK_MONOTONIC now: the clock of the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic_now() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }

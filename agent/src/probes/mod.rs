@@ -3,6 +3,7 @@
 pub mod baseline;
 pub mod driver;
 pub mod launch_reader;
+pub mod launch_sampler;
 pub mod launches;
 pub mod requests;
 
@@ -26,6 +27,15 @@ pub enum ProbeError {
         /// What the kernel said.
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// A library to probe could not be opened or read.
+    #[error("library {path}: {source}")]
+    Library {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
     },
     /// Reading or updating a map failed.
     #[error("eBPF map {name}: {source}")]

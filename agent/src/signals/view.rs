@@ -26,6 +26,10 @@ pub struct Health {
     pub launches: SourceStatus,
     /// libcuda files the launch uprobes are attached to.
     pub launch_libraries: usize,
+    /// Part of the last second the launch probes were attached (1: exact).
+    pub launch_duty: f64,
+    /// Calibrated cost of one probed launch on this node, ns.
+    pub launch_hit_cost_ns: u64,
     /// The driver path (`gpu_contexts`, `gpu_driver_*`).
     pub driver: SourceStatus,
     /// The driver reader's counters.
@@ -265,6 +269,8 @@ impl NodeView {
                 gpu: SourceStatus::Degraded { reason: "starting".to_string() },
                 launches: SourceStatus::Degraded { reason: "starting".to_string() },
                 launch_libraries: 0,
+                launch_duty: 0.0,
+                launch_hit_cost_ns: 0,
                 driver: SourceStatus::Degraded { reason: "starting".to_string() },
                 driver_reader: Default::default(),
                 kube_api: SourceStatus::Disabled,

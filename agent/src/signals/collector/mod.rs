@@ -142,9 +142,13 @@ pub struct Collector {
     driver_reader: crate::probes::driver::DriverReaderStats,
 }
 
-/// Launch counts or driver state older than this are stale: the readers
-/// publish every second or faster, so five seconds mean one is stuck.
+/// Driver state older than this is stale: its reader publishes five times
+/// a second, so five seconds mean it is stuck.
 const READER_STALE_AFTER: Duration = Duration::from_secs(5);
+/// Launch counts are read at least every `MAX_INTERVAL` (sampling
+/// stretches the interval): older than twice that, the reader is stuck.
+const LAUNCHES_STALE_AFTER: Duration =
+    Duration::from_secs(2 * crate::probes::launch_reader::MAX_INTERVAL.as_secs() + 1);
 
 impl Collector {
     /// A collector over `probes`.
@@ -229,13 +233,15 @@ impl Collector {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             (snapshot.per_pod.clone(), snapshot.published)
         };
-        self.launch_health = self.reader_health("launch counts", &self.probes.launch_status, published);
+        self.launch_health =
+            self.reader_health("launch counts", &self.probes.launch_status, published, LAUNCHES_STALE_AFTER);
         let (driver, published) = {
             let snapshot = self.probes.driver.lock().expect("driver snapshot poisoned");
             self.driver_reader = snapshot.stats;
             (snapshot.per_pod.clone(), snapshot.published)
         };
-        self.driver_health = self.reader_health("driver state", &self.probes.driver_status, published);
+        self.driver_health =
+            self.reader_health("driver state", &self.probes.driver_status, published, READER_STALE_AFTER);
         for (uid, pod) in self.pods.iter_mut() {
             pod.launches = pod.launches.max(launches.get(uid).copied().unwrap_or(0));
             let now = driver.get(uid).cloned().unwrap_or_default();
@@ -400,10 +406,16 @@ impl Collector {
 
     /// A reader-fed source's status given when its reader last published
     /// (before the first publication, the age counts from the start).
-    fn reader_health(&self, what: &str, status: &SourceStatus, published: Option<Instant>) -> SourceStatus {
+    fn reader_health(
+        &self,
+        what: &str,
+        status: &SourceStatus,
+        published: Option<Instant>,
+        stale_after: Duration,
+    ) -> SourceStatus {
         let age = published.unwrap_or(self.started).elapsed();
         match status {
-            SourceStatus::Ok { .. } if age > READER_STALE_AFTER => {
+            SourceStatus::Ok { .. } if age > stale_after => {
                 SourceStatus::Degraded { reason: format!("{what} are stale: last read {:.1} s ago", age.as_secs_f64()) }
             }
             status => status.clone(),
@@ -496,6 +508,7 @@ impl Collector {
         let (kube_api_health, kubelet_health) = self.directory.health();
         let launches = self.probes.launches.lock().expect("launch snapshot poisoned");
         let (launch_rows, launch_libraries) = (Arc::new(launches.rows.clone()), launches.libraries);
+        let (launch_duty, launch_hit_cost_ns) = (launches.duty, launches.hit_cost_ns);
         drop(launches);
         let driver_rows = Arc::new(self.probes.driver.lock().expect("driver snapshot poisoned").rows.clone());
         NodeView {
@@ -510,6 +523,8 @@ impl Collector {
                 gpu: self.gpu_status.clone(),
                 launches: self.launch_health.clone(),
                 launch_libraries,
+                launch_duty,
+                launch_hit_cost_ns,
                 driver: self.driver_health.clone(),
                 driver_reader: self.driver_reader,
                 kube_api: kube_api_health,

@@ -138,7 +138,7 @@ fn stale_launch_counts_are_unavailable() {
     collector.probes.launches.lock().unwrap().published = Some(fresh);
     collector.tick();
     assert!(collector.view().health.launches.is_ok());
-    collector.probes.launches.lock().unwrap().published = fresh.checked_sub(READER_STALE_AFTER * 2);
+    collector.probes.launches.lock().unwrap().published = fresh.checked_sub(LAUNCHES_STALE_AFTER * 2);
     collector.tick();
     let view = collector.view();
     match &view.health.launches {

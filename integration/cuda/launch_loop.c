@@ -1,0 +1,62 @@
+/* A launch-bound CUDA-application stand-in: loads a libcuda with dlopen and
+ * calls cuLaunchKernel in a loop, spinning SPIN_NS after each launch for
+ * the host-side work a real launch does, until killed. Every 250 ms it
+ * prints "MONOTONIC_NS LAUNCHES" (the truth for rate checks); with a
+ * SECONDS argument it stops launching after that long, prints
+ * "done LAUNCHES RATE" and sleeps until killed. With GO_FILE it prints
+ * "ready" and starts only once that file exists.
+ *
+ * usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]] */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int (*launch_fn)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
+                         void **, void **);
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3 || argc > 5) {
+        fprintf(stderr, "usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]]\n");
+        return 2;
+    }
+    void *lib = dlopen(argv[1], RTLD_NOW);
+    if (!lib) {
+        fprintf(stderr, "dlopen: %s\n", dlerror());
+        return 1;
+    }
+    launch_fn launch = (launch_fn)dlsym(lib, "cuLaunchKernel");
+    long long spin_ns = atoll(argv[2]);
+    if (argc == 5) {
+        printf("ready\n");
+        fflush(stdout);
+        while (access(argv[4], F_OK) != 0) usleep(10000);
+    }
+    long long stop_ns = argc >= 4 ? now_ns() + (long long)(atof(argv[3]) * 1e9) : 0;
+    long long started = now_ns(), next_report = started + 250000000LL;
+    unsigned long long launches = 0;
+    void *f = (void *)0x4001;
+    for (;;) {
+        launch(f, 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
+        launches++;
+        long long t = now_ns(), until = t + spin_ns;
+        while (t < until) t = now_ns();
+        if (t >= next_report) {
+            printf("%lld %llu\n", t, launches);
+            fflush(stdout);
+            next_report += 250000000LL;
+            if (stop_ns && t >= stop_ns) {
+                printf("done %llu %.1f\n", launches, launches / ((t - started) / 1e9));
+                fflush(stdout);
+                for (;;) pause();
+            }
+        }
+    }
+}
