@@ -271,8 +271,11 @@ async fn the_agent_as_the_daemonset_runs_it() {
     assert!(counted, "{}", pods_json(agent.http).await);
     let on_port = value(&mut keda, "llm-b", "request_rate", &[("ports", &port)]).await;
     let all = value(&mut keda, "llm-b", "request_rate", &[]).await;
-    // Pod and port histories start a tick apart: equal within a few %.
-    assert!(on_port > 0.0 && (on_port - all).abs() <= 0.05 * all, "port named from /proc: {on_port} of {all}");
+    // All of llm-b's requests are on that port, so filtering by it loses
+    // nothing. (A port's history starts at its first request, a pod's when
+    // the pod was found, so over a window longer than the port's history
+    // the port's rate is the higher one.)
+    assert!(on_port > 0.0 && on_port >= 0.95 * all, "port named from /proc: {on_port} of {all}");
     let second = burstable.second.unwrap().port().to_string();
     assert_eq!(value(&mut keda, "llm-b", "request_rate", &[("ports", &second)]).await, 0.0);
     assert_eq!(row(&pods_json(agent.http).await, "llm-c")["requests"]["started"], 0);
