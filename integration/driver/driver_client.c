@@ -1,6 +1,8 @@
 /* Drives the stand-in NVIDIA devices with the calls a CUDA process makes,
  * in a known order, so a test can check what the driver path decodes:
  *
+ * phase 0: waits until GO.0 exists (the test has moved it into its pod's
+ *   cgroup: in a cluster the runtime does that before exec).
  * phase 1: version check; client, device 0 (NVOS64); three controls;
  *   channel group, channel, compute object (one GPU context); VRAM of
  *   FIRST_MIB (NVOS21) and of SECOND_MIB (NVOS64 wrapped in XFER); a VRAM
@@ -61,6 +63,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     uint64_t first = strtoull(argv[2], NULL, 10) << 20, second = strtoull(argv[3], NULL, 10) << 20;
+    wait_for(argv[4], 0);
 
     unsigned char version[0x48] = {0};
     call(ctl, NV_IOCTL(ESC_CHECK_VERSION, sizeof version), version, "CHECK_VERSION");

@@ -115,13 +115,14 @@ async fn driver_calls_are_decoded_per_pod() {
         let mut command = Command::new(tools.path().join("driver_client"));
         command.args([device.mountpoint.to_str().unwrap(), first_mib, second_mib, go.to_str().unwrap()]);
         let child = pod.spawn(command).expect("driver client runs");
-        let pid = child.id();
-        let mut output = BufReader::new(child.stdout.take().unwrap());
-        expect_line(&mut output, "allocated");
-        (pid, output)
+        (child.id(), BufReader::new(child.stdout.take().unwrap()))
     };
     let (pid_a, mut output_a) = start(&mut pod_a, "64", "32");
     let (pid_b, mut output_b) = start(&mut pod_b, "512", "256");
+    // Both are in their pods' cgroups now: phase 1.
+    std::fs::write(go.with_extension("0"), b"").unwrap();
+    expect_line(&mut output_a, "allocated");
+    expect_line(&mut output_b, "allocated");
 
     let seen = eventually(Duration::from_secs(5), async || {
         let view = json(agent.http, "/driver").await;
@@ -142,7 +143,8 @@ async fn driver_calls_are_decoded_per_pod() {
     // Three controls blocked 20 ms each in the stand-in.
     let blocked_ms = a["blocked_ms"].as_f64().unwrap();
     assert!((60.0..200.0).contains(&blocked_ms), "time blocked in the driver: {blocked_ms} ms");
-    assert_eq!(row(&view, pid_b).unwrap()["vram_bytes"], 768u64 << 20);
+    let b = row(&view, pid_b).unwrap();
+    assert_eq!((&b["pod_uid"], &b["vram_bytes"]), (&serde_json::json!(uid_b), &serde_json::json!(768u64 << 20)));
     // The escape-shaped ioctl on /dev/null was checked and ignored.
     assert!(view["reader"]["fds_not_nvidia"].as_u64().unwrap() >= 2, "{view}");
 
