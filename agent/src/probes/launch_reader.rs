@@ -41,9 +41,6 @@ pub struct LaunchReaderConfig {
     pub overhead_budget: f64,
 }
 
-/// Part of the first interval the probes are attached.
-const INITIAL_DUTY: f64 = 0.05;
-
 /// Cost of one probed launch assumed when calibration fails (measured on
 /// an H200 host: 1.4 µs).
 const DEFAULT_HIT_COST: Duration = Duration::from_nanos(1_500);
@@ -92,10 +89,10 @@ fn run(
         "launch accounting cost calibrated"
     );
     let mut estimates = Estimates::default();
-    // Rates are unknown until the first read: start sampled, so a
-    // launch-bound tenant already running is not probed for a whole
-    // second; a light load lifts the duty to 1 at the next read.
-    let mut duty = INITIAL_DUTY;
+    // Counts are exact until a read shows a load above the budget: a
+    // tenant that is launch-bound from its start is probed in full for
+    // its first interval (a second).
+    let mut duty = 1.0;
     let mut period_start = Instant::now();
     while !shutdown.is_cancelled() {
         let now = Instant::now();
@@ -129,11 +126,7 @@ fn run(
             "launch counts booked"
         );
         let sampled_duty = duty;
-        // A read that saw no launches (a library found mid-interval, a
-        // tenant just starting) is weak evidence of a light load: the duty
-        // rises at most fourfold on it.
-        let target = sampler.duty(busiest_rate);
-        duty = if busiest_rate > 0.0 { target } else { target.min(duty * 4.0) };
+        duty = sampler.duty(busiest_rate);
         let mut snapshot = LaunchSnapshot {
             libraries: probe.libraries(),
             published: Some(now),
