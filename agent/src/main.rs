@@ -19,19 +19,35 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "podgpu-agent", version, about = "Per-pod GPU and request signals for KEDA")]
 struct Cli {
     #[command(subcommand)]
-    role: Option<Role>,
-    #[command(flatten)]
-    options: Options,
+    role: Role,
 }
 
+/// Each role takes the flags it uses and no others: the scaler has no
+/// probes, GPU or pods of its own.
 #[derive(Subcommand, Debug)]
 enum Role {
     /// Node agent and KEDA scaler in one process (one-node installs, the demo).
-    Standalone,
+    Standalone(NodeArgs),
     /// Node agent (DaemonSet): probes, GPU, node API and KEDA for its own pods.
-    Node,
+    Node(NodeArgs),
     /// Scaler (Deployment): merges every node agent's pods and answers KEDA.
-    Scaler(ScalerOptions),
+    Scaler(ScalerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    #[command(flatten)]
+    serving: ServingOptions,
+    #[command(flatten)]
+    node: NodeOptions,
+}
+
+#[derive(clap::Args, Debug)]
+struct ScalerArgs {
+    #[command(flatten)]
+    serving: ServingOptions,
+    #[command(flatten)]
+    scaler: ScalerOptions,
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,64 +83,70 @@ struct ScalerOptions {
     node_tls_server_name: Option<String>,
 }
 
+/// What every role serves: KEDA's gRPC port (with TLS) and HTTP.
 #[derive(clap::Args, Debug)]
-struct Options {
+struct ServingOptions {
     /// KEDA ExternalScaler gRPC listen address.
-    #[arg(long, env = "PODGPU_KEDA_LISTEN", default_value = "0.0.0.0:6000", global = true)]
+    #[arg(long, env = "PODGPU_KEDA_LISTEN", default_value = "0.0.0.0:6000")]
     keda_listen: SocketAddr,
     /// HTTP listen address (/healthz, /pods, /metrics).
-    #[arg(long, env = "PODGPU_HTTP_LISTEN", default_value = "0.0.0.0:9102", global = true)]
+    #[arg(long, env = "PODGPU_HTTP_LISTEN", default_value = "0.0.0.0:9102")]
     http_listen: SocketAddr,
-    /// GPU backend: nvml, nvml:LIBRARY, sim, sim:SCENARIO.yaml or none.
-    #[arg(long, env = "PODGPU_GPU", default_value = "nvml", global = true)]
-    gpu: GpuSource,
-    /// Static pod metadata file (YAML or JSON).
-    #[arg(long, env = "PODGPU_POD_METADATA", global = true)]
-    pod_metadata: Option<PathBuf>,
-    /// cgroup v2 root (default: found in /proc/self/mountinfo).
-    #[arg(long, env = "PODGPU_CGROUP_ROOT", global = true)]
-    cgroup_root: Option<PathBuf>,
-    /// procfs root (the host's /proc).
-    #[arg(long, env = "PODGPU_PROC_ROOT", default_value = "/proc", global = true)]
-    proc_root: PathBuf,
-    /// Collector tick in milliseconds (probe reads and publication).
-    #[arg(long, env = "PODGPU_TICK_MS", default_value_t = 250, global = true, value_parser = clap::value_parser!(u64).range(10..=10_000))]
-    tick_ms: u64,
-    /// GPU poll interval in milliseconds.
-    #[arg(long, env = "PODGPU_GPU_INTERVAL_MS", default_value_t = 1000, global = true, value_parser = clap::value_parser!(u64).range(100..=60_000))]
-    gpu_interval_ms: u64,
-    /// Exit with an error when the eBPF probes cannot load instead of degrading.
-    #[arg(long, env = "PODGPU_REQUIRE_EBPF", global = true, action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
-    require_ebpf: bool,
     /// Certificate chain (PEM): serve TLS on the gRPC port (KEDA's `caCert` trusts its CA).
-    #[arg(long, env = "PODGPU_TLS_CERT", global = true)]
+    #[arg(long, env = "PODGPU_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// Private key (PEM) of --tls-cert.
-    #[arg(long, env = "PODGPU_TLS_KEY", global = true)]
+    #[arg(long, env = "PODGPU_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// CA (PEM) client certificates must chain to: require mTLS (KEDA's `tlsClientCert`).
-    #[arg(long, env = "PODGPU_TLS_CLIENT_CA", global = true)]
+    #[arg(long, env = "PODGPU_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// Seconds between checks of the TLS files for rotation (re-read when changed).
-    #[arg(long, env = "PODGPU_TLS_RELOAD_S", default_value_t = 10, global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "PODGPU_TLS_RELOAD_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     tls_reload_s: u64,
+}
+
+/// What a node agent (or standalone) reads: GPU, probes, pods.
+#[derive(clap::Args, Debug)]
+struct NodeOptions {
+    /// GPU backend: nvml, nvml:LIBRARY, sim, sim:SCENARIO.yaml or none.
+    #[arg(long, env = "PODGPU_GPU", default_value = "nvml")]
+    gpu: GpuSource,
+    /// Static pod metadata file (YAML or JSON).
+    #[arg(long, env = "PODGPU_POD_METADATA")]
+    pod_metadata: Option<PathBuf>,
+    /// cgroup v2 root (default: found in /proc/self/mountinfo).
+    #[arg(long, env = "PODGPU_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// procfs root (the host's /proc).
+    #[arg(long, env = "PODGPU_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Collector tick in milliseconds (probe reads and publication).
+    #[arg(long, env = "PODGPU_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    tick_ms: u64,
+    /// GPU poll interval in milliseconds.
+    #[arg(long, env = "PODGPU_GPU_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    gpu_interval_ms: u64,
+    /// Exit with an error when the eBPF probes cannot load instead of degrading.
+    #[arg(long, env = "PODGPU_REQUIRE_EBPF", action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
+    require_ebpf: bool,
     /// Kubernetes API for pod names, labels and owners: auto (in-cluster
     /// when running in a pod), off, or kubeconfig:PATH.
-    #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto", global = true)]
+    #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto")]
     kube_api: KubeAccess,
     /// Kubelet pod-resources socket (GPU devices per container); "off" disables it.
-    #[arg(long, env = "PODGPU_KUBELET_SOCKET", default_value = kubelet::DEFAULT_SOCKET, global = true)]
+    #[arg(long, env = "PODGPU_KUBELET_SOCKET", default_value = kubelet::DEFAULT_SOCKET)]
     kubelet_socket: String,
     /// Seconds between full kubelet pod-resources lists.
-    #[arg(long, env = "PODGPU_KUBELET_INTERVAL_S", default_value_t = 10, global = true, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, env = "PODGPU_KUBELET_INTERVAL_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     kubelet_interval_s: u64,
     /// This node's name (Kubernetes API field selector, node API); defaults to the host name.
-    #[arg(long, env = "NODE_NAME", global = true)]
+    #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Request paths counted as probe traffic (health checks, metrics
     /// scrapes), comma-separated prefixes; "" counts every request as an
     /// inference request. Triggers include them with includeProbeRequests.
-    #[arg(long, env = "PODGPU_PROBE_PATHS", default_value = podgpu_agent::probes::requests::traffic::DEFAULT_PROBE_PATHS, global = true, value_parser = parse_probe_paths)]
+    #[arg(long, env = "PODGPU_PROBE_PATHS", default_value = podgpu_agent::probes::requests::traffic::DEFAULT_PROBE_PATHS, value_parser = parse_probe_paths)]
     probe_paths: ProbePaths,
     /// Kernel launch accounting with uprobes on libcuda (gpu_launch_rate,
     /// /launches): on or off. A probed launch costs the launching thread
@@ -133,16 +155,16 @@ struct Options {
     /// part of each interval and counts are scaled from that sample. Off
     /// by default until the sampled mode's cost is measured on a GPU
     /// (docs/gpu.md, "Launch accounting").
-    #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "off", global = true, value_parser = ["on", "off"])]
+    #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "off", value_parser = ["on", "off"])]
     launch_accounting: String,
     /// Most a launch-bound tenant may lose to launch accounting, percent of
     /// its time (full counting below it, sampling above).
-    #[arg(long, env = "PODGPU_LAUNCH_OVERHEAD_BUDGET", default_value_t = 1.0, global = true, value_parser = parse_budget)]
+    #[arg(long, env = "PODGPU_LAUNCH_OVERHEAD_BUDGET", default_value_t = 1.0, value_parser = parse_budget)]
     launch_overhead_budget: f64,
     /// Treat a file as an NVIDIA device node, KIND=PATH with KIND ctl, gpu
     /// or uvm (repeatable): tests drive the driver decoder with crafted
     /// ioctls on a stand-in device.
-    #[arg(long, global = true, hide = true)]
+    #[arg(long, hide = true)]
     driver_stand_in: Vec<podgpu_agent::probes::driver::devices::StandIn>,
 }
 
@@ -164,7 +186,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let options = cli.options;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -177,36 +198,43 @@ async fn main() -> anyhow::Result<()> {
     let ready = |bound: Bound| {
         println!("{{\"event\":\"ready\",\"keda\":\"{}\",\"http\":\"{}\"}}", bound.keda, bound.http);
     };
-    let tls = ServerTls { cert: options.tls_cert, key: options.tls_key, client_ca: options.tls_client_ca };
-    if let Some(Role::Scaler(scaler)) = cli.role {
-        let node_tls = ClientTls {
-            ca: scaler.node_tls_ca,
-            cert: scaler.node_tls_cert,
-            key: scaler.node_tls_key,
-            server_name: scaler.node_tls_server_name,
-        };
-        // Bad files fail the start, naming the flag; later rotations are
-        // picked up by the scaler itself.
-        node_tls.config()?;
-        let config = ScalerConfig {
-            keda_listen: options.keda_listen,
-            http_listen: options.http_listen,
-            cluster: ClusterConfig {
-                nodes: scaler.nodes,
-                poll_interval: Duration::from_millis(scaler.poll_ms),
-                deadline: Duration::from_millis(scaler.node_deadline_ms),
-                grace: Duration::from_secs(scaler.node_grace_s),
-                forget: Duration::from_secs(scaler.node_forget_s.max(scaler.node_grace_s)),
-                node_tls,
-            },
-            tls,
-            tls_reload: Duration::from_secs(options.tls_reload_s),
-        };
-        return run_scaler(config, shutdown, ready).await;
-    }
+    let tls = |serving: &ServingOptions| ServerTls {
+        cert: serving.tls_cert.clone(),
+        key: serving.tls_key.clone(),
+        client_ca: serving.tls_client_ca.clone(),
+    };
+    let (serving, options) = match cli.role {
+        Role::Standalone(args) | Role::Node(args) => (args.serving, args.node),
+        Role::Scaler(ScalerArgs { serving, scaler }) => {
+            let node_tls = ClientTls {
+                ca: scaler.node_tls_ca,
+                cert: scaler.node_tls_cert,
+                key: scaler.node_tls_key,
+                server_name: scaler.node_tls_server_name,
+            };
+            // Bad files fail the start, naming the flag; later rotations are
+            // picked up by the scaler itself.
+            node_tls.config()?;
+            let config = ScalerConfig {
+                keda_listen: serving.keda_listen,
+                http_listen: serving.http_listen,
+                cluster: ClusterConfig {
+                    nodes: scaler.nodes,
+                    poll_interval: Duration::from_millis(scaler.poll_ms),
+                    deadline: Duration::from_millis(scaler.node_deadline_ms),
+                    grace: Duration::from_secs(scaler.node_grace_s),
+                    forget: Duration::from_secs(scaler.node_forget_s.max(scaler.node_grace_s)),
+                    node_tls,
+                },
+                tls: tls(&serving),
+                tls_reload: Duration::from_secs(serving.tls_reload_s),
+            };
+            return run_scaler(config, shutdown, ready).await;
+        }
+    };
     let config = Config {
-        keda_listen: options.keda_listen,
-        http_listen: options.http_listen,
+        keda_listen: serving.keda_listen,
+        http_listen: serving.http_listen,
         gpu: options.gpu,
         pod_metadata: options.pod_metadata,
         cgroup_root: options.cgroup_root,
@@ -215,8 +243,8 @@ async fn main() -> anyhow::Result<()> {
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
         node_name: options.node_name.unwrap_or_else(hostname),
-        tls,
-        tls_reload: Duration::from_secs(options.tls_reload_s),
+        tls: tls(&serving),
+        tls_reload: Duration::from_secs(serving.tls_reload_s),
         kube_api: options.kube_api,
         kubelet_socket: kubelet_socket(&options.kubelet_socket),
         kubelet_interval: Duration::from_secs(options.kubelet_interval_s),
