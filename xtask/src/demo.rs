@@ -89,20 +89,28 @@ async fn demo(options: Options) -> anyhow::Result<()> {
         (first + second, steady_b.await.map(|r| r.ok).unwrap_or(0))
     });
 
+    // KEDA is asked while the load still runs (its last 3 s): asked after
+    // it, every in-flight count would read 0.
     let started = Instant::now();
+    let ask_at = duration.saturating_sub(Duration::from_secs(3));
     let interrupted = tokio::select! {
-        _ = live_view(scene.agent.http, started, duration) => false,
+        _ = live_view(scene.agent.http, started, ask_at) => false,
         _ = tokio::signal::ctrl_c() => true,
     };
     if interrupted {
         println!("\ninterrupted: asking the scaler once, then cleaning up");
         load.abort();
-    } else if let Ok((a_streams, b_requests)) = load.await {
-        println!("\nload sent: llm-a {a_streams} streamed completions, llm-b {b_requests} requests");
+        keda_answers(scene.agent.keda).await?;
+    } else {
+        println!(
+            "\nasking the scaler while the load still runs ({:.0} s left)",
+            (duration - started.elapsed()).as_secs_f64()
+        );
+        keda_answers(scene.agent.keda).await?;
+        if let Ok((a_streams, b_requests)) = load.await {
+            println!("\nload sent: llm-a {a_streams} streamed completions, llm-b {b_requests} requests");
+        }
     }
-    // Let the last completions reach a published view (one tick).
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    keda_answers(scene.agent.keda).await?;
     println!("stopping the agent and tenants, removing their cgroups");
     drop(scene);
     println!("done");
