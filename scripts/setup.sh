@@ -33,9 +33,12 @@ install_apt() {
 }
 
 step "base packages"
-need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc libfuse3-dev
+need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc libfuse3-dev python3
 install_apt
 note "ok"
+
+step "helm (pinned; the chart is linted and rendered by the tests)"
+"$(dirname "$0")/install-helm.sh"
 
 step "Rust toolchains"
 if ! command -v rustup >/dev/null 2>&1; then

@@ -1,0 +1,282 @@
+//! The Helm chart, checked by a real helm (pinned, installed by
+//! `scripts/setup.sh` through `scripts/install-helm.sh`): it lints and
+//! renders for the default values and every documented variant, the
+//! rendered DaemonSet runs with exactly what the real-node tests run the
+//! agent with (`integration/tests/daemonset.rs` reads the template), each
+//! variant renders what it promises, and every value a template uses
+//! exists in `values.yaml`.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use integration::container::ChartAgent;
+use serde_yaml::Value;
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart")
+}
+
+/// helm with `args` on the chart; its stdout.
+fn helm(args: &[&str]) -> String {
+    let output = Command::new("helm")
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("helm not found ({err}): scripts/setup.sh installs it"));
+    assert!(
+        output.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The documented variants, as `--set` lists.
+const VARIANTS: [(&str, &[&str]); 8] = [
+    ("default", &[]),
+    ("tls", &["tls.secretName=podgpu-tls"]),
+    ("mtls", &["tls.secretName=podgpu-tls", "tls.requireClientCert=true"]),
+    ("no API access", &["kubernetesApi=false"]),
+    ("static metadata", &["kubernetesApi=false", "podMetadata=pods: []"]),
+    ("launch accounting", &["launchAccounting=true", "launchOverheadBudget=0.5"]),
+    ("network policy", &["networkPolicy.enabled=true", "priorityClassName=system-node-critical"]),
+    ("service monitor", &["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prometheus"]),
+];
+
+fn set_args(sets: &[&str]) -> Vec<String> {
+    sets.iter().flat_map(|set| ["--set".to_string(), set.to_string()]).collect()
+}
+
+/// Every document `helm template` renders with `sets`.
+fn render(sets: &[&str]) -> Vec<Value> {
+    let chart = chart_dir().display().to_string();
+    let mut args = vec!["template".to_string(), "podgpu".into(), chart, "--namespace".into(), "podgpu".into()];
+    args.extend(set_args(sets));
+    let text = helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).expect("rendered YAML parses"))
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+use serde::Deserialize as _;
+
+fn find<'a>(documents: &'a [Value], kind: &str) -> Option<&'a Value> {
+    documents.iter().find(|document| document["kind"] == kind)
+}
+
+fn container(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args(workload: &Value) -> Vec<String> {
+    container(workload)["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_chart_lints_and_renders_for_every_documented_variant() {
+    let chart = chart_dir().display().to_string();
+    for (name, sets) in VARIANTS {
+        let mut args = vec!["lint".to_string(), chart.clone(), "--strict".into()];
+        args.extend(set_args(sets));
+        helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let documents = render(sets);
+        for kind in ["DaemonSet", "Deployment", "Service"] {
+            assert!(find(&documents, kind).is_some(), "{name}: no {kind}");
+        }
+    }
+}
+
+/// The rendered DaemonSet has the capabilities, host PID namespace and
+/// hostPath mounts the real-node test gives the agent's container.
+#[test]
+fn the_rendered_daemonset_is_what_the_real_node_tests_run() {
+    let documents = render(&[]);
+    let daemonset = find(&documents, "DaemonSet").unwrap();
+    let tested = ChartAgent::read(&chart_dir()).expect("the template reads");
+    let pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"].as_bool(), Some(tested.host_pid));
+    let security = &container(daemonset)["securityContext"];
+    assert_eq!(security["privileged"].as_bool(), Some(false));
+    let list = |value: &Value| -> Vec<String> {
+        value.as_sequence().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(list(&security["capabilities"]["drop"]), vec!["ALL"]);
+    assert_eq!(list(&security["capabilities"]["add"]), tested.capabilities);
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    let mut rendered = Vec::new();
+    for mount in container(daemonset)["volumeMounts"].as_sequence().unwrap() {
+        let name = mount["name"].as_str().unwrap();
+        let volume = volumes.iter().find(|v| v["name"] == name).unwrap();
+        let Some(host_path) = volume["hostPath"]["path"].as_str() else { continue };
+        rendered.push((
+            name.to_string(),
+            mount["mountPath"].as_str().unwrap().to_string(),
+            host_path.to_string(),
+            mount["readOnly"].as_bool().unwrap_or(false),
+        ));
+    }
+    let tested_mounts: Vec<_> = tested
+        .mounts
+        .iter()
+        .map(|m| (m.name.clone(), m.mount_path.clone(), m.host_path.clone(), m.read_only))
+        .collect();
+    assert_eq!(rendered, tested_mounts);
+    assert_eq!(args(daemonset)[0], "node");
+    assert!(args(daemonset).contains(&"--launch-accounting=off".to_string()));
+}
+
+#[test]
+fn each_variant_renders_what_it_promises() {
+    let has = |documents: &[Value], kind: &str, flag: &str| {
+        args(find(documents, kind).unwrap()).iter().any(|a| a.starts_with(flag))
+    };
+
+    let tls = render(VARIANTS[1].1);
+    assert!(has(&tls, "DaemonSet", "--tls-cert=") && !has(&tls, "DaemonSet", "--tls-client-ca="));
+    assert!(has(&tls, "Deployment", "--node-tls-ca="));
+    let secret_volume = |documents: &[Value], kind: &str| {
+        find(documents, kind).unwrap()["spec"]["template"]["spec"]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "podgpu-tls")
+    };
+    assert!(secret_volume(&tls, "DaemonSet") && secret_volume(&tls, "Deployment"));
+
+    let mtls = render(VARIANTS[2].1);
+    assert!(has(&mtls, "DaemonSet", "--tls-client-ca=") && has(&mtls, "Deployment", "--tls-client-ca="));
+    assert!(has(&mtls, "Deployment", "--node-tls-cert="));
+
+    let no_api = render(VARIANTS[3].1);
+    assert!(has(&no_api, "DaemonSet", "--kube-api=off"));
+    assert!(find(&no_api, "ClusterRole").is_none() && find(&no_api, "ServiceAccount").is_none());
+    let pod = &find(&no_api, "DaemonSet").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert!(find(&render(&[]), "ClusterRole").is_some(), "the default reads the API");
+
+    let metadata = render(VARIANTS[4].1);
+    assert!(has(&metadata, "DaemonSet", "--pod-metadata=/etc/podgpu/pods.yaml"));
+    assert_eq!(find(&metadata, "ConfigMap").unwrap()["data"]["pods.yaml"], "pods: []");
+
+    let locked = render(VARIANTS[6].1);
+    let policies: Vec<&Value> = locked.iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
+    assert_eq!(policies.len(), 2);
+    let policy = |suffix: &str| *policies.iter().find(|p| p["metadata"]["name"] == format!("podgpu-{suffix}")).unwrap();
+    let grpc_from = |policy: &Value| {
+        policy["spec"]["ingress"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|rule| rule["ports"][0]["port"] == "keda")
+            .map(|rule| rule["from"][0].clone())
+            .unwrap()
+    };
+    assert_eq!(grpc_from(policy("scaler"))["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "keda");
+    assert_eq!(grpc_from(policy("agent"))["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "podgpu-scaler");
+    let daemonset = &find(&locked, "DaemonSet").unwrap()["spec"];
+    assert_eq!(daemonset["template"]["spec"]["priorityClassName"], "system-node-critical");
+    assert!(find(&render(&[]), "NetworkPolicy").is_none(), "off by default");
+
+    let defaults = render(&[]);
+    let daemonset = &find(&defaults, "DaemonSet").unwrap()["spec"];
+    assert_eq!(daemonset["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(), Some(1));
+    let scaler = &find(&defaults, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(
+        scaler["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(find(&defaults, "PodDisruptionBudget").unwrap()["spec"]["minAvailable"].as_u64(), Some(1));
+    assert!(find(&render(&["scaler.replicas=1"]), "PodDisruptionBudget").is_none(), "no PDB for one replica");
+
+    let monitored = render(VARIANTS[7].1);
+    let monitor = find(&monitored, "ServiceMonitor").unwrap();
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        (&monitor["spec"]["endpoints"][0]["port"], &monitor["spec"]["endpoints"][0]["path"]),
+        (&Value::from("http"), &Value::from("/metrics"))
+    );
+    // Both Services it selects expose `http`: the agents' and the scaler's.
+    let services: Vec<&Value> = monitored.iter().filter(|d| d["kind"] == "Service").collect();
+    assert_eq!(services.len(), 2);
+    assert!(services.iter().all(|s| s["spec"]["ports"].as_sequence().unwrap().iter().any(|p| p["name"] == "http")));
+    assert!(find(&defaults, "ServiceMonitor").is_none(), "off by default");
+
+    let launches = render(VARIANTS[5].1);
+    assert!(has(&launches, "DaemonSet", "--launch-accounting=on"));
+    assert!(has(&launches, "DaemonSet", "--launch-overhead-budget=0.5"));
+}
+
+/// Every `.Values.x.y` a template names exists in values.yaml and in
+/// values.schema.json: a typo would otherwise render as an empty string.
+#[test]
+fn every_value_the_templates_use_exists() {
+    let read = |name: &str| std::fs::read_to_string(chart_dir().join(name)).unwrap();
+    let values: Value = serde_yaml::from_str(&read("values.yaml")).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(&read("values.schema.json")).unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(chart_dir().join("templates")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (at, _) in text.match_indices(".Values.") {
+            let key: String = text[at + ".Values.".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '_')
+                .collect();
+            let (mut node, mut described) = (&values, &schema);
+            for part in key.trim_end_matches('.').split('.') {
+                let missing = |file: &str| format!("{}: .Values.{key} is not in {file}", path.display());
+                node = node.get(part).unwrap_or_else(|| panic!("{}", missing("values.yaml")));
+                described =
+                    described["properties"].get(part).unwrap_or_else(|| panic!("{}", missing("values.schema.json")));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "found only {checked} value references");
+}
+
+/// The schema refuses values the agent would refuse at start (or a typo'd
+/// key, which would silently do nothing), at `helm install` time.
+#[test]
+fn the_schema_refuses_bad_values() {
+    let chart = chart_dir().display().to_string();
+    for set in ["gpu=cuda", "tickMs=5", "ports.keda=70000", "launchOverheadBudget=0", "tls.secretNme=x"] {
+        let output = Command::new("helm").args(["lint", &chart, "--set", set]).output().expect("helm runs");
+        assert!(!output.status.success(), "helm lint accepted --set {set}");
+    }
+}
+
+/// The example ScaledObjects (`chart/examples/`) are what podgpu accepts:
+/// every podgpu trigger's metadata passes the agent's own validation, and
+/// every example carries the `fallback` block podgpu's errors rely on.
+#[test]
+fn the_example_scaled_objects_are_valid() {
+    let mut triggers = 0;
+    let mut examples = 0;
+    for entry in std::fs::read_dir(chart_dir().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let object = Value::deserialize(document).unwrap();
+            if object["kind"] != "ScaledObject" {
+                continue;
+            }
+            examples += 1;
+            let spec = &object["spec"];
+            assert!(spec["fallback"]["replicas"].as_u64().is_some(), "{}: no fallback", path.display());
+            for trigger in spec["triggers"].as_sequence().unwrap() {
+                let kind = trigger["type"].as_str().unwrap();
+                assert!(matches!(kind, "external" | "external-push"), "{}: trigger type {kind}", path.display());
+                let metadata: std::collections::HashMap<String, String> =
+                    serde_yaml::from_value(trigger["metadata"].clone()).unwrap();
+                assert!(metadata.contains_key("scalerAddress"), "{}", path.display());
+                if let Err(err) = podgpu_agent::serve::trigger::Trigger::from_metadata(&metadata) {
+                    panic!("{}: {err}", path.display());
+                }
+                triggers += 1;
+            }
+        }
+    }
+    assert!(examples >= 6 && triggers >= 6, "{examples} examples, {triggers} triggers");
+}
