@@ -22,6 +22,9 @@ cargo clippy --locked --all-targets -- -D warnings
 step "build the agent and the test tenants"
 cargo build --locked -p podgpu-agent -p integration --bins
 
+step "build the agent's container image (OCI archive; the DaemonSet test runs it)"
+scripts/build-image.sh target/debug/podgpu-agent target/podgpu-agent-oci.tar
+
 # One test at a time per binary: the timing assertions (TTFT and latency
 # within 5%) must not compete with sibling tests for the cores.
 step "tests (unit + integration with real eBPF probes, as root)"

@@ -134,8 +134,11 @@ pub struct ContainerSpec {
     pub host_pid: bool,
     /// Capabilities (`CAP_BPF`, ...); empty: none at all.
     pub capabilities: Vec<String>,
-    /// Extra bind mounts (the root filesystem is the host's /usr, read-only).
+    /// Extra bind mounts.
     pub binds: Vec<Bind>,
+    /// An image's unpacked root filesystem; `None`: an empty root with the
+    /// host's /usr bound read-only.
+    pub rootfs: Option<PathBuf>,
 }
 
 /// A running runc container; deleted (killed) on drop.
@@ -163,21 +166,31 @@ impl Container {
     /// Creates the bundle and starts the container detached.
     pub fn run(id: &str, spec: &ContainerSpec) -> anyhow::Result<Self> {
         let bundle = tempfile::Builder::new().prefix("podgpu-runc-").tempdir()?;
-        let rootfs = bundle.path().join("rootfs");
-        for dir in ["usr", "proc", "sys", "dev", "etc", "tmp"] {
-            fs::create_dir_all(rootfs.join(dir))?;
-        }
-        // Debian's merged /usr: the rest are symlinks into it.
-        for (link, target) in [("lib", "usr/lib"), ("lib64", "usr/lib64"), ("bin", "usr/bin"), ("sbin", "usr/sbin")] {
-            std::os::unix::fs::symlink(target, rootfs.join(link))?;
-        }
+        let rootfs = match &spec.rootfs {
+            Some(image) => image.clone(),
+            None => {
+                let rootfs = bundle.path().join("rootfs");
+                for dir in ["usr", "proc", "sys", "dev", "etc", "tmp"] {
+                    fs::create_dir_all(rootfs.join(dir))?;
+                }
+                // Debian's merged /usr: the rest are symlinks into it.
+                for (link, target) in
+                    [("lib", "usr/lib"), ("lib64", "usr/lib64"), ("bin", "usr/bin"), ("sbin", "usr/sbin")]
+                {
+                    std::os::unix::fs::symlink(target, rootfs.join(link))?;
+                }
+                rootfs
+            }
+        };
         let mut mounts = vec![
             serde_json::json!({"destination": "/proc", "type": "proc", "source": "proc"}),
             serde_json::json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
             serde_json::json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
             serde_json::json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}),
-            serde_json::json!({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}),
         ];
+        if spec.rootfs.is_none() {
+            mounts.push(serde_json::json!({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]}));
+        }
         for bind in &spec.binds {
             let mut options = vec!["rbind"];
             if bind.read_only {
@@ -211,7 +224,7 @@ impl Container {
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
                 "noNewPrivileges": true
             },
-            "root": {"path": "rootfs", "readonly": true},
+            "root": {"path": rootfs, "readonly": true},
             "hostname": id,
             "mounts": mounts,
             "linux": {
@@ -377,4 +390,35 @@ pub fn remove_cgroup_dirs(path: &str) {
             }
         }
     }
+}
+
+/// The agent's container image (`scripts/build-image.sh`), unpacked with
+/// umoci (which checks every digest) into a runtime bundle under `into`;
+/// returns its root filesystem.
+pub fn unpack_image(archive: &Path, into: &Path) -> anyhow::Result<PathBuf> {
+    if !archive.exists() {
+        bail!("{} is missing: scripts/test.sh builds it (scripts/build-image.sh)", archive.display());
+    }
+    let layout = into.join("layout");
+    fs::create_dir_all(&layout)?;
+    let status = Command::new("tar").arg("-xf").arg(archive).arg("-C").arg(&layout).status().context("tar")?;
+    if !status.success() {
+        bail!("unpacking {}", archive.display());
+    }
+    let index: serde_json::Value = serde_json::from_str(&fs::read_to_string(layout.join("index.json"))?)?;
+    let tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the image index names no tag"))?;
+    let bundle = into.join("bundle");
+    let out = Command::new("umoci")
+        .arg("unpack")
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(&bundle)
+        .output()
+        .context("running umoci (apt install umoci)")?;
+    if !out.status.success() {
+        bail!("umoci unpack: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(bundle.join("rootfs"))
 }

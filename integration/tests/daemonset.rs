@@ -42,6 +42,11 @@ const CONTAINERD_DEFAULT_CAPS: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
+/// The agent's image, as `scripts/test.sh` builds it.
+fn image_archive() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/podgpu-agent-oci.tar")
+}
+
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../chart")
 }
@@ -90,6 +95,7 @@ fn restart_tenant(
         host_pid: false,
         capabilities: CONTAINERD_DEFAULT_CAPS.map(String::from).to_vec(),
         binds: vec![Bind { source: workspace_binary("tenant"), destination: "/tenant".into(), read_only: true }],
+        rootfs: None,
     };
     let container =
         Container::run(&format!("podgpu-{name}-{salt}-{}", std::process::id()), &spec).expect("tenant runs");
@@ -130,13 +136,15 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
             (index + 1) << 30
         );
     }
-    std::fs::write(files.path().join("pods.yaml"), metadata).unwrap();
-    std::fs::write(files.path().join("scenario.yaml"), scenario).unwrap();
+    std::fs::create_dir_all(files.path().join("config")).unwrap();
+    std::fs::write(files.path().join("config/pods.yaml"), metadata).unwrap();
+    std::fs::write(files.path().join("config/scenario.yaml"), scenario).unwrap();
 
-    let mut binds = vec![
-        Bind { source: workspace_binary("podgpu-agent"), destination: "/podgpu-agent".into(), read_only: true },
-        Bind { source: files.path().to_path_buf(), destination: "/etc/podgpu".into(), read_only: true },
-    ];
+    // The agent runs from its image, as deployed: nothing of the host's
+    // /usr, only what scripts/build-image.sh put in it.
+    let image = integration::container::unpack_image(&image_archive(), files.path()).expect("the agent's image");
+    let mut binds =
+        vec![Bind { source: files.path().join("config"), destination: "/etc/podgpu".into(), read_only: true }];
     let mut created = Vec::new();
     for mount in &chart.mounts {
         let host = PathBuf::from(&mount.host_path);
@@ -181,6 +189,7 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
         host_pid: chart.host_pid,
         capabilities: chart.capabilities.iter().map(|cap| format!("CAP_{cap}")).collect(),
         binds,
+        rootfs: Some(image),
     };
     let container = Container::run(&format!("podgpu-agent-{}", std::process::id()), &spec).expect("agent container");
     container
