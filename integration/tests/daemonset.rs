@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration::container::{kubelet_cgroup_path, Bind, CgroupLayout, ChartAgent, Container, ContainerSpec, Qos};
+use integration::driver_standin::{self, StandInDevice};
 use integration::http::{get, Client, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::new_uid;
@@ -115,7 +116,10 @@ struct AgentPod {
     _created: Vec<tempfile::TempDir>,
 }
 
-fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
+/// Where the agent's container sees the stand-in driver devices.
+const STAND_IN_IN_CONTAINER: &str = "/stand-in";
+
+fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> AgentPod {
     let files = tempfile::tempdir().unwrap();
     let mut metadata = String::from("pods:\n");
     let mut scenario = String::from(
@@ -143,8 +147,13 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
     // The agent runs from its image, as deployed: nothing of the host's
     // /usr, only what scripts/build-image.sh put in it.
     let image = integration::container::unpack_image(&image_archive(), files.path()).expect("the agent's image");
-    let mut binds =
-        vec![Bind { source: files.path().join("config"), destination: "/etc/podgpu".into(), read_only: true }];
+    let mut binds = vec![
+        Bind { source: files.path().join("config"), destination: "/etc/podgpu".into(), read_only: true },
+        // Not a chart mount: the stand-in NVIDIA devices (a GPU node's
+        // /dev/nvidia* need no mount; the agent reaches them through
+        // /proc/PID/fd like any other pod's files).
+        Bind { source: stand_in.to_path_buf(), destination: STAND_IN_IN_CONTAINER.into(), read_only: true },
+    ];
     let mut created = Vec::new();
     for mount in &chart.mounts {
         let host = PathBuf::from(&mount.host_path);
@@ -183,7 +192,9 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod]) -> AgentPod {
             "--node-name=ds-node",
         ]
         .map(String::from)
-        .to_vec(),
+        .into_iter()
+        .chain(StandInDevice::agent_args(Path::new(STAND_IN_IN_CONTAINER)))
+        .collect(),
         env: vec!["PATH=/usr/bin".into(), "RUST_LOG=info".into()],
         cgroup_path,
         host_pid: chart.host_pid,
@@ -238,7 +249,10 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let mut old_connection = Client::connect(burstable.addr).await.unwrap();
     assert_eq!(old_connection.request("/", b"before").await.unwrap().status, 200);
 
-    let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort]);
+    let tools = tempfile::tempdir().unwrap();
+    driver_standin::build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort], &device.mountpoint);
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
     assert_eq!(health["launches"]["state"], "ok", "launch uprobes load with the chart's capabilities: {health}");
@@ -318,6 +332,54 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let names: Vec<String> =
         pods_json(agent.http).await["pods"].as_array().unwrap().iter().map(|p| p["name"].to_string()).collect();
     assert_eq!(names.len(), 3, "the agent's own pod is not a tenant: {names:?}");
+
+    // The driver path as deployed: a CUDA-shaped client in a container of
+    // its own, the agent in its container checking the client's fds
+    // through /proc with the chart's capabilities.
+    let go = tempfile::tempdir().unwrap();
+    let client_uid = new_uid();
+    let client = Container::run(
+        &format!("podgpu-driver-client-{}", std::process::id()),
+        &ContainerSpec {
+            args: ["/driver_client", "/stand-in", "64", "32", "/go/go"].map(String::from).to_vec(),
+            env: vec!["PATH=/usr/bin".to_string()],
+            cgroup_path: kubelet_cgroup_path(
+                CgroupLayout::Systemd,
+                Qos::BestEffort,
+                &client_uid,
+                &container_id(&client_uid, 0xd1),
+            ),
+            host_pid: false,
+            capabilities: CONTAINERD_DEFAULT_CAPS.map(String::from).to_vec(),
+            binds: vec![
+                Bind {
+                    source: tools.path().join("driver_client"),
+                    destination: "/driver_client".into(),
+                    read_only: true,
+                },
+                // Opened read-write, as /dev/nvidia* are.
+                Bind { source: device.mountpoint.clone(), destination: "/stand-in".into(), read_only: false },
+                Bind { source: go.path().to_path_buf(), destination: "/go".into(), read_only: false },
+            ],
+            rootfs: None,
+        },
+    )
+    .expect("driver client container");
+    std::fs::write(go.path().join("go.0"), b"").unwrap();
+    client.wait_for_line(Duration::from_secs(10), |line| line.contains("allocated")).expect("client allocated");
+    let driver_row = async || {
+        let view: serde_json::Value = serde_json::from_slice(&get(agent.http, "/driver").await.unwrap().body).unwrap();
+        view["rows"].as_array().unwrap().iter().find(|row| row["pid"] == client.pid).cloned()
+    };
+    let decoded =
+        eventually(Duration::from_secs(5), async || driver_row().await.is_some_and(|row| row["calls"] == 16)).await;
+    let row = driver_row().await;
+    assert!(decoded, "the client's driver calls, decoded in the agent's container: {row:?}");
+    let row = row.unwrap();
+    assert_eq!(row["pod_uid"], client_uid.as_str());
+    assert_eq!(row["vram_bytes"], 96u64 << 20);
+    assert_eq!(row["context_devices"], serde_json::json!([0]));
+    drop(client);
 
     // Launch accounting calibrated its cost inside the container too.
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();

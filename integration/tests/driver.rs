@@ -9,68 +9,15 @@
 //! and rebuilds what each process holds.
 use integration::require_root;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command};
 use std::time::Duration;
 
 use integration::agent::{AgentProcess, PodEntry};
+use integration::driver_standin::{build, StandInDevice};
 use integration::eventually;
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, CgroupPod};
-
-fn build(dir: &Path) {
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
-    let fuse = Command::new("pkg-config").args(["--cflags", "--libs", "fuse3"]).output().expect("pkg-config");
-    assert!(fuse.status.success(), "libfuse3-dev is installed by scripts/setup.sh");
-    let fuse_flags: Vec<String> =
-        String::from_utf8(fuse.stdout).unwrap().split_whitespace().map(String::from).collect();
-    let gcc = |args: &[&str]| {
-        let status = Command::new("gcc").args(args).current_dir(&sources).status().expect("gcc");
-        assert!(status.success(), "gcc {args:?}");
-    };
-    let device = dir.join("standin_device");
-    let mut device_args = vec!["-O2", "-Wall", "-o", device.to_str().unwrap(), "standin_device.c"];
-    device_args.extend(fuse_flags.iter().map(String::as_str));
-    gcc(&device_args);
-    gcc(&["-O2", "-Wall", "-o", dir.join("driver_client").to_str().unwrap(), "driver_client.c"]);
-}
-
-/// The mounted stand-in; unmounted (SIGTERM to its server, which unmounts,
-/// then a lazy unmount in case it could not) when dropped.
-struct StandIn {
-    server: Child,
-    mountpoint: PathBuf,
-}
-
-impl StandIn {
-    fn mount(tools: &Path) -> Self {
-        let mountpoint = tools.join("dev");
-        std::fs::create_dir_all(&mountpoint).unwrap();
-        let mut server = Command::new(tools.join("standin_device"))
-            .arg(&mountpoint)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("stand-in device starts");
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "mounted", "the stand-in device mounts (FUSE)");
-        Self { server, mountpoint }
-    }
-
-    fn file(&self, name: &str) -> String {
-        self.mountpoint.join(name).display().to_string()
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        // SAFETY: a signal to the child this guard started.
-        unsafe { libc::kill(self.server.id() as i32, libc::SIGTERM) };
-        let _ = self.server.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).stderr(Stdio::null()).status();
-    }
-}
 
 async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_slice(&get(http, path).await.expect("GET").body).unwrap()
@@ -96,8 +43,8 @@ fn expect_line(output: &mut BufReader<ChildStdout>, expected: &str) {
 async fn driver_calls_are_decoded_per_pod() {
     require_root();
     let tools = tempfile::tempdir().unwrap();
-    build(tools.path());
-    let device = StandIn::mount(tools.path());
+    build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
     let ns = format!("driver-{}", std::process::id());
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
     let (uid_a, uid_b) = (new_uid(), new_uid());
@@ -107,9 +54,9 @@ async fn driver_calls_are_decoded_per_pod() {
         PodEntry { uid: &uid_a, namespace: &ns, name: "infer-a", app: "a" },
         PodEntry { uid: &uid_b, namespace: &ns, name: "infer-b", app: "b" },
     ];
-    let (ctl, uvm) = (format!("ctl={}", device.file("nvidiactl")), format!("uvm={}", device.file("nvidia-uvm")));
-    let (agent, _files) =
-        AgentProcess::start_for_pods(&pods, &["--driver-stand-in", &ctl, "--driver-stand-in", &uvm]).expect("agent");
+    let stand_in_args = StandInDevice::agent_args(&device.mountpoint);
+    let stand_in_args: Vec<&str> = stand_in_args.iter().map(String::as_str).collect();
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &stand_in_args).expect("agent");
     let go = tools.path().join("go");
     let start = |pod: &mut CgroupPod, first_mib: &str, second_mib: &str| {
         let mut command = Command::new(tools.path().join("driver_client"));

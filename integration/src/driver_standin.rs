@@ -1,0 +1,81 @@
+//! A stand-in for the NVIDIA driver's device nodes, for tests without a
+//! GPU: a FUSE file system (`integration/driver/standin_device.c`,
+//! libfuse3) whose files `nvidiactl`, `nvidia0` and `nvidia-uvm` answer
+//! ioctls with success, and a client (`driver_client.c`) that makes the
+//! calls a CUDA process makes. The agent is told to treat the files as
+//! NVIDIA devices (`--driver-stand-in`).
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context as _};
+
+/// Builds `standin_device` and `driver_client` into `dir`.
+pub fn build(dir: &Path) -> anyhow::Result<()> {
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
+    let fuse = Command::new("pkg-config").args(["--cflags", "--libs", "fuse3"]).output().context("pkg-config")?;
+    if !fuse.status.success() {
+        bail!("no fuse3 for pkg-config: scripts/setup.sh installs libfuse3-dev");
+    }
+    let fuse_flags: Vec<String> = String::from_utf8(fuse.stdout)?.split_whitespace().map(String::from).collect();
+    let gcc = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("gcc").args(args).current_dir(&sources).status().context("gcc")?;
+        if !status.success() {
+            bail!("gcc {args:?} failed");
+        }
+        Ok(())
+    };
+    let device = dir.join("standin_device").display().to_string();
+    let mut device_args = vec!["-O2", "-Wall", "-o", &device, "standin_device.c"];
+    device_args.extend(fuse_flags.iter().map(String::as_str));
+    gcc(&device_args)?;
+    gcc(&["-O2", "-Wall", "-o", &dir.join("driver_client").display().to_string(), "driver_client.c"])
+}
+
+/// The mounted stand-in; unmounted (SIGTERM to its server, which unmounts,
+/// then a lazy unmount in case it could not) when dropped.
+pub struct StandInDevice {
+    server: Child,
+    /// Where the device files are.
+    pub mountpoint: PathBuf,
+}
+
+impl StandInDevice {
+    /// Mounts the stand-in (built by `build` into `tools`) at `tools/dev`.
+    pub fn mount(tools: &Path) -> anyhow::Result<Self> {
+        let mountpoint = tools.join("dev");
+        std::fs::create_dir_all(&mountpoint)?;
+        let mut server = Command::new(tools.join("standin_device"))
+            .arg(&mountpoint)
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the stand-in device")?;
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().context("stand-in output")?).read_line(&mut line)?;
+        if line.trim() != "mounted" {
+            bail!("the stand-in device did not mount (FUSE): {line:?}");
+        }
+        Ok(Self { server, mountpoint })
+    }
+
+    /// `--driver-stand-in` values for the control and UVM files, as the
+    /// agent sees them under `seen_at` (the mountpoint, or where a
+    /// container mounts it).
+    pub fn agent_args(seen_at: &Path) -> Vec<String> {
+        [("ctl", "nvidiactl"), ("uvm", "nvidia-uvm")]
+            .into_iter()
+            .flat_map(|(kind, file)| {
+                ["--driver-stand-in".to_string(), format!("{kind}={}", seen_at.join(file).display())]
+            })
+            .collect()
+    }
+}
+
+impl Drop for StandInDevice {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the child this guard started.
+        unsafe { libc::kill(self.server.id() as i32, libc::SIGTERM) };
+        let _ = self.server.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).stderr(Stdio::null()).status();
+    }
+}
