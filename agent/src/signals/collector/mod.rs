@@ -139,6 +139,9 @@ pub struct Collector {
     /// unless its reader has stopped publishing.
     launch_health: SourceStatus,
     driver_health: SourceStatus,
+    /// The driver snapshot's rows and counters as of the last tick: the
+    /// view serves them with the per-pod values of the same snapshot.
+    driver_rows: Arc<Vec<crate::probes::driver::DriverRow>>,
     driver_reader: crate::probes::driver::DriverReaderStats,
 }
 
@@ -176,6 +179,7 @@ impl Collector {
             gpu_updates_dropped,
             launch_health,
             driver_health,
+            driver_rows: Arc::default(),
             driver_reader: Default::default(),
             started: Instant::now(),
             last_tick_s: 0.0,
@@ -237,6 +241,7 @@ impl Collector {
             self.reader_health("launch counts", &self.probes.launch_status, published, LAUNCHES_STALE_AFTER);
         let (driver, published) = {
             let snapshot = self.probes.driver.lock().expect("driver snapshot poisoned");
+            self.driver_rows = Arc::new(snapshot.rows.clone());
             self.driver_reader = snapshot.stats;
             (snapshot.per_pod.clone(), snapshot.published)
         };
@@ -510,7 +515,7 @@ impl Collector {
         let (launch_rows, launch_libraries) = (Arc::new(launches.rows.clone()), launches.libraries);
         let (launch_duty, launch_hit_cost_ns) = (launches.duty, launches.hit_cost_ns);
         drop(launches);
-        let driver_rows = Arc::new(self.probes.driver.lock().expect("driver snapshot poisoned").rows.clone());
+        let (driver_rows, driver_reader) = (self.driver_rows.clone(), self.driver_reader);
         NodeView {
             at_s: self.last_tick_s,
             launches: launch_rows,
@@ -526,7 +531,7 @@ impl Collector {
                 launch_duty,
                 launch_hit_cost_ns,
                 driver: self.driver_health.clone(),
-                driver_reader: self.driver_reader,
+                driver_reader,
                 kube_api: kube_api_health,
                 kubelet: kubelet_health,
                 api_pods: self.directory.api_pods(),
