@@ -185,14 +185,18 @@ async fn launch_bound_tenants_are_sampled_and_their_counts_hold() {
     let estimate = async || {
         row(&json(agent.http, "/launches").await, pid, "kernel", "0x4001").map_or(0, |(_, _, launches, _)| launches)
     };
+    // Sampled reads come every 4 s (MAX_INTERVAL): settled means unchanged
+    // for longer than that.
     let mut settled = estimate().await;
-    for _ in 0..8 {
+    let mut unchanged_since = std::time::Instant::now();
+    for _ in 0..15 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let next = estimate().await;
-        if next == settled && next > 0 {
+        if next != settled {
+            (settled, unchanged_since) = (next, std::time::Instant::now());
+        } else if settled > 0 && unchanged_since.elapsed() > Duration::from_secs(5) {
             break;
         }
-        settled = next;
     }
     let error = (settled as f64 - truth as f64).abs() / truth as f64;
     println!("true launches {truth}, sampled estimate {settled}, error {:.1}%", error * 100.0);

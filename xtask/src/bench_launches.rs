@@ -133,9 +133,9 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>) -> anyho
     let rate: f64 = fields.next().context("rate")?.parse()?;
     let (mut counted, mut hit_cost_ns) = (None, None);
     if let Some((agent, _)) = &agent {
-        // Two read intervals (at most 4 s each when sampled) book the end.
-        let mut settled = 0;
-        for _ in 0..10 {
+        // Sampled reads come every 4 s: settled means unchanged for longer.
+        let (mut settled, mut unchanged_since) = (0, std::time::Instant::now());
+        for _ in 0..15 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let body = integration::http::get(agent.http, "/launches").await?.body;
             let view: serde_json::Value = serde_json::from_slice(&body)?;
@@ -143,10 +143,11 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>) -> anyho
                 .as_array()
                 .map(|rows| rows.iter().filter(|r| r["pid"] == pid).filter_map(|r| r["launches"].as_u64()).sum())
                 .unwrap_or(0);
-            if now == settled && now > 0 {
+            if now != settled {
+                (settled, unchanged_since) = (now, std::time::Instant::now());
+            } else if settled > 0 && unchanged_since.elapsed() > Duration::from_secs(5) {
                 break;
             }
-            settled = now;
         }
         counted = Some(settled);
         hit_cost_ns = health(agent).await?["launch_hit_cost_ns"].as_u64();

@@ -139,6 +139,10 @@ pub struct Collector {
     /// unless its reader has stopped publishing.
     launch_health: SourceStatus,
     driver_health: SourceStatus,
+    /// The launch snapshot's rows and (libraries, duty, hit cost) as of
+    /// the last tick, served with the per-pod counts of the same snapshot.
+    launch_rows: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    launch_sampling: (usize, f64, u64),
     /// The driver snapshot's rows and counters as of the last tick: the
     /// view serves them with the per-pod values of the same snapshot.
     driver_rows: Arc<Vec<crate::probes::driver::DriverRow>>,
@@ -180,6 +184,8 @@ impl Collector {
             launch_health,
             driver_health,
             driver_rows: Arc::default(),
+            launch_rows: Arc::default(),
+            launch_sampling: (0, 0.0, 0),
             driver_reader: Default::default(),
             started: Instant::now(),
             last_tick_s: 0.0,
@@ -235,6 +241,8 @@ impl Collector {
         let gpu_known = self.gpu_status.is_ok();
         let (launches, published) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
+            self.launch_rows = Arc::new(snapshot.rows.clone());
+            self.launch_sampling = (snapshot.libraries, snapshot.duty, snapshot.hit_cost_ns);
             (snapshot.per_pod.clone(), snapshot.published)
         };
         self.launch_health =
@@ -511,10 +519,8 @@ impl Collector {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
         });
         let (kube_api_health, kubelet_health) = self.directory.health();
-        let launches = self.probes.launches.lock().expect("launch snapshot poisoned");
-        let (launch_rows, launch_libraries) = (Arc::new(launches.rows.clone()), launches.libraries);
-        let (launch_duty, launch_hit_cost_ns) = (launches.duty, launches.hit_cost_ns);
-        drop(launches);
+        let launch_rows = self.launch_rows.clone();
+        let (launch_libraries, launch_duty, launch_hit_cost_ns) = self.launch_sampling;
         let (driver_rows, driver_reader) = (self.driver_rows.clone(), self.driver_reader);
         NodeView {
             at_s: self.last_tick_s,
