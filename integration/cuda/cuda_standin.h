@@ -12,4 +12,8 @@ typedef struct {
     unsigned int numAttrs;
 } CUlaunchConfig;
 
+/* cuLaunchKernel's signature, as applications call it through a pointer. */
+typedef int (*launch_fn)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
+                         void **, void **);
+
 #endif

@@ -16,8 +16,6 @@
 
 #include "cuda_standin.h"
 
-typedef int (*launch_fn)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
-                         void **, void **);
 typedef int (*launch_ex_fn)(const CUlaunchConfig *, void *, void **, void **);
 typedef int (*graph_fn)(void *, void *);
 

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod http;
 pub mod keda;
+pub mod metrics;
 pub mod node_api;
 pub mod scaler_http;
 pub mod tls;

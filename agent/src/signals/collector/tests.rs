@@ -147,3 +147,27 @@ fn stale_launch_counts_are_unavailable() {
     }
     assert!(!view.source_status(Metric::GpuLaunchRate).is_ok());
 }
+
+/// Driver state that stops arriving (a stuck reader) turns the driver
+/// source degraded: `gpu_contexts` and `gpu_driver_mem_bytes` answer
+/// unavailable instead of holding their last level.
+#[test]
+fn stale_driver_state_is_unavailable() {
+    let root = tempfile::tempdir().unwrap();
+    let mut collector = collector(root.path());
+    collector.probes.driver_status = SourceStatus::Ok { detail: "test".into() };
+    let fresh = Instant::now();
+    collector.probes.driver.lock().unwrap().published = Some(fresh);
+    collector.tick();
+    assert!(collector.view().source_status(Metric::GpuContexts).is_ok());
+    collector.probes.driver.lock().unwrap().published = fresh.checked_sub(READER_STALE_AFTER * 2);
+    collector.tick();
+    let view = collector.view();
+    match &view.health.driver {
+        SourceStatus::Degraded { reason } => assert!(reason.contains("stale"), "{reason}"),
+        other => panic!("expected stale, got {other:?}"),
+    }
+    for metric in [Metric::GpuContexts, Metric::GpuDriverMemBytes, Metric::GpuDriverCallRate] {
+        assert!(!view.source_status(metric).is_ok(), "{metric}");
+    }
+}
