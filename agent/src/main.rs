@@ -4,6 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::io::Write;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use podgpu_agent::gpu::GpuSource;
 use podgpu_agent::pods::kube_api::KubeAccess;
@@ -32,6 +35,26 @@ enum Role {
     Node(NodeArgs),
     /// Scaler (Deployment): merges every node agent's pods and answers KEDA.
     Scaler(ScalerArgs),
+    /// Replays a recorded trace (TRACE.json beside TRACE-launch.jsonl)
+    /// through the attribution estimator; prints one JSON line per tenant.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplayArgs {
+    /// Trace to replay (its launch file is TRACE-launch.jsonl beside it).
+    #[arg(required_unless_present = "synthetic", conflicts_with = "synthetic")]
+    trace: Option<PathBuf>,
+    /// Replay a built-in synthetic scenario instead (known costs).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(podgpu_agent::gpu::attribution::synthetic::Scenario::BUILTIN))]
+    synthetic: Option<String>,
+    /// Also print every window's attribution (one JSON line each) before
+    /// the tenant lines.
+    #[arg(long)]
+    windows: bool,
+    /// Write the synthetic scenario's trace here (and its launch file beside it).
+    #[arg(long, requires = "synthetic")]
+    write: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -186,6 +209,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Role::Replay(args) = &cli.role {
+        return replay(args);
+    }
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -205,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (serving, options) = match cli.role {
         Role::Standalone(args) | Role::Node(args) => (args.serving, args.node),
+        Role::Replay(_) => unreachable!("handled above"),
         Role::Scaler(ScalerArgs { serving, scaler }) => {
             let node_tls = ClientTls {
                 ca: scaler.node_tls_ca,
@@ -255,6 +282,37 @@ async fn main() -> anyhow::Result<()> {
     };
 
     run(config, shutdown, ready).await
+}
+
+/// `podgpu-agent replay`: the trace through the live agent's estimator.
+fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    use podgpu_agent::gpu::attribution::{replay, synthetic, trace, EstimatorConfig};
+    let (recorded, launches) = match (&args.trace, &args.synthetic) {
+        (Some(path), _) => trace::read(path)?,
+        (None, Some(name)) => {
+            let scenario = synthetic::Scenario::builtin(name).context("unknown synthetic scenario")?;
+            let generated = scenario.generate();
+            if let Some(path) = &args.write {
+                trace::write(path, &generated.0, &generated.1)?;
+            }
+            generated
+        }
+        (None, None) => anyhow::bail!("a trace or --synthetic is required"),
+    };
+    let result = replay::replay(&recorded, &launches, EstimatorConfig::default());
+    let mut out = std::io::stdout().lock();
+    if args.windows {
+        for window in &result.windows {
+            writeln!(out, "{}", serde_json::to_string(window)?)?;
+        }
+    }
+    for tenant in &result.tenants {
+        writeln!(out, "{}", serde_json::to_string(tenant)?)?;
+    }
+    if result.tenants.is_empty() {
+        tracing::info!(windows = result.windows.len(), "the trace has no tenants with known load: nothing to score");
+    }
+    Ok(())
 }
 
 /// The default socket is only used where its directory exists (a

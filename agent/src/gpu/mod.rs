@@ -2,6 +2,7 @@
 //! simulator. Both report what NVML would report (host pids, per-process SM %
 //! and memory, per-device health); attribution to pods happens later, in
 //! `signals`.
+pub mod attribution;
 mod nvml;
 mod nvml_raw;
 pub mod poller;

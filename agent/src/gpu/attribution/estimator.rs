@@ -1,0 +1,331 @@
+//! The per-GPU estimator: turns one window of device utilization, launch
+//! counts and NVML samples into per-process shares, learning launch costs
+//! in a `CostFilter` as windows go by.
+//!
+//! Per window, in order:
+//! 1. Launch counts become rates per cost key (process, function, launch
+//!    size class). A key joins the filter once its rate held steady for
+//!    two windows; its prior is stated in share points (±`prior_share`),
+//!    so that whatever the data cannot separate is split evenly between
+//!    processes rather than by launch count.
+//! 2. A key whose rate jumps gets process noise in proportion to the
+//!    jump: at a fixed duty a new batch size moves launches per second
+//!    and cost per launch together, and the device utilization that
+//!    follows says which of the two moved.
+//! 3. The window's device utilization updates the filter. Its noise grows
+//!    with how much the mix changed inside the window (NVML averages over
+//!    its own sample period, so a transition window is misaligned with
+//!    the counts) and with keys that are not yet learned.
+//! 4. Predicted shares are reconciled with the device utilization: the
+//!    residual goes to processes in proportion to how uncertain their
+//!    prediction is (a new process whose costs are unknown takes what the
+//!    known ones do not explain), and shares never sum above it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::filter::{CostFilter, Slot};
+use super::{Attribution, Basis, LaunchCount, ProcessShare, Window};
+use crate::gpu::Sharing;
+
+/// Tuning of the model. The defaults are physical scales (points of GPU
+/// %, fractions), not fitted to any trace.
+#[derive(Clone, Copy, Debug)]
+pub struct EstimatorConfig {
+    /// Prior standard deviation of one process's share, points.
+    pub prior_share: f64,
+    /// Standard deviation of one device-utilization reading, points.
+    pub util_noise: f64,
+    /// Relative drift of a cost per window.
+    pub cost_drift: f64,
+    /// Absolute drift of a key's share per window, points.
+    pub share_drift: f64,
+    /// Process noise per unit of relative rate jump (times the cost).
+    pub jump_gain: f64,
+    /// Windows a jump keeps a cost loose.
+    pub jump_hold: u8,
+    /// Relative rate change that counts as a jump.
+    pub jump_tolerance: f64,
+    /// Observation noise per point of share that moved inside the window.
+    pub misalignment_gain: f64,
+    /// Prior standard deviation of the time-slicing overhead, points per
+    /// active process beyond the first.
+    pub overhead_prior: f64,
+    /// Seconds without launches after which a key is forgotten.
+    pub key_ttl_s: f64,
+    /// Most keys one process keeps apart; its rarer keys share one.
+    pub max_keys_per_process: usize,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        Self {
+            prior_share: 30.0,
+            util_noise: 3.0,
+            cost_drift: 0.02,
+            share_drift: 0.3,
+            jump_gain: 2.0,
+            jump_hold: 2,
+            jump_tolerance: 0.1,
+            misalignment_gain: 4.0,
+            overhead_prior: 3.0,
+            key_ttl_s: 60.0,
+            max_keys_per_process: 8,
+        }
+    }
+}
+
+/// What launches are told apart by: the process, the function (or graph)
+/// and the launch size class (log2 of threads per launch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CostKey {
+    /// Host pid.
+    pub pid: u32,
+    /// Function or graph handle (`u64::MAX`: the process's rarer keys).
+    pub function: u64,
+    /// `bits(threads per launch)`; 0 for graphs and merged keys.
+    pub size_class: u8,
+}
+
+impl CostKey {
+    fn of(count: &LaunchCount) -> Self {
+        let size_class = (u64::BITS - count.threads_per_launch.leading_zeros()) as u8;
+        Self { pid: count.pid, function: count.function, size_class }
+    }
+}
+
+/// What the estimator remembers about one key.
+#[derive(Clone, Debug, Default)]
+struct Tracked {
+    slot: Option<Slot>,
+    last_rate: f64,
+    steady_windows: u32,
+    reference_rate: f64,
+    jump: f64,
+    hold: u8,
+    idle_s: f64,
+}
+
+/// One GPU's estimator.
+#[derive(Clone, Debug)]
+pub struct Estimator {
+    config: EstimatorConfig,
+    filter: CostFilter,
+    keys: HashMap<CostKey, Tracked>,
+    /// Slot of the time-slicing overhead state (time-sliced GPUs only).
+    overhead: Option<Slot>,
+}
+
+impl Estimator {
+    /// A fresh estimator for a GPU shared as `sharing`.
+    pub fn new(config: EstimatorConfig, sharing: Sharing) -> Self {
+        let mut filter = CostFilter::default();
+        // Under MPS kernels of different clients overlap: there is no
+        // switching cost to learn, only concurrency.
+        let overhead = (sharing == Sharing::TimeSliced).then(|| filter.push(0.0, config.overhead_prior.powi(2)));
+        Self { config, filter, keys: HashMap::new(), overhead }
+    }
+
+    /// Keys the filter holds now.
+    pub fn learned_keys(&self) -> usize {
+        self.keys.values().filter(|t| t.slot.is_some()).count()
+    }
+
+    /// Folds one window in and returns its attribution; `None` when the
+    /// device utilization is unknown (no share can be bounded).
+    pub fn observe(&mut self, window: &Window) -> Option<Attribution> {
+        let util = window.device_util?.clamp(0.0, 100.0);
+        let Some(launches) = &window.launches else {
+            return Some(nvml_only(util, &window.nvml));
+        };
+        let duration = window.duration_s.max(1e-3);
+        let rates = self.rates(launches, duration);
+        let pid_rates = per_pid(&rates);
+        let cfg = self.config;
+
+        // Steps 1 and 2: admit steady keys, loosen the costs of jumps.
+        let mut pending: BTreeSet<u32> = BTreeSet::new();
+        let mut moved = 0.0;
+        let mut all: Vec<CostKey> = self.keys.keys().chain(rates.keys()).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        for key in all {
+            let rate = rates.get(&key).copied().unwrap_or(0.0);
+            let tracked = self.keys.entry(key).or_default();
+            match tracked.slot {
+                None => {
+                    let steady = rate > 0.0 && (rate - tracked.last_rate).abs() <= cfg.jump_tolerance * rate;
+                    tracked.steady_windows = if steady { tracked.steady_windows + 1 } else { 0 };
+                    let weight = rate / pid_rates.get(&key.pid).copied().unwrap_or(rate).max(f64::MIN_POSITIVE);
+                    if steady {
+                        let variance = (cfg.prior_share * weight / rate).powi(2);
+                        tracked.slot = Some(self.filter.push(0.0, variance));
+                        tracked.reference_rate = rate;
+                    } else if rate > 0.0 {
+                        pending.insert(key.pid);
+                        moved += cfg.prior_share * weight;
+                    }
+                }
+                Some(slot) => {
+                    let cost = self.filter.mean(slot);
+                    let jump = (rate - tracked.last_rate).abs() / rate.max(tracked.last_rate).max(f64::MIN_POSITIVE);
+                    if jump > cfg.jump_tolerance {
+                        tracked.hold = cfg.jump_hold;
+                        tracked.jump = jump;
+                    }
+                    let mut noise =
+                        (cfg.cost_drift * cost).powi(2) + (cfg.share_drift / tracked.reference_rate).powi(2);
+                    if tracked.hold > 0 {
+                        noise += (cfg.jump_gain * tracked.jump * cost).powi(2);
+                        tracked.hold -= 1;
+                    }
+                    self.filter.diffuse(slot, noise);
+                    moved += (rate - tracked.last_rate).abs() * cost;
+                }
+            }
+            tracked.last_rate = rate;
+            tracked.idle_s = if rate > 0.0 { 0.0 } else { tracked.idle_s + duration };
+        }
+        let active = pid_rates.values().filter(|&&rate| rate > 0.0).count();
+
+        // Step 3: learn from the device utilization.
+        let mut h = vec![0.0; self.filter.len()];
+        for (key, tracked) in &self.keys {
+            if let Some(slot) = tracked.slot {
+                h[slot] = rates.get(key).copied().unwrap_or(0.0);
+            }
+        }
+        let measured_active = h.iter().any(|&v| v > 0.0);
+        if let Some(slot) = self.overhead {
+            h[slot] = active.saturating_sub(1) as f64;
+            self.filter.diffuse(slot, 0.01);
+        }
+        if measured_active {
+            let noise = cfg.util_noise.powi(2) + (cfg.misalignment_gain * moved).powi(2);
+            self.filter.update(&h, util, noise);
+        }
+
+        // Step 4: shares, reconciled with the device utilization.
+        let mut predicted: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
+        let mut by_pid: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
+        for (key, tracked) in &self.keys {
+            let (Some(slot), Some(&rate)) = (tracked.slot, rates.get(key)) else { continue };
+            if rate <= 0.0 {
+                continue;
+            }
+            by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()])[slot] = rate;
+        }
+        for (pid, hp) in &by_pid {
+            predicted.insert(*pid, (self.filter.predict(hp), self.filter.variance_of(hp)));
+        }
+        for pid in &pending {
+            let entry = predicted.entry(*pid).or_insert((0.0, 0.0));
+            entry.1 += cfg.prior_share.powi(2);
+        }
+        let overhead = self.overhead.map_or(0.0, |slot| self.filter.mean(slot) * h[slot]).clamp(0.0, util);
+        let available = util - overhead;
+        let explained: f64 = predicted.values().map(|(share, _)| share).sum();
+        let total_variance: f64 = predicted.values().map(|(_, variance)| variance).sum();
+        let residual = available - explained;
+        let mut processes: Vec<ProcessShare> = predicted
+            .iter()
+            .map(|(&pid, &(share, variance))| {
+                let part = if total_variance > 0.0 { variance / total_variance } else { 0.0 };
+                let posterior = variance * (1.0 - variance / (total_variance + cfg.util_noise.powi(2)));
+                let uncertainty = posterior.max(0.0).sqrt();
+                let basis = if pending.contains(&pid) && !by_pid.contains_key(&pid) {
+                    Basis::Residual
+                } else {
+                    Basis::from_uncertainty(uncertainty, cfg.prior_share)
+                };
+                ProcessShare {
+                    pid,
+                    util_percent: (share + residual * part).max(0.0),
+                    uncertainty_points: Some(uncertainty),
+                    confidence: 1.0 - (uncertainty / cfg.prior_share).min(1.0),
+                    basis,
+                }
+            })
+            .collect();
+        let total: f64 = processes.iter().map(|p| p.util_percent).sum();
+        if total > available && total > 0.0 {
+            let scale = available.max(0.0) / total;
+            processes.iter_mut().for_each(|p| p.util_percent *= scale);
+        }
+        self.forget_idle();
+        Some(Attribution::new(util, overhead, processes))
+    }
+
+    /// Launch rates per key; a process's keys beyond the most frequent
+    /// `max_keys_per_process` are merged into one.
+    fn rates(&self, launches: &[LaunchCount], duration: f64) -> HashMap<CostKey, f64> {
+        let mut rates: HashMap<CostKey, f64> = HashMap::new();
+        for count in launches.iter().filter(|c| c.launches > 0.0) {
+            *rates.entry(CostKey::of(count)).or_default() += count.launches / duration;
+        }
+        let mut per_process: HashMap<u32, Vec<(CostKey, f64)>> = HashMap::new();
+        for (key, rate) in &rates {
+            per_process.entry(key.pid).or_default().push((*key, *rate));
+        }
+        for (pid, mut keys) in per_process {
+            if keys.len() <= self.config.max_keys_per_process {
+                continue;
+            }
+            // Keys already learned stay apart first, then the most frequent.
+            keys.sort_by(|a, b| {
+                let learned = |k: &CostKey| self.keys.get(k).is_some_and(|t| t.slot.is_some());
+                learned(&b.0).cmp(&learned(&a.0)).then(b.1.total_cmp(&a.1)).then(a.0.cmp(&b.0))
+            });
+            let merged = CostKey { pid, function: u64::MAX, size_class: 0 };
+            for (key, rate) in keys.into_iter().skip(self.config.max_keys_per_process - 1) {
+                rates.remove(&key);
+                *rates.entry(merged).or_default() += rate;
+            }
+        }
+        rates
+    }
+
+    /// Drops keys idle longer than the TTL (their processes have gone or
+    /// stopped using them), with their filter states.
+    fn forget_idle(&mut self) {
+        let ttl = self.config.key_ttl_s;
+        let expired: Vec<CostKey> = self.keys.iter().filter(|(_, t)| t.idle_s > ttl).map(|(k, _)| *k).collect();
+        for key in expired {
+            let Some(tracked) = self.keys.remove(&key) else { continue };
+            let Some(slot) = tracked.slot else { continue };
+            self.filter.remove(slot);
+            for other in self.keys.values_mut() {
+                if let Some(s) = other.slot.as_mut().filter(|s| **s > slot) {
+                    *s -= 1;
+                }
+            }
+            if let Some(s) = self.overhead.as_mut().filter(|s| **s > slot) {
+                *s -= 1;
+            }
+        }
+    }
+}
+
+fn per_pid(rates: &HashMap<CostKey, f64>) -> HashMap<u32, f64> {
+    let mut totals: HashMap<u32, f64> = HashMap::new();
+    for (key, rate) in rates {
+        *totals.entry(key.pid).or_default() += rate;
+    }
+    totals
+}
+
+/// Without launch counts only NVML's per-process samples say anything:
+/// scaled to fit under the device utilization, with no confidence.
+fn nvml_only(util: f64, nvml: &[(u32, f64)]) -> Attribution {
+    let total: f64 = nvml.iter().map(|(_, sm)| sm.max(0.0)).sum();
+    let scale = if total > util && total > 0.0 { util / total } else { 1.0 };
+    let processes = nvml
+        .iter()
+        .map(|&(pid, sm)| ProcessShare {
+            pid,
+            util_percent: sm.max(0.0) * scale,
+            uncertainty_points: None,
+            confidence: 0.0,
+            basis: Basis::Nvml,
+        })
+        .collect();
+    Attribution::new(util, 0.0, processes)
+}

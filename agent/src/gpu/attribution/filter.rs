@@ -1,0 +1,193 @@
+//! The cost filter: a Kalman filter over what one launch of each key costs
+//! (GPU %·s per launch), plus one state for the time-slicing overhead per
+//! extra active process.
+//!
+//! Each window gives one scalar observation, the device utilization
+//! `U = Σ cost_k · rate_k + overhead · (active − 1) + noise`. A filter
+//! keeps the full covariance between costs, which is what makes it fit
+//! this problem: a window where one key runs alone pins that key's cost
+//! (its row of the covariance collapses), windows where rates vary
+//! separate costs as a regression would, and when nothing varies only
+//! the sum is learned while each split stays as uncertain as its prior,
+//! which the caller reports as low confidence instead of a guess dressed
+//! up as a measurement.
+//!
+//! States are added and removed as keys come and go; the covariance is a
+//! dense row-major matrix (a GPU has tens of keys, not thousands).
+
+/// Index of a state in the filter.
+pub type Slot = usize;
+
+/// Mean and covariance of the cost states.
+#[derive(Clone, Debug, Default)]
+pub struct CostFilter {
+    mean: Vec<f64>,
+    /// Row-major, `mean.len()` squared.
+    covariance: Vec<f64>,
+}
+
+impl CostFilter {
+    /// Number of states.
+    pub fn len(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Whether the filter has no state.
+    pub fn is_empty(&self) -> bool {
+        self.mean.is_empty()
+    }
+
+    /// Current mean of `slot`.
+    pub fn mean(&self, slot: Slot) -> f64 {
+        self.mean[slot]
+    }
+
+    /// Adds a state uncorrelated with the others; returns its slot.
+    pub fn push(&mut self, mean: f64, variance: f64) -> Slot {
+        let n = self.len();
+        let mut grown = vec![0.0; (n + 1) * (n + 1)];
+        for row in 0..n {
+            grown[row * (n + 1)..row * (n + 1) + n].copy_from_slice(&self.covariance[row * n..(row + 1) * n]);
+        }
+        grown[n * (n + 1) + n] = variance;
+        self.covariance = grown;
+        self.mean.push(mean);
+        n
+    }
+
+    /// Removes `slot`; the states after it move down by one.
+    pub fn remove(&mut self, slot: Slot) {
+        let n = self.len();
+        let mut shrunk = Vec::with_capacity((n - 1) * (n - 1));
+        for row in (0..n).filter(|&row| row != slot) {
+            for col in (0..n).filter(|&col| col != slot) {
+                shrunk.push(self.covariance[row * n + col]);
+            }
+        }
+        self.covariance = shrunk;
+        self.mean.remove(slot);
+    }
+
+    /// Adds process noise to one state's variance (its cost may have moved).
+    pub fn diffuse(&mut self, slot: Slot, variance: f64) {
+        let n = self.len();
+        self.covariance[slot * n + slot] += variance;
+    }
+
+    /// `hᵀ P h`: the variance of the linear combination `h · state`.
+    pub fn variance_of(&self, h: &[f64]) -> f64 {
+        let n = self.len();
+        let mut total = 0.0;
+        for (row, &hr) in h.iter().enumerate().filter(|(_, &v)| v != 0.0) {
+            let line = &self.covariance[row * n..(row + 1) * n];
+            total += hr * line.iter().zip(h).map(|(p, hc)| p * hc).sum::<f64>();
+        }
+        total
+    }
+
+    /// `h · mean`.
+    pub fn predict(&self, h: &[f64]) -> f64 {
+        self.mean.iter().zip(h).map(|(m, hv)| m * hv).sum()
+    }
+
+    /// One measurement update with observation `observed = h · state +
+    /// noise(noise_variance)`. Costs cannot be negative: the mean is
+    /// clamped at zero afterwards (the covariance keeps the unclamped
+    /// update, a standard shortcut for a bound the data rarely hits).
+    pub fn update(&mut self, h: &[f64], observed: f64, noise_variance: f64) {
+        let n = self.len();
+        debug_assert_eq!(h.len(), n);
+        // P h
+        let ph: Vec<f64> = (0..n)
+            .map(|row| self.covariance[row * n..(row + 1) * n].iter().zip(h).map(|(p, hv)| p * hv).sum())
+            .collect();
+        let innovation_variance = h.iter().zip(&ph).map(|(hv, p)| hv * p).sum::<f64>() + noise_variance;
+        if !(innovation_variance.is_finite() && innovation_variance > 0.0) {
+            return;
+        }
+        let innovation = observed - self.predict(h);
+        for row in 0..n {
+            let gain = ph[row] / innovation_variance;
+            self.mean[row] = (self.mean[row] + gain * innovation).max(0.0);
+            for col in 0..n {
+                self.covariance[row * n + col] -= gain * ph[col];
+            }
+        }
+        // Keep it symmetric and its diagonal non-negative against rounding.
+        for row in 0..n {
+            self.covariance[row * n + row] = self.covariance[row * n + row].max(0.0);
+            for col in row + 1..n {
+                let mean = 0.5 * (self.covariance[row * n + col] + self.covariance[col * n + row]);
+                self.covariance[row * n + col] = mean;
+                self.covariance[col * n + row] = mean;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state observed alone converges to the observed value and its
+    /// variance shrinks; a second state never observed keeps its prior.
+    #[test]
+    fn solo_observations_pin_a_state() {
+        let mut filter = CostFilter::default();
+        let a = filter.push(0.0, 100.0);
+        let b = filter.push(0.0, 100.0);
+        for _ in 0..20 {
+            filter.update(&[1.0, 0.0], 7.0, 1.0);
+        }
+        assert!((filter.mean(a) - 7.0).abs() < 0.1, "{}", filter.mean(a));
+        assert!(filter.variance_of(&[1.0, 0.0]) < 0.1);
+        assert_eq!(filter.mean(b), 0.0);
+        assert_eq!(filter.variance_of(&[0.0, 1.0]), 100.0);
+    }
+
+    /// Two states only ever observed as a sum: the sum is learned, the
+    /// split stays uncertain (each variance near its prior), and the
+    /// prior's symmetry decides the means.
+    #[test]
+    fn a_constant_mix_learns_only_the_sum() {
+        let mut filter = CostFilter::default();
+        filter.push(0.0, 100.0);
+        filter.push(0.0, 100.0);
+        for _ in 0..50 {
+            filter.update(&[1.0, 1.0], 10.0, 1.0);
+        }
+        assert!((filter.predict(&[1.0, 1.0]) - 10.0).abs() < 0.1);
+        assert!(filter.variance_of(&[1.0, 1.0]) < 0.1);
+        assert!(filter.variance_of(&[1.0, 0.0]) > 40.0, "the split was learned from nothing");
+        assert!((filter.mean(0) - filter.mean(1)).abs() < 1e-9);
+    }
+
+    /// Varying mixes separate the states (a regression's job).
+    #[test]
+    fn varying_mixes_separate_costs() {
+        let mut filter = CostFilter::default();
+        filter.push(0.0, 100.0);
+        filter.push(0.0, 100.0);
+        let truth = [2.0, 5.0];
+        for step in 0..60 {
+            let h = [1.0 + (step % 3) as f64, 1.0 + (step % 5) as f64];
+            filter.update(&h, truth[0] * h[0] + truth[1] * h[1], 0.01);
+        }
+        assert!((filter.mean(0) - 2.0).abs() < 0.05 && (filter.mean(1) - 5.0).abs() < 0.05);
+    }
+
+    /// Removing a state keeps the others' means and covariance.
+    #[test]
+    fn remove_keeps_the_rest() {
+        let mut filter = CostFilter::default();
+        filter.push(1.0, 1.0);
+        filter.push(2.0, 2.0);
+        filter.push(3.0, 3.0);
+        filter.update(&[1.0, 0.0, 1.0], 5.0, 1.0);
+        let before = filter.variance_of(&[1.0, 0.0, 1.0]);
+        filter.remove(1);
+        assert_eq!(filter.len(), 2);
+        assert!((filter.variance_of(&[1.0, 1.0]) - before).abs() < 1e-12);
+        assert!(filter.mean(1) > 2.9 - 1.0);
+    }
+}

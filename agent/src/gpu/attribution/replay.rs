@@ -1,0 +1,201 @@
+//! Replays a trace through the live agent's estimator and scores it per
+//! tenant against the tenants' true load, next to the two estimates
+//! peers use: NVML's per-process samples and the device utilization
+//! split by launch share.
+//!
+//! Windows are the launch file's intervals (counts are cumulative, so a
+//! window's launches are the difference of two lines); a window's device
+//! utilization and NVML samples are those timestamped inside it. Scores
+//! are mean absolute errors in points per 2 s bin, binned from the
+//! earliest tenant start: the bin's truth is Σ work / Σ period of the
+//! periods ending in it, an estimate's value the mean of its windows whose
+//! midpoint falls in it (NVML: of the tenant's samples in it, 0 when it
+//! has none, as a dashboard would show).
+use std::collections::{BTreeMap, HashMap};
+
+use super::trace::{LaunchLine, Trace};
+use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
+
+/// Width of a scoring bin, seconds.
+pub const BIN_S: f64 = 2.0;
+
+/// One tenant's scores.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TenantScore {
+    /// Host pid.
+    pub pid: u32,
+    /// Mean true load over the scored bins, percent.
+    pub truth: f64,
+    /// podgpu's mean absolute error, points.
+    pub podgpu_mae: f64,
+    /// NVML per-process samples' error, points.
+    pub nvml_mae: f64,
+    /// Device utilization x launch share's error, points.
+    pub launch_share_mae: f64,
+    /// podgpu's mean estimate, percent.
+    pub podgpu: f64,
+    /// podgpu's mean confidence for this tenant.
+    pub confidence: f64,
+    /// Bins scored.
+    pub bins: usize,
+}
+
+/// One window's outcome, for people and plots.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ReplayedWindow {
+    /// Unix time at the window's end.
+    pub t: f64,
+    /// The estimator's attribution (`None`: no device utilization).
+    pub attribution: Option<Attribution>,
+}
+
+/// Everything a replay produced.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Replay {
+    /// Per-tenant scores (empty when the trace has no truth).
+    pub tenants: Vec<TenantScore>,
+    /// Per-window attributions.
+    pub windows: Vec<ReplayedWindow>,
+}
+
+/// The estimator's input windows of a trace, with their end times.
+pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
+    let mut out = Vec::with_capacity(launches.len());
+    for pair in launches.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        let duration_s = after.t - before.t;
+        if duration_s <= 0.0 {
+            continue;
+        }
+        let previous: HashMap<(u32, u32, u64), (u64, u64)> =
+            before.rows.iter().map(|&(pid, kind, function, n, threads)| ((pid, kind, function), (n, threads))).collect();
+        let counts = after
+            .rows
+            .iter()
+            .filter_map(|&(pid, kind, function, n, threads)| {
+                let (n0, threads0) = previous.get(&(pid, kind, function)).copied().unwrap_or((0, 0));
+                // A process that restarted under the same pid: counts from zero.
+                let (launched, started) = if n >= n0 { (n - n0, threads.saturating_sub(threads0)) } else { (n, threads) };
+                (launched > 0).then(|| LaunchCount {
+                    pid,
+                    function,
+                    threads_per_launch: started / launched,
+                    launches: launched as f64,
+                })
+            })
+            .collect();
+        let inside = |t: f64| t > before.t && t <= after.t;
+        let utils: Vec<f64> = trace.device_util.iter().filter(|(t, _)| inside(*t)).map(|(_, u)| *u).collect();
+        let device_util = (!utils.is_empty()).then(|| utils.iter().sum::<f64>() / utils.len() as f64);
+        let mut nvml: BTreeMap<u32, (f64, u32)> = BTreeMap::new();
+        for &(pid, ts_us, sm) in &trace.nvml_process_samples {
+            if inside(ts_us as f64 / 1e6) {
+                let entry = nvml.entry(pid).or_default();
+                entry.0 += sm;
+                entry.1 += 1;
+            }
+        }
+        let nvml = nvml.into_iter().map(|(pid, (sum, n))| (pid, sum / f64::from(n))).collect();
+        out.push((after.t, Window { duration_s, device_util, launches: Some(counts), nvml }));
+    }
+    out
+}
+
+/// Replays `trace` through a fresh estimator and scores it.
+pub fn replay(trace: &Trace, launches: &[LaunchLine], config: EstimatorConfig) -> Replay {
+    let mut estimator = Estimator::new(config, trace.sharing(launches));
+    let windows = windows(trace, launches);
+    let replayed: Vec<ReplayedWindow> = windows
+        .iter()
+        .map(|(t, window)| ReplayedWindow { t: *t, attribution: estimator.observe(window) })
+        .collect();
+    let tenants = score(trace, &windows, &replayed);
+    Replay { tenants, windows: replayed }
+}
+
+/// Per-bin means, keyed by (pid, bin).
+#[derive(Default)]
+struct Bins(HashMap<(u32, i64), (f64, f64)>);
+
+impl Bins {
+    fn add(&mut self, pid: u32, bin: i64, value: f64, weight: f64) {
+        let entry = self.0.entry((pid, bin)).or_default();
+        entry.0 += value * weight;
+        entry.1 += weight;
+    }
+
+    fn mean(&self, pid: u32, bin: i64) -> Option<f64> {
+        self.0.get(&(pid, bin)).filter(|(_, w)| *w > 0.0).map(|(v, w)| v / w)
+    }
+}
+
+fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) -> Vec<TenantScore> {
+    let Some(start) = trace
+        .tenants
+        .iter()
+        .filter_map(|t| t.periods.first().map(|p| p[0] - p[2]))
+        .min_by(f64::total_cmp)
+    else {
+        return Vec::new();
+    };
+    let bin_of = |t: f64| ((t - start) / BIN_S).floor() as i64;
+    let mut truth = Bins::default();
+    for tenant in &trace.tenants {
+        for period in &tenant.periods {
+            // Work over period time: Σ work / Σ period.
+            truth.add(tenant.pid, bin_of(period[0]), 100.0 * period[1] / period[2].max(1e-9), period[2]);
+        }
+    }
+    let (mut podgpu, mut confidence, mut shares) = (Bins::default(), Bins::default(), Bins::default());
+    for ((t, window), outcome) in windows.iter().zip(replayed) {
+        let Some(attribution) = &outcome.attribution else { continue };
+        let bin = bin_of(t - window.duration_s / 2.0);
+        let launches = window.launches.as_deref().unwrap_or_default();
+        let total: f64 = launches.iter().map(|c| c.launches).sum();
+        for tenant in &trace.tenants {
+            let process = attribution.processes.iter().find(|p| p.pid == tenant.pid);
+            podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), 1.0);
+            confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), 1.0);
+            let own: f64 = launches.iter().filter(|c| c.pid == tenant.pid).map(|c| c.launches).sum();
+            let share = if total > 0.0 { attribution.device_util * own / total } else { 0.0 };
+            shares.add(tenant.pid, bin, share, 1.0);
+        }
+    }
+    let mut nvml = Bins::default();
+    for &(pid, ts_us, sm) in &trace.nvml_process_samples {
+        let bin = bin_of(ts_us as f64 / 1e6);
+        nvml.add(pid, bin, sm, 1.0);
+    }
+    trace
+        .tenants
+        .iter()
+        .map(|tenant| {
+            let mut bins: Vec<i64> = truth.0.keys().filter(|(pid, _)| *pid == tenant.pid).map(|(_, b)| *b).collect();
+            bins.sort_unstable();
+            let scored: Vec<(f64, f64, f64, f64, f64)> = bins
+                .into_iter()
+                .filter(|&bin| bin >= 0)
+                .filter_map(|bin| {
+                    let truth = truth.mean(tenant.pid, bin)?;
+                    let estimate = podgpu.mean(tenant.pid, bin)?;
+                    let nvml_value = nvml.mean(tenant.pid, bin).unwrap_or(0.0);
+                    let share = shares.mean(tenant.pid, bin).unwrap_or(0.0);
+                    let conf = confidence.mean(tenant.pid, bin).unwrap_or(0.0);
+                    Some((truth, estimate, nvml_value, share, conf))
+                })
+                .collect();
+            let n = scored.len().max(1) as f64;
+            let mean = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| scored.iter().map(f).sum::<f64>() / n;
+            TenantScore {
+                pid: tenant.pid,
+                truth: mean(&|s| s.0),
+                podgpu_mae: mean(&|s| (s.1 - s.0).abs()),
+                nvml_mae: mean(&|s| (s.2 - s.0).abs()),
+                launch_share_mae: mean(&|s| (s.3 - s.0).abs()),
+                podgpu: mean(&|s| s.1),
+                confidence: mean(&|s| s.4),
+                bins: scored.len(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,277 @@
+//! Synthetic traces with known costs: tenants whose kernels cost a known
+//! GPU time per launch, run through a small model of what the node shows
+//! (device utilization averaged over NVML's sample period and noisy,
+//! time-slicing overhead, NVML per-process samples that name one process
+//! at a time and book the whole device on it). They exercise what the
+//! recorded traces do not: tenants that come and go, batch changes with
+//! a new launch size, many kernels per process.
+use super::trace::{LaunchLine, Tenant, Trace};
+use crate::gpu::Sharing;
+
+/// A kernel and what one launch costs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Kernel {
+    /// Function handle.
+    pub function: u64,
+    /// Threads per launch.
+    pub threads: u64,
+    /// GPU seconds per launch when alone.
+    pub cost_s: f64,
+}
+
+/// A tenant launching `kernel` at a steady rate over [from_s, to_s).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Phase {
+    /// Start, seconds from the trace start.
+    pub from_s: f64,
+    /// End.
+    pub to_s: f64,
+    /// What it launches.
+    pub kernel: Kernel,
+    /// Launches per second.
+    pub launches_per_s: f64,
+}
+
+/// A synthetic scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scenario {
+    /// Name.
+    pub name: String,
+    /// Tenants: pid and phases.
+    pub tenants: Vec<(u32, Vec<Phase>)>,
+    /// Length, seconds.
+    pub duration_s: f64,
+    /// Time-slicing overhead, points per active tenant beyond the first.
+    pub overhead_points: f64,
+    /// NVML's device-utilization averaging period, seconds.
+    pub util_period_s: f64,
+    /// Amplitude of the reading noise, points.
+    pub noise_points: f64,
+    /// How the GPU is shared (MPS: NVML names only a server process).
+    pub sharing: Sharing,
+}
+
+const START: f64 = 1_800_000_000.0;
+const STEP: f64 = 0.01;
+
+fn kernel(function: u64, threads: u64, cost_ms: f64) -> Kernel {
+    Kernel { function, threads, cost_s: cost_ms / 1e3 }
+}
+
+fn phase(from_s: f64, to_s: f64, kernel: Kernel, busy_percent: f64) -> Phase {
+    Phase { from_s, to_s, kernel, launches_per_s: busy_percent / 100.0 / kernel.cost_s }
+}
+
+impl Scenario {
+    fn base(name: &str, duration_s: f64, tenants: Vec<(u32, Vec<Phase>)>) -> Self {
+        Self {
+            name: name.to_string(),
+            tenants,
+            duration_s,
+            overhead_points: 1.5,
+            util_period_s: 0.5,
+            noise_points: 2.0,
+            sharing: Sharing::TimeSliced,
+        }
+    }
+
+    /// The built-in scenarios, by name.
+    pub fn builtin(name: &str) -> Option<Self> {
+        let (big, mid, small) = (kernel(0xb16, 50_688, 1.5), kernel(0x41d, 50_688, 0.65), kernel(0x5a1, 50_688, 0.18));
+        Some(match name {
+            // Tenants start 6 s apart: each runs alone first, then shares.
+            "staggered" => Self::base(
+                name,
+                36.0,
+                vec![
+                    (101, vec![phase(0.0, 36.0, big, 30.0)]),
+                    (102, vec![phase(6.0, 36.0, small, 20.0)]),
+                    (103, vec![phase(12.0, 36.0, mid, 25.0)]),
+                ],
+            ),
+            // Everyone's load changes every few seconds, out of step.
+            "varying" => Self::base(
+                name,
+                36.0,
+                vec![
+                    (201, (0..9).map(|i| phase(i as f64 * 4.0, i as f64 * 4.0 + 4.0, big, [20., 10., 30., 15., 5., 25., 10., 30., 20.][i])).collect()),
+                    (202, (0..12).map(|i| phase(i as f64 * 3.0, i as f64 * 3.0 + 3.0, small, [5., 20., 10., 30., 15., 5., 25., 10., 20., 30., 5., 15.][i])).collect()),
+                    (203, (0..7).map(|i| phase(i as f64 * 5.0, i as f64 * 5.0 + 5.0, mid, [25., 10., 35., 5., 20., 30., 15.][i])).collect()),
+                ],
+            ),
+            // A tenant changes batch size every 3 s at the same busy share:
+            // same function, new launch size and cost per launch.
+            "batch-change" => {
+                let sizes = [kernel(0xa, 12_288, 0.09), kernel(0xa, 49_152, 0.35), kernel(0xa, 24_576, 0.18)];
+                Self::base(
+                    name,
+                    36.0,
+                    vec![
+                        (301, (0..12).map(|i| phase(i as f64 * 3.0, i as f64 * 3.0 + 3.0, sizes[i % 3], 35.0)).collect()),
+                        (302, vec![phase(0.0, 36.0, small, 30.0)]),
+                    ],
+                )
+            }
+            // Constant mix from the start: only the sum is observable.
+            "steady" => Self::base(
+                name,
+                30.0,
+                vec![
+                    (401, vec![phase(0.0, 30.0, big, 30.0)]),
+                    (402, vec![phase(0.0, 30.0, small, 20.0)]),
+                    (403, vec![phase(0.0, 30.0, mid, 25.0)]),
+                ],
+            ),
+            // A tenant leaves and another (new kernels) arrives.
+            "come-and-go" => Self::base(
+                name,
+                40.0,
+                vec![
+                    (501, vec![phase(0.0, 40.0, mid, 30.0)]),
+                    (502, vec![phase(0.0, 18.0, big, 40.0)]),
+                    (503, vec![phase(22.0, 40.0, small, 25.0)]),
+                ],
+            ),
+            // A model-serving-like tenant with a dozen kernels, beside a
+            // one-kernel tenant; it runs alone first.
+            "many-kernels" => {
+                let mut serving: Vec<Phase> = (0..12u64)
+                    .map(|i| phase(0.0, 36.0, kernel(0x1000 + i, 4_096 * (i + 1), 0.02 * (i + 1) as f64), 3.0))
+                    .collect();
+                serving.push(phase(0.0, 36.0, kernel(0x2000, 65_536, 0.4), 4.0));
+                Self::base(name, 36.0, vec![(601, serving), (602, vec![phase(8.0, 36.0, big, 30.0)])])
+            }
+            // As "staggered", under MPS: NVML names only the server.
+            "mps-staggered" => Self { sharing: Sharing::Mps, ..Self::builtin("staggered")? },
+            _ => return None,
+        })
+    }
+
+    /// Names of the built-in scenarios.
+    pub const BUILTIN: [&'static str; 7] =
+        ["staggered", "varying", "batch-change", "steady", "come-and-go", "many-kernels", "mps-staggered"];
+
+    /// Busy fraction of `pid` at `t` (seconds from the start) when alone.
+    fn busy(&self, phases: &[Phase], t: f64) -> f64 {
+        phases.iter().filter(|p| p.from_s <= t && t < p.to_s).map(|p| p.launches_per_s * p.kernel.cost_s).sum()
+    }
+
+    /// Generates the trace and its launch file.
+    pub fn generate(&self) -> (Trace, Vec<LaunchLine>) {
+        let steps = (self.duration_s / STEP).round() as usize;
+        let mut device = Vec::with_capacity(steps);
+        let mut busy_of: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); self.tenants.len()];
+        for step in 0..steps {
+            let t = step as f64 * STEP;
+            let mut total = 0.0;
+            let mut active = 0;
+            for (index, (_, phases)) in self.tenants.iter().enumerate() {
+                let busy = self.busy(phases, t);
+                busy_of[index].push(busy);
+                total += busy;
+                active += usize::from(busy > 0.0);
+            }
+            let overhead = match self.sharing {
+                Sharing::TimeSliced => self.overhead_points / 100.0 * active.saturating_sub(1) as f64,
+                _ => 0.0,
+            };
+            device.push((total + overhead).min(1.0));
+        }
+        let mut noise = Lcg(0x5eed ^ self.name.len() as u64);
+        let per_period = (self.util_period_s / STEP).round().max(1.0) as usize;
+        let mut device_util = Vec::new();
+        let mut nvml = Vec::new();
+        let mut named: Option<usize> = None;
+        for step in (25..steps).step_by(25) {
+            let from = step.saturating_sub(per_period);
+            let mean = device[from..step].iter().sum::<f64>() / (step - from) as f64;
+            let t = START + step as f64 * STEP;
+            let util = (100.0 * mean + self.noise_points * noise.symmetric()).clamp(0.0, 100.0).round();
+            device_util.push((t, util));
+            // NVML's per-process view: one process named, sticky, holding
+            // the whole device's number.
+            let busy_now: Vec<f64> = busy_of.iter().map(|b| b[step - 1]).collect();
+            if named.is_none_or(|i| busy_now[i] == 0.0) {
+                named = (0..busy_now.len()).filter(|&i| busy_now[i] > 0.0).max_by(|&a, &b| busy_now[a].total_cmp(&busy_now[b]));
+            }
+            if let Some(index) = named {
+                let pid = if self.sharing == Sharing::Mps { 1 } else { self.tenants[index].0 };
+                nvml.push((pid, (t * 1e6) as u64, util));
+            }
+        }
+        let tenants = self
+            .tenants
+            .iter()
+            .zip(&busy_of)
+            .map(|((pid, phases), busy)| {
+                let first = phases.iter().map(|p| p.from_s).fold(f64::INFINITY, f64::min);
+                let last = phases.iter().map(|p| p.to_s).fold(0.0, f64::max);
+                let per = (0.1 / STEP).round() as usize;
+                let periods = (0..steps / per)
+                    .filter(|i| {
+                        let t = (i * per) as f64 * STEP;
+                        t >= first && t < last
+                    })
+                    .map(|i| {
+                        let work: f64 = busy[i * per..(i + 1) * per].iter().sum::<f64>() * STEP;
+                        vec![START + ((i + 1) * per) as f64 * STEP, work, per as f64 * STEP]
+                    })
+                    .collect();
+                Tenant { pid: *pid, segments: Vec::new(), periods }
+            })
+            .collect();
+        let mut launches = Vec::new();
+        let mut cumulative: Vec<Vec<f64>> = self.tenants.iter().map(|(_, p)| vec![0.0; p.len()]).collect();
+        for step in 0..=steps {
+            let t = step as f64 * STEP;
+            if step % 50 == 0 {
+                let mut rows: Vec<(u32, u32, u64, u64, u64)> = Vec::new();
+                for ((pid, phases), counts) in self.tenants.iter().zip(&cumulative) {
+                    for (phase, &count) in phases.iter().zip(counts) {
+                        let n = count.floor() as u64;
+                        if n == 0 {
+                            continue;
+                        }
+                        // Phases of one kernel accumulate in one row.
+                        match rows.iter_mut().find(|r| r.0 == *pid && r.2 == phase.kernel.function) {
+                            Some(row) => {
+                                row.3 += n;
+                                row.4 += n * phase.kernel.threads;
+                            }
+                            None => rows.push((*pid, 1, phase.kernel.function, n, n * phase.kernel.threads)),
+                        }
+                    }
+                }
+                launches.push(LaunchLine { t: START + t, rows });
+            }
+            for ((_, phases), counts) in self.tenants.iter().zip(cumulative.iter_mut()) {
+                for (phase, count) in phases.iter().zip(counts.iter_mut()) {
+                    if phase.from_s <= t && t < phase.to_s {
+                        *count += phase.launches_per_s * STEP;
+                    }
+                }
+            }
+        }
+        let trace = Trace {
+            scenario: self.name.clone(),
+            gpu: "synthetic".into(),
+            driver: String::new(),
+            sharing: Some(self.sharing),
+            tenants,
+            device_util,
+            nvml_process_samples: nvml,
+        };
+        (trace, launches)
+    }
+}
+
+/// A small deterministic generator for reading noise.
+struct Lcg(u64);
+
+impl Lcg {
+    /// Uniform in [-1, 1).
+    fn symmetric(&mut self) -> f64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+}
