@@ -143,7 +143,9 @@ impl Estimator {
 
         // Steps 1 and 2: admit steady keys, loosen the costs of jumps.
         let mut pending: BTreeSet<u32> = BTreeSet::new();
+        let mut entering: Vec<(CostKey, f64, f64)> = Vec::new();
         let mut moved = 0.0;
+        let mut explained = 0.0;
         let mut all: Vec<CostKey> = self.keys.keys().chain(rates.keys()).copied().collect();
         all.sort_unstable();
         all.dedup();
@@ -156,9 +158,7 @@ impl Estimator {
                     tracked.steady_windows = if steady { tracked.steady_windows + 1 } else { 0 };
                     let weight = rate / pid_rates.get(&key.pid).copied().unwrap_or(rate).max(f64::MIN_POSITIVE);
                     if steady {
-                        let variance = (cfg.prior_share * weight / rate).powi(2);
-                        tracked.slot = Some(self.filter.push(0.0, variance));
-                        tracked.reference_rate = rate;
+                        entering.push((key, rate, weight));
                     } else if rate > 0.0 {
                         pending.insert(key.pid);
                         moved += cfg.prior_share * weight;
@@ -166,6 +166,7 @@ impl Estimator {
                 }
                 Some(slot) => {
                     let cost = self.filter.mean(slot);
+                    explained += cost * rate;
                     let jump = (rate - tracked.last_rate).abs() / rate.max(tracked.last_rate).max(f64::MIN_POSITIVE);
                     if jump > cfg.jump_tolerance {
                         tracked.hold = cfg.jump_hold;
@@ -185,6 +186,21 @@ impl Estimator {
             tracked.idle_s = if rate > 0.0 { 0.0 } else { tracked.idle_s + duration };
         }
         let active = pid_rates.values().filter(|&&rate| rate > 0.0).count();
+        // A key's prior mean is its process's part of what the learned keys
+        // leave unexplained (split evenly between the processes still
+        // unexplained): a zero prior would pull the learned costs up to
+        // cover it as soon as the new key joins.
+        let overhead_now = self.overhead.map_or(0.0, |slot| self.filter.mean(slot) * active.saturating_sub(1) as f64);
+        let unexplained = (util - explained - overhead_now).max(0.0);
+        let newcomers: BTreeSet<u32> =
+            entering.iter().map(|(key, _, _)| key.pid).chain(pending.iter().copied()).collect();
+        let per_newcomer = unexplained / newcomers.len().max(1) as f64;
+        for (key, rate, weight) in entering {
+            let slot = self.filter.push(per_newcomer * weight / rate, (cfg.prior_share * weight / rate).powi(2));
+            let tracked = self.keys.get_mut(&key).expect("entering keys are tracked");
+            tracked.slot = Some(slot);
+            tracked.reference_rate = rate;
+        }
 
         // Step 3: learn from the device utilization.
         let mut h = vec![0.0; self.filter.len()];

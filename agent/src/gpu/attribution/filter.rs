@@ -32,11 +32,6 @@ impl CostFilter {
         self.mean.len()
     }
 
-    /// Whether the filter has no state.
-    pub fn is_empty(&self) -> bool {
-        self.mean.is_empty()
-    }
-
     /// Current mean of `slot`.
     pub fn mean(&self, slot: Slot) -> f64 {
         self.mean[slot]
@@ -106,11 +101,11 @@ impl CostFilter {
             return;
         }
         let innovation = observed - self.predict(h);
-        for row in 0..n {
-            let gain = ph[row] / innovation_variance;
+        for (row, &p_row) in ph.iter().enumerate() {
+            let gain = p_row / innovation_variance;
             self.mean[row] = (self.mean[row] + gain * innovation).max(0.0);
-            for col in 0..n {
-                self.covariance[row * n + col] -= gain * ph[col];
+            for (cell, p_col) in self.covariance[row * n..(row + 1) * n].iter_mut().zip(&ph) {
+                *cell -= gain * p_col;
             }
         }
         // Keep it symmetric and its diagonal non-negative against rounding.

@@ -9,8 +9,8 @@
 //! are mean absolute errors in points per 2 s bin, binned from the
 //! earliest tenant start: the bin's truth is Σ work / Σ period of the
 //! periods ending in it, an estimate's value the mean of its windows whose
-//! midpoint falls in it (NVML: of the tenant's samples in it, 0 when it
-//! has none, as a dashboard would show).
+//! midpoint falls in it and in the tenant's lifetime (NVML: of the
+//! tenant's samples in it, 0 when it has none, as a dashboard would show).
 use std::collections::{BTreeMap, HashMap};
 
 use super::trace::{LaunchLine, Trace};
@@ -67,15 +67,19 @@ pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
         if duration_s <= 0.0 {
             continue;
         }
-        let previous: HashMap<(u32, u32, u64), (u64, u64)> =
-            before.rows.iter().map(|&(pid, kind, function, n, threads)| ((pid, kind, function), (n, threads))).collect();
+        let previous: HashMap<(u32, u32, u64), (u64, u64)> = before
+            .rows
+            .iter()
+            .map(|&(pid, kind, function, n, threads)| ((pid, kind, function), (n, threads)))
+            .collect();
         let counts = after
             .rows
             .iter()
             .filter_map(|&(pid, kind, function, n, threads)| {
                 let (n0, threads0) = previous.get(&(pid, kind, function)).copied().unwrap_or((0, 0));
                 // A process that restarted under the same pid: counts from zero.
-                let (launched, started) = if n >= n0 { (n - n0, threads.saturating_sub(threads0)) } else { (n, threads) };
+                let (launched, started) =
+                    if n >= n0 { (n - n0, threads.saturating_sub(threads0)) } else { (n, threads) };
                 (launched > 0).then(|| LaunchCount {
                     pid,
                     function,
@@ -105,12 +109,19 @@ pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
 pub fn replay(trace: &Trace, launches: &[LaunchLine], config: EstimatorConfig) -> Replay {
     let mut estimator = Estimator::new(config, trace.sharing(launches));
     let windows = windows(trace, launches);
-    let replayed: Vec<ReplayedWindow> = windows
-        .iter()
-        .map(|(t, window)| ReplayedWindow { t: *t, attribution: estimator.observe(window) })
-        .collect();
+    let replayed: Vec<ReplayedWindow> =
+        windows.iter().map(|(t, window)| ReplayedWindow { t: *t, attribution: estimator.observe(window) }).collect();
     let tenants = score(trace, &windows, &replayed);
     Replay { tenants, windows: replayed }
+}
+
+/// One tenant's values in one bin.
+struct BinScore {
+    truth: f64,
+    podgpu: f64,
+    nvml: f64,
+    launch_share: f64,
+    confidence: f64,
 }
 
 /// Per-bin means, keyed by (pid, bin).
@@ -130,11 +141,8 @@ impl Bins {
 }
 
 fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) -> Vec<TenantScore> {
-    let Some(start) = trace
-        .tenants
-        .iter()
-        .filter_map(|t| t.periods.first().map(|p| p[0] - p[2]))
-        .min_by(f64::total_cmp)
+    let Some(start) =
+        trace.tenants.iter().filter_map(|t| t.periods.first().map(|p| p[0] - p[2])).min_by(f64::total_cmp)
     else {
         return Vec::new();
     };
@@ -149,10 +157,18 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
     let (mut podgpu, mut confidence, mut shares) = (Bins::default(), Bins::default(), Bins::default());
     for ((t, window), outcome) in windows.iter().zip(replayed) {
         let Some(attribution) = &outcome.attribution else { continue };
-        let bin = bin_of(t - window.duration_s / 2.0);
+        let middle = t - window.duration_s / 2.0;
+        let bin = bin_of(middle);
         let launches = window.launches.as_deref().unwrap_or_default();
         let total: f64 = launches.iter().map(|c| c.launches).sum();
-        for tenant in &trace.tenants {
+        // A tenant is scored over its own lifetime: a bin it enters or
+        // leaves compares its periods with the windows it was alive in.
+        let alive = |tenant: &&super::trace::Tenant| {
+            let first = tenant.periods.first().map_or(f64::INFINITY, |p| p[0] - p[2]);
+            let last = tenant.periods.last().map_or(f64::NEG_INFINITY, |p| p[0]);
+            middle >= first && middle <= last
+        };
+        for tenant in trace.tenants.iter().filter(alive) {
             let process = attribution.processes.iter().find(|p| p.pid == tenant.pid);
             podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), 1.0);
             confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), 1.0);
@@ -172,28 +188,29 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
         .map(|tenant| {
             let mut bins: Vec<i64> = truth.0.keys().filter(|(pid, _)| *pid == tenant.pid).map(|(_, b)| *b).collect();
             bins.sort_unstable();
-            let scored: Vec<(f64, f64, f64, f64, f64)> = bins
+            let scored: Vec<BinScore> = bins
                 .into_iter()
                 .filter(|&bin| bin >= 0)
                 .filter_map(|bin| {
-                    let truth = truth.mean(tenant.pid, bin)?;
-                    let estimate = podgpu.mean(tenant.pid, bin)?;
-                    let nvml_value = nvml.mean(tenant.pid, bin).unwrap_or(0.0);
-                    let share = shares.mean(tenant.pid, bin).unwrap_or(0.0);
-                    let conf = confidence.mean(tenant.pid, bin).unwrap_or(0.0);
-                    Some((truth, estimate, nvml_value, share, conf))
+                    Some(BinScore {
+                        truth: truth.mean(tenant.pid, bin)?,
+                        podgpu: podgpu.mean(tenant.pid, bin)?,
+                        nvml: nvml.mean(tenant.pid, bin).unwrap_or(0.0),
+                        launch_share: shares.mean(tenant.pid, bin).unwrap_or(0.0),
+                        confidence: confidence.mean(tenant.pid, bin).unwrap_or(0.0),
+                    })
                 })
                 .collect();
             let n = scored.len().max(1) as f64;
-            let mean = |f: &dyn Fn(&(f64, f64, f64, f64, f64)) -> f64| scored.iter().map(f).sum::<f64>() / n;
+            let mean = |f: fn(&BinScore) -> f64| scored.iter().map(f).sum::<f64>() / n;
             TenantScore {
                 pid: tenant.pid,
-                truth: mean(&|s| s.0),
-                podgpu_mae: mean(&|s| (s.1 - s.0).abs()),
-                nvml_mae: mean(&|s| (s.2 - s.0).abs()),
-                launch_share_mae: mean(&|s| (s.3 - s.0).abs()),
-                podgpu: mean(&|s| s.1),
-                confidence: mean(&|s| s.4),
+                truth: mean(|s| s.truth),
+                podgpu_mae: mean(|s| (s.podgpu - s.truth).abs()),
+                nvml_mae: mean(|s| (s.nvml - s.truth).abs()),
+                launch_share_mae: mean(|s| (s.launch_share - s.truth).abs()),
+                podgpu: mean(|s| s.podgpu),
+                confidence: mean(|s| s.confidence),
                 bins: scored.len(),
             }
         })

@@ -89,16 +89,28 @@ impl Scenario {
                     (103, vec![phase(12.0, 36.0, mid, 25.0)]),
                 ],
             ),
-            // Everyone's load changes every few seconds, out of step.
-            "varying" => Self::base(
-                name,
-                36.0,
-                vec![
-                    (201, (0..9).map(|i| phase(i as f64 * 4.0, i as f64 * 4.0 + 4.0, big, [20., 10., 30., 15., 5., 25., 10., 30., 20.][i])).collect()),
-                    (202, (0..12).map(|i| phase(i as f64 * 3.0, i as f64 * 3.0 + 3.0, small, [5., 20., 10., 30., 15., 5., 25., 10., 20., 30., 5., 15.][i])).collect()),
-                    (203, (0..7).map(|i| phase(i as f64 * 5.0, i as f64 * 5.0 + 5.0, mid, [25., 10., 35., 5., 20., 30., 15.][i])).collect()),
-                ],
-            ),
+            // Everyone's load changes every few seconds, out of step (the
+            // tenants start a second apart).
+            "varying" => {
+                let steps = |offset: f64, every: f64, kernel: Kernel, loads: &[f64]| -> Vec<Phase> {
+                    loads
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &load)| {
+                            phase(offset + i as f64 * every, offset + (i + 1) as f64 * every, kernel, load)
+                        })
+                        .collect()
+                };
+                Self::base(
+                    name,
+                    38.0,
+                    vec![
+                        (201, steps(0.0, 4.0, big, &[20., 10., 30., 15., 5., 25., 10., 30., 20.])),
+                        (202, steps(1.0, 3.0, small, &[5., 20., 10., 30., 15., 5., 25., 10., 20., 30., 5., 15.])),
+                        (203, steps(2.0, 5.0, mid, &[25., 10., 35., 5., 20., 30., 15.])),
+                    ],
+                )
+            }
             // A tenant changes batch size every 3 s at the same busy share:
             // same function, new launch size and cost per launch.
             "batch-change" => {
@@ -107,7 +119,10 @@ impl Scenario {
                     name,
                     36.0,
                     vec![
-                        (301, (0..12).map(|i| phase(i as f64 * 3.0, i as f64 * 3.0 + 3.0, sizes[i % 3], 35.0)).collect()),
+                        (
+                            301,
+                            (0..12).map(|i| phase(i as f64 * 3.0, i as f64 * 3.0 + 3.0, sizes[i % 3], 35.0)).collect(),
+                        ),
                         (302, vec![phase(0.0, 36.0, small, 30.0)]),
                     ],
                 )
@@ -122,14 +137,14 @@ impl Scenario {
                     (403, vec![phase(0.0, 30.0, mid, 25.0)]),
                 ],
             ),
-            // A tenant leaves and another (new kernels) arrives.
+            // A tenant arrives, leaves, and another (new kernels) arrives.
             "come-and-go" => Self::base(
                 name,
                 40.0,
                 vec![
                     (501, vec![phase(0.0, 40.0, mid, 30.0)]),
-                    (502, vec![phase(0.0, 18.0, big, 40.0)]),
-                    (503, vec![phase(22.0, 40.0, small, 25.0)]),
+                    (502, vec![phase(5.0, 18.0, big, 40.0)]),
+                    (503, vec![phase(24.0, 40.0, small, 25.0)]),
                 ],
             ),
             // A model-serving-like tenant with a dozen kernels, beside a
@@ -192,7 +207,9 @@ impl Scenario {
             // the whole device's number.
             let busy_now: Vec<f64> = busy_of.iter().map(|b| b[step - 1]).collect();
             if named.is_none_or(|i| busy_now[i] == 0.0) {
-                named = (0..busy_now.len()).filter(|&i| busy_now[i] > 0.0).max_by(|&a, &b| busy_now[a].total_cmp(&busy_now[b]));
+                named = (0..busy_now.len())
+                    .filter(|&i| busy_now[i] > 0.0)
+                    .max_by(|&a, &b| busy_now[a].total_cmp(&busy_now[b]));
             }
             if let Some(index) = named {
                 let pid = if self.sharing == Sharing::Mps { 1 } else { self.tenants[index].0 };

@@ -13,8 +13,9 @@ fn window(util: f64, launches: Vec<LaunchCount>) -> Window {
     Window { duration_s: 0.5, device_util: Some(util), launches: Some(launches), nvml: Vec::new() }
 }
 
-/// Every identifiable built-in scenario is attributed within 5 points per
-/// tenant per 2 s bin, and better than NVML's per-process samples.
+/// Every built-in scenario but the steady one (where nothing separates
+/// the costs) is attributed within 5 points per tenant per 2 s bin, and
+/// better than NVML's per-process samples and the launch-share split.
 #[test]
 fn synthetic_scenarios_meet_the_target() {
     for name in Scenario::BUILTIN.iter().filter(|name| **name != "steady") {
@@ -24,7 +25,7 @@ fn synthetic_scenarios_meet_the_target() {
         for tenant in &result.tenants {
             assert!(tenant.bins >= 5, "{name}: {tenant:?}");
             assert!(tenant.podgpu_mae <= 5.0, "{name}: {tenant:?}");
-            assert!(tenant.podgpu_mae < tenant.nvml_mae, "{name}: {tenant:?}");
+            assert!(tenant.podgpu_mae < tenant.nvml_mae.min(tenant.launch_share_mae), "{name}: {tenant:?}");
         }
     }
 }
