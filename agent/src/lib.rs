@@ -197,6 +197,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             proc: proc.clone(),
             interval: config.gpu_interval,
             poll_now: poll_gpu_now.clone(),
+            launches: launch_snapshot.clone(),
         },
         gpu_tx,
         gpu_dropped.clone(),

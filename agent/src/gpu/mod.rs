@@ -65,6 +65,12 @@ pub struct DeviceSample {
     pub sharing: Sharing,
     /// MIG instances when MIG mode is on.
     pub mig_devices: Vec<MigDeviceSample>,
+    /// How sure the per-pod split of this GPU is, 0 to 1 (`attribution`);
+    /// `None` when it was not estimated (no device utilization).
+    pub attribution_confidence: Option<f64>,
+    /// GPU time lost to switching between time-sliced processes, percent:
+    /// reported here, not spread over pods.
+    pub sharing_overhead_percent: Option<f64>,
 }
 
 /// One MIG instance of a GPU.

@@ -115,6 +115,8 @@ impl NvmlBackend {
             compute_mode: optional(device.compute_mode()).map_err(fail)?.map(|m| compute_mode_name(m).to_string()),
             sharing: if mig_on { Sharing::Mig } else { Sharing::TimeSliced },
             mig_devices: Vec::new(),
+            attribution_confidence: None,
+            sharing_overhead_percent: None,
         };
 
         if mig_on {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::attribution::live::LiveAttribution;
+use super::attribution::Attribution;
 use super::{open, DeviceSample, GpuBackend, GpuError, GpuPoll, GpuSource, Sharing};
 use crate::backoff::backoff;
 use crate::pods::pid_cache::PidCache;
@@ -23,11 +25,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// if it still runs (it re-resolves on its next sample).
 const PID_IDLE_EXPIRY: Duration = Duration::from_secs(60);
 
-/// GPU use of one pod at one poll, as NVML reports it.
+/// GPU use of one pod at one poll.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PodGpu {
-    /// Sum of its processes' SM %, across GPUs.
+    /// Its processes' share of SM time, %, across GPUs: the attribution
+    /// estimator's where a GPU has one (`gpu::attribution`), NVML's sum
+    /// elsewhere.
     pub sm_util_percent: f64,
+    /// Sum of its processes' SM % as NVML reports them (for comparison:
+    /// it misses tenants on time-sliced GPUs and sees none under MPS).
+    pub sm_util_nvml_percent: f64,
+    /// Share-weighted confidence of its estimated share (0 to 1; `None`
+    /// when no GPU of the pod has an attribution).
+    pub attribution_confidence: Option<f64>,
+    /// Whether `sm_util_percent` comes from the estimator: then it is
+    /// known even under MPS, where NVML books everything on the server.
     /// Sum of its processes' memory-bandwidth %.
     pub mem_bw_util_percent: f64,
     /// Sum of its processes' framebuffer bytes.
@@ -38,6 +50,7 @@ pub struct PodGpu {
     /// Set when the pod runs on a MIG instance or an MPS-shared GPU, where
     /// NVML cannot give a per-process SM % (and under MPS not memory either).
     pub unattributable: Option<Sharing>,
+    pub attributed: bool,
     /// Devices its processes were seen on: bit i is the poll's device i
     /// (a MIG instance counts as its parent GPU; GPUs past 64 are not
     /// recorded).
@@ -69,7 +82,7 @@ impl PodGpu {
         }
         match process.util {
             Some(util) => {
-                self.sm_util_percent += util.sm_percent;
+                self.sm_util_nvml_percent += util.sm_percent;
                 self.mem_bw_util_percent += util.mem_bw_percent;
             }
             None => self.unsampled_processes += 1,
@@ -115,6 +128,9 @@ pub struct PollerConfig {
     /// Set by the driver path when a pod opens its first GPU context: the
     /// next poll runs at once, not at the end of the interval.
     pub poll_now: Arc<std::sync::atomic::AtomicBool>,
+    /// The launch reader's snapshot: launch counts for the attribution
+    /// estimator.
+    pub launches: Arc<std::sync::Mutex<crate::probes::launches::LaunchSnapshot>>,
 }
 
 /// Starts the poller thread. It ends when the receiver is dropped.
@@ -141,11 +157,13 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
     // a long outage to one warning instead of one per attempt.
     let mut failures: u32 = 0;
     let mut pids = PidCache::new(config.proc.clone(), PID_IDLE_EXPIRY);
+    let mut estimators = LiveAttribution::new(config.launches.clone());
     while !updates.is_closed() {
         let started = Instant::now();
         let outcome = match backend.as_mut() {
             Some(active) => active.poll().map(|poll| {
-                let update = attribute(active.describe(), poll, &mut pids);
+                let attributions = estimators.update(&poll).clone();
+                let update = attribute(active.describe(), poll, &attributions, &mut pids);
                 pids.sweep(Instant::now());
                 update
             }),
@@ -216,9 +234,19 @@ fn sleep_unless_closed(updates: &mpsc::Sender<GpuUpdate>, total: Duration, poll_
 /// Processes outside pods (host daemons) are not pods' load, and neither is
 /// the MPS server's: NVML books every client's work on it, so wherever it
 /// runs (often a device-plugin pod) its samples belong to no single pod.
-fn attribute(backend: String, poll: GpuPoll, pids: &mut PidCache) -> GpuUpdate {
+/// A pod's SM share comes from its GPUs' attributions (which also cover
+/// MPS clients NVML does not list); on a GPU without one, from NVML.
+fn attribute(
+    backend: String,
+    mut poll: GpuPoll,
+    attributions: &HashMap<String, Attribution>,
+    pids: &mut PidCache,
+) -> GpuUpdate {
     let now = Instant::now();
     let mut pods: HashMap<String, PodGpu> = HashMap::new();
+    let device_index = |uuid: &str, devices: &[DeviceSample]| {
+        devices.iter().position(|device| device.uuid == uuid || device.mig_devices.iter().any(|mig| mig.uuid == uuid))
+    };
     for process in &poll.processes {
         if process.sharing == Sharing::Mps && process.util.is_some() {
             continue;
@@ -228,11 +256,37 @@ fn attribute(backend: String, poll: GpuPoll, pids: &mut PidCache) -> GpuUpdate {
         };
         let pod = pods.entry(owner.pod_uid.clone()).or_default();
         pod.add(process);
-        let device = poll.devices.iter().position(|device| {
-            device.uuid == process.gpu_uuid || device.mig_devices.iter().any(|mig| mig.uuid == process.gpu_uuid)
-        });
+        let device = device_index(&process.gpu_uuid, &poll.devices);
+        let estimated = device.is_some_and(|index| attributions.contains_key(&poll.devices[index].uuid));
+        if !estimated {
+            pod.sm_util_percent += process.util.map_or(0.0, |util| util.sm_percent);
+        }
         if let Some(index) = device.filter(|index| *index < 64) {
             pod.devices_seen |= 1 << index;
+        }
+    }
+    let mut confidence_weights: HashMap<String, (f64, f64)> = HashMap::new();
+    for (index, device) in poll.devices.iter_mut().enumerate() {
+        let Some(attribution) = attributions.get(&device.uuid) else { continue };
+        device.attribution_confidence = Some(attribution.confidence);
+        device.sharing_overhead_percent = Some(attribution.sharing_overhead_percent);
+        for share in &attribution.processes {
+            let Some(owner) = pids.resolve(share.pid, now) else { continue };
+            let pod = pods.entry(owner.pod_uid.clone()).or_default();
+            pod.sm_util_percent += share.util_percent;
+            pod.attributed = true;
+            if index < 64 {
+                pod.devices_seen |= 1 << index;
+            }
+            let weights = confidence_weights.entry(owner.pod_uid.clone()).or_default();
+            // Weighted by share, so an idle process's doubt does not drown a busy one's.
+            weights.0 += share.util_percent.max(1e-6) * share.confidence;
+            weights.1 += share.util_percent.max(1e-6);
+        }
+    }
+    for (uid, (weighted, total)) in confidence_weights {
+        if let Some(pod) = pods.get_mut(&uid) {
+            pod.attribution_confidence = Some(weighted / total);
         }
     }
     GpuUpdate::Polled { backend, devices: poll.devices, pods }
@@ -272,9 +326,17 @@ mod tests {
     }
 
     fn pods_of(poll: GpuPoll, proc_root: &std::path::Path) -> HashMap<String, PodGpu> {
+        pods_with(poll, &HashMap::new(), proc_root).0
+    }
+
+    fn pods_with(
+        poll: GpuPoll,
+        attributions: &HashMap<String, Attribution>,
+        proc_root: &std::path::Path,
+    ) -> (HashMap<String, PodGpu>, Vec<DeviceSample>) {
         let mut pids = PidCache::new(ProcFs::new(proc_root), PID_IDLE_EXPIRY);
-        match attribute("test".into(), poll, &mut pids) {
-            GpuUpdate::Polled { pods, .. } => pods,
+        match attribute("test".into(), poll, attributions, &mut pids) {
+            GpuUpdate::Polled { pods, devices, .. } => (pods, devices),
             other => panic!("expected a poll, got {other:?}"),
         }
     }
@@ -303,10 +365,13 @@ mod tests {
         assert_eq!(pods.len(), 1);
         let expected = PodGpu {
             sm_util_percent: 30.0,
+            sm_util_nvml_percent: 30.0,
             mem_bw_util_percent: 15.0,
             memory_used_bytes: 12,
             unsampled_processes: 1,
             unattributable: None,
+            attribution_confidence: None,
+            attributed: false,
             devices_seen: 0b10,
         };
         assert_eq!(pods[UID_A], expected);
@@ -334,5 +399,44 @@ mod tests {
         assert_eq!(pods[UID_B].unattributable, Some(Sharing::Mig));
         assert_eq!(pods[UID_B].memory_used_bytes, 64);
         assert!(!pods.contains_key(server_pod), "the MPS server's load was booked on its pod");
+    }
+
+    /// Where a GPU has an attribution, a pod's SM share is the
+    /// estimator's, MPS clients NVML does not list included, and NVML's
+    /// own number stays beside it for comparison; the device carries the
+    /// split's confidence and the sharing overhead.
+    #[test]
+    fn estimated_shares_replace_nvml_where_a_gpu_has_them() {
+        use crate::gpu::attribution::{Basis, ProcessShare};
+        let root = proc_root(&[
+            (30, format!("/kubepods/pod{UID_A}/{}", "a".repeat(64))),
+            (31, format!("/kubepods/pod{UID_B}/{}", "b".repeat(64))),
+        ]);
+        let share = |pid, util_percent, confidence| ProcessShare {
+            pid,
+            util_percent,
+            uncertainty_points: Some(3.0),
+            confidence,
+            basis: Basis::Measured,
+        };
+        let attribution = Attribution {
+            device_util: 70.0,
+            sharing_overhead_percent: 4.0,
+            confidence: 0.8,
+            processes: vec![share(30, 41.0, 0.9), share(31, 25.0, 0.6)],
+        };
+        let poll = GpuPoll {
+            devices: vec![DeviceSample { uuid: "G".into(), util_percent: Some(70.0), ..DeviceSample::default() }],
+            // NVML books 69 % on pid 30 and never samples pid 31.
+            processes: vec![sample(30, Some(69.0), 5, Sharing::TimeSliced), sample(31, None, 6, Sharing::TimeSliced)],
+        };
+        let (pods, devices) = pods_with(poll, &[("G".to_string(), attribution)].into(), root.path());
+        assert_eq!(pods[UID_A].sm_util_percent, 41.0);
+        assert_eq!(pods[UID_A].sm_util_nvml_percent, 69.0);
+        assert_eq!(pods[UID_B].sm_util_percent, 25.0);
+        assert!(pods[UID_A].attributed && pods[UID_B].attributed);
+        assert_eq!(pods[UID_B].attribution_confidence, Some(0.6));
+        assert_eq!(devices[0].attribution_confidence, Some(0.8));
+        assert_eq!(devices[0].sharing_overhead_percent, Some(4.0));
     }
 }

@@ -280,7 +280,12 @@ fn file_offset<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>, s
 
 /// Threads one launch of `key` starts (grid x block; 0 for graphs).
 pub fn threads_per_launch(key: &LaunchKey) -> u64 {
-    key.grid.iter().chain(&key.block).map(|&d| u64::from(d)).product()
+    threads_per_launch_of(key.grid, key.block)
+}
+
+/// Threads one launch of the given shape starts.
+pub fn threads_per_launch_of(grid: [u32; 3], block: [u32; 3]) -> u64 {
+    grid.iter().chain(&block).map(|&d| u64::from(d)).product()
 }
 
 /// Launches of one process, function and size, as the node reports them.

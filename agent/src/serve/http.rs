@@ -125,6 +125,8 @@ struct PodRow<'a> {
     gpu_launches: u64,
     /// Contexts, driver memory, driver calls by kind.
     gpu_driver: &'a crate::probes::driver::PodDriver,
+    /// How sure its `gpu_sm_util` split is, 0 to 1 (`None`: NVML's value).
+    gpu_attribution_confidence: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -172,6 +174,7 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
             requests: pod.requests,
             gpu_launches: pod.history.latest().map_or(0, |point| point.gpu_launches),
             gpu_driver: &pod.driver,
+            gpu_attribution_confidence: pod.gpu.attribution_confidence,
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })

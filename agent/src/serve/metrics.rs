@@ -150,6 +150,20 @@ pub fn render_metrics(view: &NodeView) -> String {
             "Device framebuffer size.",
             per_device(&|d| Some(d.memory_total_bytes as f64)),
         );
+        family(
+            &mut out,
+            "podgpu_gpu_attribution_confidence",
+            "gauge",
+            "How sure the per-pod split of the GPU's utilization is, 0 to 1 (share-weighted).",
+            per_device(&|d| d.attribution_confidence),
+        );
+        family(
+            &mut out,
+            "podgpu_gpu_sharing_overhead_percent",
+            "gauge",
+            "GPU time lost to switching between time-sliced processes (not in any pod's share).",
+            per_device(&|d| d.sharing_overhead_percent),
+        );
         family(&mut out, "podgpu_gpu_power_watts", "gauge", "Board power draw.", per_device(&|d| d.power_watts));
         family(
             &mut out,

@@ -17,6 +17,8 @@ pub struct Point {
     pub send_bytes: u64,
     /// Integral of SM utilization, percent x seconds.
     pub gpu_sm_util_integral: f64,
+    /// Integral of NVML's own SM utilization, percent x seconds.
+    pub gpu_sm_util_nvml_integral: f64,
     /// Integral of memory-bandwidth utilization, percent x seconds.
     pub gpu_mem_bw_util_integral: f64,
     /// Seconds during which GPU data was valid: GPU means divide by this,

@@ -28,8 +28,12 @@ impl Quantile {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Metric {
     /// SM utilization, % of one GPU, summed over the pod's processes and
-    /// GPUs, time-weighted over the window.
+    /// GPUs, time-weighted over the window: the attribution estimator's
+    /// share where the GPU has one (`gpu::attribution`), NVML's elsewhere.
     GpuSmUtil,
+    /// NVML's own per-process SM %, summed and time-weighted like
+    /// `GpuSmUtil`: kept for comparison, not for scaling.
+    GpuSmUtilNvml,
     /// Memory-bandwidth utilization, % of one GPU, summed and time-weighted
     /// like `GpuSmUtil`.
     GpuMemBwUtil,
@@ -102,8 +106,9 @@ pub enum Combine {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::GpuSmUtil,
+        Metric::GpuSmUtilNvml,
         Metric::GpuMemBwUtil,
         Metric::GpuMemUsedBytes,
         Metric::GpuLaunchRate,
@@ -127,6 +132,7 @@ impl Metric {
     pub fn name(self) -> &'static str {
         match self {
             Metric::GpuSmUtil => "gpu_sm_util",
+            Metric::GpuSmUtilNvml => "gpu_sm_util_nvml",
             Metric::GpuMemBwUtil => "gpu_mem_bw_util",
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
             Metric::GpuLaunchRate => "gpu_launch_rate",
@@ -155,7 +161,9 @@ impl Metric {
     /// The source that must be healthy for the metric to have a value.
     pub fn source(self) -> MetricSource {
         match self {
-            Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => MetricSource::Gpu,
+            Metric::GpuSmUtil | Metric::GpuSmUtilNvml | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => {
+                MetricSource::Gpu
+            }
             Metric::GpuLaunchRate => MetricSource::Launches,
             Metric::GpuContexts
             | Metric::GpuDriverMemBytes

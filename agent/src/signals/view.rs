@@ -193,12 +193,16 @@ impl PodView {
     /// books everything on the MPS server.
     pub fn unavailable_reason(&self, metric: Metric) -> Option<&'static str> {
         match (metric, self.gpu.unattributable) {
-            (Metric::GpuSmUtil | Metric::GpuMemBwUtil, Some(Sharing::Mig)) => {
+            // The estimator splits the device's utilization from launches,
+            // whatever NVML can or cannot say per process.
+            (Metric::GpuSmUtil, _) if self.gpu.attributed => None,
+            (Metric::GpuSmUtil | Metric::GpuSmUtilNvml | Metric::GpuMemBwUtil, Some(Sharing::Mig)) => {
                 Some("the pod runs on a MIG instance, where NVML reports no per-process utilization")
             }
-            (Metric::GpuSmUtil | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes, Some(Sharing::Mps)) => {
-                Some("the pod is an MPS client, and NVML books all MPS work on the MPS server")
-            }
+            (
+                Metric::GpuSmUtil | Metric::GpuSmUtilNvml | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes,
+                Some(Sharing::Mps),
+            ) => Some("the pod is an MPS client, and NVML books all MPS work on the MPS server"),
             _ => None,
         }
     }
@@ -213,6 +217,7 @@ impl PodView {
         }
         match metric {
             Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
+            Metric::GpuSmUtilNvml => self.history.ratio(window_s, |p| p.gpu_sm_util_nvml_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
             Metric::GpuLaunchRate => self.history.rate(window_s, |p| p.gpu_launches as f64),

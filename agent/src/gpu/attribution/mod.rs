@@ -31,11 +31,13 @@
 //! case a share is in.
 //!
 //! Layout: `filter` (the Kalman state), `estimator` (windows to shares),
+//! `live` (windows from the poller and the launch reader on a node),
 //! `trace` (the replayable trace format), `replay` (traces through the
 //! estimator, scored against their truth), `synthetic` (generated traces
 //! with known costs), `record` (a trace from a live node).
 mod estimator;
 mod filter;
+pub mod live;
 pub mod replay;
 pub mod synthetic;
 pub mod trace;

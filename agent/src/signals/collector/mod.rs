@@ -84,6 +84,7 @@ struct PodState {
     first_seen: Instant,
     history: History,
     gpu_sm_util_integral: f64,
+    gpu_sm_util_nvml_integral: f64,
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
     gpu: PodGpu,
@@ -267,12 +268,14 @@ impl Collector {
             // time without valid GPU data is not integrated at all.
             if gpu_known {
                 pod.gpu_sm_util_integral += pod.gpu.sm_util_percent * elapsed;
+                pod.gpu_sm_util_nvml_integral += pod.gpu.sm_util_nvml_percent * elapsed;
                 pod.gpu_mem_bw_util_integral += pod.gpu.mem_bw_util_percent * elapsed;
                 pod.gpu_known_s += elapsed;
             }
             let mut point = Point {
                 at_s: now_s,
                 gpu_sm_util_integral: pod.gpu_sm_util_integral,
+                gpu_sm_util_nvml_integral: pod.gpu_sm_util_nvml_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
                 gpu_launches: pod.launches,
@@ -345,6 +348,7 @@ impl Collector {
                             self.config.tick.as_secs_f64(),
                         ),
                         gpu_sm_util_integral: 0.0,
+                        gpu_sm_util_nvml_integral: 0.0,
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),

@@ -1,0 +1,227 @@
+//! Feeds the estimators on a live node: after every GPU poll, pairs the
+//! launch reader's newest snapshot with the device utilization polled
+//! since the previous one, and runs one `Estimator` per GPU.
+//!
+//! Launch snapshots come from another thread on their own schedule (every
+//! second, or up to four when launch accounting samples); a window is the
+//! interval between two snapshots, so counts and utilization cover the
+//! same time. Between snapshots the last attribution holds. Without launch
+//! counts (accounting off, not yet read, or stale) each poll is a window
+//! of its own and the estimate falls back to NVML's samples, with zero
+//! confidence.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
+use crate::gpu::{GpuPoll, Sharing};
+use crate::probes::launches::{threads_per_launch_of, LaunchSnapshot};
+
+/// Launch counts older than this are not used: the reader is stuck.
+const LAUNCHES_STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// A launch row's identity (process, function, launch shape).
+type RowKey = (u32, String, [u32; 3], [u32; 3]);
+
+/// The estimators of one node and what they need between polls.
+pub struct LiveAttribution {
+    launches: Arc<Mutex<LaunchSnapshot>>,
+    estimators: HashMap<String, (Sharing, Estimator)>,
+    /// Cumulative launches per row at the last snapshot used.
+    last_counts: HashMap<RowKey, u64>,
+    last_published: Option<Instant>,
+    /// Device utilization readings since the last window, per GPU UUID.
+    util_since: HashMap<String, (f64, u32)>,
+    last_poll: Option<Instant>,
+    latest: HashMap<String, Attribution>,
+}
+
+impl LiveAttribution {
+    /// Estimators fed from `launches` (the launch reader's snapshot).
+    pub fn new(launches: Arc<Mutex<LaunchSnapshot>>) -> Self {
+        Self {
+            launches,
+            estimators: HashMap::new(),
+            last_counts: HashMap::new(),
+            last_published: None,
+            util_since: HashMap::new(),
+            last_poll: None,
+            latest: HashMap::new(),
+        }
+    }
+
+    /// Folds one poll in; returns each GPU's latest attribution (GPUs
+    /// without device utilization, such as MIG-enabled ones, have none).
+    pub fn update(&mut self, poll: &GpuPoll) -> &HashMap<String, Attribution> {
+        let now = Instant::now();
+        let since_poll = self.last_poll.map_or(Duration::from_secs(1), |at| now.duration_since(at));
+        self.last_poll = Some(now);
+        for device in &poll.devices {
+            if let Some(util) = device.util_percent {
+                let entry = self.util_since.entry(device.uuid.clone()).or_default();
+                entry.0 += util;
+                entry.1 += 1;
+            }
+        }
+        self.latest.retain(|uuid, _| poll.devices.iter().any(|d| &d.uuid == uuid));
+        let (rows, published) = {
+            let snapshot = self.launches.lock().expect("launch snapshot poisoned");
+            let fresh = snapshot.published.filter(|at| now.duration_since(*at) <= LAUNCHES_STALE_AFTER);
+            (fresh.map(|_| snapshot.rows.clone()), fresh)
+        };
+        let windows = match (rows, published) {
+            (Some(rows), Some(published)) => {
+                if self.last_published == Some(published) {
+                    return &self.latest;
+                }
+                let previous = self.last_published.replace(published);
+                let counts = self.deltas(&rows);
+                // The first snapshot is only a baseline for the next.
+                let Some(previous) = previous else { return &self.latest };
+                let duration = published.duration_since(previous).as_secs_f64();
+                self.windows(poll, duration, Some(counts))
+            }
+            _ => {
+                self.last_published = None;
+                self.last_counts.clear();
+                self.windows(poll, since_poll.as_secs_f64(), None)
+            }
+        };
+        for (uuid, sharing, window) in windows {
+            let (kind, estimator) = self
+                .estimators
+                .entry(uuid.clone())
+                .or_insert_with(|| (sharing, Estimator::new(EstimatorConfig::default(), sharing)));
+            if *kind != sharing {
+                // MPS turned on or off: what was learned no longer holds.
+                *kind = sharing;
+                *estimator = Estimator::new(EstimatorConfig::default(), sharing);
+            }
+            match estimator.observe(&window) {
+                Some(attribution) => self.latest.insert(uuid, attribution),
+                None => self.latest.remove(&uuid),
+            };
+        }
+        self.estimators.retain(|uuid, _| poll.devices.iter().any(|d| &d.uuid == uuid));
+        &self.latest
+    }
+
+    /// Launches per row since the last snapshot used (a row that shrank
+    /// belongs to a new process that reused the pid: counted from zero).
+    fn deltas(&mut self, rows: &[crate::probes::launches::LaunchRow]) -> Vec<LaunchCount> {
+        let mut counts = Vec::with_capacity(rows.len());
+        let mut current = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let key: RowKey = (row.pid, row.function.clone(), row.grid, row.block);
+            let before = self.last_counts.get(&key).copied().unwrap_or(0);
+            let launched = if row.launches >= before { row.launches - before } else { row.launches };
+            if launched > 0 {
+                counts.push(LaunchCount {
+                    pid: row.pid,
+                    function: u64::from_str_radix(row.function.trim_start_matches("0x"), 16).unwrap_or(0),
+                    threads_per_launch: threads_per_launch_of(row.grid, row.block),
+                    launches: launched as f64,
+                });
+            }
+            current.insert(key, row.launches);
+        }
+        self.last_counts = current;
+        counts
+    }
+
+    /// One window per GPU with a utilization reading. A process's launches
+    /// go to the GPU NVML lists it on; on a one-GPU node every process is
+    /// on that GPU (MPS clients are not listed by NVML).
+    fn windows(
+        &mut self,
+        poll: &GpuPoll,
+        duration_s: f64,
+        launches: Option<Vec<LaunchCount>>,
+    ) -> Vec<(String, Sharing, Window)> {
+        let device_of: HashMap<u32, &str> = poll
+            .processes
+            .iter()
+            .filter_map(|p| {
+                let parent = poll
+                    .devices
+                    .iter()
+                    .find(|d| d.uuid == p.gpu_uuid || d.mig_devices.iter().any(|mig| mig.uuid == p.gpu_uuid))?;
+                Some((p.pid, parent.uuid.as_str()))
+            })
+            .collect();
+        let only = (poll.devices.len() == 1).then(|| poll.devices[0].uuid.as_str());
+        poll.devices
+            .iter()
+            .map(|device| {
+                let (sum, n) = self.util_since.remove(&device.uuid).unwrap_or_default();
+                let device_util = (n > 0).then(|| sum / f64::from(n));
+                let on_device = |pid: u32| device_of.get(&pid).copied().or(only) == Some(device.uuid.as_str());
+                let nvml = poll
+                    .processes
+                    .iter()
+                    .filter(|p| on_device(p.pid))
+                    .filter_map(|p| Some((p.pid, p.util?.sm_percent)))
+                    .collect();
+                let launches = launches.as_ref().map(|all| all.iter().filter(|c| on_device(c.pid)).copied().collect());
+                (device.uuid.clone(), device.sharing, Window { duration_s, device_util, launches, nvml })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{DeviceSample, ProcessSample, ProcessUtil};
+    use crate::probes::launches::LaunchRow;
+
+    fn poll(util: f64) -> GpuPoll {
+        GpuPoll {
+            devices: vec![DeviceSample { uuid: "GPU-a".into(), util_percent: Some(util), ..Default::default() }],
+            processes: vec![ProcessSample {
+                pid: 7,
+                gpu_uuid: "GPU-a".into(),
+                util: Some(ProcessUtil { sm_percent: 90.0, samples: 3, ..Default::default() }),
+                memory_used_bytes: 1,
+                sharing: Sharing::TimeSliced,
+            }],
+        }
+    }
+
+    fn publish(snapshot: &Arc<Mutex<LaunchSnapshot>>, launches: u64) {
+        let mut snapshot = snapshot.lock().unwrap();
+        snapshot.rows = vec![LaunchRow {
+            pid: 7,
+            pod_uid: None,
+            entry: "kernel_ex",
+            function: "0x1f".into(),
+            grid: [132, 1, 1],
+            block: [384, 1, 1],
+            launches,
+            threads: launches * 50_688,
+        }];
+        snapshot.published = Some(Instant::now());
+    }
+
+    /// Without launch counts the poll's NVML samples are scaled under the
+    /// device; with them, windows run from one snapshot to the next and a
+    /// lone process is measured at the device's utilization.
+    #[test]
+    fn windows_follow_the_launch_snapshots() {
+        let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
+        let mut live = LiveAttribution::new(snapshot.clone());
+        let nvml_only = live.update(&poll(40.0))["GPU-a"].clone();
+        assert_eq!(nvml_only.share_of(7), 40.0);
+        assert_eq!(nvml_only.processes[0].basis, super::super::Basis::Nvml);
+        let mut total = 0;
+        for _ in 0..6 {
+            total += 100;
+            publish(&snapshot, total);
+            std::thread::sleep(Duration::from_millis(20));
+            live.update(&poll(40.0));
+        }
+        let attribution = live.update(&poll(40.0))["GPU-a"].clone();
+        assert!((attribution.share_of(7) - 40.0).abs() < 1.0, "{attribution:?}");
+        assert_ne!(attribution.processes[0].basis, super::super::Basis::Nvml);
+    }
+}
