@@ -38,6 +38,43 @@ enum Role {
     /// Replays a recorded trace (TRACE.json beside TRACE-launch.jsonl)
     /// through the attribution estimator; prints one JSON line per tenant.
     Replay(ReplayArgs),
+    /// Records a replayable trace from the agent running on this node
+    /// (its HTTP API): device utilization, NVML samples, launch counts, and
+    /// the truth of tenants that report it.
+    Record(RecordArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RecordArgs {
+    /// The agent's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:9102")]
+    agent: SocketAddr,
+    /// Seconds to record.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_seconds)]
+    seconds: f64,
+    /// Trace file to write; its launch file goes beside it (X-launch.jsonl).
+    #[arg(long)]
+    out: PathBuf,
+    /// Scenario name written into the trace.
+    #[arg(long, default_value = "recorded")]
+    scenario: String,
+    /// GPU UUID to record (default: the first the agent reports).
+    #[arg(long)]
+    gpu: Option<String>,
+    /// Files where tenants report their true load (duty_worker.py's
+    /// output), comma-separated; waited for after recording.
+    #[arg(long, value_delimiter = ',')]
+    truth: Vec<PathBuf>,
+    /// Seconds to wait for the truth files after recording.
+    #[arg(long, default_value_t = 30.0, value_parser = parse_seconds)]
+    truth_wait_s: f64,
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds <= 86_400.0 => Ok(seconds),
+        _ => Err(format!("expected seconds in (0, 86400], got {text:?}")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -212,6 +249,9 @@ async fn main() -> anyhow::Result<()> {
     if let Role::Replay(args) = &cli.role {
         return replay(args);
     }
+    if let Role::Record(args) = &cli.role {
+        return record(args);
+    }
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -231,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (serving, options) = match cli.role {
         Role::Standalone(args) | Role::Node(args) => (args.serving, args.node),
-        Role::Replay(_) => unreachable!("handled above"),
+        Role::Replay(_) | Role::Record(_) => unreachable!("handled above"),
         Role::Scaler(ScalerArgs { serving, scaler }) => {
             let node_tls = ClientTls {
                 ca: scaler.node_tls_ca,
@@ -312,6 +352,29 @@ fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     if result.tenants.is_empty() {
         tracing::info!(windows = result.windows.len(), "the trace has no tenants with known load: nothing to score");
     }
+    Ok(())
+}
+
+/// `podgpu-agent record`: a trace from the local agent's HTTP API.
+fn record(args: &RecordArgs) -> anyhow::Result<()> {
+    use podgpu_agent::gpu::attribution::record::{record, RecordConfig};
+    let config = RecordConfig {
+        agent: args.agent,
+        duration: Duration::from_secs_f64(args.seconds),
+        out: args.out.clone(),
+        scenario: args.scenario.clone(),
+        gpu: args.gpu.clone(),
+        truth: args.truth.clone(),
+        truth_wait: Duration::from_secs_f64(args.truth_wait_s),
+    };
+    let trace = record(&config)?;
+    tracing::info!(
+        out = %args.out.display(),
+        device_util_samples = trace.device_util.len(),
+        nvml_samples = trace.nvml_process_samples.len(),
+        tenants = trace.tenants.len(),
+        "trace recorded"
+    );
     Ok(())
 }
 

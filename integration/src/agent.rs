@@ -143,8 +143,11 @@ impl AgentProcess {
         }
         std::fs::write(&metadata, text)?;
         let metadata = metadata.display().to_string();
-        let mut args: Vec<String> =
-            ["--gpu", "none", "--tick-ms", "100", "--pod-metadata", &metadata].map(String::from).to_vec();
+        let mut args: Vec<String> = ["--tick-ms", "100", "--pod-metadata", &metadata].map(String::from).to_vec();
+        // No GPU unless the caller names one.
+        if !extra.iter().any(|arg| arg.starts_with("--gpu")) {
+            args.extend(["--gpu".to_string(), "none".to_string()]);
+        }
         args.extend(extra.iter().map(|arg| arg.to_string()));
         Ok((Self::start(&crate::workspace_binary("podgpu-agent"), &args)?, files))
     }

@@ -12,6 +12,7 @@
 //!   Kubernetes API's pod list/watch, served from test data.
 pub mod agent;
 pub mod container;
+pub mod cuda_standin;
 pub mod driver_standin;
 pub mod fake_apiserver;
 pub mod fake_kubelet;

@@ -17,16 +17,7 @@ use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, CgroupPod};
 
 fn build(dir: &Path) {
-    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
-    let gcc = |args: &[&str]| {
-        let status = Command::new("gcc").args(args).current_dir(&sources).status().expect("gcc");
-        assert!(status.success(), "gcc {args:?}");
-    };
-    let lib = dir.join("libcuda.so.1");
-    let launcher = dir.join("launcher");
-    gcc(&["-shared", "-fPIC", "-O2", "-o", lib.to_str().unwrap(), "libcuda.c"]);
-    gcc(&["-O2", "-o", launcher.to_str().unwrap(), "launcher.c", "-ldl"]);
-    gcc(&["-O2", "-o", dir.join("launch_loop").to_str().unwrap(), "launch_loop.c", "-ldl"]);
+    integration::cuda_standin::build(dir).expect("the libcuda stand-in builds");
 }
 
 async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {

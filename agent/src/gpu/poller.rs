@@ -91,6 +91,22 @@ impl PodGpu {
     }
 }
 
+/// One GPU at one poll, per process: NVML's samples and the estimator's
+/// shares (`/attribution`; `podgpu-agent record` writes traces from it).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GpuAttributionView {
+    /// GPU UUID.
+    pub uuid: String,
+    /// Unix time of the poll.
+    pub polled_at_unix: f64,
+    /// Device utilization read at this poll, percent.
+    pub device_util: Option<f64>,
+    /// NVML's per-process SM % at this poll, `(pid, percent)`.
+    pub nvml: Vec<(u32, f64)>,
+    /// The estimator's latest split (`None`: no device utilization).
+    pub attribution: Option<Attribution>,
+}
+
 /// What the poller tells the collector.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GpuUpdate {
@@ -102,6 +118,8 @@ pub enum GpuUpdate {
         devices: Vec<DeviceSample>,
         /// Per-pod use.
         pods: HashMap<String, PodGpu>,
+        /// Per GPU: what the split was made from, and the split.
+        attribution: Vec<GpuAttributionView>,
     },
     /// The backend is wanted but not usable now.
     Unavailable {
@@ -265,6 +283,26 @@ fn attribute(
             pod.devices_seen |= 1 << index;
         }
     }
+    let polled_at_unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let attribution = poll
+        .devices
+        .iter()
+        .map(|device| GpuAttributionView {
+            uuid: device.uuid.clone(),
+            polled_at_unix,
+            device_util: device.util_percent,
+            nvml: poll
+                .processes
+                .iter()
+                .filter(|p| {
+                    device_index(&p.gpu_uuid, &poll.devices).is_some_and(|i| poll.devices[i].uuid == device.uuid)
+                })
+                .filter_map(|p| Some((p.pid, p.util?.sm_percent)))
+                .collect(),
+            attribution: attributions.get(&device.uuid).cloned(),
+        })
+        .collect();
     let mut confidence_weights: HashMap<String, (f64, f64)> = HashMap::new();
     for (index, device) in poll.devices.iter_mut().enumerate() {
         let Some(attribution) = attributions.get(&device.uuid) else { continue };
@@ -289,7 +327,7 @@ fn attribute(
             pod.attribution_confidence = Some(weighted / total);
         }
     }
-    GpuUpdate::Polled { backend, devices: poll.devices, pods }
+    GpuUpdate::Polled { backend, devices: poll.devices, pods, attribution }
 }
 
 #[cfg(test)]

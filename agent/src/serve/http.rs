@@ -37,6 +37,7 @@ pub fn router(view: ViewRx, tick: Duration) -> Router {
         .route("/pods", get(pods))
         .route("/launches", get(launches))
         .route("/driver", get(driver))
+        .route("/attribution", get(attribution))
         .route("/metrics", get(metrics))
         .with_state(AppState { view, freshness })
 }
@@ -187,7 +188,20 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
 /// graph) and launch size, cumulative (the attribution estimator's input).
 async fn launches(State(AppState { view, .. }): State<AppState>) -> Response {
     let view = view.borrow().clone();
-    Json(serde_json::json!({ "status": view.health.launches, "rows": view.launches.as_slice() })).into_response()
+    Json(serde_json::json!({
+        "status": view.health.launches,
+        "read_at_unix": view.launches_read_unix,
+        "rows": view.launches.as_slice(),
+    }))
+    .into_response()
+}
+
+/// `/attribution`: per GPU, the device utilization and NVML's per-process
+/// samples of the latest poll, and the estimator's split with each
+/// process's confidence and basis.
+async fn attribution(State(AppState { view, .. }): State<AppState>) -> Response {
+    let view = view.borrow().clone();
+    Json(serde_json::json!({ "status": view.health.gpu, "gpus": view.attribution.as_slice() })).into_response()
 }
 
 /// `/driver`: what each live process holds in the NVIDIA driver (contexts

@@ -246,6 +246,11 @@ pub struct NodeView {
     pub at_s: f64,
     /// Launches per (process, function, size), live processes only.
     pub launches: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    /// Unix time the launch reader read `launches`.
+    pub launches_read_unix: Option<f64>,
+    /// Per GPU at the latest poll: NVML's per-process samples and the
+    /// estimator's split.
+    pub attribution: Arc<Vec<crate::gpu::poller::GpuAttributionView>>,
     /// Driver state per live process that called the driver.
     pub driver: Arc<Vec<crate::probes::driver::DriverRow>>,
     /// When the collector built this view (`None`: the empty view before
@@ -265,6 +270,8 @@ impl NodeView {
         Self {
             at_s: 0.0,
             launches: Arc::default(),
+            launches_read_unix: None,
+            attribution: Arc::default(),
             driver: Arc::default(),
             built: None,
             pods: Vec::new(),

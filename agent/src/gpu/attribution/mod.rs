@@ -38,6 +38,7 @@
 mod estimator;
 mod filter;
 pub mod live;
+pub mod record;
 pub mod replay;
 pub mod synthetic;
 pub mod trace;

@@ -127,6 +127,8 @@ pub struct Collector {
     pods: HashMap<String, PodState>,
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
+    /// Per GPU at the latest poll: NVML's per-process samples and the split.
+    gpu_attribution: Arc<Vec<crate::gpu::poller::GpuAttributionView>>,
     gpu_errors: BTreeMap<&'static str, u64>,
     /// Per-pod GPU use at the latest poll, so a pod found between two polls
     /// starts from real values rather than zeros.
@@ -143,6 +145,8 @@ pub struct Collector {
     /// The launch snapshot's rows and (libraries, duty, hit cost) as of
     /// the last tick, served with the per-pod counts of the same snapshot.
     launch_rows: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    /// Unix time the launch reader read those rows.
+    launch_read_unix: Option<f64>,
     launch_sampling: (usize, f64, u64),
     /// The driver snapshot's rows and counters as of the last tick: the
     /// view serves them with the per-pod values of the same snapshot.
@@ -178,6 +182,7 @@ impl Collector {
             pods: HashMap::new(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
+            gpu_attribution: Arc::default(),
             gpu_errors: BTreeMap::new(),
             gpu_latest: HashMap::new(),
             gpu_polled_at: None,
@@ -186,6 +191,7 @@ impl Collector {
             driver_health,
             driver_rows: Arc::default(),
             launch_rows: Arc::default(),
+            launch_read_unix: None,
             launch_sampling: (0, 0.0, 0),
             driver_reader: Default::default(),
             started: Instant::now(),
@@ -243,6 +249,11 @@ impl Collector {
         let (launches, published) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             self.launch_rows = Arc::new(snapshot.rows.clone());
+            self.launch_read_unix = snapshot.published.map(|at| {
+                let unix_now =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                unix_now - at.elapsed().as_secs_f64()
+            });
             self.launch_sampling = (snapshot.libraries, snapshot.duty, snapshot.hit_cost_ns);
             (snapshot.per_pod.clone(), snapshot.published)
         };
@@ -442,10 +453,11 @@ impl Collector {
     /// Applies one update from the GPU poller.
     pub fn apply_gpu(&mut self, update: GpuUpdate) {
         match update {
-            GpuUpdate::Polled { backend, devices, pods } => {
+            GpuUpdate::Polled { backend, devices, pods, attribution } => {
                 self.gpu_status = SourceStatus::Ok { detail: backend };
                 self.gpu_polled_at = Some(Instant::now());
                 self.gpu_devices = devices;
+                self.gpu_attribution = Arc::new(attribution);
                 for (uid, pod) in self.pods.iter_mut() {
                     pod.gpu = pods.get(uid).copied().unwrap_or_default();
                 }
@@ -462,6 +474,7 @@ impl Collector {
     fn mark_gpu_unavailable(&mut self, reason: String) {
         self.gpu_status = SourceStatus::Degraded { reason };
         self.gpu_devices.clear();
+        self.gpu_attribution = Arc::default();
         self.gpu_latest.clear();
         for pod in self.pods.values_mut() {
             pod.gpu = PodGpu::default();
@@ -529,6 +542,8 @@ impl Collector {
         NodeView {
             at_s: self.last_tick_s,
             launches: launch_rows,
+            launches_read_unix: self.launch_read_unix,
+            attribution: self.gpu_attribution.clone(),
             driver: driver_rows,
             built: Some(Instant::now()),
             pods,

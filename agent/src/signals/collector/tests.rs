@@ -32,6 +32,7 @@ fn pods_follow_cgroups_and_gpu_updates() {
         backend: "sim:test".into(),
         devices: vec![],
         pods: [(uid.to_string(), PodGpu { sm_util_percent: 40.0, memory_used_bytes: 7, ..PodGpu::default() })].into(),
+        attribution: vec![],
     });
     std::thread::sleep(Duration::from_millis(20));
     collector.tick();
@@ -66,6 +67,7 @@ fn new_pod_starts_from_latest_gpu_poll() {
         backend: "sim".into(),
         devices: vec![],
         pods: [(uid.to_string(), PodGpu { sm_util_percent: 25.0, ..PodGpu::default() })].into(),
+        attribution: vec![],
     });
     std::fs::create_dir_all(root.path().join(format!("kubepods/pod{uid}"))).unwrap();
     collector.tick();
@@ -78,7 +80,12 @@ fn new_pod_starts_from_latest_gpu_poll() {
 fn silent_poller_turns_stale() {
     let root = tempfile::tempdir().unwrap();
     let mut collector = collector(root.path());
-    collector.apply_gpu(GpuUpdate::Polled { backend: "sim".into(), devices: vec![], pods: HashMap::new() });
+    collector.apply_gpu(GpuUpdate::Polled {
+        backend: "sim".into(),
+        devices: vec![],
+        pods: HashMap::new(),
+        attribution: vec![],
+    });
     collector.tick();
     assert!(collector.view().health.gpu.is_ok());
     std::thread::sleep(Duration::from_millis(250));

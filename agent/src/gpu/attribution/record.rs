@@ -1,0 +1,246 @@
+//! `podgpu-agent record`: writes a replayable trace from a live node by
+//! reading the local agent's HTTP API (`/attribution` for device
+//! utilization and NVML's per-process samples, `/launches` for launch
+//! counts), so it loads no probe and opens no NVML of its own: run it
+//! beside the agent (in its pod, `kubectl exec`). Tenants that report
+//! their true load (`duty_worker.py`'s output files) become the trace's
+//! truth.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::trace::{self, LaunchLine, Tenant, Trace};
+use crate::gpu::Sharing;
+
+/// What to record.
+#[derive(Clone, Debug)]
+pub struct RecordConfig {
+    /// The agent's HTTP address.
+    pub agent: SocketAddr,
+    /// How long to record.
+    pub duration: Duration,
+    /// Trace file to write (the launch file goes beside it).
+    pub out: PathBuf,
+    /// Scenario name written into the trace.
+    pub scenario: String,
+    /// GPU UUID to record (default: the first the agent reports).
+    pub gpu: Option<String>,
+    /// Truth files (`{"pid", "periods": [[end, work, period], ...]}`).
+    pub truth: Vec<PathBuf>,
+    /// How long to wait after recording for truth files to appear.
+    pub truth_wait: Duration,
+}
+
+/// Why recording failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The agent could not be asked.
+    #[error("asking the agent at {agent} for {path}: {reason}")]
+    Agent {
+        /// Address.
+        agent: SocketAddr,
+        /// Endpoint.
+        path: &'static str,
+        /// Cause.
+        reason: String,
+    },
+    /// The agent answered but cannot give what a trace needs.
+    #[error("{0}")]
+    Unusable(String),
+    /// A truth file is missing or malformed.
+    #[error("truth file {path}: {reason}")]
+    Truth {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// The trace could not be written.
+    #[error(transparent)]
+    Write(#[from] trace::TraceError),
+}
+
+/// How often the agent is asked.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Records for `config.duration`; returns the trace written.
+pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
+    let pods = get_json(config.agent, "/pods")?;
+    let devices = pods["devices"].as_array().cloned().unwrap_or_default();
+    let device = match &config.gpu {
+        Some(uuid) => devices.iter().find(|d| d["uuid"].as_str() == Some(uuid.as_str())),
+        None => devices.first(),
+    }
+    .ok_or_else(|| RecordError::Unusable(format!("the agent reports no GPU{}", gpu_suffix(&config.gpu))))?
+    .clone();
+    let uuid = device["uuid"].as_str().unwrap_or_default().to_string();
+    let sharing: Option<Sharing> = serde_json::from_value(device["sharing"].clone()).ok();
+    let mut device_util = Vec::new();
+    let mut nvml = Vec::new();
+    let mut launches: Vec<LaunchLine> = Vec::new();
+    let (mut last_poll, mut last_read) = (0.0, 0.0);
+    let deadline = Instant::now() + config.duration;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let attribution = get_json(config.agent, "/attribution")?;
+        let gpu = attribution["gpus"].as_array().and_then(|gpus| gpus.iter().find(|g| g["uuid"] == uuid.as_str()));
+        if let Some(gpu) = gpu {
+            let at = gpu["polled_at_unix"].as_f64().unwrap_or(0.0);
+            if at > last_poll {
+                last_poll = at;
+                if let Some(util) = gpu["device_util"].as_f64() {
+                    device_util.push((at, util));
+                }
+                for sample in gpu["nvml"].as_array().into_iter().flatten() {
+                    if let (Some(pid), Some(sm)) = (sample[0].as_u64(), sample[1].as_f64()) {
+                        nvml.push((pid as u32, (at * 1e6) as u64, sm));
+                    }
+                }
+            }
+        }
+        let counts = get_json(config.agent, "/launches")?;
+        if counts["status"]["state"] == "disabled" {
+            return Err(RecordError::Unusable(
+                "the agent runs without launch accounting: start it with --launch-accounting on".into(),
+            ));
+        }
+        if let Some(read) = counts["read_at_unix"].as_f64().filter(|&read| read > last_read) {
+            last_read = read;
+            launches.push(LaunchLine { t: read, rows: launch_rows(&counts["rows"]) });
+        }
+        std::thread::sleep(POLL.saturating_sub(started.elapsed()));
+    }
+    let tenants = config.truth.iter().map(|path| read_truth(path, config.truth_wait)).collect::<Result<_, _>>()?;
+    let recorded = Trace {
+        scenario: config.scenario.clone(),
+        gpu: device["name"].as_str().unwrap_or_default().to_string(),
+        driver: String::new(),
+        sharing,
+        tenants,
+        device_util,
+        nvml_process_samples: nvml,
+    };
+    trace::write(&config.out, &recorded, &launches)?;
+    Ok(recorded)
+}
+
+fn gpu_suffix(gpu: &Option<String>) -> String {
+    gpu.as_ref().map(|uuid| format!(" {uuid}")).unwrap_or_default()
+}
+
+/// The agent's rows (one per process, function and launch shape) as
+/// trace rows (one per process, entry point and function: shapes summed).
+fn launch_rows(rows: &serde_json::Value) -> Vec<(u32, u32, u64, u64, u64)> {
+    let mut merged: BTreeMap<(u32, u32, u64), (u64, u64)> = BTreeMap::new();
+    for row in rows.as_array().into_iter().flatten() {
+        let (Some(pid), Some(n), Some(threads)) =
+            (row["pid"].as_u64(), row["launches"].as_u64(), row["threads"].as_u64())
+        else {
+            continue;
+        };
+        let kind = match row["entry"].as_str() {
+            Some("kernel") => podgpu_common::launch_kind::KERNEL,
+            Some("kernel_ex") => podgpu_common::launch_kind::KERNEL_EX,
+            Some("cooperative") => podgpu_common::launch_kind::COOPERATIVE,
+            Some("graph") => podgpu_common::launch_kind::GRAPH,
+            _ => continue,
+        };
+        let function = row["function"]
+            .as_str()
+            .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
+            .unwrap_or(0);
+        let entry = merged.entry((pid as u32, kind, function)).or_default();
+        entry.0 += n;
+        entry.1 += threads;
+    }
+    merged.into_iter().map(|((pid, kind, function), (n, threads))| (pid, kind, function, n, threads)).collect()
+}
+
+/// A tenant's truth file, waited for (tenants write it when they exit).
+fn read_truth(path: &std::path::Path, wait: Duration) -> Result<Tenant, RecordError> {
+    let deadline = Instant::now() + wait;
+    let text = loop {
+        match std::fs::read_to_string(path) {
+            Ok(text) => break text,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(POLL),
+            Err(err) => return Err(RecordError::Truth { path: path.to_path_buf(), reason: err.to_string() }),
+        }
+    };
+    let truth = |reason: String| RecordError::Truth { path: path.to_path_buf(), reason };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| truth(e.to_string()))?;
+    let pid = value["pid"].as_u64().ok_or_else(|| truth("no pid".into()))? as u32;
+    let periods: Vec<Vec<f64>> =
+        serde_json::from_value(value["periods"].clone()).map_err(|e| truth(format!("periods: {e}")))?;
+    if periods.iter().any(|p| p.len() < 3) {
+        return Err(truth("a period needs [end, work, period]".into()));
+    }
+    let segments = value.get("duty_target").map(|duty| vec![serde_json::json!({ "duty": duty, "n": value["n"] })]);
+    Ok(Tenant { pid, segments: segments.unwrap_or_default(), periods })
+}
+
+/// GET `path` from the agent over HTTP/1.1 on loopback, as JSON.
+fn get_json(agent: SocketAddr, path: &'static str) -> Result<serde_json::Value, RecordError> {
+    let fail = |reason: String| RecordError::Agent { agent, path, reason };
+    let mut stream = TcpStream::connect_timeout(&agent, Duration::from_secs(2)).map_err(|e| fail(e.to_string()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| fail(e.to_string()))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| fail(e.to_string()))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| fail(e.to_string()))?;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| fail("no header end".into()))?;
+    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 200") {
+        return Err(fail(head.lines().next().unwrap_or_default().to_string()));
+    }
+    let mut body = response[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = dechunk(&body).ok_or_else(|| fail("malformed chunked body".into()))?;
+    }
+    serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
+}
+
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(body.get(..size)?);
+        body = body.get(size + 2..)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's per-shape rows merge into the trace's per-function rows.
+    #[test]
+    fn rows_merge_launch_shapes() {
+        let rows = serde_json::json!([
+            {"pid": 5, "entry": "kernel_ex", "function": "0x1f", "grid": [1,1,1], "block": [32,1,1], "launches": 10, "threads": 320},
+            {"pid": 5, "entry": "kernel_ex", "function": "0x1f", "grid": [2,1,1], "block": [32,1,1], "launches": 5, "threads": 320},
+            {"pid": 6, "entry": "graph", "function": "0xa", "grid": [0,0,0], "block": [0,0,0], "launches": 3, "threads": 0},
+        ]);
+        assert_eq!(
+            launch_rows(&rows),
+            vec![
+                (5, podgpu_common::launch_kind::KERNEL_EX, 0x1f, 15, 640),
+                (6, podgpu_common::launch_kind::GRAPH, 0xa, 3, 0)
+            ]
+        );
+    }
+
+    /// Chunked bodies are reassembled; a truncated one is refused.
+    #[test]
+    fn chunked_bodies() {
+        assert_eq!(dechunk(b"3\r\n{\"a\r\n5\r\n\": 1}\r\n0\r\n\r\n").unwrap(), b"{\"a\": 1}");
+        assert!(dechunk(b"9\r\n{}").is_none());
+    }
+}
