@@ -31,15 +31,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from validate_nvml import NS, Pod, v2_root, get_json  # noqa: E402
 
 LOOP = r"""
-import sys, time, torch
-n = int(sys.argv[1])
+import os, sys, time, torch
+n, warm, go = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 x = torch.zeros(256, device="cuda")
 for _ in range(2000):
     x.add_(1)
 torch.cuda.synchronize()
-# Both modes wait alike: the agent attaches within a second or two of
-# libcuda appearing in the process's maps.
-time.sleep(3)
+open(warm, "w").close()
+# Untimed until told: with the agent, until it counts this process's
+# launches (its probes are on the library), so the timed loop is probed
+# from its first launch; without, at once.
+while not os.path.exists(go):
+    for _ in range(100):
+        x.add_(1)
+    torch.cuda.synchronize()
+    time.sleep(0.01)
 start = time.perf_counter()
 for _ in range(n):
     x.add_(1)
@@ -133,19 +139,35 @@ def part_b(args, root, work):
                 if mode == "with":
                     agent, http = start_agent(args.agent, work, pods_yaml, gpu="none")
                 # The loop runs in the pod, so the agent finds its libcuda
-                # (it attaches within a second of CUDA loading; the warm-up
-                # covers that) and counts its launches.
+                # and counts its launches; timing starts once it does.
                 out = os.path.join(work, "loop.out")
+                warm, go = os.path.join(work, "warm"), os.path.join(work, "go")
+                for path in (warm, go):
+                    if os.path.exists(path):
+                        os.unlink(path)
                 with open(out, "w") as f:
-                    p = subprocess.Popen([sys.executable, "-c", LOOP, str(n)], stdout=f, start_new_session=True)
+                    p = subprocess.Popen([sys.executable, "-c", LOOP, str(n), warm, go], stdout=f, start_new_session=True)
                 with open(os.path.join(pod.dir, "cgroup.procs"), "w") as f:
                     f.write(str(p.pid))
+                while not os.path.exists(warm):
+                    time.sleep(0.05)
+                before = 0
+                if agent:
+                    waited = time.time()
+                    while time.time() - waited < 15:
+                        rows = get_json(http, "/pods")["pods"]
+                        before = next((r["gpu_launches"] for r in rows if r["uid"] == pod.uid), 0)
+                        if before > 0:
+                            break
+                        time.sleep(0.1)
+                    print(f"round {round_}: probes counting {time.time() - waited:.1f} s after warm-up")
+                open(go, "w").close()
                 p.wait()
                 results[mode].append(float(open(out).read()))
                 if agent:
                     time.sleep(1.2)
                     counted = next(r["gpu_launches"] for r in get_json(http, "/pods")["pods"] if r["uid"] == pod.uid)
-                    print(f"round {round_}: the agent counted {counted} launches for {n} timed + 2000 warm-up (+ init)")
+                    print(f"round {round_}: the agent counted {counted - before} launches from the timed loop's start for {n} timed")
                     stop(agent)
         best = {mode: min(times) for mode, times in results.items()}
         print(f"\n== B: launch-bound loop, {n} tiny kernels, {args.rounds} alternated rounds (best of each)")
@@ -162,9 +184,10 @@ def main():
     ap.add_argument("--agent", required=True)
     ap.add_argument("--worker", required=True)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--launches", type=int, default=200000)
+    ap.add_argument("--launches", type=int, default=500000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--agent-args", default="", help='extra agent flags, e.g. "--launch-overhead-budget 1" (sampled mode)')
+    ap.add_argument("--only-overhead", action="store_true", help="part B only")
     args = ap.parse_args()
     AGENT_ARGS.extend(args.agent_args.split())
     root = v2_root()
@@ -175,7 +198,8 @@ def main():
         print(f"GPU: {pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))}, driver {pynvml.nvmlSystemGetDriverVersion()}")
     except Exception as err:  # noqa: BLE001
         print(f"GPU: unknown ({err})")
-    part_a(args, root, work)
+    if not args.only_overhead:
+        part_a(args, root, work)
     part_b(args, root, work)
 
 
