@@ -209,13 +209,14 @@ struct NodeOptions {
     #[arg(long, env = "PODGPU_PROBE_PATHS", default_value = podgpu_agent::probes::requests::traffic::DEFAULT_PROBE_PATHS, value_parser = parse_probe_paths)]
     probe_paths: ProbePaths,
     /// Kernel launch accounting with uprobes on libcuda (gpu_launch_rate,
-    /// /launches): on or off. A probed launch costs the launching thread
-    /// a uprobe trap (1.4 µs on an H200 host; calibrated at start on each
-    /// node); above --launch-overhead-budget the probes are attached for
-    /// part of each interval and counts are scaled from that sample. Off
-    /// by default until the sampled mode's cost is measured on a GPU
-    /// (docs/gpu.md, "Launch accounting").
-    #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "off", value_parser = ["on", "off"])]
+    /// /launches, and the launch counts the attribution estimator splits
+    /// each GPU's utilization by): on or off. A probed launch costs the
+    /// launching thread a uprobe trap (~1 µs on an H200 host; calibrated
+    /// at start on each node); above --launch-overhead-budget the probes
+    /// are attached for part of each interval and counts are scaled from
+    /// that sample (docs/gpu.md, "Launch accounting"). Off: gpu_sm_util
+    /// falls back to NVML's per-process samples.
+    #[arg(long, env = "PODGPU_LAUNCH_ACCOUNTING", default_value = "on", value_parser = ["on", "off"])]
     launch_accounting: String,
     /// Most a launch-bound tenant may lose to launch accounting, percent of
     /// its time (full counting below it, sampling above).

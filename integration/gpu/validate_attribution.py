@@ -36,13 +36,13 @@ from validate_nvml import NS, Pod, v2_root, get_json  # noqa: E402
 
 # (name, [(duty, n, start_delay_s)], mps)
 SCENARIOS = [
-    ("two-4096", [(0.25, 4096, 0), (0.5, 4096, 0)], False),
     ("three-4096", [(0.1, 4096, 0), (0.3, 4096, 0), (0.6, 4096, 0)], False),
-    ("steady-mixed", [(0.3, 8192, 0), (0.3, 4096, 0), (0.2, 6144, 0)], False),
+    ("two-4096", [(0.25, 4096, 0), (0.5, 4096, 0)], False),
     # Same duty, but 4096 matmuls launch ~9x more often than 8192 ones:
     # launch share gives the small tenant nearly everything.
     ("fool-launch-count", [(0.3, 8192, 0), (0.3, 4096, 4)], False),
     ("mps-staggered", [(0.3, 8192, 0), (0.2, 4096, 3), (0.25, 6144, 6)], True),
+    ("steady-mixed", [(0.3, 8192, 0), (0.3, 4096, 0), (0.2, 6144, 0)], False),
 ]
 
 
@@ -111,6 +111,9 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
                                   [sys.executable, args.worker, "run", str(duty), str(args.seconds), outs[i], str(n), str(kernel_s[n])])
                     pending.remove((i, (duty, n, delay)))
             view = get_json(http, "/pods?window=2")
+            with open(os.path.join(out_dir, f"{name}-attribution.jsonl"), "a") as dump:
+                dump.write(json.dumps({"t": time.time(), "attribution": get_json(http, "/attribution"),
+                                       "launches": get_json(http, "/launches"), "pods": view["pods"]}) + "\n")
             for row in view["pods"]:
                 if row["uid"] in live:
                     live[row["uid"]].append((time.time(), row["values"].get("gpu_sm_util"),
@@ -118,6 +121,9 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
             time.sleep(1.0)
             if time.time() - started > longest + 60:
                 break
+        health = get_json(http, "/healthz")
+        print(f"launch accounting: duty {health.get('launch_duty')}, calibrated cost "
+              f"{health.get('launch_hit_cost_ns')} ns per probed launch")
         record.wait(timeout=120)
         replay = subprocess.run([args.agent, "replay", trace], capture_output=True, text=True)
         scores = {json.loads(l)["pid"]: json.loads(l) for l in replay.stdout.splitlines() if l.strip()}

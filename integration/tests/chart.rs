@@ -37,7 +37,7 @@ const VARIANTS: [(&str, &[&str]); 8] = [
     ("mtls", &["tls.secretName=podgpu-tls", "tls.requireClientCert=true"]),
     ("no API access", &["kubernetesApi=false"]),
     ("static metadata", &["kubernetesApi=false", "podMetadata=pods: []"]),
-    ("launch accounting", &["launchAccounting=true", "launchOverheadBudget=0.5"]),
+    ("launch accounting", &["launchAccounting=false", "launchOverheadBudget=0.5"]),
     ("network policy", &["networkPolicy.enabled=true", "priorityClassName=system-node-critical"]),
     ("service monitor", &["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prometheus"]),
 ];
@@ -122,7 +122,7 @@ fn the_rendered_daemonset_is_what_the_real_node_tests_run() {
         .collect();
     assert_eq!(rendered, tested_mounts);
     assert_eq!(args(daemonset)[0], "node");
-    assert!(args(daemonset).contains(&"--launch-accounting=off".to_string()));
+    assert!(args(daemonset).contains(&"--launch-accounting=on".to_string()));
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn each_variant_renders_what_it_promises() {
     assert!(find(&defaults, "ServiceMonitor").is_none(), "off by default");
 
     let launches = render(VARIANTS[5].1);
-    assert!(has(&launches, "DaemonSet", "--launch-accounting=on"));
+    assert!(has(&launches, "DaemonSet", "--launch-accounting=off"));
     assert!(has(&launches, "DaemonSet", "--launch-overhead-budget=0.5"));
 }
 

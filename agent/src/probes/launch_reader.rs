@@ -129,7 +129,9 @@ fn run(
         duty = sampler.duty(busiest_rate);
         let mut snapshot = LaunchSnapshot {
             libraries: probe.libraries(),
-            published: Some(now),
+            // Stamped when read: the counts are as of now, not of the
+            // iteration's start (a whole interval earlier).
+            published: Some(Instant::now()),
             duty: sampled_duty,
             hit_cost_ns: hit_cost.as_nanos() as u64,
             ..LaunchSnapshot::default()

@@ -64,17 +64,32 @@ pub enum RecordError {
 
 /// How often the agent is asked.
 const POLL: Duration = Duration::from_millis(250);
+/// How long to wait for the agent's first GPU poll.
+const DEVICE_WAIT: Duration = Duration::from_secs(15);
 
 /// Records for `config.duration`; returns the trace written.
 pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
-    let pods = get_json(config.agent, "/pods")?;
-    let devices = pods["devices"].as_array().cloned().unwrap_or_default();
-    let device = match &config.gpu {
-        Some(uuid) => devices.iter().find(|d| d["uuid"].as_str() == Some(uuid.as_str())),
-        None => devices.first(),
-    }
-    .ok_or_else(|| RecordError::Unusable(format!("the agent reports no GPU{}", gpu_suffix(&config.gpu))))?
-    .clone();
+    // A freshly started agent has not polled yet: wait for its GPUs.
+    let wait_until = Instant::now() + DEVICE_WAIT;
+    let device = loop {
+        let pods = get_json(config.agent, "/pods")?;
+        let devices = pods["devices"].as_array().cloned().unwrap_or_default();
+        let found = match &config.gpu {
+            Some(uuid) => devices.iter().find(|d| d["uuid"].as_str() == Some(uuid.as_str())),
+            None => devices.first(),
+        };
+        match found {
+            Some(device) => break device.clone(),
+            None if Instant::now() < wait_until => std::thread::sleep(POLL),
+            None => {
+                return Err(RecordError::Unusable(format!(
+                    "the agent reports no GPU{} after {} s",
+                    gpu_suffix(&config.gpu),
+                    DEVICE_WAIT.as_secs()
+                )))
+            }
+        }
+    };
     let uuid = device["uuid"].as_str().unwrap_or_default().to_string();
     let sharing: Option<Sharing> = serde_json::from_value(device["sharing"].clone()).ok();
     let mut device_util = Vec::new();

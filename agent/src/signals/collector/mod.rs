@@ -145,8 +145,8 @@ pub struct Collector {
     /// The launch snapshot's rows and (libraries, duty, hit cost) as of
     /// the last tick, served with the per-pod counts of the same snapshot.
     launch_rows: Arc<Vec<crate::probes::launches::LaunchRow>>,
-    /// Unix time the launch reader read those rows.
-    launch_read_unix: Option<f64>,
+    /// When the launch reader read those rows (and that as Unix time).
+    launch_read_at: Option<(Instant, f64)>,
     launch_sampling: (usize, f64, u64),
     /// The driver snapshot's rows and counters as of the last tick: the
     /// view serves them with the per-pod values of the same snapshot.
@@ -191,7 +191,7 @@ impl Collector {
             driver_health,
             driver_rows: Arc::default(),
             launch_rows: Arc::default(),
-            launch_read_unix: None,
+            launch_read_at: None,
             launch_sampling: (0, 0.0, 0),
             driver_reader: Default::default(),
             started: Instant::now(),
@@ -249,11 +249,16 @@ impl Collector {
         let (launches, published) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             self.launch_rows = Arc::new(snapshot.rows.clone());
-            self.launch_read_unix = snapshot.published.map(|at| {
-                let unix_now =
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-                unix_now - at.elapsed().as_secs_f64()
-            });
+            // Converted once per publication, so the same read keeps the
+            // same time (`record` tells reads apart by it).
+            if snapshot.published != self.launch_read_at.map(|(at, _)| at) {
+                self.launch_read_at = snapshot.published.map(|at| {
+                    let unix_now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    (at, unix_now - at.elapsed().as_secs_f64())
+                });
+            }
             self.launch_sampling = (snapshot.libraries, snapshot.duty, snapshot.hit_cost_ns);
             (snapshot.per_pod.clone(), snapshot.published)
         };
@@ -542,7 +547,7 @@ impl Collector {
         NodeView {
             at_s: self.last_tick_s,
             launches: launch_rows,
-            launches_read_unix: self.launch_read_unix,
+            launches_read_unix: self.launch_read_at.map(|(_, unix)| unix),
             attribution: self.gpu_attribution.clone(),
             driver: driver_rows,
             built: Some(Instant::now()),
