@@ -105,9 +105,17 @@ async fn a_launching_pod_gets_the_share_nvml_misses() {
     require_root();
     let setup = start("attr-slice", "{uuid: GPU-attr, name: sim, memory_total_bytes: 100}", "missing", 40).await;
     let http = setup.agent.http;
+    // Measured: the loop's costs are learned (basis "measured", not the
+    // newcomer's "residual") and the pod's value settled on the device's.
+    let learned = async || {
+        let attribution = json(http, "/attribution").await;
+        let shares = attribution["gpus"][0]["attribution"]["processes"].as_array().cloned().unwrap_or_default();
+        shares.iter().any(|p| p["pid"] == setup.pid && p["basis"] == "measured")
+    };
     let measured = eventually(Duration::from_secs(15), async || {
         let values = pod_values(&json(http, "/pods?window=2").await, &setup.uid);
-        values["values"]["gpu_sm_util"].as_f64().is_some_and(|v| (v - 40.0).abs() < 3.0)
+        learned().await
+            && values["values"]["gpu_sm_util"].as_f64().is_some_and(|v| (v - 40.0).abs() < 3.0)
             && values["gpu_attribution_confidence"].as_f64().is_some_and(|c| c > 0.8)
     })
     .await;
