@@ -31,7 +31,7 @@ fn helm(args: &[&str]) -> String {
 }
 
 /// The documented variants, as `--set` lists.
-const VARIANTS: [(&str, &[&str]); 8] = [
+const VARIANTS: [(&str, &[&str]); 9] = [
     ("default", &[]),
     ("tls", &["tls.secretName=podgpu-tls"]),
     ("mtls", &["tls.secretName=podgpu-tls", "tls.requireClientCert=true"]),
@@ -40,6 +40,7 @@ const VARIANTS: [(&str, &[&str]); 8] = [
     ("launch accounting", &["launchAccounting=false", "launchOverheadBudget=0.5"]),
     ("network policy", &["networkPolicy.enabled=true", "priorityClassName=system-node-critical"]),
     ("service monitor", &["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prometheus"]),
+    ("grafana dashboard", &["grafanaDashboard.enabled=true"]),
 ];
 
 fn set_args(sets: &[&str]) -> Vec<String> {
@@ -201,6 +202,13 @@ fn each_variant_renders_what_it_promises() {
     assert_eq!(services.len(), 2);
     assert!(services.iter().all(|s| s["spec"]["ports"].as_sequence().unwrap().iter().any(|p| p["name"] == "http")));
     assert!(find(&defaults, "ServiceMonitor").is_none(), "off by default");
+
+    let dashboards = render(VARIANTS[8].1);
+    let dashboard = find(&dashboards, "ConfigMap").expect("the dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], Value::from("1"));
+    let json: serde_json::Value = serde_json::from_str(dashboard["data"]["podgpu.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "podgpu-overview");
+    assert!(find(&defaults, "ConfigMap").is_none(), "off by default");
 
     let launches = render(VARIANTS[5].1);
     assert!(has(&launches, "DaemonSet", "--launch-accounting=off"));

@@ -1,6 +1,8 @@
 //! A real Prometheus (Debian's `prometheus`) scrapes a running agent: the
-//! exposition passes `promtool check metrics`, and a PromQL query returns
-//! the expected pod's values (as root: the agent loads its eBPF probes).
+//! exposition passes `promtool check metrics`, a PromQL query returns the
+//! expected pod's values, and every expression of the Grafana dashboard
+//! (`chart/dashboards/podgpu.json`) returns data (as root: the agent loads
+//! its eBPF probes).
 use integration::require_root;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -120,4 +122,42 @@ async fn prometheus_scrapes_the_agent() {
     assert_eq!(up, 1.0);
     let scrape_s = query("podgpu_agent_scrape_duration_seconds".to_string()).await.expect("scrape cost series");
     assert!(scrape_s > 0.0 && scrape_s < 1.0, "scrape cost {scrape_s} s");
+
+    // Every expression of the Grafana dashboard returns data from this
+    // Prometheus (its variables set to this test's namespace).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../chart/dashboards/podgpu.json")).unwrap(),
+    )
+    .unwrap();
+    let expressions: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().cloned().unwrap_or_default())
+        .map(|target| target["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(expressions.len() >= 15, "{expressions:?}");
+    let series = |promql: String| {
+        let addr = prometheus.addr;
+        async move {
+            let reply = get(addr, &format!("/api/v1/query?query={}", encode(&promql))).await.ok()?;
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+            (body["status"] == "success").then(|| body["data"]["result"].as_array().map_or(0, Vec::len))
+        }
+    };
+    for expression in expressions {
+        let promql = expression
+            .replace("$namespace", &ns)
+            .replace("$pod", ".*")
+            .replace("$job", "podgpu")
+            .replace("$__rate_interval", "30s");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match series(promql.clone()).await {
+                Some(found) if found > 0 => break,
+                outcome => assert!(Instant::now() < deadline, "no data for dashboard query {promql}: {outcome:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }

@@ -137,7 +137,12 @@ pub enum GpuError {
 }
 
 impl GpuError {
-    /// Short label for self-metrics (`podgpu_agent_gpu_errors_total{kind}`).
+    /// Every `kind`: the self-metric exports each from zero, so a rate
+    /// over it exists before the first error.
+    pub const KINDS: [&'static str; 5] = ["library_missing", "init", "gpu_lost", "poll", "scenario"];
+
+    /// Short label for self-metrics (`podgpu_agent_gpu_errors_total{kind}`),
+    /// one of `KINDS`.
     pub fn kind(&self) -> &'static str {
         match self {
             GpuError::LibraryMissing { .. } => "library_missing",

@@ -204,7 +204,9 @@ pub fn render_metrics(view: &NodeView) -> String {
         "podgpu_agent_gpu_errors_total",
         "counter",
         "GPU backend opens and polls that failed, by kind.",
-        health.gpu_errors.iter().map(|(kind, count)| (format!("kind=\"{kind}\""), *count as f64)),
+        crate::gpu::GpuError::KINDS
+            .iter()
+            .map(|kind| (format!("kind=\"{kind}\""), health.gpu_errors.get(kind).copied().unwrap_or(0) as f64)),
     );
     if let Some(age) = health.gpu_sample_age_s {
         family(

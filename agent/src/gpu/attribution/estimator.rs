@@ -185,6 +185,15 @@ impl Estimator {
             tracked.last_rate = rate;
             tracked.idle_s = if rate > 0.0 { 0.0 } else { tracked.idle_s + duration };
         }
+        // A process NVML saw busy whose launches the probes did not see
+        // (its libcuda not found yet, or launches made some other way)
+        // holds the unexplained part too: without it that part would be
+        // nobody's, and its pod would read a made-up 0.
+        for &(pid, sm) in &window.nvml {
+            if sm > 0.0 && !pid_rates.contains_key(&pid) {
+                pending.insert(pid);
+            }
+        }
         let active = pid_rates.values().filter(|&&rate| rate > 0.0).count();
         // A key's prior mean is its process's part of what the learned keys
         // leave unexplained (split evenly between the processes still
