@@ -112,6 +112,7 @@ pub struct Estimator {
     keys: HashMap<CostKey, Tracked>,
     /// Slot of the time-slicing overhead state (time-sliced GPUs only).
     overhead: Option<Slot>,
+    sharing: Sharing,
 }
 
 impl Estimator {
@@ -121,7 +122,7 @@ impl Estimator {
         // Under MPS kernels of different clients overlap: there is no
         // switching cost to learn, only concurrency.
         let overhead = (sharing == Sharing::TimeSliced).then(|| filter.push(0.0, config.overhead_prior.powi(2)));
-        Self { config, filter, keys: HashMap::new(), overhead }
+        Self { config, filter, keys: HashMap::new(), overhead, sharing }
     }
 
     /// Keys the filter holds now.
@@ -188,10 +189,18 @@ impl Estimator {
         // A process NVML saw busy whose launches the probes did not see
         // (its libcuda not found yet, or launches made some other way)
         // holds the unexplained part too: without it that part would be
-        // nobody's, and its pod would read a made-up 0.
-        for &(pid, sm) in &window.nvml {
-            if sm > 0.0 && !pid_rates.contains_key(&pid) {
-                pending.insert(pid);
+        // nobody's, and its pod would read a made-up 0. Not under MPS,
+        // where NVML's only busy process is the server, doing everyone's
+        // work.
+        // Its NVML value is the best guess there is for it (a prior the
+        // reconciliation corrects).
+        let mut unseen: BTreeMap<u32, f64> = BTreeMap::new();
+        if self.sharing != Sharing::Mps {
+            for &(pid, sm) in &window.nvml {
+                if sm > 0.0 && !pid_rates.contains_key(&pid) {
+                    pending.insert(pid);
+                    unseen.insert(pid, sm);
+                }
             }
         }
         let active = pid_rates.values().filter(|&&rate| rate > 0.0).count();
@@ -243,6 +252,7 @@ impl Estimator {
         }
         for pid in &pending {
             let entry = predicted.entry(*pid).or_insert((0.0, 0.0));
+            entry.0 += unseen.get(pid).copied().unwrap_or(0.0);
             entry.1 += cfg.prior_share.powi(2);
         }
         let overhead = self.overhead.map_or(0.0, |slot| self.filter.mean(slot) * h[slot]).clamp(0.0, util);

@@ -76,20 +76,27 @@ fn a_newcomer_takes_the_residual() {
 }
 
 /// A process NVML saw busy but whose launches are unseen is not read as
-/// idle: it holds what the launching processes do not explain.
+/// idle: it holds what the launching processes do not explain, and NVML's
+/// values split that part between such processes.
 #[test]
 fn busy_processes_without_launch_counts_hold_the_rest() {
     let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::TimeSliced);
     let unseen = Window {
         duration_s: 1.0,
-        device_util: Some(35.0),
+        device_util: Some(50.0),
         launches: Some(Vec::new()),
-        nvml: vec![(9, 35.0), (10, 0.0)],
+        nvml: vec![(9, 40.0), (10, 0.0), (11, 10.0)],
     };
     let attribution = estimator.observe(&unseen).unwrap();
-    assert!((attribution.share_of(9) - 35.0).abs() < 1e-6, "{attribution:?}");
+    assert!((attribution.share_of(9) - 40.0).abs() < 1e-6, "{attribution:?}");
+    assert!((attribution.share_of(11) - 10.0).abs() < 1e-6, "{attribution:?}");
     assert_eq!(attribution.share_of(10), 0.0, "an idle process got a share");
     assert_eq!(attribution.processes.iter().find(|p| p.pid == 9).unwrap().basis, Basis::Residual);
+
+    // Under MPS the busy process NVML names is the server: it gets nothing.
+    let mut mps = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    let server = Window { nvml: vec![(1, 35.0)], ..unseen };
+    assert!(mps.observe(&server).unwrap().processes.is_empty());
 }
 
 /// Shares never sum above the device utilization, whatever the counts.
