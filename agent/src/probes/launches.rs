@@ -158,30 +158,55 @@ impl LaunchProbe {
     /// function of this binary is called with and without a launch probe
     /// on it (the trap, the program and the return: what a launch pays).
     pub fn calibrate(&mut self) -> Result<std::time::Duration, ProbeError> {
-        const CALLS: u32 = 20_000;
+        const CALLS: u32 = 5_000;
         let exe = std::path::PathBuf::from("/proc/self/exe");
         let file = std::fs::File::open(&exe).map_err(|err| ProbeError::Library { path: exe.clone(), source: err })?;
         let offset = symbol_offset(&file, CALIBRATION_SYMBOL)
             .map_err(|err| ProbeError::Library { path: exe.clone(), source: err })?;
+        // The same arguments for every call: the probe reads them as a
+        // launch's function and sizes, so each call updates one existing
+        // key, as a real launch of a known kernel does. (Arguments that
+        // varied made every call insert a new key: 6-7x the cost of a
+        // launch on an H200 host, and a full map.)
         let time_calls = || {
             let started = std::time::Instant::now();
-            for call in 0..CALLS {
-                std::hint::black_box(podgpu_uprobe_calibration_target(std::hint::black_box(call)));
+            for _ in 0..CALLS {
+                let [f, gx, gy, gz, bx, by, bz] = std::hint::black_box(CALIBRATION_LAUNCH);
+                std::hint::black_box(podgpu_uprobe_calibration_target(f, gx, gy, gz, bx, by, bz));
             }
             started.elapsed()
         };
-        let bare = time_calls();
+        // Medians of several rounds: one round can be slowed by anything
+        // else starting up with the agent.
+        const ROUNDS: usize = 5;
+        let median = |mut rounds: Vec<Duration>| {
+            rounds.sort_unstable();
+            rounds[rounds.len() / 2]
+        };
+        let bare = median((0..ROUNDS).map(|_| time_calls()).collect());
         let name = PROGRAMS[0];
         let link = program(&mut self.ebpf, name)?
             .attach(UProbeAttachLocation::AbsoluteOffset(offset), &exe, UProbeScope::AllProcesses)
             .map_err(|source| ProbeError::Program { name, source })?;
-        let probed = time_calls();
+        let probed = median((0..ROUNDS).map(|_| time_calls()).collect());
         let _ = program(&mut self.ebpf, name)?.detach(link);
-        // The calibration's own counts are not launches.
-        let own: Vec<LaunchKey> =
-            self.counts()?.into_iter().map(|(key, _)| key).filter(|key| key.tgid == std::process::id()).collect();
-        self.forget(&own)?;
-        Ok(probed.saturating_sub(bare) / CALLS)
+        // The calibration's own counts are not launches; they also say
+        // whether every call was probed (a round that was not would make
+        // the cost read low).
+        let own: Vec<(LaunchKey, u64)> =
+            self.counts()?.into_iter().filter(|(key, _)| key.tgid == std::process::id()).collect();
+        let counted: u64 = own.iter().map(|(_, n)| n).sum();
+        self.forget(&own.into_iter().map(|(key, _)| key).collect::<Vec<_>>())?;
+        let expected = ROUNDS as u64 * u64::from(CALLS);
+        if counted < expected {
+            return Err(ProbeError::Calibration(format!("{counted} of {expected} calibration calls were probed")));
+        }
+        if probed <= bare {
+            // Noise swamped the traps (a busy machine at start): a cost of
+            // 0 would switch the budget off.
+            return Err(ProbeError::Calibration(format!("probed calls took {probed:?}, bare ones {bare:?}")));
+        }
+        Ok((probed - bare) / CALLS)
     }
 
     /// Counts only launches within [start, end) of CLOCK_MONOTONIC (the
@@ -245,11 +270,26 @@ fn fd_path(file: &std::fs::File) -> std::path::PathBuf {
 /// stands for a launch entry point.
 const CALIBRATION_SYMBOL: &str = "podgpu_uprobe_calibration_target";
 
-/// Called by `LaunchProbe::calibrate` with and without a probe on it.
+/// What `LaunchProbe::calibrate` passes the target: a function handle and
+/// grid and block sizes, as `cuLaunchKernel` takes them.
+const CALIBRATION_LAUNCH: [u32; 7] = [0x0ca1, 4, 1, 1, 128, 1, 1];
+
+/// Called by `LaunchProbe::calibrate` with and without a probe on it; its
+/// first seven arguments are laid out as `cuLaunchKernel`'s (the seventh
+/// on the stack on x86-64), so the launch program reads the same key on
+/// every call.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn podgpu_uprobe_calibration_target(call: u32) -> u32 {
-    std::hint::black_box(call.wrapping_mul(31))
+pub extern "C" fn podgpu_uprobe_calibration_target(
+    function: u32,
+    grid_x: u32,
+    grid_y: u32,
+    grid_z: u32,
+    block_x: u32,
+    block_y: u32,
+    block_z: u32,
+) -> u32 {
+    std::hint::black_box(function ^ grid_x ^ grid_y ^ grid_z ^ block_x ^ block_y ^ block_z)
 }
 
 /// (program, file offset) of each launch entry point `file` exports

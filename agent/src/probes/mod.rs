@@ -19,6 +19,9 @@ pub enum ProbeError {
     /// A map is missing from the object (build mismatch).
     #[error("eBPF map {0} not found in the object")]
     MissingMap(&'static str),
+    /// The launch probe's cost could not be measured.
+    #[error("calibrating the launch probe: {0}")]
+    Calibration(String),
     /// Loading or attaching one program failed.
     #[error("eBPF program {name}: {source}")]
     Program {
