@@ -17,9 +17,12 @@
 //!   static pod metadata.
 //! - `signals`: per-pod histories, windows, aggregation, the collector.
 //! - `serve`: KEDA scaler, trigger validation, HTTP endpoints.
+//! - `top`: the live terminal view (`podgpu-agent top`), a client of
+//!   `/pods`; `agent_http`: the small GET client it and `record` share.
 //!
 //! Readers never touch the sources: every KEDA call and scrape reads the
 //! latest `NodeView` the collector published.
+pub mod agent_http;
 pub mod backoff;
 pub mod gpu;
 pub mod pods;
@@ -28,6 +31,7 @@ pub mod proc;
 pub mod serve;
 pub mod signals;
 pub mod status;
+pub mod top;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

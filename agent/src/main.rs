@@ -38,10 +38,29 @@ enum Role {
     /// Replays a recorded trace (TRACE.json beside TRACE-launch.jsonl)
     /// through the attribution estimator; prints one JSON line per tenant.
     Replay(ReplayArgs),
+    /// A live terminal view of the agent on this node: GPUs, and per pod
+    /// GPU share, memory, requests in flight, request rate and TTFT.
+    Top(TopArgs),
     /// Records a replayable trace from the agent running on this node
     /// (its HTTP API): device utilization, NVML samples, launch counts, and
     /// the truth of tenants that report it.
     Record(RecordArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TopArgs {
+    /// The agent's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:9102")]
+    agent: SocketAddr,
+    /// Window of the per-pod values, seconds.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
+    window_s: f64,
+    /// Only pods of this namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only pods whose labels match this selector (`app=llm,tier!=batch`).
+    #[arg(long, value_parser = podgpu_agent::pods::selector::LabelSelector::parse)]
+    selector: Option<podgpu_agent::pods::selector::LabelSelector>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -253,6 +272,15 @@ async fn main() -> anyhow::Result<()> {
     if let Role::Record(args) = &cli.role {
         return record(args);
     }
+    if let Role::Top(args) = &cli.role {
+        return podgpu_agent::top::run(&podgpu_agent::top::TopConfig {
+            agent: args.agent,
+            window_s: args.window_s,
+            namespace: args.namespace.clone(),
+            selector: args.selector.clone(),
+            interval: Duration::from_secs(1),
+        });
+    }
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -272,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (serving, options) = match cli.role {
         Role::Standalone(args) | Role::Node(args) => (args.serving, args.node),
-        Role::Replay(_) | Role::Record(_) => unreachable!("handled above"),
+        Role::Replay(_) | Role::Record(_) | Role::Top(_) => unreachable!("handled above"),
         Role::Scaler(ScalerArgs { serving, scaler }) => {
             let node_tls = ClientTls {
                 ca: scaler.node_tls_ca,

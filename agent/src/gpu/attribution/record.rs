@@ -6,12 +6,12 @@
 //! their true load (`duty_worker.py`'s output files) become the trace's
 //! truth.
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::trace::{self, LaunchLine, Tenant, Trace};
+use crate::agent_http;
 use crate::gpu::Sharing;
 
 /// What to record.
@@ -141,6 +141,11 @@ pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
     Ok(recorded)
 }
 
+/// GET `path` from the agent, as JSON.
+fn get_json(agent: SocketAddr, path: &'static str) -> Result<serde_json::Value, RecordError> {
+    agent_http::get_json(agent, path).map_err(|reason| RecordError::Agent { agent, path, reason })
+}
+
 fn gpu_suffix(gpu: &Option<String>) -> String {
     gpu.as_ref().map(|uuid| format!(" {uuid}")).unwrap_or_default()
 }
@@ -195,42 +200,6 @@ fn read_truth(path: &std::path::Path, wait: Duration) -> Result<Tenant, RecordEr
     Ok(Tenant { pid, segments: segments.unwrap_or_default(), periods })
 }
 
-/// GET `path` from the agent over HTTP/1.1 on loopback, as JSON.
-fn get_json(agent: SocketAddr, path: &'static str) -> Result<serde_json::Value, RecordError> {
-    let fail = |reason: String| RecordError::Agent { agent, path, reason };
-    let mut stream = TcpStream::connect_timeout(&agent, Duration::from_secs(2)).map_err(|e| fail(e.to_string()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| fail(e.to_string()))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {agent}\r\nConnection: close\r\n\r\n")
-        .map_err(|e| fail(e.to_string()))?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(|e| fail(e.to_string()))?;
-    let split = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| fail("no header end".into()))?;
-    let head = String::from_utf8_lossy(&response[..split]).to_ascii_lowercase();
-    if !head.starts_with("http/1.1 200") {
-        return Err(fail(head.lines().next().unwrap_or_default().to_string()));
-    }
-    let mut body = response[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body).ok_or_else(|| fail("malformed chunked body".into()))?;
-    }
-    serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
-}
-
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,12 +219,5 @@ mod tests {
                 (6, podgpu_common::launch_kind::GRAPH, 0xa, 3, 0)
             ]
         );
-    }
-
-    /// Chunked bodies are reassembled; a truncated one is refused.
-    #[test]
-    fn chunked_bodies() {
-        assert_eq!(dechunk(b"3\r\n{\"a\r\n5\r\n\": 1}\r\n0\r\n\r\n").unwrap(), b"{\"a\": 1}");
-        assert!(dechunk(b"9\r\n{}").is_none());
     }
 }
