@@ -23,6 +23,10 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     role: Role,
+    /// Log format on stderr: text, or json (one object per line, for log
+    /// pipelines).
+    #[arg(long, global = true, env = "PODGPU_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 /// Each role takes the flags it uses and no others: the scaler has no
@@ -261,11 +265,15 @@ fn parse_probe_paths(text: &str) -> Result<ProbePaths, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     if let Role::Replay(args) = &cli.role {
         return replay(args);
     }

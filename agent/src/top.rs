@@ -1,8 +1,10 @@
 //! `podgpu-agent top`: a live terminal view of one node agent's pods and
-//! GPUs, read from its `/pods` endpoint once a second: a header line per
-//! GPU (utilization, memory, sharing mode, how sure the per-pod split is,
-//! switching overhead) and a table of pods (GPU share and its confidence,
-//! NVML's share, memory, requests in flight, request rate, TTFT p50/p99).
+//! GPUs, or of the whole cluster through the scaler, read from `/pods`
+//! once a second: a header line per GPU (utilization, memory, sharing
+//! mode, how sure the per-pod split is, switching overhead) or, through
+//! the scaler, per node, and a table of pods (GPU share and its
+//! confidence, NVML's share, memory, requests in flight, request rate,
+//! TTFT p50/p99).
 //! Keys: `s` or Tab sorts by the next column, `r` reverses, `q` or Esc
 //! quits. `--namespace` and `--selector` filter the pods.
 use std::net::SocketAddr;
@@ -94,6 +96,15 @@ struct Snapshot {
 
 /// Turns `/pods` into what the screen shows, filtered.
 fn snapshot(body: &serde_json::Value, config: &TopConfig) -> Snapshot {
+    // The scaler answers with nodes instead of GPUs.
+    let nodes = body["nodes"].as_array().into_iter().flatten().map(|n| {
+        format!(
+            "node {}: {} pods, snapshot {:.1} s old",
+            n["name"].as_str().unwrap_or("?"),
+            n["pods"].as_u64().unwrap_or(0),
+            n["snapshot_age_s"].as_f64().unwrap_or(f64::NAN)
+        )
+    });
     let gpus = body["devices"]
         .as_array()
         .into_iter()
@@ -112,6 +123,7 @@ fn snapshot(body: &serde_json::Value, config: &TopConfig) -> Snapshot {
                 percent("sharing_overhead_percent"),
             )
         })
+        .chain(nodes)
         .collect();
     let pods = body["pods"]
         .as_array()
@@ -179,7 +191,7 @@ pub fn run(config: &TopConfig) -> anyhow::Result<()> {
 }
 
 fn event_loop(terminal: &mut ratatui::DefaultTerminal, config: &TopConfig) -> anyhow::Result<()> {
-    let path = format!("/pods?window={}", config.window_s);
+    let mut path = format!("/pods?window={}", config.window_s);
     let (mut column, mut reversed) = (1, false);
     let mut shown = Snapshot::default();
     let mut status = String::from("connecting");
@@ -187,7 +199,14 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, config: &TopConfig) -> an
     loop {
         if read_at.is_none_or(|at| at.elapsed() >= config.interval) {
             read_at = Some(Instant::now());
-            match agent_http::get_json(config.agent, &path) {
+            let mut read = agent_http::get_json(config.agent, &path);
+            if read.as_ref().is_err_and(|err| err.starts_with("http/1.1 400")) && path != "/pods" {
+                // The scaler serves only the windows its nodes carry: take
+                // its default.
+                path = "/pods".to_string();
+                read = agent_http::get_json(config.agent, &path);
+            }
+            match read {
                 Ok(body) => {
                     shown = snapshot(&body, config);
                     status = format!("{} pods", shown.pods.len());
@@ -293,6 +312,8 @@ mod tests {
     fn snapshot_filters_and_describes() {
         let all = snapshot(&body(), &config());
         assert_eq!(all.pods.len(), 3);
+        let cluster = serde_json::json!({"nodes": [{"name": "gpu-7", "pods": 2, "snapshot_age_s": 0.4}], "pods": []});
+        assert_eq!(snapshot(&cluster, &config()).gpus, ["node gpu-7: 2 pods, snapshot 0.4 s old"]);
         assert!(all.gpus[0].contains("util 62%") && all.gpus[0].contains("split confidence 0.90"), "{:?}", all.gpus);
         let ml = snapshot(&body(), &TopConfig { namespace: Some("ml".into()), ..config() });
         assert_eq!(ml.pods.iter().map(|p| p.pod.as_str()).collect::<Vec<_>>(), ["ml/llm-a", "ml/llm-b"]);

@@ -49,3 +49,30 @@ fn each_role_takes_only_its_own_flags() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--gpu"));
 }
+
+/// `--log-format json` writes one JSON object per log line on stderr;
+/// the default is text.
+#[test]
+fn logs_can_be_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("empty.json");
+    std::fs::write(&trace, r#"{"scenario": "empty", "device_util": []}"#).unwrap();
+    std::fs::write(dir.path().join("empty-launch.jsonl"), "").unwrap();
+    let run = |extra: &[&str]| {
+        let output = Command::new(workspace_binary("podgpu-agent"))
+            .arg("replay")
+            .arg(&trace)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let json = run(&["--log-format", "json"]);
+    let lines: Vec<serde_json::Value> =
+        json.lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"))).collect();
+    assert!(lines.iter().any(|l| l["level"] == "INFO" && l["fields"]["message"].as_str().is_some()), "{json}");
+    let text = run(&[]);
+    assert!(!text.is_empty() && !text.trim_start().starts_with('{'), "{text}");
+}

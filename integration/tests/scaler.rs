@@ -70,6 +70,16 @@ async fn scaler_merges_nodes_and_survives_a_node_restart() {
         &[("metric", "gpu_sm_util"), ("target", "10"), ("podSelector", "app=other"), ("window", "2s")],
     );
     assert!((value_eventually(&mut keda, &other, "gpu", 50.0, Duration::from_secs(5)).await - 50.0).abs() < 1.5);
+    // The scaler's /pods lists every node's pods, as `top` shows them.
+    let listed: serde_json::Value =
+        serde_json::from_slice(&get(scaler.http, "/pods").await.unwrap().body).expect("scaler /pods");
+    let llm: Vec<&serde_json::Value> =
+        listed["pods"].as_array().unwrap().iter().filter(|p| p["labels"]["app"] == "llm").collect();
+    let nodes: std::collections::BTreeSet<&str> = llm.iter().filter_map(|p| p["node"].as_str()).collect();
+    assert_eq!(nodes.len(), 2, "llm pods on two nodes: {listed}");
+    let total: f64 = llm.iter().filter_map(|p| p["values"]["gpu_sm_util"].as_f64()).sum();
+    assert!((total - 50.0).abs() < 1.5, "{listed}");
+    assert_eq!(listed["nodes"].as_array().map(Vec::len), Some(3), "{listed}");
     // Each node's GPU sample age travels with its snapshot.
     let health: serde_json::Value = serde_json::from_slice(&get(scaler.http, "/healthz").await.unwrap().body).unwrap();
     for node in health["nodes"].as_array().expect("nodes listed") {

@@ -1,21 +1,32 @@
 //! The scaler role's HTTP endpoints: `/healthz` (which node agents it covers
-//! and why others are missing) and `/metrics` (coverage self-metrics).
+//! and why others are missing), `/pods` (every covered node's pods, in the
+//! node agents' `/pods` shape, for `podgpu-agent top` on the whole cluster)
+//! and `/metrics` (coverage self-metrics).
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
 use super::cluster::ClusterView;
+use crate::signals::aggregate::PodSignals;
+use crate::signals::latency::{new_histogram, quantile_ms};
+use crate::signals::metric::{Combine, Metric};
+use crate::signals::traffic_filter::TrafficFilter;
 
 type ViewRx = watch::Receiver<Arc<ClusterView>>;
 
 /// The scaler's HTTP router.
 pub fn router(view: ViewRx) -> Router {
-    Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics)).with_state(view)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/pods", get(pods))
+        .route("/metrics", get(metrics))
+        .with_state(view)
 }
 
 async fn healthz(State(view): State<ViewRx>) -> Response {
@@ -41,6 +52,57 @@ async fn healthz(State(view): State<ViewRx>) -> Response {
         "nodes": nodes,
     }))
     .into_response()
+}
+
+/// `/pods?window=SECONDS`: the pods of every covered node with their
+/// values over a window the node snapshots carry (the default one when
+/// none is asked for; asking for another is a 400 naming those carried).
+async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, String>>) -> Response {
+    let view = view.borrow().clone();
+    let window_s = match query.get("window").map(|w| w.parse::<f64>()) {
+        None => view.windows.first().copied(),
+        Some(Ok(w)) if view.has_window(w) => Some(w),
+        Some(_) => {
+            let carried: Vec<String> = view.windows.iter().map(|w| format!("{w}")).collect();
+            return (StatusCode::BAD_REQUEST, format!("window: the node snapshots carry {}", carried.join(", ")))
+                .into_response();
+        }
+    };
+    let filter = TrafficFilter::default();
+    let rows: Vec<serde_json::Value> = view
+        .nodes
+        .iter()
+        .flat_map(|node| node.pods.iter().map(move |pod| (node, pod)))
+        .map(|(node, pod)| {
+            let values: serde_json::Map<String, serde_json::Value> = Metric::ALL
+                .into_iter()
+                .map(|metric| {
+                    let value = window_s.and_then(|w| match metric.combine() {
+                        Combine::Additive => pod.value(metric, w, &filter),
+                        Combine::Percentile(q) => {
+                            let mut merged = new_histogram();
+                            pod.merge_latencies(metric, w, &filter, &mut merged);
+                            quantile_ms(&merged, q.fraction())
+                        }
+                    });
+                    (metric.name().to_string(), value.into())
+                })
+                .collect();
+            serde_json::json!({
+                "namespace": pod.namespace(),
+                "name": pod.display_name(),
+                "labels": pod.labels(),
+                "node": node.name,
+                "values": values,
+            })
+        })
+        .collect();
+    let nodes: Vec<serde_json::Value> = view
+        .nodes
+        .iter()
+        .map(|node| serde_json::json!({ "name": node.name, "pods": node.pods.len(), "snapshot_age_s": node.age_s }))
+        .collect();
+    Json(serde_json::json!({ "window_s": window_s, "pods": rows, "nodes": nodes, "devices": [] })).into_response()
 }
 
 async fn metrics(State(view): State<ViewRx>) -> Response {
