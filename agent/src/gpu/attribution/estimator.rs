@@ -133,11 +133,13 @@ impl Estimator {
     /// Folds one window in and returns its attribution; `None` when the
     /// device utilization is unknown (no share can be bounded).
     pub fn observe(&mut self, window: &Window) -> Option<Attribution> {
-        let util = window.device_util?.clamp(0.0, 100.0);
+        // Inputs come from other threads and from trace files: anything
+        // not a plain number is left out rather than poisoning the state.
+        let util = window.device_util.filter(|u| u.is_finite())?.clamp(0.0, 100.0);
         let Some(launches) = &window.launches else {
             return Some(nvml_only(util, &window.nvml));
         };
-        let duration = window.duration_s.max(1e-3);
+        let duration = if window.duration_s.is_finite() { window.duration_s.clamp(1e-3, 3600.0) } else { 1.0 };
         let rates = self.rates(launches, duration);
         let pid_rates = per_pid(&rates);
         let cfg = self.config;
@@ -196,7 +198,7 @@ impl Estimator {
         // reconciliation corrects).
         let mut unseen: BTreeMap<u32, f64> = BTreeMap::new();
         if self.sharing != Sharing::Mps {
-            for &(pid, sm) in &window.nvml {
+            for (pid, sm) in sane(&window.nvml) {
                 if sm > 0.0 && !pid_rates.contains_key(&pid) {
                     pending.insert(pid);
                     unseen.insert(pid, sm);
@@ -235,6 +237,13 @@ impl Estimator {
         if measured_active {
             let noise = cfg.util_noise.powi(2) + (cfg.misalignment_gain * moved).powi(2);
             self.filter.update(&h, util, noise);
+            if !self.filter.is_finite() {
+                // Unreachable with sane inputs; if it happens, start over
+                // rather than serve numbers from a broken state.
+                tracing::warn!("attribution state diverged; relearning this GPU's launch costs");
+                *self = Self::new(cfg, self.sharing);
+                return Some(nvml_only(util, &window.nvml));
+            }
         }
 
         // Step 4: shares, reconciled with the device utilization.
@@ -293,7 +302,10 @@ impl Estimator {
     /// `max_keys_per_process` are merged into one.
     fn rates(&self, launches: &[LaunchCount], duration: f64) -> HashMap<CostKey, f64> {
         let mut rates: HashMap<CostKey, f64> = HashMap::new();
-        for count in launches.iter().filter(|c| c.launches > 0.0) {
+        // A count no GPU could run in the window (over a billion launches
+        // a second) is corrupt, not load.
+        let plausible = |c: &&LaunchCount| c.launches > 0.0 && c.launches.is_finite() && c.launches / duration < 1e9;
+        for count in launches.iter().filter(plausible) {
             *rates.entry(CostKey::of(count)).or_default() += count.launches / duration;
         }
         let mut per_process: HashMap<u32, Vec<(CostKey, f64)>> = HashMap::new();
@@ -347,16 +359,20 @@ fn per_pid(rates: &HashMap<CostKey, f64>) -> HashMap<u32, f64> {
     totals
 }
 
+/// NVML's per-process values as percentages (anything else left out).
+fn sane(nvml: &[(u32, f64)]) -> impl Iterator<Item = (u32, f64)> + '_ {
+    nvml.iter().filter(|(_, sm)| sm.is_finite()).map(|&(pid, sm)| (pid, sm.clamp(0.0, 100.0)))
+}
+
 /// Without launch counts only NVML's per-process samples say anything:
 /// scaled to fit under the device utilization, with no confidence.
 fn nvml_only(util: f64, nvml: &[(u32, f64)]) -> Attribution {
-    let total: f64 = nvml.iter().map(|(_, sm)| sm.max(0.0)).sum();
+    let total: f64 = sane(nvml).map(|(_, sm)| sm).sum();
     let scale = if total > util && total > 0.0 { util / total } else { 1.0 };
-    let processes = nvml
-        .iter()
-        .map(|&(pid, sm)| ProcessShare {
+    let processes = sane(nvml)
+        .map(|(pid, sm)| ProcessShare {
             pid,
-            util_percent: sm.max(0.0) * scale,
+            util_percent: sm * scale,
             uncertainty_points: None,
             confidence: 0.0,
             basis: Basis::Nvml,

@@ -32,6 +32,11 @@ impl CostFilter {
         self.mean.len()
     }
 
+    /// Whether every mean and covariance entry is a finite number.
+    pub fn is_finite(&self) -> bool {
+        self.mean.iter().chain(&self.covariance).all(|v| v.is_finite())
+    }
+
     /// Current mean of `slot`.
     pub fn mean(&self, slot: Slot) -> f64 {
         self.mean[slot]

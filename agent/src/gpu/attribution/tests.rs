@@ -143,3 +143,55 @@ fn idle_keys_are_forgotten() {
     }
     assert_eq!(estimator.learned_keys(), 1);
 }
+
+/// Hostile windows (zero and huge durations, counts and utilizations,
+/// processes appearing and vanishing at random) never panic, every share
+/// stays finite, non-negative and within the device utilization, and the
+/// estimator recovers once sane windows follow.
+#[test]
+fn hostile_windows_keep_shares_bounded() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for sharing in [Sharing::TimeSliced, Sharing::Mps] {
+        let mut estimator = Estimator::new(EstimatorConfig::default(), sharing);
+        for _ in 0..3_000 {
+            let pick = |r: u64, options: &[f64]| options[(r % options.len() as u64) as usize];
+            let util = pick(next(), &[0.0, 0.5, 37.0, 100.0, 250.0, -5.0, 1e300]);
+            let launches = (0..next() % 6)
+                .map(|_| LaunchCount {
+                    pid: (next() % 5) as u32,
+                    function: next() % 3,
+                    threads_per_launch: pick(next(), &[0.0, 1.0, 50_688.0, u64::MAX as f64]) as u64,
+                    launches: pick(next(), &[0.0, 1.0, 100.0, 1e9, 1e300]),
+                })
+                .collect();
+            let window = Window {
+                duration_s: pick(next(), &[0.0, 1e-9, 0.5, 4.0, 1e9]),
+                device_util: (next() % 8 != 0).then_some(util),
+                launches: (next() % 6 != 0).then_some(launches),
+                nvml: (0..next() % 3).map(|_| ((next() % 5) as u32, pick(next(), &[0.0, 30.0, 1e300]))).collect(),
+            };
+            let Some(attribution) = estimator.observe(&window) else { continue };
+            let total: f64 = attribution.processes.iter().map(|p| p.util_percent).sum();
+            assert!(attribution.device_util.is_finite() && (0.0..=100.0).contains(&attribution.device_util));
+            assert!(
+                attribution.processes.iter().all(|p| p.util_percent.is_finite() && p.util_percent >= 0.0),
+                "{attribution:?}"
+            );
+            assert!(total <= attribution.device_util + 1e-6, "{window:?} -> {attribution:?}");
+            assert!((0.0..=1.0).contains(&attribution.confidence), "{attribution:?}");
+        }
+        // And it heals: a sane process running alone afterwards is measured.
+        let mut last = None;
+        for _ in 0..120 {
+            last = estimator.observe(&window(33.0, vec![count(77, 1, 50.0)]));
+        }
+        let attribution = last.unwrap();
+        assert!((attribution.share_of(77) - 33.0).abs() < 1.0, "{sharing:?}: {attribution:?}");
+    }
+}
