@@ -73,6 +73,10 @@ async fn demo(options: Options) -> anyhow::Result<()> {
             tenant.pod.container_dir.display()
         );
     }
+    println!(
+        "while it runs, in another terminal: target/debug/podgpu-agent top --agent {} --namespace {NAMESPACE}",
+        scene.agent.http
+    );
 
     // Tenant A serves streamed completions (first token after 80 ms, then
     // 8 tokens 15 ms apart) to 3 clients, then to 10 half-way through;
