@@ -74,7 +74,7 @@ async fn demo(options: Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "while it runs, in another terminal: target/debug/podgpu-agent top --agent {} --namespace {NAMESPACE}",
+        "while it runs, in another terminal: target/release/podgpu-agent top --agent {} --namespace {NAMESPACE}",
         scene.agent.http
     );
 
