@@ -25,14 +25,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import NS, Pod, v2_root, get_json  # noqa: E402
+from validate_nvml import Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
+from validate_launches import start_agent, stop  # noqa: E402
 
 # (name, [(duty, n, start_delay_s)], mps)
 SCENARIOS = [
@@ -46,24 +46,6 @@ SCENARIOS = [
 ]
 
 
-def start_agent(agent, work, pods_yaml, extra_env):
-    proc = subprocess.Popen(
-        [agent, "standalone", "--gpu", "nvml", "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "250", "--tick-ms", "100", "--launch-accounting", "on"],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn", **extra_env))
-    ready = json.loads(proc.stdout.readline())
-    return proc, ready["http"]
-
-
-def stop(proc):
-    if proc and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def truth_of(path, since, until):
     with open(path) as f:
         periods = json.load(f)["periods"]
@@ -75,10 +57,7 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
     work = tempfile.mkdtemp(prefix=f"podgpu-attr-{name}-")
     pods = [Pod(root, 40 + i) for i in range(len(tenants))]
     pods_yaml = os.path.join(work, "pods.yaml")
-    with open(pods_yaml, "w") as f:
-        f.write("pods:\n")
-        for i, pod in enumerate(pods):
-            f.write(f"  - {{uid: {pod.uid}, namespace: {NS}, name: t{i}, labels: {{app: t{i}}}}}\n")
+    write_pods_yaml(pods_yaml, pods, "t")
     env = {}
     mps_dir = None
     if mps:
@@ -90,7 +69,7 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
         for d in env.values():
             os.makedirs(d)
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env=dict(os.environ, **env), check=True)
-    agent, http = start_agent(args.agent, work, pods_yaml, {})
+    agent, http = start_agent(args.agent, work, pods_yaml, gpu_interval_ms=250)
     outs = [os.path.join(work, f"{pod.uid}.json") for pod in pods]
     trace = os.path.join(out_dir, f"{name}.json")
     longest = max(delay for _, _, delay in tenants) + args.seconds

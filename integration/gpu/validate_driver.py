@@ -23,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import NS, Pod, v2_root, get_json, nvml_memory_by_pid  # noqa: E402
+from validate_nvml import Pod, v2_root, get_json, nvml_memory_by_pid, write_pods_yaml  # noqa: E402
 from validate_launches import start_agent, stop  # noqa: E402
 
 
@@ -39,10 +39,7 @@ def main():
     work = tempfile.mkdtemp(prefix="podgpu-driverval-")
     pods = [Pod(root, 20 + i) for i in range(len(duties))]
     pods_yaml = os.path.join(work, "pods.yaml")
-    with open(pods_yaml, "w") as f:
-        f.write("pods:\n")
-        for i, pod in enumerate(pods):
-            f.write(f"  - {{uid: {pod.uid}, namespace: {NS}, name: tenant-{i}, labels: {{app: tenant-{i}}}}}\n")
+    write_pods_yaml(pods_yaml, pods, "tenant")
     agent, http = start_agent(args.agent, work, pods_yaml)
     try:
         out = subprocess.run([sys.executable, args.worker, "calibrate", "4096"], check=True, capture_output=True, text=True)

@@ -28,7 +28,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import NS, Pod, v2_root, get_json  # noqa: E402
+from validate_nvml import NS, Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
 
 LOOP = r"""
 import os, sys, time, torch
@@ -57,10 +57,11 @@ print(time.perf_counter() - start)
 AGENT_ARGS = []
 
 
-def start_agent(agent, work, pods_yaml, gpu="nvml"):
+def start_agent(agent, work, pods_yaml, gpu="nvml", gpu_interval_ms=500):
     proc = subprocess.Popen(
         [agent, "standalone", "--gpu", gpu, "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", "500", "--tick-ms", "100", "--launch-accounting", "on"]
+         "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", str(gpu_interval_ms), "--tick-ms", "100",
+         "--launch-accounting", "on"]
         + AGENT_ARGS,
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
     ready = json.loads(proc.stdout.readline())
@@ -77,10 +78,7 @@ def part_a(args, root, work):
     duties = [0.25, 0.5]
     pods = [Pod(root, i) for i in range(len(duties))]
     pods_yaml = os.path.join(work, "pods.yaml")
-    with open(pods_yaml, "w") as f:
-        f.write("pods:\n")
-        for i, pod in enumerate(pods):
-            f.write(f"  - {{uid: {pod.uid}, namespace: {NS}, name: tenant-{i}, labels: {{app: tenant-{i}}}}}\n")
+    write_pods_yaml(pods_yaml, pods, "tenant")
     agent, http = start_agent(args.agent, work, pods_yaml)
     try:
         out = subprocess.run([sys.executable, args.worker, "calibrate", "4096"], check=True, capture_output=True, text=True)

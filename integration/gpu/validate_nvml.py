@@ -84,6 +84,14 @@ def enter_agent_pod(cgroup_dir):
     return enter
 
 
+def write_pods_yaml(path, pods, name):
+    """Static pod metadata for the agent: pod i is NS/{name}-i, app={name}-i."""
+    with open(path, "w") as f:
+        f.write("pods:\n")
+        for i, pod in enumerate(pods):
+            f.write(f"  - {{uid: {pod.uid}, namespace: {NS}, name: {name}-{i}, labels: {{app: {name}-{i}}}}}\n")
+
+
 def get_json(http, path):
     with urllib.request.urlopen(f"http://{http}{path}", timeout=5) as r:
         return json.load(r)

@@ -67,13 +67,14 @@ impl LiveAttribution {
         let (rows, published) = {
             let snapshot = self.launches.lock().expect("launch snapshot poisoned");
             let fresh = snapshot.published.filter(|at| now.duration_since(*at) <= LAUNCHES_STALE_AFTER);
+            if fresh.is_some() && fresh == self.last_published {
+                // Nothing new since the last window: the last split holds.
+                return &self.latest;
+            }
             (fresh.map(|_| snapshot.rows.clone()), fresh)
         };
         let windows = match (rows, published) {
             (Some(rows), Some(published)) => {
-                if self.last_published == Some(published) {
-                    return &self.latest;
-                }
                 let previous = self.last_published.replace(published);
                 let counts = self.deltas(&rows);
                 // The first snapshot is only a baseline for the next.
@@ -223,5 +224,28 @@ mod tests {
         let attribution = live.update(&poll(40.0))["GPU-a"].clone();
         assert!((attribution.share_of(7) - 40.0).abs() < 1.0, "{attribution:?}");
         assert_ne!(attribution.processes[0].basis, super::super::Basis::Nvml);
+    }
+
+    /// A launch reader that stops publishing does not leave its last
+    /// counts in charge: past the staleness limit the split falls back to
+    /// NVML's samples (confidence 0) instead of holding old shares.
+    #[test]
+    fn stale_launch_counts_fall_back_to_nvml() {
+        let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
+        let mut live = LiveAttribution::new(snapshot.clone());
+        let mut total = 0;
+        for _ in 0..6 {
+            total += 100;
+            publish(&snapshot, total);
+            std::thread::sleep(Duration::from_millis(20));
+            live.update(&poll(40.0));
+        }
+        assert_ne!(live.update(&poll(40.0))["GPU-a"].processes[0].basis, super::super::Basis::Nvml);
+        snapshot.lock().unwrap().published = Some(Instant::now() - LAUNCHES_STALE_AFTER - Duration::from_secs(1));
+        let stale = live.update(&poll(30.0))["GPU-a"].clone();
+        assert_eq!(stale.processes[0].basis, super::super::Basis::Nvml, "{stale:?}");
+        // NVML's 90 % scaled under the utilization averaged since the last window.
+        assert_eq!(stale.share_of(7), stale.device_util);
+        assert_eq!(stale.confidence, 0.0);
     }
 }
