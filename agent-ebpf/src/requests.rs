@@ -353,11 +353,7 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
                 timestamp_ns: bpf_ktime_get_ns(),
                 cgroup_id: pending.cgroup_id,
                 is_read: u32::from(pending.kind == IoKind::Read as u32),
-                recorded: 0,
-                resume_next: 0,
-                resume_walked: 0,
-                resume_segment: 0,
-                continuations: 0,
+                ..WalkInput::default()
             };
             TAIL_CALLS.tail_call(ctx, 0);
         }

@@ -71,6 +71,15 @@ pub struct ConnState {
     pub write_skip: u32,
     /// Frame boundaries lost so far on this connection.
     pub lost_sync: u32,
+    /// The first bytes of a read frame header whose rest is in the next
+    /// read (a header straddling two syscalls).
+    pub read_partial: [u8; 8],
+    /// As `read_partial`, for writes.
+    pub write_partial: [u8; 8],
+    /// Valid bytes in `read_partial` (0-8).
+    pub read_partial_len: u32,
+    /// Valid bytes in `write_partial` (0-8).
+    pub write_partial_len: u32,
 }
 
 /// One HTTP/2 frame header seen in a read or write.
@@ -162,7 +171,15 @@ pub struct H2Event {
     pub frames: [H2Frame; MAX_H2_FRAMES],
 }
 
-/// What the exit program hands the frame walker (per-CPU scratch).
+/// Frame-header bytes a walk gathers before decoding them. A header
+/// needs 9; the slack lets the verifier bound a read of up to 9 bytes at
+/// an offset of up to 8 without knowing that they sum to 9.
+pub const H2_HEADER_SCRATCH: usize = 24;
+
+/// The frame walker's state for one syscall (per-CPU scratch). The exit
+/// program fills the syscall's part; the walker keeps its position here,
+/// in map memory rather than registers, between steps (so the verifier
+/// sees every step alike and prunes) and across its tail calls.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct WalkInput {
@@ -180,19 +197,28 @@ pub struct WalkInput {
     pub cgroup_id: u64,
     /// 1 for a read, 0 for a write.
     pub is_read: u32,
-    /// Frames recorded so far by the walk (kept in map memory, not in a
-    /// register, so the verifier does not track its value).
+    /// Frames recorded in the scratch and not yet emitted.
     pub recorded: u32,
-    /// Where a continued walk resumes: next header offset within the
-    /// current buffer.
-    pub resume_next: u64,
-    /// Bytes of the syscall's data already walked past.
-    pub resume_walked: u64,
-    /// iovec the walk resumes in.
-    pub resume_segment: u32,
+    /// Start of the current buffer (the contiguous one or an iovec's).
+    pub segment_base: u64,
+    /// Bytes of the syscall's data in the current buffer.
+    pub segment_len: u64,
+    /// Offset of the next frame-header byte, relative to the current
+    /// buffer; beyond its end while a payload is being skipped.
+    pub next: u64,
+    /// Bytes of the syscall's data before the current buffer.
+    pub walked: u64,
+    /// Index of the current iovec.
+    pub segment: u32,
     /// Continuations so far (the walker tail-calls itself when its frame
-    /// scratch or its step budget is used up, instead of giving up).
+    /// scratch or its step budget is used up).
     pub continuations: u32,
+    /// Valid bytes in `header` (a header gathered across buffers).
+    pub header_len: u32,
+    /// Padding (zero).
+    pub _pad: u32,
+    /// The frame header being gathered.
+    pub header: [u8; H2_HEADER_SCRATCH],
 }
 
 /// Launch accounting (`agent-ebpf/src/launches.rs`): uprobes on libcuda's
@@ -262,14 +288,23 @@ pub enum RequestStat {
     ArgsMapFull = 3,
     /// Reads of user memory that failed (payload missing from an event).
     CaptureFailed = 4,
-    /// HTTP/2 frame boundaries lost (resynchronised later).
+    /// HTTP/2 frame boundaries lost (resynchronised later): all causes.
     H2LostSync = 5,
     /// Driver events lost because their ring buffer was full.
     DriverRingFull = 6,
+    /// Of `H2LostSync`: a header that is not a valid HTTP/2 frame header.
+    H2LostImplausible = 7,
+    /// Of `H2LostSync`: more frames in one syscall than the walker's
+    /// whole tail-call chain follows.
+    H2LostBudget = 8,
+    /// Of `H2LostSync`: user memory that could not be read.
+    H2LostFault = 9,
+    /// HTTP/2 frame headers split across iovecs or syscalls, gathered.
+    H2HeadersJoined = 10,
 }
 
 /// Number of entries in `REQUEST_STATS`.
-pub const REQUEST_STAT_COUNT: u32 = 7;
+pub const REQUEST_STAT_COUNT: u32 = 11;
 
 #[cfg(test)]
 mod tests {
@@ -281,9 +316,9 @@ mod tests {
     fn io_event_has_no_padding() {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
-        assert_eq!(core::mem::size_of::<WalkInput>(), 8 * 8 + 4 * 4);
+        assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 4 * 4 + 4 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
-        assert_eq!(core::mem::size_of::<ConnState>(), 24);
+        assert_eq!(core::mem::size_of::<ConnState>(), 48);
     }
 }

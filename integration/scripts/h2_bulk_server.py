@@ -4,11 +4,16 @@ one connection in a single write, as a busy server flushing many streams'
 frames at once does. Only frame headers matter to the probe, so header
 blocks are opaque bytes (no HPACK).
 
-usage: h2_bulk_server.py STREAMS HOLD_S
+usage: h2_bulk_server.py STREAMS HOLD_S [scatter]
 Prints {"listening": "127.0.0.1:PORT"}, accepts one connection, reads the
 client preface and STREAMS request HEADERS frames (END_STREAM), holds them
 HOLD_S seconds, then writes HEADERS + DATA + trailers for every stream in
 one sendall, and keeps the connection open until the client closes it.
+
+With `scatter`, the answer is cut at uneven points (1-23 bytes apart) into
+iovecs, and the iovecs into several sendmsg calls, so frame headers
+straddle both iovecs and syscalls (as gRPC C-core's writes and any
+reader's buffer boundaries do).
 """
 import json
 import socket
@@ -51,7 +56,22 @@ def main():
         frame(1, 0x4, s, b"\x88") + frame(0, 0, s, b"token") + frame(1, 0x5, s, b"\x40\x00")
         for s in sorted(seen)
     )
-    conn.sendall(answer)
+    if len(sys.argv) > 3 and sys.argv[3] == "scatter":
+        cuts, offset, step = [], 0, 0
+        while offset < len(answer):
+            size = 1 + (step * 7) % 23
+            cuts.append(answer[offset:offset + size])
+            offset, step = offset + size, step + 1
+        # 40 iovecs per call: more than one walker step budget's worth of
+        # segments in some calls, a few bytes in others.
+        for start in range(0, len(cuts), 40):
+            batch = cuts[start:start + 40]
+            sent = conn.sendmsg(batch)
+            rest = b"".join(batch)[sent:]
+            if rest:
+                conn.sendall(rest)
+    else:
+        conn.sendall(answer)
     while conn.recv(65536):
         pass
 

@@ -10,6 +10,8 @@
 //! - `scene`: tenants + metadata + (simulated) GPU + agent, started together.
 //! - `fake_kubelet`, `fake_apiserver`: kubelet pod-resources and the
 //!   Kubernetes API's pod list/watch, served from test data.
+//! - `stacks`: real server stacks (grpcio, uvicorn, hypercorn, Node) as
+//!   tenants, and clients that time calls to them.
 pub mod agent;
 pub mod container;
 pub mod cuda_standin;
@@ -20,6 +22,7 @@ pub mod http;
 pub mod keda;
 pub mod pod;
 pub mod scene;
+pub mod stacks;
 
 use std::path::PathBuf;
 

@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{anyhow, Context as _};
 
 use crate::agent::AgentProcess;
 use crate::pod::{new_uid, CgroupPod};
+use crate::stacks::Stack;
 use crate::workspace_binary;
 
 /// One tenant pod to create.
@@ -30,8 +30,8 @@ pub struct TenantSpec {
     pub gpu_steps: Vec<(f64, f64)>,
     /// Simulated framebuffer bytes.
     pub gpu_memory_bytes: u64,
-    /// Server binary: `tenant` (HTTP/1.1) or `grpc-tenant` (gRPC).
-    pub server: &'static str,
+    /// The server it runs.
+    pub server: Stack,
     /// Serve HTTP on a second port too (`tenant` only).
     pub second_port: bool,
 }
@@ -46,7 +46,7 @@ impl TenantSpec {
             body_bytes: 256,
             gpu_steps: Vec::new(),
             gpu_memory_bytes: 0,
-            server: "tenant",
+            server: Stack::Tenant,
             second_port: false,
         }
     }
@@ -120,14 +120,7 @@ impl Scene {
             let uid = spec.uid.clone().unwrap_or_else(new_uid);
             let mut pod = CgroupPod::create(&cgroup_root, &uid)
                 .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
-            let mut command = Command::new(workspace_binary(spec.server));
-            command.arg("127.0.0.1:0");
-            if spec.server == "tenant" {
-                command.arg(spec.body_bytes.to_string());
-                if spec.second_port {
-                    command.args(["0", "127.0.0.1:0"]);
-                }
-            }
+            let command = spec.server.command(spec.body_bytes, spec.second_port);
             let child = pod.spawn(command).context("starting the tenant server")?;
             let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
             let mut line = String::new();

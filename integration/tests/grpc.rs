@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
+use integration::stacks::Stack;
 use podgpu_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use podgpu_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
 use tonic::transport::Channel;
 
 fn start(test: &str) -> Scene {
     let ns = format!("{test}-{}", std::process::id());
-    let spec = TenantSpec { server: "grpc-tenant", ..TenantSpec::new("grpc", "grpc") };
+    let spec = TenantSpec { server: Stack::Tonic, ..TenantSpec::new("grpc", "grpc") };
     Scene::start(&ns, &[spec], GpuSetup::Arg("none".into()), &["--tick-ms", "100"].map(String::from))
         .expect("scene starts")
 }

@@ -90,14 +90,28 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// 40 streams requested in one write and answered in one write (120
-/// response frames): more than one kernel walk records (16 frames) or
-/// follows (32 headers), so the walker continues in fresh invocations.
+/// response frames): more frames than one kernel walk records (16) or
+/// steps through (64), so the walker continues in fresh invocations.
 /// All 40 show in flight, then all 40 end; no frame boundary is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_http2_write_of_many_streams_ends_them_all() {
+    many_streams_at_once("h2bulk", false).await;
+}
+
+/// The same 40 streams with every frame boundary split: the client sends
+/// its requests 5 bytes per write (the server's reads end inside frame
+/// headers), and the server writes its answer as 1-23-byte iovecs, 40 per
+/// sendmsg (headers straddle iovecs and syscalls). Every header is joined
+/// from its pieces: all 40 start and end, and no boundary is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http2_frame_headers_split_anywhere_are_joined() {
+    many_streams_at_once("h2split", true).await;
+}
+
+async fn many_streams_at_once(label: &str, scatter: bool) {
     require_root();
     const STREAMS: u32 = 40;
-    let ns = format!("h2bulk-{}", std::process::id());
+    let ns = format!("{label}-{}", std::process::id());
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
@@ -108,6 +122,9 @@ async fn an_http2_write_of_many_streams_ends_them_all() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/h2_bulk_server.py");
     let mut command = std::process::Command::new("python3");
     command.arg(&script).args([STREAMS.to_string(), "3".to_string()]);
+    if scatter {
+        command.arg("scatter");
+    }
     let child = pod.spawn(command).expect("python3 runs the raw HTTP/2 server");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -124,7 +141,16 @@ async fn an_http2_write_of_many_streams_ends_them_all() {
         request.extend(h2_frame(1, 0x5, stream, b"\x82\x84"));
     }
     let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-    client.write_all(&request).await.unwrap();
+    client.set_nodelay(true).unwrap();
+    if scatter {
+        for piece in request.chunks(5) {
+            client.write_all(piece).await.unwrap();
+            // Lets the server read each piece on its own.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    } else {
+        client.write_all(&request).await.unwrap();
+    }
 
     let in_flight =
         async |keda: &mut KedaClient| keda.poll(&trigger, "inflight").await.map(|p| p.value).unwrap_or(-1.0);
@@ -147,6 +173,12 @@ async fn an_http2_write_of_many_streams_ends_them_all() {
         (Some(40), Some(40)),
         "{row}"
     );
-    assert_eq!(view["health"]["request_probe"]["http2_lost_sync"], 0, "{}", view["health"]);
+    let probe = &view["health"]["request_probe"];
+    assert_eq!(probe["http2_lost_sync"], 0, "{probe}");
+    if scatter {
+        // Pieces of the preface and 40 request headers, and most of the 120
+        // answer headers, arrive split.
+        assert!(probe["http2_headers_joined"].as_u64().unwrap() >= 100, "{probe}");
+    }
     drop(client);
 }

@@ -260,6 +260,24 @@ pub fn render_metrics(view: &NodeView) -> String {
         "HTTP/2 frame boundaries lost (then resynchronised).",
         probe.http2_lost_sync,
     );
+    family(
+        &mut out,
+        "podgpu_agent_http2_lost_sync_by_cause_total",
+        "counter",
+        "HTTP/2 frame boundaries lost, by cause: an invalid header, more frames in one syscall than the walker follows, unreadable memory.",
+        [
+            ("implausible", probe.http2_lost_implausible),
+            ("budget", probe.http2_lost_budget),
+            ("fault", probe.http2_lost_fault),
+        ]
+        .map(|(cause, count)| (format!("cause=\"{cause}\""), count as f64)),
+    );
+    counter(
+        &mut out,
+        "podgpu_agent_http2_headers_joined_total",
+        "HTTP/2 frame headers split across iovecs or syscalls, joined by the walker.",
+        probe.http2_headers_joined,
+    );
     let missed = &health.request_reader.tracker;
     family(
         &mut out,

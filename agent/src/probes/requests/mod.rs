@@ -71,6 +71,14 @@ pub struct RequestProbeStats {
     pub capture_failed: u64,
     /// HTTP/2 frame boundaries lost (and resynchronised later).
     pub http2_lost_sync: u64,
+    /// Of those: a header that was not a valid frame header.
+    pub http2_lost_implausible: u64,
+    /// Of those: more frames in one syscall than the walker follows.
+    pub http2_lost_budget: u64,
+    /// Of those: user memory the walker could not read.
+    pub http2_lost_fault: u64,
+    /// Frame headers split across iovecs or syscalls, joined.
+    pub http2_headers_joined: u64,
     /// Driver events lost to a full driver ring.
     pub driver_ring_full_drops: u64,
 }
@@ -201,6 +209,10 @@ impl RequestProbe {
             args_map_full: sum(RequestStat::ArgsMapFull)?,
             capture_failed: sum(RequestStat::CaptureFailed)?,
             http2_lost_sync: sum(RequestStat::H2LostSync)?,
+            http2_lost_implausible: sum(RequestStat::H2LostImplausible)?,
+            http2_lost_budget: sum(RequestStat::H2LostBudget)?,
+            http2_lost_fault: sum(RequestStat::H2LostFault)?,
+            http2_headers_joined: sum(RequestStat::H2HeadersJoined)?,
             driver_ring_full_drops: sum(RequestStat::DriverRingFull)?,
         })
     }
