@@ -37,6 +37,14 @@ need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc
 install_apt
 note "ok"
 
+step "server stacks the request probe is tested against"
+if ! command -v node >/dev/null 2>&1; then
+  need_apt nodejs
+  install_apt
+fi
+note "node $(node --version) (built-in http and http2 modules)"
+"$(dirname "$0")/install-python-stacks.sh"
+
 step "helm (pinned; the chart is linted and rendered by the tests)"
 "$(dirname "$0")/install-helm.sh"
 
