@@ -33,7 +33,7 @@ install_apt() {
 }
 
 step "base packages"
-need_apt build-essential pkg-config ca-certificates curl git wrk prometheus runc umoci libfuse3-dev python3 tmux
+need_apt build-essential pkg-config ca-certificates curl git wrk nghttp2-client prometheus runc umoci libfuse3-dev python3 tmux
 install_apt
 note "ok"
 

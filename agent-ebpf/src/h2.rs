@@ -308,8 +308,10 @@ unsafe fn follow_http2(ctx: &RawTracePointContext, walk: *mut WalkInput, state: 
         }
         outcome = Outcome::Lost(RequestStat::H2LostBudget);
     }
+    let mut lost_now = false;
     unsafe {
         if let Outcome::Lost(cause) = outcome {
+            lost_now = !unsynced;
             if !unsynced {
                 (*state).lost_sync += 1;
                 bump(RequestStat::H2LostSync);
@@ -338,17 +340,25 @@ unsafe fn follow_http2(ctx: &RawTracePointContext, walk: *mut WalkInput, state: 
             }
         }
     }
-    emit_frames(walk, unsafe { (*state).mode });
+    // A new loss is reported even without frames: user space then treats
+    // the connection's open streams as unconfirmed.
+    emit_frames_or_notice(walk, unsafe { (*state).mode }, lost_now);
 }
 
 /// Emits the frames recorded in this CPU's scratch as one `H2Event` (none:
 /// nothing) and empties the scratch.
 #[inline(always)]
 fn emit_frames(walk: *mut WalkInput, mode: u32) {
+    emit_frames_or_notice(walk, mode, false);
+}
+
+/// As `emit_frames`; with `always`, an event without frames too.
+#[inline(always)]
+fn emit_frames_or_notice(walk: *mut WalkInput, mode: u32, always: bool) {
     // SAFETY: this CPU's scratch slot; read back from map memory, an
     // untracked value for the verifier.
     let recorded = unsafe { read_volatile(addr_of!((*walk).recorded)) };
-    if recorded == 0 {
+    if recorded == 0 && !always {
         return;
     }
     unsafe { write_volatile(addr_of_mut!((*walk).recorded), 0) };

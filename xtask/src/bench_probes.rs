@@ -4,15 +4,18 @@
 //! connections. Each round runs wrk three times, back to back: without
 //! anything attached, with only no-op programs on the probe's hooks (the
 //! floor: what any syscall hook costs), and with the agent watching the pod.
-//! Two server profiles run in one go: an empty answer (the worst case: the
-//! probe's cost against almost nothing) and one with `--work-us` of CPU per
-//! request (a stand-in for a real inference front end's per-request work).
+//! Three server profiles run in one go: an empty answer (the worst case: the
+//! probe's cost against almost nothing), one with `--work-us` of CPU per
+//! request (a stand-in for a real inference front end's per-request work),
+//! and HTTP/2: Node.js's `http2` (nghttp2) server driven by h2load with
+//! many streams per connection, so every syscall goes through the kernel's
+//! frame walker.
 //! Printed: throughput and p99 ratios (median of adjacent runs), how many
 //! requests the probe counted against what wrk reported, the agent's CPU,
 //! and, from one extra probed run with `kernel.bpf_stats_enabled=1` (which
 //! itself slows every program, so it is kept out of the timed runs), each
 //! eBPF program's mean ns per run and the eBPF time per request.
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
@@ -21,6 +24,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _};
 use integration::agent::AgentProcess;
 use integration::pod::{new_uid, CgroupPod};
+use integration::stacks::Stack;
 use integration::workspace_binary;
 use podgpu_agent::probes::baseline::HookBaseline;
 
@@ -39,12 +43,57 @@ pub struct Options {
     /// wrk connections.
     #[arg(long, default_value_t = 32)]
     connections: u32,
+    /// Profiles to run: `empty`, `work`, `http2` (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "empty,work,http2")]
+    profiles: Vec<String>,
+}
+
+/// Which load generator drives a tenant.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LoadTool {
+    /// wrk, HTTP/1.1 keep-alive.
+    Wrk,
+    /// h2load, HTTP/2: `connections / 2` connections of 16 streams each.
+    H2load,
 }
 
 struct WrkRun {
     requests_per_s: f64,
+    /// p99 for wrk; h2load prints no percentiles, so its mean.
     p99_ms: f64,
     requests: u64,
+}
+
+fn load(tenant: &BenchTenant, options: &Options) -> anyhow::Result<WrkRun> {
+    match tenant.tool {
+        LoadTool::Wrk => wrk(tenant.addr, options),
+        LoadTool::H2load => h2load(tenant.addr, options),
+    }
+}
+
+fn h2load(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
+    let output = Command::new("h2load")
+        .args([&format!("-c{}", (options.connections / 2).max(1)), "-m16", &format!("-D{}", options.seconds)])
+        .arg(format!("http://{addr}/stream/0/1/0"))
+        .output()
+        .context("running h2load (apt-get install nghttp2-client)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = |prefix: &str| text.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or("");
+    // "finished in 5.00s, 12345.67 req/s, 1.23MB/s"
+    let requests_per_s: f64 = line("finished in")
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" req/s"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no req/s in h2load output:\n{text}"))?;
+    // "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, ..."
+    let requests = line("requests:")
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" succeeded"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no succeeded count in h2load output:\n{text}"))?;
+    // "time for request:   1.2ms   30.1ms   4.5ms   2.1ms  70.00%": min max mean sd.
+    let mean = line("time for request:").split_whitespace().nth(5).unwrap_or("0ms");
+    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(mean)?, requests })
 }
 
 fn wrk(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
@@ -153,22 +202,29 @@ fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
 /// A tenant server in its own cgroup pod.
 struct BenchTenant {
     addr: SocketAddr,
+    tool: LoadTool,
     /// Owns the server process; dropping it ends the server.
     _pod: CgroupPod,
 }
 
-fn start_tenant(cgroup_root: &Path, uid: &str, work_us: u64) -> anyhow::Result<BenchTenant> {
+/// The HTTP/1.1 tenant with `work_us` of CPU per request, or (`None`)
+/// Node.js's HTTP/2 server.
+fn start_tenant(cgroup_root: &Path, uid: &str, work_us: Option<u64>) -> anyhow::Result<BenchTenant> {
     let mut pod = CgroupPod::create(cgroup_root, uid)?;
-    let child = pod.spawn({
-        let mut command = Command::new(workspace_binary("tenant"));
-        command.args(["127.0.0.1:0", "256", "0", "-", &work_us.to_string()]);
-        command
-    })?;
+    let (command, tool) = match work_us {
+        Some(work_us) => {
+            let mut command = Command::new(workspace_binary("tenant"));
+            command.args(["127.0.0.1:0", "256", "0", "-", &work_us.to_string()]);
+            (command, LoadTool::Wrk)
+        }
+        None => (Stack::NodeHttp2.command(0, false), LoadTool::H2load),
+    };
+    let child = pod.spawn(command)?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("tenant stdout"))?).read_line(&mut line)?;
     let ready: serde_json::Value = serde_json::from_str(&line)?;
     let addr: SocketAddr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line}"))?.parse()?;
-    Ok(BenchTenant { addr, _pod: pod })
+    Ok(BenchTenant { addr, tool, _pod: pod })
 }
 
 /// The runs of one server profile.
@@ -182,6 +238,8 @@ struct Profile {
     sent: u64,
     /// Agent CPU seconds per second, per probed run.
     agent_cpu: Vec<f64>,
+    /// Driven by h2load (mean latency instead of p99).
+    h2load: bool,
 }
 
 /// Median over rounds of `f(run) / f(the run without anything just before)`.
@@ -192,9 +250,9 @@ fn median_ratio(runs: &[WrkRun], without: &[WrkRun], f: fn(&WrkRun) -> f64) -> f
 }
 
 fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: &str) -> anyhow::Result<Profile> {
-    let mut profile = Profile::default();
+    let mut profile = Profile { h2load: tenant.tool == LoadTool::H2load, ..Profile::default() };
     for round in 1..=options.rounds {
-        let base = wrk(tenant.addr, options)?;
+        let base = load(tenant, options)?;
         println!(
             "{label} round {round} nothing attached:  {:>9.0} req/s  p99 {:>6.2} ms",
             base.requests_per_s, base.p99_ms
@@ -202,7 +260,7 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
         profile.without.push(base);
 
         let hooks = HookBaseline::attach().context("attaching the no-op hook programs")?;
-        let floor = wrk(tenant.addr, options)?;
+        let floor = load(tenant, options)?;
         drop(hooks);
         println!(
             "{label} round {round} no-op hooks only:  {:>9.0} req/s  p99 {:>6.2} ms",
@@ -213,7 +271,7 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
         let mut agent = start_agent(metadata)?;
         let completed_before = scrape(agent.http)?.completed;
         let cpu_before = cpu_seconds(agent.pid())?;
-        let probed = wrk(tenant.addr, options)?;
+        let probed = load(tenant, options)?;
         profile.agent_cpu.push((cpu_seconds(agent.pid())? - cpu_before) / f64::from(options.seconds));
         std::thread::sleep(Duration::from_millis(500));
         let completed_after = scrape(agent.http)?.completed;
@@ -229,7 +287,8 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
     Ok(profile)
 }
 
-fn report(out: &mut impl Write, label: &str, profile: &Profile) -> anyhow::Result<()> {
+fn report(out: &mut String, label: &str, profile: &Profile) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let mean = |runs: &[WrkRun]| runs.iter().map(|r| r.requests_per_s).sum::<f64>() / runs.len().max(1) as f64;
     let throughput = |r: &WrkRun| r.requests_per_s;
     let p99 = |r: &WrkRun| r.p99_ms;
@@ -249,7 +308,8 @@ fn report(out: &mut impl Write, label: &str, profile: &Profile) -> anyhow::Resul
     )?;
     writeln!(
         out,
-        "  p99 latency with the agent / without: {:.3}; no-op hooks alone: {:.3}",
+        "  {} latency with the agent / without: {:.3}; no-op hooks alone: {:.3}",
+        if profile.h2load { "mean" } else { "p99" },
         median_ratio(&profile.probed, &profile.without, p99),
         median_ratio(&profile.hooks_only, &profile.without, p99)
     )?;
@@ -262,7 +322,7 @@ fn report(out: &mut impl Write, label: &str, profile: &Profile) -> anyhow::Resul
     )?;
     writeln!(
         out,
-        "  requests counted by the probe / sent by wrk: {:.0} / {} ({:.4})",
+        "  requests counted by the probe / answered to the load generator: {:.0} / {} ({:.4})",
         profile.counted,
         profile.sent,
         profile.counted / profile.sent.max(1) as f64
@@ -275,56 +335,80 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
     }
+    let wanted = |name: &str| options.profiles.iter().any(|p| p == name);
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root()?;
-    let (empty_uid, working_uid) = (new_uid(), new_uid());
+    let (empty_uid, working_uid, http2_uid) = (new_uid(), new_uid(), new_uid());
     let metadata = tempfile_path("podgpu-bench-pods.yaml");
     std::fs::write(
         &metadata,
         format!(
             "pods:\n  - {{uid: {empty_uid}, namespace: bench, name: empty, labels: {{app: tenant}}}}\n  \
-             - {{uid: {working_uid}, namespace: bench, name: working, labels: {{app: tenant}}}}\n"
+             - {{uid: {working_uid}, namespace: bench, name: working, labels: {{app: tenant}}}}\n  \
+             - {{uid: {http2_uid}, namespace: bench, name: http2, labels: {{app: tenant}}}}\n"
         ),
     )?;
-    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     println!(
-        "wrk -t2 -c{} -d{}s, {} rounds of (nothing attached, no-op hooks, agent) per server profile",
-        options.connections, options.seconds, options.rounds
+        "wrk -t2 -c{0} -d{1}s (HTTP/1.1) / h2load -c{2} -m16 -D{1} (HTTP/2), {3} rounds of (nothing attached, no-op hooks, agent) per server profile",
+        options.connections,
+        options.seconds,
+        (options.connections / 2).max(1),
+        options.rounds
     );
 
-    let empty = start_tenant(&cgroup_root, &empty_uid, 0)?;
-    let empty_label = "empty answers (worst case)";
-    let empty_profile = run_profile(&empty, &metadata, &options, "empty")?;
+    let mut out = String::new();
+    let mut cost_tables = String::new();
+    if wanted("empty") {
+        let empty = start_tenant(&cgroup_root, &empty_uid, Some(0))?;
+        let profile = run_profile(&empty, &metadata, &options, "empty")?;
+        report(&mut out, "empty answers (worst case)", &profile)?;
+        program_costs(&mut cost_tables, &empty, &metadata, &options, "empty answers")?;
+    }
+    if wanted("work") {
+        let working = start_tenant(&cgroup_root, &working_uid, Some(options.work_us))?;
+        let label = format!("{} us of CPU per request (an inference front end's share)", options.work_us);
+        let profile = run_profile(&working, &metadata, &options, "work")?;
+        report(&mut out, &label, &profile)?;
+    }
+    if wanted("http2") {
+        let http2 = start_tenant(&cgroup_root, &http2_uid, None)?;
+        let profile = run_profile(&http2, &metadata, &options, "http2")?;
+        report(&mut out, "HTTP/2: Node.js http2 (nghttp2), 16 streams per connection", &profile)?;
+        program_costs(&mut cost_tables, &http2, &metadata, &options, "HTTP/2")?;
+    }
+    let _ = std::fs::remove_file(&metadata);
+    print!("{out}{cost_tables}");
+    Ok(())
+}
 
-    // Per-program cost, in its own run: bpf_stats accounting is not free.
-    let mut agent = start_agent(&metadata)?;
+/// Per-program eBPF cost, in a probed run of its own (bpf_stats accounting
+/// is not free), appended to `out` as a table.
+fn program_costs(
+    out: &mut String,
+    tenant: &BenchTenant,
+    metadata: &Path,
+    options: &Options,
+    label: &str,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let mut agent = start_agent(metadata)?;
     set_bpf_stats(true)?;
     let before = scrape(agent.http)?;
-    let costed = wrk(empty.addr, &options)?;
+    let costed = load(tenant, options)?;
     std::thread::sleep(Duration::from_millis(500));
     let after = scrape(agent.http)?;
     let events = after.events - before.events;
     set_bpf_stats(false)?;
     agent.stop(Duration::from_secs(5));
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
-    drop(empty);
     let mut costs = ProgramCosts::new();
     for (name, ns, runs) in after.programs {
         let (ns0, runs0) = before.programs.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
         costs.push((name, ns - ns0, runs - runs0));
     }
-
-    let working = start_tenant(&cgroup_root, &working_uid, options.work_us)?;
-    let working_label = format!("{} us of CPU per request (an inference front end's share)", options.work_us);
-    let working_profile = run_profile(&working, &metadata, &options, "work")?;
-    drop(working);
-    let _ = std::fs::remove_file(&metadata);
-
-    let mut out = std::io::stdout().lock();
-    report(&mut out, empty_label, &empty_profile)?;
-    report(&mut out, &working_label, &working_profile)?;
     writeln!(
         out,
-        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, one probed run, empty answers)",
+        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, one probed run, {label})",
         "eBPF program", "runs", "mean ns/run"
     )?;
     costs.sort_by(|a, b| b.2.total_cmp(&a.2));

@@ -301,6 +301,12 @@ pub fn render_metrics(view: &NodeView) -> String {
     );
     counter(
         &mut out,
+        "podgpu_agent_http2_streams_expired_total",
+        "HTTP/2 streams ended (aborted) after nothing of them was seen for 30 s following a lost frame boundary.",
+        missed.http2_streams_expired,
+    );
+    counter(
+        &mut out,
         "podgpu_agent_request_resyncs_total",
         "HTTP/1.1 connections resynchronised at a request line after the kernel lost events.",
         missed.resyncs,

@@ -7,6 +7,13 @@
 //! message). The response ends with the server's END_STREAM (trailers for
 //! gRPC). RST_STREAM from either side aborts the stream; end of connection
 //! aborts every open stream.
+//!
+//! When the kernel loses the frame boundary, the bytes it could not walk
+//! may have held the END_STREAM of any open stream. Those streams become
+//! unconfirmed until a frame of theirs is seen again; one still
+//! unconfirmed after `LOST_SYNC_GRACE_NS` is ended as aborted, so a lost
+//! ending on a long-lived gRPC connection heals instead of staying in
+//! flight for the connection's life.
 use std::collections::HashMap;
 
 use podgpu_common::H2Frame;
@@ -20,12 +27,21 @@ const END_STREAM: u8 = 0x1;
 /// Bound on open streams per connection (servers default to ~100-250).
 const MAX_STREAMS: usize = 1024;
 
+/// How long a stream may stay unconfirmed after a lost frame boundary. A
+/// live stream that sends nothing for this long after a loss is ended
+/// early (under-counted until it ends); a stream whose END_STREAM was lost
+/// leaves in flight after this long instead of never.
+pub const LOST_SYNC_GRACE_NS: u64 = 30_000_000_000;
+
 #[derive(Debug, Default)]
 struct Stream {
     started_ns: u64,
     request_end_ns: Option<u64>,
     first_byte_ns: Option<u64>,
     first_body_ns: Option<u64>,
+    /// Since when its ending may have been in bytes the kernel could not
+    /// walk (cleared by any frame of the stream).
+    unconfirmed_since_ns: Option<u64>,
 }
 
 /// One HTTP/2 connection's open streams.
@@ -43,6 +59,9 @@ impl Http2Connection {
     /// Frames the server read (client to server) at `at_ns`.
     pub fn on_read(&mut self, at_ns: u64, frames: &[H2Frame], out: &mut Vec<Outcome>) {
         for frame in frames.iter().filter(|f| f.stream_id != 0) {
+            if let Some(stream) = self.streams.get_mut(&frame.stream_id) {
+                stream.unconfirmed_since_ns = None;
+            }
             let end_stream = frame.flags & END_STREAM != 0;
             match frame.kind {
                 HEADERS => {
@@ -72,6 +91,7 @@ impl Http2Connection {
     pub fn on_write(&mut self, at_ns: u64, frames: &[H2Frame], out: &mut Vec<Outcome>) {
         for frame in frames.iter().filter(|f| f.stream_id != 0) {
             let Some(stream) = self.streams.get_mut(&frame.stream_id) else { continue };
+            stream.unconfirmed_since_ns = None;
             match frame.kind {
                 HEADERS | DATA => {
                     stream.first_byte_ns.get_or_insert(at_ns);
@@ -86,6 +106,31 @@ impl Http2Connection {
                 _ => {}
             }
         }
+    }
+
+    /// The kernel lost the frame boundary at `at_ns`: every open stream's
+    /// ending may have been in the bytes it skipped.
+    pub fn lost_sync(&mut self, at_ns: u64) {
+        for stream in self.streams.values_mut() {
+            stream.unconfirmed_since_ns.get_or_insert(at_ns);
+        }
+    }
+
+    /// Aborts the streams unconfirmed for longer than `LOST_SYNC_GRACE_NS`
+    /// at `now_ns`; how many.
+    pub fn expire_unconfirmed(&mut self, now_ns: u64, out: &mut Vec<Outcome>) -> u64 {
+        let expired: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                s.unconfirmed_since_ns.is_some_and(|since| now_ns.saturating_sub(since) > LOST_SYNC_GRACE_NS)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            self.abort(*id, now_ns, out);
+        }
+        expired.len() as u64
     }
 
     /// The connection ended: every open stream is aborted.
@@ -157,6 +202,28 @@ mod tests {
         assert_eq!(done.len(), 2);
         assert_eq!(done[0].ttft_ns(), Some(200));
         assert_eq!(done[1].ttft_ns(), Some(100));
+    }
+
+    /// After a lost boundary, a stream that shows a frame again stays; one
+    /// that shows nothing for the grace period is aborted, once.
+    #[test]
+    fn lost_endings_after_a_lost_boundary_expire() {
+        let mut connection = Http2Connection::default();
+        let mut out = Vec::new();
+        connection.on_read(0, &[frame(HEADERS, 1, 0x5, 40), frame(HEADERS, 3, 0x5, 40)], &mut out);
+        connection.lost_sync(1_000);
+        // Stream 3 is seen again: its ending was not in the lost bytes.
+        connection.on_write(2_000, &[frame(DATA, 3, 0, 12)], &mut out);
+        assert_eq!(connection.expire_unconfirmed(LOST_SYNC_GRACE_NS, &mut out), 0, "within the grace period");
+        let later = 1_000 + LOST_SYNC_GRACE_NS + 1;
+        assert_eq!(connection.expire_unconfirmed(later, &mut out), 1);
+        assert_eq!(connection.in_flight(), 1);
+        assert_eq!(out.last(), Some(&Outcome::Aborted { started_ns: 0, at_ns: later }));
+        assert_eq!(connection.expire_unconfirmed(later * 2, &mut out), 0, "stream 3 was confirmed");
+        // A loss while stream 3 is open starts its own grace period.
+        connection.lost_sync(later * 2);
+        assert_eq!(connection.expire_unconfirmed(later * 2 + LOST_SYNC_GRACE_NS + 1, &mut out), 1);
+        assert_eq!(connection.in_flight(), 0);
     }
 
     /// RST_STREAM aborts; the end of the connection aborts what is left;

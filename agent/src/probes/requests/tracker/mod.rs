@@ -28,7 +28,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use podgpu_common::{H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
+use podgpu_common::{conn_mode, H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
 
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
@@ -144,6 +144,9 @@ pub struct TrackerStats {
     pub kernel_evictions: u64,
     /// Suspect HTTP/1.1 connections resynchronised at a request line.
     pub resyncs: u64,
+    /// HTTP/2 streams ended because nothing of them was seen for the
+    /// grace period after the kernel lost the connection's frame boundary.
+    pub http2_streams_expired: u64,
     /// Connections from another container of the same pod, not counted.
     pub intra_pod_connections: u64,
     /// Sweeps whose recount of open requests differed from the running
@@ -386,6 +389,10 @@ impl Tracker {
         } else {
             http.on_write(at, frames, &mut self.outcomes);
         }
+        if event.mode == conn_mode::H2_UNSYNCED {
+            // Bytes after these frames were not walked (see `http2`).
+            http.lost_sync(at);
+        }
         let counted = connection.counted_as();
         deliver(&mut self.open, &mut self.outcomes, counted, out);
     }
@@ -467,6 +474,12 @@ impl Tracker {
             .collect();
         for (key, why) in ended {
             self.end(key, now_ns, why, out);
+        }
+        for connection in self.connections.values_mut() {
+            let Some(Protocol::Http2(http)) = connection.protocol.as_mut() else { continue };
+            self.outcomes.clear();
+            self.stats.http2_streams_expired += http.expire_unconfirmed(now_ns, &mut self.outcomes);
+            deliver(&mut self.open, &mut self.outcomes, connection.counted_as(), out);
         }
         let mut recount = OpenRequests::default();
         for connection in self.connections.values() {
