@@ -103,7 +103,10 @@ async fn api_and_kubelet_metadata_reach_every_signal() {
     );
     assert_eq!(json(&scene, "/healthz").await["api_pods"], 1, "the other node's pod leaked in");
     let (lists, gets) = kubelet.calls();
-    assert!(lists >= 1 && gets >= 1, "List at start and Get for the new pod: {lists} lists, {gets} gets");
+    // The devices above came from the kubelet: by the List at start, or by
+    // a Get when the pod's cgroup was seen before that List answered (a
+    // race between the two; either path is correct).
+    assert!(lists >= 1, "List at start: {lists} lists, {gets} gets");
 
     let metrics = String::from_utf8(get(scene.agent.http, "/metrics").await.unwrap().body).unwrap();
     let expected = format!("namespace=\"{ns}\",pod=\"llm-0\",container=\"vllm\",pod_uid=\"{uid}\",gpu=\"GPU-aaaa\"");
