@@ -49,6 +49,39 @@ enum Role {
     /// (its HTTP API): device utilization, NVML samples, launch counts, and
     /// the truth of tenants that report it.
     Record(RecordArgs),
+    /// Prints the node agent's seccomp profile (the syscalls it uses), or
+    /// writes it where the kubelet looks for Localhost profiles (the
+    /// chart's init container does this on every node).
+    SeccompProfile(SeccompArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SeccompArgs {
+    /// Write the profile to this file (its directory is created) instead
+    /// of printing it.
+    #[arg(long)]
+    write: Option<PathBuf>,
+}
+
+/// The node agent's seccomp profile (`chart/files/seccomp-agent.json`, in
+/// the OCI / Kubernetes Localhost format).
+const SECCOMP_PROFILE: &str = include_str!("../../chart/files/seccomp-agent.json");
+
+fn seccomp_profile(args: &SeccompArgs) -> anyhow::Result<()> {
+    let Some(path) = &args.write else {
+        print!("{SECCOMP_PROFILE}");
+        return Ok(());
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Written beside and renamed over, so a kubelet starting a container
+    // never reads half a profile.
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, SECCOMP_PROFILE).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("renaming onto {}", path.display()))?;
+    tracing::info!(path = %path.display(), "seccomp profile written");
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -277,6 +310,9 @@ async fn main() -> anyhow::Result<()> {
     if let Role::Replay(args) = &cli.role {
         return replay(args);
     }
+    if let Role::SeccompProfile(args) = &cli.role {
+        return seccomp_profile(args);
+    }
     if let Role::Record(args) = &cli.role {
         return record(args);
     }
@@ -308,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (serving, options) = match cli.role {
         Role::Standalone(args) | Role::Node(args) => (args.serving, args.node),
-        Role::Replay(_) | Role::Record(_) | Role::Top(_) => unreachable!("handled above"),
+        Role::Replay(_) | Role::Record(_) | Role::Top(_) | Role::SeccompProfile(_) => unreachable!("handled above"),
         Role::Scaler(ScalerArgs { serving, scaler }) => {
             let node_tls = ClientTls {
                 ca: scaler.node_tls_ca,

@@ -41,6 +41,10 @@ pub struct ChartAgent {
     pub privileged: bool,
     /// hostPath volumes with their mounts.
     pub mounts: Vec<ChartMount>,
+    /// The seccomp profile the chart's default gives the agent (its
+    /// `files/seccomp-agent.json`, installed as a Localhost profile), or
+    /// `None` when the default is the runtime's or none.
+    pub seccomp: Option<serde_json::Value>,
 }
 
 /// The value after `key:` on a line, without quotes.
@@ -62,7 +66,11 @@ impl ChartAgent {
     /// `chart/templates/daemonset.yaml` (and `values.yaml` for templated
     /// host paths).
     pub fn read(chart: &Path) -> anyhow::Result<Self> {
-        let template = fs::read_to_string(chart.join("templates/daemonset.yaml")).context("reading the DaemonSet")?;
+        let whole = fs::read_to_string(chart.join("templates/daemonset.yaml")).context("reading the DaemonSet")?;
+        // The agent container and the pod around it; not the init container.
+        let (pod, agent) = whole.split_once("        - name: agent\n").ok_or_else(|| anyhow!("no agent container"))?;
+        let pod = pod.split("      initContainers:").next().unwrap_or(pod);
+        let template = format!("{pod}{agent}");
         let values = fs::read_to_string(chart.join("values.yaml")).context("reading values.yaml")?;
         let list = |key: &str| -> Vec<String> {
             template
@@ -83,7 +91,7 @@ impl ChartAgent {
             let name = value_of(line, "name").ok_or_else(|| anyhow!("volume without a name: {line}"))?;
             let path = line.split_once("path:").map(|(_, p)| p.trim().trim_end_matches(['}', ' ']).trim()).unwrap();
             let path = path.split(", type:").next().unwrap_or(path).trim();
-            host_paths.push((name.to_string(), resolve(path)?));
+            host_paths.push((name.to_string(), path.to_string()));
         }
         let mut mounts = Vec::new();
         for line in template.lines().filter(|line| line.contains("mountPath:")) {
@@ -92,13 +100,25 @@ impl ChartAgent {
             mounts.push(ChartMount {
                 name: name.to_string(),
                 mount_path: value_of(line, "mountPath").unwrap_or_default().to_string(),
-                host_path: host_path.clone(),
+                // Resolved only for the agent's own mounts.
+                host_path: resolve(host_path)?,
                 read_only: value_of(line, "readOnly") == Some("true"),
             });
         }
         if mounts.is_empty() {
             bail!("no hostPath mounts found in the DaemonSet");
         }
+        let default_profile = values
+            .split_once("\nseccomp:\n")
+            .and_then(|(_, block)| block.lines().find_map(|l| l.trim().strip_prefix("profile:")))
+            .map(str::trim);
+        let seccomp = if default_profile == Some("podgpu") && template.contains("localhostProfile: podgpu/agent.json") {
+            let path = chart.join("files/seccomp-agent.json");
+            let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?)
+        } else {
+            None
+        };
         Ok(Self {
             capabilities: list("add"),
             drops_all: list("drop") == ["ALL"],
@@ -106,6 +126,7 @@ impl ChartAgent {
             host_network: flag("hostNetwork"),
             privileged: flag("privileged"),
             mounts,
+            seccomp,
         })
     }
 }
@@ -139,6 +160,8 @@ pub struct ContainerSpec {
     /// An image's unpacked root filesystem; `None`: an empty root with the
     /// host's /usr bound read-only.
     pub rootfs: Option<PathBuf>,
+    /// A seccomp profile (OCI / Kubernetes Localhost JSON); `None`: none.
+    pub seccomp: Option<serde_json::Value>,
 }
 
 /// A running runc container; deleted (killed) on drop.
@@ -213,7 +236,7 @@ impl Container {
             namespaces.push(serde_json::json!({"type": "pid"}));
         }
         let caps = &spec.capabilities;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "ociVersion": "1.0.2",
             "process": {
                 "terminal": false,
@@ -236,6 +259,9 @@ impl Container {
                 "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
             }
         });
+        if let Some(profile) = &spec.seccomp {
+            config["linux"]["seccomp"] = profile.clone();
+        }
         fs::write(bundle.path().join("config.json"), serde_json::to_vec_pretty(&config)?)?;
         let log = bundle.path().join("output.log");
         let output = fs::File::create(&log)?;

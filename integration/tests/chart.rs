@@ -31,7 +31,7 @@ fn helm(args: &[&str]) -> String {
 }
 
 /// The documented variants, as `--set` lists.
-const VARIANTS: [(&str, &[&str]); 9] = [
+const VARIANTS: [(&str, &[&str]); 11] = [
     ("default", &[]),
     ("tls", &["tls.secretName=podgpu-tls"]),
     ("mtls", &["tls.secretName=podgpu-tls", "tls.requireClientCert=true"]),
@@ -41,6 +41,8 @@ const VARIANTS: [(&str, &[&str]); 9] = [
     ("network policy", &["networkPolicy.enabled=true", "priorityClassName=system-node-critical"]),
     ("service monitor", &["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prometheus"]),
     ("grafana dashboard", &["grafanaDashboard.enabled=true"]),
+    ("runtime seccomp, json logs", &["seccomp.profile=runtimeDefault", "logFormat=json"]),
+    ("unconfined", &["seccomp.profile=unconfined"]),
 ];
 
 fn set_args(sets: &[&str]) -> Vec<String> {
@@ -124,6 +126,55 @@ fn the_rendered_daemonset_is_what_the_real_node_tests_run() {
     assert_eq!(rendered, tested_mounts);
     assert_eq!(args(daemonset)[0], "node");
     assert!(args(daemonset).contains(&"--launch-accounting=on".to_string()));
+
+    // The seccomp profile the DaemonSet test runs the agent under is the
+    // one the init container writes where the agent's Localhost profile
+    // points.
+    assert!(tested.seccomp.is_some(), "the default gives the agent its own profile");
+    assert_eq!(security["seccompProfile"]["type"].as_str(), Some("Localhost"));
+    let profile = security["seccompProfile"]["localhostProfile"].as_str().unwrap();
+    let init = &pod["initContainers"][0];
+    let init_args: Vec<String> =
+        init["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
+    assert_eq!(init_args[0], "seccomp-profile");
+    let seccomp_dir =
+        volumes.iter().find(|v| v["name"] == "seccomp-dir").unwrap()["hostPath"]["path"].as_str().unwrap();
+    let mount = &init["volumeMounts"][0];
+    assert_eq!(mount["name"].as_str(), Some("seccomp-dir"));
+    assert!(seccomp_dir.ends_with("/kubelet/seccomp"), "{seccomp_dir}");
+    let written = format!("--write={}/{profile}", mount["mountPath"].as_str().unwrap());
+    assert!(init_args.contains(&written), "{init_args:?} does not write {written}");
+}
+
+/// The init container's output is the profile the chart ships: the agent
+/// embeds `files/seccomp-agent.json` and writes it unchanged, atomically.
+#[test]
+fn the_agent_writes_the_charts_seccomp_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("podgpu/agent.json");
+    let status = std::process::Command::new(integration::workspace_binary("podgpu-agent"))
+        .args(["seccomp-profile", "--write", &target.display().to_string()])
+        .status()
+        .expect("podgpu-agent runs");
+    assert!(status.success());
+    let shipped = std::fs::read_to_string(chart_dir().join("files/seccomp-agent.json")).unwrap();
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), shipped);
+    let profile: serde_json::Value = serde_json::from_str(&shipped).unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO", "an allowlist");
+    let allowed: Vec<&str> = profile["syscalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()))
+        .collect();
+    for needed in ["bpf", "perf_event_open", "execve"] {
+        assert!(allowed.contains(&needed), "{needed} must be allowed");
+    }
+    for denied in
+        ["mount", "ptrace", "process_vm_readv", "init_module", "kexec_load", "setns", "unshare", "io_uring_setup"]
+    {
+        assert!(!allowed.contains(&denied), "{denied} must not be allowed");
+    }
 }
 
 #[test]
@@ -131,6 +182,15 @@ fn each_variant_renders_what_it_promises() {
     let has = |documents: &[Value], kind: &str, flag: &str| {
         args(find(documents, kind).unwrap()).iter().any(|a| a.starts_with(flag))
     };
+
+    let runtime = render(VARIANTS[9].1);
+    let daemonset = find(&runtime, "DaemonSet").unwrap();
+    assert_eq!(container(daemonset)["securityContext"]["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"));
+    assert!(daemonset["spec"]["template"]["spec"]["initContainers"].is_null(), "no profile to install");
+    assert!(has(&runtime, "DaemonSet", "--log-format=json") && has(&runtime, "Deployment", "--log-format=json"));
+    let unconfined = render(VARIANTS[10].1);
+    let daemonset = find(&unconfined, "DaemonSet").unwrap();
+    assert_eq!(container(daemonset)["securityContext"]["seccompProfile"]["type"].as_str(), Some("Unconfined"));
 
     let tls = render(VARIANTS[1].1);
     assert!(has(&tls, "DaemonSet", "--tls-cert=") && !has(&tls, "DaemonSet", "--tls-client-ca="));

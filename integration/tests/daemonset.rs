@@ -97,6 +97,7 @@ fn restart_tenant(
         capabilities: CONTAINERD_DEFAULT_CAPS.map(String::from).to_vec(),
         binds: vec![Bind { source: workspace_binary("tenant"), destination: "/tenant".into(), read_only: true }],
         rootfs: None,
+        seccomp: None,
     };
     let container =
         Container::run(&format!("podgpu-{name}-{salt}-{}", std::process::id()), &spec).expect("tenant runs");
@@ -201,11 +202,18 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> Agen
         capabilities: chart.capabilities.iter().map(|cap| format!("CAP_{cap}")).collect(),
         binds,
         rootfs: Some(image),
+        // The chart's default: the agent's own allowlist. The probes,
+        // uprobes and calibration must all load under it.
+        seccomp: Some(chart.seccomp.clone().expect("the chart's default gives the agent its seccomp profile")),
     };
     let container = Container::run(&format!("podgpu-agent-{}", std::process::id()), &spec).expect("agent container");
     container
         .wait_for_line(Duration::from_secs(20), |line| line.contains("\"event\":\"ready\""))
         .unwrap_or_else(|err| panic!("{err}"));
+    // The filter is in force (mode 2: a BPF filter), and the agent got
+    // ready under it: probes, uprobes and calibration loaded.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", container.pid)).unwrap();
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "the agent runs without its seccomp filter:\n{status}");
     AgentPod {
         container,
         keda: format!("127.0.0.1:{keda}").parse().unwrap(),
@@ -362,6 +370,7 @@ async fn the_agent_as_the_daemonset_runs_it() {
                 Bind { source: go.path().to_path_buf(), destination: "/go".into(), read_only: false },
             ],
             rootfs: None,
+            seccomp: None,
         },
     )
     .expect("driver client container");
