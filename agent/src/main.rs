@@ -98,6 +98,9 @@ struct TopArgs {
     /// Only pods whose labels match this selector (`app=llm,tier!=batch`).
     #[arg(long, value_parser = podgpu_agent::pods::selector::LabelSelector::parse)]
     selector: Option<podgpu_agent::pods::selector::LabelSelector>,
+    /// Quit on its own after this many seconds (default: run until q).
+    #[arg(long, value_parser = parse_seconds)]
+    exit_after_s: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -323,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             selector: args.selector.clone(),
             interval: Duration::from_secs(1),
+            exit_after: args.exit_after_s.map(Duration::from_secs_f64),
         });
     }
     let shutdown = CancellationToken::new();

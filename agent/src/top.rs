@@ -33,6 +33,9 @@ pub struct TopConfig {
     pub selector: Option<LabelSelector>,
     /// Time between reads.
     pub interval: Duration,
+    /// Quit on its own after this long (the demo shows the view for the
+    /// length of its load); `None`: until `q`.
+    pub exit_after: Option<Duration>,
 }
 
 /// The table's columns, in order: header and how a row sorts.
@@ -180,7 +183,7 @@ fn sort(pods: &mut [PodLine], column: usize, reversed: bool) {
     });
 }
 
-/// Runs the view until `q`.
+/// Runs the view until `q`, Esc or Ctrl-C (or `exit_after`).
 pub fn run(config: &TopConfig) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
     anyhow::ensure!(std::io::stdout().is_terminal(), "top draws on a terminal; use /pods for scripts");
@@ -196,7 +199,11 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, config: &TopConfig) -> an
     let mut shown = Snapshot::default();
     let mut status = String::from("connecting");
     let mut read_at: Option<Instant> = None;
+    let started = Instant::now();
     loop {
+        if config.exit_after.is_some_and(|after| started.elapsed() >= after) {
+            return Ok(());
+        }
         if read_at.is_none_or(|at| at.elapsed() >= config.interval) {
             read_at = Some(Instant::now());
             let mut read = agent_http::get_json(config.agent, &path);
@@ -265,6 +272,10 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, config: &TopConfig) -> an
                 if key.kind != KeyEventKind::Press {
                     continue;
                 }
+                // Raw mode turns Ctrl-C into a key, not a signal.
+                if key.code == KeyCode::Char('c') && key.modifiers.contains(event::KeyModifiers::CONTROL) {
+                    return Ok(());
+                }
                 match key.code {
                     KeyCode::Char('q') | KeyCode::Esc => return Ok(()),
                     KeyCode::Char('s') | KeyCode::Tab => column = (column + 1) % COLUMNS.len(),
@@ -288,6 +299,7 @@ mod tests {
             namespace: None,
             selector: None,
             interval: Duration::from_secs(1),
+            exit_after: None,
         }
     }
 

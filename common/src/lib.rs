@@ -316,7 +316,7 @@ mod tests {
     fn io_event_has_no_padding() {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
-        assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 4 * 4 + 4 * 4 + H2_HEADER_SCRATCH);
+        assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 48);

@@ -89,3 +89,33 @@ fn top_shows_pods_sorts_and_quits() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// As the demo shows it: `--exit-after-s` ends the view by itself (and
+/// Ctrl-C, a key in raw mode, ends it early), leaving the terminal usable.
+#[test]
+fn top_exits_after_its_time_and_on_ctrl_c() {
+    require_root();
+    let ns = format!("topexit-{}", std::process::id());
+    let mut busy = TenantSpec::new("busy-0", "busy");
+    busy.gpu_steps = vec![(1.0, 30.0)];
+    let scene =
+        Scene::start(&ns, &[busy], GpuSetup::SimPerTenant, &["--tick-ms", "100"].map(String::from)).expect("scene");
+    let tmux = Tmux { socket: format!("podgpu-topexit-{}", std::process::id()) };
+    let binary = workspace_binary("podgpu-agent").display().to_string();
+    let view = |extra: &str| {
+        format!("{binary} top --agent {} --namespace {ns} {extra}; echo TOP-ENDED; sleep 30", scene.agent.http)
+    };
+
+    let opened = Instant::now();
+    tmux.run(&["new-session", "-d", "-s", "top", "-x", "150", "-y", "30", &view("--exit-after-s 3")]);
+    tmux.wait_for("the pod on screen", |screen| screen.contains("busy-0"));
+    tmux.wait_for("the view ended by itself", |screen| screen.contains("TOP-ENDED"));
+    let shown = opened.elapsed();
+    assert!(shown >= Duration::from_secs(3), "ended after {shown:?}, before its 3 s");
+    tmux.run(&["kill-session", "-t", "top"]);
+
+    tmux.run(&["new-session", "-d", "-s", "top", "-x", "150", "-y", "30", &view("")]);
+    tmux.wait_for("the pod on screen", |screen| screen.contains("busy-0"));
+    tmux.run(&["send-keys", "-t", "top", "C-c"]);
+    tmux.wait_for("Ctrl-C ended the view", |screen| screen.contains("TOP-ENDED"));
+}

@@ -73,10 +73,12 @@ async fn demo(options: Options) -> anyhow::Result<()> {
             tenant.pod.container_dir.display()
         );
     }
-    println!(
-        "while it runs, in another terminal: target/release/podgpu-agent top --agent {} --namespace {NAMESPACE}",
-        scene.agent.http
-    );
+    if !std::io::stdout().is_terminal() {
+        println!(
+            "on a terminal the demo shows `podgpu-agent top --agent {} --namespace {NAMESPACE}` while it runs",
+            scene.agent.http
+        );
+    }
 
     // Tenant A serves streamed completions (first token after 80 ms, then
     // 8 tokens 15 ms apart) to 3 clients, then to 10 half-way through;
@@ -121,8 +123,28 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Redraws the per-pod table every second until `duration` has passed.
+/// Shows the load live until `duration` has passed: on a terminal,
+/// `podgpu-agent top` itself (q ends it early); otherwise (logs, CI) a
+/// plain per-pod table every second.
 async fn live_view(http: SocketAddr, started: Instant, duration: Duration) {
+    if std::io::stdout().is_terminal() {
+        let left = duration.saturating_sub(started.elapsed()).as_secs_f64();
+        let shown = tokio::process::Command::new(integration::workspace_binary("podgpu-agent"))
+            .args(["top", "--agent", &http.to_string(), "--namespace", NAMESPACE, "--window-s", "5"])
+            .args(["--exit-after-s", &format!("{left:.1}")])
+            .status()
+            .await;
+        match shown {
+            Ok(status) if status.success() => return,
+            Ok(status) => println!("podgpu-agent top ended with {status}: falling back to the plain table"),
+            Err(err) => println!("could not start podgpu-agent top ({err}): falling back to the plain table"),
+        }
+    }
+    plain_table(http, started, duration).await;
+}
+
+/// Prints the per-pod table every second until `duration` has passed.
+async fn plain_table(http: SocketAddr, started: Instant, duration: Duration) {
     let redraw = std::io::stdout().is_terminal();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     while started.elapsed() < duration {

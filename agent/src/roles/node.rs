@@ -1,0 +1,310 @@
+//! The node role (DaemonSet; also `standalone`): loads the eBPF probes,
+//! starts the GPU poller, the pod sources and the collector, and serves the
+//! node's pods over KEDA gRPC, the node API and HTTP.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use podgpu_proto::externalscaler::external_scaler_server::ExternalScalerServer;
+use podgpu_proto::node::node_signals_server::NodeSignalsServer;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::gpu::poller::{self, PollerConfig};
+use crate::gpu::GpuSource;
+use crate::signals::collector::{Collector, CollectorConfig, Probes};
+use crate::signals::view::{NodeView, SourceStatus};
+use crate::{pods, probes, proc, serve};
+
+use super::{bind, serve_grpc, Bound};
+
+/// Everything `run` needs; built from the command line by `main`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address of the KEDA ExternalScaler gRPC server.
+    pub keda_listen: SocketAddr,
+    /// Address of the HTTP server (/healthz, /pods, /metrics).
+    pub http_listen: SocketAddr,
+    /// GPU backend.
+    pub gpu: GpuSource,
+    /// Static pod metadata file.
+    pub pod_metadata: Option<PathBuf>,
+    /// cgroup v2 root; found from /proc/self/mountinfo when absent.
+    pub cgroup_root: Option<PathBuf>,
+    /// procfs root (host's /proc under hostPID).
+    pub proc_root: PathBuf,
+    /// Collector tick.
+    pub tick: Duration,
+    /// GPU poll interval.
+    pub gpu_interval: Duration,
+    /// Exit instead of degrading when the eBPF probes cannot load.
+    pub require_ebpf: bool,
+    /// Name this agent reports in the node API.
+    pub node_name: String,
+    /// TLS (and mTLS) on the gRPC port.
+    pub tls: serve::tls::ServerTls,
+    /// How often TLS files are checked for rotation.
+    pub tls_reload: Duration,
+    /// Kubernetes API access for pod metadata.
+    pub kube_api: pods::kube_api::KubeAccess,
+    /// Kubelet pod-resources socket; `None` turns the source off.
+    pub kubelet_socket: Option<PathBuf>,
+    /// Time between full kubelet pod-resources lists.
+    pub kubelet_interval: Duration,
+    /// Request paths counted as probe traffic, not inference.
+    pub probe_paths: probes::requests::traffic::ProbePaths,
+    /// Count kernel launches with uprobes on libcuda.
+    pub launch_accounting: bool,
+    /// Fraction of a launch-bound tenant's time launch accounting may cost.
+    pub launch_overhead_budget: f64,
+    /// Files to treat as NVIDIA devices (tests without a GPU).
+    pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
+}
+
+/// procfs as this agent sees it, with its cgroup namespace found: in the
+/// DaemonSet the agent has its own, and other pods' cgroups read relative.
+fn host_proc(proc_root: &std::path::Path, cgroup_root: &std::path::Path) -> proc::ProcFs {
+    let plain = proc::ProcFs::new(proc_root);
+    match proc::detect_cgroup_ns_root(&plain, cgroup_root, std::process::id()) {
+        Some(ns_root) => {
+            if ns_root != "/" {
+                tracing::info!(%ns_root, "cgroup paths of other processes are rebased on this agent's cgroup namespace");
+            }
+            plain.with_cgroup_ns_root(&ns_root)
+        }
+        None => {
+            tracing::warn!(
+                "could not tell where this agent's cgroup namespace sits in the host tree; relative cgroup paths are read as host paths"
+            );
+            plain
+        }
+    }
+}
+
+/// Starts the agent and serves until `shutdown` is cancelled. `on_ready`
+/// gets the bound addresses once both servers accept connections.
+pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Bound)) -> anyhow::Result<()> {
+    let cgroup_root = match &config.cgroup_root {
+        Some(root) => root.clone(),
+        None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
+    };
+    let proc = host_proc(&config.proc_root, &cgroup_root);
+    let static_pods = match &config.pod_metadata {
+        Some(path) => pods::static_source::load(path)?,
+        None => HashMap::new(),
+    };
+    let kube_pods = pods::kube_api::spawn(&config.kube_api, &config.node_name, shutdown.clone()).await;
+    let kubelet = config.kubelet_socket.clone().map(|socket| {
+        pods::kubelet::spawn(
+            pods::kubelet::KubeletConfig { socket, interval: config.kubelet_interval },
+            shutdown.clone(),
+        )
+    });
+    if config.pod_metadata.is_none() && kube_pods.is_none() {
+        tracing::info!("no pod metadata source (static file or Kubernetes API): pods carry their UID and cgroup only and match no namespace");
+    }
+    let directory = pods::directory::Directory::new(static_pods, kube_pods, kubelet);
+
+    let (mut requests, probe_status) =
+        load_probe("request", probes::requests::RequestProbe::load(), config.require_ebpf)?;
+    // Launch accounting (libcuda uprobes), when asked for: it costs every
+    // launch a uprobe trap (docs/gpu.md, "Launch accounting").
+    let (launch_probe, launch_status) = if config.launch_accounting {
+        load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?
+    } else {
+        (None, SourceStatus::Disabled)
+    };
+    let launch_snapshot = Arc::new(std::sync::Mutex::new(probes::launches::LaunchSnapshot::default()));
+    let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
+        Ok(maps) => Some(maps),
+        Err(err) => {
+            tracing::warn!(error = %err, "no second handle on the request probe's maps: evicted connections are found only when idle, ring losses only by the sweep's recount");
+            None
+        }
+    });
+    // The driver path lives in the request probe's programs: it serves
+    // whenever they loaded.
+    let driver_maps = match requests.as_mut().map(|probe| probe.take_driver_maps()) {
+        Some(Ok(maps)) => Some(maps),
+        Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the driver path's maps")),
+        None => None,
+    };
+    let driver_status = match (&driver_maps, &probe_status) {
+        (Some(_), _) => SourceStatus::Ok { detail: "ioctls decoded in the request probe's tracepoints".to_string() },
+        (None, SourceStatus::Degraded { reason }) => SourceStatus::Degraded { reason: reason.clone() },
+        (None, _) => SourceStatus::Disabled,
+    };
+    let driver_snapshot = Arc::new(std::sync::Mutex::new(probes::driver::DriverSnapshot::default()));
+    let poll_gpu_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
+        Some(Ok(ring)) => Some(ring),
+        Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
+        None => None,
+    };
+
+    let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
+    let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
+
+    let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
+    // Bounded: a stalled collector drops GPU updates (counted) instead of
+    // queueing them without limit.
+    let (gpu_tx, gpu_rx) = mpsc::channel(4);
+    let gpu_dropped = Arc::new(AtomicU64::new(0));
+    let poller = poller::spawn(
+        PollerConfig {
+            source: config.gpu.clone(),
+            cgroup_root: cgroup_root.clone(),
+            proc: proc.clone(),
+            interval: config.gpu_interval,
+            poll_now: poll_gpu_now.clone(),
+            launches: launch_snapshot.clone(),
+        },
+        gpu_tx,
+        gpu_dropped.clone(),
+    );
+    // Bounded: a stalled collector drops probe updates (counted).
+    // Batches arrive every ~20 ms; 256 of them is seconds of backlog.
+    let (request_tx, request_rx) = mpsc::channel(256);
+    let reader_stats = Arc::new(probes::requests::ReaderStats::default());
+    let collector = Collector::new(
+        CollectorConfig {
+            tick: config.tick,
+            rescan: Duration::from_secs(2),
+            retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
+            cgroup_root: cgroup_root.clone(),
+            // Three missed polls: a slow NVML call is not yet an outage.
+            gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
+            proc: proc.clone(),
+        },
+        directory,
+        Probes {
+            requests,
+            status: probe_status,
+            reader: reader_stats.clone(),
+            launches: launch_snapshot.clone(),
+            launch_status,
+            driver: driver_snapshot.clone(),
+            driver_status,
+        },
+        gpu_dropped,
+    );
+
+    // Ready means watching: the first scan puts existing pods into the
+    // probes' watch sets before anyone is told the agent serves.
+    let mut collector = collector;
+    collector.tick();
+    // And the first view is published before anyone is told: /healthz and
+    // /readyz judge its age from the start.
+    view_tx.send_replace(Arc::new(collector.view()));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
+    if let Some(ring) = request_ring {
+        let reader = probes::requests::run_reader(
+            ring,
+            proc.clone(),
+            config.probe_paths.clone(),
+            kernel_maps,
+            request_tx,
+            reader_stats,
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { reader.await.context("request probe reader") });
+    }
+    let launch_reader = launch_probe.map(|probe| {
+        probes::launch_reader::spawn(
+            probe,
+            probes::launch_reader::LaunchReaderConfig {
+                proc: proc.clone(),
+                cgroup_root: cgroup_root.clone(),
+                overhead_budget: config.launch_overhead_budget,
+            },
+            launch_snapshot.clone(),
+            shutdown.clone(),
+        )
+    });
+    let driver_reader = driver_maps.map(|maps| {
+        let matcher = probes::driver::devices::DeviceMatcher::new(
+            proc.clone(),
+            &config.proc_root.join("devices"),
+            &config.driver_stand_ins,
+        );
+        probes::driver::spawn(
+            maps,
+            probes::driver::DriverReaderConfig { proc: proc.clone(), matcher, poll_gpu_now },
+            driver_snapshot,
+            shutdown.clone(),
+        )
+    });
+    // KEDA's ExternalScaler and the node API share the gRPC port.
+    let router = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
+        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())));
+    tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
+    let http = axum::serve(http_listener, serve::http::router(view_rx, config.tick))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tasks.spawn(async move { http.await.context("HTTP server") });
+
+    tracing::info!(keda = %bound.keda, http = %bound.http, cgroup_root = %cgroup_root.display(), gpu = ?config.gpu, "podgpu agent serving");
+    on_ready(bound);
+
+    // A failing server takes the agent down with it (and says why); a
+    // clean shutdown waits for every task to finish.
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.context("agent task panicked").and_then(|r| r);
+        if let Err(err) = outcome {
+            tracing::error!(error = %format!("{err:#}"), "agent task failed; shutting down");
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(err);
+            }
+        }
+    }
+    // The poller thread notices the closed channel within 100 ms.
+    let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+    // The launch reader checks the shutdown token once a second.
+    if let Some(reader) = launch_reader {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
+    if let Some(reader) = driver_reader {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
+    if result.is_ok() && !shutdown.is_cancelled() {
+        bail!("agent tasks ended without a shutdown request");
+    }
+    result
+}
+
+/// A loaded probe and its status; with `required`, a failure is fatal.
+fn load_probe<P>(
+    what: &str,
+    loaded: Result<P, probes::ProbeError>,
+    required: bool,
+) -> anyhow::Result<(Option<P>, SourceStatus)> {
+    match loaded {
+        Ok(probe) => Ok((Some(probe), SourceStatus::Ok { detail: format!("eBPF {what} probe") })),
+        Err(err) if required => Err(anyhow::Error::new(err)
+            .context(format!("the eBPF {what} probe is required (PODGPU_REQUIRE_EBPF) but did not load"))),
+        Err(err) => {
+            tracing::warn!(error = %err, probe = what, "eBPF probe did not load: its signals are unavailable");
+            Ok((None, SourceStatus::Degraded { reason: err.to_string() }))
+        }
+    }
+}
+
+/// Adapts a `()` future to the `anyhow::Result` the task set expects.
+trait IntoFutureOk: std::future::Future<Output = ()> + Sized {
+    fn into_future_ok(self) -> impl std::future::Future<Output = anyhow::Result<()>> {
+        async move {
+            self.await;
+            Ok(())
+        }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> IntoFutureOk for F {}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Fuzzes podgpu's parsers and state machines with cargo-fuzz (libFuzzer,
+# AddressSanitizer): trigger metadata, cgroup paths and /proc cgroup files,
+# label selectors, the HTTP/1.1 parser and the HTTP/2 stream tracker fed
+# arbitrary event sequences, and the driver-path ioctl decoder.
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
+#
+# SECONDS_PER_TARGET defaults to 20 (what scripts/test.sh runs); run longer
+# on demand, e.g. `scripts/fuzz.sh 3600 http2_frames`. A crash leaves its
+# input in fuzz/artifacts/TARGET/ and fails the run; reproduce it with
+# `cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/crash-...`, fix it,
+# and add the input as a regression test beside the code it broke.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+[ -f "${CARGO_HOME:-$HOME/.cargo}/.podgpu-env" ] && . "${CARGO_HOME:-$HOME/.cargo}/.podgpu-env"
+toolchain="${PODGPU_EBPF_TOOLCHAIN:-nightly}"
+seconds="${1:-20}"
+shift || true
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+  mapfile -t targets < <(cd fuzz && cargo "+$toolchain" fuzz list)
+fi
+for target in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$target"
+  printf '    fuzzing %s for %s s\n' "$target" "$seconds"
+  # 2 GiB of RSS and 256 MiB per allocation at most: an input that makes
+  # the code allocate without bound is a finding, like a panic.
+  mkdir -p fuzz/target
+  log="fuzz/target/fuzz-$target.log"
+  failed=0
+  (cd fuzz && cargo "+$toolchain" fuzz run --sanitizer address "$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=256 -max_len=4096 -print_final_stats=1) \
+    >"$log" 2>&1 || failed=1
+  grep -E '^(stat::number_of_executed_runs|stat::peak_rss_mb)|panicked|SUMMARY|^artifact_prefix|Test unit written' "$log" \
+    | sed 's/^/      /' || true
+  if [ "$failed" -ne 0 ]; then
+    tail -40 "$log" >&2
+    echo "fuzz: $target failed (build error or a failing input in fuzz/artifacts/$target; full log: $log)" >&2
+    exit 1
+  fi
+done
+echo "    fuzzing: no failing input in ${#targets[@]} targets"
