@@ -33,7 +33,7 @@ for target in "${targets[@]}"; do
   (cd fuzz && cargo "+$toolchain" fuzz run --sanitizer address "$target" "corpus/$target" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -malloc_limit_mb=256 -max_len=4096 -print_final_stats=1) \
     >"$log" 2>&1 || failed=1
-  grep -E '^(stat::number_of_executed_runs|stat::peak_rss_mb)|panicked|SUMMARY|^artifact_prefix|Test unit written' "$log" \
+  grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb)|panicked|SUMMARY|Test unit written' "$log" \
     | sed 's/^/      /' || true
   if [ "$failed" -ne 0 ]; then
     tail -40 "$log" >&2

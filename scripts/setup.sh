@@ -87,6 +87,14 @@ else
   note "installed $(bpf-linker --version)"
 fi
 
+step "cargo-fuzz (scripts/fuzz.sh; test.sh runs every target briefly)"
+if cargo fuzz --version 2>/dev/null | grep -q "0.13.2"; then
+  note "already installed"
+else
+  cargo install --locked cargo-fuzz --version 0.13.2 >/dev/null 2>&1 || cargo install --locked cargo-fuzz --version 0.13.2
+  note "installed $(cargo fuzz --version)"
+fi
+
 # Later steps (test.sh, demo.sh) build with the toolchain chosen here.
 if [ "$EBPF_TOOLCHAIN" != "nightly" ]; then
   echo "export PODGPU_EBPF_TOOLCHAIN=$EBPF_TOOLCHAIN" > "${CARGO_HOME:-$HOME/.cargo}/.podgpu-env"

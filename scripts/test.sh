@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every check podgpu has: formatting, clippy, unit tests and the
+# Runs every check podgpu has: formatting, clippy, unit tests, the
 # root-only integration tests with the real eBPF probes (which must load:
-# PODGPU_REQUIRE_EBPF=1 turns a probe that cannot load into a failure).
+# PODGPU_REQUIRE_EBPF=1 turns a probe that cannot load into a failure), and
+# a bounded fuzzing run of every fuzz target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -28,6 +29,10 @@ scripts/build-image.sh target/debug/podgpu-agent target/podgpu-agent-oci.tar
 # One test at a time per binary: the timing assertions (TTFT and latency
 # within 5%) must not compete with sibling tests for the cores.
 step "tests (unit + integration with real eBPF probes, as root)"
-cargo test --locked -- --test-threads="${PODGPU_TEST_THREADS:-1}"
+cargo test --locked --no-fail-fast -- --test-threads="${PODGPU_TEST_THREADS:-1}"
+
+# Every fuzz target for a bounded time (longer: scripts/fuzz.sh SECONDS).
+step "fuzzing (cargo-fuzz, ${PODGPU_FUZZ_SECONDS:-20} s per target)"
+scripts/fuzz.sh "${PODGPU_FUZZ_SECONDS:-20}"
 
 step "all checks passed in $(( $(date +%s) - started )) s"

@@ -301,7 +301,7 @@ impl DriverReader {
         if let Some(uid) = tracked.pod_uid {
             let pod = self.retired.entry(uid).or_default();
             pod.calls += tracked.driver.total_calls();
-            pod.blocked_ns += tracked.driver.blocked_ns;
+            pod.blocked_ns = pod.blocked_ns.saturating_add(tracked.driver.blocked_ns);
             for (kind, calls) in &tracked.driver.calls {
                 *pod.calls_by_kind.entry(*kind).or_default() += calls;
             }
@@ -318,9 +318,10 @@ impl DriverReader {
             if let Some(uid) = &tracked.pod_uid {
                 let pod = per_pod.entry(uid.clone()).or_default();
                 pod.contexts += devices.len() as u32;
-                pod.vram_bytes += vram_bytes;
+                // Sizes and durations come from processes' ioctls: saturate.
+                pod.vram_bytes = pod.vram_bytes.saturating_add(vram_bytes);
                 pod.calls += tracked.driver.total_calls();
-                pod.blocked_ns += tracked.driver.blocked_ns;
+                pod.blocked_ns = pod.blocked_ns.saturating_add(tracked.driver.blocked_ns);
                 for (kind, calls) in &tracked.driver.calls {
                     *pod.calls_by_kind.entry(*kind).or_default() += calls;
                 }

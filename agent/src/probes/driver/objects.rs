@@ -117,7 +117,8 @@ impl ProcessDriver {
     pub fn apply(&mut self, event: &DriverEvent) -> CallKind {
         let kind = self.classify_and_apply(event);
         *self.calls.entry(kind).or_default() += 1;
-        self.blocked_ns += event.duration_ns;
+        // Kernel-reported, but never trusted not to wrap (found by fuzzing).
+        self.blocked_ns = self.blocked_ns.saturating_add(event.duration_ns);
         kind
     }
 
@@ -191,7 +192,10 @@ impl ProcessDriver {
 
     /// VRAM bytes the process holds through the driver.
     pub fn vram_bytes(&self) -> u64 {
-        self.objects.values().filter(|object| object.class == class::VRAM).map(|object| object.word).sum()
+        self.objects
+            .values()
+            .filter(|object| object.class == class::VRAM)
+            .fold(0u64, |total, object| total.saturating_add(object.word))
     }
 
     /// GPUs (device index, or `UNKNOWN_DEVICE`) on which the process holds
@@ -252,6 +256,21 @@ mod tests {
 
     fn free(handles: [u32; 3]) -> DriverEvent {
         DriverEvent { nr: escape::RM_FREE, size: 16, handles, flags: decode_flags::DECODED, ..DriverEvent::default() }
+    }
+
+    /// Regression (fuzz/driver_ioctls): blocked time and VRAM sizes from
+    /// garbage events saturate instead of overflowing.
+    #[test]
+    fn huge_durations_and_sizes_saturate() {
+        let mut process = ProcessDriver::default();
+        let mut slow = alloc([1, 10, 50], class::VRAM, u64::MAX);
+        slow.duration_ns = u64::MAX;
+        process.apply(&slow);
+        process.apply(&alloc([1, 10, 51], class::VRAM, u64::MAX));
+        process.apply(&DriverEvent { duration_ns: u64::MAX, ..free([9, 9, 9]) });
+        assert_eq!(process.blocked_ns, u64::MAX);
+        assert_eq!(process.vram_bytes(), u64::MAX);
+        assert_eq!(process.total_calls(), 3);
     }
 
     /// A CUDA-shaped tree: client, device 1, channel group, channel,
