@@ -85,3 +85,11 @@ pub async fn eventually(within: std::time::Duration, mut check: impl AsyncFnMut(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// The `q` quantile of client-side samples, by the rank rule HDR
+/// histograms use (the smallest value with at least `q` of the samples at
+/// or below it), so a client's truth compares with the probe's percentiles.
+pub fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1]
+}

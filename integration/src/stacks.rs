@@ -118,6 +118,14 @@ pub struct Call {
     pub interval_ms: u64,
 }
 
+impl Call {
+    /// The HTTP path the test servers stream this call's answer for.
+    fn path(&self) -> String {
+        let chunks = u32::try_from(self.messages.max(1)).unwrap_or(u32::MAX);
+        StreamSpec { first_ms: self.first_ms, chunks, chunk_ms: self.interval_ms }.path()
+    }
+}
+
 /// A client connection of one protocol. HTTP/2 and gRPC callers are
 /// cheap to clone and share one connection; HTTP/1.1 callers own theirs.
 #[derive(Clone)]
@@ -168,22 +176,10 @@ impl Caller {
                 let mut measured = grpcio_calls(*addr, &[call], 1).await?;
                 measured.pop().ok_or_else(|| io_error("the grpcio client measured nothing"))
             }
-            Caller::Http1(addr) => {
-                let spec = StreamSpec {
-                    first_ms: call.first_ms,
-                    chunks: call.messages.max(1) as u32,
-                    chunk_ms: call.interval_ms,
-                };
-                Client::connect(*addr).await?.stream(&spec.path()).await
-            }
+            Caller::Http1(addr) => Client::connect(*addr).await?.stream(&call.path()).await,
             Caller::Http2(send, addr) => {
-                let spec = StreamSpec {
-                    first_ms: call.first_ms,
-                    chunks: call.messages.max(1) as u32,
-                    chunk_ms: call.interval_ms,
-                };
                 let mut send = send.clone().ready().await.map_err(io_error)?;
-                let request = h2_request(*addr, &spec.path());
+                let request = h2_request(*addr, &call.path());
                 let started = Instant::now();
                 let (response, _) = send.send_request(request, true).map_err(io_error)?;
                 let sent = Instant::now();

@@ -1,16 +1,16 @@
 //! The request probe on HTTP/2: a real gRPC server (tonic) in a cgroup pod,
 //! unary and server-streaming calls, compared with what the client measured
 //! (as root, real eBPF, frame headers walked in the kernel).
-use integration::require_root;
+use integration::{percentile, require_root};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-use integration::stacks::Stack;
+use integration::stacks::{parameters, Stack};
 use podgpu_proto::externalscaler::external_scaler_client::ExternalScalerClient;
-use podgpu_proto::externalscaler::{GetMetricsRequest, ScaledObjectRef};
+use podgpu_proto::externalscaler::GetMetricsRequest;
 use tonic::transport::Channel;
 
 fn start(test: &str) -> Scene {
@@ -24,14 +24,6 @@ async fn client(addr: SocketAddr) -> ExternalScalerClient<Channel> {
     ExternalScalerClient::connect(format!("http://{addr}")).await.expect("connect to the gRPC tenant")
 }
 
-fn script(pairs: &[(&str, u64)]) -> ScaledObjectRef {
-    ScaledObjectRef {
-        name: "t".into(),
-        namespace: "t".into(),
-        scaler_metadata: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-    }
-}
-
 async fn counts(http: SocketAddr) -> (u64, u64, u64) {
     let reply = get(http, "/pods").await.expect("GET /pods");
     let view: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
@@ -43,11 +35,6 @@ async fn counts(http: SocketAddr) -> (u64, u64, u64) {
 async fn metric(keda: &mut KedaClient, scene: &Scene, metric: &str) -> f64 {
     let trigger = scaled_object(&scene.namespace, "grpc", &[("metric", metric), ("target", "1"), ("window", "60s")]);
     keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{metric}: {e}")).value
-}
-
-fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1]
 }
 
 /// Unary calls and server streams on one HTTP/2 connection: exact counts,
@@ -65,7 +52,7 @@ async fn grpc_unary_and_streaming_match_the_client() {
     for i in 0..20u64 {
         let started = Instant::now();
         let request = GetMetricsRequest {
-            scaled_object_ref: Some(script(&[("delay_ms", 50 + i * 10)])),
+            scaled_object_ref: Some(parameters(&[("delay_ms", 50 + i * 10)])),
             metric_name: "m".into(),
         };
         grpc.get_metrics(request).await.expect("unary call");
@@ -74,7 +61,7 @@ async fn grpc_unary_and_streaming_match_the_client() {
     for i in 0..20u64 {
         let started = Instant::now();
         let mut stream = grpc
-            .stream_is_active(script(&[("first_ms", 100 + i * 10), ("interval_ms", 10), ("messages", 4)]))
+            .stream_is_active(parameters(&[("first_ms", 100 + i * 10), ("interval_ms", 10), ("messages", 4)]))
             .await
             .expect("stream call")
             .into_inner();
@@ -112,7 +99,7 @@ async fn grpc_in_flight_and_cancel() {
         let mut grpc = client(addr).await;
         held.push(tokio::spawn(async move {
             let mut stream = grpc
-                .stream_is_active(script(&[("first_ms", 1500), ("interval_ms", 10), ("messages", 2)]))
+                .stream_is_active(parameters(&[("first_ms", 1500), ("interval_ms", 10), ("messages", 2)]))
                 .await
                 .unwrap()
                 .into_inner();
@@ -127,7 +114,7 @@ async fn grpc_in_flight_and_cancel() {
 
     let mut grpc = client(addr).await;
     let mut stream = grpc
-        .stream_is_active(script(&[("first_ms", 20), ("interval_ms", 50), ("messages", 100)]))
+        .stream_is_active(parameters(&[("first_ms", 20), ("interval_ms", 50), ("messages", 100)]))
         .await
         .unwrap()
         .into_inner();

@@ -2,7 +2,7 @@
 //! own cgroup pod, compared with what the client measured (as root, real
 //! eBPF): in-flight, exact counts, TTFT and latency percentiles, no leaks
 //! between pods, aborts.
-use integration::require_root;
+use integration::{percentile, require_root};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -34,13 +34,6 @@ async fn metric(keda: &mut KedaClient, scene: &Scene, app: &str, metric: &str, w
         &[("metric", metric), ("target", "1"), ("podSelector", &selector), ("window", window)],
     );
     keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{metric}: {e}")).value
-}
-
-fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    // Same rank rule as HDR histograms: the smallest value with >= q of samples at or below.
-    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
-    values[rank - 1]
 }
 
 fn close_enough(probe_ms: f64, client_ms: f64) -> bool {

@@ -5,7 +5,7 @@
 //! Node.js `http`. For every stack, against the client's own timings:
 //! streams held open read as exactly that many in flight, every request
 //! is counted once, and TTFT and latency percentiles are within 5%.
-use integration::require_root;
+use integration::{percentile, require_root};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,6 @@ async fn pod_view(http: SocketAddr) -> serde_json::Value {
 async fn metric(keda: &mut KedaClient, namespace: &str, metric: &str) -> f64 {
     let trigger = scaled_object(namespace, "stack", &[("metric", metric), ("target", "1"), ("window", "60s")]);
     keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{metric}: {e}")).value
-}
-
-fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1]
 }
 
 fn millis(measured: &[Measured], pick: fn(&Measured) -> Duration) -> Vec<f64> {

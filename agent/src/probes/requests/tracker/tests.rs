@@ -133,6 +133,49 @@ fn http2_streams_from_frame_records() {
     assert!(matches!(out[3].outcome, Outcome::Aborted { started_ns: 3, at_ns: 5 }));
 }
 
+/// A lost HTTP/2 frame boundary (the kernel's notice: an event without
+/// frames, mode unsynced) heals the pod's in-flight level: the stream that
+/// is heard from again stays open, the silent one is aborted once the
+/// grace period has passed, and the recount agrees.
+#[test]
+fn a_lost_http2_boundary_heals_the_open_level() {
+    use super::super::http2::LOST_SYNC_GRACE_NS;
+    use podgpu_common::{conn_mode, H2Frame, MAX_H2_FRAMES};
+    let mut tracker = tracker();
+    let mut out = Vec::new();
+    tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
+    tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
+    let record = |kind: IoKind, at: u64, frames: &[H2Frame], mode: u32| {
+        let mut all = [H2Frame::default(); MAX_H2_FRAMES];
+        all[..frames.len()].copy_from_slice(frames);
+        H2Event {
+            timestamp_ns: at,
+            cgroup_id: 7,
+            connection: 2,
+            bytes: 1,
+            kind: kind as u32,
+            frame_count: frames.len() as u32,
+            mode,
+            _pad: 0,
+            frames: all,
+        }
+    };
+    let frame = |kind, id, flags| H2Frame { length: 10, stream_id: id, kind, flags, _pad: [0; 2] };
+    tracker.observe_h2(&record(IoKind::H2Read, 3, &[frame(1, 1, 0x5), frame(1, 3, 0x5)], conn_mode::H2), &mut out);
+    assert_eq!(tracker.open_requests()[&(7, 0, false)], 2);
+    // The write holding stream 1's END_STREAM was not walked.
+    tracker.observe_h2(&record(IoKind::H2Write, 10, &[], conn_mode::H2_UNSYNCED), &mut out);
+    // Resynchronised: stream 3 is heard from again.
+    tracker.observe_h2(&record(IoKind::H2Write, 20, &[frame(0, 3, 0)], conn_mode::H2), &mut out);
+    let host = FakeHost::default();
+    tracker.sweep(10 + LOST_SYNC_GRACE_NS / 2, &host, &mut out);
+    assert_eq!(tracker.open_requests()[&(7, 0, false)], 2, "within the grace period");
+    tracker.sweep(11 + LOST_SYNC_GRACE_NS, &host, &mut out);
+    assert_eq!(tracker.open_requests()[&(7, 0, false)], 1, "stream 1 expired, stream 3 still open");
+    assert_eq!(tracker.stats().http2_streams_expired, 1);
+    assert_eq!(tracker.stats().open_request_corrections, 0, "the running level matched the recount");
+}
+
 /// Idle connections are collected and their open requests aborted.
 #[test]
 fn idle_connections_are_collected() {
