@@ -15,6 +15,8 @@
 //! - `gpu`: the `GpuBackend` trait, NVML and simulated backends, the poller.
 //! - `pods`: cgroup path parsing, the cgroup v2 tree, label selectors,
 //!   static pod metadata.
+//! - `cluster` (scaler role): the node agents as a source; polls each for
+//!   the pods and metrics live triggers ask for, publishes a `ClusterView`.
 //! - `signals`: per-pod histories, windows, aggregation, the collector.
 //! - `serve`: KEDA scaler, trigger validation, HTTP endpoints.
 //! - `roles`: what each role runs (`node`, `scaler`) on top of the rest.
@@ -25,6 +27,7 @@
 //! latest `NodeView` the collector published.
 pub mod agent_http;
 pub mod backoff;
+pub mod cluster;
 pub mod gpu;
 pub mod pods;
 pub mod probes;

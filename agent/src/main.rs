@@ -8,11 +8,11 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use podgpu_agent::cluster::{ClusterConfig, FetchMode};
 use podgpu_agent::gpu::GpuSource;
 use podgpu_agent::pods::kube_api::KubeAccess;
 use podgpu_agent::pods::kubelet;
 use podgpu_agent::probes::requests::traffic::ProbePaths;
-use podgpu_agent::serve::cluster::ClusterConfig;
 use podgpu_agent::serve::tls::{ClientTls, ServerTls};
 use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
 use tokio_util::sync::CancellationToken;
@@ -188,6 +188,12 @@ struct ScalerOptions {
     /// then a query selecting pods it hosted is an error (KEDA's fallback).
     #[arg(long, env = "PODGPU_NODE_FORGET_S", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     node_forget_s: u64,
+    /// What each poll fetches: `selected` (the pods and metrics live
+    /// triggers ask for; the scaler's cost follows the triggers) or `all`
+    /// (every pod with every metric, so the scaler's `/pods` shows the whole
+    /// cluster; the cost follows every pod of the cluster).
+    #[arg(long, env = "PODGPU_SCALER_FETCH", value_enum, default_value_t = FetchMode::Selected)]
+    fetch: FetchMode,
     /// CA (PEM) that signed the node agents' certificates: dial them over TLS.
     #[arg(long, env = "PODGPU_NODE_TLS_CA")]
     node_tls_ca: Option<PathBuf>,
@@ -369,6 +375,7 @@ async fn main() -> anyhow::Result<()> {
                     grace: Duration::from_secs(scaler.node_grace_s),
                     forget: Duration::from_secs(scaler.node_forget_s.max(scaler.node_grace_s)),
                     node_tls,
+                    fetch: scaler.fetch,
                 },
                 tls: tls(&serving),
                 tls_reload: Duration::from_secs(serving.tls_reload_s),

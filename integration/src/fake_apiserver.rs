@@ -1,8 +1,8 @@
 //! A Kubernetes API server reduced to what the agent's pod watcher uses:
 //! `GET /api/v1/pods` as a list and as a watch (JSON lines), with
 //! resource versions and the `spec.nodeName` field selector applied as
-//! the real server applies it. Tests add, change and delete pods and read
-//! which queries the agent made.
+//! the real server applies it. Tests add, change and delete pods, read
+//! which queries the agent made, and take the server away and back.
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -92,12 +92,38 @@ impl FakeApiServer {
         let (live, _) = broadcast::channel(65_536);
         let shared = Shared { store: Arc::default(), live };
         let stop = CancellationToken::new();
-        let app = Router::new().route("/api/v1/pods", get(pods)).with_state(shared.clone());
-        let shutdown = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        });
+        Self::serve(listener, shared.clone(), stop.clone());
         Ok(Self { addr, shared, stop })
+    }
+
+    fn serve(listener: tokio::net::TcpListener, shared: Shared, stop: CancellationToken) {
+        let app = Router::new().route("/api/v1/pods", get(pods)).with_state((shared, stop.clone()));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+
+    /// The API server goes away: the listener closes and open watches end.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Serves again on the same address, with everything that changed
+    /// while it was away.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.stop.cancel();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                // The old listener may take a moment to close.
+                Err(err) if std::time::Instant::now() > deadline => return Err(err),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        };
+        self.stop = CancellationToken::new();
+        Self::serve(listener, self.shared.clone(), self.stop.clone());
+        Ok(())
     }
 
     /// A kubeconfig pointing at this server, written into `dir`.
@@ -146,7 +172,10 @@ impl Drop for FakeApiServer {
     }
 }
 
-async fn pods(State(shared): State<Shared>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn pods(
+    State((shared, stop)): State<(Shared, CancellationToken)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let node = node_selector(&query);
     let wanted = move |pod: &Value| node.as_deref().is_none_or(|n| node_of(pod) == n);
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
@@ -175,7 +204,15 @@ async fn pods(State(shared): State<Shared>, Query(query): Query<HashMap<String, 
                 return;
             }
         }
-        while let Ok((version, kind, pod)) = live.recv().await {
+        loop {
+            let (version, kind, pod) = tokio::select! {
+                // The server went away: the watch ends with it.
+                _ = stop.cancelled() => return,
+                event = live.recv() => match event {
+                    Ok(event) => event,
+                    Err(_) => return,
+                },
+            };
             if version > last_backlog && wanted(&pod) && lines.send(line(kind, &pod)).await.is_err() {
                 return;
             }

@@ -62,8 +62,20 @@ impl KedaClient {
     }
 
     /// One polling cycle: GetMetrics for `metric_name`, then IsActive.
-    #[allow(deprecated)] // KEDA reads the deprecated int64 when the float is 0.
     pub async fn poll(&mut self, scaled_object: &ScaledObjectRef, metric_name: &str) -> Result<Poll, tonic::Status> {
+        let (metric_name, value) = self.get_metrics(scaled_object, metric_name).await?;
+        let active = self.is_active(scaled_object).await?;
+        Ok(Poll { metric_name, value, active })
+    }
+
+    /// GetMetrics: the metric name the scaler returned and the value as
+    /// KEDA reads it.
+    #[allow(deprecated)] // KEDA reads the deprecated int64 when the float is 0.
+    pub async fn get_metrics(
+        &mut self,
+        scaled_object: &ScaledObjectRef,
+        metric_name: &str,
+    ) -> Result<(String, f64), tonic::Status> {
         let metrics = self
             .client
             .get_metrics(GetMetricsRequest {
@@ -76,8 +88,12 @@ impl KedaClient {
             metrics.metric_values.first().ok_or_else(|| tonic::Status::internal("GetMetrics returned no value"))?;
         let as_keda_reads =
             if value.metric_value_float > 0.0 { value.metric_value_float } else { value.metric_value as f64 };
-        let active = self.client.is_active(scaled_object.clone()).await?.into_inner().result;
-        Ok(Poll { metric_name: value.metric_name.clone(), value: as_keda_reads, active })
+        Ok((value.metric_name.clone(), as_keda_reads))
+    }
+
+    /// IsActive.
+    pub async fn is_active(&mut self, scaled_object: &ScaledObjectRef) -> Result<bool, tonic::Status> {
+        Ok(self.client.is_active(scaled_object.clone()).await?.into_inner().result)
     }
 
     /// StreamIsActive: the push channel of `external-push` triggers.

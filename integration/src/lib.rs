@@ -10,6 +10,8 @@
 //! - `scene`: tenants + metadata + (simulated) GPU + agent, started together.
 //! - `fake_kubelet`, `fake_apiserver`: kubelet pod-resources and the
 //!   Kubernetes API's pod list/watch, served from test data.
+//! - `scale`: the scaler on its own: node stand-ins in a child process,
+//!   KEDA-shaped load, `/proc` counters of a process.
 //! - `stacks`: real server stacks (grpcio, uvicorn, hypercorn, Node) as
 //!   tenants, and clients that time calls to them.
 pub mod agent;
@@ -21,6 +23,7 @@ pub mod fake_kubelet;
 pub mod http;
 pub mod keda;
 pub mod pod;
+pub mod scale;
 pub mod scene;
 pub mod stacks;
 

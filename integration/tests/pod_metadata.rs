@@ -3,8 +3,9 @@
 //! pod-resources (a fake kubelet on a unix socket), joined onto a real
 //! cgroup pod watched by the real agent: labels, owner workload, container
 //! ids and GPU UUIDs reach /pods, /metrics and KEDA's selectors; kubelet
-//! restarts and API updates/deletes are followed; 10,000 API pod churn
-//! cycles leave no stale entries.
+//! restarts and API updates/deletes are followed; the API server gone and
+//! back degrades the source, keeps answers, and catches up; 10,000 API pod
+//! churn cycles leave no stale entries.
 use integration::require_root;
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,7 @@ async fn api_and_kubelet_metadata_reach_every_signal() {
     let ns = format!("meta-{}", std::process::id());
     let uid = new_uid();
     let files = tempfile::tempdir().unwrap();
-    let api = FakeApiServer::start().await.expect("fake API server");
+    let mut api = FakeApiServer::start().await.expect("fake API server");
     let labels = [("app", "llm-api"), ("team", "ml"), ("pod-template-hash", "5d8f")];
     api.apply(api_pod(&uid, &ns, "llm-0", NODE, &labels, &[("vllm", Some(CONTAINER_ID))]));
     // Another node's pod: the agent's field selector must keep it out.
@@ -148,6 +149,28 @@ async fn api_and_kubelet_metadata_reach_every_signal() {
         eventually(&scene, "/pods", Duration::from_secs(5), |p| pod_row(p, &uid)["labels"]["app"] == "llm-static")
             .await;
     assert_eq!(pod_row(&pods, &uid)["labels"]["app"], "llm-static");
+
+    // The API server goes away: known pods keep their metadata, KEDA keeps
+    // answering, and the source says it is degraded. What changed while it
+    // was away arrives once it is back.
+    api.stop();
+    let health =
+        eventually(&scene, "/healthz", Duration::from_secs(15), |h| h["kube_api"]["state"] == "degraded").await;
+    assert_eq!(health["kube_api"]["state"], "degraded", "API server gone: {health}");
+    let by_static = scaled_object(
+        &ns,
+        "llm",
+        &[("metric", "requests_in_flight"), ("target", "4"), ("podSelector", "app=llm-static")],
+    );
+    keda.poll(&by_static, "podgpu-requests-in-flight").await.expect("answers while the API server is away");
+    api.apply(api_pod(&uid, &ns, "llm-0", NODE, &[("app", "llm-v3")], &[("vllm", Some(CONTAINER_ID))]));
+    api.restart().await.expect("API server back");
+    let pods =
+        eventually(&scene, "/pods", Duration::from_secs(40), |p| pod_row(p, &uid)["labels"]["app"] == "llm-v3").await;
+    assert_eq!(pod_row(&pods, &uid)["labels"]["app"], "llm-v3", "a change made while the API server was away");
+    let health = eventually(&scene, "/healthz", Duration::from_secs(10), |h| h["kube_api"]["state"] == "ok").await;
+    assert_eq!(health["kube_api"]["state"], "ok", "{health}");
+    api.delete(&uid);
 
     // Churn: 10,000 pods created and deleted through the watch leave the
     // agent holding none of them.

@@ -1,175 +1,148 @@
-//! `cargo xtask bench-scaler`: how fast KEDA gets answers.
+//! `cargo xtask bench-scaler`: what the scaler role costs and how fast
+//! KEDA gets answers.
 //!
-//! 1. GetMetrics latency (p50/p99 over sequential calls, as KEDA polls)
-//!    through the scaler role with 1, 10 and 100 node agents. The node
-//!    agents are simulated on loopback by node-API servers with 20 pods
-//!    each (latency histograms included), so 100 nodes fit on one machine.
+//! 1. Scale: the scaler binary over 100 and 1,000 node agents of 20 pods.
+//!    The node agents are stand-ins in their own process
+//!    (`node-standins`), the scaler runs in another, and KEDA's load comes
+//!    from this one, so the scaler's CPU and RSS (`/proc`) are its own.
+//!    Bytes in and out are the protobuf bytes of the snapshots the nodes
+//!    sent and the requests they received (HTTP/2 framing not counted). Each fetch mode runs in turn:
+//!    `all` (every pod and metric, every poll) and `selected` (the pods and
+//!    metrics live ScaledObjects ask for). The same command with
+//!    `--clients 1000 --streams 100 --seconds 60` is the load test.
 //! 2. Load step to answer: a real standalone agent watches a tenant pod;
 //!    from the moment traffic starts, how long until GetMetrics reports
 //!    requests in flight (median of repeated steps).
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use hdrhistogram::Histogram;
-use integration::http::{drive_streams, StreamSpec};
+use integration::agent::AgentProcess;
+use integration::http::{drive_streams, get, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
+use integration::scale::{run_load, KedaLoad, NodeStandIns, ProcessSample};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
-use podgpu_agent::serve::cluster::ClusterConfig;
-use podgpu_agent::signals::latency::encode_buckets;
-use podgpu_agent::{run_scaler, ScalerConfig};
-use podgpu_proto::node::node_signals_server::{NodeSignals, NodeSignalsServer};
-use podgpu_proto::node::{NodeSnapshot, PodSignals, SnapshotRequest, WatchRequest, WindowValues};
-use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use integration::workspace_binary;
 
 /// Benchmark options.
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// GetMetrics calls per node count.
-    #[arg(long, default_value_t = 2000)]
-    calls: u32,
-    /// Load steps to time.
+    /// Node agent counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    nodes: Vec<usize>,
+    /// Pods per node agent.
+    #[arg(long, default_value_t = 20)]
+    pods: usize,
+    /// Deployments the pods belong to (`app=llm-K`), spread over the nodes.
+    #[arg(long, default_value_t = 200)]
+    deployments: usize,
+    /// ScaledObjects, each selecting one deployment.
+    #[arg(long, default_value_t = 50)]
+    scaled_objects: usize,
+    /// KEDA connections polling (0: one per ScaledObject).
+    #[arg(long, default_value_t = 0)]
+    clients: usize,
+    /// Milliseconds between one client's polls.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// StreamIsActive streams held open.
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
+    /// Seconds measured per configuration (after a 5 s warm-up).
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Fetch modes to compare.
+    #[arg(long, value_delimiter = ',', default_value = "all,selected")]
+    fetch: Vec<String>,
+    /// Load steps to time (0: skip).
     #[arg(long, default_value_t = 5)]
     steps: u32,
 }
 
-const PODS_PER_NODE: usize = 20;
-
-/// A node agent stand-in: a fixed snapshot of 20 pods.
-struct FakeNode {
-    snapshot: NodeSnapshot,
+/// One configuration's figures.
+struct ScaleRow {
+    nodes_covered: u64,
+    rss_series: Vec<f64>,
+    scaler_cores: f64,
+    standin_cores: f64,
+    read_per_s: f64,
+    written_per_s: f64,
+    rss_mib: (f64, f64),
+    fds: (usize, usize),
+    answered: u64,
+    errors: u64,
+    first_error: Option<String>,
+    p50_ms: f64,
+    p99_ms: f64,
+    stream_messages: u64,
+    streams_broken: u64,
 }
 
-#[tonic::async_trait]
-impl NodeSignals for FakeNode {
-    async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
-        let mut snapshot = self.snapshot.clone();
-        let windows = request.into_inner().windows_s;
-        for pod in &mut snapshot.pods {
-            let template = pod.windows[0].clone();
-            pod.windows = windows.iter().map(|&window_s| WindowValues { window_s, ..template.clone() }).collect();
-        }
-        Ok(Response::new(snapshot))
-    }
-
-    type WatchStream = tokio_stream::Empty<Result<NodeSnapshot, Status>>;
-
-    async fn watch(&self, _request: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        // The scaler polls `Snapshot`; the stand-in serves only that.
-        Err(Status::unimplemented("the benchmark's node stand-in serves Snapshot only"))
-    }
-}
-
-fn fake_snapshot(node: usize) -> NodeSnapshot {
-    let mut ttft: Histogram<u32> = Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("bounds");
-    for sample in 0..200u64 {
-        let _ = ttft.record(20_000 + sample * 997 % 180_000);
-    }
-    let buckets = encode_buckets(&ttft);
-    let pods = (0..PODS_PER_NODE)
-        .map(|index| PodSignals {
-            uid: format!("{node:08x}-0000-4000-8000-{index:012x}"),
-            namespace: "bench".into(),
-            name: format!("llm-{node}-{index}"),
-            labels: [("app".to_string(), if index % 2 == 0 { "llm" } else { "other" }.to_string())].into(),
-            windows: vec![WindowValues {
-                window_s: 10.0,
-                values: [("gpu_sm_util".to_string(), 30.0), ("requests_in_flight".to_string(), 3.0)].into(),
-                ttft_us: buckets.clone(),
-                latency_us: buckets.clone(),
-                ports: Vec::new(),
-            }],
-            unavailable: Default::default(),
-            owner: String::new(),
-            containers: Vec::new(),
-            metadata_pending: false,
-        })
-        .collect();
-    NodeSnapshot {
-        node: format!("node-{node}"),
-        pods,
-        unavailable_sources: Default::default(),
-        at_s: 0.0,
-        gpu_sample_age_s: 0.5,
-    }
-}
-
-async fn start_fake_node(node: usize, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tonic::transport::Server::builder()
-        .add_service(NodeSignalsServer::new(FakeNode { snapshot: fake_snapshot(node) }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        );
-    tokio::spawn(server);
-    Ok(addr)
-}
-
-fn percentile_ms(samples: &mut [f64], q: f64) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
-}
-
-async fn get_metrics_latency(nodes: usize, calls: u32) -> anyhow::Result<(f64, f64, f64, f64)> {
-    let shutdown = CancellationToken::new();
-    let mut addresses = Vec::new();
-    for node in 0..nodes {
-        addresses.push(start_fake_node(node, shutdown.clone()).await?.to_string());
-    }
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let config = ScalerConfig {
-        keda_listen: "127.0.0.1:0".parse()?,
-        http_listen: "127.0.0.1:0".parse()?,
-        cluster: ClusterConfig {
-            nodes: addresses,
-            poll_interval: Duration::from_millis(500),
-            deadline: Duration::from_millis(400),
-            grace: Duration::from_secs(30),
-            forget: Duration::from_secs(600),
-            node_tls: Default::default(),
-        },
-        tls: Default::default(),
-        tls_reload: Duration::from_secs(10),
+async fn measure_scale(options: &Options, nodes: usize, fetch: &str) -> anyhow::Result<ScaleRow> {
+    let standins = NodeStandIns::start(nodes, options.pods, options.deployments)?;
+    let args = ["--nodes", &standins.addresses.join(","), "--fetch", fetch].map(String::from);
+    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args)?;
+    let covered = || async {
+        get(scaler.http, "/healthz")
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .and_then(|v| v["nodes_covered"].as_u64())
+            .unwrap_or(0)
     };
-    let scaler_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = run_scaler(config, scaler_shutdown, move |bound| {
-            let _ = ready_tx.send(bound);
-        })
-        .await;
+    // An overloaded scaler may never cover every node: that is a result,
+    // printed, not a reason to stop.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while covered().await < nodes as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut load = KedaLoad {
+        clients: if options.clients == 0 { options.scaled_objects } else { options.clients },
+        scaled_objects: options.scaled_objects,
+        interval: Duration::from_millis(options.interval_ms),
+        streams: options.streams,
+        duration: Duration::from_secs(5),
+    };
+    // Warm-up: every trigger asked once, so polls carry them.
+    run_load(scaler.keda, &load).await?;
+    load.duration = Duration::from_secs(options.seconds);
+    let (scaler_before, standins_before) = (ProcessSample::of(scaler.pid())?, ProcessSample::of(standins.pid())?);
+    let traffic_before = standins.traffic()?;
+    // RSS at each quarter of the run: flat, or growing?
+    let scaler_pid = scaler.pid();
+    let quarter = load.duration / 4;
+    let rss_series = tokio::spawn(async move {
+        let mut series = Vec::new();
+        for _ in 0..4 {
+            tokio::time::sleep(quarter).await;
+            series.push(ProcessSample::of(scaler_pid).map_or(0.0, |s| s.rss_kib as f64 / 1024.0));
+        }
+        series
     });
-    let bound = ready_rx.await.context("scaler did not start")?;
-    let mut keda = KedaClient::connect(bound.keda).await?;
-    let sum = scaled_object("bench", "llm", &[("metric", "gpu_sm_util"), ("target", "50"), ("podSelector", "app=llm")]);
-    let p99 =
-        scaled_object("bench", "llm", &[("metric", "ttft_ms_p99"), ("target", "100"), ("podSelector", "app=llm")]);
-    // Wait until every node is covered (first poll done).
-    let expected = 30.0 * (nodes * PODS_PER_NODE / 2) as f64;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while keda.poll(&sum, "m").await.map(|p| p.value).unwrap_or(0.0) < expected - 0.5 {
-        anyhow::ensure!(Instant::now() < deadline, "scaler never covered all {nodes} nodes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut additive = Vec::new();
-    let mut percentile = Vec::new();
-    for _ in 0..calls {
-        let started = Instant::now();
-        keda.poll(&sum, "m").await?;
-        additive.push(started.elapsed().as_secs_f64() * 1e3);
-        let started = Instant::now();
-        keda.poll(&p99, "m").await?;
-        percentile.push(started.elapsed().as_secs_f64() * 1e3);
-    }
-    shutdown.cancel();
-    Ok((
-        percentile_ms(&mut additive, 0.5),
-        percentile_ms(&mut additive, 0.99),
-        percentile_ms(&mut percentile, 0.5),
-        percentile_ms(&mut percentile, 0.99),
-    ))
+    let report = run_load(scaler.keda, &load).await?;
+    let rss_series = rss_series.await?;
+    let (scaler_after, standins_after) = (ProcessSample::of(scaler.pid())?, ProcessSample::of(standins.pid())?);
+    let traffic_after = standins.traffic()?;
+    let nodes_covered = covered().await;
+    let seconds = scaler_after.seconds_since(&scaler_before);
+    let read_per_s = traffic_after.0.saturating_sub(traffic_before.0) as f64 / seconds;
+    let written_per_s = traffic_after.1.saturating_sub(traffic_before.1) as f64 / seconds;
+    Ok(ScaleRow {
+        nodes_covered,
+        rss_series,
+        scaler_cores: scaler_after.cores_since(&scaler_before),
+        standin_cores: standins_after.cores_since(&standins_before),
+        read_per_s,
+        written_per_s,
+        rss_mib: (scaler_before.rss_kib as f64 / 1024.0, scaler_after.rss_kib as f64 / 1024.0),
+        fds: (scaler_before.fds, scaler_after.fds),
+        answered: report.answered,
+        errors: report.errors,
+        p50_ms: report.latency_ms(0.5),
+        p99_ms: report.latency_ms(0.99),
+        first_error: report.first_error,
+        stream_messages: report.stream_messages,
+        streams_broken: report.streams_broken,
+    })
 }
 
 async fn load_step(steps: u32) -> anyhow::Result<Vec<f64>> {
@@ -206,27 +179,58 @@ async fn load_step(steps: u32) -> anyhow::Result<Vec<f64>> {
 pub fn run(options: Options) -> anyhow::Result<()> {
     let runtime = crate::root_runtime("the load-step part")?;
     runtime.block_on(async {
-        println!("GetMetrics + IsActive latency through the scaler role ({} sequential polls each):", options.calls);
-        println!("{:>6} {:>8} {:>22} {:>22}", "nodes", "pods", "sum p50 / p99 (ms)", "merged p99 p50 / p99 (ms)");
-        for nodes in [1usize, 10, 100] {
-            let (a50, a99, p50, p99) = get_metrics_latency(nodes, options.calls).await?;
+        let clients = if options.clients == 0 { options.scaled_objects } else { options.clients };
+        println!(
+            "scaler over node stand-ins ({} pods each, {} deployments; {} ScaledObjects, {clients} KEDA clients \
+             polling GetMetrics+IsActive every {} ms, {} StreamIsActive streams; {} s measured):",
+            options.pods, options.deployments, options.scaled_objects, options.interval_ms, options.streams, options.seconds
+        );
+        println!(
+            "{:>8} {:>6} {:>7} {:>7} {:>12} {:>11} {:>11} {:>15} {:>9} {:>8} {:>6} {:>16} {:>11}",
+            "fetch", "nodes", "pods", "covered", "scaler cores", "in MB/s", "out kB/s", "RSS MiB", "fds", "answers", "errors",
+            "p50 / p99 ms", "stand-ins"
+        );
+        for &nodes in &options.nodes {
+            for fetch in &options.fetch {
+                let row = measure_scale(&options, nodes, fetch).await.with_context(|| format!("{fetch} at {nodes} nodes"))?;
+                println!(
+                    "{fetch:>8} {nodes:>6} {:>7} {:>7} {:>12.3} {:>11.2} {:>11.2} {:>7.1} -> {:<6.1} {:>4}->{:<4} {:>8} {:>6} {:>7.3} / {:<7.3} {:>10.2}",
+                    nodes * options.pods,
+                    row.nodes_covered,
+                    row.scaler_cores,
+                    row.read_per_s / 1e6,
+                    row.written_per_s / 1e3,
+                    row.rss_mib.0,
+                    row.rss_mib.1,
+                    row.fds.0,
+                    row.fds.1,
+                    row.answered,
+                    row.errors,
+                    row.p50_ms,
+                    row.p99_ms,
+                    row.standin_cores,
+                );
+                let series: Vec<String> = row.rss_series.iter().map(|mib| format!("{mib:.1}")).collect();
+                println!("         scaler RSS at each quarter of the run: {} MiB", series.join(", "));
+                if options.streams > 0 {
+                    println!("         StreamIsActive: {} messages, {} streams broken", row.stream_messages, row.streams_broken);
+                }
+                if let Some(error) = row.first_error {
+                    println!("         first error: {error}");
+                }
+            }
+        }
+        if options.steps > 0 {
+            let mut visible = load_step(options.steps).await?;
+            visible.sort_by(f64::total_cmp);
+            let median = integration::percentile(visible.clone(), 0.5);
+            println!("\nload step -> requests_in_flight > 0 over GetMetrics (standalone agent, tick 250 ms):");
             println!(
-                "{nodes:>6} {:>8} {:>10.3} / {:<9.3} {:>10.3} / {:<9.3}",
-                nodes * PODS_PER_NODE,
-                a50,
-                a99,
-                p50,
-                p99
+                "median {median:.0} ms, max {:.0} ms over {} steps (target <= 1000 ms)",
+                visible.last().copied().unwrap_or(0.0),
+                visible.len()
             );
         }
-        let mut visible = load_step(options.steps).await?;
-        let median = percentile_ms(&mut visible, 0.5);
-        println!("\nload step -> requests_in_flight > 0 over GetMetrics (standalone agent, tick 250 ms):");
-        println!(
-            "median {median:.0} ms, max {:.0} ms over {} steps (target <= 1000 ms)",
-            visible.last().copied().unwrap_or(0.0),
-            visible.len()
-        );
         Ok(())
     })
 }

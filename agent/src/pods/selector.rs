@@ -43,6 +43,27 @@ impl LabelSelector {
     }
 }
 
+/// The canonical string form: `parse` reads it back to an equal selector,
+/// so a selector can travel (to node agents) as text.
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, requirement) in self.requirements.iter().enumerate() {
+            if index > 0 {
+                f.write_str(",")?;
+            }
+            match requirement {
+                Requirement::In(key, values) if values.len() == 1 => write!(f, "{key}={}", values[0])?,
+                Requirement::NotIn(key, values) if values.len() == 1 => write!(f, "{key}!={}", values[0])?,
+                Requirement::In(key, values) => write!(f, "{key} in ({})", values.join(","))?,
+                Requirement::NotIn(key, values) => write!(f, "{key} notin ({})", values.join(","))?,
+                Requirement::Exists(key) => f.write_str(key)?,
+                Requirement::DoesNotExist(key) => write!(f, "!{key}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Splits on commas that are not inside parentheses.
 fn split_top_level(text: &str) -> Result<Vec<&str>, String> {
     if text.trim().is_empty() {
@@ -148,6 +169,16 @@ mod tests {
         for (selector, expected) in cases {
             let parsed = LabelSelector::parse(selector).unwrap_or_else(|e| panic!("{selector}: {e}"));
             assert_eq!(parsed.matches(&pod), expected, "{selector}");
+        }
+    }
+
+    /// The text form reads back to the same selector.
+    #[test]
+    fn text_form_round_trips() {
+        for selector in ["", "app=llm", "app=", "a!=b", "t in (x, y,z)", "t notin (x,)", "k", "!k", "a=b,!c,d in (e)"] {
+            let parsed = LabelSelector::parse(selector).unwrap();
+            let text = parsed.to_string();
+            assert_eq!(LabelSelector::parse(&text).unwrap(), parsed, "{selector} -> {text}");
         }
     }
 

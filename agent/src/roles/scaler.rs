@@ -19,7 +19,7 @@ pub struct ScalerConfig {
     /// HTTP listen address (/healthz, /metrics).
     pub http_listen: SocketAddr,
     /// How to reach and judge the node agents.
-    pub cluster: serve::cluster::ClusterConfig,
+    pub cluster: crate::cluster::ClusterConfig,
     /// TLS (and mTLS) on the KEDA gRPC port.
     pub tls: serve::tls::ServerTls,
     /// How often TLS files are checked for rotation.
@@ -36,7 +36,7 @@ pub async fn run_scaler(
     let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
     let cluster =
-        serve::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
+        crate::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let router = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())));

@@ -18,8 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::cluster::ClusterHandle;
 use super::trigger::Trigger;
+use crate::cluster::{Ask, ClusterHandle};
 use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
 use crate::signals::metric::Metric;
@@ -38,8 +38,9 @@ pub enum Signals {
     Cluster(ClusterHandle),
 }
 
-/// How long a KEDA call may wait for a window no snapshot carries yet.
-const NEW_WINDOW_WAIT: Duration = Duration::from_secs(3);
+/// How long a KEDA call may wait for a poll that carries its trigger
+/// (a trigger's first call, or a window not asked for before).
+const NEW_QUERY_WAIT: Duration = Duration::from_secs(3);
 
 impl Signals {
     async fn evaluate(&self, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
@@ -70,22 +71,18 @@ impl Signals {
                 workload_value(&view, &query).map_err(ScalerError::Unavailable)
             }
             Signals::Cluster(cluster) => {
-                let view = cluster.ensure_window(query.window_s, NEW_WINDOW_WAIT).await;
+                let ask =
+                    Ask { namespace, selector, metric, window_s: query.window_s, ports: !query.traffic.is_pod_level() };
+                let view = cluster.ensure(&ask, NEW_QUERY_WAIT).await;
                 let key = format!(
                     "{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}\0{:?}",
                     query.window_s, trigger.aggregation, query.traffic
                 );
                 view.memoized(key, || {
-                    if !view.has_window(query.window_s) {
-                        return Err(format!(
-                            "the {}s window is not polled from the node agents yet; it will be within a poll",
-                            query.window_s
-                        ));
-                    }
-                    if let Some(reason) = view.coverage_error(metric, namespace, selector) {
+                    if let Some(reason) = view.coverage_error(&ask) {
                         return Err(reason);
                     }
-                    combine(view.pods(), &query)
+                    combine(view.candidates(&ask), &query)
                 })
                 .map_err(ScalerError::Unavailable)
             }

@@ -1,8 +1,7 @@
 //! Serving: KEDA's ExternalScaler (gRPC), the node API (gRPC, for the
 //! scaler role) and the agent's HTTP endpoints, all answering from the
-//! latest published view; the scaler role's view of all nodes; TLS for
-//! the gRPC ports.
-pub mod cluster;
+//! latest published view (the scaler role's answers come from
+//! `crate::cluster`); TLS for the gRPC ports.
 pub mod http;
 pub mod keda;
 pub mod metrics;

@@ -3,24 +3,141 @@
 //! histograms as mergeable buckets, once (`Snapshot`) or on every published
 //! change (`Watch`). The scaler role polls `Snapshot` on every node: a poll
 //! with a deadline tells a hung node from a quiet one without keepalives.
+//! A request may carry a `Selection`: then only the pods its queries
+//! select are sent, with only the metrics it names, which is what keeps a
+//! scaler over 1,000 nodes cheap (docs/reliability.md, scale).
 use std::sync::Arc;
 
 use podgpu_proto::node::node_signals_server::NodeSignals;
 use podgpu_proto::node::{
-    Container, NodeSnapshot, PodSignals as PodMessage, PortValues, SnapshotRequest, WatchRequest, WindowValues,
+    Container, NodeSnapshot, PodSignals as PodMessage, PortValues, Selection, SnapshotRequest, WatchRequest,
+    WindowValues,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
+use crate::pods::selector::LabelSelector;
 use crate::signals::latency::{encode_buckets, new_histogram};
 use crate::signals::metric::{Combine, Metric, MetricSource, Quantile};
 use crate::signals::traffic_filter::TrafficFilter;
 use crate::signals::view::{NodeView, PodView};
 
 /// Most windows one request may ask for.
-const MAX_WINDOWS: usize = 8;
+pub const MAX_WINDOWS: usize = 8;
+/// Most pod queries one selection may carry (every live ScaledObject's
+/// selector and upstream, cluster-wide).
+pub const MAX_QUERIES: usize = 4096;
+/// Longest namespace or selector text in a query.
+const MAX_QUERY_TEXT: usize = 1024;
+
+/// One decoded query of a `Selection`.
+#[derive(Clone, Debug)]
+struct Query {
+    namespace: String,
+    selector: LabelSelector,
+    metrics: Vec<Metric>,
+    ports: bool,
+}
+
+impl Query {
+    fn wants(&self, metric: Metric) -> bool {
+        self.metrics.iter().any(|wanted| match (wanted, metric) {
+            (Metric::TtftMs(_), Metric::TtftMs(_)) | (Metric::LatencyMs(_), Metric::LatencyMs(_)) => true,
+            _ => *wanted == metric,
+        })
+    }
+}
+
+/// A decoded `Selection`: which pods, with which metrics, a caller wants.
+#[derive(Clone, Debug, Default)]
+pub struct PodSelection {
+    queries: Vec<Query>,
+}
+
+/// What a selection sends of one pod: the queries that select it.
+#[derive(Clone, Debug, Default)]
+pub struct PodPick {
+    /// Indexes of the queries that select the pod.
+    pub selected_by: Vec<u32>,
+    /// A pod of unknown labels: sent without values.
+    pub pending: bool,
+}
+
+impl PodSelection {
+    /// Checks and parses a selection; the error names the bad field.
+    pub fn decode(selection: Selection) -> Result<Self, String> {
+        if selection.queries.len() > MAX_QUERIES {
+            return Err(format!("selection.queries: at most {MAX_QUERIES}"));
+        }
+        let queries = selection
+            .queries
+            .into_iter()
+            .enumerate()
+            .map(|(index, query)| {
+                let field = format!("selection.queries[{index}]");
+                if query.namespace.len() > MAX_QUERY_TEXT || query.label_selector.len() > MAX_QUERY_TEXT {
+                    return Err(format!("{field}: longer than {MAX_QUERY_TEXT} bytes"));
+                }
+                let selector =
+                    LabelSelector::parse(&query.label_selector).map_err(|e| format!("{field}.label_selector: {e}"))?;
+                if query.metrics.len() > Metric::ALL.len() {
+                    return Err(format!("{field}.metrics: at most {}", Metric::ALL.len()));
+                }
+                let metrics = query
+                    .metrics
+                    .iter()
+                    .map(|name| {
+                        Metric::from_name(name).ok_or_else(|| format!("{field}.metrics: unknown metric {name:?}"))
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok(Query { namespace: query.namespace, selector, metrics, ports: query.ports })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { queries })
+    }
+
+    /// Whether a pod is sent, and why: the queries that select it, or its
+    /// labels are not known yet (it may be selected, and the scaler must
+    /// see that). `None`: not sent.
+    pub fn pick(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        pending: bool,
+    ) -> Option<PodPick> {
+        if pending {
+            return Some(PodPick { selected_by: Vec::new(), pending: true });
+        }
+        let selected_by: Vec<u32> = (0u32..)
+            .zip(&self.queries)
+            .filter(|(_, query)| query.namespace == namespace && query.selector.matches(labels))
+            .map(|(index, _)| index)
+            .collect();
+        (!selected_by.is_empty()).then_some(PodPick { selected_by, pending: false })
+    }
+
+    /// Whether a picked pod is sent with values of `metric` (a percentile
+    /// asks for its histogram, so any quantile of it).
+    pub fn wants(&self, pick: &PodPick, metric: Metric) -> bool {
+        pick.selected_by.iter().any(|&index| self.queries.get(index as usize).is_some_and(|q| q.wants(metric)))
+    }
+
+    /// Whether a picked pod is sent with per-port values.
+    pub fn ports(&self, pick: &PodPick) -> bool {
+        pick.selected_by.iter().any(|&index| self.queries.get(index as usize).is_some_and(|q| q.ports))
+    }
+
+    /// The index of the query for exactly this namespace and selector that
+    /// carries `metric` (and per-port values when `ports`), if any.
+    pub fn query_index(&self, namespace: &str, selector: &LabelSelector, metric: Metric, ports: bool) -> Option<u32> {
+        (0u32..).zip(&self.queries).find_map(|(index, q)| {
+            (q.namespace == namespace && q.selector == *selector && q.wants(metric) && (q.ports || !ports))
+                .then_some(index)
+        })
+    }
+}
 
 /// The node API over this agent's published view.
 pub struct NodeApi {
@@ -35,40 +152,69 @@ impl NodeApi {
     }
 }
 
-/// The snapshot of `view` for `windows`.
-pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
+/// The snapshot of `view` for `windows`: every pod and metric, or what
+/// `selection` asks for.
+pub fn snapshot(node: &str, view: &NodeView, windows: &[f64], selection: Option<&PodSelection>) -> NodeSnapshot {
     let unavailable_sources = MetricSource::ALL
         .into_iter()
         .map(|source| (source.name(), view.health.of(source)))
         .filter(|(_, status)| !status.is_ok())
         .map(|(name, status)| (name.to_string(), format!("{status:?}")))
         .collect();
-    let serving = |metric: Metric| view.source_status(metric).is_ok();
+    // A selecting caller (the scaler) has no use for owners and container
+    // ids: they are left out rather than shipped across the cluster.
+    let full = selection.is_none();
     let pods = view
         .pods
         .iter()
-        .map(|pod| PodMessage {
-            uid: pod.meta.uid.clone(),
-            namespace: pod.meta.namespace.clone().unwrap_or_default(),
-            name: pod.meta.name.clone().unwrap_or_default(),
-            labels: pod.meta.labels.clone().into_iter().collect(),
-            owner: pod.meta.owner.as_ref().map(|o| format!("{}/{}", o.kind, o.name)).unwrap_or_default(),
-            containers: pod
-                .meta
-                .containers
-                .iter()
-                .map(|c| Container {
-                    name: c.name.clone(),
-                    id: c.id.clone().unwrap_or_default(),
-                    devices: c.devices.clone(),
-                })
-                .collect(),
-            windows: windows.iter().map(|&window_s| window_values(pod, window_s, &serving)).collect(),
-            unavailable: Metric::ALL
-                .into_iter()
-                .filter_map(|m| Some((m.name().to_string(), pod.unavailable_reason(m)?.to_string())))
-                .collect(),
-            metadata_pending: pod.metadata_pending,
+        .filter_map(|pod| match selection {
+            None => Some((pod, None)),
+            Some(selection) => selection
+                .pick(pod.meta.namespace.as_deref().unwrap_or_default(), &pod.meta.labels, pod.metadata_pending)
+                .map(|pick| (pod, Some(pick))),
+        })
+        .map(|(pod, pick)| {
+            let wanted = |metric: Metric| match (selection, &pick) {
+                (Some(selection), Some(pick)) => selection.wants(pick, metric),
+                _ => true,
+            };
+            let serving = |metric: Metric| wanted(metric) && view.source_status(metric).is_ok();
+            let ports = match (selection, &pick) {
+                (Some(selection), Some(pick)) => selection.ports(pick),
+                _ => true,
+            };
+            PodMessage {
+                uid: pod.meta.uid.clone(),
+                namespace: pod.meta.namespace.clone().unwrap_or_default(),
+                name: pod.meta.name.clone().unwrap_or_default(),
+                labels: pod.meta.labels.clone().into_iter().collect(),
+                owner: pod
+                    .meta
+                    .owner
+                    .as_ref()
+                    .filter(|_| full)
+                    .map(|o| format!("{}/{}", o.kind, o.name))
+                    .unwrap_or_default(),
+                containers: pod
+                    .meta
+                    .containers
+                    .iter()
+                    .filter(|_| full)
+                    .map(|c| Container {
+                        name: c.name.clone(),
+                        id: c.id.clone().unwrap_or_default(),
+                        devices: c.devices.clone(),
+                    })
+                    .collect(),
+                windows: windows.iter().map(|&window_s| window_values(pod, window_s, &serving, ports)).collect(),
+                unavailable: Metric::ALL
+                    .into_iter()
+                    .filter(|m| wanted(*m))
+                    .filter_map(|m| Some((m.name().to_string(), pod.unavailable_reason(m)?.to_string())))
+                    .collect(),
+                metadata_pending: pod.metadata_pending,
+                selected_by: pick.map(|p| p.selected_by).unwrap_or_default(),
+            }
         })
         .collect();
     NodeSnapshot {
@@ -82,7 +228,7 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64]) -> NodeSnapshot {
 
 /// One pod's values over one window: additive metrics of the whole pod,
 /// histograms as buckets, and the same per server port.
-fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool) -> WindowValues {
+fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool, ports: bool) -> WindowValues {
     let additive = || Metric::ALL.into_iter().filter(|m| m.combine() == Combine::Additive && serving(*m));
     let buckets = |merge: &dyn Fn(&mut hdrhistogram::Histogram<u32>), metric: Metric| {
         if !serving(metric) {
@@ -105,6 +251,7 @@ fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool
         ports: pod
             .ports
             .iter()
+            .filter(|_| ports)
             .map(|port| PortValues {
                 port: port.port.into(),
                 values: additive()
@@ -137,9 +284,11 @@ fn checked_windows(mut windows: Vec<f64>) -> Result<Vec<f64>, String> {
 #[tonic::async_trait]
 impl NodeSignals for NodeApi {
     async fn snapshot(&self, request: Request<SnapshotRequest>) -> Result<Response<NodeSnapshot>, Status> {
-        let windows = checked_windows(request.into_inner().windows_s).map_err(Status::invalid_argument)?;
+        let request = request.into_inner();
+        let windows = checked_windows(request.windows_s).map_err(Status::invalid_argument)?;
+        let selection = request.selection.map(PodSelection::decode).transpose().map_err(Status::invalid_argument)?;
         let view = self.view.borrow().clone();
-        Ok(Response::new(snapshot(&self.node, &view, &windows)))
+        Ok(Response::new(snapshot(&self.node, &view, &windows, selection.as_ref())))
     }
 
     type WatchStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<NodeSnapshot, Status>> + Send>>;
@@ -156,7 +305,7 @@ impl NodeSignals for NodeApi {
         tokio::spawn(async move {
             loop {
                 let current = view.borrow_and_update().clone();
-                let message = snapshot(&node, &current, &windows);
+                let message = snapshot(&node, &current, &windows, None);
                 if sender.send(Ok(message)).await.is_err() {
                     return;
                 }
@@ -168,5 +317,104 @@ impl NodeSignals for NodeApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use podgpu_proto::node::PodQuery;
+
+    use super::*;
+    use crate::signals::view::{PortView, SourceStatus};
+
+    fn view() -> NodeView {
+        let mut view = NodeView::empty();
+        view.health.probes = SourceStatus::Ok { detail: "test".into() };
+        let mut llm = PodView::fixture("ns", "llm", 100);
+        llm.ports = vec![PortView::fixture(8000, 2, 100)];
+        llm.meta.containers =
+            vec![crate::pods::ContainerMeta { name: "vllm".into(), id: Some("c0ffee".into()), devices: vec![] }];
+        let mut pending = PodView::fixture("", "unknown", 1);
+        pending.meta.namespace = None;
+        pending.meta.labels.clear();
+        pending.metadata_pending = true;
+        view.pods = vec![llm, PodView::fixture("ns", "other", 200), PodView::fixture("x", "llm", 300), pending];
+        view
+    }
+
+    fn selection(queries: &[(&str, &str)], metrics: &[&str], ports: bool) -> Selection {
+        Selection {
+            queries: queries
+                .iter()
+                .map(|(ns, selector)| PodQuery {
+                    namespace: ns.to_string(),
+                    label_selector: selector.to_string(),
+                    metrics: metrics.iter().map(|m| m.to_string()).collect(),
+                    ports,
+                })
+                .collect(),
+        }
+    }
+
+    /// A selection sends the pods its queries pick (and pods whose labels
+    /// are not known yet), only the metrics it names, per-port values only
+    /// when asked, and no container ids; no selection sends everything.
+    #[test]
+    fn a_selection_sends_only_what_it_names() {
+        let view = view();
+        let everything = snapshot("n", &view, &[10.0], None);
+        assert_eq!(everything.pods.len(), 4);
+        assert!(everything.pods[0].windows[0].values.len() > 2);
+        assert_eq!(everything.pods[0].windows[0].ports.len(), 1);
+        assert_eq!(everything.pods[0].containers.len(), 1);
+
+        let chosen = PodSelection::decode(selection(&[("ns", "app=llm")], &["socket_recv_bytes_rate"], false)).unwrap();
+        let selected = snapshot("n", &view, &[10.0], Some(&chosen));
+        let names: Vec<(&str, &str)> = selected.pods.iter().map(|p| (p.namespace.as_str(), p.name.as_str())).collect();
+        assert_eq!(names, [("ns", "llm"), ("", "unknown")], "the llm pod of ns, and the pending pod");
+        let window = &selected.pods[0].windows[0];
+        assert_eq!(window.values.keys().collect::<Vec<_>>(), ["socket_recv_bytes_rate"]);
+        assert!((window.values["socket_recv_bytes_rate"] - 100.0).abs() < 1e-6);
+        assert!(window.ttft_us.is_empty() && window.latency_us.is_empty() && window.ports.is_empty());
+        assert!(selected.pods[0].containers.is_empty());
+
+        let with_ports = PodSelection::decode(selection(&[("ns", "app=llm")], &["requests_in_flight"], true)).unwrap();
+        let ports = &snapshot("n", &view, &[10.0], Some(&with_ports)).pods[0].windows[0].ports;
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].values.get("requests_in_flight"), Some(&2.0));
+        assert!(!ports[0].values.contains_key("socket_recv_bytes_rate"));
+
+        let nothing = PodSelection::decode(selection(&[], &[], false)).unwrap();
+        let pods = snapshot("n", &view, &[10.0], Some(&nothing)).pods;
+        assert_eq!(pods.len(), 1, "only the pending pod: {pods:?}");
+        assert!(pods[0].windows[0].values.is_empty(), "a pending pod is sent without values");
+
+        // Two queries: each pod says which select it, and carries the
+        // metrics of those queries only.
+        let mut two = selection(&[("ns", "app=llm")], &["gpu_sm_util"], false);
+        two.queries.extend(selection(&[("ns", "app in (llm,other)")], &["ttft_ms_p99"], false).queries);
+        let two = PodSelection::decode(two).unwrap();
+        let pods = snapshot("n", &view, &[10.0], Some(&two)).pods;
+        let by: Vec<(&str, Vec<u32>)> = pods.iter().map(|p| (p.name.as_str(), p.selected_by.clone())).collect();
+        assert_eq!(by, [("llm", vec![0, 1]), ("other", vec![1]), ("unknown", vec![])]);
+        assert_eq!(two.query_index("ns", &LabelSelector::parse("app=llm").unwrap(), Metric::GpuSmUtil, false), Some(0));
+        assert_eq!(two.query_index("ns", &LabelSelector::parse("app=llm").unwrap(), Metric::RequestRate, false), None);
+        assert_eq!(two.query_index("ns", &LabelSelector::parse("app=llm").unwrap(), Metric::GpuSmUtil, true), None);
+    }
+
+    /// A bad selection is refused with the field that is wrong.
+    #[test]
+    fn bad_selections_name_the_field() {
+        let cases = [
+            (selection(&[("ns", "app in (x")], &[], false), "selection.queries[0].label_selector"),
+            (selection(&[("ns", "")], &["gpu_fun"], false), "selection.queries[0].metrics: unknown metric"),
+            (selection(&[("ns", &"a".repeat(MAX_QUERY_TEXT + 1))], &[], false), "selection.queries[0]"),
+        ];
+        for (bad, field) in cases {
+            let error = PodSelection::decode(bad).unwrap_err();
+            assert!(error.starts_with(field), "{error}");
+        }
+        let too_many = Selection { queries: vec![PodQuery::default(); MAX_QUERIES + 1] };
+        assert!(PodSelection::decode(too_many).unwrap_err().starts_with("selection.queries: at most"));
     }
 }

@@ -1,6 +1,8 @@
 //! The scaler role's HTTP endpoints: `/healthz` (which node agents it covers
-//! and why others are missing), `/pods` (every covered node's pods, in the
-//! node agents' `/pods` shape, for `podgpu-agent top` on the whole cluster)
+//! and why others are missing), `/pods` (the pods the scaler fetched from
+//! covered nodes, in the node agents' `/pods` shape, for `podgpu-agent top`
+//! over the cluster: with `--fetch selected` only the pods live triggers
+//! select, with `--fetch all` every pod)
 //! and `/metrics` (coverage self-metrics).
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use super::cluster::ClusterView;
+use crate::cluster::ClusterView;
 use crate::signals::aggregate::PodSignals;
 use crate::signals::latency::{new_histogram, quantile_ms};
 use crate::signals::metric::{Combine, Metric};

@@ -165,29 +165,10 @@ pub fn combine<'a, P: PodSignals + 'a>(
 mod tests {
     use super::*;
     use crate::pods::PodMeta;
-    use crate::signals::history::{History, Point};
     use crate::signals::view::{PodView, SourceStatus};
 
     fn pod(namespace: &str, app: &str, recv_rate: u64) -> PodView {
-        let mut history = History::new(60.0);
-        history.push(Point { at_s: 0.0, ..Point::default() });
-        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
-        PodView {
-            meta: PodMeta {
-                uid: format!("{namespace}-{app}-{recv_rate}"),
-                namespace: Some(namespace.to_string()),
-                name: Some(app.to_string()),
-                labels: [("app".to_string(), app.to_string())].into(),
-                ..PodMeta::default()
-            },
-            history,
-            gpu: Default::default(),
-            driver: Default::default(),
-            requests_in_flight: 0,
-            requests: Default::default(),
-            ports: Vec::new(),
-            metadata_pending: false,
-        }
+        PodView::fixture(namespace, app, recv_rate)
     }
 
     fn view() -> NodeView {
@@ -208,20 +189,8 @@ mod tests {
         }
     }
 
-    /// A port's request signals (history of `recv_rate` bytes/s over 10 s).
     fn port(port: u16, in_flight: u64, recv_rate: u64) -> crate::signals::view::PortView {
-        let mut history = History::new(60.0);
-        history.push(Point { at_s: 0.0, ..Point::default() });
-        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
-        crate::signals::view::PortView {
-            probe: false,
-            port,
-            history,
-            requests_in_flight: in_flight,
-            requests: Default::default(),
-            ttft: Default::default(),
-            latency: Default::default(),
-        }
+        crate::signals::view::PortView::fixture(port, in_flight, recv_rate)
     }
 
     /// With `ports`, request metrics count only those ports' connections;

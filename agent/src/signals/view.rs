@@ -303,3 +303,57 @@ impl NodeView {
         self.health.of(metric.source())
     }
 }
+
+/// Small views for unit tests elsewhere in the crate.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+    use crate::signals::history::Point;
+
+    /// Ten seconds of `recv_rate` bytes/s.
+    fn history(recv_rate: u64) -> History {
+        let mut history = History::new(60.0);
+        history.push(Point { at_s: 0.0, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
+        history
+    }
+
+    impl PodView {
+        /// A pod `app` in `namespace` (label `app`) that received
+        /// `recv_rate` bytes/s over the last 10 s.
+        pub(crate) fn fixture(namespace: &str, app: &str, recv_rate: u64) -> Self {
+            PodView {
+                meta: PodMeta {
+                    uid: format!("{namespace}-{app}-{recv_rate}"),
+                    namespace: Some(namespace.to_string()),
+                    name: Some(app.to_string()),
+                    labels: [("app".to_string(), app.to_string())].into(),
+                    ..PodMeta::default()
+                },
+                history: history(recv_rate),
+                gpu: Default::default(),
+                driver: Default::default(),
+                requests_in_flight: 0,
+                requests: Default::default(),
+                ports: Vec::new(),
+                metadata_pending: false,
+            }
+        }
+    }
+
+    impl PortView {
+        /// Server port `port` with `in_flight` open requests that received
+        /// `recv_rate` bytes/s over the last 10 s.
+        pub(crate) fn fixture(port: u16, in_flight: u64, recv_rate: u64) -> Self {
+            PortView {
+                probe: false,
+                port,
+                history: history(recv_rate),
+                requests_in_flight: in_flight,
+                requests: Default::default(),
+                ttft: Default::default(),
+                latency: Default::default(),
+            }
+        }
+    }
+}

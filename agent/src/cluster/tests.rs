@@ -2,7 +2,6 @@
 //! known by name across address changes, silent nodes are held for the
 //! grace period and then hold answers back, and what cannot be seen makes
 //! the answer an error.
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,7 +10,12 @@ use podgpu_proto::node::{NodeSnapshot, PodSignals, SnapshotRequest, WatchRequest
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::interest::{Fetched, Interest};
+use super::poll::Nodes;
+use super::snapshot_call::EncodedRequest;
 use super::*;
+use crate::pods::selector::LabelSelector;
+use crate::signals::metric::Metric;
 
 struct FakeNode {
     name: String,
@@ -56,22 +60,24 @@ async fn start_node(name: &str, stop: CancellationToken) -> SocketAddr {
     addr
 }
 
-/// The bookkeeping of one scaler, stepped by hand.
+/// The bookkeeping of one scaler, stepped by hand, fetching everything.
 #[derive(Default)]
 struct Scaler {
-    addresses: HashMap<SocketAddr, AddressState>,
-    nodes: HashMap<String, NodeState>,
+    nodes: Nodes,
 }
 
 impl Scaler {
     async fn poll(&mut self, resolved: &[SocketAddr], grace: Duration) -> ClusterView {
-        self.addresses.retain(|addr, _| resolved.contains(addr));
-        for addr in resolved {
-            self.addresses.entry(*addr).or_insert(AddressState { client: None, node: None, last_error: None });
-        }
-        poll_all(&mut self.addresses, &mut self.nodes, &[10.0], Duration::from_millis(300), None).await;
-        publish(&self.addresses, &self.nodes, &[10.0], grace, Vec::new())
+        self.nodes.set_addresses(resolved);
+        let fetched = Arc::new(Fetched { windows: vec![10.0], selection: None });
+        let request = EncodedRequest::new(&SnapshotRequest { windows_s: vec![10.0], selection: None });
+        self.nodes.poll(&request, &fetched, Duration::from_millis(300), Duration::ZERO, None).await;
+        self.nodes.publish(&[10.0], grace, Vec::new())
     }
+}
+
+fn ask<'a>(namespace: &'a str, selector: &'a LabelSelector) -> Ask<'a> {
+    Ask { namespace, selector, metric: Metric::RequestsInFlight, window_s: 10.0, ports: false }
 }
 
 fn llm() -> LabelSelector {
@@ -88,13 +94,13 @@ async fn a_node_on_a_new_address_is_the_same_node() {
     let mut scaler = Scaler::default();
     let view = scaler.poll(&[old], Duration::from_secs(30)).await;
     assert_eq!(view.nodes.len(), 1);
-    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &llm()), None);
+    assert_eq!(view.coverage_error(&ask("ns", &llm())), None);
 
     // The old pod is gone and DNS no longer lists it; the new one is not up.
     old_stop.cancel();
     let view = scaler.poll(&[], Duration::from_secs(30)).await;
     assert_eq!(view.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["gpu-1"], "held in grace");
-    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &llm()), None);
+    assert_eq!(view.coverage_error(&ask("ns", &llm())), None);
 
     let new = start_node("gpu-1", new_stop.clone()).await;
     let view = scaler.poll(&[new], Duration::from_secs(30)).await;
@@ -118,28 +124,64 @@ async fn lost_and_silent_nodes_are_errors() {
     let view = scaler.poll(&[addr], Duration::ZERO).await;
     assert!(view.nodes.is_empty());
     assert_eq!(view.lost_nodes.len(), 1);
-    let error = view.coverage_error(Metric::RequestsInFlight, "ns", &llm()).expect("lost node's pods selected");
+    let error = view.coverage_error(&ask("ns", &llm())).expect("lost node's pods selected");
     assert!(error.contains("gpu-2"), "{error}");
     let other = LabelSelector::parse("app=other").unwrap();
-    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "ns", &other), None);
-    assert_eq!(view.coverage_error(Metric::RequestsInFlight, "elsewhere", &llm()), None);
+    assert_eq!(view.coverage_error(&ask("ns", &other)), None);
+    assert_eq!(view.coverage_error(&ask("elsewhere", &llm())), None);
 
     let mut fresh = Scaler::default();
     let view = fresh.poll(&[addr], Duration::from_secs(30)).await;
-    let error = view.coverage_error(Metric::RequestsInFlight, "elsewhere", &other).expect("never answered");
+    let error = view.coverage_error(&ask("elsewhere", &other)).expect("never answered");
     assert!(error.contains(&addr.to_string()), "{error}");
-    assert!(ClusterView::default().coverage_error(Metric::RequestsInFlight, "ns", &llm()).is_some(), "not polled");
+    assert!(ClusterView::default().coverage_error(&ask("ns", &llm())).is_some(), "not polled");
 }
 
-/// A window asked for recently stays polled; the default is always there.
-#[test]
-fn recently_asked_windows_are_polled() {
-    let requested = WindowRequests::default();
-    for window in 1..=70 {
-        requested.lock().unwrap().insert(f64::to_bits(window as f64), (window as f64, Instant::now()));
-    }
-    let windows = polled_windows(10.0, &requested);
-    assert_eq!(windows[0], 10.0);
-    assert!(windows.len() <= MAX_POLLED_WINDOWS + 1, "{}", windows.len());
-    assert!(windows.contains(&70.0), "the most recent is kept");
+/// A node polled before a trigger was first asked cannot answer it: while
+/// the node is silent the trigger is an error, not a sum without its pods;
+/// once it answers a poll carrying the trigger, the answer is whole.
+#[tokio::test]
+async fn a_node_not_polled_for_a_trigger_holds_it_back() {
+    let stop = CancellationToken::new();
+    let addr = start_node("gpu-3", stop.clone()).await;
+    let mut nodes = Nodes::default();
+    nodes.set_addresses(&[addr]);
+    let mut interest = Interest::default();
+    let llm = llm();
+    interest.note(&ask("ns", &llm));
+    let (request, fetched) = interest.request(10.0, FetchMode::Selected);
+    nodes
+        .poll(&EncodedRequest::new(&request), &Arc::new(fetched), Duration::from_millis(300), Duration::ZERO, None)
+        .await;
+    let view = nodes.publish(&[10.0], Duration::from_secs(30), Vec::new());
+    assert!(view.covers(&ask("ns", &llm)));
+    assert_eq!(view.coverage_error(&ask("ns", &llm)), None);
+
+    // A new trigger while the node's agent is gone (DNS no longer lists
+    // it): its last snapshot was not fetched for the trigger.
+    stop.cancel();
+    nodes.set_addresses(&[]);
+    let other = LabelSelector::parse("app=other").unwrap();
+    interest.note(&ask("ns", &other));
+    let (request, fetched) = interest.request(10.0, FetchMode::Selected);
+    nodes
+        .poll(&EncodedRequest::new(&request), &Arc::new(fetched), Duration::from_millis(300), Duration::ZERO, None)
+        .await;
+    let view = nodes.publish(&[10.0], Duration::from_secs(30), Vec::new());
+    assert_eq!(view.nodes.len(), 1, "still within grace");
+    assert!(!view.covers(&ask("ns", &other)));
+    let error = view.coverage_error(&ask("ns", &other)).expect("not fetched for this trigger");
+    assert!(error.contains("gpu-3") && error.contains("since this trigger was first asked"), "{error}");
+    assert_eq!(view.coverage_error(&ask("ns", &llm)), None, "the old trigger still answers in grace");
+
+    let back = CancellationToken::new();
+    let new_addr = start_node("gpu-3", back.clone()).await;
+    nodes.set_addresses(&[new_addr]);
+    let (request, fetched) = interest.request(10.0, FetchMode::Selected);
+    nodes
+        .poll(&EncodedRequest::new(&request), &Arc::new(fetched), Duration::from_millis(300), Duration::ZERO, None)
+        .await;
+    let view = nodes.publish(&[10.0], Duration::from_secs(30), Vec::new());
+    assert_eq!(view.coverage_error(&ask("ns", &other)), None);
+    back.cancel();
 }
