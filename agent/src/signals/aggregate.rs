@@ -147,7 +147,19 @@ pub fn combine<'a, P: PodSignals + 'a>(
         return Ok(WorkloadValue { value: percentile * selected.len() as f64, pods: selected.len() });
     }
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
-    for value in selected.iter().filter_map(|pod| pod.value(query.metric, query.window_s, &query.traffic)) {
+    for pod in &selected {
+        // A pod without a value yet (history shorter than a second: the
+        // agent or the pod just started; GPU data missing all window) would
+        // make the sum smaller than the truth, or a made-up 0.
+        let Some(value) = pod.value(query.metric, query.window_s, &query.traffic) else {
+            return Err(format!(
+                "{} has no value yet for pod {}/{} (too little history: the agent or the pod just started, \
+                 or its source had no data in the window)",
+                query.metric,
+                query.namespace,
+                pod.display_name()
+            ));
+        };
         sum += value;
         max = max.max(value);
         pods += 1;
@@ -261,6 +273,26 @@ mod tests {
         // average of the pods' medians would say 505 ms.
         assert_eq!(value.pods, 2);
         assert!((value.value - 20.0).abs() < 0.2, "{value:?}");
+    }
+
+    /// Right after an agent (re)start a pod's history spans less than a
+    /// second: its rate is not known, and the workload's answer is an error
+    /// naming it, not a 0 summed over pods that have no value.
+    #[test]
+    fn too_little_history_is_an_error() {
+        use crate::signals::history::{History, Point};
+        let mut view = view();
+        let mut young = History::new(60.0);
+        young.push(Point { at_s: 0.0, ..Point::default() });
+        young.push(Point { at_s: 0.1, recv_bytes: 50, ..Point::default() });
+        view.pods[0].history = young;
+        let llm = LabelSelector::parse("app=llm").unwrap();
+        let err = workload_value(&view, &query(&llm, Aggregation::Sum)).unwrap_err();
+        assert!(err.contains("no value yet") && err.contains("ns/llm"), "{err}");
+        view.pods[0].history.push(Point { at_s: 1.1, recv_bytes: 150, ..Point::default() });
+        let value = workload_value(&view, &query(&llm, Aggregation::Sum)).unwrap();
+        // The young pod over its 1.1 s, the other over the 10 s window.
+        assert!((value.value - (150.0 / 1.1 + 300.0)).abs() < 1e-6, "{value:?}");
     }
 
     /// A selected pod NVML cannot measure (MPS client) makes the answer an

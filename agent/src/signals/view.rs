@@ -310,11 +310,11 @@ mod fixtures {
     use super::*;
     use crate::signals::history::Point;
 
-    /// Ten seconds of `recv_rate` bytes/s.
+    /// Ten seconds of `recv_rate` bytes/s, with GPU data (idle) throughout.
     fn history(recv_rate: u64) -> History {
         let mut history = History::new(60.0);
         history.push(Point { at_s: 0.0, ..Point::default() });
-        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: recv_rate * 10, gpu_known_s: 10.0, ..Point::default() });
         history
     }
 
