@@ -316,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         logs.init();
     }
+    raise_open_file_limit();
     if let Role::Replay(args) = &cli.role {
         return replay(args);
     }
@@ -493,5 +494,22 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: the scaler holds a
+/// connection per node agent and per KEDA client, more than the usual soft
+/// 1,024 at a thousand nodes. (Go programs do this at start too.)
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max && {
+            let wanted = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(from = limit.rlim_cur, to = limit.rlim_max, "raised the open-file limit");
     }
 }

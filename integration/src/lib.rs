@@ -37,6 +37,21 @@ pub fn require_root() {
     assert_eq!(euid, 0, "run as root (scripts/test.sh): these tests load eBPF programs and create cgroups");
 }
 
+/// Raises this process's open-file limit to its hard limit (children
+/// inherit it): tests that hold thousands of connections need more than
+/// the usual soft 1,024.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write and read only `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Makes a child independent of the terminal's Ctrl-C (its own process
 /// group, so the harness decides when it stops) without outliving the
 /// harness (SIGTERM when the parent dies).
