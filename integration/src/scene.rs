@@ -75,6 +75,25 @@ pub struct Tenant {
     pub spec: TenantSpec,
 }
 
+impl Tenant {
+    /// Starts `spec`'s server in a new cgroup pod under `cgroup_root` and
+    /// waits until it listens.
+    pub fn start(cgroup_root: &std::path::Path, spec: &TenantSpec) -> anyhow::Result<Self> {
+        let uid = spec.uid.clone().unwrap_or_else(new_uid);
+        let mut pod = CgroupPod::create(cgroup_root, &uid)
+            .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
+        let command = spec.server.command(spec.body_bytes, spec.second_port);
+        let child = pod.spawn(command).context("starting the tenant server")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let ready: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("tenant said {line:?}"))?;
+        let addr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line:?}"))?.parse()?;
+        let second_addr = ready["second"].as_str().map(str::parse).transpose()?;
+        Ok(Tenant { pod, addr, second_addr, spec: TenantSpec { uid: Some(uid), ..spec.clone() } })
+    }
+}
+
 /// Tenants plus the agent watching them.
 pub struct Scene {
     /// The agent (dropped first: fields drop in declaration order).
@@ -115,22 +134,7 @@ impl Scene {
         }
         let cgroup_root = node_root.clone().unwrap_or(host_root);
         let files = tempfile::Builder::new().prefix("podgpu-scene-").tempdir()?;
-        let mut tenants = Vec::new();
-        for spec in specs {
-            let uid = spec.uid.clone().unwrap_or_else(new_uid);
-            let mut pod = CgroupPod::create(&cgroup_root, &uid)
-                .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
-            let command = spec.server.command(spec.body_bytes, spec.second_port);
-            let child = pod.spawn(command).context("starting the tenant server")?;
-            let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
-            let mut line = String::new();
-            BufReader::new(stdout).read_line(&mut line)?;
-            let ready: serde_json::Value =
-                serde_json::from_str(&line).with_context(|| format!("tenant said {line:?}"))?;
-            let addr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line:?}"))?.parse()?;
-            let second_addr = ready["second"].as_str().map(str::parse).transpose()?;
-            tenants.push(Tenant { pod, addr, second_addr, spec: TenantSpec { uid: Some(uid), ..spec.clone() } });
-        }
+        let tenants = specs.iter().map(|spec| Tenant::start(&cgroup_root, spec)).collect::<anyhow::Result<Vec<_>>>()?;
 
         let mut metadata = String::from("pods:\n");
         for tenant in &tenants {
