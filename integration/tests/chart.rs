@@ -38,7 +38,13 @@ const VARIANTS: [(&str, &[&str]); 11] = [
     ("no API access", &["kubernetesApi=false"]),
     ("static metadata", &["kubernetesApi=false", "podMetadata=pods: []"]),
     ("launch accounting", &["launchAccounting=false", "launchOverheadBudget=0.5"]),
-    ("network policy", &["networkPolicy.enabled=true", "priorityClassName=system-node-critical"]),
+    (
+        "network policy locked to KEDA's namespace",
+        &[
+            "networkPolicy.kedaNamespaceLabels.kubernetes\\.io/metadata\\.name=keda",
+            "priorityClassName=system-node-critical",
+        ],
+    ),
     ("service monitor", &["serviceMonitor.enabled=true", "serviceMonitor.labels.release=prometheus"]),
     ("grafana dashboard", &["grafanaDashboard.enabled=true"]),
     ("runtime seccomp, json logs", &["seccomp.profile=runtimeDefault", "logFormat=json"]),
@@ -236,7 +242,19 @@ fn each_variant_renders_what_it_promises() {
     assert_eq!(grpc_from(policy("agent"))["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "podgpu-scaler");
     let daemonset = &find(&locked, "DaemonSet").unwrap()["spec"];
     assert_eq!(daemonset["template"]["spec"]["priorityClassName"], "system-node-critical");
-    assert!(find(&render(&[]), "NetworkPolicy").is_none(), "off by default");
+    // On by default: the node API is the scaler's alone; KEDA's port is
+    // open to any namespace until KEDA's is named.
+    let defaults = render(&[]);
+    let default_policies: Vec<&Value> = defaults.iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
+    assert_eq!(default_policies.len(), 2, "on by default");
+    let default_policy =
+        |suffix: &str| *default_policies.iter().find(|p| p["metadata"]["name"] == format!("podgpu-{suffix}")).unwrap();
+    assert_eq!(
+        grpc_from(default_policy("agent"))["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "podgpu-scaler"
+    );
+    assert_eq!(grpc_from(default_policy("scaler"))["namespaceSelector"], serde_yaml::from_str::<Value>("{}").unwrap());
+    assert!(find(&render(&["networkPolicy.enabled=false"]), "NetworkPolicy").is_none(), "can be turned off");
 
     let defaults = render(&[]);
     let daemonset = &find(&defaults, "DaemonSet").unwrap()["spec"];

@@ -8,26 +8,22 @@ use std::time::{Duration, Instant};
 
 use podgpu_proto::node::{PodQuery, Selection, SnapshotRequest};
 
-use crate::pods::selector::LabelSelector;
 use crate::serve::node_api::{PodSelection, MAX_QUERIES, MAX_WINDOWS};
+use crate::signals::aggregate::WorkloadQuery;
 use crate::signals::metric::Metric;
 
 /// An entry no KEDA call asked for in this long leaves the poll.
 pub const IDLE_EXPIRY: Duration = Duration::from_secs(600);
 
-/// What one answer needs from the nodes.
-#[derive(Clone, Copy, Debug)]
-pub struct Ask<'a> {
-    /// The trigger's namespace.
-    pub namespace: &'a str,
-    /// Which of its pods.
-    pub selector: &'a LabelSelector,
-    /// Which metric.
-    pub metric: Metric,
-    /// Over which window.
-    pub window_s: f64,
-    /// Whether it filters by port or adds probe traffic (needs per-port values).
-    pub ports: bool,
+/// What one answer needs from the nodes: the query's namespace, selector,
+/// metric and window, and per-port values when its traffic filter is not
+/// the whole pod's.
+pub type Ask<'a> = WorkloadQuery<'a>;
+
+/// Whether `ask` needs per-port values (it counts some ports only, or adds
+/// probe traffic).
+fn needs_ports(ask: &Ask<'_>) -> bool {
+    !ask.traffic.is_pod_level()
 }
 
 /// How much the scaler fetches from each node.
@@ -58,7 +54,7 @@ impl Fetched {
 
     /// The index of the selection's query that carries `ask`.
     pub fn query_index(&self, ask: &Ask<'_>) -> Option<u32> {
-        self.selection.as_ref()?.query_index(ask.namespace, ask.selector, ask.metric, ask.ports)
+        self.selection.as_ref()?.query_index(ask.namespace, ask.selector, ask.metric, needs_ports(ask))
     }
 
     /// Whether snapshots carry `window_s`.
@@ -94,7 +90,7 @@ impl Interest {
         });
         query.at = now;
         new |= query.metrics.insert(ask.metric, now).is_none();
-        if ask.ports {
+        if needs_ports(ask) {
             new |= query.ports.replace(now).is_none();
         }
         new
@@ -154,9 +150,18 @@ impl Interest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pods::selector::LabelSelector;
+    use crate::signals::aggregate::Aggregation;
+    use crate::signals::traffic_filter::TrafficFilter;
 
     fn ask<'a>(selector: &'a LabelSelector, metric: Metric, window_s: f64) -> Ask<'a> {
-        Ask { namespace: "ns", selector, metric, window_s, ports: false }
+        Ask { namespace: "ns", selector, metric, window_s, aggregation: Aggregation::Sum, traffic: Default::default() }
+    }
+
+    const PORT: [u16; 1] = [8000];
+
+    fn on_a_port(ask: Ask<'_>) -> Ask<'_> {
+        Ask { traffic: TrafficFilter { ports: &PORT, include_probes: false }, ..ask }
     }
 
     /// A poll fetched for one ask covers it and its sibling quantiles, and
@@ -178,12 +183,11 @@ mod tests {
         assert!(!fetched.covers(&ask(&other, Metric::TtftMs(crate::signals::metric::Quantile::P50), 10.0)));
         assert!(!fetched.covers(&ask(&llm, Metric::GpuSmUtil, 10.0)));
         assert!(!fetched.covers(&ask(&llm, Metric::TtftMs(crate::signals::metric::Quantile::P50), 20.0)));
-        assert!(!fetched
-            .covers(&Ask { ports: true, ..ask(&llm, Metric::TtftMs(crate::signals::metric::Quantile::P50), 10.0) }));
+        assert!(!fetched.covers(&on_a_port(ask(&llm, Metric::TtftMs(crate::signals::metric::Quantile::P50), 10.0))));
 
         let (request, fetched) = interest.request(10.0, FetchMode::All);
         assert!(request.selection.is_none());
-        assert!(fetched.covers(&Ask { ports: true, ..ask(&other, Metric::GpuSmUtil, 30.0) }));
+        assert!(fetched.covers(&on_a_port(ask(&other, Metric::GpuSmUtil, 30.0))));
     }
 
     /// However many windows KEDA asks for, a poll stays within what a node

@@ -77,7 +77,14 @@ impl Scaler {
 }
 
 fn ask<'a>(namespace: &'a str, selector: &'a LabelSelector) -> Ask<'a> {
-    Ask { namespace, selector, metric: Metric::RequestsInFlight, window_s: 10.0, ports: false }
+    Ask {
+        namespace,
+        selector,
+        metric: Metric::RequestsInFlight,
+        window_s: 10.0,
+        aggregation: crate::signals::aggregate::Aggregation::Sum,
+        traffic: Default::default(),
+    }
 }
 
 fn llm() -> LabelSelector {

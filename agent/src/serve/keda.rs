@@ -19,7 +19,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::trigger::Trigger;
-use crate::cluster::{Ask, ClusterHandle};
+use crate::cluster::ClusterHandle;
 use crate::pods::selector::LabelSelector;
 use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
 use crate::signals::metric::Metric;
@@ -71,18 +71,16 @@ impl Signals {
                 workload_value(&view, &query).map_err(ScalerError::Unavailable)
             }
             Signals::Cluster(cluster) => {
-                let ask =
-                    Ask { namespace, selector, metric, window_s: query.window_s, ports: !query.traffic.is_pod_level() };
-                let view = cluster.ensure(&ask, NEW_QUERY_WAIT).await;
+                let view = cluster.ensure(&query, NEW_QUERY_WAIT).await;
                 let key = format!(
                     "{namespace}\0{metric:?}\0{selector:?}\0{}\0{:?}\0{:?}",
                     query.window_s, trigger.aggregation, query.traffic
                 );
                 view.memoized(key, || {
-                    if let Some(reason) = view.coverage_error(&ask) {
+                    if let Some(reason) = view.coverage_error(&query) {
                         return Err(reason);
                     }
-                    combine(view.candidates(&ask), &query)
+                    combine(view.candidates(&query), &query)
                 })
                 .map_err(ScalerError::Unavailable)
             }
