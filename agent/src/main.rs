@@ -255,6 +255,11 @@ struct NodeOptions {
     /// Exit with an error when the eBPF probes cannot load instead of degrading.
     #[arg(long, env = "PODGPU_REQUIRE_EBPF", action = clap::ArgAction::SetTrue, value_parser = clap::builder::FalseyValueParser::new())]
     require_ebpf: bool,
+    /// Container cgroups the request probe can watch at once (the kernel
+    /// map's size). A pod beyond it has no request metrics, an error to
+    /// KEDA rather than a 0, until a watched cgroup goes away.
+    #[arg(long, env = "PODGPU_MAX_WATCHED_CGROUPS", default_value_t = podgpu_common::MAX_WATCHED_CGROUPS, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_watched_cgroups: u32,
     /// Kubernetes API for pod names, labels and owners: auto (in-cluster
     /// when running in a pod), off, or kubeconfig:PATH.
     #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto")]
@@ -394,6 +399,7 @@ async fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
+        max_watched_cgroups: options.max_watched_cgroups,
         node_name: options.node_name.unwrap_or_else(hostname),
         tls: tls(&serving),
         tls_reload: Duration::from_secs(serving.tls_reload_s),

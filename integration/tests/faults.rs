@@ -2,8 +2,8 @@
 //! and never reports what it cannot know: the agent restarted while a pod
 //! takes requests (signals back within one window), and a pod's cgroup
 //! removed while its events are still in flight (no stale pod, no leaked
-//! connection, the other pods unaffected). The other fault tests are
-//! listed in docs/reliability.md.
+//! connection, the other pods unaffected), and the probe's map of watched
+//! cgroups full (an error, never a 0, until room frees). The other fault tests are listed in docs/reliability.md.
 use std::time::{Duration, Instant};
 
 use integration::http::{drive, get, Client, Load, StreamSpec};
@@ -164,4 +164,73 @@ async fn cgroup_removed_with_events_in_flight() {
     let connections = json(&scene, "/healthz").await["request_reader"]["connections"].clone();
     assert!(settled, "the removed pod's connections were not forgotten: {connections} (baseline {baseline})");
     assert!(scene.agent.is_running(), "the agent survived");
+}
+
+/// The request probe's map of watched cgroups full: three pods (a pod and
+/// a container cgroup each, six entries) against `--max-watched-cgroups 4`.
+/// A pod the map cannot hold answers KEDA with an error naming the map,
+/// never a 0, while fully watched pods count exactly; once those go away,
+/// the refused pods are watched and count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watched_cgroup_map_full() {
+    require_root();
+    let pid = std::process::id();
+    let ns = format!("mapfull-{pid}");
+    let specs = ["a", "b", "c"].map(|name| TenantSpec::new(name, name));
+    let args = ["--tick-ms", "100", "--max-watched-cgroups", "4"].map(String::from);
+    let node = format!("podgpu-mapfull-{pid}");
+    let mut scene =
+        Scene::start_on(Some(&node), &ns, &specs, GpuSetup::Arg("none".into()), &args).expect("scene starts");
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut refused = Vec::new();
+    for app in ["a", "b", "c"] {
+        match keda.get_metrics(&trigger(&scene, app, "requests_in_flight", "2s"), "x").await {
+            Ok((_, value)) => assert_eq!(value, 0.0, "{app}: idle"),
+            Err(status) => {
+                assert!(status.message().contains("watched cgroups is full"), "{app}: {}", status.message());
+                refused.push(app);
+            }
+        }
+    }
+    // Two of six entries do not fit: one pod or two lose one.
+    assert!((1..=2).contains(&refused.len()), "pods beyond the map: {refused:?}");
+    let watched: Vec<&str> = ["a", "b", "c"].into_iter().filter(|app| !refused.contains(app)).collect();
+
+    // The watched pods count their requests exactly.
+    for app in &watched {
+        let mut client = Client::connect(scene.tenant(app).addr).await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(client.request("/", b"x").await.unwrap().status, 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pods = json(&scene, "/pods").await;
+    let started = |pods: &serde_json::Value, app: &str| {
+        pods["pods"].as_array().unwrap().iter().find(|p| p["name"] == app).map(|p| p["requests"]["started"].clone())
+    };
+    for app in &watched {
+        assert_eq!(started(&pods, app), Some(serde_json::json!(4)), "{app}: {pods}");
+    }
+
+    // The watched pods go away: their entries free, and the refused pods
+    // are watched at the next rescan and count from then on.
+    scene.tenants.retain(|tenant| refused.contains(&tenant.spec.name.as_str()));
+    for app in &refused {
+        let in_flight = trigger(&scene, app, "requests_in_flight", "2s");
+        let answered =
+            integration::eventually(Duration::from_secs(15), async || keda.get_metrics(&in_flight, "x").await.is_ok())
+                .await;
+        assert!(answered, "{app} was never watched after room freed");
+        let mut client = Client::connect(scene.tenant(app).addr).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(client.request("/", b"x").await.unwrap().status, 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pods = json(&scene, "/pods").await;
+    for app in &refused {
+        assert_eq!(started(&pods, app), Some(serde_json::json!(3)), "{app} counts once watched: {pods}");
+    }
 }

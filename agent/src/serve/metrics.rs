@@ -388,6 +388,7 @@ mod tests {
             requests: Default::default(),
             ports: Vec::new(),
             metadata_pending: false,
+            requests_unwatched: false,
         });
         let text = render_metrics(&view);
         // Driver signals only while the driver path serves.

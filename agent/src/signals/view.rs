@@ -116,6 +116,10 @@ pub struct PodView {
     pub ports: Vec<PortView>,
     /// Found before its metadata arrived: selectors cannot be evaluated.
     pub metadata_pending: bool,
+    /// A container cgroup of it could not be watched (the probe's map was
+    /// full): its requests are not counted, so request metrics are
+    /// unavailable rather than 0.
+    pub requests_unwatched: bool,
 }
 
 /// One server port of a pod: its request signals alone.
@@ -192,6 +196,12 @@ impl PodView {
     /// "not yet"): NVML has no per-process SM % under MIG, and under MPS it
     /// books everything on the MPS server.
     pub fn unavailable_reason(&self, metric: Metric) -> Option<&'static str> {
+        if self.requests_unwatched && metric.source() == MetricSource::Probes {
+            return Some(
+                "the request probe's map of watched cgroups is full, so this pod's requests are not counted \
+                 (raise --max-watched-cgroups)",
+            );
+        }
         match (metric, self.gpu.unattributable) {
             // The estimator splits the device's utilization from launches,
             // whatever NVML can or cannot say per process.
@@ -337,6 +347,7 @@ mod fixtures {
                 requests: Default::default(),
                 ports: Vec::new(),
                 metadata_pending: false,
+                requests_unwatched: false,
             }
         }
     }

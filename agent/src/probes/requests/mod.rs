@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use podgpu_common::{conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -89,9 +89,12 @@ pub struct RequestProbe {
 }
 
 impl RequestProbe {
-    /// Loads the embedded object and attaches its raw tracepoints.
-    pub fn load() -> Result<Self, ProbeError> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
+    /// Loads the embedded object, with room for `max_watched_cgroups`
+    /// container cgroups, and attaches its raw tracepoints.
+    pub fn load(max_watched_cgroups: u32) -> Result<Self, ProbeError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(WATCHED, max_watched_cgroups.max(1))
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
         // The frame walker and the driver decoder are not attached:
         // `syscall_exit` tail-calls them (slots 0 and 1).
         for (slot, name) in [(0, WALKER), (1, DRIVER_DECODE)] {

@@ -124,6 +124,9 @@ pub struct Collector {
     request_probe_stats: RequestProbeStats,
     bpf_programs: Vec<crate::probes::BpfProgramStats>,
     cgroups: HashMap<u64, PodCgroup>,
+    /// Cgroups the request probe refused (its map was full): retried every
+    /// rescan; their pods have no request metrics until then.
+    unwatched: HashSet<u64>,
     pods: HashMap<String, PodState>,
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
@@ -179,6 +182,7 @@ impl Collector {
             request_probe_stats: RequestProbeStats::default(),
             bpf_programs: Vec::new(),
             cgroups: HashMap::new(),
+            unwatched: HashSet::new(),
             pods: HashMap::new(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
@@ -329,19 +333,24 @@ impl Collector {
                 }
             }
         }
-        for id in &new {
+        // Cgroups refused before are retried: a pod that went away may have
+        // made room.
+        self.unwatched.retain(|id| found.contains_key(id));
+        let retried: Vec<u64> = self.unwatched.iter().copied().collect();
+        for id in new.iter().chain(&retried) {
             if let (Some(probe), Some(cgroup)) = (self.probes.requests.as_mut(), found.get(id)) {
-                if let Err(err) = probe.watch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "watching cgroup");
-                }
-                // Connections accepted before we watched: follow them too.
-                let dir = self.config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
-                let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-                    .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
-                    .unwrap_or_default();
-                for existing in sockets::existing_connections(&self.config.proc, &pids) {
-                    if let Err(err) = probe.track_existing(existing.tgid, existing.fd, *id) {
-                        tracing::debug!(error = %err, "tracking an existing connection");
+                match watch_cgroup(probe, &self.config, *id, cgroup) {
+                    Ok(()) => {
+                        if self.unwatched.remove(id) {
+                            tracing::info!(cgroup_id = id, pod_uid = %cgroup.owner.pod_uid, "watching a cgroup refused before");
+                        }
+                    }
+                    Err(err) => {
+                        if self.unwatched.insert(*id) {
+                            tracing::warn!(cgroup_id = id, pod_uid = %cgroup.owner.pod_uid, error = %err,
+                                "cannot watch the cgroup (map of watched cgroups full? see --max-watched-cgroups): \
+                                 its pod's request metrics are unavailable until it can");
+                        }
                     }
                 }
             }
@@ -500,6 +509,8 @@ impl Collector {
     /// An immutable snapshot of the current state.
     pub fn view(&mut self) -> NodeView {
         let watches_api = self.directory.watches_api();
+        let unwatched: HashSet<String> =
+            self.unwatched.iter().filter_map(|id| self.cgroups.get(id)).map(|c| c.owner.pod_uid.clone()).collect();
         let mut pods: Vec<PodView> = self
             .pods
             .values_mut()
@@ -534,6 +545,7 @@ impl Collector {
                     requests,
                     ports,
                     metadata_pending,
+                    requests_unwatched: unwatched.contains(&pod.meta.uid),
                 }
             })
             .collect();
@@ -581,6 +593,27 @@ impl Collector {
             },
         }
     }
+}
+
+/// Starts tracking new connections of `cgroup_id`, and the connections
+/// its processes accepted before.
+fn watch_cgroup(
+    probe: &mut crate::probes::requests::RequestProbe,
+    config: &CollectorConfig,
+    cgroup_id: u64,
+    cgroup: &PodCgroup,
+) -> Result<(), crate::probes::ProbeError> {
+    probe.watch(cgroup_id)?;
+    let dir = config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
+    let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    for existing in sockets::existing_connections(&config.proc, &pids) {
+        if let Err(err) = probe.track_existing(existing.tgid, existing.fd, cgroup_id) {
+            tracing::debug!(error = %err, "tracking an existing connection");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
