@@ -62,10 +62,24 @@ impl KedaClient {
     }
 
     /// One polling cycle: GetMetrics for `metric_name`, then IsActive.
+    /// While the scaler says it has no value yet (a pod or an agent under
+    /// half a second old) the cycle is retried for up to 2 s, as KEDA would
+    /// read the value at its next poll; `get_metrics` is the raw call.
     pub async fn poll(&mut self, scaled_object: &ScaledObjectRef, metric_name: &str) -> Result<Poll, tonic::Status> {
-        let (metric_name, value) = self.get_metrics(scaled_object, metric_name).await?;
-        let active = self.is_active(scaled_object).await?;
-        Ok(Poll { metric_name, value, active })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let result = self.get_metrics(scaled_object, metric_name).await;
+            match result {
+                Err(status) if status.message().contains("no value yet") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(status) => return Err(status),
+                Ok((metric_name, value)) => {
+                    let active = self.is_active(scaled_object).await?;
+                    return Ok(Poll { metric_name, value, active });
+                }
+            }
+        }
     }
 
     /// GetMetrics: the metric name the scaler returned and the value as

@@ -33,8 +33,8 @@ async fn json(scene: &Scene, path: &str) -> serde_json::Value {
 
 /// The agent restarted while a pod serves 100 requests/s: within one 2 s
 /// window of the new agent being ready, KEDA's request rate is the
-/// offered rate again, and streams opened after the restart are in flight
-/// exactly. Every answer in between is printed.
+/// offered rate again, no answer before is a made-up 0, and streams opened
+/// after the restart are in flight exactly. Every answer is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_restarted_under_traffic() {
     require_root();
@@ -58,7 +58,7 @@ async fn agent_restarted_under_traffic() {
     let mut series = Vec::new();
     let mut back_after = None;
     while ready.elapsed() < Duration::from_secs(5) {
-        let answer = keda.poll(&rate, "rate").await.map(|p| p.value);
+        let answer = keda.get_metrics(&rate, "rate").await.map(|(_, value)| value);
         series.push((ready.elapsed().as_millis(), answer.as_ref().map_err(|s| s.message().to_string()).cloned()));
         if back_after.is_none() && answer.as_ref().is_ok_and(|v| (v - RATE).abs() < 0.25 * RATE) {
             back_after = Some(ready.elapsed());

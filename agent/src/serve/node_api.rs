@@ -178,7 +178,8 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64], selection: Option<
                 (Some(selection), Some(pick)) => selection.wants(pick, metric),
                 _ => true,
             };
-            let serving = |metric: Metric| wanted(metric) && view.source_status(metric).is_ok();
+            let serving =
+                |metric: Metric| wanted(metric) && view.source_status(metric).is_ok() && !view.warming_up(metric);
             let ports = match (selection, &pick) {
                 (Some(selection), Some(pick)) => selection.ports(pick),
                 _ => true,
@@ -329,6 +330,7 @@ mod tests {
 
     fn view() -> NodeView {
         let mut view = NodeView::empty();
+        view.at_s = 60.0;
         view.health.probes = SourceStatus::Ok { detail: "test".into() };
         let mut llm = PodView::fixture("ns", "llm", 100);
         llm.ports = vec![PortView::fixture(8000, 2, 100)];

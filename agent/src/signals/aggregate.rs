@@ -7,7 +7,7 @@
 use super::latency::{new_histogram, quantile_ms};
 use super::metric::{Combine, Metric};
 use super::traffic_filter::TrafficFilter;
-use super::view::{NodeView, PodView};
+use super::view::{NodeView, PodView, WARM_UP_S};
 use crate::pods::selector::LabelSelector;
 use hdrhistogram::Histogram;
 
@@ -102,6 +102,12 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
     if !status.is_ok() {
         return Err(format!("{} is unavailable on this node: {status:?}", query.metric));
     }
+    if view.warming_up(query.metric) {
+        return Err(format!(
+            "{} has no value yet: the agent started {:.2} s ago, and rates need {WARM_UP_S} s",
+            query.metric, view.at_s
+        ));
+    }
     combine(view.pods.iter(), query)
 }
 
@@ -148,9 +154,9 @@ pub fn combine<'a, P: PodSignals + 'a>(
     }
     let (mut sum, mut max, mut pods) = (0.0_f64, 0.0_f64, 0usize);
     for pod in &selected {
-        // A pod without a value yet (history shorter than a second: the
-        // agent or the pod just started; GPU data missing all window) would
-        // make the sum smaller than the truth, or a made-up 0.
+        // A pod without a value yet (one point of history: the pod just
+        // appeared; GPU data missing all window) would make the sum
+        // smaller than the truth, or a made-up 0.
         let Some(value) = pod.value(query.metric, query.window_s, &query.traffic) else {
             return Err(format!(
                 "{} has no value yet for pod {}/{} (too little history: the agent or the pod just started, \
@@ -185,6 +191,8 @@ mod tests {
 
     fn view() -> NodeView {
         let mut view = NodeView::empty();
+        // An agent running for a minute (its rates are given out).
+        view.at_s = 60.0;
         view.health.probes = SourceStatus::Ok { detail: "test".into() };
         view.pods = vec![pod("ns", "llm", 100), pod("ns", "llm", 300), pod("ns", "other", 1000), pod("x", "llm", 5000)];
         view
@@ -275,24 +283,26 @@ mod tests {
         assert!((value.value - 20.0).abs() < 0.2, "{value:?}");
     }
 
-    /// Right after an agent (re)start a pod's history spans less than a
-    /// second: its rate is not known, and the workload's answer is an error
-    /// naming it, not a 0 summed over pods that have no value.
+    /// A pod with one point of history has no rate yet: the workload's
+    /// answer is an error naming it, not a 0 summed over pods that have no
+    /// value. So is any rate in the agent's first half second.
     #[test]
     fn too_little_history_is_an_error() {
         use crate::signals::history::{History, Point};
         let mut view = view();
         let mut young = History::new(60.0);
         young.push(Point { at_s: 0.0, ..Point::default() });
-        young.push(Point { at_s: 0.1, recv_bytes: 50, ..Point::default() });
         view.pods[0].history = young;
         let llm = LabelSelector::parse("app=llm").unwrap();
         let err = workload_value(&view, &query(&llm, Aggregation::Sum)).unwrap_err();
         assert!(err.contains("no value yet") && err.contains("ns/llm"), "{err}");
-        view.pods[0].history.push(Point { at_s: 1.1, recv_bytes: 150, ..Point::default() });
+        view.pods[0].history.push(Point { at_s: 0.5, recv_bytes: 50, ..Point::default() });
         let value = workload_value(&view, &query(&llm, Aggregation::Sum)).unwrap();
-        // The young pod over its 1.1 s, the other over the 10 s window.
-        assert!((value.value - (150.0 / 1.1 + 300.0)).abs() < 1e-6, "{value:?}");
+        // The young pod over its 0.5 s, the other over the 10 s window.
+        assert!((value.value - (50.0 / 0.5 + 300.0)).abs() < 1e-6, "{value:?}");
+        view.at_s = 0.2;
+        let err = workload_value(&view, &query(&llm, Aggregation::Sum)).unwrap_err();
+        assert!(err.contains("agent started"), "{err}");
     }
 
     /// A selected pod NVML cannot measure (MPS client) makes the answer an

@@ -34,10 +34,6 @@ pub struct Point {
     pub gpu_driver_blocked_s: f64,
 }
 
-/// The shortest history a rate or mean is given over (or the window, when
-/// shorter).
-pub const MIN_SPAN_S: f64 = 1.0;
-
 /// Points of the last `retention_s` seconds, oldest first.
 #[derive(Clone, Debug)]
 pub struct History {
@@ -74,10 +70,9 @@ impl History {
     }
 
     /// Change of `field` per second over the last `window_s` seconds (or
-    /// over the whole history when it is shorter, once it spans
-    /// `MIN_SPAN_S` or the window). `None` before: a rate over one 100 ms
-    /// tick after an agent restart is noise, and a sum over pods that
-    /// have none is a made-up 0 (the aggregation makes `None` an error).
+    /// over the whole history when it is shorter, so a new pod has a value
+    /// after one tick). `None` until two points exist; the aggregation
+    /// makes that an error, not a 0.
     pub fn rate(&self, window_s: f64, field: impl Fn(&Point) -> f64) -> Option<f64> {
         self.ratio(window_s, field, |point| point.at_s)
     }
@@ -97,9 +92,6 @@ impl History {
         // Prefer the point at or just before the window start: it makes the
         // window at least as long as asked.
         let start = &self.points[first_inside.saturating_sub(1)];
-        if latest.at_s - start.at_s + 1e-9 < window_s.min(MIN_SPAN_S) {
-            return None;
-        }
         let span = denominator(latest) - denominator(start);
         (span > 1e-9).then(|| (numerator(latest) - numerator(start)) / span)
     }

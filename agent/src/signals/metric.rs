@@ -178,6 +178,20 @@ impl Metric {
         }
     }
 
+    /// Whether the value is a rate or mean over the window's history (as
+    /// opposed to a level read at the latest tick or a distribution).
+    pub fn is_rate(self) -> bool {
+        !matches!(
+            self,
+            Metric::GpuMemUsedBytes
+                | Metric::GpuContexts
+                | Metric::GpuDriverMemBytes
+                | Metric::RequestsInFlight
+                | Metric::TtftMs(_)
+                | Metric::LatencyMs(_)
+        )
+    }
+
     /// How pods combine into a workload value.
     pub fn combine(self) -> Combine {
         match self {

@@ -312,7 +312,18 @@ impl NodeView {
     pub fn source_status(&self, metric: Metric) -> &SourceStatus {
         self.health.of(metric.source())
     }
+
+    /// Whether the agent is too young for `metric`: in its first half
+    /// second its rates cover a tick or two, while connections that were
+    /// open before it started are still being joined (a restarted agent
+    /// measured 0 requests/s under 100). Such a rate is not given out.
+    pub fn warming_up(&self, metric: Metric) -> bool {
+        metric.is_rate() && self.at_s < WARM_UP_S
+    }
 }
+
+/// How long after the agent starts its rates are withheld.
+pub const WARM_UP_S: f64 = 0.5;
 
 /// Small views for unit tests elsewhere in the crate.
 #[cfg(test)]
