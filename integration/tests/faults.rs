@@ -27,6 +27,22 @@ fn trigger(scene: &Scene, app: &str, metric: &str, window: &str) -> podgpu_proto
     )
 }
 
+/// `count` streams to `addr`, each on its own connection, whose first byte
+/// comes after `first_ms`: requests held in flight.
+fn hold_streams(
+    addr: std::net::SocketAddr,
+    count: usize,
+    first_ms: u64,
+) -> Vec<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let path = StreamSpec { first_ms, chunks: 1, chunk_ms: 0 }.path();
+    (0..count)
+        .map(|_| {
+            let path = path.clone();
+            tokio::spawn(async move { Client::connect(addr).await?.stream(&path).await.map(|_| ()) })
+        })
+        .collect()
+}
+
 async fn json(scene: &Scene, path: &str) -> serde_json::Value {
     serde_json::from_slice(&get(scene.agent.http, path).await.expect("agent HTTP").body).expect("JSON")
 }
@@ -76,13 +92,7 @@ async fn agent_restarted_under_traffic() {
     assert!(back_after <= Duration::from_millis(2500), "not back within one 2 s window: {back_after:?}");
 
     // Streams opened now are counted exactly by the new agent.
-    let held = StreamSpec { first_ms: 2500, chunks: 1, chunk_ms: 0 };
-    let streams: Vec<_> = (0..3)
-        .map(|_| {
-            let path = held.path();
-            tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&path).await.map(|_| ()) })
-        })
-        .collect();
+    let streams = hold_streams(addr, 3, 2500);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let in_flight = trigger(&scene, "busy", "requests_in_flight", "2s");
     let level = keda.poll(&in_flight, "in-flight").await.expect("in flight").value;
@@ -110,20 +120,8 @@ async fn cgroup_removed_with_events_in_flight() {
         doomed,
         Load { rate: 200.0, request_bytes: 64, connections: 8, duration: Duration::from_secs(3) },
     ));
-    let held = StreamSpec { first_ms: 10_000, chunks: 1, chunk_ms: 0 };
-    let doomed_streams: Vec<_> = (0..5)
-        .map(|_| {
-            let path = held.path();
-            tokio::spawn(async move { Client::connect(doomed).await.unwrap().stream(&path).await.map(|_| ()) })
-        })
-        .collect();
-    let neighbour_held = StreamSpec { first_ms: 6_000, chunks: 1, chunk_ms: 0 };
-    let neighbour_streams: Vec<_> = (0..2)
-        .map(|_| {
-            let path = neighbour_held.path();
-            tokio::spawn(async move { Client::connect(neighbour).await.unwrap().stream(&path).await })
-        })
-        .collect();
+    let doomed_streams = hold_streams(doomed, 5, 10_000);
+    let neighbour_streams = hold_streams(neighbour, 2, 6_000);
     let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
     let doomed_in_flight = trigger(&scene, "doomed", "requests_in_flight", "2s");
     let neighbour_in_flight = trigger(&scene, "neighbour", "requests_in_flight", "2s");

@@ -4,7 +4,7 @@
 use bytes::{BufMut as _, Bytes};
 use podgpu_proto::node::{NodeSnapshot, SnapshotRequest};
 use prost::Message as _;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, ProstCodec};
+use tonic::codec::{Codec, EncodeBuf, Encoder, ProstCodec};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -46,14 +46,14 @@ impl Codec for PreEncodedCodec {
     type Encode = Bytes;
     type Decode = NodeSnapshot;
     type Encoder = PreEncoded;
-    type Decoder = SnapshotDecoder;
+    type Decoder = <ProstCodec<(), NodeSnapshot> as Codec>::Decoder;
 
     fn encoder(&mut self) -> PreEncoded {
         PreEncoded
     }
 
-    fn decoder(&mut self) -> SnapshotDecoder {
-        SnapshotDecoder(ProstCodec::<(), NodeSnapshot>::default().decoder())
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<(), NodeSnapshot>::default().decoder()
     }
 }
 
@@ -67,16 +67,5 @@ impl Encoder for PreEncoded {
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         dst.put(item);
         Ok(())
-    }
-}
-
-struct SnapshotDecoder(<ProstCodec<(), NodeSnapshot> as Codec>::Decoder);
-
-impl Decoder for SnapshotDecoder {
-    type Item = NodeSnapshot;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<NodeSnapshot>, Status> {
-        self.0.decode(src)
     }
 }

@@ -121,6 +121,27 @@ impl RequestProbe {
         watched.insert(cgroup_id, WATCH_TCP, 0).map_err(|source| ProbeError::Map { name: WATCHED, source })
     }
 
+    /// Starts tracking new connections of `cgroup_id` (the cgroup at
+    /// `cgroup_dir`), and the connections its processes accepted before;
+    /// an error when the map of watched cgroups refuses it.
+    pub fn watch_with_existing(
+        &mut self,
+        cgroup_id: u64,
+        cgroup_dir: &std::path::Path,
+        proc: &ProcFs,
+    ) -> Result<(), ProbeError> {
+        self.watch(cgroup_id)?;
+        let pids: Vec<u32> = std::fs::read_to_string(cgroup_dir.join("cgroup.procs"))
+            .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        for existing in sockets::existing_connections(proc, &pids) {
+            if let Err(err) = self.track_existing(existing.tgid, existing.fd, cgroup_id) {
+                tracing::debug!(error = %err, "tracking an existing connection");
+            }
+        }
+        Ok(())
+    }
+
     /// Stops tracking new connections of `cgroup_id`.
     pub fn unwatch(&mut self, cgroup_id: u64) -> Result<(), ProbeError> {
         let map = self.ebpf.map_mut(WATCHED).ok_or(ProbeError::MissingMap(WATCHED))?;

@@ -21,7 +21,7 @@ use crate::pods::directory::Directory;
 use crate::pods::PodMeta;
 use crate::probes::driver::{DriverSnapshot, PodDriver};
 use crate::probes::launches::LaunchSnapshot;
-use crate::probes::requests::{sockets, ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
+use crate::probes::requests::{ProbeUpdate, ReaderStats, RequestEvent, RequestProbe, RequestProbeStats};
 
 /// Collector schedule and inputs.
 #[derive(Clone, Debug)]
@@ -339,7 +339,8 @@ impl Collector {
         let retried: Vec<u64> = self.unwatched.iter().copied().collect();
         for id in new.iter().chain(&retried) {
             if let (Some(probe), Some(cgroup)) = (self.probes.requests.as_mut(), found.get(id)) {
-                match watch_cgroup(probe, &self.config, *id, cgroup) {
+                let dir = self.config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
+                match probe.watch_with_existing(*id, &dir, &self.config.proc) {
                     Ok(()) => {
                         if self.unwatched.remove(id) {
                             tracing::info!(cgroup_id = id, pod_uid = %cgroup.owner.pod_uid, "watching a cgroup refused before");
@@ -593,27 +594,6 @@ impl Collector {
             },
         }
     }
-}
-
-/// Starts tracking new connections of `cgroup_id`, and the connections
-/// its processes accepted before.
-fn watch_cgroup(
-    probe: &mut crate::probes::requests::RequestProbe,
-    config: &CollectorConfig,
-    cgroup_id: u64,
-    cgroup: &PodCgroup,
-) -> Result<(), crate::probes::ProbeError> {
-    probe.watch(cgroup_id)?;
-    let dir = config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
-    let pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
-        .unwrap_or_default();
-    for existing in sockets::existing_connections(&config.proc, &pids) {
-        if let Err(err) = probe.track_existing(existing.tgid, existing.fd, cgroup_id) {
-            tracing::debug!(error = %err, "tracking an existing connection");
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
