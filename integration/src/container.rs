@@ -397,21 +397,7 @@ pub fn remove_cgroup_dirs(path: &str) {
     for root in roots {
         let mut dir = root.join(path.trim_start_matches('/'));
         while dir.starts_with(&root) && dir != root {
-            // A cgroup whose last process just died stays busy briefly.
-            let mut removed = false;
-            for _ in 0..50 {
-                match fs::remove_dir(&dir) {
-                    Ok(()) => removed = true,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => removed = true,
-                    Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                    Err(_) => {}
-                }
-                break;
-            }
-            if !removed || !dir.pop() {
+            if crate::pod::remove_cgroup_dir(&dir).is_err() || !dir.pop() {
                 break;
             }
         }

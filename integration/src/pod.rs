@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 /// One pod's cgroup and the process in it.
 pub struct CgroupPod {
@@ -94,17 +95,41 @@ impl Drop for CgroupPod {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // A cgroup can only be removed once empty; the process is reaped above.
-        if let Err(err) = fs::remove_dir(&self.container_dir) {
-            if err.kind() != io::ErrorKind::NotFound {
-                eprintln!("warning: could not remove {}: {err}", self.container_dir.display());
-            }
+        if let Err(err) = remove_cgroup_dir(&self.container_dir) {
+            eprintln!("warning: could not remove {}: {err}", self.container_dir.display());
         }
         // Another container of the pod may still be there (a sidecar).
-        let _ = fs::remove_dir(&self.pod_dir);
+        let _ = remove_cgroup_dir(&self.pod_dir);
         // Shared parent: removed only when no other pod remains.
         if let Some(parent) = self.pod_dir.parent() {
-            let _ = fs::remove_dir(parent);
+            let _ = remove_cgroup_dir(parent);
         }
+    }
+}
+
+/// Removes the cgroup directory `dir` once no process is left in it. The
+/// kernel keeps a cgroup busy for a moment after its last process is
+/// reaped, and a process the test's child forked may still be in it: those
+/// are killed, and the removal retried for up to 2 s. A cgroup with child
+/// cgroups (a sidecar's container, another pod) is left as it is.
+pub fn remove_cgroup_dir(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let err = match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => err,
+        };
+        let has_children =
+            fs::read_dir(dir).map(|entries| entries.flatten().any(|e| e.path().is_dir())).unwrap_or(false);
+        if err.raw_os_error() != Some(libc::EBUSY) || has_children || Instant::now() >= deadline {
+            return Err(err);
+        }
+        let members = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in members.lines().filter_map(|line| line.trim().parse::<i32>().ok()) {
+            // Only processes this test started live in its cgroups.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
