@@ -2,9 +2,10 @@
 # Fuzzes podgpu's parsers and state machines with cargo-fuzz (libFuzzer,
 # AddressSanitizer): trigger metadata, cgroup paths and /proc cgroup files,
 # label selectors, the HTTP/1.1 parser and the HTTP/2 stream tracker fed
-# arbitrary event sequences, the driver-path ioctl decoder, and both ends of
+# arbitrary event sequences, the driver-path ioctl decoder, both ends of
 # the node API (a node decoding a scaler's selection, the scaler decoding
-# and answering from a node's snapshot).
+# and answering from a node's snapshot), and the attribution trace reader
+# with replay over what it accepts.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #

@@ -26,6 +26,15 @@ cargo build --locked -p podgpu-agent -p integration --bins
 step "build the agent's container image (OCI archive; the DaemonSet test runs it)"
 scripts/build-image.sh target/debug/podgpu-agent target/podgpu-agent-oci.tar
 
+# Pods an interrupted earlier run left behind (its processes gone, their
+# cgroups not): agents under test would count them as tenants. Only test
+# pod UIDs (<pid>-<n>-4000-8000-<clock>, see integration/src/pod.rs), in
+# every hierarchy, deepest first; rmdir removes only empty cgroups.
+step "remove cgroups of test pods an interrupted run left behind"
+find /sys/fs/cgroup -mindepth 2 -maxdepth 8 -depth -type d -regextype posix-extended \
+  -regex '.*pod[0-9a-f]{8}[-_][0-9a-f]{4}[-_]4000[-_]8000[-_][0-9a-f]{12}(\.slice)?(/.*)?' \
+  -exec rmdir {} \; 2>/dev/null || true
+
 # One test at a time per binary: the timing assertions (TTFT and latency
 # within 5%) must not compete with sibling tests for the cores.
 step "tests (unit + integration with real eBPF probes, as root)"

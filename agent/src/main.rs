@@ -260,6 +260,12 @@ struct NodeOptions {
     /// KEDA rather than a 0, until a watched cgroup goes away.
     #[arg(long, env = "PODGPU_MAX_WATCHED_CGROUPS", default_value_t = podgpu_common::MAX_WATCHED_CGROUPS, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     max_watched_cgroups: u32,
+    /// Connections the request probe tracks at once (the kernel map's
+    /// size, an LRU). A new connection beyond it evicts the least recently
+    /// used; one evicted with requests open is ended by the next sweep and
+    /// counted (`podgpu_agent_missed_connection_endings_total{reason="kernel_evicted"}`).
+    #[arg(long, env = "PODGPU_MAX_TRACKED_CONNECTIONS", default_value_t = podgpu_common::MAX_TRACKED_CONNECTIONS, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    max_tracked_connections: u32,
     /// Kubernetes API for pod names, labels and owners: auto (in-cluster
     /// when running in a pod), off, or kubeconfig:PATH.
     #[arg(long, env = "PODGPU_KUBE_API", default_value = "auto")]
@@ -399,7 +405,10 @@ async fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         require_ebpf: options.require_ebpf,
-        max_watched_cgroups: options.max_watched_cgroups,
+        request_maps: podgpu_agent::probes::requests::MapSizes {
+            watched_cgroups: options.max_watched_cgroups,
+            connections: options.max_tracked_connections,
+        },
         node_name: options.node_name.unwrap_or_else(hostname),
         tls: tls(&serving),
         tls_reload: Duration::from_secs(serving.tls_reload_s),

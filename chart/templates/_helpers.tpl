@@ -17,3 +17,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/* The peer allowed to the HTTP port: the selected scrapers (Prometheus's
+pods unless metricsPodSelector names others) in the selected namespaces. */}}
+{{- define "podgpu.metricsPeer" -}}
+- namespaceSelector: {{- toYaml .Values.networkPolicy.metricsNamespaceSelector | nindent 4 }}
+  {{- if not .Values.networkPolicy.metricsFromEveryPod }}
+  podSelector: {{- toYaml (.Values.networkPolicy.metricsPodSelector | default (dict "matchLabels" (dict "app.kubernetes.io/name" "prometheus"))) | nindent 4 }}
+  {{- end }}
+{{- end -}}

@@ -229,15 +229,17 @@ fn each_variant_renders_what_it_promises() {
     let policies: Vec<&Value> = locked.iter().filter(|d| d["kind"] == "NetworkPolicy").collect();
     assert_eq!(policies.len(), 2);
     let policy = |suffix: &str| *policies.iter().find(|p| p["metadata"]["name"] == format!("podgpu-{suffix}")).unwrap();
-    let grpc_from = |policy: &Value| {
+    // The peers of the rule for `port`.
+    let peers = |policy: &Value, port: &str| {
         policy["spec"]["ingress"]
             .as_sequence()
             .unwrap()
             .iter()
-            .find(|rule| rule["ports"][0]["port"] == "keda")
-            .map(|rule| rule["from"][0].clone())
+            .find(|rule| rule["ports"][0]["port"] == port)
+            .map(|rule| rule["from"].as_sequence().unwrap().clone())
             .unwrap()
     };
+    let grpc_from = |policy: &Value| peers(policy, "keda")[0].clone();
     assert_eq!(grpc_from(policy("scaler"))["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "keda");
     assert_eq!(grpc_from(policy("agent"))["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "podgpu-scaler");
     let daemonset = &find(&locked, "DaemonSet").unwrap()["spec"];
@@ -253,7 +255,26 @@ fn each_variant_renders_what_it_promises() {
         grpc_from(default_policy("agent"))["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
         "podgpu-scaler"
     );
-    assert_eq!(grpc_from(default_policy("scaler"))["namespaceSelector"], serde_yaml::from_str::<Value>("{}").unwrap());
+    let any: Value = serde_yaml::from_str("{}").unwrap();
+    assert_eq!(grpc_from(default_policy("scaler"))["namespaceSelector"], any);
+    // HTTP (/pods, /metrics) from Prometheus's pods only, in any namespace:
+    // one peer, so both selectors must match.
+    for suffix in ["agent", "scaler"] {
+        let http = peers(default_policy(suffix), "http");
+        assert_eq!(http.len(), 1, "{suffix}: {http:?}");
+        assert_eq!(http[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "prometheus", "{suffix}");
+        assert_eq!(http[0]["namespaceSelector"], any, "{suffix}");
+    }
+    // Another scraper replaces Prometheus (not both labels required), or
+    // every pod of the selected namespaces.
+    let scraper = render(&["networkPolicy.metricsPodSelector.matchLabels.app=vmagent"]);
+    let scraper_policy = scraper.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    let scraper_labels = &peers(scraper_policy, "http")[0]["podSelector"]["matchLabels"];
+    assert_eq!(scraper_labels.as_mapping().map(|m| m.len()), Some(1), "{scraper_labels:?}");
+    assert_eq!(scraper_labels["app"], "vmagent");
+    let open = render(&["networkPolicy.metricsFromEveryPod=true"]);
+    let open_policy = open.iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    assert!(peers(open_policy, "http")[0]["podSelector"].is_null(), "every pod");
     assert!(find(&render(&["networkPolicy.enabled=false"]), "NetworkPolicy").is_none(), "can be turned off");
 
     let defaults = render(&[]);

@@ -2,8 +2,11 @@
 //! and never reports what it cannot know: the agent restarted while a pod
 //! takes requests (signals back within one window), and a pod's cgroup
 //! removed while its events are still in flight (no stale pod, no leaked
-//! connection, the other pods unaffected), and the probe's map of watched
-//! cgroups full (an error, never a 0, until room frees). The other fault tests are listed in docs/reliability.md.
+//! connection, the other pods unaffected), the probe's map of watched
+//! cgroups full (an error, never a 0, until room frees), and its map of
+//! connections overfilled (evicted connections' requests ended and
+//! counted, never left in flight). The other fault tests are listed in
+//! docs/reliability.md.
 use std::time::{Duration, Instant};
 
 use integration::http::{drive, get, Client, Load, StreamSpec};
@@ -231,4 +234,76 @@ async fn watched_cgroup_map_full() {
     for app in &refused {
         assert_eq!(started(&pods, app), Some(serde_json::json!(3)), "{app} counts once watched: {pods}");
     }
+}
+
+/// A missed-ending counter of the agent's /metrics.
+async fn missed_endings(scene: &Scene, reason: &str) -> f64 {
+    let text = String::from_utf8(get(scene.agent.http, "/metrics").await.expect("agent HTTP").body).unwrap();
+    let series = format!("podgpu_agent_missed_connection_endings_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("series present")
+}
+
+/// The request probe's connection map (an LRU) overfilled: four streams
+/// held open against `--max-tracked-connections 64`, then 400 idle
+/// connections. The kernel evicts the least recently used; each held
+/// connection it evicted is ended by the tracker's sweep and counted
+/// (`kernel_evicted`), so the pod's in-flight level is exactly the held
+/// connections the kernel still follows, never a level no event will
+/// lower. Once the idle connections close, new streams count exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connection_map_overfilled() {
+    require_root();
+    let pid = std::process::id();
+    let (ns, node) = (format!("connfull-{pid}"), format!("podgpu-connfull-{pid}"));
+    let args = ["--tick-ms", "100", "--max-tracked-connections", "64"].map(String::from);
+    let specs = [TenantSpec::new("busy", "busy")];
+    let mut scene =
+        Scene::start_on(Some(&node), &ns, &specs, GpuSetup::Arg("none".into()), &args).expect("scene starts");
+    let addr = scene.tenant("busy").addr;
+    // The pod's in-flight level; -1 until it is listed.
+    let level = async || {
+        let pods = json(&scene, "/pods").await;
+        let pod = pods["pods"].as_array().unwrap().iter().find(|p| p["name"] == "busy").cloned();
+        pod.and_then(|p| p["values"]["requests_in_flight"].as_f64()).unwrap_or(-1.0)
+    };
+    assert!(integration::eventually(Duration::from_secs(5), async || level().await == 0.0).await, "pod listed");
+    let held = hold_streams(addr, 4, 9_000);
+    let holding = integration::eventually(Duration::from_secs(5), async || level().await == 4.0).await;
+    assert!(holding, "4 held streams: {}", json(&scene, "/pods").await);
+    let evicted_before = missed_endings(&scene, "kernel_evicted").await;
+
+    let mut idle = Vec::new();
+    for _ in 0..400 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The sweep checks connections quiet for a second, about once a second.
+    let healed = integration::eventually(Duration::from_secs(5), async || {
+        let evicted = missed_endings(&scene, "kernel_evicted").await - evicted_before;
+        evicted >= 1.0 && level().await + evicted == 4.0
+    })
+    .await;
+    let evicted = missed_endings(&scene, "kernel_evicted").await - evicted_before;
+    let after_flood = level().await;
+    eprintln!(
+        "400 idle connections through a map of 64: {evicted} of 4 held connections evicted, in flight {after_flood}"
+    );
+    assert!(healed, "evicted {evicted} held connections, in flight {after_flood}: not the 4 held minus the evicted");
+    let health = json(&scene, "/healthz").await;
+    assert_eq!(health["request_probe"]["connection_map_full"], 0, "an LRU evicts, it never refuses: {health}");
+
+    drop(idle);
+    for stream in held {
+        let _ = stream.await.unwrap();
+    }
+    assert!(integration::eventually(Duration::from_secs(5), async || level().await == 0.0).await, "held streams done");
+    let fresh = hold_streams(addr, 3, 2_000);
+    assert!(integration::eventually(Duration::from_secs(2), async || level().await == 3.0).await, "3 new streams");
+    for stream in fresh {
+        stream.await.unwrap().expect("new streams complete");
+    }
+    assert!(integration::eventually(Duration::from_secs(3), async || level().await == 0.0).await, "all done");
+    assert!(scene.agent.is_running(), "the agent survived");
 }

@@ -53,6 +53,10 @@ pub struct Options {
     /// Fetch modes to compare.
     #[arg(long, value_delimiter = ',', default_value = "all,selected")]
     fetch: Vec<String>,
+    /// CPUs to run the scaler on; the stand-ins and the load then run on
+    /// the others, so the scaler's latency is not theirs (empty: share).
+    #[arg(long, value_delimiter = ',')]
+    scaler_cpus: Vec<usize>,
     /// Load steps to time (0: skip).
     #[arg(long, default_value_t = 5)]
     steps: u32,
@@ -80,7 +84,15 @@ struct ScaleRow {
 async fn measure_scale(options: &Options, nodes: usize, fetch: &str) -> anyhow::Result<ScaleRow> {
     let standins = NodeStandIns::start(nodes, options.pods, options.deployments)?;
     let args = ["--nodes", &standins.addresses.join(","), "--fetch", fetch].map(String::from);
-    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args)?;
+    // A child inherits the CPUs of the thread that spawns it.
+    if !options.scaler_cpus.is_empty() {
+        pin_current_thread(&options.scaler_cpus)?;
+    }
+    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args);
+    if !options.scaler_cpus.is_empty() {
+        pin_current_thread(&other_cpus(&options.scaler_cpus))?;
+    }
+    let scaler = scaler?;
     let covered = || async {
         get(scaler.http, "/healthz")
             .await
@@ -176,7 +188,35 @@ async fn load_step(steps: u32) -> anyhow::Result<Vec<f64>> {
     Ok(visible)
 }
 
+/// The online CPUs not in `cpus`.
+fn other_cpus(cpus: &[usize]) -> Vec<usize> {
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..online).filter(|cpu| !cpus.contains(cpu)).collect()
+}
+
+/// Restricts the calling thread, and what it starts from now on, to `cpus`.
+fn pin_current_thread(cpus: &[usize]) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it
+    // for indexes below CPU_SETSIZE, which the check below ensures.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        anyhow::ensure!(cpu < libc::CPU_SETSIZE as usize, "CPU {cpu} out of range");
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    anyhow::ensure!(rc == 0, "pinning to CPUs {cpus:?}: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
 pub fn run(options: Options) -> anyhow::Result<()> {
+    // Before the runtime: its threads, and the stand-ins, inherit this.
+    if !options.scaler_cpus.is_empty() {
+        let others = other_cpus(&options.scaler_cpus);
+        anyhow::ensure!(!others.is_empty(), "--scaler-cpus leaves no CPU for the stand-ins and the load");
+        pin_current_thread(&others)?;
+        println!("scaler on CPUs {:?}; node stand-ins and KEDA load on {others:?}", options.scaler_cpus);
+    }
     let runtime = crate::root_runtime("the load-step part")?;
     runtime.block_on(async {
         let clients = if options.clients == 0 { options.scaled_objects } else { options.clients };

@@ -3,10 +3,7 @@
 //! `bpf_get_current_cgroup_id` returns in the probes).
 //!
 //! Walks only the `kubepods` subtrees, on the collector's schedule (every
-//! few seconds), never per event. A pod whose cgroup holds no process at
-//! all is not a tenant: it is being torn down or was left behind (a
-//! killed runtime, an interrupted test), and counting it would hold every
-//! KEDA answer on the node in "metadata pending" for nothing.
+//! few seconds), never per event.
 use std::collections::HashMap;
 use std::fs;
 use std::io;
@@ -84,9 +81,6 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut HashMap<u64, PodCgrou
     }
     let relative = format!("/{}", dir.strip_prefix(root).unwrap_or(dir).display());
     if let Some(owner) = cgroup_path::parse(&relative) {
-        if owner.container_id.is_none() && !populated(dir) {
-            return;
-        }
         found.insert(meta.ino(), PodCgroup { path: relative, owner });
     }
     if depth >= MAX_DEPTH {
@@ -99,16 +93,6 @@ fn walk(root: &Path, dir: &Path, depth: usize, found: &mut HashMap<u64, PodCgrou
         if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
             walk(root, &entry.path(), depth + 1, found);
         }
-    }
-}
-
-/// Whether a cgroup or one below it holds a process (`populated` in
-/// `cgroup.events`); a directory without the file (not a cgroup mount)
-/// counts as populated.
-fn populated(dir: &Path) -> bool {
-    match fs::read_to_string(dir.join("cgroup.events")) {
-        Ok(events) => !events.lines().any(|line| line.trim() == "populated 0"),
-        Err(_) => true,
     }
 }
 
@@ -145,23 +129,5 @@ mod tests {
         assert_eq!(entry.owner.container_id.as_deref(), Some(id.as_str()));
         assert_eq!(entry.owner.pod_uid, uid.replace('_', "-"));
         assert!(entry.path.starts_with("/kubepods.slice/"));
-    }
-
-    /// A pod cgroup the kernel reports unpopulated (no process left in it
-    /// or its containers) is skipped with everything below it; one that
-    /// holds a process is found.
-    #[test]
-    fn unpopulated_pods_are_not_tenants() {
-        let root = tempfile::tempdir().unwrap();
-        let pod = |uid: &str, populated: u8| {
-            let dir = root.path().join(format!("kubepods.slice/kubepods-pod{uid}.slice"));
-            fs::create_dir_all(dir.join(format!("cri-containerd-{}.scope", "cd".repeat(32)))).unwrap();
-            fs::write(dir.join("cgroup.events"), format!("populated {populated}\nfrozen 0\n")).unwrap();
-        };
-        pod("7d1c2a4e_0000_4000_8000_00000000000c", 0);
-        pod("7d1c2a4e_0000_4000_8000_00000000000d", 1);
-        let uids: std::collections::BTreeSet<String> =
-            scan(root.path()).into_values().map(|c| c.owner.pod_uid).collect();
-        assert_eq!(uids.into_iter().collect::<Vec<_>>(), ["7d1c2a4e-0000-4000-8000-00000000000d"]);
     }
 }

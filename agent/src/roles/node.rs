@@ -43,9 +43,9 @@ pub struct Config {
     pub gpu_interval: Duration,
     /// Exit instead of degrading when the eBPF probes cannot load.
     pub require_ebpf: bool,
-    /// Container cgroups the request probe can watch at once; pods beyond
-    /// it have no request metrics (an error, not a 0) until room frees.
-    pub max_watched_cgroups: u32,
+    /// Sizes of the request probe's kernel maps (watched cgroups,
+    /// tracked connections).
+    pub request_maps: probes::requests::MapSizes,
     /// Name this agent reports in the node API.
     pub node_name: String,
     /// TLS (and mTLS) on the gRPC port.
@@ -113,7 +113,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let directory = pods::directory::Directory::new(static_pods, kube_pods, kubelet);
 
     let (mut requests, probe_status) =
-        load_probe("request", probes::requests::RequestProbe::load(config.max_watched_cgroups), config.require_ebpf)?;
+        load_probe("request", probes::requests::RequestProbe::load(config.request_maps), config.require_ebpf)?;
     // Launch accounting (libcuda uprobes), when asked for: it costs every
     // launch a uprobe trap (docs/gpu.md, "Launch accounting").
     let (launch_probe, launch_status) = if config.launch_accounting {

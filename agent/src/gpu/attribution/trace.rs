@@ -3,7 +3,6 @@
 //! tenants report it, their true load; beside it `TRACE-launch.jsonl`
 //! with cumulative launch counts per (process, entry point, function)
 //! every half second. `record` writes it, `replay` reads it.
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -107,36 +106,48 @@ pub fn launch_path(trace: &Path) -> PathBuf {
 /// Reads a trace and its launch file.
 pub fn read(path: &Path) -> Result<(Trace, Vec<LaunchLine>), TraceError> {
     let io = |source, path: &Path| TraceError::Io { path: path.to_path_buf(), source };
-    let text = std::fs::read_to_string(path).map_err(|e| io(e, path))?;
-    let trace: Trace = serde_json::from_str(&text).map_err(|e| TraceError::Format {
-        path: path.to_path_buf(),
-        line: e.line(),
-        reason: e.to_string(),
-    })?;
+    let trace_json = std::fs::read_to_string(path).map_err(|e| io(e, path))?;
+    let launch_file = launch_path(path);
+    let launch_jsonl = std::fs::read_to_string(&launch_file).map_err(|e| io(e, &launch_file))?;
+    parse(path, &trace_json, &launch_jsonl)
+}
+
+/// Parses a trace (`trace_json`) and its launch file (`launch_jsonl`);
+/// `path` names the trace in errors. Refuses what replay cannot use:
+/// periods without `[end, work, period]`, non-finite or negative times,
+/// utilization outside 0-100 % and launch lines out of time order.
+pub fn parse(path: &Path, trace_json: &str, launch_jsonl: &str) -> Result<(Trace, Vec<LaunchLine>), TraceError> {
+    let refused = |path: PathBuf, line, reason: String| TraceError::Format { path, line, reason };
+    let trace: Trace =
+        serde_json::from_str(trace_json).map_err(|e| refused(path.to_path_buf(), e.line(), e.to_string()))?;
     if let Some(tenant) = trace.tenants.iter().find(|t| t.periods.iter().any(|p| p.len() < 3)) {
-        return Err(TraceError::Format {
-            path: path.to_path_buf(),
-            line: 1,
-            reason: format!("tenant {}: a period needs [end, work, period]", tenant.pid),
-        });
+        let reason = format!("tenant {}: a period needs [end, work, period]", tenant.pid);
+        return Err(refused(path.to_path_buf(), 1, reason));
+    }
+    let times = trace
+        .tenants
+        .iter()
+        .flat_map(|t| t.periods.iter().flat_map(|p| p[..3].iter().copied()))
+        .chain(trace.device_util.iter().map(|&(t, _)| t));
+    if let Some(bad) = times.into_iter().find(|value| !value.is_finite() || *value < 0.0) {
+        return Err(refused(path.to_path_buf(), 1, format!("{bad}: times are finite and not negative")));
+    }
+    let loads = trace.device_util.iter().map(|&(_, util)| util).chain(trace.nvml_process_samples.iter().map(|s| s.2));
+    if let Some(bad) = loads.into_iter().find(|value| !(0.0..=100.0).contains(value)) {
+        return Err(refused(path.to_path_buf(), 1, format!("{bad}: utilization is a percentage")));
     }
     let launch_file = launch_path(path);
-    let file = std::fs::File::open(&launch_file).map_err(|e| io(e, &launch_file))?;
-    let mut lines = Vec::new();
-    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| io(e, &launch_file))?;
+    let mut lines: Vec<LaunchLine> = Vec::new();
+    for (index, line) in launch_jsonl.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let parsed: LaunchLine = serde_json::from_str(&line).map_err(|e| TraceError::Format {
-            path: launch_file.clone(),
-            line: index + 1,
-            reason: e.to_string(),
-        })?;
+        let parsed: LaunchLine =
+            serde_json::from_str(line).map_err(|e| refused(launch_file.clone(), index + 1, e.to_string()))?;
+        if !parsed.t.is_finite() || lines.last().is_some_and(|previous| parsed.t < previous.t) {
+            return Err(refused(launch_file, index + 1, format!("t = {}: lines are not in time order", parsed.t)));
+        }
         lines.push(parsed);
-    }
-    if lines.windows(2).any(|pair| pair[1].t < pair[0].t) {
-        return Err(TraceError::Format { path: launch_file, line: 1, reason: "lines are not in time order".into() });
     }
     Ok((trace, lines))
 }
@@ -153,4 +164,29 @@ pub fn write(path: &Path, trace: &Trace, launches: &[LaunchLine]) -> Result<(), 
         text.push('\n');
     }
     std::fs::write(&launch_file, text).map_err(|e| io(e, &launch_file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str =
+        r#"{"scenario":"t","device_util":[[1.0,50.0]],"tenants":[{"pid":7,"periods":[[2.0,0.5,1.0]]}]}"#;
+
+    /// What replay cannot use is refused with the file and line named;
+    /// blank launch lines are skipped.
+    #[test]
+    fn parse_refuses_what_replay_cannot_use() {
+        let path = Path::new("x.json");
+        let (trace, lines) =
+            parse(path, TRACE, "{\"t\":1.0,\"rows\":[[7,0,1,10,10]]}\n\n{\"t\":1.5,\"rows\":[]}\n").unwrap();
+        assert_eq!((trace.tenants.len(), lines.len()), (1, 2));
+        let error = |trace: &str, launches: &str| parse(path, trace, launches).unwrap_err().to_string();
+        let unordered = error(TRACE, "{\"t\":2.0,\"rows\":[]}\n{\"t\":1.0,\"rows\":[]}");
+        assert!(unordered.starts_with("x-launch.jsonl: line 2:") && unordered.contains("time order"), "{unordered}");
+        assert!(error(&TRACE.replace("[2.0,0.5,1.0]", "[2.0,0.5]"), "").contains("[end, work, period]"));
+        assert!(error(&TRACE.replace("[2.0,0.5,1.0]", "[-2.0,0.5,1.0]"), "").contains("not negative"));
+        assert!(error(&TRACE.replace("[1.0,50.0]", "[1.0,150.0]"), "").contains("percentage"));
+        assert!(error("{", "").starts_with("x.json: line 1:"));
+    }
 }

@@ -83,17 +83,39 @@ pub struct RequestProbeStats {
     pub driver_ring_full_drops: u64,
 }
 
+/// Sizes of the request probe's kernel maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    /// Pod and container cgroups watched at once; a pod beyond it has no
+    /// request metrics (an error, not a 0) until room frees.
+    pub watched_cgroups: u32,
+    /// Connections tracked at once. The map is an LRU: a new connection
+    /// evicts the least recently used, and the tracker ends an evicted one
+    /// that had requests open (`reason="kernel_evicted"`).
+    pub connections: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            watched_cgroups: podgpu_common::MAX_WATCHED_CGROUPS,
+            connections: podgpu_common::MAX_TRACKED_CONNECTIONS,
+        }
+    }
+}
+
 /// Loaded and attached request probe. Dropping it detaches the programs.
 pub struct RequestProbe {
     ebpf: Ebpf,
 }
 
 impl RequestProbe {
-    /// Loads the embedded object, with room for `max_watched_cgroups`
-    /// container cgroups, and attaches its raw tracepoints.
-    pub fn load(max_watched_cgroups: u32) -> Result<Self, ProbeError> {
+    /// Loads the embedded object with its maps sized by `sizes`, and
+    /// attaches its raw tracepoints.
+    pub fn load(sizes: MapSizes) -> Result<Self, ProbeError> {
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(WATCHED, max_watched_cgroups.max(1))
+            .map_max_entries(WATCHED, sizes.watched_cgroups.max(1))
+            .map_max_entries(CONNECTIONS, sizes.connections.max(1))
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
         // The frame walker and the driver decoder are not attached:
         // `syscall_exit` tail-calls them (slots 0 and 1).
