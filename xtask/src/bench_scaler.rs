@@ -79,6 +79,28 @@ struct ScaleRow {
     p99_ms: f64,
     stream_messages: u64,
     streams_broken: u64,
+    /// Inside the scaler (`podgpu_scaler_answer_seconds`): the bucket bound
+    /// 99% of the run's answers fall within, ms, and the share within 2 ms.
+    inside_p99_within_ms: f64,
+    inside_within_2ms: f64,
+}
+
+/// The scaler's answer-time buckets, GetMetrics and IsActive together:
+/// (upper bound in seconds, answers within it), cumulative.
+async fn answer_buckets(http: std::net::SocketAddr) -> anyhow::Result<Vec<(f64, f64)>> {
+    let body = String::from_utf8(get(http, "/metrics").await?.body)?;
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in body.lines().filter(|line| line.starts_with("podgpu_scaler_answer_seconds_bucket{")) {
+        let le = line.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()).context("le label")?;
+        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse()? };
+        let count: f64 = line.rsplit(' ').next().context("value")?.parse()?;
+        match buckets.iter_mut().find(|(bound, _)| *bound == le) {
+            Some(bucket) => bucket.1 += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    anyhow::ensure!(!buckets.is_empty(), "the scaler's /metrics has no podgpu_scaler_answer_seconds");
+    Ok(buckets)
 }
 
 async fn measure_scale(options: &Options, nodes: usize, fetch: &str) -> anyhow::Result<ScaleRow> {
@@ -130,8 +152,17 @@ async fn measure_scale(options: &Options, nodes: usize, fetch: &str) -> anyhow::
         }
         series
     });
+    let buckets_before = answer_buckets(scaler.http).await?;
     let report = run_load(scaler.keda, &load).await?;
+    let buckets_after = answer_buckets(scaler.http).await?;
     let rss_series = rss_series.await?;
+    let run_buckets: Vec<(f64, f64)> =
+        buckets_after.iter().zip(&buckets_before).map(|(after, before)| (after.0, after.1 - before.1)).collect();
+    let total = run_buckets.last().map_or(0.0, |bucket| bucket.1).max(1.0);
+    let inside_p99_within_ms =
+        run_buckets.iter().find(|(_, within)| within / total >= 0.99).map_or(f64::INFINITY, |(bound, _)| bound * 1e3);
+    let inside_within_2ms =
+        run_buckets.iter().find(|(bound, _)| *bound >= 0.002).map_or(0.0, |(_, within)| within / total);
     let (scaler_after, standins_after) = (ProcessSample::of(scaler.pid())?, ProcessSample::of(standins.pid())?);
     let traffic_after = standins.traffic()?;
     let nodes_covered = covered().await;
@@ -154,6 +185,8 @@ async fn measure_scale(options: &Options, nodes: usize, fetch: &str) -> anyhow::
         first_error: report.first_error,
         stream_messages: report.stream_messages,
         streams_broken: report.streams_broken,
+        inside_p99_within_ms,
+        inside_within_2ms,
     })
 }
 
@@ -249,6 +282,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     row.p50_ms,
                     row.p99_ms,
                     row.standin_cores,
+                );
+                println!(
+                    "         inside the scaler: 99% of answers within {} ms; {:.2}% within 2 ms",
+                    row.inside_p99_within_ms,
+                    row.inside_within_2ms * 100.0
                 );
                 let series: Vec<String> = row.rss_series.iter().map(|mib| format!("{mib:.1}")).collect();
                 println!("         scaler RSS at each quarter of the run: {} MiB", series.join(", "));

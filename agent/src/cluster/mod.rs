@@ -152,10 +152,12 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
         }
     };
     let started = std::thread::Builder::new().name("cluster-poll".into()).spawn(move || {
+        yield_to_answers();
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("cluster-poll")
+            .on_thread_start(yield_to_answers)
             .enable_all()
             .build();
         match runtime {
@@ -167,6 +169,18 @@ pub fn spawn(config: ClusterConfig, default_window_s: f64, shutdown: Cancellatio
         tracing::error!(error = %err, "cannot start the node poll thread: every answer will be an error");
     }
     ClusterHandle { view: view_rx, nudge: nudge_tx, interest }
+}
+
+/// Lowers the calling thread's CPU priority (nice +10, which needs no
+/// privilege). The poll's threads run so: where the scaler's cores are
+/// contended, a burst of snapshot decoding then waits for KEDA's answers
+/// rather than the answers for it (`bench-scaler --scaler-cpus`, docs/scaler.md).
+fn yield_to_answers() {
+    // SAFETY: gettid and setpriority act on the calling thread only.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "poll thread keeps its priority");
+    }
 }
 
 #[cfg(test)]

@@ -38,10 +38,12 @@ pub async fn run_scaler(
     let cluster =
         crate::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    let router = tonic::transport::Server::builder()
-        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::for_cluster(cluster.clone())));
+    let answer_times = std::sync::Arc::new(serve::answer_times::AnswerTimes::default());
+    let router = tonic::transport::Server::builder().add_service(ExternalScalerServer::new(
+        serve::keda::KedaScaler::for_cluster(cluster.clone(), answer_times.clone()),
+    ));
     tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
-    let http = axum::serve(http_listener, serve::scaler_http::router(cluster.view.clone()))
+    let http = axum::serve(http_listener, serve::scaler_http::router(cluster.view.clone(), answer_times))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tasks.spawn(async move { http.await.context("HTTP server") });
     tracing::info!(keda = %bound.keda, http = %bound.http, nodes = ?config.cluster.nodes, "podgpu scaler serving");

@@ -6,7 +6,7 @@
 //! int64 ones when the float is 0.
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use podgpu_proto::externalscaler::external_scaler_server::ExternalScaler;
 use podgpu_proto::externalscaler::{
@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::answer_times::{AnswerTimes, Call};
 use super::trigger::Trigger;
 use crate::cluster::ClusterHandle;
 use crate::pods::selector::LabelSelector;
@@ -120,17 +121,46 @@ impl Signals {
 #[derive(Clone)]
 pub struct KedaScaler {
     signals: Signals,
+    answer_times: Arc<AnswerTimes>,
 }
 
 impl KedaScaler {
     /// A scaler answering from this node's published view.
     pub fn new(view: watch::Receiver<Arc<NodeView>>) -> Self {
-        Self { signals: Signals::Local(view) }
+        Self { signals: Signals::Local(view), answer_times: Arc::default() }
     }
 
-    /// A scaler answering from every node agent (the scaler role).
-    pub fn for_cluster(cluster: ClusterHandle) -> Self {
-        Self { signals: Signals::Cluster(cluster) }
+    /// A scaler answering from every node agent (the scaler role), timing
+    /// its answers into `answer_times`.
+    pub fn for_cluster(cluster: ClusterHandle, answer_times: Arc<AnswerTimes>) -> Self {
+        Self { signals: Signals::Cluster(cluster), answer_times }
+    }
+}
+
+impl KedaScaler {
+    async fn answer_is_active(&self, scaled_object: ScaledObjectRef) -> Result<bool, ScalerError> {
+        let trigger = trigger_of(&scaled_object)?;
+        self.signals.is_active(&scaled_object.namespace, &trigger).await
+    }
+
+    #[allow(deprecated)]
+    async fn answer_get_metrics(&self, request: GetMetricsRequest) -> Result<GetMetricsResponse, Status> {
+        let scaled_object =
+            request.scaled_object_ref.ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
+        let trigger = trigger_of(&scaled_object)?;
+        let value = self.signals.evaluate(&scaled_object.namespace, &trigger).await?;
+        let metric_name = if request.metric_name.is_empty() { trigger.metric_name() } else { request.metric_name };
+        tracing::debug!(
+            scaled_object = %scaled_object.name, namespace = %scaled_object.namespace,
+            metric = %trigger.metric, value = value.value, pods = value.pods, "GetMetrics"
+        );
+        Ok(GetMetricsResponse {
+            metric_values: vec![MetricValue {
+                metric_name,
+                metric_value: as_int(value.value),
+                metric_value_float: value.value,
+            }],
+        })
     }
 }
 
@@ -171,10 +201,10 @@ fn as_int(value: f64) -> i64 {
 #[tonic::async_trait]
 impl ExternalScaler for KedaScaler {
     async fn is_active(&self, request: Request<ScaledObjectRef>) -> Result<Response<IsActiveResponse>, Status> {
-        let scaled_object = request.into_inner();
-        let trigger = trigger_of(&scaled_object)?;
-        let active = self.signals.is_active(&scaled_object.namespace, &trigger).await?;
-        Ok(Response::new(IsActiveResponse { result: active }))
+        let started = Instant::now();
+        let answer = self.answer_is_active(request.into_inner()).await;
+        self.answer_times.record(Call::IsActive, started.elapsed());
+        Ok(Response::new(IsActiveResponse { result: answer? }))
     }
 
     type StreamIsActiveStream = ResponseStream<IsActiveResponse>;
@@ -230,25 +260,11 @@ impl ExternalScaler for KedaScaler {
         }))
     }
 
-    #[allow(deprecated)]
     async fn get_metrics(&self, request: Request<GetMetricsRequest>) -> Result<Response<GetMetricsResponse>, Status> {
-        let request = request.into_inner();
-        let scaled_object =
-            request.scaled_object_ref.ok_or_else(|| Status::invalid_argument("scaledObjectRef: required"))?;
-        let trigger = trigger_of(&scaled_object)?;
-        let value = self.signals.evaluate(&scaled_object.namespace, &trigger).await?;
-        let metric_name = if request.metric_name.is_empty() { trigger.metric_name() } else { request.metric_name };
-        tracing::debug!(
-            scaled_object = %scaled_object.name, namespace = %scaled_object.namespace,
-            metric = %trigger.metric, value = value.value, pods = value.pods, "GetMetrics"
-        );
-        Ok(Response::new(GetMetricsResponse {
-            metric_values: vec![MetricValue {
-                metric_name,
-                metric_value: as_int(value.value),
-                metric_value_float: value.value,
-            }],
-        }))
+        let started = Instant::now();
+        let answer = self.answer_get_metrics(request.into_inner()).await;
+        self.answer_times.record(Call::GetMetrics, started.elapsed());
+        answer.map(Response::new)
     }
 
     type StreamMetricSpecStream = ResponseStream<GetMetricSpecResponse>;

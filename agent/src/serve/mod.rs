@@ -2,6 +2,7 @@
 //! scaler role) and the agent's HTTP endpoints, all answering from the
 //! latest published view (the scaler role's answers come from
 //! `crate::cluster`); TLS for the gRPC ports.
+pub mod answer_times;
 pub mod http;
 pub mod keda;
 pub mod metrics;

@@ -3,7 +3,7 @@
 //! covered nodes, in the node agents' `/pods` shape, for `podgpu-agent top`
 //! over the cluster: with `--fetch selected` only the pods live triggers
 //! select, with `--fetch all` every pod)
-//! and `/metrics` (coverage self-metrics).
+//! and `/metrics` (coverage self-metrics and KEDA answer times).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
+use super::answer_times::AnswerTimes;
 use crate::cluster::ClusterView;
 use crate::signals::aggregate::PodSignals;
 use crate::signals::latency::{new_histogram, quantile_ms};
@@ -22,12 +23,12 @@ use crate::signals::traffic_filter::TrafficFilter;
 
 type ViewRx = watch::Receiver<Arc<ClusterView>>;
 
-/// The scaler's HTTP router.
-pub fn router(view: ViewRx) -> Router {
+/// The scaler's HTTP router; `/metrics` includes `answer_times`.
+pub fn router(view: ViewRx, answer_times: Arc<AnswerTimes>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/pods", get(pods))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(move |State(view): State<ViewRx>| metrics(view, answer_times)))
         .with_state(view)
 }
 
@@ -107,14 +108,15 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
     Json(serde_json::json!({ "window_s": window_s, "pods": rows, "nodes": nodes, "devices": [] })).into_response()
 }
 
-async fn metrics(State(view): State<ViewRx>) -> Response {
+async fn metrics(view: ViewRx, answer_times: Arc<AnswerTimes>) -> Response {
     let view = view.borrow().clone();
-    let body = format!(
+    let mut body = format!(
         "# HELP podgpu_scaler_nodes Node agents resolved.\n# TYPE podgpu_scaler_nodes gauge\npodgpu_scaler_nodes {}\n\
          # HELP podgpu_scaler_nodes_covered Node agents whose snapshot is within the grace period.\n\
          # TYPE podgpu_scaler_nodes_covered gauge\npodgpu_scaler_nodes_covered {}\n",
         view.nodes_total,
         view.nodes.len()
     );
+    answer_times.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
