@@ -102,7 +102,9 @@ async fn soak_with_churn_and_traffic() {
     let mut samples = Vec::new();
     let mut baseline: Option<ProcessSample> = None;
     let mut wrong_answers = Vec::new();
-    while started.elapsed() < run {
+    // Every sample falls inside the load: one taken after it ends would
+    // compare a rate over a window the traffic left with the full rate.
+    while started.elapsed() + Duration::from_secs(10) <= run {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let sample = ProcessSample::of(scene.agent.pid()).expect("agent /proc");
         let health = health(&scene).await;
