@@ -319,3 +319,21 @@ pub async fn drive(addr: SocketAddr, load: Load) -> LoadReport {
     }
     total
 }
+
+/// The samples of metric `name` in the Prometheus text at `addr`'s
+/// `/metrics`: (the label text between the braces, or empty, and the value).
+pub async fn metric_samples(addr: SocketAddr, name: &str) -> std::io::Result<Vec<(String, f64)>> {
+    let reply = get(addr, "/metrics").await?;
+    let text = String::from_utf8_lossy(&reply.body);
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels.to_string(), value.trim().parse().ok()?))
+        })
+        .collect())
+}

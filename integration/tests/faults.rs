@@ -238,12 +238,11 @@ async fn watched_cgroup_map_full() {
 
 /// A missed-ending counter of the agent's /metrics.
 async fn missed_endings(scene: &Scene, reason: &str) -> f64 {
-    let text = String::from_utf8(get(scene.agent.http, "/metrics").await.expect("agent HTTP").body).unwrap();
-    let series = format!("podgpu_agent_missed_connection_endings_total{{reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("series present")
+    let samples = integration::http::metric_samples(scene.agent.http, "podgpu_agent_missed_connection_endings_total")
+        .await
+        .expect("agent HTTP");
+    let labels = format!("reason=\"{reason}\"");
+    samples.into_iter().find_map(|(l, value)| (l == labels).then_some(value)).expect("series present")
 }
 
 /// The request probe's connection map (an LRU) overfilled: four streams

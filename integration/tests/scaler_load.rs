@@ -62,11 +62,11 @@ async fn a_thousand_keda_clients_over_a_hundred_nodes() {
     assert_eq!(report.streams_broken, 0, "StreamIsActive streams end only with the load");
     assert!(report.stream_messages >= 50, "every stream got its first answer: {}", report.stream_messages);
     // The scaler timed every answer it gave, and nothing else.
-    let metrics = String::from_utf8(get(scaler.http, "/metrics").await.unwrap().body).unwrap();
-    let timed: f64 = metrics
-        .lines()
-        .filter_map(|line| line.strip_prefix("podgpu_scaler_answer_seconds_count{"))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+    let timed: f64 = integration::http::metric_samples(scaler.http, "podgpu_scaler_answer_seconds_count")
+        .await
+        .unwrap()
+        .iter()
+        .map(|(_, value)| value)
         .sum();
     assert_eq!(timed, (warm.answered + report.answered) as f64, "answers timed inside the scaler");
     // Flat: connections were all open before the measurement.

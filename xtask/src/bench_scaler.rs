@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use integration::agent::AgentProcess;
-use integration::http::{drive_streams, get, StreamSpec};
+use integration::http::{drive_streams, get, metric_samples, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scale::{run_load, KedaLoad, NodeStandIns, ProcessSample};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
@@ -88,12 +88,10 @@ struct ScaleRow {
 /// The scaler's answer-time buckets, GetMetrics and IsActive together:
 /// (upper bound in seconds, answers within it), cumulative.
 async fn answer_buckets(http: std::net::SocketAddr) -> anyhow::Result<Vec<(f64, f64)>> {
-    let body = String::from_utf8(get(http, "/metrics").await?.body)?;
     let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for line in body.lines().filter(|line| line.starts_with("podgpu_scaler_answer_seconds_bucket{")) {
-        let le = line.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()).context("le label")?;
+    for (labels, count) in metric_samples(http, "podgpu_scaler_answer_seconds_bucket").await? {
+        let le = labels.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()).context("le label")?;
         let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse()? };
-        let count: f64 = line.rsplit(' ').next().context("value")?.parse()?;
         match buckets.iter_mut().find(|(bound, _)| *bound == le) {
             Some(bucket) => bucket.1 += count,
             None => buckets.push((le, count)),

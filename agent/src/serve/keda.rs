@@ -135,9 +135,7 @@ impl KedaScaler {
     pub fn for_cluster(cluster: ClusterHandle, answer_times: Arc<AnswerTimes>) -> Self {
         Self { signals: Signals::Cluster(cluster), answer_times }
     }
-}
 
-impl KedaScaler {
     async fn answer_is_active(&self, scaled_object: ScaledObjectRef) -> Result<bool, ScalerError> {
         let trigger = trigger_of(&scaled_object)?;
         self.signals.is_active(&scaled_object.namespace, &trigger).await
