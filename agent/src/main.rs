@@ -249,6 +249,10 @@ struct NodeOptions {
     /// Collector tick in milliseconds (probe reads and publication).
     #[arg(long, env = "PODGPU_TICK_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=10_000))]
     tick_ms: u64,
+    /// Seconds a pod cgroup that held processes may sit empty before it
+    /// stops counting as a pod (one that never held a process never counts).
+    #[arg(long, env = "PODGPU_EMPTY_POD_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    empty_pod_grace_s: u64,
     /// GPU poll interval in milliseconds.
     #[arg(long, env = "PODGPU_GPU_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     gpu_interval_ms: u64,
@@ -404,6 +408,7 @@ async fn main() -> anyhow::Result<()> {
         proc_root: options.proc_root,
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
+        empty_pod_grace: Duration::from_secs(options.empty_pod_grace_s),
         require_ebpf: options.require_ebpf,
         request_maps: podgpu_agent::probes::requests::MapSizes {
             watched_cgroups: options.max_watched_cgroups,

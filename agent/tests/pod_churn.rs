@@ -35,6 +35,7 @@ fn ten_thousand_pod_cycles_leave_nothing_behind() {
         cgroup_root: cgroup_root.path().to_path_buf(),
         gpu_stale_after: Duration::from_secs(5),
         proc: ProcFs::new(std::path::Path::new("/nonexistent")),
+        empty_pod_grace: Duration::from_secs(30),
     };
     let probes = Probes::disabled();
     let directory = Directory::new(HashMap::new(), Some(api_rx), None);

@@ -2,7 +2,7 @@
 //! request probe's syscall tracepoints decode, and the event each decoded
 //! ioctl (or close of a driver fd) hands user space.
 //!
-//! Facts behind the numbers: `../shared/GPU-DRIVER.md` (open kernel
+//! Facts behind the numbers: `docs/gpu-driver-abi.md` (open kernel
 //! modules 535-595).
 
 /// Entries in the (tgid, fd) -> device kind map.

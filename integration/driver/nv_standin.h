@@ -1,6 +1,6 @@
 /* Parameter layouts of the NVIDIA escapes the driver path decodes, as the
  * open kernel modules define them for x86-64 (535-595; see
- * ../shared/GPU-DRIVER.md). Shared by the stand-in device and the client
+ * docs/gpu-driver-abi.md). Shared by the stand-in device and the client
  * that drives it. */
 #ifndef NV_STANDIN_H
 #define NV_STANDIN_H

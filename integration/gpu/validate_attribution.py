@@ -16,10 +16,8 @@ staggered starts); and the steady mix under MPS (skipped, saying so, when
 nvidia-cuda-mps-control is absent).
 
 On the GPU machine (no Rust there: build here, carry the binary):
-  mkdir -p .gpu-carry && cp ../shared/gpu/duty_worker.py .gpu-carry/ \\
-    && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
-  python3 integration/gpu/validate_attribution.py --agent .gpu-carry/podgpu-agent \\
-    --worker .gpu-carry/duty_worker.py --out $OUT/traces
+  cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
+  python3 integration/gpu/validate_attribution.py --agent .gpu-carry/podgpu-agent --out $OUT/traces
 """
 import argparse
 import json
@@ -31,7 +29,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
+from validate_nvml import DUTY_WORKER, Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
 from validate_launches import start_agent, stop  # noqa: E402
 
 # (name, [(duty, n, start_delay_s)], mps)
@@ -137,7 +135,7 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True)
-    ap.add_argument("--worker", required=True)
+    ap.add_argument("--worker", default=DUTY_WORKER, help="the CUDA tenant (default: duty_worker.py beside this script)")
     ap.add_argument("--seconds", type=float, default=16.0)
     ap.add_argument("--out", required=True, help="directory for the recorded traces")
     ap.add_argument("--only", default="", help="comma-separated scenario names")

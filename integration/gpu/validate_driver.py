@@ -10,9 +10,8 @@ accounting on. Prints per pod, from the worker's start:
   fired (by entry point) | the driver version.
 
 On the GPU machine (no Rust there: build here, carry the binary):
-  mkdir -p .gpu-carry && cp ../shared/gpu/duty_worker.py .gpu-carry/ \\
-    && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
-  python3 integration/gpu/validate_driver.py --agent .gpu-carry/podgpu-agent --worker .gpu-carry/duty_worker.py
+  cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
+  python3 integration/gpu/validate_driver.py --agent .gpu-carry/podgpu-agent
 """
 import argparse
 import json
@@ -23,14 +22,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import Pod, v2_root, get_json, nvml_memory_by_pid, write_pods_yaml  # noqa: E402
+from validate_nvml import DUTY_WORKER, Pod, v2_root, get_json, nvml_memory_by_pid, write_pods_yaml  # noqa: E402
 from validate_launches import start_agent, stop  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True)
-    ap.add_argument("--worker", required=True)
+    ap.add_argument("--worker", default=DUTY_WORKER, help="the CUDA tenant (default: duty_worker.py beside this script)")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--duties", default="0.25,0.5")
     args = ap.parse_args()

@@ -13,9 +13,8 @@ with it (probes attached), alternated, in one run. Prints launches/s,
 the throughput ratio and ns added per launch.
 
 On the GPU machine (no Rust there: build here, carry the binary):
-  mkdir -p .gpu-carry && cp ../shared/gpu/duty_worker.py .gpu-carry/ \
-    && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
-  python3 integration/gpu/validate_launches.py --agent .gpu-carry/podgpu-agent --worker .gpu-carry/duty_worker.py
+  cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
+  python3 integration/gpu/validate_launches.py --agent .gpu-carry/podgpu-agent
 """
 import argparse
 import json
@@ -28,7 +27,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from validate_nvml import NS, Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
+from validate_nvml import DUTY_WORKER, NS, Pod, v2_root, get_json, write_pods_yaml  # noqa: E402
 
 LOOP = r"""
 import os, sys, time, torch
@@ -180,7 +179,7 @@ def part_b(args, root, work):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True)
-    ap.add_argument("--worker", required=True)
+    ap.add_argument("--worker", default=DUTY_WORKER, help="the CUDA tenant (default: duty_worker.py beside this script)")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--launches", type=int, default=500000)
     ap.add_argument("--rounds", type=int, default=3)

@@ -7,10 +7,8 @@ runs podgpu-agent against real NVML, and prints per tenant:
   GPU memory: podgpu per pod vs NVML per pid (nvidia-smi's source) -> must be exact.
 
 On the GPU machine (no Rust there: build here, carry the binary):
-  mkdir -p .gpu-carry && cp ../shared/gpu/duty_worker.py .gpu-carry/ \
-    && cargo build --release -p podgpu-agent && cp target/release/podgpu-agent .gpu-carry/
-  run: python3 integration/gpu/validate_nvml.py --agent .gpu-carry/podgpu-agent \
-         --worker .gpu-carry/duty_worker.py          (carry: [".gpu-carry"])
+  cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
+  run: python3 integration/gpu/validate_nvml.py --agent .gpu-carry/podgpu-agent          (carry: [".gpu-carry"])
 --agent-cgroupns runs the agent as the DaemonSet does on cgroup v2: in its
 own kubelet-shaped cgroup and its own cgroup namespace, where other
 processes' cgroups read relative (0::/../../kubepods-...); memory per pod
@@ -30,6 +28,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+# The CUDA tenant with a known load, kept beside the validators so it travels
+# to the GPU machine with the working tree.
+DUTY_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "duty_worker.py")
 
 NS = "gpuval"
 
@@ -116,7 +118,7 @@ def nvml_memory_by_pid():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True)
-    ap.add_argument("--worker", help="duty_worker.py (not needed with --fake-workers)")
+    ap.add_argument("--worker", default=DUTY_WORKER, help="the CUDA tenant (default: duty_worker.py beside this script; not used with --fake-workers)")
     ap.add_argument("--duties", default="0.25,0.5", help="comma-separated duty per tenant")
     ap.add_argument("--n", type=int, default=4096, help="matmul size (>= 4096 keeps truth honest)")
     ap.add_argument("--seconds", type=float, default=20.0)

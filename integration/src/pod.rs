@@ -1,8 +1,11 @@
 //! A "pod" without a cluster: a cgroup v2 directory laid out as kubelet
 //! (systemd driver) and containerd lay theirs out,
 //! `kubepods.slice/kubepods-pod<uid_>.slice/cri-containerd-<id>.scope`,
-//! with one process moved into it. Dropping the pod kills the process and
-//! removes the directories.
+//! with one process moved into it. Like a kubelet pod, it holds a pause
+//! process in a sandbox container of its own from the moment it is
+//! created (the agent does not count a pod cgroup that never held a
+//! process). Dropping the pod kills its processes and removes the
+//! directories.
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,6 +25,9 @@ pub struct CgroupPod {
     pub container_dir: PathBuf,
     /// The process, once started.
     child: Option<Child>,
+    /// The sandbox's pause process and its cgroup, held by the pod's first
+    /// container (a sidecar created later shares it).
+    sandbox: Option<(Child, PathBuf)>,
 }
 
 /// A fresh pod UID: pid, a counter and the clock make it unique per run
@@ -52,8 +58,9 @@ impl CgroupPod {
         let container_id = container_id.to_string();
         let pod_dir = cgroup_root.join(pod_slice_path(uid));
         let container_dir = pod_dir.join(format!("cri-containerd-{container_id}.scope"));
+        let sandbox = if pod_dir.exists() { None } else { Some(start_pause(&pod_dir, uid)?) };
         fs::create_dir_all(&container_dir)?;
-        Ok(Self { uid: uid.to_string(), container_id, pod_dir, container_dir, child: None })
+        Ok(Self { uid: uid.to_string(), container_id, pod_dir, container_dir, child: None, sandbox })
     }
 
     /// Path of the pod cgroup relative to the v2 root (as scenarios name it).
@@ -98,6 +105,13 @@ impl Drop for CgroupPod {
         if let Err(err) = remove_cgroup_dir(&self.container_dir) {
             eprintln!("warning: could not remove {}: {err}", self.container_dir.display());
         }
+        if let Some((mut pause, dir)) = self.sandbox.take() {
+            let _ = pause.kill();
+            let _ = pause.wait();
+            if let Err(err) = remove_cgroup_dir(&dir) {
+                eprintln!("warning: could not remove {}: {err}", dir.display());
+            }
+        }
         // Another container of the pod may still be there (a sidecar).
         let _ = remove_cgroup_dir(&self.pod_dir);
         // Shared parent: removed only when no other pod remains.
@@ -105,6 +119,26 @@ impl Drop for CgroupPod {
             let _ = remove_cgroup_dir(parent);
         }
     }
+}
+
+/// Starts the pod's pause process in its sandbox container cgroup
+/// (`cri-containerd-<sandbox id>.scope`), as a kubelet's runtime does
+/// before any container of the pod: the pod cgroup is populated from now on.
+fn start_pause(pod_dir: &Path, uid: &str) -> io::Result<(Child, PathBuf)> {
+    let sandbox_id: String = format!("5a{}", uid.replace('-', "")).repeat(2).chars().take(64).collect();
+    let dir = pod_dir.join(format!("cri-containerd-{sandbox_id}.scope"));
+    fs::create_dir_all(&dir)?;
+    let mut command = Command::new("sleep");
+    command.arg("infinity");
+    crate::detach_from_terminal(&mut command);
+    let mut pause = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    if let Err(err) = fs::write(dir.join("cgroup.procs"), pause.id().to_string()) {
+        let _ = pause.kill();
+        let _ = pause.wait();
+        let _ = fs::remove_dir(&dir);
+        return Err(err);
+    }
+    Ok((pause, dir))
 }
 
 /// Removes the cgroup directory `dir` once no process is left in it. The

@@ -70,9 +70,13 @@ async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32) -> Setup {
     let gpu = format!("--gpu=sim:{}", scenario.display());
     let root = format!("--cgroup-root={}", cgroup_root.display());
     let pods = [PodEntry { uid: &uid, namespace: &namespace, name: "tenant", app: "tenant" }];
-    let (agent, files) =
-        AgentProcess::start_for_pods(&pods, &[&gpu, &root, "--launch-accounting", "on", "--gpu-interval-ms", "250"])
-            .expect("agent starts");
+    // Counting every launch, read every second: at the default 1% budget a
+    // slow VM's uprobe cost (20 µs a hit) puts this ~1,000 launches/s loop
+    // into sampling, read every 4 s, and a 5 s recording then held two reads.
+    // Sampling has its own tests (launches.rs).
+    let args: [&str; 8] =
+        [&gpu, &root, "--launch-accounting", "on", "--launch-overhead-budget", "10", "--gpu-interval-ms", "250"];
+    let (agent, files) = AgentProcess::start_for_pods(&pods, &args).expect("agent starts");
     let go = tools.path().join("go");
     let mut command = Command::new(tools.path().join("launch_loop"));
     // 1 ms of host work per launch: ~1,000 launches/s, steady.

@@ -56,13 +56,33 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A tenant pod: one container running the test HTTP server.
+/// A tenant pod: its sandbox (a pause process, as a kubelet's runtime
+/// starts before any container) and one container running the test HTTP
+/// server.
 struct TenantPod {
     name: &'static str,
     uid: String,
     container: Container,
     addr: SocketAddr,
     second: Option<SocketAddr>,
+    /// Held by the pod's first container; a restarted container takes it over.
+    sandbox: Option<Container>,
+}
+
+/// The pod's sandbox container: `sleep infinity` standing in for pause, in
+/// `cri-containerd-<sandbox id>.scope` beside the pod's containers.
+fn start_sandbox(uid: &str, layout: CgroupLayout, qos: Qos) -> Container {
+    let spec = ContainerSpec {
+        args: ["/usr/bin/sleep", "infinity"].map(String::from).to_vec(),
+        env: vec!["PATH=/usr/bin".to_string()],
+        cgroup_path: kubelet_cgroup_path(layout, qos, uid, &container_id(uid, 0x5a)),
+        host_pid: false,
+        capabilities: Vec::new(),
+        binds: Vec::new(),
+        rootfs: None,
+        seccomp: None,
+    };
+    Container::run(&format!("podgpu-pause-{}-{}", &uid[..13], std::process::id()), &spec).expect("sandbox runs")
 }
 
 fn container_id(uid: &str, salt: u8) -> String {
@@ -70,7 +90,11 @@ fn container_id(uid: &str, salt: u8) -> String {
 }
 
 fn start_tenant(name: &'static str, layout: CgroupLayout, qos: Qos, salt: u8, second_port: bool) -> TenantPod {
-    restart_tenant(name, new_uid(), layout, qos, salt, second_port)
+    let uid = new_uid();
+    let sandbox = start_sandbox(&uid, layout, qos);
+    let mut pod = restart_tenant(name, uid, layout, qos, salt, second_port);
+    pod.sandbox = Some(sandbox);
+    pod
 }
 
 /// A container of pod `uid` (a restarted container has a new id, hence a
@@ -105,7 +129,7 @@ fn restart_tenant(
     let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
     let addr = ready["listening"].as_str().unwrap().parse().unwrap();
     let second = ready["second"].as_str().map(|s| s.parse().unwrap());
-    TenantPod { name, uid, container, addr, second }
+    TenantPod { name, uid, container, addr, second, sandbox: None }
 }
 
 /// The agent, in a container set up as the chart sets it up.
@@ -191,6 +215,8 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> Agen
             // chart's capabilities too.
             "--launch-accounting=on",
             "--node-name=ds-node",
+            // 30 s by default; short here so that an emptied pod is seen to go.
+            "--empty-pod-grace-s=3",
         ]
         .map(String::from)
         .into_iter()
@@ -250,7 +276,10 @@ async fn the_agent_as_the_daemonset_runs_it() {
     assert!(chart.drops_all && !chart.privileged && chart.host_pid, "the chart's security settings changed: {chart:?}");
     println!("chart capabilities: {:?}; mounts: {:?}", chart.capabilities, chart.mounts);
 
-    let guaranteed = start_tenant("llm-a", CgroupLayout::Systemd, Qos::Guaranteed, 1, false);
+    // A pod cgroup with no process, as a runtime that died mid-teardown
+    // leaves it: not a pod, from the agent's first scan.
+    let stale = StaleCgroup::create();
+    let mut guaranteed = start_tenant("llm-a", CgroupLayout::Systemd, Qos::Guaranteed, 1, false);
     let burstable = start_tenant("llm-b", CgroupLayout::Systemd, Qos::Burstable, 2, true);
     let besteffort = start_tenant("llm-c", CgroupLayout::Cgroupfs, Qos::BestEffort, 3, false);
     // A keep-alive connection made before the agent exists.
@@ -278,6 +307,8 @@ async fn the_agent_as_the_daemonset_runs_it() {
     })
     .await;
     assert!(gpu_ok, "GPU memory per pod: {}", pods_json(agent.http).await);
+    assert_eq!(uids(&pods_json(agent.http).await).len(), 3, "only the tenants are pods");
+    assert!(!uids(&pods_json(agent.http).await).contains(&stale.uid), "a pod cgroup that never held a process");
     let util = value(&mut keda, "llm-b", "gpu_sm_util", &[]).await;
     assert!((util - 20.0).abs() < 1.0, "llm-b GPU share {util}");
 
@@ -325,7 +356,9 @@ async fn the_agent_as_the_daemonset_runs_it() {
 
     // The container restarts in the same pod (new id, new cgroup): its
     // requests count for the same pod, from zero in flight.
-    let restarted = restart_tenant("llm-a", guaranteed.uid.clone(), CgroupLayout::Systemd, Qos::Guaranteed, 4, false);
+    let mut restarted =
+        restart_tenant("llm-a", guaranteed.uid.clone(), CgroupLayout::Systemd, Qos::Guaranteed, 4, false);
+    restarted.sandbox = guaranteed.sandbox.take();
     drop(guaranteed);
     // A new cgroup is watched from the next rescan (every 2 s, sooner when
     // pod metadata changes): traffic accepted before that is not seen.
@@ -394,6 +427,46 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert!(health["launch_hit_cost_ns"].as_u64().unwrap_or(0) > 0, "{health}");
 
+    // A pod whose every process is gone (container and sandbox killed, the
+    // cgroups left) is a pod for the grace period, then not.
+    besteffort.container.kill().expect("container killed");
+    besteffort.sandbox.as_ref().expect("first container holds the sandbox").kill().expect("sandbox killed");
+    let emptied_at = Instant::now();
+    assert!(uids(&pods_json(agent.http).await).contains(&besteffort.uid), "within the grace period");
+    let gone =
+        eventually(Duration::from_secs(10), async || !uids(&pods_json(agent.http).await).contains(&besteffort.uid))
+            .await;
+    assert!(gone, "an emptied pod stays a pod: {}", pods_json(agent.http).await);
+    assert!(emptied_at.elapsed() >= Duration::from_secs(3), "dropped before the grace period");
+    println!("emptied pod dropped {} ms after its last process", emptied_at.elapsed().as_millis());
+
     let output = agent.container.output();
     assert!(output.contains("rebased on this agent's cgroup namespace"), "agent log:\n{output}");
+    drop(stale);
+}
+
+fn uids(view: &serde_json::Value) -> Vec<String> {
+    view["pods"].as_array().unwrap().iter().filter_map(|p| p["uid"].as_str().map(String::from)).collect()
+}
+
+/// A pod's cgroups with no process in them, removed on drop.
+struct StaleCgroup {
+    uid: String,
+    path: String,
+}
+
+impl StaleCgroup {
+    fn create() -> Self {
+        let uid = new_uid();
+        let path = kubelet_cgroup_path(CgroupLayout::Systemd, Qos::BestEffort, &uid, &container_id(&uid, 0x57));
+        let root = podgpu_agent::pods::cgroup_tree::host_v2_root().expect("cgroup v2 mount");
+        std::fs::create_dir_all(root.join(path.trim_start_matches('/'))).expect("stale pod cgroup");
+        Self { uid, path }
+    }
+}
+
+impl Drop for StaleCgroup {
+    fn drop(&mut self) {
+        integration::container::remove_cgroup_dirs(&self.path);
+    }
 }

@@ -1,4 +1,4 @@
-//! Attribution replay in CI: every recorded trace in `../shared/gpu/traces`
+//! Attribution replay in CI: every recorded trace in `integration/data/gpu/traces`
 //! (or `$PODGPU_TRACES`) goes through `podgpu-agent replay`, the same
 //! estimator the live agent runs, and is scored against its tenants' truth.
 //!
@@ -15,7 +15,7 @@ use integration::workspace_binary;
 fn traces_dir() -> PathBuf {
     std::env::var_os("PODGPU_TRACES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/gpu/traces"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/gpu/traces"))
 }
 
 fn replay(args: &[&std::ffi::OsStr]) -> Vec<serde_json::Value> {
@@ -33,7 +33,9 @@ fn number(value: &serde_json::Value, field: &str) -> f64 {
 fn recorded_traces_meet_the_attribution_target() {
     let dir = traces_dir();
     let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|err| panic!("{}: {err} (the recorded traces live in ../shared/gpu/traces)", dir.display()))
+        .unwrap_or_else(|err| {
+            panic!("{}: {err} (the recorded traces live in integration/data/gpu/traces)", dir.display())
+        })
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|e| e == "json"))
         .collect();

@@ -117,6 +117,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         cgroup_root: root.path().to_path_buf(),
         gpu_stale_after: Duration::from_secs(5),
         proc: podgpu_agent::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
+        empty_pod_grace: Duration::from_secs(30),
     };
     let probes = Probes::disabled();
     let mut collector = Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)));

@@ -30,7 +30,7 @@ pub struct GpuPoll {
 #[serde(rename_all = "snake_case")]
 pub enum Sharing {
     /// Whole GPU, possibly time-sliced between processes: NVML gives
-    /// per-process SM % (noisy, see PLATFORM.md) and memory.
+    /// per-process SM % (noisy, see docs/platform.md) and memory.
     #[default]
     TimeSliced,
     /// MIG: per-process memory per instance, no per-process SM %.
@@ -92,7 +92,7 @@ pub struct ProcessSample {
     /// UUID of the device (or MIG instance) the process runs on.
     pub gpu_uuid: String,
     /// Mean utilization over the poll interval; `None` when NVML had no new
-    /// sample for the process (idle, or missed: see PLATFORM.md).
+    /// sample for the process (idle, or missed: see docs/platform.md).
     pub util: Option<ProcessUtil>,
     /// Framebuffer bytes the process holds.
     pub memory_used_bytes: u64,

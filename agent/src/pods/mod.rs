@@ -13,6 +13,7 @@ pub mod cgroup_tree;
 pub mod directory;
 pub mod kube_api;
 pub mod kubelet;
+pub mod occupancy;
 pub mod pid_cache;
 pub mod selector;
 pub mod static_source;

@@ -41,6 +41,8 @@ pub struct Config {
     pub tick: Duration,
     /// GPU poll interval.
     pub gpu_interval: Duration,
+    /// How long an emptied pod cgroup still counts as a pod.
+    pub empty_pod_grace: Duration,
     /// Exit instead of degrading when the eBPF probes cannot load.
     pub require_ebpf: bool,
     /// Sizes of the request probe's kernel maps (watched cgroups,
@@ -182,6 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             // Three missed polls: a slow NVML call is not yet an outage.
             gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
             proc: proc.clone(),
+            empty_pod_grace: config.empty_pod_grace,
         },
         directory,
         Probes {

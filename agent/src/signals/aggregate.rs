@@ -144,7 +144,7 @@ pub fn combine<'a, P: PodSignals + 'a>(
     if let Combine::Percentile(quantile) = query.metric.combine() {
         // Merge the distributions, then scale by the pod count: under KEDA's
         // AverageValue, ceil(value / target) = ceil(pods * p / target), the
-        // proportional rule that fits a latency (DESIGN.md).
+        // proportional rule that fits a latency (docs/requests.md, "KEDA metrics").
         let mut merged = new_histogram();
         for pod in &selected {
             pod.merge_latencies(query.metric, query.window_s, &query.traffic, &mut merged);

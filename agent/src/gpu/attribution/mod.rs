@@ -4,7 +4,7 @@
 //! # Why not NVML's per-process numbers
 //! On a time-sliced GPU NVML's per-process samples name one process at a
 //! time and book the whole device on it (errors of 7-32 points per 2 s on
-//! an H100, `../shared/PLATFORM.md`); under MPS they name only the MPS
+//! an H100, `docs/platform.md`); under MPS they name only the MPS
 //! server. The device utilization itself is right, and the launch probes
 //! count every launch of every process.
 //!

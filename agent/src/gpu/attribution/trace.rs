@@ -1,4 +1,4 @@
-//! The replayable trace format (`../shared/gpu/traces/README.md`): a
+//! The replayable trace format (`integration/data/gpu/traces/README.md`): a
 //! `TRACE.json` with device utilization, NVML process samples and, where
 //! tenants report it, their true load; beside it `TRACE-launch.jsonl`
 //! with cumulative launch counts per (process, entry point, function)

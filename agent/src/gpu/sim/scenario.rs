@@ -106,7 +106,7 @@ pub struct SimProcess {
     pub nvml: NvmlView,
 }
 
-/// NVML's distortions, as measured on a time-sliced H100 (PLATFORM.md).
+/// NVML's distortions, as measured on a time-sliced H100 (docs/platform.md).
 /// Written `nvml: normal`, `nvml: missing` or `nvml: {report_as: NAME}`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "NvmlViewText")]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use podgpu_common::driver::{decode_flags, escape, fd_kind, DriverEvent};
 
-/// hClass values the accounting tells apart (`../shared/GPU-DRIVER.md`).
+/// hClass values the accounting tells apart (`docs/gpu-driver-abi.md`).
 mod class {
     pub const VRAM: u32 = 0x40;
     pub const DEVICE: u32 = 0x80;

@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+mod pods;
+
 use super::history::{History, Point};
 use super::request_state::{PortState, RequestState};
 use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
-use crate::pods::cgroup_tree::{self, PodCgroup};
+use crate::pods::cgroup_tree::PodCgroup;
 use crate::pods::directory::Directory;
+use crate::pods::occupancy::Occupancy;
 use crate::pods::PodMeta;
 use crate::probes::driver::{DriverSnapshot, PodDriver};
 use crate::probes::launches::LaunchSnapshot;
@@ -38,6 +41,8 @@ pub struct CollectorConfig {
     pub gpu_stale_after: Duration,
     /// procfs, for finding connections that predate the agent.
     pub proc: crate::proc::ProcFs,
+    /// How long an emptied pod cgroup still counts as a pod.
+    pub empty_pod_grace: Duration,
 }
 
 /// The eBPF request probe the collector drives, and its status.
@@ -124,6 +129,8 @@ pub struct Collector {
     request_probe_stats: RequestProbeStats,
     bpf_programs: Vec<crate::probes::BpfProgramStats>,
     cgroups: HashMap<u64, PodCgroup>,
+    /// Which pod cgroups hold processes: leftovers are not pods.
+    occupancy: Occupancy,
     /// Cgroups the request probe refused (its map was full): retried every
     /// rescan; their pods have no request metrics until then.
     unwatched: HashSet<u64>,
@@ -175,6 +182,7 @@ impl Collector {
     ) -> Self {
         let launch_health = probes.launch_status.clone();
         let driver_health = probes.driver_status.clone();
+        let occupancy = Occupancy::new(config.empty_pod_grace);
         Self {
             config,
             directory,
@@ -182,6 +190,7 @@ impl Collector {
             request_probe_stats: RequestProbeStats::default(),
             bpf_programs: Vec::new(),
             cgroups: HashMap::new(),
+            occupancy,
             unwatched: HashSet::new(),
             pods: HashMap::new(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
@@ -313,93 +322,6 @@ impl Collector {
                 port.history.push(port_point);
             }
             pod.history.push(point);
-        }
-    }
-
-    fn rescan(&mut self) {
-        self.last_rescan = Some(Instant::now());
-        let mut found = cgroup_tree::scan(&self.config.cgroup_root);
-        // The agent's own pod (its cgroup namespace root, in the DaemonSet)
-        // is not a tenant: its scrapes and API calls are not inference.
-        if let Some(own) = crate::pods::cgroup_path::parse(self.config.proc.cgroup_ns_root()) {
-            found.retain(|_, cgroup| cgroup.owner.pod_uid != own.pod_uid);
-        }
-        let gone: Vec<u64> = self.cgroups.keys().filter(|id| !found.contains_key(id)).copied().collect();
-        let new: Vec<u64> = found.keys().filter(|id| !self.cgroups.contains_key(id)).copied().collect();
-        for id in &gone {
-            if let Some(probe) = self.probes.requests.as_mut() {
-                if let Err(err) = probe.unwatch(*id) {
-                    tracing::warn!(cgroup_id = id, error = %err, "unwatching cgroup");
-                }
-            }
-        }
-        // Cgroups refused before are retried: a pod that went away may have
-        // made room.
-        self.unwatched.retain(|id| found.contains_key(id));
-        let retried: Vec<u64> = self.unwatched.iter().copied().collect();
-        for id in new.iter().chain(&retried) {
-            if let (Some(probe), Some(cgroup)) = (self.probes.requests.as_mut(), found.get(id)) {
-                let dir = self.config.cgroup_root.join(cgroup.path.trim_start_matches('/'));
-                match probe.watch_with_existing(*id, &dir, &self.config.proc) {
-                    Ok(()) => {
-                        if self.unwatched.remove(id) {
-                            tracing::info!(cgroup_id = id, pod_uid = %cgroup.owner.pod_uid, "watching a cgroup refused before");
-                        }
-                    }
-                    Err(err) => {
-                        if self.unwatched.insert(*id) {
-                            tracing::warn!(cgroup_id = id, pod_uid = %cgroup.owner.pod_uid, error = %err,
-                                "cannot watch the cgroup (map of watched cgroups full? see --max-watched-cgroups): \
-                                 its pod's request metrics are unavailable until it can");
-                        }
-                    }
-                }
-            }
-        }
-        self.cgroups = found;
-        let live: HashSet<&str> = self.cgroups.values().map(|c| c.owner.pod_uid.as_str()).collect();
-        self.pods.retain(|uid, _| live.contains(uid.as_str()));
-        for uid in live {
-            if !self.pods.contains_key(uid) {
-                let meta = self.directory.meta(uid);
-                self.directory.request_devices(&meta);
-                tracing::info!(pod_uid = uid, namespace = ?meta.namespace, name = ?meta.name, "tracking pod");
-                self.pods.insert(
-                    uid.to_string(),
-                    PodState {
-                        meta,
-                        first_seen: Instant::now(),
-                        history: History::for_interval(
-                            self.config.retention.as_secs_f64(),
-                            self.config.tick.as_secs_f64(),
-                        ),
-                        gpu_sm_util_integral: 0.0,
-                        gpu_sm_util_nvml_integral: 0.0,
-                        gpu_mem_bw_util_integral: 0.0,
-                        gpu_known_s: 0.0,
-                        gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
-                        launches: 0,
-                        driver: PodDriver::default(),
-                        ports: BTreeMap::new(),
-                    },
-                );
-            }
-        }
-        if !gone.is_empty() || !new.is_empty() {
-            tracing::debug!(added = new.len(), removed = gone.len(), pods = self.pods.len(), "cgroup rescan");
-        }
-    }
-
-    /// A metadata source changed: re-stamp every pod.
-    fn refresh_metadata(&mut self) {
-        for (uid, pod) in &mut self.pods {
-            let meta = self.directory.meta(uid);
-            if meta != pod.meta {
-                if meta.name != pod.meta.name || meta.namespace != pod.meta.namespace {
-                    tracing::info!(pod_uid = %uid, namespace = ?meta.namespace, name = ?meta.name, "pod metadata updated");
-                }
-                pod.meta = meta;
-            }
         }
     }
 

@@ -11,6 +11,7 @@ fn collector(root: &std::path::Path) -> Collector {
         cgroup_root: root.to_path_buf(),
         gpu_stale_after: Duration::from_millis(200),
         proc: crate::proc::ProcFs::new(std::path::Path::new("/nonexistent")),
+        empty_pod_grace: Duration::from_secs(30),
     };
     let probes = Probes::disabled();
     Collector::new(config, Directory::default(), probes, Arc::new(AtomicU64::new(0)))
