@@ -167,8 +167,9 @@ async fn cgroup_removed_with_events_in_flight() {
     assert!(scene.agent.is_running(), "the agent survived");
 }
 
-/// The request probe's map of watched cgroups full: three pods (a pod and
-/// a container cgroup each, six entries) against `--max-watched-cgroups 4`.
+/// The request probe's map of watched cgroups full: three pods (a pod, a
+/// sandbox and a container cgroup each, nine entries) against
+/// `--max-watched-cgroups 7`.
 /// A pod the map cannot hold answers KEDA with an error naming the map,
 /// never a 0, while fully watched pods count exactly; once those go away,
 /// the refused pods are watched and count.
@@ -178,7 +179,7 @@ async fn watched_cgroup_map_full() {
     let pid = std::process::id();
     let ns = format!("mapfull-{pid}");
     let specs = ["a", "b", "c"].map(|name| TenantSpec::new(name, name));
-    let args = ["--tick-ms", "100", "--max-watched-cgroups", "4"].map(String::from);
+    let args = ["--tick-ms", "100", "--max-watched-cgroups", "7"].map(String::from);
     let node = format!("podgpu-mapfull-{pid}");
     let mut scene =
         Scene::start_on(Some(&node), &ns, &specs, GpuSetup::Arg("none".into()), &args).expect("scene starts");
@@ -195,7 +196,7 @@ async fn watched_cgroup_map_full() {
             }
         }
     }
-    // Two of six entries do not fit: one pod or two lose one.
+    // Two of nine entries do not fit: one pod or two lose one.
     assert!((1..=2).contains(&refused.len()), "pods beyond the map: {refused:?}");
     let watched: Vec<&str> = ["a", "b", "c"].into_iter().filter(|app| !refused.contains(app)).collect();
 

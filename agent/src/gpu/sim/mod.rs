@@ -110,25 +110,30 @@ impl SimBackend {
                 device.util_percent = add(device.util_percent, schedule_at(&process.sm_util, now_s));
                 device.mem_bw_util_percent = add(device.mem_bw_util_percent, schedule_at(&process.mem_bw_util, now_s));
             }
-            let memory = process.memory_bytes * pids.len() as u64;
+            // A cgroup tenant's memory is the tenant's, split across its
+            // processes as its load is: a pod's sandbox (pause) process or
+            // a helper does not add to it.
+            let memory = process.memory_bytes;
             device.memory_used_bytes += memory;
+            let memory_of =
+                |index: usize| memory / pids.len() as u64 + u64::from(index == 0) * (memory % pids.len() as u64);
 
             if let (Sharing::Mig, Some(mig)) = (gpu.sharing, process.mig) {
                 device.mig_devices[mig].memory_used_bytes += memory;
-                for &pid in pids {
+                for (index, &pid) in pids.iter().enumerate() {
                     processes.push(ProcessSample {
                         pid,
                         gpu_uuid: gpu.mig[mig].uuid.clone(),
                         util: None,
-                        memory_used_bytes: process.memory_bytes,
+                        memory_used_bytes: memory_of(index),
                         sharing: Sharing::Mig,
                     });
                 }
                 continue;
             }
-            for &pid in pids {
+            for (index, &pid) in pids.iter().enumerate() {
                 // Under MPS NVML books memory on the server, not the client.
-                let own_memory = if gpu.sharing == Sharing::Mps { 0 } else { process.memory_bytes };
+                let own_memory = if gpu.sharing == Sharing::Mps { 0 } else { memory_of(index) };
                 processes.push(ProcessSample {
                     pid,
                     gpu_uuid: gpu.uuid.clone(),
@@ -261,7 +266,7 @@ mod tests {
     }
 
     /// A cgroup tenant reports every pid of its subtree and splits its load
-    /// across them; device utilization is the sum of true loads.
+    /// and memory across them; device utilization is the sum of true loads.
     #[test]
     fn cgroup_tenants_cover_their_subtree() {
         let root = tempfile::tempdir().unwrap();
@@ -280,7 +285,8 @@ mod tests {
         assert_eq!(by_pid(&poll, 11).util.unwrap().sm_percent, 20.0);
         assert_eq!(by_pid(&poll, 11).util.unwrap().samples, 6);
         assert_eq!(poll.devices[0].util_percent, Some(50.0));
-        assert_eq!(poll.devices[0].memory_used_bytes, 10);
+        assert_eq!(poll.devices[0].memory_used_bytes, 5);
+        assert_eq!((by_pid(&poll, 11).memory_used_bytes, by_pid(&poll, 12).memory_used_bytes), (3, 2));
     }
 
     /// Samples are consumed incrementally: a poll right after another has

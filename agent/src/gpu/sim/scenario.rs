@@ -10,7 +10,7 @@
 //!     sharing: time_sliced          # or mig (with `mig:` instances) or mps (with mps_server_pid)
 //! processes:
 //!   - name: a                       # optional; distortions refer to tenants by name
-//!     cgroup: kubepods.slice/...    # every pid in this cgroup subtree, or `pid: 1234`
+//!     cgroup: kubepods.slice/...    # every pid in this cgroup subtree (load and memory split among them), or `pid: 1234`
 //!     gpu: 0
 //!     memory_bytes: 1073741824
 //!     sm_util: [{seconds: 5, percent: 60}, {seconds: 5, percent: 20}]   # loops
