@@ -139,8 +139,22 @@ fn parse_seconds(text: &str) -> Result<f64, String> {
 #[derive(clap::Args, Debug)]
 struct ReplayArgs {
     /// Trace to replay (its launch file is TRACE-launch.jsonl beside it).
-    #[arg(required_unless_present = "synthetic", conflicts_with = "synthetic")]
+    #[arg(required_unless_present_any = ["synthetic", "sweep"], conflicts_with_all = ["synthetic", "sweep"])]
     trace: Option<PathBuf>,
+    /// Print the generalisation scorecard over N seeded random scenarios
+    /// (and the traces of --traces) instead of one trace's scores.
+    #[arg(long, value_name = "N", conflicts_with = "synthetic")]
+    sweep: Option<usize>,
+    /// Seed of the sweep's scenarios.
+    #[arg(long, default_value_t = 1, requires = "sweep")]
+    seed: u64,
+    /// A folder of recorded traces the sweep scores too (every *.json with
+    /// its launch file).
+    #[arg(long, value_name = "DIR", requires = "sweep")]
+    traces: Option<PathBuf>,
+    /// Print the scorecard as one JSON object.
+    #[arg(long, requires = "sweep")]
+    json: bool,
     /// Replay a built-in synthetic scenario instead (known costs).
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(podgpu_agent::gpu::attribution::synthetic::Scenario::BUILTIN))]
     synthetic: Option<String>,
@@ -431,7 +445,30 @@ async fn main() -> anyhow::Result<()> {
 
 /// `podgpu-agent replay`: the trace through the live agent's estimator.
 fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    use podgpu_agent::gpu::attribution::{replay, synthetic, trace, EstimatorConfig};
+    use podgpu_agent::gpu::attribution::{replay, sweep, synthetic, trace, EstimatorConfig};
+    if let Some(count) = args.sweep {
+        let mut recorded = Vec::new();
+        if let Some(dir) = &args.traces {
+            let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+                .collect();
+            paths.sort();
+            for path in paths {
+                let (trace, launches) = trace::read(&path)?;
+                let name = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+                recorded.push((name, trace, launches));
+            }
+        }
+        let card = sweep::sweep(args.seed, count, &recorded);
+        if args.json {
+            println!("{}", serde_json::to_string(&card)?);
+        } else {
+            print!("{card}");
+        }
+        return Ok(());
+    }
     let (recorded, launches) = match (&args.trace, &args.synthetic) {
         (Some(path), _) => trace::read(path)?,
         (None, Some(name)) => {

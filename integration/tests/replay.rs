@@ -89,3 +89,45 @@ fn a_malformed_trace_is_refused_clearly() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("bad.json") && stderr.contains("line 1"), "{stderr}");
 }
+
+/// The generalisation sweep (`replay --sweep`): 200 seeded scenarios and
+/// every recorded trace, scored the same way. The same seed prints the
+/// same scorecard; every generated and recorded tenant is scored. The bars
+/// of issue 23 (no tenant worse than NVML or the launch share, 90% of bins
+/// within 2σ, no confident miss) are not met yet: the figures are in
+/// docs/attribution.md, and this test holds the line where the estimator
+/// stands today, so a change that makes it worse fails.
+#[test]
+fn the_sweep_scores_generated_and_recorded_tenants() {
+    let dir = traces_dir();
+    let run = |seed: &str| {
+        let output = Command::new(workspace_binary("podgpu-agent"))
+            .args(["replay", "--sweep", "200", "--seed", seed, "--json", "--traces"])
+            .arg(&dir)
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("one JSON scorecard")
+    };
+    let card = run("1");
+    assert_eq!(card, run("1"), "the same seed, the same scorecard");
+    let (generated, recorded) = (&card["generated"], &card["recorded"]);
+    assert!(number(generated, "tenants") >= 400.0, "200 scenarios of 2-6 tenants: {generated}");
+    let recorded_tenants: usize = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| replay(&[path.as_os_str()]).len())
+        .sum();
+    assert_eq!(number(recorded, "tenants") as usize, recorded_tenants, "{recorded}");
+    assert_eq!(number(recorded, "worse_than_nvml"), 0.0, "{recorded}");
+    assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
+    println!("generated: {generated}\nrecorded: {recorded}");
+    // Where the estimator stands on seed 1 (p90 16.4, 42% within 5, 8%
+    // worse than NVML, 35% worse than the launch share), with room for
+    // noise: a regression beyond these fails.
+    assert!(number(generated, "mae_p90") <= 18.0, "{generated}");
+    assert!(number(generated, "within_5") >= 0.38, "{generated}");
+    assert!(number(generated, "worse_than_nvml") <= 0.10, "{generated}");
+    assert!(number(generated, "worse_than_launch_share") <= 0.38, "{generated}");
+}

@@ -34,12 +34,16 @@
 //! `live` (windows from the poller and the launch reader on a node),
 //! `trace` (the replayable trace format), `replay` (traces through the
 //! estimator, scored against their truth), `synthetic` (generated traces
-//! with known costs), `record` (a trace from a live node).
+//! with known costs), `generator` (seeded random scenarios), `sweep` (the
+//! generalisation scorecard over them and the recorded traces), `record`
+//! (a trace from a live node).
 mod estimator;
 mod filter;
+pub mod generator;
 pub mod live;
 pub mod record;
 pub mod replay;
+pub mod sweep;
 pub mod synthetic;
 pub mod trace;
 

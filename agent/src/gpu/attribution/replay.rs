@@ -38,6 +38,15 @@ pub struct TenantScore {
     pub confidence: f64,
     /// Bins scored.
     pub bins: usize,
+    /// Bins whose error is within twice the estimate's σ, or within a
+    /// point (readings are whole percents; NVML-based shares have no σ):
+    /// calibration.
+    pub bins_within_2_sigma: usize,
+    /// Bins where the estimator said it measured the split (confidence at
+    /// least 0.5).
+    pub confident_bins: usize,
+    /// Of those, bins more than 5 points off: a confident wrong split.
+    pub confident_bins_over_5: usize,
 }
 
 /// One window's outcome, for people and plots.
@@ -122,6 +131,7 @@ struct BinScore {
     nvml: f64,
     launch_share: f64,
     confidence: f64,
+    sigma: f64,
 }
 
 /// Per-bin means, keyed by (pid, bin).
@@ -155,6 +165,7 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
         }
     }
     let (mut podgpu, mut confidence, mut shares) = (Bins::default(), Bins::default(), Bins::default());
+    let mut sigma = Bins::default();
     for ((t, window), outcome) in windows.iter().zip(replayed) {
         let Some(attribution) = &outcome.attribution else { continue };
         let middle = t - window.duration_s / 2.0;
@@ -172,6 +183,7 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
             let process = attribution.processes.iter().find(|p| p.pid == tenant.pid);
             podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), 1.0);
             confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), 1.0);
+            sigma.add(tenant.pid, bin, process.and_then(|p| p.uncertainty_points).unwrap_or(0.0), 1.0);
             let own: f64 = launches.iter().filter(|c| c.pid == tenant.pid).map(|c| c.launches).sum();
             let share = if total > 0.0 { attribution.device_util * own / total } else { 0.0 };
             shares.add(tenant.pid, bin, share, 1.0);
@@ -198,6 +210,7 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
                         nvml: nvml.mean(tenant.pid, bin).unwrap_or(0.0),
                         launch_share: shares.mean(tenant.pid, bin).unwrap_or(0.0),
                         confidence: confidence.mean(tenant.pid, bin).unwrap_or(0.0),
+                        sigma: sigma.mean(tenant.pid, bin).unwrap_or(0.0),
                     })
                 })
                 .collect();
@@ -212,6 +225,15 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
                 podgpu: mean(|s| s.podgpu),
                 confidence: mean(|s| s.confidence),
                 bins: scored.len(),
+                bins_within_2_sigma: scored
+                    .iter()
+                    .filter(|s| (s.podgpu - s.truth).abs() <= (2.0 * s.sigma).max(1.0))
+                    .count(),
+                confident_bins: scored.iter().filter(|s| s.confidence >= 0.5).count(),
+                confident_bins_over_5: scored
+                    .iter()
+                    .filter(|s| s.confidence >= 0.5 && (s.podgpu - s.truth).abs() > 5.0)
+                    .count(),
             }
         })
         .collect()

@@ -49,6 +49,9 @@ pub struct Scenario {
     pub noise_points: f64,
     /// How the GPU is shared (MPS: NVML names only a server process).
     pub sharing: Sharing,
+    /// Error of each read of the launch counts, as a fraction (0: exact;
+    /// sampled launch accounting scales counts from part of the interval).
+    pub launch_count_noise: f64,
 }
 
 const START: f64 = 1_800_000_000.0;
@@ -72,6 +75,7 @@ impl Scenario {
             util_period_s: 0.5,
             noise_points: 2.0,
             sharing: Sharing::TimeSliced,
+            launch_count_noise: 0.0,
         }
     }
 
@@ -157,7 +161,7 @@ impl Scenario {
                 Self::base(name, 36.0, vec![(601, serving), (602, vec![phase(8.0, 36.0, big, 30.0)])])
             }
             // As "staggered", under MPS: NVML names only the server.
-            "mps-staggered" => Self { sharing: Sharing::Mps, ..Self::builtin("staggered")? },
+            "mps-staggered" => Self { sharing: Sharing::Mps, overhead_points: 0.0, ..Self::builtin("staggered")? },
             _ => return None,
         })
     }
@@ -186,13 +190,16 @@ impl Scenario {
                 total += busy;
                 active += usize::from(busy > 0.0);
             }
+            // Context switches (time-slicing) or contention (MPS): either
+            // way the device is busier than the tenants' own work.
             let overhead = match self.sharing {
-                Sharing::TimeSliced => self.overhead_points / 100.0 * active.saturating_sub(1) as f64,
+                Sharing::TimeSliced | Sharing::Mps => self.overhead_points / 100.0 * active.saturating_sub(1) as f64,
                 _ => 0.0,
             };
             device.push((total + overhead).min(1.0));
         }
         let mut noise = Lcg(0x5eed ^ self.name.len() as u64);
+        let mut count_noise = Lcg(0xc0a7 ^ self.name.len() as u64);
         let per_period = (self.util_period_s / STEP).round().max(1.0) as usize;
         let mut device_util = Vec::new();
         let mut nvml = Vec::new();
@@ -239,11 +246,21 @@ impl Scenario {
             .collect();
         let mut launches = Vec::new();
         let mut cumulative: Vec<Vec<f64>> = self.tenants.iter().map(|(_, p)| vec![0.0; p.len()]).collect();
+        // What the reads report: each read's increment off by the noise.
+        let mut reported = cumulative.clone();
+        let mut read_until = cumulative.clone();
         for step in 0..=steps {
             let t = step as f64 * STEP;
             if step % 50 == 0 {
+                for ((counts, seen), until) in cumulative.iter().zip(reported.iter_mut()).zip(read_until.iter_mut()) {
+                    for ((&count, seen), until) in counts.iter().zip(seen.iter_mut()).zip(until.iter_mut()) {
+                        let error = self.launch_count_noise * count_noise.symmetric();
+                        *seen += (count - *until) * (1.0 + error);
+                        *until = count;
+                    }
+                }
                 let mut rows: Vec<(u32, u32, u64, u64, u64)> = Vec::new();
-                for ((pid, phases), counts) in self.tenants.iter().zip(&cumulative) {
+                for ((pid, phases), counts) in self.tenants.iter().zip(&reported) {
                     for (phase, &count) in phases.iter().zip(counts) {
                         let n = count.floor() as u64;
                         if n == 0 {
@@ -282,12 +299,18 @@ impl Scenario {
     }
 }
 
-/// A small deterministic generator for reading noise.
-struct Lcg(u64);
+/// A small deterministic generator for reading noise and for the sweep's
+/// scenarios (`generator`).
+pub(crate) struct Lcg(u64);
 
 impl Lcg {
+    /// A generator started from `seed`.
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
     /// Uniform in [-1, 1).
-    fn symmetric(&mut self) -> f64 {
+    pub(crate) fn symmetric(&mut self) -> f64 {
         self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
