@@ -80,7 +80,7 @@ find /sys/fs/cgroup -mindepth 2 -maxdepth 8 -depth -type d -regextype posix-exte
 threads="${PODGPU_TEST_THREADS:-1}"
 if [ "$quick" -eq 1 ]; then
   step "unit tests"
-  cargo test --locked --workspace --lib --bins -- --test-threads="$threads"
+  cargo test --locked --lib --bins -- --test-threads="$threads"
   step "fast integration tests (${QUICK_TESTS[*]})"
   cargo test --locked -p integration "${QUICK_TESTS[@]/#/--test=}" -- --test-threads="$threads"
   step "quick checks passed"
