@@ -83,8 +83,7 @@ impl CgroupPod {
     /// syscall for its sockets) and reaps it.
     pub fn kill(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+            reap(child);
         }
     }
 
@@ -99,15 +98,13 @@ impl CgroupPod {
 impl Drop for CgroupPod {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            reap(&mut child);
         }
         if let Err(err) = remove_cgroup_dir(&self.container_dir) {
             eprintln!("warning: could not remove {}: {err}", self.container_dir.display());
         }
         if let Some((mut pause, dir)) = self.sandbox.take() {
-            let _ = pause.kill();
-            let _ = pause.wait();
+            reap(&mut pause);
             if let Err(err) = remove_cgroup_dir(&dir) {
                 eprintln!("warning: could not remove {}: {err}", dir.display());
             }
@@ -119,6 +116,12 @@ impl Drop for CgroupPod {
             let _ = remove_cgroup_dir(parent);
         }
     }
+}
+
+/// SIGKILLs `child` (if it still runs) and reaps it.
+fn reap(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Starts the pod's pause process in its sandbox container cgroup
@@ -133,8 +136,7 @@ fn start_pause(pod_dir: &Path, uid: &str) -> io::Result<(Child, PathBuf)> {
     crate::detach_from_terminal(&mut command);
     let mut pause = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     if let Err(err) = fs::write(dir.join("cgroup.procs"), pause.id().to_string()) {
-        let _ = pause.kill();
-        let _ = pause.wait();
+        reap(&mut pause);
         let _ = fs::remove_dir(&dir);
         return Err(err);
     }
