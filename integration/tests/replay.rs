@@ -92,11 +92,11 @@ fn a_malformed_trace_is_refused_clearly() {
 
 /// The generalisation sweep (`replay --sweep`): 200 seeded scenarios and
 /// every recorded trace, scored the same way. The same seed prints the
-/// same scorecard; every generated and recorded tenant is scored. The bars
-/// of issue 23 (no tenant worse than NVML or the launch share, 90% of bins
-/// within 2σ, no confident miss) are not met yet: the figures are in
-/// docs/attribution.md, and this test holds the line where the estimator
-/// stands today, so a change that makes it worse fails.
+/// same scorecard; every generated and recorded tenant is scored. Of the
+/// bars of issue 23, 90% of bins within 2σ is met; no tenant worse than
+/// NVML or the launch share, and no confident miss, are not yet: the
+/// figures are in docs/attribution.md, and this test holds the line where
+/// the estimator stands today, so a change that makes it worse fails.
 #[test]
 fn the_sweep_scores_generated_and_recorded_tenants() {
     let dir = traces_dir();
@@ -123,11 +123,113 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert_eq!(number(recorded, "worse_than_nvml"), 0.0, "{recorded}");
     assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
     println!("generated: {generated}\nrecorded: {recorded}");
-    // Where the estimator stands on seed 1 (p90 16.4, 42% within 5, 8%
-    // worse than NVML, 35% worse than the launch share), with room for
-    // noise: a regression beyond these fails.
-    assert!(number(generated, "mae_p90") <= 18.0, "{generated}");
-    assert!(number(generated, "within_5") >= 0.38, "{generated}");
-    assert!(number(generated, "worse_than_nvml") <= 0.10, "{generated}");
-    assert!(number(generated, "worse_than_launch_share") <= 0.38, "{generated}");
+    // Where the estimator stands on seed 1 against the scenario space of
+    // docs/attribution.md (p90 16.8, 48% within 5, 11% worse than NVML,
+    // 34% worse than the launch share), with room for noise: a regression
+    // beyond these fails. Calibration already meets the issue's bar.
+    assert!(number(generated, "mae_p90") <= 18.5, "{generated}");
+    assert!(number(generated, "within_5") >= 0.43, "{generated}");
+    assert!(number(generated, "worse_than_nvml") <= 0.13, "{generated}");
+    assert!(number(generated, "worse_than_launch_share") <= 0.37, "{generated}");
+    assert!(number(generated, "bins_within_2_sigma") >= 0.90, "{generated}");
+    assert!(number(recorded, "bins_within_2_sigma") >= 0.90, "{recorded}");
+}
+
+/// One generated scenario replays on its own (`--generated I --seed S`,
+/// the scorecard's `sweep-S-I`) with the same scores the sweep gave it, and
+/// writes as a trace like the built-in ones.
+#[test]
+fn a_generated_scenario_replays_alone() {
+    let card = {
+        let output = Command::new(workspace_binary("podgpu-agent"))
+            .args(["replay", "--sweep", "8", "--seed", "4", "--json"])
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let from_sweep: Vec<&serde_json::Value> = card["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["source"] == "sweep-4-5")
+        .map(|t| &t["score"])
+        .collect();
+    assert!(!from_sweep.is_empty(), "{card}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sweep-4-5.json");
+    let alone = replay(&[
+        "--generated".as_ref(),
+        "5".as_ref(),
+        "--seed".as_ref(),
+        "4".as_ref(),
+        "--write".as_ref(),
+        path.as_os_str(),
+    ]);
+    assert_eq!(alone.len(), from_sweep.len());
+    for tenant in &alone {
+        assert!(from_sweep.contains(&tenant), "{tenant} not in {from_sweep:?}");
+    }
+    // The trace format writes decimal numbers: the same to 1e-9.
+    let reread = replay(&[path.as_os_str()]);
+    assert_eq!(reread.len(), alone.len());
+    for (a, b) in reread.iter().zip(&alone) {
+        for (field, value) in a.as_object().unwrap() {
+            let (x, y) = (value.as_f64().unwrap(), b[field].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{field}: {x} vs {y}");
+        }
+    }
+}
+
+/// `--set` changes an estimator setting for one replay (and changes its
+/// scores); an unknown setting or a bad value is refused before anything
+/// runs, naming the settings there are.
+#[test]
+fn estimator_settings_are_set_by_name() {
+    let trace = traces_dir().join("batch-varying.json");
+    let default = replay(&[trace.as_os_str()]);
+    let loose = replay(&[trace.as_os_str(), "--set".as_ref(), "util_noise=20".as_ref()]);
+    assert_ne!(default, loose, "a setting that matters changes the scores");
+    for bad in ["nonsense=1", "util_noise=-1", "util_noise=high", "util_noise"] {
+        let output = Command::new(workspace_binary("podgpu-agent"))
+            .arg("replay")
+            .arg(&trace)
+            .args(["--set", bad])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{bad} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--set"), "{bad}: {stderr}");
+    }
+    let output = Command::new(workspace_binary("podgpu-agent"))
+        .arg("replay")
+        .arg(&trace)
+        .args(["--set", "nonsense=1"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("prior_share"), "the known settings are listed");
+}
+
+/// Leave-one-out over the recorded traces: each is scored with settings
+/// chosen on the others. The figures are in docs/attribution.md; this
+/// checks every trace is held out once, with every tenant, and that even
+/// settings chosen without a trace keep its tenants better than NVML.
+#[test]
+fn leave_one_out_scores_each_trace_with_settings_chosen_without_it() {
+    let dir = traces_dir();
+    let held = replay(&["--leave-one-out".as_ref(), "--traces".as_ref(), dir.as_os_str()]);
+    let traces = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().path().extension().is_some_and(|e| e == "json"))
+        .count();
+    assert_eq!(held.len(), traces);
+    for trace in &held {
+        println!("{trace}");
+        let tenants = trace["tenants"].as_array().unwrap();
+        assert!(!tenants.is_empty(), "{trace}");
+        for tenant in tenants {
+            let (chosen, nvml) = (tenant[1].as_f64().unwrap(), tenant[3].as_f64().unwrap());
+            assert!(chosen < nvml, "{}: {tenant}", trace["trace"]);
+        }
+    }
 }

@@ -73,6 +73,47 @@ impl Default for EstimatorConfig {
     }
 }
 
+/// The settings `EstimatorConfig::set` knows, for `replay --set`.
+pub const SETTINGS: [&str; 11] = [
+    "prior_share",
+    "util_noise",
+    "cost_drift",
+    "share_drift",
+    "jump_gain",
+    "jump_hold",
+    "jump_tolerance",
+    "misalignment_gain",
+    "overhead_prior",
+    "key_ttl_s",
+    "max_keys_per_process",
+];
+
+impl EstimatorConfig {
+    /// Sets one setting by name (`SETTINGS`), as `replay --set NAME=VALUE`
+    /// does to try settings on traces without a rebuild.
+    pub fn set(&mut self, name: &str, value: f64) -> Result<(), String> {
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!("{name}: expected a finite number at least 0, got {value}"));
+        }
+        let whole = |value: f64| value.round().min(255.0) as u8;
+        match name {
+            "prior_share" => self.prior_share = value,
+            "util_noise" => self.util_noise = value,
+            "cost_drift" => self.cost_drift = value,
+            "share_drift" => self.share_drift = value,
+            "jump_gain" => self.jump_gain = value,
+            "jump_hold" => self.jump_hold = whole(value),
+            "jump_tolerance" => self.jump_tolerance = value,
+            "misalignment_gain" => self.misalignment_gain = value,
+            "overhead_prior" => self.overhead_prior = value,
+            "key_ttl_s" => self.key_ttl_s = value,
+            "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
+            _ => return Err(format!("unknown setting {name:?}; known: {}", SETTINGS.join(", "))),
+        }
+        Ok(())
+    }
+}
+
 /// What launches are told apart by: the process, the function (or graph)
 /// and the launch size class (log2 of threads per launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -148,6 +189,8 @@ impl Estimator {
         let mut pending: BTreeSet<u32> = BTreeSet::new();
         let mut entering: Vec<(CostKey, f64, f64)> = Vec::new();
         let mut moved = 0.0;
+        // Points of share each process moved by inside the window.
+        let mut moved_by: BTreeMap<u32, f64> = BTreeMap::new();
         let mut explained = 0.0;
         let mut all: Vec<CostKey> = self.keys.keys().chain(rates.keys()).copied().collect();
         all.sort_unstable();
@@ -183,6 +226,7 @@ impl Estimator {
                     }
                     self.filter.diffuse(slot, noise);
                     moved += (rate - tracked.last_rate).abs() * cost;
+                    *moved_by.entry(key.pid).or_default() += (rate - tracked.last_rate).abs() * cost;
                 }
             }
             tracked.last_rate = rate;
@@ -274,7 +318,11 @@ impl Estimator {
             .map(|(&pid, &(share, variance))| {
                 let part = if total_variance > 0.0 { variance / total_variance } else { 0.0 };
                 let posterior = variance * (1.0 - variance / (total_variance + cfg.util_noise.powi(2)));
-                let uncertainty = posterior.max(0.0).sqrt();
+                // A process whose load moved inside the window is compared
+                // with a reading that averaged part of the window before
+                // the move: its share is off by up to what moved.
+                let own_move = moved_by.get(&pid).copied().unwrap_or(0.0);
+                let uncertainty = (posterior.max(0.0) + own_move.powi(2)).sqrt();
                 let basis = if pending.contains(&pid) && !by_pid.contains_key(&pid) {
                     Basis::Residual
                 } else {

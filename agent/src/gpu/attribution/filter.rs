@@ -92,9 +92,13 @@ impl CostFilter {
 
     /// One measurement update with observation `observed = h · state +
     /// noise(noise_variance)`. Costs cannot be negative: the mean is
-    /// clamped at zero afterwards (the covariance keeps the unclamped
-    /// update, a standard shortcut for a bound the data rarely hits).
+    /// projected onto the bound afterwards (`project_nonnegative`).
     pub fn update(&mut self, h: &[f64], observed: f64, noise_variance: f64) {
+        self.update_unbounded(h, observed, noise_variance);
+        self.project_nonnegative();
+    }
+
+    fn update_unbounded(&mut self, h: &[f64], observed: f64, noise_variance: f64) {
         let n = self.len();
         debug_assert_eq!(h.len(), n);
         // P h
@@ -108,7 +112,7 @@ impl CostFilter {
         let innovation = observed - self.predict(h);
         for (row, &p_row) in ph.iter().enumerate() {
             let gain = p_row / innovation_variance;
-            self.mean[row] = (self.mean[row] + gain * innovation).max(0.0);
+            self.mean[row] += gain * innovation;
             for (cell, p_col) in self.covariance[row * n..(row + 1) * n].iter_mut().zip(&ph) {
                 *cell -= gain * p_col;
             }
@@ -122,6 +126,42 @@ impl CostFilter {
                 self.covariance[col * n + row] = mean;
             }
         }
+    }
+
+    /// Costs cannot be negative. Clamping a state at zero on its own
+    /// would break what the filter knows about sums: keys that always move
+    /// together (one process's kernels) are learned as a sum with strongly
+    /// anti-correlated parts, and zeroing one part drops the sum, which
+    /// the next update then books on another process. Instead the mean is
+    /// projected onto the bound along the covariance (the correlated states
+    /// take up what the clamped one gave back), one violated state at a
+    /// time; the covariance is kept.
+    fn project_nonnegative(&mut self) {
+        let n = self.len();
+        let mut pinned = vec![false; n];
+        for _ in 0..n {
+            let Some(slot) = (0..n)
+                .filter(|&slot| self.mean[slot] < 0.0 && !pinned[slot])
+                .min_by(|&a, &b| self.mean[a].total_cmp(&self.mean[b]))
+            else {
+                break;
+            };
+            pinned[slot] = true;
+            let variance = self.covariance[slot * n + slot];
+            let below = self.mean[slot];
+            if variance > 0.0 {
+                for (row, mean) in self.mean.iter_mut().enumerate() {
+                    // States already pinned at zero stay there.
+                    if !pinned[row] || row == slot {
+                        *mean -= self.covariance[row * n + slot] / variance * below;
+                    }
+                }
+            }
+            self.mean[slot] = 0.0;
+        }
+        // Whatever is still below (pinned states nudged by later
+        // projections) is clamped.
+        self.mean.iter_mut().for_each(|m| *m = m.max(0.0));
     }
 }
 
@@ -174,6 +214,36 @@ mod tests {
             filter.update(&h, truth[0] * h[0] + truth[1] * h[1], 0.01);
         }
         assert!((filter.mean(0) - 2.0).abs() < 0.05 && (filter.mean(1) - 5.0).abs() < 0.05);
+    }
+
+    /// Two keys of one process always launched together are learned as a
+    /// sum with anti-correlated parts. When an update drives one part
+    /// below zero, the sum must survive the bound: clamping the part alone
+    /// would lose what it held, and the next reading would book it on the
+    /// other process.
+    #[test]
+    fn the_bound_keeps_what_correlated_states_sum_to() {
+        let mut filter = CostFilter::default();
+        filter.push(10.0, 100.0);
+        filter.push(10.0, 100.0);
+        filter.push(0.0, 100.0);
+        // Keys 0 and 1 (process A) always at the same rate, so only their
+        // sum (20) is learned; key 2 (process B, 20) varies and is learned.
+        for step in 0..30 {
+            let rate = 1.0 + (step % 3) as f64;
+            filter.update(&[1.0, 1.0, rate], 20.0 + 20.0 * rate, 0.01);
+        }
+        // A reading only key 0 tripled for: 3a + b + c = 100 with a + b =
+        // 20 puts b below zero.
+        let reading = [3.0, 1.0, 1.0];
+        let mut clamped = filter.clone();
+        clamped.update_unbounded(&reading, 100.0, 0.01);
+        assert!(clamped.mean(1) < 0.0, "the reading drives key 1 below zero");
+        clamped.mean.iter_mut().for_each(|m| *m = m.max(0.0));
+        filter.update(&reading, 100.0, 0.01);
+        assert!(filter.mean.iter().all(|&m| m >= 0.0), "{:?}", filter.mean);
+        let miss = |f: &CostFilter| (f.predict(&reading) - 100.0).abs();
+        assert!(miss(&filter) < miss(&clamped), "projected {} clamped {}", miss(&filter), miss(&clamped));
     }
 
     /// Removing a state keeps the others' means and covariance.

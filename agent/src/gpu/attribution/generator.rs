@@ -7,8 +7,14 @@
 //!   log-uniformly over three orders of magnitude (10 µs to 10 ms) and a
 //!   launch geometry (threads) that grows with the cost, so that tiny
 //!   kernels are launch-bound (their launch rate is capped at 20,000/s);
-//! - a load pattern per tenant: steady, on/off, ramping, or request
-//!   driven (Poisson arrivals, each request busy for an exponential time);
+//!   Half the tenants use library kernels that keep one grid whatever
+//!   their cost (cuBLAS did over every matmul size in the recorded
+//!   traces), so the geometry tells nothing about their cost;
+//! - a load pattern per tenant: steady, on/off, ramping, request driven
+//!   (Poisson arrivals, each request busy for an exponential time), or
+//!   batch changes at a fixed duty (cost per launch and launch rate move
+//!   together and the key stays the same, as in the recorded
+//!   batch-varying trace);
 //! - time-slicing overhead per extra active tenant that grows with how
 //!   launch-bound the tenants are (0.5-9 points; the recorded H100 traces
 //!   and the held-out one showed 1.5-9), smaller under MPS (contention
@@ -39,6 +45,9 @@ pub enum Pattern {
     Ramp,
     /// Requests arriving at random, each busy for a random time.
     Requests,
+    /// One busy level, with the batch size (cost per launch) changing
+    /// every few seconds under the same kernel and grid.
+    Batch,
 }
 
 impl Pattern {
@@ -49,6 +58,7 @@ impl Pattern {
             Pattern::OnOff => "on-off",
             Pattern::Ramp => "ramp",
             Pattern::Requests => "requests",
+            Pattern::Batch => "batch",
         }
     }
 }
@@ -110,12 +120,17 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
     for (t, &level) in levels.iter().enumerate() {
         let pid = 1000 + t as u32;
         let start = if co_started { rng.uniform(0.0, 1.5) } else { rng.uniform(0.0, 15.0) };
+        let library = rng.chance(0.5);
         let kernels: Vec<(Kernel, f64)> = (0..rng.between(1, 5))
             .map(|k| {
                 let cost_s = rng.log_uniform(1e-5, 1e-2);
-                // Bigger kernels launch more threads: the geometry carries
-                // information about the cost, as it does on real GPUs.
-                let threads = ((cost_s * 3e7 * rng.uniform(0.5, 2.0)).round() as u64).max(128);
+                // Hand-written kernels launch more threads the more work
+                // they do; library kernels keep a grid sized to the GPU.
+                let threads = if library {
+                    [50_688, 65_536, 135_168][rng.between(0, 2)]
+                } else {
+                    ((cost_s * 3e7 * rng.uniform(0.5, 2.0)).round() as u64).max(128)
+                };
                 let function = u64::from(pid) << 8 | k as u64;
                 (Kernel { function, threads, cost_s }, rng.uniform(0.2, 1.0))
             })
@@ -126,17 +141,19 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
         // tenant is, which drives the switching overhead.
         let size = ((mean_cost / 1e-3).log10().clamp(-2.0, 1.0) + 2.0) / 3.0;
         launch_bound += (1.0 - size) / tenant_count as f64;
-        let pattern = match rng.between(0, 3) {
+        let pattern = match rng.between(0, 4) {
             0 => Pattern::Steady,
             1 => Pattern::OnOff,
             2 => Pattern::Ramp,
-            _ => Pattern::Requests,
+            3 => Pattern::Requests,
+            _ => Pattern::Batch,
         };
         // (from, to, busy percent) intervals of the tenant's load.
         let spans = spans(&mut rng, pattern, start, level);
         let mut phases = Vec::new();
-        for (from_s, to_s, busy) in spans {
+        for (from_s, to_s, busy, batch) in spans {
             for (kernel, weight) in &kernels {
+                let kernel = &Kernel { cost_s: kernel.cost_s * batch, ..*kernel };
                 let kernel_busy = busy * weight / weight_sum / 100.0;
                 let launches_per_s = (kernel_busy / kernel.cost_s).min(MAX_LAUNCH_RATE);
                 if launches_per_s > 0.0 {
@@ -164,10 +181,22 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
     Drawn { scenario, patterns, co_started }
 }
 
-/// The busy intervals of one tenant: `(from_s, to_s, busy_percent)`.
-fn spans(rng: &mut Lcg, pattern: Pattern, start: f64, level: f64) -> Vec<(f64, f64, f64)> {
-    match pattern {
-        Pattern::Steady => vec![(start, DURATION_S, level)],
+/// The busy intervals of one tenant: `(from_s, to_s, busy_percent,
+/// cost factor)`; the factor scales every kernel's cost per launch (a
+/// batch size), 1 but for batch changes.
+fn spans(rng: &mut Lcg, pattern: Pattern, start: f64, level: f64) -> Vec<(f64, f64, f64, f64)> {
+    if pattern == Pattern::Batch {
+        let mut spans = Vec::new();
+        let mut t = start;
+        while t < DURATION_S {
+            let until = (t + rng.uniform(2.0, 4.0)).min(DURATION_S);
+            spans.push((t, until, level, rng.log_uniform(0.25, 4.0)));
+            t = until;
+        }
+        return spans;
+    }
+    let spans = match pattern {
+        Pattern::Steady | Pattern::Batch => vec![(start, DURATION_S, level)],
         Pattern::OnOff => {
             let period = rng.uniform(2.0, 8.0);
             let duty = rng.uniform(0.3, 0.7);
@@ -208,7 +237,8 @@ fn spans(rng: &mut Lcg, pattern: Pattern, start: f64, level: f64) -> Vec<(f64, f
             }
             spans
         }
-    }
+    };
+    spans.into_iter().map(|(from, to, busy)| (from, to, busy, 1.0)).collect()
 }
 
 #[cfg(test)]
@@ -231,7 +261,7 @@ mod tests {
         let drawn: Vec<Drawn> = (0..200).map(|index| draw(1, index)).collect();
         let counts: std::collections::BTreeSet<usize> = drawn.iter().map(|d| d.scenario.tenants.len()).collect();
         assert!(counts.contains(&2) && counts.contains(&6), "{counts:?}");
-        for pattern in [Pattern::Steady, Pattern::OnOff, Pattern::Ramp, Pattern::Requests] {
+        for pattern in [Pattern::Steady, Pattern::OnOff, Pattern::Ramp, Pattern::Requests, Pattern::Batch] {
             assert!(drawn.iter().any(|d| d.patterns.iter().any(|(_, p)| *p == pattern)), "{pattern:?}");
         }
         assert!(drawn.iter().any(|d| d.co_started) && drawn.iter().any(|d| !d.co_started));

@@ -35,11 +35,13 @@
 //! `trace` (the replayable trace format), `replay` (traces through the
 //! estimator, scored against their truth), `synthetic` (generated traces
 //! with known costs), `generator` (seeded random scenarios), `sweep` (the
-//! generalisation scorecard over them and the recorded traces), `record`
-//! (a trace from a live node).
+//! generalisation scorecard over them and the recorded traces), `holdout`
+//! (leave-one-out over the recorded traces), `record` (a trace from a live
+//! node).
 mod estimator;
 mod filter;
 pub mod generator;
+pub mod holdout;
 pub mod live;
 pub mod record;
 pub mod replay;
@@ -47,7 +49,7 @@ pub mod sweep;
 pub mod synthetic;
 pub mod trace;
 
-pub use estimator::{CostKey, Estimator, EstimatorConfig};
+pub use estimator::{CostKey, Estimator, EstimatorConfig, SETTINGS};
 
 /// Launches of one key in one window.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -103,13 +103,19 @@ pub struct Scorecard {
     pub tenants: Vec<ScoredTenant>,
 }
 
-/// Replays `count` scenarios of `seed` and the `recorded` traces.
-pub fn sweep(seed: u64, count: usize, recorded: &[(String, Trace, Vec<LaunchLine>)]) -> Scorecard {
+/// Replays `count` scenarios of `seed` and the `recorded` traces through
+/// estimators configured as `config`.
+pub fn sweep(
+    seed: u64,
+    count: usize,
+    recorded: &[(String, Trace, Vec<LaunchLine>)],
+    config: EstimatorConfig,
+) -> Scorecard {
     let mut tenants = Vec::new();
     for index in 0..count {
         let drawn = generator::draw(seed, index);
         let (trace, launches) = drawn.scenario.generate();
-        for score in replay(&trace, &launches, EstimatorConfig::default()).tenants {
+        for score in replay(&trace, &launches, config).tenants {
             let pattern = drawn.patterns.iter().find(|(pid, _)| *pid == score.pid).map(|(_, p)| Pattern::name(*p));
             tenants.push(ScoredTenant {
                 source: drawn.scenario.name.clone(),
@@ -121,7 +127,7 @@ pub fn sweep(seed: u64, count: usize, recorded: &[(String, Trace, Vec<LaunchLine
         }
     }
     for (name, trace, launches) in recorded {
-        for score in replay(trace, launches, EstimatorConfig::default()).tenants {
+        for score in replay(trace, launches, config).tenants {
             tenants.push(ScoredTenant { source: name.clone(), recorded: true, pattern: None, co_started: None, score });
         }
     }
@@ -194,8 +200,8 @@ mod tests {
     /// scenario, and its figures are consistent with the tenant scores.
     #[test]
     fn a_sweep_scores_every_tenant_reproducibly() {
-        let card = sweep(3, 6, &[]);
-        assert_eq!(card, sweep(3, 6, &[]));
+        let card = sweep(3, 6, &[], EstimatorConfig::default());
+        assert_eq!(card, sweep(3, 6, &[], EstimatorConfig::default()));
         let expected: usize = (0..6).map(|index| generator::draw(3, index).scenario.tenants.len()).sum();
         assert_eq!(card.tenants.len(), expected);
         assert_eq!(card.generated.tenants, card.tenants.iter().filter(|t| t.score.bins > 0).count());

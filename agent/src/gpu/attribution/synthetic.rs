@@ -180,22 +180,22 @@ impl Scenario {
         let steps = (self.duration_s / STEP).round() as usize;
         let mut device = Vec::with_capacity(steps);
         let mut busy_of: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); self.tenants.len()];
+        // Fraction of each tenant's demand the GPU served at each step.
+        let mut served_of: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); self.tenants.len()];
         for step in 0..steps {
             let t = step as f64 * STEP;
-            let mut total = 0.0;
-            let mut active = 0;
-            for (index, (_, phases)) in self.tenants.iter().enumerate() {
-                let busy = self.busy(phases, t);
-                busy_of[index].push(busy);
-                total += busy;
-                active += usize::from(busy > 0.0);
-            }
+            let demand: Vec<f64> = self.tenants.iter().map(|(_, phases)| self.busy(phases, t)).collect();
+            let active = demand.iter().filter(|&&d| d > 0.0).count();
             // Context switches (time-slicing) or contention (MPS): either
             // way the device is busier than the tenants' own work.
-            let overhead = match self.sharing {
-                Sharing::TimeSliced | Sharing::Mps => self.overhead_points / 100.0 * active.saturating_sub(1) as f64,
-                _ => 0.0,
-            };
+            let overhead = self.overhead_points / 100.0 * active.saturating_sub(1) as f64;
+            let served = serve(&demand, (1.0 - overhead).max(0.0));
+            let mut total = 0.0;
+            for (index, (&wanted, &got)) in demand.iter().zip(&served).enumerate() {
+                busy_of[index].push(got);
+                served_of[index].push(if wanted > 0.0 { got / wanted } else { 1.0 });
+                total += got;
+            }
             device.push((total + overhead).min(1.0));
         }
         let mut noise = Lcg(0x5eed ^ self.name.len() as u64);
@@ -278,10 +278,11 @@ impl Scenario {
                 }
                 launches.push(LaunchLine { t: START + t, rows });
             }
-            for ((_, phases), counts) in self.tenants.iter().zip(cumulative.iter_mut()) {
+            for (((_, phases), counts), served) in self.tenants.iter().zip(cumulative.iter_mut()).zip(&served_of) {
+                let served = served.get(step).copied().unwrap_or(1.0);
                 for (phase, count) in phases.iter().zip(counts.iter_mut()) {
                     if phase.from_s <= t && t < phase.to_s {
-                        *count += phase.launches_per_s * STEP;
+                        *count += phase.launches_per_s * served * STEP;
                     }
                 }
             }
@@ -299,6 +300,29 @@ impl Scenario {
     }
 }
 
+/// What a saturated GPU gives each tenant of `demand` (busy fractions)
+/// within `capacity`: a time-slicing scheduler serves every context in
+/// turn, so tenants wanting less than an equal slice get what they want
+/// and the rest share what is left equally (max-min fairness). Their
+/// launches slow down with them: a tenant served half its demand
+/// completes, and so issues, half its launches.
+fn serve(demand: &[f64], capacity: f64) -> Vec<f64> {
+    let total: f64 = demand.iter().sum();
+    if total <= capacity {
+        return demand.to_vec();
+    }
+    let mut order: Vec<usize> = (0..demand.len()).filter(|&i| demand[i] > 0.0).collect();
+    order.sort_by(|&a, &b| demand[a].total_cmp(&demand[b]));
+    let mut served = vec![0.0; demand.len()];
+    let mut left = capacity;
+    for (position, &index) in order.iter().enumerate() {
+        let slice = left / (order.len() - position) as f64;
+        served[index] = demand[index].min(slice);
+        left -= served[index];
+    }
+    served
+}
+
 /// A small deterministic generator for reading noise and for the sweep's
 /// scenarios (`generator`).
 pub(crate) struct Lcg(u64);
@@ -313,5 +337,54 @@ impl Lcg {
     pub(crate) fn symmetric(&mut self) -> f64 {
         self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under capacity everyone gets what they ask; over it, tenants asking
+    /// less than an equal slice keep their demand and the rest share what
+    /// is left equally.
+    #[test]
+    fn a_saturated_gpu_serves_max_min_fair_shares() {
+        assert_eq!(serve(&[0.2, 0.3], 1.0), vec![0.2, 0.3]);
+        let served = serve(&[0.2, 0.5, 0.6, 0.0], 0.9);
+        assert!((served[0] - 0.2).abs() < 1e-12 && served[3] == 0.0, "{served:?}");
+        assert!((served[1] - 0.35).abs() < 1e-12 && (served[2] - 0.35).abs() < 1e-12, "{served:?}");
+    }
+
+    /// A generated trace never shows more work than the device had: the
+    /// tenants' true work plus the overhead fits under 100 %, and their
+    /// launches slow down with them.
+    #[test]
+    fn oversubscribed_tenants_are_slowed_not_clipped() {
+        let big = kernel(0xb16, 50_688, 1.0);
+        let scenario = Scenario::base(
+            "oversubscribed",
+            10.0,
+            vec![(1, vec![phase(0.0, 10.0, big, 70.0)]), (2, vec![phase(5.0, 10.0, big, 70.0)])],
+        );
+        let (trace, launches) = scenario.generate();
+        let work_in = |pid: u32, from: f64, to: f64| -> f64 {
+            let tenant = trace.tenants.iter().find(|t| t.pid == pid).unwrap();
+            let periods: Vec<&Vec<f64>> =
+                tenant.periods.iter().filter(|p| p[0] - START > from && p[0] - START <= to).collect();
+            periods.iter().map(|p| p[1]).sum::<f64>() / periods.iter().map(|p| p[2]).sum::<f64>()
+        };
+        assert!((work_in(1, 1.0, 5.0) - 0.70).abs() < 0.01, "alone it gets its demand");
+        let together = work_in(1, 6.0, 10.0) + work_in(2, 6.0, 10.0);
+        assert!(together <= 1.0 - 0.015 + 1e-9, "work plus overhead fits the device: {together}");
+        assert!((work_in(1, 6.0, 10.0) - work_in(2, 6.0, 10.0)).abs() < 0.01, "equal demands, equal shares");
+        // Launches follow the work served: tenant 1's rate falls when 2 joins.
+        let count_at = |t: f64| -> u64 {
+            let line =
+                launches.iter().min_by(|a, b| (a.t - START - t).abs().total_cmp(&(b.t - START - t).abs())).unwrap();
+            line.rows.iter().filter(|r| r.0 == 1).map(|r| r.3).sum()
+        };
+        let alone = (count_at(5.0) - count_at(3.0)) as f64;
+        let shared = (count_at(9.0) - count_at(7.0)) as f64;
+        assert!((shared / alone - 0.4925 / 0.70).abs() < 0.03, "alone {alone} shared {shared}");
     }
 }
