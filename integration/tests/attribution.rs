@@ -141,6 +141,40 @@ async fn a_launching_pod_gets_the_share_nvml_misses() {
     );
     let value = keda.poll(&trigger, "util").await.expect("gpu_sm_util").value;
     assert!((value - 40.0).abs() < 3.0, "KEDA got {value}");
+    let confidence = pod_values(&json(http, "/pods?window=2").await, &setup.uid)["values"]
+        ["gpu_attribution_confidence"]
+        .as_f64()
+        .expect("the window's mean confidence is a pod value");
+    assert!(confidence > 0.8 && confidence < 1.0, "{confidence}");
+
+    // minConfidence: a measured split passes; a bar no estimate reaches (σ
+    // is never 0) gets an error naming the pod and its confidence instead
+    // of the number; a bad value is InvalidArgument naming the key.
+    let with_min = |min: &'static str| {
+        scaled_object(
+            &setup.namespace,
+            "tenant",
+            &[
+                ("metric", "gpu_sm_util"),
+                ("target", "10"),
+                ("podSelector", "app=tenant"),
+                ("window", "2s"),
+                ("minConfidence", min),
+            ],
+        )
+    };
+    let value = keda.poll(&with_min("0.5"), "util").await.expect("a measured split passes").value;
+    assert!((value - 40.0).abs() < 3.0, "KEDA got {value}");
+    let refused = keda.get_metrics(&with_min("1"), "util").await.expect_err("refused below minConfidence");
+    let message = refused.message();
+    assert!(
+        message.contains("tenant") && message.contains("minConfidence 1") && message.contains("confidence 0."),
+        "{message}"
+    );
+    assert_ne!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let invalid = keda.get_metrics(&with_min("2"), "util").await.expect_err("out of range");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument, "{invalid:?}");
+    assert!(invalid.message().contains("minConfidence"), "{invalid:?}");
 
     // A trace of the live node, with the tenant's truth (the simulated 40 %).
     let out = setup.tools.path().join("live.json");

@@ -22,7 +22,7 @@ use super::answer_times::{AnswerTimes, Call};
 use super::trigger::Trigger;
 use crate::cluster::ClusterHandle;
 use crate::pods::selector::LabelSelector;
-use crate::signals::aggregate::{combine, workload_value, WorkloadQuery, WorkloadValue};
+use crate::signals::aggregate::{combine, least_confident, workload_value, WorkloadQuery, WorkloadValue};
 use crate::signals::metric::Metric;
 use crate::signals::traffic_filter::TrafficFilter;
 use crate::signals::view::NodeView;
@@ -45,7 +45,48 @@ const NEW_QUERY_WAIT: Duration = Duration::from_secs(3);
 
 impl Signals {
     async fn evaluate(&self, namespace: &str, trigger: &Trigger) -> Result<WorkloadValue, ScalerError> {
-        self.evaluate_pods(namespace, trigger, &trigger.pod_selector, trigger.metric, &trigger.ports).await
+        let value =
+            self.evaluate_pods(namespace, trigger, &trigger.pod_selector, trigger.metric, &trigger.ports).await?;
+        if let Some(min) = trigger.min_confidence {
+            self.check_confidence(namespace, trigger, min).await?;
+        }
+        Ok(value)
+    }
+
+    /// `minConfidence`: an error naming the least confident selected pod
+    /// when its attribution confidence over the window is below `min`.
+    async fn check_confidence(&self, namespace: &str, trigger: &Trigger, min: f64) -> Result<(), ScalerError> {
+        let query = WorkloadQuery {
+            namespace,
+            selector: &trigger.pod_selector,
+            metric: Metric::GpuAttributionConfidence,
+            window_s: trigger.window.as_secs_f64(),
+            aggregation: trigger.aggregation,
+            traffic: TrafficFilter { ports: &trigger.ports, include_probes: trigger.include_probe_requests },
+        };
+        let least = match self {
+            Signals::Local(view) => {
+                let view = view.borrow().clone();
+                least_confident(view.pods.iter(), &query)
+            }
+            Signals::Cluster(cluster) => {
+                let view = cluster.ensure(&query, NEW_QUERY_WAIT).await;
+                match view.coverage_error(&query) {
+                    Some(reason) => Err(reason),
+                    None => least_confident(view.candidates(&query), &query),
+                }
+            }
+        }
+        .map_err(ScalerError::Unavailable)?;
+        match least {
+            Some((pod, confidence)) if confidence < min => Err(ScalerError::Unavailable(format!(
+                "gpu_sm_util for pod {namespace}/{pod} has attribution confidence {confidence:.2} over the last \
+                 {:.0} s, below the trigger's minConfidence {min}: the split of its GPU between the pods sharing \
+                 it is not measured well enough to scale on (docs/attribution.md)",
+                query.window_s
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The value of `metric` over the pods `selector` picks (on `ports`

@@ -19,7 +19,8 @@ const MAX_KEYS: usize = 24;
 const KEDA_CONNECTION_KEYS: [&str; 7] =
     ["scalerAddress", "caCert", "tlsCertFile", "tlsClientCert", "tlsClientKey", "unsafeSsl", "enableTLS"];
 const PODGPU_KEYS: &str = "metric, target, activationTarget, podSelector, aggregation, window, profile, ports, \
-                           includeProbeRequests, activationPodSelector, activationMetric, activationPorts";
+                           includeProbeRequests, activationPodSelector, activationMetric, activationPorts, \
+                           minConfidence";
 /// Most ports one trigger may name.
 const MAX_PORTS: usize = 16;
 const MAX_VALUE_BYTES: usize = 1024;
@@ -61,6 +62,10 @@ pub struct Trigger {
     /// An upstream signal that also activates the workload (scale from
     /// zero through a gateway's traffic).
     pub upstream: Option<Upstream>,
+    /// `gpu_sm_util` only: below this attribution confidence (0-1, mean
+    /// over the window) for any selected pod, KEDA gets an error naming
+    /// the pod instead of a number (`minConfidence`).
+    pub min_confidence: Option<f64>,
 }
 
 /// Pods outside the workload whose signal activates it: at zero replicas
@@ -128,7 +133,8 @@ impl Trigger {
                 | "includeProbeRequests"
                 | "activationPodSelector"
                 | "activationMetric"
-                | "activationPorts" => {}
+                | "activationPorts"
+                | "minConfidence" => {}
                 _ => return Err(invalid(key, format!("unknown key; expected one of {PODGPU_KEYS}"))),
             }
         }
@@ -206,6 +212,27 @@ impl Trigger {
             }
             (None, None, None) => None,
         };
+        let min_confidence = number(metadata, "minConfidence")?;
+        if let Some(min) = min_confidence {
+            if !(0.0..=1.0).contains(&min) {
+                return Err(invalid("minConfidence", format!("{min} is not between 0 and 1")));
+            }
+            if metric != Metric::GpuSmUtil {
+                return Err(invalid(
+                    "minConfidence",
+                    format!("only applies to gpu_sm_util (the attributed GPU share), not {metric}"),
+                ));
+            }
+        }
+        // A confidence is not a load: summed over replicas it means nothing.
+        for (key, chosen) in [("metric", Some(metric)), ("activationMetric", upstream.as_ref().map(|u| u.metric))] {
+            if chosen == Some(Metric::GpuAttributionConfidence) {
+                return Err(invalid(
+                    key,
+                    "gpu_attribution_confidence is a confidence, not a load; scale on gpu_sm_util with minConfidence",
+                ));
+            }
+        }
         Ok(Self {
             metric,
             target,
@@ -216,6 +243,7 @@ impl Trigger {
             ports,
             include_probe_requests,
             upstream,
+            min_confidence,
         })
     }
 
@@ -284,6 +312,40 @@ mod tests {
 
     fn metadata(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// `minConfidence` is a number in [0, 1], only with `gpu_sm_util`; a
+    /// confidence is never a trigger's load metric.
+    #[test]
+    fn min_confidence_is_validated() {
+        let parse = |pairs: &[(&str, &str)]| Trigger::from_metadata(&metadata(pairs));
+        let base = [("metric", "gpu_sm_util"), ("target", "50")];
+        assert_eq!(parse(&base).unwrap().min_confidence, None);
+        let with = |min: &'static str| {
+            let mut pairs = base.to_vec();
+            pairs.push(("minConfidence", min));
+            parse(&pairs)
+        };
+        assert_eq!(with("0.5").unwrap().min_confidence, Some(0.5));
+        assert_eq!(with(" 1 ").unwrap().min_confidence, Some(1.0));
+        for bad in ["1.5", "-0.1", "high", "NaN"] {
+            assert_eq!(with(bad).unwrap_err().key, "minConfidence", "{bad}");
+        }
+        let other = parse(&[("metric", "requests_in_flight"), ("target", "4"), ("minConfidence", "0.5")]);
+        let err = other.unwrap_err();
+        assert_eq!(err.key, "minConfidence");
+        assert!(err.reason.contains("requests_in_flight"), "{err}");
+        let err = parse(&[("metric", "gpu_attribution_confidence"), ("target", "1")]).unwrap_err();
+        assert_eq!(err.key, "metric");
+        assert!(err.reason.contains("minConfidence"), "{err}");
+        let err = parse(&[
+            ("metric", "gpu_sm_util"),
+            ("target", "50"),
+            ("activationPodSelector", "app=gateway"),
+            ("activationMetric", "gpu_attribution_confidence"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.key, "activationMetric");
     }
 
     /// A full trigger parses into typed values; defaults fill the rest.

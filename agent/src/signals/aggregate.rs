@@ -111,11 +111,12 @@ pub fn workload_value(view: &NodeView, query: &WorkloadQuery<'_>) -> Result<Work
     combine(view.pods.iter(), query)
 }
 
-/// Combines the selected pods among `pods` into one workload value.
-pub fn combine<'a, P: PodSignals + 'a>(
+/// The pods among `pods` that `query` selects; an error while a pod's
+/// metadata is pending (it may be one the selector picks).
+fn select<'a, P: PodSignals + 'a>(
     pods: impl IntoIterator<Item = &'a P>,
     query: &WorkloadQuery<'_>,
-) -> Result<WorkloadValue, String> {
+) -> Result<Vec<&'a P>, String> {
     let pods: Vec<&P> = pods.into_iter().collect();
     // A pod whose labels have not arrived may be one the selector picks:
     // answering without it would be a smaller sum than the truth.
@@ -126,11 +127,36 @@ pub fn combine<'a, P: PodSignals + 'a>(
             pod.display_name()
         ));
     }
-    let selected: Vec<&P> = pods
+    Ok(pods
         .into_iter()
         .filter(|pod| pod.namespace() == Some(query.namespace))
         .filter(|pod| query.selector.matches(pod.labels()))
-        .collect();
+        .collect())
+}
+
+/// The selected pod whose mean attribution confidence over the query's
+/// window is lowest, with that confidence (`None`: no selected pod has
+/// one, e.g. none runs on a shared GPU). The query's metric is ignored.
+pub fn least_confident<'a, P: PodSignals + 'a>(
+    pods: impl IntoIterator<Item = &'a P>,
+    query: &WorkloadQuery<'_>,
+) -> Result<Option<(String, f64)>, String> {
+    let query = WorkloadQuery { metric: Metric::GpuAttributionConfidence, ..query.clone() };
+    Ok(select(pods, &query)?
+        .into_iter()
+        .filter_map(|pod| {
+            let confidence = pod.value(Metric::GpuAttributionConfidence, query.window_s, &query.traffic)?;
+            Some((pod.display_name().to_string(), confidence))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1)))
+}
+
+/// Combines the selected pods among `pods` into one workload value.
+pub fn combine<'a, P: PodSignals + 'a>(
+    pods: impl IntoIterator<Item = &'a P>,
+    query: &WorkloadQuery<'_>,
+) -> Result<WorkloadValue, String> {
+    let selected = select(pods, query)?;
     // One pod that cannot be measured makes the whole sum wrong: say so
     // instead of under-reporting.
     if let Some((pod, reason)) = selected.iter().find_map(|pod| Some((pod, pod.unavailable_reason(query.metric)?))) {
@@ -239,6 +265,32 @@ mod tests {
         assert_eq!(in_flight(&[8000], true), 9.0);
         let rate = WorkloadQuery { traffic: TrafficFilter::ports(&[8002]), ..query(&selector, Aggregation::Sum) };
         assert_eq!(workload_value(&view, &rate).unwrap().value, 40.0);
+    }
+
+    /// The least confident selected pod is named with its window-mean
+    /// confidence; pods without one (no shared GPU) are not candidates.
+    #[test]
+    fn least_confident_names_the_weakest_selected_pod() {
+        let mut view = view();
+        // One second of history at the given confidence.
+        let point = |at_s: f64, confidence: f64| crate::signals::history::Point {
+            at_s,
+            gpu_confidence_integral: confidence * at_s,
+            gpu_confidence_known_s: at_s,
+            ..Default::default()
+        };
+        for (pod, confidence) in view.pods.iter_mut().zip([0.9, 0.4, 0.1, 0.05]) {
+            pod.history = crate::signals::history::History::new(60.0);
+            pod.history.push(point(0.0, confidence));
+            pod.history.push(point(1.0, confidence));
+        }
+        let selector = LabelSelector::parse("app=llm").unwrap();
+        let least = least_confident(view.pods.iter(), &query(&selector, Aggregation::Sum)).unwrap();
+        let (name, confidence) = least.expect("two selected pods have a confidence");
+        assert_eq!(name, view.pods[1].display_name());
+        assert!((confidence - 0.4).abs() < 1e-9, "{confidence}");
+        view.pods.iter_mut().for_each(|pod| pod.history = crate::signals::history::History::new(60.0));
+        assert_eq!(least_confident(view.pods.iter(), &query(&selector, Aggregation::Sum)).unwrap(), None);
     }
 
     /// Sum, max and avg cover exactly the selected pods of the namespace.

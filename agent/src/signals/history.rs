@@ -24,6 +24,11 @@ pub struct Point {
     /// Seconds during which GPU data was valid: GPU means divide by this,
     /// so an outage inside a window is left out instead of read as idle.
     pub gpu_known_s: f64,
+    /// Integral of the attribution confidence of the pod's GPU share,
+    /// over the seconds it had one.
+    pub gpu_confidence_integral: f64,
+    /// Seconds the pod's GPU share had an attribution confidence.
+    pub gpu_confidence_known_s: f64,
     /// Requests started, cumulative.
     pub requests_started: u64,
     /// Kernel launches, cumulative.

@@ -31,6 +31,11 @@ pub enum Metric {
     /// GPUs, time-weighted over the window: the attribution estimator's
     /// share where the GPU has one (`gpu::attribution`), NVML's elsewhere.
     GpuSmUtil,
+    /// How sure the attribution estimator is of the pod's `GpuSmUtil` split,
+    /// 0 to 1, time-weighted over the window (no value while no GPU of the
+    /// pod has an estimate). Not a load signal: triggers use it through
+    /// `minConfidence`, dashboards beside `gpu_sm_util`.
+    GpuAttributionConfidence,
     /// NVML's own per-process SM %, summed and time-weighted like
     /// `GpuSmUtil`: kept for comparison, not for scaling.
     GpuSmUtilNvml,
@@ -106,8 +111,9 @@ pub enum Combine {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::GpuSmUtil,
+        Metric::GpuAttributionConfidence,
         Metric::GpuSmUtilNvml,
         Metric::GpuMemBwUtil,
         Metric::GpuMemUsedBytes,
@@ -132,6 +138,7 @@ impl Metric {
     pub fn name(self) -> &'static str {
         match self {
             Metric::GpuSmUtil => "gpu_sm_util",
+            Metric::GpuAttributionConfidence => "gpu_attribution_confidence",
             Metric::GpuSmUtilNvml => "gpu_sm_util_nvml",
             Metric::GpuMemBwUtil => "gpu_mem_bw_util",
             Metric::GpuMemUsedBytes => "gpu_mem_used_bytes",
@@ -161,9 +168,11 @@ impl Metric {
     /// The source that must be healthy for the metric to have a value.
     pub fn source(self) -> MetricSource {
         match self {
-            Metric::GpuSmUtil | Metric::GpuSmUtilNvml | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes => {
-                MetricSource::Gpu
-            }
+            Metric::GpuSmUtil
+            | Metric::GpuAttributionConfidence
+            | Metric::GpuSmUtilNvml
+            | Metric::GpuMemBwUtil
+            | Metric::GpuMemUsedBytes => MetricSource::Gpu,
             Metric::GpuLaunchRate => MetricSource::Launches,
             Metric::GpuContexts
             | Metric::GpuDriverMemBytes

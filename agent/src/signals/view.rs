@@ -227,6 +227,9 @@ impl PodView {
         }
         match metric {
             Metric::GpuSmUtil => self.history.ratio(window_s, |p| p.gpu_sm_util_integral, |p| p.gpu_known_s),
+            Metric::GpuAttributionConfidence => {
+                self.history.ratio(window_s, |p| p.gpu_confidence_integral, |p| p.gpu_confidence_known_s)
+            }
             Metric::GpuSmUtilNvml => self.history.ratio(window_s, |p| p.gpu_sm_util_nvml_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),

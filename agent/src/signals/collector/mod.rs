@@ -92,6 +92,8 @@ struct PodState {
     gpu_sm_util_nvml_integral: f64,
     gpu_mem_bw_util_integral: f64,
     gpu_known_s: f64,
+    gpu_confidence_integral: f64,
+    gpu_confidence_known_s: f64,
     gpu: PodGpu,
     /// Kernel launches since the agent started (exited processes included).
     launches: u64,
@@ -300,6 +302,10 @@ impl Collector {
                 pod.gpu_sm_util_nvml_integral += pod.gpu.sm_util_nvml_percent * elapsed;
                 pod.gpu_mem_bw_util_integral += pod.gpu.mem_bw_util_percent * elapsed;
                 pod.gpu_known_s += elapsed;
+                if let Some(confidence) = pod.gpu.attribution_confidence.filter(|c| c.is_finite()) {
+                    pod.gpu_confidence_integral += confidence.clamp(0.0, 1.0) * elapsed;
+                    pod.gpu_confidence_known_s += elapsed;
+                }
             }
             let mut point = Point {
                 at_s: now_s,
@@ -307,6 +313,8 @@ impl Collector {
                 gpu_sm_util_nvml_integral: pod.gpu_sm_util_nvml_integral,
                 gpu_mem_bw_util_integral: pod.gpu_mem_bw_util_integral,
                 gpu_known_s: pod.gpu_known_s,
+                gpu_confidence_integral: pod.gpu_confidence_integral,
+                gpu_confidence_known_s: pod.gpu_confidence_known_s,
                 gpu_launches: pod.launches,
                 gpu_driver_calls: pod.driver.calls,
                 gpu_driver_blocked_s: pod.driver.blocked_ns as f64 / 1e9,

@@ -79,6 +79,8 @@ impl Collector {
                         gpu_sm_util_nvml_integral: 0.0,
                         gpu_mem_bw_util_integral: 0.0,
                         gpu_known_s: 0.0,
+                        gpu_confidence_integral: 0.0,
+                        gpu_confidence_known_s: 0.0,
                         gpu: self.gpu_latest.get(uid).copied().unwrap_or_default(),
                         launches: 0,
                         driver: PodDriver::default(),
