@@ -124,13 +124,13 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
     println!("generated: {generated}\nrecorded: {recorded}");
     // Where the estimator stands on seed 1 against the scenario space of
-    // docs/attribution.md (p90 16.8, 48% within 5, 11% worse than NVML,
-    // 34% worse than the launch share), with room for noise: a regression
+    // docs/attribution.md (p90 15.8, 44% within 5, 10% worse than NVML,
+    // 40% worse than the launch share), with room for noise: a regression
     // beyond these fails. Calibration already meets the bar.
-    assert!(number(generated, "mae_p90") <= 18.5, "{generated}");
-    assert!(number(generated, "within_5") >= 0.43, "{generated}");
-    assert!(number(generated, "worse_than_nvml") <= 0.13, "{generated}");
-    assert!(number(generated, "worse_than_launch_share") <= 0.37, "{generated}");
+    assert!(number(generated, "mae_p90") <= 17.5, "{generated}");
+    assert!(number(generated, "within_5") >= 0.40, "{generated}");
+    assert!(number(generated, "worse_than_nvml") <= 0.12, "{generated}");
+    assert!(number(generated, "worse_than_launch_share") <= 0.43, "{generated}");
     assert!(number(generated, "bins_within_2_sigma") >= 0.90, "{generated}");
     assert!(number(recorded, "bins_within_2_sigma") >= 0.90, "{recorded}");
 }

@@ -7,7 +7,11 @@
 //!    size class). A key joins the filter once its rate held steady for
 //!    two windows; its prior is stated in share points (±`prior_share`),
 //!    so that whatever the data cannot separate is split evenly between
-//!    processes rather than by launch count.
+//!    processes rather than by launch count. Keys whose kernel identity is
+//!    known (`LaunchCount::kernel`) share one state per (kernel, size
+//!    class) across processes: a cost learned in one process holds in
+//!    every other that launches the same kernel, and two replicas started
+//!    together are split by their launches, not by the prior.
 //! 2. A key whose rate jumps gets process noise in proportion to the
 //!    jump: at a fixed duty a new batch size moves launches per second
 //!    and cost per launch together, and the device utilization that
@@ -19,7 +23,9 @@
 //! 4. Predicted shares are reconciled with the device utilization: the
 //!    residual goes to processes in proportion to how uncertain their
 //!    prediction is (a new process whose costs are unknown takes what the
-//!    known ones do not explain), and shares never sum above it.
+//!    known ones do not explain, a process that just stopped takes what
+//!    the lagging reading still shows of it), and shares never sum above
+//!    it. A share's σ keeps how far its process moved inside the window.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::filter::{CostFilter, Slot};
@@ -137,6 +143,9 @@ impl CostKey {
 #[derive(Clone, Debug, Default)]
 struct Tracked {
     slot: Option<Slot>,
+    /// (kernel identity, size class) when the kernel is known across
+    /// processes: keys with the same one share a slot.
+    identity: Option<(u64, u8)>,
     last_rate: f64,
     steady_windows: u32,
     reference_rate: f64,
@@ -151,6 +160,9 @@ pub struct Estimator {
     config: EstimatorConfig,
     filter: CostFilter,
     keys: HashMap<CostKey, Tracked>,
+    /// The slot of each known kernel (identity, size class), shared by
+    /// every process that launches it.
+    shared: HashMap<(u64, u8), Slot>,
     /// Slot of the time-slicing overhead state (time-sliced GPUs only).
     overhead: Option<Slot>,
     sharing: Sharing,
@@ -163,7 +175,7 @@ impl Estimator {
         // Under MPS kernels of different clients overlap: there is no
         // switching cost to learn, only concurrency.
         let overhead = (sharing == Sharing::TimeSliced).then(|| filter.push(0.0, config.overhead_prior.powi(2)));
-        Self { config, filter, keys: HashMap::new(), overhead, sharing }
+        Self { config, filter, keys: HashMap::new(), shared: HashMap::new(), overhead, sharing }
     }
 
     /// Keys the filter holds now.
@@ -181,7 +193,7 @@ impl Estimator {
             return Some(nvml_only(util, &window.nvml));
         };
         let duration = if window.duration_s.is_finite() { window.duration_s.clamp(1e-3, 3600.0) } else { 1.0 };
-        let rates = self.rates(launches, duration);
+        let (rates, identities) = self.rates(launches, duration);
         let pid_rates = per_pid(&rates);
         let cfg = self.config;
 
@@ -195,9 +207,23 @@ impl Estimator {
         let mut all: Vec<CostKey> = self.keys.keys().chain(rates.keys()).copied().collect();
         all.sort_unstable();
         all.dedup();
+        // Shared slots get their drift once per window, not once per process.
+        let mut diffused: BTreeSet<Slot> = BTreeSet::new();
         for key in all {
             let rate = rates.get(&key).copied().unwrap_or(0.0);
             let tracked = self.keys.entry(key).or_default();
+            if let Some(identity) = identities.get(&key) {
+                tracked.identity = Some((*identity, key.size_class));
+            }
+            // A kernel another process runs (or ran) is already learned: a
+            // new process launching it starts from that cost.
+            if tracked.slot.is_none() && rate > 0.0 {
+                if let Some(&slot) = tracked.identity.and_then(|identity| self.shared.get(&identity)) {
+                    tracked.slot = Some(slot);
+                    tracked.reference_rate = rate;
+                    tracked.last_rate = rate;
+                }
+            }
             match tracked.slot {
                 None => {
                     let steady = rate > 0.0 && (rate - tracked.last_rate).abs() <= cfg.jump_tolerance * rate;
@@ -224,7 +250,9 @@ impl Estimator {
                         noise += (cfg.jump_gain * tracked.jump * cost).powi(2);
                         tracked.hold -= 1;
                     }
-                    self.filter.diffuse(slot, noise);
+                    if diffused.insert(slot) {
+                        self.filter.diffuse(slot, noise);
+                    }
                     moved += (rate - tracked.last_rate).abs() * cost;
                     *moved_by.entry(key.pid).or_default() += (rate - tracked.last_rate).abs() * cost;
                 }
@@ -260,7 +288,20 @@ impl Estimator {
             entering.iter().map(|(key, _, _)| key.pid).chain(pending.iter().copied()).collect();
         let per_newcomer = unexplained / newcomers.len().max(1) as f64;
         for (key, rate, weight) in entering {
-            let slot = self.filter.push(per_newcomer * weight / rate, (cfg.prior_share * weight / rate).powi(2));
+            let identity = self.keys.get(&key).and_then(|t| t.identity);
+            // Two processes starting the same kernel in one window share
+            // the slot the first one opened.
+            let slot = match identity.and_then(|identity| self.shared.get(&identity)) {
+                Some(&slot) => slot,
+                None => {
+                    let slot =
+                        self.filter.push(per_newcomer * weight / rate, (cfg.prior_share * weight / rate).powi(2));
+                    if let Some(identity) = identity {
+                        self.shared.insert(identity, slot);
+                    }
+                    slot
+                }
+            };
             let tracked = self.keys.get_mut(&key).expect("entering keys are tracked");
             tracked.slot = Some(slot);
             tracked.reference_rate = rate;
@@ -270,7 +311,7 @@ impl Estimator {
         let mut h = vec![0.0; self.filter.len()];
         for (key, tracked) in &self.keys {
             if let Some(slot) = tracked.slot {
-                h[slot] = rates.get(key).copied().unwrap_or(0.0);
+                h[slot] += rates.get(key).copied().unwrap_or(0.0);
             }
         }
         let measured_active = h.iter().any(|&v| v > 0.0);
@@ -298,7 +339,7 @@ impl Estimator {
             if rate <= 0.0 {
                 continue;
             }
-            by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()])[slot] = rate;
+            by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()])[slot] += rate;
         }
         for (pid, hp) in &by_pid {
             predicted.insert(*pid, (self.filter.predict(hp), self.filter.variance_of(hp)));
@@ -307,6 +348,16 @@ impl Estimator {
             let entry = predicted.entry(*pid).or_insert((0.0, 0.0));
             entry.0 += unseen.get(pid).copied().unwrap_or(0.0);
             entry.1 += cfg.prior_share.powi(2);
+        }
+        // The reading averages over its own period, so it lags the counts:
+        // a process that just stopped still shows in it, one that just
+        // started does not yet. Whoever moved inside the window takes the
+        // residual first (by how far it moved), so the lagging work lands
+        // on the process that did it, not on its neighbours.
+        for (&pid, &own_move) in &moved_by {
+            if own_move > 0.0 {
+                predicted.entry(pid).or_insert((0.0, 0.0)).1 += own_move.powi(2);
+            }
         }
         let overhead = self.overhead.map_or(0.0, |slot| self.filter.mean(slot) * h[slot]).clamp(0.0, util);
         let available = util - overhead;
@@ -322,6 +373,8 @@ impl Estimator {
                 // with a reading that averaged part of the window before
                 // the move: its share is off by up to what moved.
                 let own_move = moved_by.get(&pid).copied().unwrap_or(0.0);
+                // The reconciliation cannot undo the reading's lag: what the
+                // process moved by stays in its σ whoever took the residual.
                 let uncertainty = (posterior.max(0.0) + own_move.powi(2)).sqrt();
                 let basis = if pending.contains(&pid) && !by_pid.contains_key(&pid) {
                     Basis::Residual
@@ -348,13 +401,18 @@ impl Estimator {
 
     /// Launch rates per key; a process's keys beyond the most frequent
     /// `max_keys_per_process` are merged into one.
-    fn rates(&self, launches: &[LaunchCount], duration: f64) -> HashMap<CostKey, f64> {
+    /// Also the kernel identity of each key whose kernel is known.
+    fn rates(&self, launches: &[LaunchCount], duration: f64) -> (HashMap<CostKey, f64>, HashMap<CostKey, u64>) {
         let mut rates: HashMap<CostKey, f64> = HashMap::new();
+        let mut identities: HashMap<CostKey, u64> = HashMap::new();
         // A count no GPU could run in the window (over a billion launches
         // a second) is corrupt, not load.
         let plausible = |c: &&LaunchCount| c.launches > 0.0 && c.launches.is_finite() && c.launches / duration < 1e9;
         for count in launches.iter().filter(plausible) {
             *rates.entry(CostKey::of(count)).or_default() += count.launches / duration;
+            if let Some(kernel) = count.kernel {
+                identities.insert(CostKey::of(count), kernel);
+            }
         }
         let mut per_process: HashMap<u32, Vec<(CostKey, f64)>> = HashMap::new();
         for (key, rate) in &rates {
@@ -372,10 +430,11 @@ impl Estimator {
             let merged = CostKey { pid, function: u64::MAX, size_class: 0 };
             for (key, rate) in keys.into_iter().skip(self.config.max_keys_per_process - 1) {
                 rates.remove(&key);
+                identities.remove(&key);
                 *rates.entry(merged).or_default() += rate;
             }
         }
-        rates
+        (rates, identities)
     }
 
     /// Drops keys idle longer than the TTL (their processes have gone or
@@ -386,15 +445,20 @@ impl Estimator {
         for key in expired {
             let Some(tracked) = self.keys.remove(&key) else { continue };
             let Some(slot) = tracked.slot else { continue };
+            // A kernel other processes still launch keeps its cost.
+            if self.keys.values().any(|other| other.slot == Some(slot)) {
+                continue;
+            }
             self.filter.remove(slot);
-            for other in self.keys.values_mut() {
-                if let Some(s) = other.slot.as_mut().filter(|s| **s > slot) {
+            self.shared.retain(|_, shared| *shared != slot);
+            let shift = |s: &mut Slot| {
+                if *s > slot {
                     *s -= 1;
                 }
-            }
-            if let Some(s) = self.overhead.as_mut().filter(|s| **s > slot) {
-                *s -= 1;
-            }
+            };
+            self.keys.values_mut().filter_map(|other| other.slot.as_mut()).for_each(shift);
+            self.shared.values_mut().for_each(shift);
+            self.overhead.iter_mut().for_each(shift);
         }
     }
 }

@@ -2,7 +2,10 @@
 //! rather than how it fits the few recorded traces. Each scenario draws:
 //!
 //! - 2-6 tenants, co-started (within 1.5 s, as the hard held-out traces
-//!   were) or staggered over the first 15 s;
+//!   were) or staggered over the first 15 s; in a third of the scenarios
+//!   some tenants are replicas of an earlier one (the same kernels);
+//! - kernel identities on 70% of scenarios (the launch probes resolved
+//!   them), none on the rest;
 //! - 1-5 kernels per tenant, each with a GPU cost per launch drawn
 //!   log-uniformly over three orders of magnitude (10 µs to 10 ms) and a
 //!   launch geometry (threads) that grows with the cost, so that tiny
@@ -100,6 +103,9 @@ pub struct Drawn {
     pub patterns: Vec<(u32, Pattern)>,
     /// Whether every tenant started within 1.5 s of the first.
     pub co_started: bool,
+    /// Tenants that run the same kernels as another tenant (replicas and
+    /// their originals), by pid.
+    pub sharing_kernels: Vec<u32>,
 }
 
 /// Scenario `index` of the sweep seeded with `seed`.
@@ -117,11 +123,21 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
     let mut tenants = Vec::with_capacity(tenant_count);
     let mut patterns = Vec::with_capacity(tenant_count);
     let mut launch_bound = 0.0;
+    // Whether the launch probes resolved kernel identities (they cannot
+    // for handles created before the agent attached, when the launch site
+    // cannot be symbolized either), and whether some tenants are replicas.
+    let identified = rng.chance(0.7);
+    let replicas = rng.chance(0.35);
+    let mut kernel_sets: Vec<Vec<(Kernel, f64)>> = Vec::with_capacity(tenant_count);
+    let mut sharing_kernels: Vec<u32> = Vec::new();
     for (t, &level) in levels.iter().enumerate() {
         let pid = 1000 + t as u32;
         let start = if co_started { rng.uniform(0.0, 1.5) } else { rng.uniform(0.0, 15.0) };
         let library = rng.chance(0.5);
-        let kernels: Vec<(Kernel, f64)> = (0..rng.between(1, 5))
+        // A replica runs the kernels of an earlier tenant (the same model
+        // served twice), under its own function handles.
+        let replica_of = (replicas && t > 0 && rng.chance(0.5)).then(|| rng.between(0, t - 1));
+        let drawn_kernels: Vec<(Kernel, f64)> = (0..rng.between(1, 5))
             .map(|k| {
                 let cost_s = rng.log_uniform(1e-5, 1e-2);
                 // Hand-written kernels launch more threads the more work
@@ -132,9 +148,27 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
                     ((cost_s * 3e7 * rng.uniform(0.5, 2.0)).round() as u64).max(128)
                 };
                 let function = u64::from(pid) << 8 | k as u64;
-                (Kernel { function, threads, cost_s }, rng.uniform(0.2, 1.0))
+                let identity = identified.then(|| kernel_identity(seed, index, t, k));
+                (Kernel { function, threads, cost_s, identity }, rng.uniform(0.2, 1.0))
             })
             .collect();
+        if let Some(origin) = replica_of {
+            sharing_kernels.extend([pid, 1000 + origin as u32]);
+        }
+        let kernels = match replica_of.and_then(|origin| kernel_sets.get(origin)) {
+            Some(origin) => {
+                let origin: &Vec<(Kernel, f64)> = origin;
+                origin
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (kernel, weight))| {
+                        (Kernel { function: u64::from(pid) << 8 | k as u64, ..*kernel }, *weight)
+                    })
+                    .collect()
+            }
+            None => drawn_kernels,
+        };
+        kernel_sets.push(kernels.clone());
         let weight_sum: f64 = kernels.iter().map(|(_, w)| w).sum();
         let mean_cost: f64 = kernels.iter().map(|(k, w)| k.cost_s * w).sum::<f64>() / weight_sum;
         // 0 for 10 ms kernels, 1 for 10 µs ones: how launch-bound the
@@ -178,7 +212,17 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
         sharing: if mps { Sharing::Mps } else { Sharing::TimeSliced },
         launch_count_noise: if rng.chance(0.4) { rng.uniform(0.02, 0.15) } else { 0.0 },
     };
-    Drawn { scenario, patterns, co_started }
+    sharing_kernels.sort_unstable();
+    sharing_kernels.dedup();
+    Drawn { scenario, patterns, co_started, sharing_kernels }
+}
+
+/// A kernel identity unique to (seed, scenario, tenant, kernel), as the
+/// hash of a name and module image would be.
+fn kernel_identity(seed: u64, index: usize, tenant: usize, kernel: usize) -> u64 {
+    let mut rng = Lcg::new(seed ^ (index as u64) << 20 ^ (tenant as u64) << 8 ^ kernel as u64 ^ 0x1de7);
+    rng.symmetric();
+    rng.next_u64()
 }
 
 /// The busy intervals of one tenant: `(from_s, to_s, busy_percent,

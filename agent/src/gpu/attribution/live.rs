@@ -122,6 +122,8 @@ impl LiveAttribution {
                     function: u64::from_str_radix(row.function.trim_start_matches("0x"), 16).unwrap_or(0),
                     threads_per_launch: threads_per_launch_of(row.grid, row.block),
                     launches: launched as f64,
+                    // The launch probes do not resolve kernel identities yet.
+                    kernel: None,
                 });
             }
             current.insert(key, row.launches);

@@ -62,6 +62,10 @@ pub struct LaunchCount {
     pub threads_per_launch: u64,
     /// Launches in the window (scaled when launch accounting samples).
     pub launches: f64,
+    /// The kernel's identity across processes (a hash of its name and
+    /// module image), when known: the same kernel in two processes then
+    /// shares one learned cost.
+    pub kernel: Option<u64>,
 }
 
 /// What one GPU showed over one window.

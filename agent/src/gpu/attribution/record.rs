@@ -123,7 +123,8 @@ pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
         }
         if let Some(read) = counts["read_at_unix"].as_f64().filter(|&read| read > last_read) {
             last_read = read;
-            launches.push(LaunchLine { t: read, rows: launch_rows(&counts["rows"]) });
+            // The live probes carry no kernel identities yet.
+            launches.push(LaunchLine { t: read, rows: launch_rows(&counts["rows"]), kernels: Vec::new() });
         }
         std::thread::sleep(POLL.saturating_sub(started.elapsed()));
     }

@@ -81,6 +81,8 @@ pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
             .iter()
             .map(|&(pid, kind, function, n, threads)| ((pid, kind, function), (n, threads)))
             .collect();
+        let kernels: HashMap<(u32, u64), u64> =
+            after.kernels.iter().map(|&(pid, function, kernel)| ((pid, function), kernel)).collect();
         let counts = after
             .rows
             .iter()
@@ -94,6 +96,7 @@ pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
                     function,
                     threads_per_launch: started / launched,
                     launches: launched as f64,
+                    kernel: kernels.get(&(pid, function)).copied(),
                 })
             })
             .collect();

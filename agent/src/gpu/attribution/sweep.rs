@@ -29,6 +29,8 @@ pub struct ScoredTenant {
     pub pattern: Option<&'static str>,
     /// Whether its scenario's tenants all started together.
     pub co_started: Option<bool>,
+    /// Whether it runs the same kernels as another tenant of its scenario.
+    pub shares_kernels: Option<bool>,
     /// Its scores.
     pub score: TenantScore,
 }
@@ -122,13 +124,21 @@ pub fn sweep(
                 recorded: false,
                 pattern,
                 co_started: Some(drawn.co_started),
+                shares_kernels: Some(drawn.sharing_kernels.contains(&score.pid)),
                 score,
             });
         }
     }
     for (name, trace, launches) in recorded {
         for score in replay(trace, launches, config).tenants {
-            tenants.push(ScoredTenant { source: name.clone(), recorded: true, pattern: None, co_started: None, score });
+            tenants.push(ScoredTenant {
+                source: name.clone(),
+                recorded: true,
+                pattern: None,
+                co_started: None,
+                shares_kernels: None,
+                score,
+            });
         }
     }
     tenants.sort_by(|a, b| b.score.podgpu_mae.total_cmp(&a.score.podgpu_mae));

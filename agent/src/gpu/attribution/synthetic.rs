@@ -17,6 +17,9 @@ pub struct Kernel {
     pub threads: u64,
     /// GPU seconds per launch when alone.
     pub cost_s: f64,
+    /// Identity across processes (the same kernel in two tenants), when
+    /// the trace should carry one.
+    pub identity: Option<u64>,
 }
 
 /// A tenant launching `kernel` at a steady rate over [from_s, to_s).
@@ -58,7 +61,7 @@ const START: f64 = 1_800_000_000.0;
 const STEP: f64 = 0.01;
 
 fn kernel(function: u64, threads: u64, cost_ms: f64) -> Kernel {
-    Kernel { function, threads, cost_s: cost_ms / 1e3 }
+    Kernel { function, threads, cost_s: cost_ms / 1e3, identity: None }
 }
 
 fn phase(from_s: f64, to_s: f64, kernel: Kernel, busy_percent: f64) -> Phase {
@@ -276,7 +279,17 @@ impl Scenario {
                         }
                     }
                 }
-                launches.push(LaunchLine { t: START + t, rows });
+                let mut kernels: Vec<(u32, u64, u64)> = self
+                    .tenants
+                    .iter()
+                    .flat_map(|(pid, phases)| {
+                        phases.iter().filter_map(|p| Some((*pid, p.kernel.function, p.kernel.identity?)))
+                    })
+                    .filter(|(pid, function, _)| rows.iter().any(|r| r.0 == *pid && r.2 == *function))
+                    .collect();
+                kernels.sort_unstable();
+                kernels.dedup();
+                launches.push(LaunchLine { t: START + t, rows, kernels });
             }
             for (((_, phases), counts), served) in self.tenants.iter().zip(cumulative.iter_mut()).zip(&served_of) {
                 let served = served.get(step).copied().unwrap_or(1.0);
@@ -331,6 +344,12 @@ impl Lcg {
     /// A generator started from `seed`.
     pub(crate) fn new(seed: u64) -> Self {
         Self(seed)
+    }
+
+    /// The next raw 64-bit state.
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        self.0
     }
 
     /// Uniform in [-1, 1).

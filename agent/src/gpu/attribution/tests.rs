@@ -6,7 +6,7 @@ use super::*;
 use crate::gpu::Sharing;
 
 fn count(pid: u32, function: u64, launches: f64) -> LaunchCount {
-    LaunchCount { pid, function, threads_per_launch: 50_688, launches }
+    LaunchCount { pid, function, threads_per_launch: 50_688, launches, kernel: None }
 }
 
 fn window(util: f64, launches: Vec<LaunchCount>) -> Window {
@@ -144,6 +144,66 @@ fn idle_keys_are_forgotten() {
     assert_eq!(estimator.learned_keys(), 1);
 }
 
+fn shared(pid: u32, function: u64, launches: f64, kernel: u64) -> LaunchCount {
+    LaunchCount { kernel: Some(kernel), ..count(pid, function, launches) }
+}
+
+/// Two replicas of one model started together, one twice as busy: with
+/// the kernel's identity they share one cost and are split by their
+/// launches, measured; without it only their sum is known, and the split
+/// is the prior's (even), at low confidence.
+#[test]
+fn replicas_of_one_kernel_are_split_by_their_launches() {
+    let run = |identified: bool| {
+        let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+        let launches = |pid: u32, function: u64, n: f64| {
+            if identified {
+                shared(pid, function, n, 0xfeed)
+            } else {
+                count(pid, function, n)
+            }
+        };
+        let mut last = None;
+        for _ in 0..20 {
+            last = estimator.observe(&window(45.0, vec![launches(1, 0x10, 200.0), launches(2, 0x77, 100.0)]));
+        }
+        last.unwrap()
+    };
+    let known = run(true);
+    assert!((known.share_of(1) - 30.0).abs() < 1.0 && (known.share_of(2) - 15.0).abs() < 1.0, "{known:?}");
+    assert!(known.processes.iter().all(|p| p.confidence > 0.8), "{known:?}");
+    let unknown = run(false);
+    assert!((unknown.share_of(1) - unknown.share_of(2)).abs() < 5.0, "the prior splits evenly: {unknown:?}");
+    assert!(unknown.processes.iter().all(|p| p.confidence < 0.5), "{unknown:?}");
+}
+
+/// A kernel's cost learned while it ran alone pins it for a later
+/// process: started beside an unknown newcomer, the process launching the
+/// known kernel is measured at once and the newcomer takes the rest. The
+/// shared state stays while any process still launches the kernel.
+#[test]
+fn a_learned_kernel_pins_later_processes() {
+    let config = EstimatorConfig { key_ttl_s: 2.0, ..EstimatorConfig::default() };
+    let mut estimator = Estimator::new(config, Sharing::Mps);
+    // 0.1 %·s per launch, learned in process 1.
+    for _ in 0..10 {
+        estimator.observe(&window(20.0, vec![shared(1, 0x10, 100.0, 0xbeef)]));
+    }
+    let attribution = estimator
+        .observe(&window(50.0, vec![shared(1, 0x10, 100.0, 0xbeef), shared(2, 0x20, 50.0, 0xbeef), count(3, 9, 7.0)]))
+        .unwrap();
+    assert!((attribution.share_of(2) - 10.0).abs() < 1.0, "{attribution:?}");
+    assert!((attribution.share_of(3) - 20.0).abs() < 2.0, "{attribution:?}");
+    assert_eq!(estimator.learned_keys(), 2, "process 2 joined the kernel's state; 3 is not learned yet");
+    // Process 1 stops; process 2 keeps the kernel's cost past the TTL.
+    for _ in 0..8 {
+        estimator.observe(&window(10.0, vec![shared(2, 0x20, 50.0, 0xbeef)]));
+    }
+    let attribution = estimator.observe(&window(10.0, vec![shared(2, 0x20, 50.0, 0xbeef)])).unwrap();
+    assert!((attribution.share_of(2) - 10.0).abs() < 1.0, "{attribution:?}");
+    assert_eq!(estimator.learned_keys(), 1);
+}
+
 /// Hostile windows (zero and huge durations, counts and utilizations,
 /// processes appearing and vanishing at random) never panic, every share
 /// stays finite, non-negative and within the device utilization, and the
@@ -168,6 +228,8 @@ fn hostile_windows_keep_shares_bounded() {
                     function: next() % 3,
                     threads_per_launch: pick(next(), &[0.0, 1.0, 50_688.0, u64::MAX as f64]) as u64,
                     launches: pick(next(), &[0.0, 1.0, 100.0, 1e9, 1e300]),
+                    // Shared kernels across hostile processes too.
+                    kernel: (next() % 3 != 0).then(|| next() % 4),
                 })
                 .collect();
             let window = Window {

@@ -2,7 +2,8 @@
 //! `TRACE.json` with device utilization, NVML process samples and, where
 //! tenants report it, their true load; beside it `TRACE-launch.jsonl`
 //! with cumulative launch counts per (process, entry point, function)
-//! every half second. `record` writes it, `replay` reads it.
+//! every half second, and the kernel identity of the functions whose
+//! identity is known. `record` writes it, `replay` reads it.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,10 @@ pub struct LaunchLine {
     pub t: f64,
     /// `[tgid, kind, function, launches_cumulative, threads_cumulative]`.
     pub rows: Vec<(u32, u32, u64, u64, u64)>,
+    /// `[tgid, function, kernel identity]` for the rows whose kernel is
+    /// known across processes (absent in traces before kernel identities).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<(u32, u64, u64)>,
 }
 
 impl Trace {
@@ -188,5 +193,21 @@ mod tests {
         assert!(error(&TRACE.replace("[2.0,0.5,1.0]", "[-2.0,0.5,1.0]"), "").contains("not negative"));
         assert!(error(&TRACE.replace("[1.0,50.0]", "[1.0,150.0]"), "").contains("percentage"));
         assert!(error("{", "").starts_with("x.json: line 1:"));
+    }
+
+    /// Kernel identities ride beside the rows; traces from before them
+    /// (no `kernels`) still read, and a line without identities is written
+    /// as before.
+    #[test]
+    fn kernel_identities_are_optional() {
+        let path = Path::new("x.json");
+        let (_, old) = parse(path, TRACE, "{\"t\":1.0,\"rows\":[[7,0,1,10,10]]}\n").unwrap();
+        assert!(old[0].kernels.is_empty());
+        let line = LaunchLine { t: 1.0, rows: vec![(7, 0, 1, 10, 10)], kernels: vec![(7, 1, 0xfeed)] };
+        let text = serde_json::to_string(&line).unwrap();
+        let (_, new) = parse(path, TRACE, &text).unwrap();
+        assert_eq!(new, vec![line.clone()]);
+        let plain = serde_json::to_string(&LaunchLine { kernels: Vec::new(), ..line }).unwrap();
+        assert!(!plain.contains("kernels"), "{plain}");
     }
 }
