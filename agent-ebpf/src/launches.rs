@@ -10,6 +10,15 @@
 //! `config` (gridDimX/Y/Z, blockDimX/Y/Z: six u32 at offset 0);
 //! `cuGraphLaunch(hGraphExec, hStream)` is counted per graph.
 //!
+//! Kernel identity: `cuModuleGetFunction(CUfunction *out, CUmodule,
+//! const char *name)` and `cuLibraryGetKernel(CUkernel *out, CUlibrary,
+//! const char *name)` are probed at entry (the out pointer and the name
+//! pointer, per thread) and at return (on success, the handle written and
+//! the name read into `KERNEL_NAMES`); `cuKernelGetFunction(CUfunction
+//! *out, CUkernel)` gives the function its kernel's name. These are called
+//! when a program loads its kernels, not per launch, and stay attached
+//! while the launch probes are sampled.
+//!
 //! When user space samples (attaches for part of an interval), it also
 //! sets `WINDOW` to the kernel-time span it means to count: attaching and
 //! detaching eight entry points takes milliseconds, and a count over an
@@ -18,12 +27,12 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe},
-    maps::{Array, PerCpuHashMap},
-    programs::ProbeContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
+    macros::{map, uprobe, uretprobe},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{ProbeContext, RetProbeContext},
 };
-use podgpu_common::{launch_kind, LaunchKey, MAX_LAUNCH_KEYS};
+use podgpu_common::{launch_kind, KernelHandle, KernelName, LaunchKey, MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS};
 
 /// Launches per key, per CPU.
 #[map]
@@ -120,6 +129,92 @@ pub fn cu_graph_launch(ctx: ProbeContext) -> u32 {
         function: ctx.arg::<u64>(0).unwrap_or(0),
         ..LaunchKey::default()
     });
+    0
+}
+
+/// Name of each kernel handle, per process.
+#[map]
+static KERNEL_NAMES: LruHashMap<KernelHandle, KernelName> = LruHashMap::with_max_entries(MAX_KERNEL_HANDLES, 0);
+
+/// Per thread inside an identity call: [out pointer, name pointer or
+/// kernel handle, what the second is (`BY_NAME` or `BY_KERNEL`)].
+#[map]
+static PENDING_IDENTITY: HashMap<u64, [u64; 3]> = HashMap::with_max_entries(4096, 0);
+
+/// Scratch for one name (too large for comfort on the 512-byte stack).
+#[map]
+static NAME_SCRATCH: PerCpuArray<KernelName> = PerCpuArray::with_max_entries(1, 0);
+
+const BY_NAME: u64 = 0;
+const BY_KERNEL: u64 = 1;
+
+#[inline(always)]
+fn remember_call(ctx: &ProbeContext, source_arg: usize, by: u64) -> u32 {
+    let out = ctx.arg::<u64>(0).unwrap_or(0);
+    let source = ctx.arg::<u64>(source_arg).unwrap_or(0);
+    // A full map loses this handle's identity, nothing else.
+    let _ = PENDING_IDENTITY.insert(&bpf_get_current_pid_tgid(), &[out, source, by], 0);
+    0
+}
+
+#[uprobe]
+pub fn cu_module_get_function(ctx: ProbeContext) -> u32 {
+    remember_call(&ctx, 2, BY_NAME)
+}
+
+#[uprobe]
+pub fn cu_library_get_kernel(ctx: ProbeContext) -> u32 {
+    remember_call(&ctx, 2, BY_NAME)
+}
+
+#[uprobe]
+pub fn cu_kernel_get_function(ctx: ProbeContext) -> u32 {
+    remember_call(&ctx, 1, BY_KERNEL)
+}
+
+/// The return of any identity call: on success, the handle it wrote gets
+/// its name.
+#[uretprobe]
+pub fn identity_return(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a value of this map, copied before the entry is removed.
+    let Some(&[out, source, by]) = (unsafe { PENDING_IDENTITY.get(&id) }) else {
+        return 0;
+    };
+    let _ = PENDING_IDENTITY.remove(&id);
+    // CUresult: 0 is CUDA_SUCCESS; on failure `out` holds nothing.
+    let result: u64 = ctx.ret();
+    if result as u32 != 0 {
+        return 0;
+    }
+    let tgid = (id >> 32) as u32;
+    // SAFETY: user memory through the checked helper.
+    let Ok(handle) = (unsafe { bpf_probe_read_user(out as *const u64) }) else {
+        return 0;
+    };
+    let key = KernelHandle { tgid, pad: 0, handle };
+    if by == BY_KERNEL {
+        let kernel = KernelHandle { tgid, pad: 0, handle: source };
+        // SAFETY: a value of this map, read by the helper into our copy.
+        if let Some(name) = unsafe { KERNEL_NAMES.get(&kernel) } {
+            let name = *name;
+            let _ = KERNEL_NAMES.insert(&key, &name, 0);
+        }
+        return 0;
+    }
+    let Some(scratch) = NAME_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot, used by this program only.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: user memory through the checked helper (bounded by the buffer).
+    let len = match unsafe { bpf_probe_read_user_str_bytes(source as *const u8, &mut scratch.name) } {
+        Ok(read) => read.len() as u32,
+        Err(_) => return 0,
+    };
+    scratch.len = len;
+    scratch.pad = 0;
+    let _ = KERNEL_NAMES.insert(&key, scratch, 0);
     0
 }
 

@@ -260,6 +260,53 @@ pub struct LaunchKey {
 // test); every bit pattern is valid.
 unsafe impl aya::Pod for LaunchKey {}
 
+/// Kernel handles the identity probes remember (LRU: the oldest of a
+/// process that created more are forgotten first).
+pub const MAX_KERNEL_HANDLES: u32 = 16384;
+/// Bytes of a kernel's name kept (mangled C++ names run long; the prefix
+/// plus the length tell kernels apart in practice).
+pub const KERNEL_NAME_BYTES: usize = 120;
+
+/// A kernel handle of one process: a `CUfunction` or a `CUkernel`
+/// (`cuLaunchKernel` takes either, cast).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KernelHandle {
+    /// Process (thread group) id.
+    pub tgid: u32,
+    /// Zero (keeps `handle` aligned).
+    pub pad: u32,
+    /// The handle.
+    pub handle: u64,
+}
+
+/// The name a kernel handle was created for (`cuModuleGetFunction`,
+/// `cuLibraryGetKernel`; `cuKernelGetFunction` copies its kernel's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelName {
+    /// Bytes of `name` read, the terminating NUL included (0: none).
+    pub len: u32,
+    /// Zero.
+    pub pad: u32,
+    /// The name's first bytes.
+    pub name: [u8; KERNEL_NAME_BYTES],
+}
+
+impl Default for KernelName {
+    fn default() -> Self {
+        Self { len: 0, pad: 0, name: [0; KERNEL_NAME_BYTES] }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u32 + u32 + u64: no padding; any bit pattern is valid.
+unsafe impl aya::Pod for KernelHandle {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u32 + u32 + 120 bytes: no padding; any bit pattern is valid.
+unsafe impl aya::Pod for KernelName {}
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C); u64s first, then u32s, then byte arrays whose lengths
 // keep the following u32s aligned: no padding (checked by a test), and

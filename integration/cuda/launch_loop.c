@@ -4,12 +4,17 @@
  * prints "MONOTONIC_NS LAUNCHES" (the truth for rate checks); with a
  * SECONDS argument it stops launching after that long, prints
  * "done LAUNCHES RATE" and sleeps until killed. With GO_FILE it prints
- * "ready" and starts only once that file exists.
+ * "ready" and starts only once that file exists. With KERNEL_NAME in the
+ * environment it launches the handle libcuda gives that name
+ * (cuModuleGetFunction, or with KERNEL_VIA=library cuLibraryGetKernel then
+ * cuKernelGetFunction), as an application loading its kernels does;
+ * otherwise the fixed handle 0x4001.
  *
  * usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]] */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -43,6 +48,26 @@ int main(int argc, char **argv) {
     long long started = now_ns(), next_report = started + 250000000LL;
     unsigned long long launches = 0;
     void *f = (void *)0x4001;
+    const char *kernel_name = getenv("KERNEL_NAME");
+    if (kernel_name) {
+        const char *via = getenv("KERNEL_VIA");
+        int status;
+        if (via && strcmp(via, "library") == 0) {
+            void *kernel = NULL;
+            int (*get_kernel)(void **, void *, const char *) = dlsym(lib, "cuLibraryGetKernel");
+            int (*kernel_function)(void **, void *) = dlsym(lib, "cuKernelGetFunction");
+            status = get_kernel(&kernel, NULL, kernel_name) || kernel_function(&f, kernel);
+        } else {
+            int (*get_function)(void **, void *, const char *) = dlsym(lib, "cuModuleGetFunction");
+            status = get_function(&f, NULL, kernel_name);
+        }
+        if (status) {
+            fprintf(stderr, "resolving %s failed\n", kernel_name);
+            return 1;
+        }
+        printf("function %p\n", f);
+        fflush(stdout);
+    }
     for (;;) {
         launch(f, 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
         launches++;

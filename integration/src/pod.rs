@@ -169,3 +169,31 @@ pub fn remove_cgroup_dir(dir: &Path) -> io::Result<()> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A cgroup subtree standing for one node: a test whose agent watches only
+/// its own does not see the launches and sockets of tests running beside
+/// it (on a one-GPU node every launching process is on that GPU).
+/// Removed on drop, after the pods in it (drop those first).
+pub struct NodeRoot(pub std::path::PathBuf);
+
+impl NodeRoot {
+    /// A fresh subtree named `name` and this test process's pid under the
+    /// host's cgroup v2 root.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let root = podgpu_agent::pods::cgroup_tree::host_v2_root()?.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&root)?;
+        Ok(Self(root))
+    }
+
+    /// `--cgroup-root=` for an agent watching this node.
+    pub fn agent_arg(&self) -> String {
+        format!("--cgroup-root={}", self.0.display())
+    }
+}
+
+impl Drop for NodeRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(self.0.join("kubepods.slice"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -14,7 +14,7 @@ use integration::agent::{AgentProcess, PodEntry};
 use integration::eventually;
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
-use integration::pod::{new_uid, pod_slice_path, CgroupPod};
+use integration::pod::{new_uid, pod_slice_path, CgroupPod, NodeRoot};
 use integration::workspace_binary;
 
 async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
@@ -35,26 +35,11 @@ struct Setup {
     uid: String,
 }
 
-/// A cgroup subtree standing for one node: each test's agent watches only
-/// its own, so tests running side by side do not see each other's
-/// launches (on a one-GPU node every launching process is on that GPU).
-struct NodeRoot(std::path::PathBuf);
-
-impl Drop for NodeRoot {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(self.0.join("kubepods.slice"));
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32) -> Setup {
     let tools = tempfile::tempdir().unwrap();
     integration::cuda_standin::build(tools.path()).expect("the libcuda stand-in builds");
     let namespace = format!("attr-{}", std::process::id());
-    let node = NodeRoot(
-        podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap().join(format!("{node}-{}", std::process::id())),
-    );
-    std::fs::create_dir_all(&node.0).unwrap();
+    let node = NodeRoot::create(node).unwrap();
     let cgroup_root = node.0.clone();
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
@@ -68,7 +53,7 @@ async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32) -> Setup {
     )
     .unwrap();
     let gpu = format!("--gpu=sim:{}", scenario.display());
-    let root = format!("--cgroup-root={}", cgroup_root.display());
+    let root = node.agent_arg();
     let pods = [PodEntry { uid: &uid, namespace: &namespace, name: "tenant", app: "tenant" }];
     // Counting every launch, read every second: at the default 1% budget a
     // slow VM's uprobe cost (20 µs a hit) puts this ~1,000 launches/s loop

@@ -14,7 +14,7 @@ use integration::agent::{AgentProcess, PodEntry};
 use integration::eventually;
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
-use integration::pod::{new_uid, CgroupPod};
+use integration::pod::{new_uid, CgroupPod, NodeRoot};
 
 fn build(dir: &Path) {
     integration::cuda_standin::build(dir).expect("the libcuda stand-in builds");
@@ -42,7 +42,11 @@ async fn launches_are_counted_per_pod_function_and_size() {
     let tools = tempfile::tempdir().unwrap();
     build(tools.path());
     let ns = format!("launch-{}", std::process::id());
-    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    // Each test here is its own node: an agent watching the host's whole
+    // tree would find the other tests' libcuda and count their launches.
+    let node = NodeRoot::create("launch").unwrap();
+    let cgroup_root = node.0.clone();
+    let root = node.agent_arg();
     let (uid_a, uid_b) = (new_uid(), new_uid());
     let mut pod_a = CgroupPod::create(&cgroup_root, &uid_a).unwrap();
     let mut pod_b = CgroupPod::create(&cgroup_root, &uid_b).unwrap();
@@ -50,7 +54,8 @@ async fn launches_are_counted_per_pod_function_and_size() {
         PodEntry { uid: &uid_a, namespace: &ns, name: "train-a", app: "a" },
         PodEntry { uid: &uid_b, namespace: &ns, name: "train-b", app: "b" },
     ];
-    let (agent, _files) = AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on"]).expect("agent starts");
+    let (agent, _files) =
+        AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on", &root]).expect("agent starts");
     let go = tools.path().join("go");
     let lib = tools.path().join("libcuda.so.1");
     let start = |pod: &mut CgroupPod, seed: &str, kernels: &str, ex: &str, graphs: &str| {
@@ -118,6 +123,84 @@ async fn launches_are_counted_per_pod_function_and_size() {
     assert!(after > 0.5 * rate_a, "the pod's launches were kept: {after} vs {rate_a}");
 }
 
+/// Kernel identity: two replicas in two pods load the same kernel by name,
+/// one through `cuModuleGetFunction`, the other through
+/// `cuLibraryGetKernel` + `cuKernelGetFunction`, and get different handles
+/// (as real processes do). The identity probes name both handles, so both
+/// rows carry the same kernel identity; a third process launching a
+/// hard-coded handle (created before any probe saw it) has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_kernel_in_two_processes_has_one_identity() {
+    require_root();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path());
+    let ns = format!("identity-{}", std::process::id());
+    // Its own node: the other tests here launch beside it.
+    let node = NodeRoot::create("identity").unwrap();
+    let uids = [new_uid(), new_uid(), new_uid()];
+    let mut pods: Vec<CgroupPod> = uids.iter().map(|uid| CgroupPod::create(&node.0, uid).unwrap()).collect();
+    let entries: Vec<PodEntry> =
+        uids.iter().map(|uid| PodEntry { uid, namespace: &ns, name: "replica", app: "replica" }).collect();
+    let root = node.agent_arg();
+    let (agent, _files) =
+        AgentProcess::start_for_pods(&entries, &["--launch-accounting", "on", &root]).expect("agent starts");
+    let go = tools.path().join("go");
+    let lib = tools.path().join("libcuda.so.1");
+    let mut outputs = Vec::new();
+    let mut pids = Vec::new();
+    for (pod, via) in pods.iter_mut().zip([Some("module"), Some("library"), None]) {
+        let mut command = Command::new(tools.path().join("launch_loop"));
+        // A second of launches, then asleep (the loop spins the CPU while
+        // it runs, and the tests beside this one time launches).
+        command.args([lib.to_str().unwrap(), "2000000", "1", go.to_str().unwrap()]);
+        if let Some(via) = via {
+            command.env("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi").env("KERNEL_VIA", via);
+        }
+        let child = pod.spawn(command).expect("launch loop runs");
+        pids.push(child.id());
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        outputs.push(output);
+    }
+    let attached = eventually(Duration::from_secs(5), async || {
+        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
+    std::fs::write(&go, b"go").unwrap();
+    // The handle each replica launches, as it printed it.
+    let mut handles = Vec::new();
+    for output in outputs.iter_mut().take(2) {
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        let handle = line.trim().strip_prefix("function ").unwrap_or_else(|| panic!("{line}")).to_string();
+        handles.push(handle);
+    }
+    assert_ne!(handles[0], handles[1], "the replicas' handles differ");
+    let rows_of = |view: &serde_json::Value, pid: u32| -> Vec<serde_json::Value> {
+        view["rows"].as_array().unwrap().iter().filter(|r| r["pid"] == pid).cloned().collect()
+    };
+    let named = eventually(Duration::from_secs(5), async || {
+        let view = json(agent.http, "/launches").await;
+        pids.iter().all(|pid| !rows_of(&view, *pid).is_empty())
+    })
+    .await;
+    let view = json(agent.http, "/launches").await;
+    assert!(named, "{view}");
+    let (a, b, fixed) = (rows_of(&view, pids[0]), rows_of(&view, pids[1]), rows_of(&view, pids[2]));
+    assert_eq!(a[0]["function"], handles[0].as_str(), "{view}");
+    assert_eq!(b[0]["function"], handles[1].as_str(), "{view}");
+    let identity = a[0]["kernel"].as_str().unwrap_or_else(|| panic!("replica A has an identity: {view}"));
+    assert_eq!(b[0]["kernel"].as_str(), Some(identity), "one kernel, one identity: {view}");
+    let expected = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_bf16PKvS0_Pvi");
+    assert_eq!(identity, format!("{expected:#x}"), "the identity is the name's");
+    assert!(fixed[0].get("kernel").is_none(), "a handle no probe saw created has none: {view}");
+    drop(agent);
+    drop(pods);
+}
+
 /// A launch-bound tenant: its rate times the calibrated cost of a probed
 /// launch exceeds the overhead budget, so the probes are attached for only
 /// part of each interval and the counts are scaled from that sample; the
@@ -130,14 +213,16 @@ async fn launch_bound_tenants_are_sampled_and_their_counts_hold() {
     let tools = tempfile::tempdir().unwrap();
     build(tools.path());
     let ns = format!("sampled-{}", std::process::id());
-    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let node = NodeRoot::create("sampled").unwrap();
+    let cgroup_root = node.0.clone();
+    let root = node.agent_arg();
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
     let pods = [PodEntry { uid: &uid, namespace: &ns, name: "loop", app: "loop" }];
     // A 0.2% budget makes sampling certain whatever this machine's trap
     // cost (the default, 1%, is the chart's).
     let (agent, _files) =
-        AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on", "--launch-overhead-budget", "0.2"])
+        AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on", "--launch-overhead-budget", "0.2", &root])
             .expect("agent starts");
     let mut command = Command::new(tools.path().join("launch_loop"));
     // 50 µs of host work per launch for 12 s: ~20,000 launches/s, slowed

@@ -136,6 +136,10 @@ fn run(
             hit_cost_ns: hit_cost.as_nanos() as u64,
             ..LaunchSnapshot::default()
         };
+        let identities = probe.identities().unwrap_or_else(|err| {
+            tracing::debug!(error = %err, "reading kernel identities");
+            Default::default()
+        });
         let mut gone = Vec::new();
         for (key, _) in counts {
             let launches = estimates.launches(&key);
@@ -156,6 +160,7 @@ fn run(
                 pod_uid,
                 entry: entry_name(key.kind),
                 function: format!("{:#x}", key.function),
+                kernel: identities.get(&(key.tgid, key.function)).map(|identity| format!("{identity:#x}")),
                 grid: key.grid,
                 block: key.block,
                 launches,

@@ -17,6 +17,7 @@ use aya::programs::UProbe;
 use aya::Ebpf;
 use podgpu_common::LaunchKey;
 
+use super::kernel_identity::{IDENTITY_POINTS, IDENTITY_PROGRAMS};
 use super::ProbeError;
 use crate::proc::{MappedFile, ProcFs};
 
@@ -63,7 +64,7 @@ impl LaunchProbe {
     /// Loads the embedded object (programs loaded, nothing attached yet).
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-launches")))?;
-        for name in PROGRAMS {
+        for name in PROGRAMS.into_iter().chain(IDENTITY_PROGRAMS) {
             program(&mut ebpf, name)?.load().map_err(|source| ProbeError::Program { name, source })?;
         }
         Ok(Self { ebpf, libraries: HashMap::new(), links: Vec::new(), attached: false })
@@ -92,12 +93,27 @@ impl LaunchProbe {
         let file = std::fs::File::open(&path).map_err(|err| ProbeError::Library { path: path.clone(), source: err })?;
         let points = entry_points(&file).map_err(|err| ProbeError::Library { path: path.clone(), source: err })?;
         let found = points.len();
+        let identity = identity_points(&file).map_err(|err| ProbeError::Library { path: path.clone(), source: err })?;
         let added = Library { file, points };
         if self.attached {
             self.attach_library(&added)?;
         }
+        // The identity calls stay probed whatever the sampling does: they
+        // run when a program loads its kernels, once, not per launch. Their
+        // links live as long as the programs (never detached).
+        let library_path = fd_path(&added.file);
+        for &(name, offset) in &identity {
+            program(&mut self.ebpf, name)?
+                .attach(UProbeAttachLocation::AbsoluteOffset(offset), &library_path, UProbeScope::AllProcesses)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
         self.libraries.insert(key, added);
-        tracing::info!(path = %path.display(), entry_points = found, "libcuda found for launch accounting");
+        tracing::info!(
+            path = %path.display(),
+            entry_points = found,
+            identity_points = identity.len(),
+            "libcuda found for launch accounting"
+        );
         Ok(found)
     }
 
@@ -246,6 +262,11 @@ impl LaunchProbe {
         Ok(())
     }
 
+    /// The kernel identity of every named handle, by (process, handle).
+    pub fn identities(&self) -> Result<HashMap<(u32, u64), u64>, ProbeError> {
+        super::kernel_identity::identities(&self.ebpf)
+    }
+
     /// Kernel run-time statistics of this probe's programs.
     pub fn program_stats(&self) -> Vec<crate::probes::BpfProgramStats> {
         crate::probes::program_stats(&self.ebpf)
@@ -290,6 +311,14 @@ pub extern "C" fn podgpu_uprobe_calibration_target(
     block_z: u32,
 ) -> u32 {
     std::hint::black_box(function ^ grid_x ^ grid_y ^ grid_z ^ block_x ^ block_y ^ block_z)
+}
+
+/// (program, file offset) of each kernel identity call `file` exports
+/// (`cuLibraryGetKernel` and `cuKernelGetFunction` came with CUDA 12).
+fn identity_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
+    Ok(IDENTITY_POINTS.iter().filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?))).collect())
 }
 
 /// (program, file offset) of each launch entry point `file` exports
@@ -339,6 +368,10 @@ pub struct LaunchRow {
     pub entry: &'static str,
     /// Function (or graph) handle, hex.
     pub function: String,
+    /// The kernel's identity across processes, hex (`None`: the handle
+    /// was created before the identity probes saw it, or is a graph).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
     /// Grid dimensions.
     pub grid: [u32; 3],
     /// Block dimensions.
@@ -347,6 +380,11 @@ pub struct LaunchRow {
     pub launches: u64,
     /// Threads started so far (launches x grid x block).
     pub threads: u64,
+}
+
+/// A handle or identity as `LaunchRow` writes it (`0x1f`).
+pub fn parse_hex(text: &str) -> Option<u64> {
+    u64::from_str_radix(text.trim_start_matches("0x"), 16).ok()
 }
 
 /// Name of a `launch_kind`.

@@ -9,6 +9,7 @@
 //! counts (accounting off, not yet read, or stale) each poll is a window
 //! of its own and the estimate falls back to NVML's samples, with zero
 //! confidence.
+use crate::probes::launches::parse_hex;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,11 +120,10 @@ impl LiveAttribution {
             if launched > 0 {
                 counts.push(LaunchCount {
                     pid: row.pid,
-                    function: u64::from_str_radix(row.function.trim_start_matches("0x"), 16).unwrap_or(0),
+                    function: parse_hex(&row.function).unwrap_or(0),
                     threads_per_launch: threads_per_launch_of(row.grid, row.block),
                     launches: launched as f64,
-                    // The launch probes do not resolve kernel identities yet.
-                    kernel: None,
+                    kernel: row.kernel.as_deref().and_then(parse_hex),
                 });
             }
             current.insert(key, row.launches);
@@ -198,6 +198,7 @@ mod tests {
             pod_uid: None,
             entry: "kernel_ex",
             function: "0x1f".into(),
+            kernel: Some("0xfeed".into()),
             grid: [132, 1, 1],
             block: [384, 1, 1],
             launches,

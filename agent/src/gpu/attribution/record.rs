@@ -5,6 +5,7 @@
 //! beside the agent (in its pod, `kubectl exec`). Tenants that report
 //! their true load (`duty_worker.py`'s output files) become the trace's
 //! truth.
+use crate::probes::launches::parse_hex;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -123,8 +124,11 @@ pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
         }
         if let Some(read) = counts["read_at_unix"].as_f64().filter(|&read| read > last_read) {
             last_read = read;
-            // The live probes carry no kernel identities yet.
-            launches.push(LaunchLine { t: read, rows: launch_rows(&counts["rows"]), kernels: Vec::new() });
+            launches.push(LaunchLine {
+                t: read,
+                rows: launch_rows(&counts["rows"]),
+                kernels: kernel_identities(&counts["rows"]),
+            });
         }
         std::thread::sleep(POLL.saturating_sub(started.elapsed()));
     }
@@ -153,6 +157,22 @@ fn gpu_suffix(gpu: &Option<String>) -> String {
 
 /// The agent's rows (one per process, function and launch shape) as
 /// trace rows (one per process, entry point and function: shapes summed).
+/// `[pid, function, identity]` of the rows whose kernel is known.
+fn kernel_identities(rows: &serde_json::Value) -> Vec<(u32, u64, u64)> {
+    let mut known: Vec<(u32, u64, u64)> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| {
+            let pid = u32::try_from(row["pid"].as_u64()?).ok()?;
+            Some((pid, parse_hex(row["function"].as_str()?)?, parse_hex(row["kernel"].as_str()?)?))
+        })
+        .collect();
+    known.sort_unstable();
+    known.dedup();
+    known
+}
+
 fn launch_rows(rows: &serde_json::Value) -> Vec<(u32, u32, u64, u64, u64)> {
     let mut merged: BTreeMap<(u32, u32, u64), (u64, u64)> = BTreeMap::new();
     for row in rows.as_array().into_iter().flatten() {
@@ -168,10 +188,7 @@ fn launch_rows(rows: &serde_json::Value) -> Vec<(u32, u32, u64, u64, u64)> {
             Some("graph") => podgpu_common::launch_kind::GRAPH,
             _ => continue,
         };
-        let function = row["function"]
-            .as_str()
-            .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
-            .unwrap_or(0);
+        let function = row["function"].as_str().and_then(parse_hex).unwrap_or(0);
         let entry = merged.entry((pid as u32, kind, function)).or_default();
         entry.0 += n;
         entry.1 += threads;
