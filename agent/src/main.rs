@@ -292,6 +292,11 @@ struct NodeOptions {
     /// stops counting as a pod (one that never held a process never counts).
     #[arg(long, env = "PODGPU_EMPTY_POD_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     empty_pod_grace_s: u64,
+    /// A file where learned kernel costs are kept across restarts (per GPU
+    /// model and kernel; written atomically every 30 s, bounded). The chart
+    /// puts it on a host path. Unset: costs are relearned after a restart.
+    #[arg(long, env = "PODGPU_COST_CATALOG")]
+    cost_catalog: Option<PathBuf>,
     /// GPU poll interval in milliseconds.
     #[arg(long, env = "PODGPU_GPU_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     gpu_interval_ms: u64,
@@ -448,6 +453,7 @@ async fn main() -> anyhow::Result<()> {
         tick: Duration::from_millis(options.tick_ms),
         gpu_interval: Duration::from_millis(options.gpu_interval_ms),
         empty_pod_grace: Duration::from_secs(options.empty_pod_grace_s),
+        cost_catalog: options.cost_catalog,
         require_ebpf: options.require_ebpf,
         request_maps: podgpu_agent::probes::requests::MapSizes {
             watched_cgroups: options.max_watched_cgroups,

@@ -149,6 +149,8 @@ pub struct PollerConfig {
     /// The launch reader's snapshot: launch counts for the attribution
     /// estimator.
     pub launches: Arc<std::sync::Mutex<crate::probes::launches::LaunchSnapshot>>,
+    /// Where learned kernel costs are kept across restarts (`None`: not kept).
+    pub cost_catalog: Option<PathBuf>,
 }
 
 /// Starts the poller thread. It ends when the receiver is dropped.
@@ -175,7 +177,7 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
     // a long outage to one warning instead of one per attempt.
     let mut failures: u32 = 0;
     let mut pids = PidCache::new(config.proc.clone(), PID_IDLE_EXPIRY);
-    let mut estimators = LiveAttribution::new(config.launches.clone());
+    let mut estimators = LiveAttribution::new(config.launches.clone(), config.cost_catalog.clone());
     while !updates.is_closed() {
         let started = Instant::now();
         let outcome = match backend.as_mut() {
@@ -219,6 +221,8 @@ fn run(config: PollerConfig, updates: mpsc::Sender<GpuUpdate>, dropped: Arc<Atom
         };
         sleep_unless_closed(&updates, pause, &config.poll_now);
     }
+    // Shutting down: what was learned since the last save is kept.
+    estimators.save_catalog(Instant::now(), true);
 }
 
 fn report_failure(err: &GpuError, failures: u32, retry_in: Duration) {

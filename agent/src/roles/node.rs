@@ -43,6 +43,8 @@ pub struct Config {
     pub gpu_interval: Duration,
     /// How long an emptied pod cgroup still counts as a pod.
     pub empty_pod_grace: Duration,
+    /// Where learned kernel costs are kept across restarts (`None`: not kept).
+    pub cost_catalog: Option<PathBuf>,
     /// Exit instead of degrading when the eBPF probes cannot load.
     pub require_ebpf: bool,
     /// Sizes of the request probe's kernel maps (watched cgroups,
@@ -167,6 +169,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             interval: config.gpu_interval,
             poll_now: poll_gpu_now.clone(),
             launches: launch_snapshot.clone(),
+            cost_catalog: config.cost_catalog.clone(),
         },
         gpu_tx,
         gpu_dropped.clone(),

@@ -28,6 +28,7 @@
 //!    it. A share's σ keeps how far its process moved inside the window.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::catalog::LearnedCost;
 use super::filter::{CostFilter, Slot};
 use super::{Attribution, Basis, LaunchCount, ProcessShare, Window};
 use crate::gpu::Sharing;
@@ -120,6 +121,9 @@ impl EstimatorConfig {
     }
 }
 
+/// How much looser than learned a catalog cost starts (relative σ).
+const CATALOG_LOOSENING: f64 = 0.1;
+
 /// What launches are told apart by: the process, the function (or graph)
 /// and the launch size class (log2 of threads per launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -163,6 +167,9 @@ pub struct Estimator {
     /// The slot of each known kernel (identity, size class), shared by
     /// every process that launches it.
     shared: HashMap<(u64, u8), Slot>,
+    /// Costs from the node's catalog (`catalog`), by kernel: a slot opens
+    /// with the cost when a process launches the kernel.
+    known: HashMap<(u64, u8), (f64, f64)>,
     /// Slot of the time-slicing overhead state (time-sliced GPUs only).
     overhead: Option<Slot>,
     sharing: Sharing,
@@ -175,7 +182,39 @@ impl Estimator {
         // Under MPS kernels of different clients overlap: there is no
         // switching cost to learn, only concurrency.
         let overhead = (sharing == Sharing::TimeSliced).then(|| filter.push(0.0, config.overhead_prior.powi(2)));
-        Self { config, filter, keys: HashMap::new(), shared: HashMap::new(), overhead, sharing }
+        Self { config, filter, keys: HashMap::new(), shared: HashMap::new(), known: HashMap::new(), overhead, sharing }
+    }
+
+    /// Seeds kernel costs learned before (the node's catalog): a process
+    /// launching one of these kernels starts from its cost.
+    pub fn seed(&mut self, costs: &[LearnedCost]) {
+        for cost in costs {
+            // What the catalog knew was learned under other mixes: held a
+            // little looser than it was learned.
+            let variance = cost.variance.max((CATALOG_LOOSENING * cost.cost).powi(2));
+            self.known.insert((cost.kernel, cost.size_class), (cost.cost, variance));
+        }
+    }
+
+    /// Kernel costs this estimator pinned (relative σ under a quarter),
+    /// for the node's catalog, stamped `now_unix`.
+    pub fn learned_costs(&self, now_unix: f64) -> Vec<LearnedCost> {
+        let mut learned: Vec<LearnedCost> = self
+            .shared
+            .iter()
+            .filter_map(|(&(kernel, size_class), &slot)| {
+                let (cost, variance) = (self.filter.mean(slot), self.filter.variance(slot));
+                (cost > 0.0 && variance.sqrt() < 0.25 * cost).then_some(LearnedCost {
+                    kernel,
+                    size_class,
+                    cost,
+                    variance,
+                    seen_unix: now_unix,
+                })
+            })
+            .collect();
+        learned.sort_by_key(|c| (c.kernel, c.size_class));
+        learned
     }
 
     /// Keys the filter holds now.
@@ -218,10 +257,22 @@ impl Estimator {
             // A kernel another process runs (or ran) is already learned: a
             // new process launching it starts from that cost.
             if tracked.slot.is_none() && rate > 0.0 {
-                if let Some(&slot) = tracked.identity.and_then(|identity| self.shared.get(&identity)) {
-                    tracked.slot = Some(slot);
-                    tracked.reference_rate = rate;
-                    tracked.last_rate = rate;
+                if let Some(identity) = tracked.identity {
+                    let slot = match (self.shared.get(&identity), self.known.get(&identity)) {
+                        (Some(&slot), _) => Some(slot),
+                        // Known from the catalog: its slot opens now.
+                        (None, Some(&(cost, variance))) => {
+                            let slot = self.filter.push(cost, variance);
+                            self.shared.insert(identity, slot);
+                            Some(slot)
+                        }
+                        (None, None) => None,
+                    };
+                    if let Some(slot) = slot {
+                        tracked.slot = Some(slot);
+                        tracked.reference_rate = rate;
+                        tracked.last_rate = rate;
+                    }
                 }
             }
             match tracked.slot {
@@ -448,6 +499,14 @@ impl Estimator {
             // A kernel other processes still launch keeps its cost.
             if self.keys.values().any(|other| other.slot == Some(slot)) {
                 continue;
+            }
+            // A pinned kernel cost outlives its processes: the next process
+            // launching the kernel starts from it.
+            let (cost, variance) = (self.filter.mean(slot), self.filter.variance(slot));
+            for (&identity, _) in self.shared.iter().filter(|(_, shared)| **shared == slot) {
+                if cost > 0.0 && variance.sqrt() < 0.25 * cost {
+                    self.known.insert(identity, (cost, variance));
+                }
             }
             self.filter.remove(slot);
             self.shared.retain(|_, shared| *shared != slot);

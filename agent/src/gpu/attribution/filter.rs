@@ -42,6 +42,11 @@ impl CostFilter {
         self.mean[slot]
     }
 
+    /// Current variance of `slot`.
+    pub fn variance(&self, slot: Slot) -> f64 {
+        self.covariance[slot * self.len() + slot]
+    }
+
     /// Adds a state uncorrelated with the others; returns its slot.
     pub fn push(&mut self, mean: f64, variance: f64) -> Slot {
         let n = self.len();

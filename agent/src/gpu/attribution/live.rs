@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::catalog::CostCatalog;
 use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
 use crate::gpu::{GpuPoll, Sharing};
 use crate::probes::launches::{threads_per_launch_of, LaunchSnapshot};
@@ -24,9 +25,24 @@ const LAUNCHES_STALE_AFTER: Duration = Duration::from_secs(10);
 /// A launch row's identity (process, function, launch shape).
 type RowKey = (u32, String, [u32; 3], [u32; 3]);
 
+/// How often learned kernel costs are written to the node's catalog.
+const CATALOG_SAVE_EVERY: Duration = Duration::from_secs(30);
+
+/// The node's cost catalog and where it is kept.
+struct Catalog {
+    path: std::path::PathBuf,
+    costs: CostCatalog,
+    saved: Instant,
+    /// Whether the last save failed (warned once until one succeeds).
+    failing: bool,
+}
+
 /// The estimators of one node and what they need between polls.
 pub struct LiveAttribution {
     launches: Arc<Mutex<LaunchSnapshot>>,
+    catalog: Option<Catalog>,
+    /// GPU product name per UUID (the catalog's key).
+    models: HashMap<String, String>,
     estimators: HashMap<String, (Sharing, Estimator)>,
     /// Cumulative launches per row at the last snapshot used.
     last_counts: HashMap<RowKey, u64>,
@@ -38,10 +54,20 @@ pub struct LiveAttribution {
 }
 
 impl LiveAttribution {
-    /// Estimators fed from `launches` (the launch reader's snapshot).
-    pub fn new(launches: Arc<Mutex<LaunchSnapshot>>) -> Self {
+    /// Estimators fed from `launches` (the launch reader's snapshot),
+    /// keeping learned kernel costs in the catalog at `catalog` (read now,
+    /// written every 30 s) when given.
+    pub fn new(launches: Arc<Mutex<LaunchSnapshot>>, catalog: Option<std::path::PathBuf>) -> Self {
+        let catalog = catalog.map(|path| Catalog {
+            costs: CostCatalog::load_or_empty(&path),
+            path,
+            saved: Instant::now(),
+            failing: false,
+        });
         Self {
             launches,
+            catalog,
+            models: HashMap::new(),
             estimators: HashMap::new(),
             last_counts: HashMap::new(),
             last_published: None,
@@ -89,15 +115,23 @@ impl LiveAttribution {
                 self.windows(poll, since_poll.as_secs_f64(), None)
             }
         };
+        for device in &poll.devices {
+            self.models.insert(device.uuid.clone(), device.name.clone());
+        }
         for (uuid, sharing, window) in windows {
-            let (kind, estimator) = self
-                .estimators
-                .entry(uuid.clone())
-                .or_insert_with(|| (sharing, Estimator::new(EstimatorConfig::default(), sharing)));
+            let model = self.models.get(&uuid).map_or("", String::as_str);
+            let seeded = |sharing: Sharing| {
+                let mut estimator = Estimator::new(EstimatorConfig::default(), sharing);
+                if let Some(catalog) = &self.catalog {
+                    estimator.seed(catalog.costs.costs_for(model));
+                }
+                estimator
+            };
+            let (kind, estimator) = self.estimators.entry(uuid.clone()).or_insert_with(|| (sharing, seeded(sharing)));
             if *kind != sharing {
                 // MPS turned on or off: what was learned no longer holds.
                 *kind = sharing;
-                *estimator = Estimator::new(EstimatorConfig::default(), sharing);
+                *estimator = seeded(sharing);
             }
             match estimator.observe(&window) {
                 Some(attribution) => self.latest.insert(uuid, attribution),
@@ -105,7 +139,40 @@ impl LiveAttribution {
             };
         }
         self.estimators.retain(|uuid, _| poll.devices.iter().any(|d| &d.uuid == uuid));
+        self.save_catalog(now, false);
         &self.latest
+    }
+
+    /// Records what the estimators pinned in the catalog and writes it,
+    /// at most every `CATALOG_SAVE_EVERY` unless `now_anyway`.
+    pub fn save_catalog(&mut self, now: Instant, now_anyway: bool) {
+        let Some(catalog) = &mut self.catalog else { return };
+        if !now_anyway && now.duration_since(catalog.saved) < CATALOG_SAVE_EVERY {
+            return;
+        }
+        catalog.saved = now;
+        let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut learned = false;
+        for (uuid, (_, estimator)) in &self.estimators {
+            let costs = estimator.learned_costs(unix);
+            if !costs.is_empty() {
+                let model = self.models.get(uuid).map_or("", String::as_str);
+                catalog.costs.record(model, &costs);
+                learned = true;
+            }
+        }
+        if !learned {
+            return;
+        }
+        match catalog.costs.save(&catalog.path) {
+            Ok(()) => catalog.failing = false,
+            Err(err) => {
+                if !catalog.failing {
+                    tracing::warn!(error = %err, "writing the cost catalog; learned kernel costs will not survive a restart");
+                }
+                catalog.failing = true;
+            }
+        }
     }
 
     /// Launches per row since the last snapshot used (a row that shrank
@@ -213,7 +280,7 @@ mod tests {
     #[test]
     fn windows_follow_the_launch_snapshots() {
         let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
-        let mut live = LiveAttribution::new(snapshot.clone());
+        let mut live = LiveAttribution::new(snapshot.clone(), None);
         let nvml_only = live.update(&poll(40.0))["GPU-a"].clone();
         assert_eq!(nvml_only.share_of(7), 40.0);
         assert_eq!(nvml_only.processes[0].basis, super::super::Basis::Nvml);
@@ -235,7 +302,7 @@ mod tests {
     #[test]
     fn stale_launch_counts_fall_back_to_nvml() {
         let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
-        let mut live = LiveAttribution::new(snapshot.clone());
+        let mut live = LiveAttribution::new(snapshot.clone(), None);
         let mut total = 0;
         for _ in 0..6 {
             total += 100;

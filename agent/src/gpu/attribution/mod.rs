@@ -37,7 +37,8 @@
 //! with known costs), `generator` (seeded random scenarios), `sweep` (the
 //! generalisation scorecard over them and the recorded traces), `holdout`
 //! (leave-one-out over the recorded traces), `record` (a trace from a live
-//! node).
+//! node), `catalog` (kernel costs kept across agent restarts).
+pub mod catalog;
 mod estimator;
 mod filter;
 pub mod generator;

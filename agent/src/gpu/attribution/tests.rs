@@ -204,6 +204,34 @@ fn a_learned_kernel_pins_later_processes() {
     assert_eq!(estimator.learned_keys(), 1);
 }
 
+/// The node's catalog: a kernel cost pinned by one estimator is handed to
+/// a fresh one (an agent restarted), where a process launching that
+/// kernel beside an unknown newcomer is measured from its first window.
+#[test]
+fn catalog_costs_pin_kernels_in_a_fresh_estimator() {
+    // 0.1 %·s per launch, learned while the kernel ran alone.
+    let mut first = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    for _ in 0..10 {
+        first.observe(&window(20.0, vec![shared(1, 0x10, 100.0, 0xbeef)]));
+    }
+    let learned = first.learned_costs(1_800_000_000.0);
+    assert_eq!(learned.len(), 1, "{learned:?}");
+    assert_eq!((learned[0].kernel, learned[0].seen_unix), (0xbeef, 1_800_000_000.0));
+    assert!((learned[0].cost - 0.1).abs() < 0.01, "{learned:?}");
+
+    let mut fresh = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    fresh.seed(&learned);
+    let attribution = fresh.observe(&window(50.0, vec![shared(7, 0x99, 100.0, 0xbeef), count(8, 0x40, 30.0)])).unwrap();
+    // 200 launches/s at 0.1 = 20 %; the newcomer holds the other 30.
+    assert!((attribution.share_of(7) - 20.0).abs() < 2.0, "{attribution:?}");
+    assert!((attribution.share_of(8) - 30.0).abs() < 2.0, "{attribution:?}");
+    let known = attribution.processes.iter().find(|p| p.pid == 7).unwrap();
+    assert!(known.confidence > 0.5, "{known:?}");
+    let mut unseeded = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    let cold = unseeded.observe(&window(50.0, vec![shared(7, 0x99, 100.0, 0xbeef), count(8, 0x40, 30.0)])).unwrap();
+    assert!(cold.processes.iter().all(|p| p.confidence < 0.5), "without the catalog nothing is known: {cold:?}");
+}
+
 /// Hostile windows (zero and huge durations, counts and utilizations,
 /// processes appearing and vanishing at random) never panic, every share
 /// stays finite, non-negative and within the device utilization, and the
