@@ -18,7 +18,9 @@ struct Shaped {
     tenants: Vec<(u32, Vec<(f64, f64, f64)>)>,
     device_util: Vec<(f64, f64)>,
     nvml_process_samples: Vec<(u32, u64, f64)>,
-    launches: Vec<(f64, Vec<(u32, u32, u64, u64, u64)>)>,
+    /// Each line's rows and kernel identities (shared kernels included:
+    /// the estimator ties their costs across processes).
+    launches: Vec<(f64, Vec<(u32, u32, u64, u64, u64)>, Vec<(u32, u64, u64)>)>,
 }
 
 impl Shaped {
@@ -40,8 +42,8 @@ impl Shaped {
             ..Trace::default()
         };
         let mut launches = String::new();
-        for (t, rows) in self.launches {
-            launches.push_str(&serde_json::to_string(&LaunchLine { t, rows }).ok()?);
+        for (t, rows, kernels) in self.launches {
+            launches.push_str(&serde_json::to_string(&LaunchLine { t, rows, kernels }).ok()?);
             launches.push('\n');
         }
         Some((serde_json::to_string(&trace).ok()?, launches))

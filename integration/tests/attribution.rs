@@ -35,7 +35,15 @@ struct Setup {
     uid: String,
 }
 
-async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32) -> Setup {
+/// What a test adds to the setup: the launch loop's environment (e.g. a
+/// kernel to resolve by name) and more agent arguments.
+#[derive(Default)]
+struct Extra<'a> {
+    loop_env: &'a [(&'a str, &'a str)],
+    agent_args: &'a [String],
+}
+
+async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32, extra: Extra<'_>) -> Setup {
     let tools = tempfile::tempdir().unwrap();
     integration::cuda_standin::build(tools.path()).expect("the libcuda stand-in builds");
     let namespace = format!("attr-{}", std::process::id());
@@ -59,13 +67,15 @@ async fn start(node: &str, gpu_yaml: &str, nvml: &str, percent: u32) -> Setup {
     // slow VM's uprobe cost (20 µs a hit) puts this ~1,000 launches/s loop
     // into sampling, read every 4 s, and a 5 s recording then held two reads.
     // Sampling has its own tests (launches.rs).
-    let args: [&str; 8] =
-        [&gpu, &root, "--launch-accounting", "on", "--launch-overhead-budget", "10", "--gpu-interval-ms", "250"];
+    let mut args: Vec<&str> =
+        vec![&gpu, &root, "--launch-accounting", "on", "--launch-overhead-budget", "10", "--gpu-interval-ms", "250"];
+    args.extend(extra.agent_args.iter().map(String::as_str));
     let (agent, files) = AgentProcess::start_for_pods(&pods, &args).expect("agent starts");
     let go = tools.path().join("go");
     let mut command = Command::new(tools.path().join("launch_loop"));
     // 1 ms of host work per launch: ~1,000 launches/s, steady.
     command.args([tools.path().join("libcuda.so.1").to_str().unwrap(), "1000000", "120", go.to_str().unwrap()]);
+    command.envs(extra.loop_env.iter().copied());
     let child = pod.spawn(command).expect("launch loop runs");
     let pid = child.id();
     let mut line = String::new();
@@ -92,7 +102,9 @@ fn pod_values(view: &serde_json::Value, uid: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_launching_pod_gets_the_share_nvml_misses() {
     require_root();
-    let setup = start("attr-slice", "{uuid: GPU-attr, name: sim, memory_total_bytes: 100}", "missing", 40).await;
+    let setup =
+        start("attr-slice", "{uuid: GPU-attr, name: sim, memory_total_bytes: 100}", "missing", 40, Extra::default())
+            .await;
     let http = setup.agent.http;
     // Measured: the loop's costs are learned (basis "measured", not the
     // newcomer's "residual") and the pod's value settled on the device's.
@@ -190,6 +202,58 @@ async fn a_launching_pod_gets_the_share_nvml_misses() {
     assert!(score["nvml_mae"].as_f64().unwrap() > 30.0, "{score}");
 }
 
+/// The node's cost catalog through the real binary: the tenant launches a
+/// kernel it resolved by name (the identity probes name it), runs alone so
+/// its cost is pinned, and the agent, stopped, leaves the cost in the
+/// catalog under the GPU model and the kernel's identity; the next agent
+/// loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn learned_kernel_costs_outlive_the_agent() {
+    require_root();
+    let catalog_dir = tempfile::tempdir().unwrap();
+    let catalog = catalog_dir.path().join("cost-catalog.json");
+    let agent_args = [format!("--cost-catalog={}", catalog.display())];
+    let kernel = "_Z11decode_stepPK6__halfPS_i";
+    let mut setup = start(
+        "attr-catalog",
+        "{uuid: GPU-cat, name: sim-h100, memory_total_bytes: 100}",
+        "missing",
+        30,
+        Extra { loop_env: &[("KERNEL_NAME", kernel)], agent_args: &agent_args },
+    )
+    .await;
+    let http = setup.agent.http;
+    let identity = podgpu_agent::probes::kernel_identity::identity_of(kernel.as_bytes());
+    let named_and_measured = eventually(Duration::from_secs(15), async || {
+        let launches = json(http, "/launches").await;
+        let named = launches["rows"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["pid"] == setup.pid && r["kernel"] == format!("{identity:#x}")));
+        let attribution = json(http, "/attribution").await;
+        let shares = attribution["gpus"][0]["attribution"]["processes"].as_array().cloned().unwrap_or_default();
+        // Pinned: σ well under a quarter of the share.
+        named
+            && shares.iter().any(|p| {
+                p["pid"] == setup.pid && p["basis"] == "measured" && p["confidence"].as_f64().is_some_and(|c| c > 0.9)
+            })
+    })
+    .await;
+    assert!(named_and_measured, "{} {}", json(http, "/launches").await, json(http, "/attribution").await);
+    assert!(setup.agent.stop(Duration::from_secs(5)), "the agent stops cleanly");
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&catalog).expect("the catalog is written at shutdown")).unwrap();
+    let costs = stored["models"]["sim-h100"].as_array().unwrap_or_else(|| panic!("{stored}"));
+    let entry = costs.iter().find(|c| c["kernel"].as_u64() == Some(identity)).unwrap_or_else(|| panic!("{stored}"));
+    let (cost, variance) = (entry["cost"].as_f64().unwrap(), entry["variance"].as_f64().unwrap());
+    assert!(cost > 0.0 && variance.sqrt() < 0.25 * cost, "a pinned cost: {entry}");
+
+    let (again, _files) = AgentProcess::start_for_pods(&[], &agent_args.iter().map(String::as_str).collect::<Vec<_>>())
+        .expect("a second agent starts");
+    drop(again);
+    let reread: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&catalog).unwrap()).unwrap();
+    assert_eq!(reread["models"]["sim-h100"], stored["models"]["sim-h100"], "loaded, kept, not clobbered");
+}
+
 /// Under MPS NVML names only the server; with launch counts the client pod
 /// gets a measured share instead of Unavailable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -200,6 +264,7 @@ async fn mps_clients_are_measured_from_their_launches() {
         "{uuid: GPU-mps, name: sim, memory_total_bytes: 100, sharing: mps, mps_server_pid: 1}",
         "normal",
         35,
+        Extra::default(),
     )
     .await;
     let mut keda = KedaClient::connect(setup.agent.keda).await.unwrap();

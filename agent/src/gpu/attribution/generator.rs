@@ -311,6 +311,27 @@ mod tests {
         assert!(drawn.iter().any(|d| d.co_started) && drawn.iter().any(|d| !d.co_started));
         assert!(drawn.iter().any(|d| d.scenario.sharing == Sharing::Mps));
         assert!(drawn.iter().any(|d| d.scenario.launch_count_noise > 0.0));
+        // Replicas (tenants sharing an earlier tenant's kernels), and
+        // scenarios with and without resolved kernel identities.
+        assert!(drawn.iter().any(|d| !d.sharing_kernels.is_empty()));
+        let identified =
+            |d: &Drawn| d.scenario.tenants.iter().any(|(_, phases)| phases.iter().any(|p| p.kernel.identity.is_some()));
+        assert!(drawn.iter().any(identified) && !drawn.iter().all(identified));
+        for d in drawn.iter().filter(|d| !d.sharing_kernels.is_empty() && identified(d)) {
+            let identities = |pid: u32| -> Vec<Option<u64>> {
+                let phases = &d.scenario.tenants.iter().find(|(p, _)| *p == pid).unwrap().1;
+                let mut ids: Vec<Option<u64>> = phases.iter().map(|p| p.kernel.identity).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            };
+            // Every replica shares its kernels with some other tenant.
+            for &pid in &d.sharing_kernels {
+                let own = identities(pid);
+                let shared = d.sharing_kernels.iter().any(|&other| other != pid && identities(other) == own);
+                assert!(shared, "{}: {pid}", d.scenario.name);
+            }
+        }
         let costs: Vec<f64> = drawn
             .iter()
             .flat_map(|d| d.scenario.tenants.iter().flat_map(|(_, phases)| phases.iter().map(|p| p.kernel.cost_s)))

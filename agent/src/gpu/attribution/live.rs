@@ -162,10 +162,15 @@ impl LiveAttribution {
             }
         }
         if !learned {
+            tracing::debug!(estimators = self.estimators.len(), "no pinned kernel costs to keep");
             return;
         }
         match catalog.costs.save(&catalog.path) {
-            Ok(()) => catalog.failing = false,
+            Ok(()) => {
+                catalog.failing = false;
+                let kernels: usize = catalog.costs.models.values().map(Vec::len).sum();
+                tracing::debug!(path = %catalog.path.display(), kernels, "cost catalog written");
+            }
             Err(err) => {
                 if !catalog.failing {
                     tracing::warn!(error = %err, "writing the cost catalog; learned kernel costs will not survive a restart");
