@@ -56,14 +56,8 @@ impl Signals {
     /// `minConfidence`: an error naming the least confident selected pod
     /// when its attribution confidence over the window is below `min`.
     async fn check_confidence(&self, namespace: &str, trigger: &Trigger, min: f64) -> Result<(), ScalerError> {
-        let query = WorkloadQuery {
-            namespace,
-            selector: &trigger.pod_selector,
-            metric: Metric::GpuAttributionConfidence,
-            window_s: trigger.window.as_secs_f64(),
-            aggregation: trigger.aggregation,
-            traffic: TrafficFilter { ports: &trigger.ports, include_probes: trigger.include_probe_requests },
-        };
+        let query =
+            query_of(namespace, trigger, &trigger.pod_selector, Metric::GpuAttributionConfidence, &trigger.ports);
         let least = match self {
             Signals::Local(view) => {
                 let view = view.borrow().clone();
@@ -99,14 +93,7 @@ impl Signals {
         metric: Metric,
         ports: &[u16],
     ) -> Result<WorkloadValue, ScalerError> {
-        let query = WorkloadQuery {
-            namespace,
-            selector,
-            metric,
-            window_s: trigger.window.as_secs_f64(),
-            aggregation: trigger.aggregation,
-            traffic: TrafficFilter { ports, include_probes: trigger.include_probe_requests },
-        };
+        let query = query_of(namespace, trigger, selector, metric, ports);
         match self {
             Signals::Local(view) => {
                 let view = view.borrow().clone();
@@ -155,6 +142,25 @@ impl Signals {
             Signals::Local(view) => view.changed().await.is_ok(),
             Signals::Cluster(cluster) => cluster.view.changed().await.is_ok(),
         }
+    }
+}
+
+/// The query for `metric` over the pods `selector` picks (on `ports` when
+/// not empty), with the trigger's window and aggregation.
+fn query_of<'a>(
+    namespace: &'a str,
+    trigger: &'a Trigger,
+    selector: &'a LabelSelector,
+    metric: Metric,
+    ports: &'a [u16],
+) -> WorkloadQuery<'a> {
+    WorkloadQuery {
+        namespace,
+        selector,
+        metric,
+        window_s: trigger.window.as_secs_f64(),
+        aggregation: trigger.aggregation,
+        traffic: TrafficFilter { ports, include_probes: trigger.include_probe_requests },
     }
 }
 
