@@ -75,7 +75,7 @@ pub struct ReplayArgs {
     #[arg(long, requires = "sweep")]
     json: bool,
     /// Change an estimator setting for this replay (repeatable), e.g.
-    /// `--set batch_change_log_odds=1`: to see what a setting does on a
+    /// `--set fallback_scale=0`: to see what a setting does on a
     /// trace, or to score a trace with settings chosen without it.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
     settings: Vec<(String, f64)>,

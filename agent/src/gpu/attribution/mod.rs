@@ -22,13 +22,13 @@
 //!
 //! # Confidence
 //! Every share carries the standard deviation of its estimate in points
-//! (`uncertainty_points`) and `confidence = 1 − σ / prior_share`. A
-//! process running alone, or whose launch mix varied against the others',
-//! is measured (confidence near 1). When loads are steady and nothing
-//! else varies, only the sum of the costs is observable: the split is the
-//! prior's (even between processes), σ stays near the prior and the
-//! confidence near 0. That is the honest answer; the basis says which
-//! case a share is in.
+//! (`uncertainty_points`) and `confidence = 1 − σ / 5` (0.5: 2σ at the
+//! 5-point tolerance). A process running alone, or whose launch mix
+//! varied against the others', is measured. When loads are steady and
+//! nothing else varies, only the sum of the costs is observable: the
+//! split is even between the processes concerned, σ stays near the prior
+//! and the confidence at 0. That is the honest answer; the basis says
+//! which case a share is in.
 //!
 //! Layout: `filter` (the Kalman state), `estimator` (windows to shares),
 //! `live` (windows from the poller and the launch reader on a node),
@@ -124,7 +124,7 @@ pub struct ProcessShare {
     pub util_percent: f64,
     /// Standard deviation of the estimate, points (`None` for NVML).
     pub uncertainty_points: Option<f64>,
-    /// 1 − σ / prior σ, in [0, 1].
+    /// `1 − σ / 5` in [0, 1]: 0.5 is 2σ at 5 points.
     pub confidence: f64,
     /// Why the estimate is what it is.
     pub basis: Basis,

@@ -144,6 +144,28 @@ impl Scenario {
                     (403, vec![phase(0.0, 30.0, mid, 25.0)]),
                 ],
             ),
+            // Shaped like the held-out H100 trace of issue 23: four tenants
+            // started within 1.4 s, three steady at similar duties with very
+            // different kernels (one launch-bound), one switching on and off
+            // every 3 s; the switching costs more than its own work.
+            "co-started" => {
+                let tiny = kernel(0x2048, 50_688, 0.03);
+                let on_off: Vec<Phase> =
+                    (0..7).map(|i| phase(0.9 + i as f64 * 6.0, 0.9 + i as f64 * 6.0 + 3.0, mid, 25.0)).collect();
+                Self {
+                    overhead_points: 3.0,
+                    ..Self::base(
+                        name,
+                        42.0,
+                        vec![
+                            (451, vec![phase(0.0, 42.0, big, 15.0)]),
+                            (452, vec![phase(0.4, 42.0, tiny, 15.0)]),
+                            (453, on_off),
+                            (454, vec![phase(1.4, 42.0, kernel(0x6144, 50_688, 0.65), 10.0)]),
+                        ],
+                    )
+                }
+            }
             // A tenant arrives, leaves, and another (new kernels) arrives.
             "come-and-go" => Self::base(
                 name,
@@ -170,8 +192,16 @@ impl Scenario {
     }
 
     /// Names of the built-in scenarios.
-    pub const BUILTIN: [&'static str; 7] =
-        ["staggered", "varying", "batch-change", "steady", "come-and-go", "many-kernels", "mps-staggered"];
+    pub const BUILTIN: [&'static str; 8] = [
+        "staggered",
+        "varying",
+        "batch-change",
+        "steady",
+        "co-started",
+        "come-and-go",
+        "many-kernels",
+        "mps-staggered",
+    ];
 
     /// Busy fraction of `pid` at `t` (seconds from the start) when alone.
     fn busy(&self, phases: &[Phase], t: f64) -> f64 {

@@ -13,12 +13,16 @@ fn window(util: f64, launches: Vec<LaunchCount>) -> Window {
     Window { duration_s: 0.5, device_util: Some(util), launches: Some(launches), nvml: Vec::new() }
 }
 
-/// Every built-in scenario but the steady one (where nothing separates
-/// the costs) is attributed within 5 points per tenant per 2 s bin, and
-/// better than NVML's per-process samples and the launch-share split.
+/// Scenarios where steady tenants start together: nothing separates
+/// their costs.
+const UNSEPARABLE: [&str; 2] = ["steady", "co-started"];
+
+/// Every built-in scenario but the unseparable ones is attributed within
+/// 5 points per tenant per 2 s bin, and better than NVML's per-process
+/// samples and the launch-share split.
 #[test]
 fn synthetic_scenarios_meet_the_target() {
-    for name in Scenario::BUILTIN.iter().filter(|name| **name != "steady") {
+    for name in Scenario::BUILTIN.iter().filter(|name| !UNSEPARABLE.contains(name)) {
         let (trace, launches) = Scenario::builtin(name).unwrap().generate();
         let result = replay(&trace, &launches, EstimatorConfig::default());
         assert!(!result.tenants.is_empty(), "{name}: nothing scored");
@@ -31,18 +35,36 @@ fn synthetic_scenarios_meet_the_target() {
 }
 
 /// Steady loads with nothing varying cannot be split by any estimator:
-/// podgpu says so (low confidence, prior basis) and still beats NVML and
-/// the launch-share split.
+/// podgpu says so (low confidence, prior basis), splits them evenly, and
+/// still beats NVML and the launch-share split. In the co-started
+/// scenario (shaped like issue 23's held-out trace) the tenant switching
+/// on and off is measured; the three steady ones started within 1.4 s of
+/// each other are not, and their split does not depend on the order in
+/// which they steadied.
 #[test]
 fn steady_loads_are_reported_as_unseparable() {
-    let (trace, launches) = Scenario::builtin("steady").unwrap().generate();
-    let result = replay(&trace, &launches, EstimatorConfig::default());
-    for tenant in &result.tenants {
-        assert!(tenant.confidence < 0.5, "{tenant:?}");
-        assert!(tenant.podgpu_mae < tenant.nvml_mae && tenant.podgpu_mae < tenant.launch_share_mae, "{tenant:?}");
+    for name in UNSEPARABLE {
+        let (trace, launches) = Scenario::builtin(name).unwrap().generate();
+        let result = replay(&trace, &launches, EstimatorConfig::default());
+        let last = result.windows.iter().rev().find_map(|w| w.attribution.as_ref()).unwrap();
+        let steady: Vec<&ProcessShare> = last.processes.iter().filter(|p| p.basis == Basis::Prior).collect();
+        assert!(steady.len() >= 3, "{name}: {last:?}");
+        let (low, high) =
+            steady.iter().fold((f64::MAX, 0.0f64), |(l, h), p| (l.min(p.util_percent), h.max(p.util_percent)));
+        assert!(high - low < 2.0, "{name}: the unseparable split is even: {last:?}");
+        for tenant in &result.tenants {
+            let unseparable = steady.iter().any(|p| p.pid == tenant.pid);
+            if unseparable {
+                assert!(tenant.confidence < 0.5, "{name}: {tenant:?}");
+            } else {
+                assert!(tenant.podgpu_mae <= 5.0, "{name}: the varying tenant is measured: {tenant:?}");
+            }
+            assert!(
+                tenant.podgpu_mae < tenant.nvml_mae && tenant.podgpu_mae < tenant.launch_share_mae,
+                "{name}: {tenant:?}"
+            );
+        }
     }
-    let last = result.windows.iter().rev().find_map(|w| w.attribution.as_ref()).unwrap();
-    assert!(last.processes.iter().all(|p| p.basis == Basis::Prior), "{last:?}");
 }
 
 /// A process running alone gets the whole device utilization (less no
@@ -57,7 +79,8 @@ fn a_solo_process_is_measured() {
     let attribution = last.unwrap();
     assert!((attribution.share_of(7) - 42.0).abs() < 0.5, "{attribution:?}");
     assert_eq!(attribution.processes[0].basis, Basis::Measured);
-    assert!(attribution.confidence > 0.8, "{attribution:?}");
+    // Within 2 points after ten windows of 3-point reading noise.
+    assert!(attribution.confidence > 0.6, "{attribution:?}");
 }
 
 /// A newcomer whose costs are unknown takes what the known process does
@@ -171,7 +194,7 @@ fn replicas_of_one_kernel_are_split_by_their_launches() {
     };
     let known = run(true);
     assert!((known.share_of(1) - 30.0).abs() < 1.0 && (known.share_of(2) - 15.0).abs() < 1.0, "{known:?}");
-    assert!(known.processes.iter().all(|p| p.confidence > 0.8), "{known:?}");
+    assert!(known.processes.iter().all(|p| p.confidence > 0.7), "{known:?}");
     let unknown = run(false);
     assert!((unknown.share_of(1) - unknown.share_of(2)).abs() < 5.0, "the prior splits evenly: {unknown:?}");
     assert!(unknown.processes.iter().all(|p| p.confidence < 0.5), "{unknown:?}");
