@@ -8,7 +8,10 @@
  * environment it launches the handle libcuda gives that name
  * (cuModuleGetFunction, or with KERNEL_VIA=library cuLibraryGetKernel then
  * cuKernelGetFunction), as an application loading its kernels does;
- * otherwise the fixed handle 0x4001.
+ * otherwise the fixed handle 0x4001. With LAUNCH_SCHEDULE="RATE:SECONDS,..."
+ * it launches at each RATE per second (paced by sleeping, 0 for idle) for
+ * its SECONDS, in order, and holds the last step; SPIN_NS still adds host
+ * work per launch.
  *
  * usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]] */
 #include <dlfcn.h>
@@ -20,6 +23,21 @@
 
 #include "cuda_standin.h"
 
+
+/* The launch rate LAUNCH_SCHEDULE asks for at ELAPSED_S; -1 without one. */
+static double scheduled_rate(const char *schedule, double elapsed_s) {
+    if (!schedule) return -1;
+    double rate = 0, start = 0, seconds = 0;
+    const char *step = schedule;
+    while (step && *step) {
+        if (sscanf(step, "%lf:%lf", &rate, &seconds) != 2) break;
+        if (elapsed_s < start + seconds) return rate;
+        start += seconds;
+        step = strchr(step, ',');
+        if (step) step++;
+    }
+    return rate;
+}
 
 static long long now_ns(void) {
     struct timespec ts;
@@ -68,11 +86,28 @@ int main(int argc, char **argv) {
         printf("function %p\n", f);
         fflush(stdout);
     }
+    const char *schedule = getenv("LAUNCH_SCHEDULE");
+    double paced = 0; /* launches owed to the schedule so far */
+    long long last = started;
     for (;;) {
+        long long t = now_ns();
+        double rate = scheduled_rate(schedule, (t - started) / 1e9);
+        if (rate >= 0) {
+            paced += rate * (t - last) / 1e9;
+            last = t;
+            if (paced < 1) {
+                struct timespec nap = {0, 2000000}; /* 2 ms */
+                nanosleep(&nap, NULL);
+                goto report;
+            }
+            paced -= 1;
+        }
         launch(f, 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
         launches++;
-        long long t = now_ns(), until = t + spin_ns;
+        t = now_ns();
+        long long until = t + spin_ns;
         while (t < until) t = now_ns();
+    report:
         if (t >= next_report) {
             printf("%lld %llu\n", t, launches);
             fflush(stdout);

@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: a node in miniature. Two tenant pods (HTTP servers in
 //! kubelet-shaped cgroups) get different, changing load; the agent watches
 //! them with its real eBPF probes and a GPU backend (the embedded simulated
-//! scenario, or real NVML when this machine has a GPU). A live per-pod view
+//! scenario, or real NVML when this machine has a GPU). On the simulated
+//! GPU each pod also launches kernels through the libcuda stand-in
+//! (`demo_gpu`), and the device runs what they launch. A live per-pod view
 //! refreshes every second, and at the end (or on Ctrl-C) the demo asks the
 //! agent's KEDA scaler what it would tell KEDA. Everything it started is
 //! stopped and its cgroups removed on the way out.
@@ -14,6 +16,8 @@ use anyhow::Context as _;
 use integration::http::{drive, drive_streams, get, Load, StreamSpec};
 use integration::keda::{scaled_object, KedaClient};
 use integration::scene::{GpuSetup, Scene, TenantSpec};
+
+use crate::demo_gpu::GpuWork;
 use podgpu_agent::gpu::NvmlBackend;
 
 /// The pod UIDs the agent's embedded demo scenario gives GPU load to.
@@ -57,6 +61,21 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     let specs = [tenant(TENANT_A_UID, "llm-a-0", "llm-a"), tenant(TENANT_B_UID, "llm-b-0", "llm-b")];
     let scene = Scene::start(NAMESPACE, &specs, GpuSetup::Arg(gpu.clone()), &[])
         .context("starting the demo scene (tenants, cgroups, agent)")?;
+    let duration = Duration::from_secs(options.seconds);
+    // On the simulated GPU the pods' load is what they launch: A (1 ms a
+    // launch) runs 30 % and stops by turns every 3 s for the first half,
+    // then holds 25 %; B (0.4 ms a launch) holds 12 % throughout.
+    let gpu_work = if gpu == "sim" {
+        let schedules = [GpuWork::schedule(duration, Some(300), 250), GpuWork::schedule(duration, None, 300)];
+        let work = GpuWork::start(&scene.tenants, &schedules).context("starting the pods' GPU work")?;
+        println!(
+            "GPU work: llm-a launches 300/s and stops by turns for {} s, then 250/s; llm-b 300/s (1 ms and 0.4 ms of GPU a launch)",
+            duration.as_secs() / 2
+        );
+        Some(work)
+    } else {
+        None
+    };
     println!(
         "agent pid {} serving KEDA gRPC on {} and HTTP on {}",
         scene.agent.pid(),
@@ -83,7 +102,6 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     // Tenant A serves streamed completions (first token after 80 ms, then
     // 8 tokens 15 ms apart) to 3 clients, then to 10 half-way through;
     // tenant B answers small requests at a steady 10/s.
-    let duration = Duration::from_secs(options.seconds);
     let half = duration / 2;
     let a = scene.tenant("llm-a-0").addr;
     let b = scene.tenant("llm-b-0").addr;
@@ -118,6 +136,7 @@ async fn demo(options: Options) -> anyhow::Result<()> {
         }
     }
     println!("stopping the agent and tenants, removing their cgroups");
+    drop(gpu_work);
     drop(scene);
     println!("done");
     Ok(())
@@ -176,11 +195,30 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         health["probes"]["state"].as_str().unwrap_or("?"),
         health["gpu"]["detail"].as_str().or(health["gpu"]["reason"].as_str()).unwrap_or("?"),
     );
-    let columns =
-        ["pod (5 s window)", "in flight", "req/s", "TTFT p50", "latency p99", "recv B/s", "GPU SM %", "GPU mem"];
+    let columns = [
+        "pod (5 s window)",
+        "in flight",
+        "req/s",
+        "TTFT p50",
+        "latency p99",
+        "recv B/s",
+        "GPU SM %",
+        "conf",
+        "NVML SM %",
+        "GPU mem",
+    ];
     out.push_str(&format!(
-        "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>9}\n",
-        columns[0], columns[1], columns[2], columns[3], columns[4], columns[5], columns[6], columns[7]
+        "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9}\n",
+        columns[0],
+        columns[1],
+        columns[2],
+        columns[3],
+        columns[4],
+        columns[5],
+        columns[6],
+        columns[7],
+        columns[8],
+        columns[9]
     ));
     let fixed = |value: &serde_json::Value, digits: usize, unit: &str| {
         value.as_f64().map_or("-".to_string(), |v| format!("{v:.digits$}{unit}"))
@@ -192,7 +230,7 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         let values = &pod["values"];
         let memory = values["gpu_mem_used_bytes"].as_f64().map(|b| serde_json::json!(b / (1u64 << 30) as f64));
         out.push_str(&format!(
-            "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>9}\n",
+            "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9}\n",
             format!("{}/{}", NAMESPACE, pod["name"].as_str().unwrap_or("?")),
             fixed(&values["requests_in_flight"], 0, ""),
             fixed(&values["request_rate"], 1, ""),
@@ -200,6 +238,8 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
             fixed(&values["latency_ms_p99"], 1, " ms"),
             fixed(&values["socket_recv_bytes_rate"], 0, ""),
             fixed(&values["gpu_sm_util"], 1, ""),
+            fixed(&values["gpu_attribution_confidence"], 2, ""),
+            fixed(&values["gpu_sm_util_nvml"], 1, ""),
             fixed(&memory.unwrap_or_default(), 1, " GiB"),
         ));
     }

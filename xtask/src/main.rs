@@ -6,6 +6,7 @@ mod bench_pods;
 mod bench_probes;
 mod bench_scaler;
 mod demo;
+mod demo_gpu;
 
 #[global_allocator]
 static ALLOCATOR: alloc_count::Counting = alloc_count::Counting;

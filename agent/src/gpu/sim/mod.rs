@@ -8,6 +8,9 @@
 //! distortions applied (a tenant with no samples, a tenant's load booked on
 //! another pid, every sample booked on the MPS server, no per-process SM %
 //! under MIG). Scripted faults make polls and re-opens fail for a while.
+//! A tenant's load is either scripted (`sm_util`) or follows what its
+//! processes launch through the libcuda stand-in (`launch_load`).
+mod launch_load;
 mod scenario;
 
 use std::collections::HashMap;
@@ -15,7 +18,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use scenario::{FaultKind, NvmlView, Scenario, SimGpu, SimProcess, UtilStep};
+pub use scenario::{FaultKind, NvmlView, Scenario, SimGpu, SimProcess};
 
 use super::samples::{RawSample, SampleCursor};
 use super::{DeviceSample, GpuBackend, GpuError, GpuPoll, MigDeviceSample, ProcessSample, Sharing};
@@ -35,6 +38,8 @@ pub struct SimBackend {
     cursors: Vec<SampleCursor>,
     /// Scenario time up to which samples have been generated.
     sampled_until_s: f64,
+    /// Launch counters read so far (tenants with `launch_cost_us`).
+    launch_load: launch_load::LaunchLoad,
 }
 
 impl SimBackend {
@@ -49,6 +54,7 @@ impl SimBackend {
             // The ring predates the agent (negative scenario time is the
             // scenario's first step).
             sampled_until_s: epoch.elapsed().as_secs_f64() - RING_S,
+            launch_load: launch_load::LaunchLoad::default(),
         };
         let now = backend.epoch.elapsed().as_secs_f64();
         if let Some(fault) = backend.scenario.faults.iter().find(|f| f.active_at(now) && f.kind != FaultKind::Unknown) {
@@ -74,6 +80,18 @@ impl SimBackend {
         }
     }
 
+    /// The pids of `process` that use the GPU: all of them for a scripted
+    /// load; for a launch-driven one only those that launched through the
+    /// stand-in (a pod's server or pause process holds no CUDA context,
+    /// and NVML does not list it).
+    fn gpu_pids_of(&self, process: &SimProcess) -> Vec<u32> {
+        let pids = self.pids_of(process);
+        match (&self.scenario.launch_counters, process.launch_cost_us) {
+            (Some(dir), Some(_)) => pids.into_iter().filter(|pid| dir.join(pid.to_string()).is_file()).collect(),
+            _ => pids,
+        }
+    }
+
     /// What NVML would report at scenario time `now_s`.
     fn poll_at(&mut self, now_s: f64) -> Result<GpuPoll, GpuError> {
         if let Some(fault) = self.scenario.faults.iter().find(|fault| fault.active_at(now_s)) {
@@ -84,7 +102,7 @@ impl SimBackend {
             .processes
             .iter()
             .enumerate()
-            .map(|(index, process)| (index, self.pids_of(process)))
+            .map(|(index, process)| (index, self.gpu_pids_of(process)))
             .filter(|(_, pids)| !pids.is_empty())
             .collect();
         let first_pid: HashMap<&str, u32> = tenants
@@ -100,14 +118,28 @@ impl SimBackend {
         let first_tick = (self.sampled_until_s / SAMPLE_PERIOD_S).floor() as i64 + 1;
         let last_tick = (now_s / SAMPLE_PERIOD_S).floor() as i64;
 
+        // Launch-driven tenants: what they launched since the last poll.
+        let mut launched: HashMap<usize, f64> = HashMap::new();
+        if let Some(dir) = &self.scenario.launch_counters {
+            for (index, pids) in &tenants {
+                if let Some(cost_us) = self.scenario.processes[*index].launch_cost_us {
+                    launched.insert(*index, self.launch_load.percent(dir, pids, cost_us, now_s));
+                }
+            }
+            let alive: Vec<u32> = tenants.iter().flat_map(|(_, pids)| pids.iter().copied()).collect();
+            self.launch_load.retain(&alive);
+        }
         for (index, pids) in &tenants {
             let process = &self.scenario.processes[*index];
             let gpu = &self.scenario.gpus[process.gpu];
             let device = &mut devices[process.gpu];
+            // SM % at a moment: scripted, or what was launched (the same
+            // over the interval since the last poll).
+            let sm_at = |at_s: f64| launched.get(index).copied().unwrap_or_else(|| schedule_at(&process.sm_util, at_s));
             // As NVML: no device utilization on a MIG-enabled GPU.
             if gpu.sharing != Sharing::Mig {
                 let add = |total: Option<f64>, percent: f64| Some((total.unwrap_or(0.0) + percent).min(100.0));
-                device.util_percent = add(device.util_percent, schedule_at(&process.sm_util, now_s));
+                device.util_percent = add(device.util_percent, sm_at(now_s));
                 device.mem_bw_util_percent = add(device.mem_bw_util_percent, schedule_at(&process.mem_bw_util, now_s));
             }
             // A cgroup tenant's memory is the tenant's, split across its
@@ -151,12 +183,12 @@ impl SimBackend {
             let Some(booked_on) = booked_on else { continue };
             for tick in first_tick..=last_tick {
                 let at_s = tick as f64 * SAMPLE_PERIOD_S;
-                let share = |steps: &[UtilStep]| schedule_at(steps, at_s) / pids.len() as f64;
+                let per_pid = pids.len() as f64;
                 for &pid in &booked_on {
                     let timestamp_us = ((at_s + RING_S) * 1e6) as u64;
                     let entry = booked[process.gpu].entry((pid, timestamp_us)).or_default();
-                    entry.0 += share(&process.sm_util);
-                    entry.1 += share(&process.mem_bw_util);
+                    entry.0 += sm_at(at_s) / per_pid;
+                    entry.1 += schedule_at(&process.mem_bw_util, at_s) / per_pid;
                 }
             }
         }
@@ -258,6 +290,7 @@ mod tests {
             cgroup_root: cgroup_root.to_path_buf(),
             epoch: Instant::now(),
             sampled_until_s: 0.0,
+            launch_load: launch_load::LaunchLoad::default(),
         }
     }
 
@@ -340,6 +373,42 @@ mod tests {
         let server = by_pid(&poll, 500);
         assert_eq!(server.util.unwrap().sm_percent, 50.0);
         assert_eq!(server.memory_used_bytes, 7);
+    }
+
+    /// A tenant with `launch_cost_us` loads the device by what its pids
+    /// launched since the last poll, and NVML's samples carry that load;
+    /// a scenario that asks for it without a counters folder, or with a
+    /// schedule as well, is refused naming the field.
+    #[test]
+    fn launch_driven_tenants_load_the_device_by_their_launches() {
+        let root = tempfile::tempdir().unwrap();
+        let counters = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "name: t\ngpus: [{{uuid: G, name: n, memory_total_bytes: 1}}]\nlaunch_counters: {}\nprocesses:\n  - {{pid: 7, gpu: 0, launch_cost_us: 100}}\n  - {{pid: 8, gpu: 0, sm_util: [{{seconds: 1, percent: 10}}]}}\n",
+            counters.path().display()
+        );
+        let mut sim = backend(&yaml, root.path());
+        assert!(sim.poll_at(0.5).unwrap().processes.iter().all(|p| p.pid != 7), "no launches yet, no GPU process");
+        let write = |count: u64| fs::write(counters.path().join("7"), count.to_ne_bytes()).unwrap();
+        write(500);
+        assert_eq!(sim.poll_at(1.0).unwrap().devices[0].util_percent, Some(10.0), "first sight adds nothing");
+        // 3,000 launches x 100 µs over 1 s: 30 %.
+        write(3_500);
+        let poll = sim.poll_at(2.0).unwrap();
+        assert_eq!(poll.devices[0].util_percent, Some(40.0));
+        assert_eq!(by_pid(&poll, 7).util.unwrap().sm_percent, 30.0);
+        write(3_500);
+        assert_eq!(sim.poll_at(3.0).unwrap().devices[0].util_percent, Some(10.0), "idle when it stops launching");
+
+        for (yaml, field) in [
+            ("name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nprocesses: [{pid: 7, gpu: 0, launch_cost_us: 100}]\n", "launch_cost_us"),
+            ("name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nlaunch_counters: /x\nprocesses: [{pid: 7, gpu: 0, launch_cost_us: 0}]\n", "launch_cost_us"),
+            ("name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nlaunch_counters: /x\nprocesses: [{pid: 7, gpu: 0, launch_cost_us: 5, sm_util: [{seconds: 1, percent: 1}]}]\n", "launch_cost_us"),
+            ("name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1}]\nprocesses: [{pid: 7, gpu: 0}]\n", "sm_util"),
+        ] {
+            let err = Scenario::parse(yaml, "test").unwrap_err().to_string();
+            assert!(err.contains(&format!("processes[0].{field}")), "{err}");
+        }
     }
 
     /// Faults fail polls (and re-opens) only inside their window.

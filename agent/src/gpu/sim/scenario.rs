@@ -14,9 +14,13 @@
 //!     gpu: 0
 //!     memory_bytes: 1073741824
 //!     sm_util: [{seconds: 5, percent: 60}, {seconds: 5, percent: 20}]   # loops
+//!     # or, instead of sm_util: each launch its processes make through the
+//!     # libcuda stand-in occupies the GPU this long (needs launch_counters)
+//!     # launch_cost_us: 150
 //!     nvml: missing                 # NVML has no samples for it; or {report_as: b}
 //! faults:
 //!   - {kind: gpu_lost, at_s: 10, for_s: 3}   # gpu_lost, unknown, driver_reload, library_missing
+//! launch_counters: /run/podgpu-sim/launches  # where the libcuda stand-in counts launches (PODGPU_SIM_LAUNCHES_DIR)
 //! ```
 use std::fs;
 use std::path::Path;
@@ -41,6 +45,11 @@ pub struct Scenario {
     /// Scripted failures.
     #[serde(default)]
     pub faults: Vec<SimFault>,
+    /// Folder where the libcuda stand-in counts each process's launches
+    /// (one 8-byte counter per pid, `PODGPU_SIM_LAUNCHES_DIR`): processes
+    /// with `launch_cost_us` load the GPU by what they launch.
+    #[serde(default)]
+    pub launch_counters: Option<std::path::PathBuf>,
 }
 
 /// One simulated device.
@@ -96,8 +105,14 @@ pub struct SimProcess {
     /// Framebuffer bytes held by each matching pid.
     #[serde(default)]
     pub memory_bytes: u64,
-    /// True SM % schedule (loops).
+    /// True SM % schedule (loops); empty with `launch_cost_us`.
+    #[serde(default)]
     pub sm_util: Vec<UtilStep>,
+    /// GPU microseconds each launch of this tenant's processes runs for:
+    /// the tenant's load follows its launches (counted by the libcuda
+    /// stand-in in `launch_counters`) instead of a schedule.
+    #[serde(default)]
+    pub launch_cost_us: Option<f64>,
     /// True memory-bandwidth % schedule (loops; default 0).
     #[serde(default)]
     pub mem_bw_util: Vec<UtilStep>,
@@ -272,8 +287,21 @@ impl Scenario {
                 }
                 _ => {}
             }
+            match process.launch_cost_us {
+                Some(cost) if !(cost > 0.0 && cost.is_finite()) => {
+                    return Err(format!("{}: must be a number of microseconds above 0", at("launch_cost_us")))
+                }
+                Some(_) if !process.sm_util.is_empty() => {
+                    return Err(format!("{}: set sm_util or launch_cost_us, not both", at("launch_cost_us")))
+                }
+                Some(_) if self.launch_counters.is_none() => {
+                    return Err(format!("{}: needs the scenario's launch_counters folder", at("launch_cost_us")))
+                }
+                _ => {}
+            }
+            let scheduled = process.launch_cost_us.is_none();
             for (field, steps, required) in
-                [("sm_util", &process.sm_util, true), ("mem_bw_util", &process.mem_bw_util, false)]
+                [("sm_util", &process.sm_util, scheduled), ("mem_bw_util", &process.mem_bw_util, false)]
             {
                 if required && steps.is_empty() {
                     return Err(format!("{}: needs at least one step", at(field)));
