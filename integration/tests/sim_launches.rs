@@ -62,7 +62,7 @@ async fn pods_are_split_by_what_they_launch() {
     let (agent, _files) = AgentProcess::start_for_pods(&pods, &args).expect("agent starts");
     let go = tools.path().join("go");
     let library = tools.path().join("libcuda.so.1");
-    let mut start_loop = |pod: &mut CgroupPod, schedule: &str| {
+    let start_loop = |pod: &mut CgroupPod, schedule: &str| {
         let mut command = Command::new(tools.path().join("launch_loop"));
         command.args([library.to_str().unwrap(), "0", "600", go.to_str().unwrap()]);
         command.env("PODGPU_SIM_LAUNCHES_DIR", &counters).env("LAUNCH_SCHEDULE", schedule);
