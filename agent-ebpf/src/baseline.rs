@@ -1,11 +1,22 @@
 //! No-op programs on the request probe's raw tracepoints (`sys_enter`,
 //! `sys_exit`). The overhead benchmark attaches them on their own to
 //! measure what the hook itself costs every syscall on the node, before
-//! the probe does any work: the floor under the probe's overhead.
+//! the probe does any work: the floor under the probe's overhead. The
+//! per-syscall variant (`baseline_syscall`, attached to the
+//! `syscalls:sys_enter_*`/`sys_exit_*` tracepoints of the calls the probes
+//! need) measures the alternative: hooks that other syscalls never run.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
+};
+
+#[tracepoint]
+pub fn baseline_syscall(_ctx: TracePointContext) -> i32 {
+    0
+}
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn baseline_enter(_ctx: RawTracePointContext) -> i32 {

@@ -5,6 +5,7 @@ mod bench_launches;
 mod bench_pods;
 mod bench_probes;
 mod bench_scaler;
+mod bench_syscalls;
 mod demo;
 mod demo_gpu;
 
@@ -32,6 +33,8 @@ enum Command {
     BenchLaunches(bench_launches::Options),
     /// What pod identity costs: pid/cgroup lookups, rescans, memory per pod.
     BenchPods(bench_pods::Options),
+    /// What the agent costs a process it does not watch, per cheap syscall.
+    BenchSyscalls(bench_syscalls::Options),
 }
 
 /// For commands that start agents: checks for root (eBPF, cgroups), keeps
@@ -55,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::BenchScaler(options) => bench_scaler::run(options),
         Command::BenchPods(options) => bench_pods::run(options),
         Command::BenchLaunches(options) => bench_launches::run(options),
+        Command::BenchSyscalls(options) => bench_syscalls::run(options),
     }
 }

@@ -8,6 +8,13 @@ use super::ProbeError;
 /// (program, raw tracepoint): the same hooks as the request probe.
 const PROGRAMS: [(&str, &str); 2] = [("baseline_enter", "sys_enter"), ("baseline_exit", "sys_exit")];
 
+/// The syscalls the request and driver probes act on
+/// (`agent-ebpf/src/syscalls.rs`).
+pub const PROBED_SYSCALLS: [&str; 12] = [
+    "read", "write", "close", "ioctl", "readv", "writev", "accept", "accept4", "sendto", "recvfrom", "sendmsg",
+    "recvmsg",
+];
+
 /// The attached no-op programs; dropping detaches them.
 pub struct HookBaseline {
     /// Held only to keep the programs attached.
@@ -19,6 +26,29 @@ impl HookBaseline {
     pub fn attach() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
         super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
+        Ok(Self { _ebpf: ebpf })
+    }
+
+    /// Loads one no-op program and attaches it to the per-syscall
+    /// tracepoints (`syscalls:sys_enter_NAME` and `sys_exit_NAME`) of each
+    /// of `syscalls`: the hooks a probe would use if it ran only on the
+    /// calls it needs. Needs tracefs (`/sys/kernel/tracing`).
+    pub fn attach_per_syscall(syscalls: &[&str]) -> Result<Self, ProbeError> {
+        const NAME: &str = "baseline_syscall";
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
+        let program: &mut aya::programs::TracePoint = ebpf
+            .program_mut(NAME)
+            .ok_or(ProbeError::MissingProgram(NAME))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name: NAME, source })?;
+        program.load().map_err(|source| ProbeError::Program { name: NAME, source })?;
+        for syscall in syscalls {
+            for side in ["enter", "exit"] {
+                program
+                    .attach("syscalls", &format!("sys_{side}_{syscall}"))
+                    .map_err(|source| ProbeError::Program { name: NAME, source })?;
+            }
+        }
         Ok(Self { _ebpf: ebpf })
     }
 }

@@ -1,0 +1,238 @@
+//! `cargo xtask bench-syscalls`: what the agent costs a process it does not
+//! watch. Every process on the node makes syscalls; the request and driver
+//! probes hook syscalls, so each of them may pay for the agent even in a
+//! process no pod of interest owns. This measures that tax on three cheap
+//! calls made by this process (in no watched pod): `getppid`, a 64-byte
+//! `read` of `/dev/zero`, and an `ioctl` (FIONREAD) on a pipe, the kind of
+//! fd the driver probe must tell apart from an NVIDIA device.
+//!
+//! Each round measures, back to back: nothing attached; only the no-op
+//! programs on the probes' raw `sys_enter`/`sys_exit` hooks (the floor
+//! those hooks cost every syscall); no-op programs on the per-syscall
+//! tracepoints of the dozen calls the probes need instead (what other
+//! syscalls would pay if the probes moved there; needs tracefs); the
+//! agent as the chart ships it (request and driver probes, launch
+//! accounting on). Each figure is the median of `repeats` timed loops of
+//! `calls` calls; the report gives each configuration's median over the
+//! rounds and the difference against nothing attached.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use integration::agent::AgentProcess;
+use integration::workspace_binary;
+use podgpu_agent::probes::baseline::{HookBaseline, PROBED_SYSCALLS};
+
+/// Benchmark options.
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Rounds of (nothing, no-op hooks of each kind, agent).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Timed loops per call and configuration (their median counts).
+    #[arg(long, default_value_t = 7)]
+    repeats: u32,
+    /// Calls per timed loop.
+    #[arg(long, default_value_t = 2_000_000)]
+    calls: u64,
+}
+
+/// The cheap calls measured.
+#[derive(Clone, Copy, Debug)]
+enum Call {
+    Getppid,
+    ReadDevZero,
+    IoctlPipe,
+}
+
+const CALLS: [Call; 3] = [Call::Getppid, Call::ReadDevZero, Call::IoctlPipe];
+
+impl Call {
+    fn label(self) -> &'static str {
+        match self {
+            Call::Getppid => "getppid()",
+            Call::ReadDevZero => "read(/dev/zero, 64 B)",
+            Call::IoctlPipe => "ioctl(pipe, FIONREAD)",
+        }
+    }
+}
+
+/// File descriptors the calls use, open for the whole run.
+struct Fds {
+    zero: libc::c_int,
+    pipe: [libc::c_int; 2],
+}
+
+impl Fds {
+    fn open() -> anyhow::Result<Self> {
+        // SAFETY: a NUL-terminated path; the fd is closed on drop.
+        let zero = unsafe { libc::open(c"/dev/zero".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if zero < 0 {
+            bail!("open /dev/zero: {}", std::io::Error::last_os_error());
+        }
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two fds into the array.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            bail!("pipe: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { zero, pipe })
+    }
+
+    /// Nanoseconds per call of `call`, over `calls` calls.
+    fn time(&self, call: Call, calls: u64) -> f64 {
+        let mut buffer = [0u8; 64];
+        let mut pending: libc::c_int = 0;
+        let started = Instant::now();
+        for _ in 0..calls {
+            // SAFETY: plain syscalls on fds this struct owns, into buffers
+            // that outlive them.
+            unsafe {
+                match call {
+                    Call::Getppid => {
+                        libc::syscall(libc::SYS_getppid);
+                    }
+                    Call::ReadDevZero => {
+                        libc::read(self.zero, buffer.as_mut_ptr().cast(), buffer.len());
+                    }
+                    Call::IoctlPipe => {
+                        libc::ioctl(self.pipe[0], libc::FIONREAD, &mut pending);
+                    }
+                }
+            }
+        }
+        started.elapsed().as_nanos() as f64 / calls as f64
+    }
+}
+
+impl Drop for Fds {
+    fn drop(&mut self) {
+        // SAFETY: fds this struct opened.
+        unsafe {
+            libc::close(self.zero);
+            libc::close(self.pipe[0]);
+            libc::close(self.pipe[1]);
+        }
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The three configurations of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attached {
+    Nothing,
+    NoopHooks,
+    NoopPerSyscall,
+    Agent,
+}
+
+const CONFIGS: [Attached; 4] = [Attached::Nothing, Attached::NoopHooks, Attached::NoopPerSyscall, Attached::Agent];
+
+impl Attached {
+    fn label(self) -> &'static str {
+        match self {
+            Attached::Nothing => "nothing attached",
+            Attached::NoopHooks => "no-op raw sys_enter/exit",
+            Attached::NoopPerSyscall => "no-op per-syscall tps",
+            Attached::Agent => "agent (chart defaults)",
+        }
+    }
+}
+
+/// Runs every call under one configuration: per call, the median of the
+/// timed loops.
+fn measure(fds: &Fds, options: &Options) -> Vec<f64> {
+    CALLS
+        .iter()
+        .map(|&call| {
+            let mut loops: Vec<f64> = (0..options.repeats).map(|_| fds.time(call, options.calls)).collect();
+            median(&mut loops)
+        })
+        .collect()
+}
+
+fn start_agent() -> anyhow::Result<AgentProcess> {
+    // As the chart runs it, less what needs a cluster: request and driver
+    // probes, launch accounting on (its default), no GPU on this machine.
+    let args = ["--gpu", "none", "--launch-accounting", "on"].map(String::from);
+    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
+    // The probes attach before the agent serves; let the first tick run.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(agent)
+}
+
+pub fn run(options: Options) -> anyhow::Result<()> {
+    let _runtime = crate::root_runtime("bench-syscalls")?;
+    if options.repeats == 0 || options.calls == 0 {
+        bail!("--repeats and --calls must be at least 1");
+    }
+    if !Path::new(&workspace_binary("podgpu-agent")).exists() {
+        bail!("build the agent first (cargo build --release)");
+    }
+    let fds = Fds::open()?;
+    // per configuration, per call: one figure per round
+    let mut figures: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CALLS.len()]; CONFIGS.len()];
+    for round in 0..options.rounds {
+        for (index, config) in CONFIGS.iter().enumerate() {
+            let measured = match config {
+                Attached::Nothing => measure(&fds, &options),
+                Attached::NoopHooks => {
+                    let _hooks = HookBaseline::attach().context("attaching the no-op hook programs")?;
+                    measure(&fds, &options)
+                }
+                Attached::NoopPerSyscall => {
+                    let _hooks = HookBaseline::attach_per_syscall(&PROBED_SYSCALLS)
+                        .context("attaching no-op programs to the per-syscall tracepoints (is tracefs mounted?)")?;
+                    measure(&fds, &options)
+                }
+                Attached::Agent => {
+                    let mut agent = start_agent()?;
+                    let measured = measure(&fds, &options);
+                    agent.stop(Duration::from_secs(5));
+                    measured
+                }
+            };
+            eprintln!(
+                "round {}/{}: {:<24} {}",
+                round + 1,
+                options.rounds,
+                config.label(),
+                measured.iter().map(|ns| format!("{ns:.0} ns")).collect::<Vec<_>>().join(" / ")
+            );
+            for (call, ns) in measured.into_iter().enumerate() {
+                figures[index][call].push(ns);
+            }
+        }
+    }
+    println!(
+        "syscall tax on a process in no watched pod: ns per call, median of {} rounds ({} loops of {} calls each)",
+        options.rounds, options.repeats, options.calls
+    );
+    println!("{:<24} {:>26} {:>26} {:>26}", "", CALLS[0].label(), CALLS[1].label(), CALLS[2].label());
+    let medians: Vec<Vec<f64>> =
+        figures.iter_mut().map(|per_call| per_call.iter_mut().map(|rounds| median(rounds)).collect()).collect();
+    for (index, config) in CONFIGS.iter().enumerate() {
+        let cells: Vec<String> = medians[index]
+            .iter()
+            .zip(&medians[0])
+            .map(|(ns, bare)| if index == 0 { format!("{ns:.0}") } else { format!("{ns:.0} ({:+.0})", ns - bare) })
+            .collect();
+        println!("{:<24} {:>26} {:>26} {:>26}", config.label(), cells[0], cells[1], cells[2]);
+    }
+    println!("(goal: the agent adds at most 20 ns per unrelated syscall; docs/requests.md, \"The node's tax\")");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_is_the_middle_value() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [5.0]), 5.0);
+    }
+}
