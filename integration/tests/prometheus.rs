@@ -161,3 +161,61 @@ async fn prometheus_scrapes_the_agent() {
         }
     }
 }
+
+/// A Deployment-wide p90 TTFT from the pods' histograms, as a platform
+/// team's dashboard computes it (`histogram_quantile` over the summed
+/// bucket rates), agrees with what KEDA gets for the same pods and window
+/// within the bucket's width. Two pods of one app answer streams with
+/// different first-byte delays (60 ms and 240 ms, about a quarter of the
+/// requests on the slow one), so the p90 is the slow pod's: an average
+/// of the two pods' own p90s (150 ms) would be wrong, which is why the
+/// buckets are exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deployment_p90_from_the_histograms_matches_keda() {
+    require_root();
+    let ns = format!("promh-{}", std::process::id());
+    let specs = [TenantSpec::new("served-0", "served"), TenantSpec::new("served-1", "served")];
+    let scene = Scene::start(&ns, &specs, GpuSetup::Arg("none".into()), &["--tick-ms", "100"].map(String::from))
+        .expect("scene");
+    let prometheus = Prometheus::start(scene.agent.http);
+    let (fast, slow) = (scene.tenant("served-0").addr, scene.tenant("served-1").addr);
+    let load = Duration::from_secs(14);
+    let fast_load = tokio::spawn(integration::http::drive_streams(
+        fast,
+        integration::http::StreamSpec { first_ms: 60, chunks: 2, chunk_ms: 10 },
+        2,
+        load,
+    ));
+    let slow_load = tokio::spawn(integration::http::drive_streams(
+        slow,
+        integration::http::StreamSpec { first_ms: 240, chunks: 2, chunk_ms: 10 },
+        2,
+        load,
+    ));
+    // Asked near the end of the load, over the same 10 s window.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut keda = integration::keda::KedaClient::connect(scene.agent.keda).await.unwrap();
+    let trigger = integration::keda::scaled_object(
+        &ns,
+        "served",
+        &[("metric", "ttft_ms_p90"), ("target", "100"), ("podSelector", "app=served"), ("window", "10s")],
+    );
+    // Percentiles come back times the pod count (AverageValue semantics).
+    let keda_p90_s = keda.poll(&trigger, "ttft").await.expect("ttft_ms_p90").value / 2.0 / 1000.0;
+    let promql = format!(
+        "histogram_quantile(0.9, sum by (le) (rate(podgpu_pod_ttft_seconds_bucket{{namespace=\"{ns}\"}}[10s])))"
+    );
+    let reply = get(prometheus.addr, &format!("/api/v1/query?query={}", encode(&promql))).await.expect("query");
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let prometheus_p90_s: f64 =
+        body["data"]["result"][0]["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    let (fast_streams, slow_streams) = (fast_load.await.unwrap(), slow_load.await.unwrap());
+    println!("KEDA p90 {keda_p90_s:.3} s, Prometheus p90 {prometheus_p90_s:.3} s ({fast_streams} fast, {slow_streams} slow streams)");
+    assert!((0.2..=0.3).contains(&keda_p90_s), "KEDA's p90 is the slow pod's first byte: {keda_p90_s}");
+    // 0.24 s lies in the (0.2, 0.3] bucket; histogram_quantile interpolates in it.
+    assert!((0.2..=0.3).contains(&prometheus_p90_s), "{body}");
+    assert!(
+        (prometheus_p90_s - keda_p90_s).abs() <= 0.1,
+        "within the bucket's width: {prometheus_p90_s} vs {keda_p90_s}"
+    );
+}

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use super::trigger::DEFAULT_WINDOW;
+use crate::signals::buckets::ServingBuckets;
 use crate::signals::metric::{Combine, Metric};
 use crate::signals::traffic_filter::TrafficFilter;
 use crate::signals::view::NodeView;
@@ -41,6 +42,26 @@ pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: imp
         } else {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
+    }
+}
+
+/// Writes one histogram family: `NAME_bucket{LABELS,le=...}` cumulative
+/// counts, `NAME_sum` and `NAME_count`, per label set.
+fn histogram_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, ServingBuckets)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (labels, buckets) in samples {
+        for (bound, count) in buckets.cumulative() {
+            let le = if bound.is_infinite() { "+Inf".to_string() } else { bound.to_string() };
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", buckets.sum_s());
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", buckets.count());
     }
 }
 
@@ -97,6 +118,22 @@ pub fn render_metrics(view: &NodeView) -> String {
             "counter",
             "Requests seen by the request probe, by outcome.",
             samples,
+        );
+        // Histograms Prometheus can add across pods (percentiles cannot):
+        // a Deployment's p90 is histogram_quantile over the summed rates.
+        let buckets: Vec<(String, (ServingBuckets, ServingBuckets))> =
+            labelled.iter().map(|(labels, pod)| (labels.clone(), pod.serving_buckets())).collect();
+        histogram_family(
+            &mut out,
+            "podgpu_pod_ttft_seconds",
+            "Time from a request's first byte in to the answer's first byte out (socket side), per completed request.",
+            buckets.iter().map(|(labels, (ttft, _))| (labels.clone(), *ttft)),
+        );
+        histogram_family(
+            &mut out,
+            "podgpu_pod_request_latency_seconds",
+            "Time from a request's first byte in to the answer's last byte out (socket side), per completed request.",
+            buckets.iter().map(|(labels, (_, latency))| (labels.clone(), *latency)),
         );
     }
     if view.health.driver.is_ok() {
@@ -411,5 +448,52 @@ mod tests {
         assert!(!text.contains("podgpu_pod_gpu_sm_util{"), "{text}");
         assert!(text.contains("podgpu_agent_source_up{source=\"gpu\"} 0"));
         assert!(text.contains("podgpu_agent_tracked_pods 1"));
+    }
+
+    /// TTFT and latency are histograms over the pod's ports, its probe
+    /// traffic left out: cumulative `le` buckets ending at `+Inf`, with sum
+    /// and count.
+    #[test]
+    fn request_timings_are_prometheus_histograms() {
+        let mut view = NodeView::empty();
+        view.health.probes = SourceStatus::Ok { detail: "ebpf".into() };
+        let mut served = crate::signals::view::PortView::fixture(8000, 0, 0);
+        for ms in [40, 80, 90] {
+            served.ttft_total.record(ms * 1_000_000);
+            served.latency_total.record(ms * 10_000_000);
+        }
+        let mut health_checks = crate::signals::view::PortView::fixture(8081, 0, 0);
+        health_checks.probe = true;
+        health_checks.ttft_total.record(1_000_000);
+        view.pods.push(PodView {
+            meta: PodMeta {
+                uid: "u1".into(),
+                namespace: Some("ns".into()),
+                name: Some("p".into()),
+                ..PodMeta::default()
+            },
+            history: History::new(60.0),
+            gpu: Default::default(),
+            driver: Default::default(),
+            requests_in_flight: 0,
+            requests: Default::default(),
+            ports: vec![served, health_checks],
+            metadata_pending: false,
+            requests_unwatched: false,
+        });
+        let text = render_metrics(&view);
+        let labels = "namespace=\"ns\",pod=\"p\",container=\"\",pod_uid=\"u1\",gpu=\"\"";
+        assert!(text.contains("# TYPE podgpu_pod_ttft_seconds histogram\n"), "{text}");
+        for (le, count) in [("0.005", 0), ("0.05", 1), ("0.075", 1), ("0.1", 3), ("+Inf", 3)] {
+            let line = format!("podgpu_pod_ttft_seconds_bucket{{{labels},le=\"{le}\"}} {count}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(text.contains(&format!("podgpu_pod_ttft_seconds_count{{{labels}}} 3\n")), "{text}");
+        assert!(text.contains(&format!("podgpu_pod_ttft_seconds_sum{{{labels}}} 0.21")), "{text}");
+        // Latencies of 0.4, 0.8 and 0.9 s.
+        for (le, count) in [("0.5", 1), ("0.75", 1), ("1", 3)] {
+            let line = format!("podgpu_pod_request_latency_seconds_bucket{{{labels},le=\"{le}\"}} {count}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Signals: per-pod histories built from the sources, windows over them, and
 //! the aggregation of pods into workload values.
 pub mod aggregate;
+pub mod buckets;
 pub mod collector;
 pub mod history;
 pub mod latency;

@@ -1,6 +1,7 @@
 //! Request-side state the collector keeps per pod and per server port:
 //! socket bytes, request outcomes and latency windows, and the history
 //! point they contribute each tick.
+use super::buckets::ServingBuckets;
 use super::history::{History, Point};
 use super::latency::LatencyWindow;
 use super::view::RequestCounts;
@@ -23,6 +24,10 @@ pub struct RequestState {
     pub ttft: LatencyWindow,
     /// Latency distribution.
     pub latency: LatencyWindow,
+    /// TTFT since first seen, for Prometheus.
+    pub ttft_total: ServingBuckets,
+    /// Latency since first seen, for Prometheus.
+    pub latency_total: ServingBuckets,
 }
 
 impl RequestState {
@@ -34,6 +39,8 @@ impl RequestState {
             open: 0,
             ttft: LatencyWindow::new(retention_s),
             latency: LatencyWindow::new(retention_s),
+            ttft_total: ServingBuckets::default(),
+            latency_total: ServingBuckets::default(),
         }
     }
 
@@ -48,8 +55,10 @@ impl RequestState {
             Outcome::Completed(timing) => {
                 self.requests.completed += 1;
                 self.latency.record(now_s, timing.latency_ns());
+                self.latency_total.record(timing.latency_ns());
                 if let Some(ttft) = timing.ttft_ns() {
                     self.ttft.record(now_s, ttft);
+                    self.ttft_total.record(ttft);
                 }
             }
             Outcome::Aborted { .. } => self.requests.aborted += 1,

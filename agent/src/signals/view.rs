@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::buckets::ServingBuckets;
 use super::history::History;
 use super::latency::{new_histogram, quantile_ms, LatencySnapshot};
 use super::metric::{Metric, MetricSource};
@@ -140,6 +141,10 @@ pub struct PortView {
     pub ttft: LatencySnapshot,
     /// Request latency distribution.
     pub latency: LatencySnapshot,
+    /// TTFT since the pod was first seen (Prometheus histogram).
+    pub ttft_total: ServingBuckets,
+    /// Request latency since the pod was first seen.
+    pub latency_total: ServingBuckets,
 }
 
 /// An additive request-side metric (socket bytes, requests) from one set
@@ -186,6 +191,17 @@ impl PodView {
         for port in self.selected_ports(filter) {
             port.merge_latencies(metric, window_s, into);
         }
+    }
+
+    /// The pod's cumulative TTFT and latency histograms, its probe
+    /// traffic (health checks, scrapes) left out as in its other values.
+    pub fn serving_buckets(&self) -> (ServingBuckets, ServingBuckets) {
+        let (mut ttft, mut latency) = (ServingBuckets::default(), ServingBuckets::default());
+        for port in self.ports.iter().filter(|p| !p.probe) {
+            ttft.add(&port.ttft_total);
+            latency.add(&port.latency_total);
+        }
+        (ttft, latency)
     }
 
     fn selected_ports<'a>(&'a self, filter: &'a TrafficFilter<'_>) -> impl Iterator<Item = &'a PortView> {
@@ -378,6 +394,8 @@ mod fixtures {
                 requests: Default::default(),
                 ttft: Default::default(),
                 latency: Default::default(),
+                ttft_total: Default::default(),
+                latency_total: Default::default(),
             }
         }
     }

@@ -459,6 +459,8 @@ impl Collector {
                         requests: state.requests.requests,
                         ttft: state.requests.ttft.snapshot(),
                         latency: state.requests.latency.snapshot(),
+                        ttft_total: state.requests.ttft_total,
+                        latency_total: state.requests.latency_total,
                     })
                     .collect();
                 let mut requests = RequestCounts::default();
