@@ -2,9 +2,11 @@
 //! `sys_exit`). The overhead benchmark attaches them on their own to
 //! measure what the hook itself costs every syscall on the node, before
 //! the probe does any work: the floor under the probe's overhead. The
-//! per-syscall variant (`baseline_syscall`, attached to the
+//! per-syscall variant (`baseline_tracepoint`, attached to the
 //! `syscalls:sys_enter_*`/`sys_exit_*` tracepoints of the calls the probes
 //! need) measures the alternative: hooks that other syscalls never run.
+//! Attached to `sock:sock_recv_length`/`sock_send_length` instead, it
+//! measures hooks off the syscall path altogether (socket I/O only).
 #![no_std]
 #![no_main]
 
@@ -14,7 +16,7 @@ use aya_ebpf::{
 };
 
 #[tracepoint]
-pub fn baseline_syscall(_ctx: TracePointContext) -> i32 {
+pub fn baseline_tracepoint(_ctx: TracePointContext) -> i32 {
     0
 }
 

@@ -4,13 +4,17 @@
 //! process no pod of interest owns. This measures that tax on three cheap
 //! calls made by this process (in no watched pod): `getppid`, a 64-byte
 //! `read` of `/dev/zero`, and an `ioctl` (FIONREAD) on a pipe, the kind of
-//! fd the driver probe must tell apart from an NVIDIA device.
+//! fd the driver probe must tell apart from an NVIDIA device; and, for the
+//! price of the hooks on the calls they do act on, a 64-byte write and
+//! read over a loopback TCP connection.
 //!
 //! Each round measures, back to back: nothing attached; only the no-op
 //! programs on the probes' raw `sys_enter`/`sys_exit` hooks (the floor
 //! those hooks cost every syscall); no-op programs on the per-syscall
 //! tracepoints of the dozen calls the probes need instead (what other
-//! syscalls would pay if the probes moved there; needs tracefs); the
+//! syscalls would pay if the probes moved there; needs tracefs); no-op
+//! programs on the socket tracepoints `sock:sock_recv_length` and
+//! `sock_send_length` (hooks off the syscall path; needs tracefs); the
 //! agent as the chart ships it (request and driver probes, launch
 //! accounting on). Each figure is the median of `repeats` timed loops of
 //! `calls` calls; the report gives each configuration's median over the
@@ -43,9 +47,10 @@ enum Call {
     Getppid,
     ReadDevZero,
     IoctlPipe,
+    TcpLoopback,
 }
 
-const CALLS: [Call; 3] = [Call::Getppid, Call::ReadDevZero, Call::IoctlPipe];
+const CALLS: [Call; 4] = [Call::Getppid, Call::ReadDevZero, Call::IoctlPipe, Call::TcpLoopback];
 
 impl Call {
     fn label(self) -> &'static str {
@@ -53,6 +58,7 @@ impl Call {
             Call::Getppid => "getppid()",
             Call::ReadDevZero => "read(/dev/zero, 64 B)",
             Call::IoctlPipe => "ioctl(pipe, FIONREAD)",
+            Call::TcpLoopback => "TCP write+read 64 B",
         }
     }
 }
@@ -61,6 +67,8 @@ impl Call {
 struct Fds {
     zero: libc::c_int,
     pipe: [libc::c_int; 2],
+    /// A loopback TCP connection: (client, server).
+    tcp: (std::net::TcpStream, std::net::TcpStream),
 }
 
 impl Fds {
@@ -75,7 +83,11 @@ impl Fds {
         if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             bail!("pipe: {}", std::io::Error::last_os_error());
         }
-        Ok(Self { zero, pipe })
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("a loopback listener")?;
+        let client = std::net::TcpStream::connect(listener.local_addr()?).context("connecting on loopback")?;
+        let (server, _) = listener.accept().context("accepting on loopback")?;
+        client.set_nodelay(true)?;
+        Ok(Self { zero, pipe, tcp: (client, server) })
     }
 
     /// Nanoseconds per call of `call`, over `calls` calls.
@@ -96,6 +108,11 @@ impl Fds {
                     }
                     Call::IoctlPipe => {
                         libc::ioctl(self.pipe[0], libc::FIONREAD, &mut pending);
+                    }
+                    Call::TcpLoopback => {
+                        use std::os::fd::AsRawFd;
+                        libc::write(self.tcp.0.as_raw_fd(), buffer.as_ptr().cast(), buffer.len());
+                        libc::read(self.tcp.1.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len());
                     }
                 }
             }
@@ -126,10 +143,12 @@ enum Attached {
     Nothing,
     NoopHooks,
     NoopPerSyscall,
+    NoopSocket,
     Agent,
 }
 
-const CONFIGS: [Attached; 4] = [Attached::Nothing, Attached::NoopHooks, Attached::NoopPerSyscall, Attached::Agent];
+const CONFIGS: [Attached; 5] =
+    [Attached::Nothing, Attached::NoopHooks, Attached::NoopPerSyscall, Attached::NoopSocket, Attached::Agent];
 
 impl Attached {
     fn label(self) -> &'static str {
@@ -137,6 +156,7 @@ impl Attached {
             Attached::Nothing => "nothing attached",
             Attached::NoopHooks => "no-op raw sys_enter/exit",
             Attached::NoopPerSyscall => "no-op per-syscall tps",
+            Attached::NoopSocket => "no-op sock:sock_*_length",
             Attached::Agent => "agent (chart defaults)",
         }
     }
@@ -183,16 +203,24 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                     let _hooks = HookBaseline::attach().context("attaching the no-op hook programs")?;
                     measure(&fds, &options)
                 }
-                // Needs tracefs; without it the row says so and the rest runs.
-                Attached::NoopPerSyscall => match HookBaseline::attach_per_syscall(&PROBED_SYSCALLS) {
-                    Ok(_hooks) => measure(&fds, &options),
-                    Err(err) => {
-                        eprintln!(
-                            "per-syscall tracepoints not attached ({err}): mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) to measure them"
-                        );
-                        vec![f64::NAN; CALLS.len()]
+                // Need tracefs; without it the row says so and the rest runs.
+                Attached::NoopPerSyscall | Attached::NoopSocket => {
+                    let hooks = if *config == Attached::NoopPerSyscall {
+                        HookBaseline::attach_per_syscall(&PROBED_SYSCALLS)
+                    } else {
+                        HookBaseline::attach_socket_tracepoints()
+                    };
+                    match hooks {
+                        Ok(_hooks) => measure(&fds, &options),
+                        Err(err) => {
+                            eprintln!(
+                                "{} not attached ({err}): mount tracefs (mount -t tracefs nodev /sys/kernel/tracing) to measure them",
+                                config.label()
+                            );
+                            vec![f64::NAN; CALLS.len()]
+                        }
                     }
-                },
+                }
                 Attached::Agent => {
                     let mut agent = start_agent()?;
                     let measured = measure(&fds, &options);
@@ -216,7 +244,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         "syscall tax on a process in no watched pod: ns per call, median of {} rounds ({} loops of {} calls each)",
         options.rounds, options.repeats, options.calls
     );
-    println!("{:<24} {:>26} {:>26} {:>26}", "", CALLS[0].label(), CALLS[1].label(), CALLS[2].label());
+    println!("{:<26} {}", "", CALLS.iter().map(|c| format!("{:>24}", c.label())).collect::<String>());
     let medians: Vec<Vec<f64>> =
         figures.iter_mut().map(|per_call| per_call.iter_mut().map(|rounds| median(rounds)).collect()).collect();
     for (index, config) in CONFIGS.iter().enumerate() {
@@ -229,7 +257,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                 (false, _) => format!("{ns:.0} ({:+.0})", ns - bare),
             })
             .collect();
-        println!("{:<24} {:>26} {:>26} {:>26}", config.label(), cells[0], cells[1], cells[2]);
+        println!("{:<26} {}", config.label(), cells.iter().map(|c| format!("{c:>24}")).collect::<String>());
     }
     println!("(goal: the agent adds at most 20 ns per unrelated syscall; docs/requests.md, \"The node's tax\")");
     Ok(())

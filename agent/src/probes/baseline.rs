@@ -29,12 +29,30 @@ impl HookBaseline {
         Ok(Self { _ebpf: ebpf })
     }
 
+    /// Loads one no-op program and attaches it to the socket tracepoints
+    /// `sock:sock_recv_length` and `sock:sock_send_length`: hooks that run
+    /// on socket I/O only and leave the syscall path alone. Needs tracefs.
+    pub fn attach_socket_tracepoints() -> Result<Self, ProbeError> {
+        Self::attach_tracepoints(&[("sock", "sock_recv_length"), ("sock", "sock_send_length")])
+    }
+
     /// Loads one no-op program and attaches it to the per-syscall
     /// tracepoints (`syscalls:sys_enter_NAME` and `sys_exit_NAME`) of each
     /// of `syscalls`: the hooks a probe would use if it ran only on the
     /// calls it needs. Needs tracefs (`/sys/kernel/tracing`).
     pub fn attach_per_syscall(syscalls: &[&str]) -> Result<Self, ProbeError> {
-        const NAME: &str = "baseline_syscall";
+        let names: Vec<(&str, String)> = syscalls
+            .iter()
+            .flat_map(|syscall| ["enter", "exit"].map(|side| ("syscalls", format!("sys_{side}_{syscall}"))))
+            .collect();
+        let names: Vec<(&str, &str)> = names.iter().map(|(category, name)| (*category, name.as_str())).collect();
+        Self::attach_tracepoints(&names)
+    }
+
+    /// Loads the no-op tracepoint program and attaches it to each
+    /// (category, name).
+    fn attach_tracepoints(tracepoints: &[(&str, &str)]) -> Result<Self, ProbeError> {
+        const NAME: &str = "baseline_tracepoint";
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
         let program: &mut aya::programs::TracePoint = ebpf
             .program_mut(NAME)
@@ -42,12 +60,8 @@ impl HookBaseline {
             .try_into()
             .map_err(|source| ProbeError::Program { name: NAME, source })?;
         program.load().map_err(|source| ProbeError::Program { name: NAME, source })?;
-        for syscall in syscalls {
-            for side in ["enter", "exit"] {
-                program
-                    .attach("syscalls", &format!("sys_{side}_{syscall}"))
-                    .map_err(|source| ProbeError::Program { name: NAME, source })?;
-            }
+        for (category, name) in tracepoints {
+            program.attach(category, name).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
         Ok(Self { _ebpf: ebpf })
     }
