@@ -1,66 +1,48 @@
-//! Kubernetes label selectors (the string form, as in `kubectl -l`):
+//! Kubernetes label selectors in their string form (as in `kubectl -l`):
 //! `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`, `!k`,
 //! comma-separated and ANDed.
-use std::collections::BTreeMap;
+//!
+//! The selector itself is kube-rs's (`kube::core::Selector` of
+//! `Expression`s), matched by kube-rs (`SelectorExt::matches`) and printed
+//! in its canonical text. Only the parser is ours: kube-core 5.0 builds
+//! selectors from label maps and from the API's `LabelSelector` objects,
+//! but does not parse the string form that KEDA trigger metadata carries
+//! (`podSelector: "app=llm,tier in (gpu)"`).
+use std::collections::{BTreeMap, BTreeSet};
 
-/// One requirement of a selector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Requirement {
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
-}
+use kube::core::{Expression, Selector, SelectorExt as _};
 
 /// A parsed selector; the empty selector matches every pod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LabelSelector {
-    requirements: Vec<Requirement>,
+    selector: Selector,
 }
 
 impl LabelSelector {
     /// Parses the string form; the error says which part is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut requirements = Vec::new();
+        let mut expressions = Vec::new();
         for part in split_top_level(text)? {
             let part = part.trim();
             if part.is_empty() {
                 return Err("empty requirement (stray comma?)".to_string());
             }
-            requirements.push(parse_requirement(part)?);
+            expressions.push(parse_requirement(part)?);
         }
-        Ok(Self { requirements })
+        Ok(Self { selector: expressions.into_iter().collect() })
     }
 
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|requirement| match requirement {
-            Requirement::In(key, values) => labels.get(key).is_some_and(|v| values.contains(v)),
-            Requirement::NotIn(key, values) => labels.get(key).is_none_or(|v| !values.contains(v)),
-            Requirement::Exists(key) => labels.contains_key(key),
-            Requirement::DoesNotExist(key) => !labels.contains_key(key),
-        })
+        self.selector.matches(labels)
     }
 }
 
-/// The canonical string form: `parse` reads it back to an equal selector,
-/// so a selector can travel (to node agents) as text.
+/// The canonical string form (kube-rs's): `parse` reads it back to an
+/// equal selector, so a selector can travel (to node agents) as text.
 impl std::fmt::Display for LabelSelector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (index, requirement) in self.requirements.iter().enumerate() {
-            if index > 0 {
-                f.write_str(",")?;
-            }
-            match requirement {
-                Requirement::In(key, values) if values.len() == 1 => write!(f, "{key}={}", values[0])?,
-                Requirement::NotIn(key, values) if values.len() == 1 => write!(f, "{key}!={}", values[0])?,
-                Requirement::In(key, values) => write!(f, "{key} in ({})", values.join(","))?,
-                Requirement::NotIn(key, values) => write!(f, "{key} notin ({})", values.join(","))?,
-                Requirement::Exists(key) => f.write_str(key)?,
-                Requirement::DoesNotExist(key) => write!(f, "!{key}")?,
-            }
-        }
-        Ok(())
+        self.selector.fmt(f)
     }
 }
 
@@ -92,15 +74,15 @@ fn split_top_level(text: &str) -> Result<Vec<&str>, String> {
     Ok(parts)
 }
 
-fn parse_requirement(part: &str) -> Result<Requirement, String> {
+fn parse_requirement(part: &str) -> Result<Expression, String> {
     if let Some(key) = part.strip_prefix('!') {
-        return Ok(Requirement::DoesNotExist(label_key(key.trim())?));
+        return Ok(Expression::DoesNotExist(label_key(key.trim())?));
     }
     if let Some((key, value)) = part.split_once("!=") {
-        return Ok(Requirement::NotIn(label_key(key.trim())?, vec![label_value(value.trim())?]));
+        return Ok(Expression::NotEqual(label_key(key.trim())?, label_value(value.trim())?));
     }
     if let Some((key, value)) = part.split_once("==").or_else(|| part.split_once('=')) {
-        return Ok(Requirement::In(label_key(key.trim())?, vec![label_value(value.trim())?]));
+        return Ok(Expression::Equal(label_key(key.trim())?, label_value(value.trim())?));
     }
     let words: Vec<&str> = part.splitn(2, char::is_whitespace).collect();
     if words.len() == 2 {
@@ -108,15 +90,15 @@ fn parse_requirement(part: &str) -> Result<Requirement, String> {
         let (operator, list) =
             rest.split_once('(').ok_or_else(|| format!("expected `in (...)` or `notin (...)` in {part:?}"))?;
         let list = list.strip_suffix(')').ok_or_else(|| format!("missing `)` in {part:?}"))?;
-        let values = list.split(',').map(|v| label_value(v.trim())).collect::<Result<Vec<_>, _>>()?;
+        let values = list.split(',').map(|v| label_value(v.trim())).collect::<Result<BTreeSet<_>, _>>()?;
         let key = label_key(words[0])?;
         return match operator.trim() {
-            "in" => Ok(Requirement::In(key, values)),
-            "notin" => Ok(Requirement::NotIn(key, values)),
+            "in" => Ok(Expression::In(key, values)),
+            "notin" => Ok(Expression::NotIn(key, values)),
             other => Err(format!("unknown operator {other:?} in {part:?}")),
         };
     }
-    Ok(Requirement::Exists(label_key(part)?))
+    Ok(Expression::Exists(label_key(part)?))
 }
 
 fn label_key(key: &str) -> Result<String, String> {
