@@ -11,9 +11,42 @@
 #![no_main]
 
 use aya_ebpf::{
-    macros::{raw_tracepoint, tracepoint},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel, generated::bpf_task_pt_regs},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::Array,
     programs::{RawTracePointContext, TracePointContext},
 };
+
+/// Slot 0: the tgid whose socket calls `socket_call_args` records (set by
+/// user space); slot 1..=4: what it read (dx, si, di, orig_ax).
+#[map]
+static SOCKET_CALL: Array<u64> = Array::with_max_entries(5, 0);
+
+/// On `sock:sock_recv_length`/`sock_send_length`: reads the syscall's
+/// registers from the task (`bpf_task_pt_regs`), as socket-level request
+/// probes would need to find the fd and the user buffer without a syscall
+/// hook. Records them for one tgid, for the benchmark's feasibility check.
+#[tracepoint]
+pub fn socket_call_args(_ctx: TracePointContext) -> i32 {
+    let target = SOCKET_CALL.get(0).copied().unwrap_or(0);
+    if target == 0 || bpf_get_current_pid_tgid() >> 32 != target {
+        return 0;
+    }
+    // SAFETY: the current task's BTF pointer and its saved user registers,
+    // read through the checked helper.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf() as *mut _) as u64;
+        // x86_64 `struct pt_regs`: dx 96, si 104, di 112, orig_ax 120.
+        if let Ok(values) = bpf_probe_read_kernel((regs + 96) as *const [u64; 4]) {
+            for (index, value) in values.iter().enumerate() {
+                if let Some(slot) = SOCKET_CALL.get_ptr_mut(index as u32 + 1) {
+                    *slot = *value;
+                }
+            }
+        }
+    }
+    0
+}
 
 #[tracepoint]
 pub fn baseline_tracepoint(_ctx: TracePointContext) -> i32 {

@@ -17,5 +17,8 @@ fuzz_target!(|input: (String, String, Vec<(String, String)>)| {
     if let Ok(selector) = LabelSelector::parse(&text) {
         let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let _ = selector.matches(&labels);
+        // Selectors travel to node agents as text: the canonical form must
+        // read back to the same selector.
+        assert_eq!(LabelSelector::parse(&selector.to_string()), Ok(selector.clone()), "{text:?}");
     }
 });

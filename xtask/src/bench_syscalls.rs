@@ -174,6 +174,29 @@ fn measure(fds: &Fds, options: &Options) -> Vec<f64> {
         .collect()
 }
 
+/// Whether a program on the socket tracepoints (off the syscall path) can
+/// still see the syscall's fd and buffer, which request probes there
+/// would need: prints what it read for one 64-byte TCP read.
+fn socket_args_feasibility(fds: &Fds) {
+    use std::os::fd::AsRawFd;
+    let mut buffer = [0u8; 64];
+    let (client, server) = (fds.tcp.0.as_raw_fd(), fds.tcp.1.as_raw_fd());
+    // SAFETY: plain syscalls on connected sockets this process owns.
+    unsafe { libc::write(client, buffer.as_ptr().cast(), buffer.len()) };
+    let read = HookBaseline::socket_call_args(|| {
+        // SAFETY: as above; 64 bytes are waiting.
+        unsafe { libc::read(server, buffer.as_mut_ptr().cast(), buffer.len()) };
+    });
+    match read {
+        Ok(Some([count, buffer_address, fd, nr])) => eprintln!(
+            "socket tracepoint read the syscall's registers: nr {nr} (read is 0), fd {fd} (expected {server}), count {count}, buffer {buffer_address:#x} (expected {:#x})",
+            buffer.as_ptr() as u64
+        ),
+        Ok(None) => eprintln!("socket tracepoint attached but saw no call of this process"),
+        Err(err) => eprintln!("socket tracepoint with task registers not loaded: {err}"),
+    }
+}
+
 fn start_agent() -> anyhow::Result<AgentProcess> {
     // As the chart runs it, less what needs a cluster: request and driver
     // probes, launch accounting on (its default), no GPU on this machine.
@@ -193,6 +216,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         bail!("build the agent first (cargo build --release)");
     }
     let fds = Fds::open()?;
+    socket_args_feasibility(&fds);
     // per configuration, per call: one figure per round
     let mut figures: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CALLS.len()]; CONFIGS.len()];
     for round in 0..options.rounds {

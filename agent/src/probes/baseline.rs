@@ -49,6 +49,42 @@ impl HookBaseline {
         Self::attach_tracepoints(&names)
     }
 
+    /// Feasibility of request probes off the syscall path: attaches
+    /// `socket_call_args` to the socket tracepoints, runs `io` (which should
+    /// make one socket call from this process), and returns the syscall
+    /// registers the program read from the task at the tracepoint: (dx,
+    /// si, di, orig_ax), i.e. (count, buffer, fd, syscall number) for a
+    /// `read` or `write`. `None` when the program saw no call.
+    pub fn socket_call_args(io: impl FnOnce()) -> Result<Option<[u64; 4]>, ProbeError> {
+        const NAME: &str = "socket_call_args";
+        const MAP: &str = "SOCKET_CALL";
+        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
+        {
+            let map = ebpf.map_mut(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+            let mut slots: aya::maps::Array<_, u64> =
+                aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+            slots.set(0, u64::from(std::process::id()), 0).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        }
+        let program: &mut aya::programs::TracePoint = ebpf
+            .program_mut(NAME)
+            .ok_or(ProbeError::MissingProgram(NAME))?
+            .try_into()
+            .map_err(|source| ProbeError::Program { name: NAME, source })?;
+        program.load().map_err(|source| ProbeError::Program { name: NAME, source })?;
+        for name in ["sock_recv_length", "sock_send_length"] {
+            program.attach("sock", name).map_err(|source| ProbeError::Program { name: NAME, source })?;
+        }
+        io();
+        let map = ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+        let slots: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        let mut values = [0u64; 4];
+        for (index, value) in values.iter_mut().enumerate() {
+            *value = slots.get(&(index as u32 + 1), 0).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        }
+        Ok((values != [0; 4]).then_some(values))
+    }
+
     /// Loads the no-op tracepoint program and attaches it to each
     /// (category, name).
     fn attach_tracepoints(tracepoints: &[(&str, &str)]) -> Result<Self, ProbeError> {
