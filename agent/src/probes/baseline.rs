@@ -24,7 +24,7 @@ pub struct HookBaseline {
 impl HookBaseline {
     /// Loads and attaches the no-op programs.
     pub fn attach() -> Result<Self, ProbeError> {
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
+        let mut ebpf = object()?;
         super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
         Ok(Self { _ebpf: ebpf })
     }
@@ -58,19 +58,14 @@ impl HookBaseline {
     pub fn socket_call_args(io: impl FnOnce()) -> Result<Option<[u64; 4]>, ProbeError> {
         const NAME: &str = "socket_call_args";
         const MAP: &str = "SOCKET_CALL";
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
+        let mut ebpf = object()?;
         {
             let map = ebpf.map_mut(MAP).ok_or(ProbeError::MissingMap(MAP))?;
             let mut slots: aya::maps::Array<_, u64> =
                 aya::maps::Array::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
             slots.set(0, u64::from(std::process::id()), 0).map_err(|source| ProbeError::Map { name: MAP, source })?;
         }
-        let program: &mut aya::programs::TracePoint = ebpf
-            .program_mut(NAME)
-            .ok_or(ProbeError::MissingProgram(NAME))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { name: NAME, source })?;
-        program.load().map_err(|source| ProbeError::Program { name: NAME, source })?;
+        let program = super::load_tracepoint(&mut ebpf, NAME)?;
         for name in ["sock_recv_length", "sock_send_length"] {
             program.attach("sock", name).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
@@ -89,16 +84,16 @@ impl HookBaseline {
     /// (category, name).
     fn attach_tracepoints(tracepoints: &[(&str, &str)]) -> Result<Self, ProbeError> {
         const NAME: &str = "baseline_tracepoint";
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?;
-        let program: &mut aya::programs::TracePoint = ebpf
-            .program_mut(NAME)
-            .ok_or(ProbeError::MissingProgram(NAME))?
-            .try_into()
-            .map_err(|source| ProbeError::Program { name: NAME, source })?;
-        program.load().map_err(|source| ProbeError::Program { name: NAME, source })?;
+        let mut ebpf = object()?;
+        let program = super::load_tracepoint(&mut ebpf, NAME)?;
         for (category, name) in tracepoints {
             program.attach(category, name).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
         Ok(Self { _ebpf: ebpf })
     }
+}
+
+/// The baseline object, loaded (maps created, no program loaded yet).
+fn object() -> Result<Ebpf, ProbeError> {
+    Ok(Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-baseline")))?)
 }

@@ -78,16 +78,33 @@ pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
         .collect()
 }
 
+/// The program `name` of `ebpf` as its type `P`.
+fn program_of<'a, P>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| ProbeError::Program { name, source })
+}
+
 /// Loads the raw tracepoint program `name` of `ebpf` (not attached).
 pub fn load_raw_tracepoint<'a>(
     ebpf: &'a mut aya::Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::programs::RawTracePoint, ProbeError> {
-    let program: &mut aya::programs::RawTracePoint = ebpf
-        .program_mut(name)
-        .ok_or(ProbeError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| ProbeError::Program { name, source })?;
+    let program: &mut aya::programs::RawTracePoint = program_of(ebpf, name)?;
+    program.load().map_err(|source| ProbeError::Program { name, source })?;
+    Ok(program)
+}
+
+/// Loads the tracepoint program `name` of `ebpf` (not attached).
+pub fn load_tracepoint<'a>(
+    ebpf: &'a mut aya::Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::TracePoint, ProbeError> {
+    let program: &mut aya::programs::TracePoint = program_of(ebpf, name)?;
     program.load().map_err(|source| ProbeError::Program { name, source })?;
     Ok(program)
 }
