@@ -36,7 +36,8 @@
 //! estimator, scored against their truth), `synthetic` (generated traces
 //! with known costs), `generator` (seeded random scenarios), `sweep` (the
 //! generalisation scorecard over them and the recorded traces), `holdout`
-//! (leave-one-out over the recorded traces), `record` (a trace from a live
+//! (leave-one-out over the recorded traces), `shares` (the even split,
+//! the confidence scale, the NVML-only answer), `record` (a trace from a live
 //! node), `catalog` (kernel costs kept across agent restarts).
 pub mod catalog;
 mod estimator;
@@ -46,6 +47,7 @@ pub mod holdout;
 pub mod live;
 pub mod record;
 pub mod replay;
+mod shares;
 pub mod sweep;
 pub mod synthetic;
 pub mod trace;
