@@ -1,6 +1,7 @@
-//! NVIDIA driver calls, decoded in the syscall tracepoints the request
-//! probe already runs for every syscall (no hook of its own, so the driver
-//! path adds nothing to other syscalls than a compare on their number).
+//! NVIDIA driver calls, seen in the raw `sys_enter`/`sys_exit` tracepoints.
+//! These two programs belong to the driver path alone and are attached
+//! only where the node has an NVIDIA driver (or stand-ins for one): every
+//! syscall on the node pays for them (measured in docs/requests.md).
 //!
 //! `ioctl` entry: a request shaped like an NVIDIA escape (`_IOWR('F', nr,
 //! size)`, `nr` in the escape ranges), or any ioctl of a process already
@@ -14,7 +15,10 @@
 //! and fills `DRIVER_FDS`; `close` of a mapped fd removes it.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
+    },
     macros::{map, raw_tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
@@ -27,7 +31,7 @@ use podgpu_common::{
     tgid_slot, RequestStat, SERVER_TGID_WORDS,
 };
 
-use crate::{bump, syscall_args, Pending, TAIL_CALLS};
+use crate::{bump, syscalls, TAIL_CALLS};
 
 /// (tgid << 32 | fd) -> `fd_kind`, written by user space after checking the
 /// fd, removed by the kernel at close. LRU: an evicted entry only makes
@@ -48,8 +52,6 @@ static DRIVER_EVENTS: RingBuf = RingBuf::with_byte_size(DRIVER_RING_BYTES, 0);
 #[map]
 static DRIVER_INPUT: PerCpuArray<DriverInput> = PerCpuArray::with_max_entries(1, 0);
 
-/// `Pending::kind` of a stashed ioctl (beyond every `IoKind`).
-pub const PENDING_IOCTL: u32 = 0x100;
 /// Slot of `driver_decode` in `TAIL_CALLS`.
 pub const DECODE_SLOT: u32 = 1;
 
@@ -66,8 +68,90 @@ pub struct DriverInput {
     _padding: u32,
 }
 
+/// An ioctl's arguments, per thread, from entry to exit. A thread's slot is
+/// written in place at every entry and marked `CONSUMED` at exit, never
+/// deleted: an insert plus a delete per call cost more than two in-place
+/// writes. LRU so slots of exited threads make room for new ones.
+#[map]
+static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+/// `Pending::fd_kind` of a slot whose ioctl has exited.
+const CONSUMED: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    params: u64,
+    cgroup_id: u64,
+    started_ns: u64,
+    request: u32,
+    fd: u32,
+    fd_kind: u32,
+    _padding: u32,
+}
+
+/// Syscall arguments 0-2 of the current syscall (`sys_enter`'s context).
+fn syscall_args(ctx: &RawTracePointContext) -> Result<[u64; 3], i64> {
+    let regs: u64 = ctx.arg(0);
+    // SAFETY: `regs` is the kernel's `struct pt_regs *` for this syscall,
+    // read through the checked helper.
+    let slots: [u64; 3] = unsafe { bpf_probe_read_kernel((regs as usize + syscalls::ARGS_OFFSET) as *const [u64; 3])? };
+    let [first, second, third] = syscalls::ARG_SLOT;
+    Ok([slots[first], slots[second], slots[third]])
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn syscall_enter(ctx: RawTracePointContext) -> i32 {
+    let nr: i64 = ctx.arg(1);
+    if nr != syscalls::IOCTL && nr != syscalls::CLOSE {
+        return 0;
+    }
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    if nr == syscalls::CLOSE {
+        if is_client(tgid) {
+            if let Ok([fd, _, _]) = syscall_args(&ctx) {
+                close(tgid, fd);
+            }
+        }
+        return 0;
+    }
+    if let Ok(Some(pending)) = ioctl_enter(&ctx, tgid) {
+        stash(pending);
+    }
+    0
+}
+
+fn stash(pending: Pending) {
+    let id = bpf_get_current_pid_tgid();
+    if let Some(slot) = PENDING.get_ptr_mut(id) {
+        // SAFETY: this thread's slot; only this thread writes it.
+        unsafe { *slot = pending };
+        return;
+    }
+    if PENDING.insert(id, pending, 0).is_err() {
+        bump(RequestStat::ArgsMapFull);
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn syscall_exit(ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    if !is_client(id >> 32) {
+        return 0;
+    }
+    let Some(slot) = PENDING.get_ptr_mut(id) else { return 0 };
+    // SAFETY: this thread's slot (plain data), copied, then marked consumed.
+    let pending = unsafe { *slot };
+    if pending.fd_kind == CONSUMED {
+        return 0;
+    }
+    unsafe { (*slot).fd_kind = CONSUMED };
+    ioctl_exit(&ctx, &pending, ctx.arg(1));
+    0
+}
+
 #[inline(always)]
-pub fn is_client(tgid: u64) -> bool {
+fn is_client(tgid: u64) -> bool {
     let (word, byte) = tgid_slot(tgid);
     DRIVER_TGIDS.get(word).is_some_and(|value| (value >> (byte * 8)) & 0xff != 0)
 }
@@ -84,7 +168,7 @@ fn mark_client(tgid: u64) {
 /// `ioctl` entry: the stash for `ioctl_exit`, or `None` if it is not a
 /// driver call.
 #[inline(always)]
-pub fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>, i64> {
+fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>, i64> {
     let [fd, request, params] = syscall_args(ctx)?;
     let request = request as u32;
     if !is_escape_shaped(request) && !is_client(tgid) {
@@ -101,33 +185,32 @@ pub fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pendi
     }
     mark_client(tgid);
     Ok(Some(Pending {
-        buffer: params,
-        segments: u64::from(request),
+        params,
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        fd: fd as u32,
-        kind: PENDING_IOCTL,
-        mode: kind,
-        _padding: 0,
         // SAFETY: helper without arguments.
         started_ns: unsafe { bpf_ktime_get_ns() },
+        request,
+        fd: fd as u32,
+        fd_kind: kind,
+        _padding: 0,
     }))
 }
 
 /// `ioctl` exit: hand the call to `driver_decode`.
 #[inline(always)]
-pub fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
+fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
     let Some(input) = DRIVER_INPUT.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's scratch slot.
     unsafe {
         *input = DriverInput {
-            params: pending.buffer,
+            params: pending.params,
             cgroup_id: pending.cgroup_id,
             started_ns: pending.started_ns,
             ret,
-            request: pending.segments as u32,
+            request: pending.request,
             fd: pending.fd,
-            fd_kind: pending.mode,
+            fd_kind: pending.fd_kind,
             _padding: 0,
         };
         let _ = TAIL_CALLS.tail_call(ctx, DECODE_SLOT);
@@ -137,7 +220,7 @@ pub fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
 /// `close` by a driver client: forget the fd, and tell user space if it was
 /// a mapped one.
 #[inline(always)]
-pub fn close(tgid: u64, fd: u64) {
+fn close(tgid: u64, fd: u64) {
     let key = (tgid << 32) | (fd & 0xffff_ffff);
     let Some(kind) = DRIVER_FDS.get_ptr(key) else { return };
     // SAFETY: plain-data map value.

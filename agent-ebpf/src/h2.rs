@@ -1,4 +1,4 @@
-//! HTTP/2 frame walking, tail-called from `syscall_exit` (see the crate
+//! HTTP/2 frame walking, tail-called from the socket programs (see the crate
 //! root): decides the protocol, follows frame headers through every
 //! buffer of a read or write and across syscalls, and emits the
 //! request-relevant ones as `H2Event`s.
@@ -21,10 +21,7 @@ use aya_ebpf::{
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use podgpu_common::{conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, MAX_H2_FRAMES};
 
-use crate::{
-    bump, IoVec, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, CONNECTIONS, EVENTS, H2_SCRATCH,
-    WAKEUP_BYTES, WALK_INPUT,
-};
+use crate::{bump, wake_flags, IoVec, CONNECTIONS, EVENTS, H2_SCRATCH, WALK_INPUT};
 
 /// How one invocation's walk ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,7 +35,7 @@ enum Outcome {
 }
 
 /// Times one syscall's walk may continue in a fresh invocation (the
-/// kernel allows 33 tail calls in a chain; `syscall_exit` used one).
+/// kernel allows 33 tail calls in a chain; the socket program used one).
 const MAX_CONTINUATIONS: u32 = 31;
 /// Steps per invocation: each moves to the next iovec and/or takes one
 /// frame header (or a piece of one). 32 invocations follow at least 1,024
@@ -191,7 +188,7 @@ unsafe fn walk_steps(walk: *mut WalkInput) -> Outcome {
     Outcome::Paused
 }
 
-/// Tail-called by `syscall_exit` for connections that are (or may be)
+/// Tail-called by the socket programs for connections that are (or may be)
 /// HTTP/2: decides the protocol on the first data, walks the frame headers
 /// of this read or write, carries where the next header starts (and any
 /// header bytes already seen) into the next syscall, and emits an
@@ -389,7 +386,6 @@ fn emit_frames_or_notice(walk: *mut WalkInput, mode: u32, always: bool) {
         }
         (*event).frame_count = copied;
     }
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    entry.submit(flags);
+    entry.submit(wake_flags());
     bump(RequestStat::Emitted);
 }

@@ -1,21 +1,28 @@
-//! Request I/O of watched pods' server-side connections, for user-space
+//! Request I/O of watched pods' server-side TCP connections, for user-space
 //! HTTP parsers.
 //!
-//! Connections are tracked from `accept`/`accept4` in a watched cgroup (user
-//! space also seeds connections that predate the agent) until `close`.
-//! For tracked connections only, the read-family (`read`, `recvfrom`,
-//! `readv`, `recvmsg`) and write-family (`write`, `sendto`, `writev`,
-//! `sendmsg`) syscalls produce one ring-buffer event each: kernel timestamp,
-//! bytes moved, the first `CAPTURE_PREFIX` bytes and the last
-//! `CAPTURE_SUFFIX` bytes.
+//! Four raw tracepoints in the socket layer, none on the syscall path, so
+//! a syscall that moves no socket data pays nothing for them:
+//! - `inet_sock_set_state`, `tcp_destroy_sock`: a socket entering SYN_RECV
+//!   is the server side of a new connection (`PASSIVE_SOCKETS`). A tracked
+//!   connection ends with a `Close` event when the server closes it
+//!   (FIN_WAIT1, LAST_ACK: both in the server's own close) or when the
+//!   socket is freed (after a reset, once the server let go of it). Not
+//!   at the reset itself: on loopback a peer's reset is processed inside
+//!   the server's own send, before that send's event.
+//! - `sock_recv_length`, `sock_send_length`: every `sock_recvmsg` and
+//!   `sock_sendmsg` (read, write, the send/recv family and their vectored
+//!   forms). The syscall's own registers (`bpf_task_pt_regs`) name the fd
+//!   and the user buffer. The first call of a process of a watched cgroup
+//!   on a passive socket starts tracking it as (tgid, fd) with an `Accept`
+//!   event; every call on a tracked connection emits one ring-buffer event:
+//!   kernel timestamp, bytes moved, the first `CAPTURE_PREFIX` bytes and
+//!   the last `CAPTURE_SUFFIX` bytes.
 //!
-//! Two raw tracepoints, `sys_enter` and `sys_exit`, see every syscall. Raw
-//! tracepoints skip the per-syscall tracepoints' record building (measured:
-//! no-op programs cost 5% of a saturated server's throughput as raw
-//! tracepoints, 8.5% as the eleven per-syscall ones), and kprobes and
-//! fentry are unavailable on this project's machines. Any other syscall
-//! costs a compare on its number; a read or write of a process that never
-//! accepted a tracked connection costs one byte test (`SERVER_TGIDS`).
+//! A socket call of a process that never served a tracked connection costs
+//! one byte test (`SERVER_TGIDS`) and a cgroup lookup. The driver path's
+//! syscall tracepoints (`driver.rs`) live in this object for its shared
+//! maps, and are attached only on nodes with an NVIDIA driver.
 #![no_std]
 #![no_main]
 
@@ -23,8 +30,9 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, generated,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{self, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -32,8 +40,8 @@ use aya_ebpf::{
 };
 use podgpu_common::{
     conn_mode, tgid_slot, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
-    MAX_H2_FRAMES, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES, REQUEST_STAT_COUNT,
-    SERVER_TGID_WORDS,
+    MAX_H2_FRAMES, MAX_PASSIVE_SOCKETS, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES,
+    REQUEST_STAT_COUNT, SERVER_TGID_WORDS,
 };
 
 /// cgroup ids whose accepted connections are tracked.
@@ -44,11 +52,17 @@ static WATCHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHE
 #[map]
 static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
 
-/// tgids (one byte each, modulo the map's size) that accepted a connection
-/// in a watched cgroup: the pre-filter that keeps every other process's
-/// reads and writes off the connection lookup. Set by the kernel at
-/// accept, never cleared: a stale or aliased mark only costs that process
-/// the lookup.
+/// Server-side TCP sockets (`struct sock` address) from the handshake to
+/// their close: which tracked connection each became, for the close.
+/// LRU: an evicted one is either never tracked or ends by user space's
+/// sweep instead of its `Close` event.
+#[map]
+static PASSIVE_SOCKETS: LruHashMap<u64, Passive> = LruHashMap::with_max_entries(MAX_PASSIVE_SOCKETS, 0);
+
+/// tgids (one byte each, modulo the map's size) that serve a tracked
+/// connection: the pre-filter that keeps every other process's socket
+/// calls off the connection lookup. Set by the kernel, never cleared: a
+/// stale or aliased mark only costs that process the lookup.
 #[map]
 static SERVER_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
 
@@ -57,17 +71,6 @@ static SERVER_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
 /// never rewrites a word the kernel marks bytes in.
 #[map]
 static SEEDED_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
-
-/// Arguments of an in-progress syscall, per thread, from entry to exit.
-/// A thread's slot is written in place at every entry and marked
-/// `CONSUMED` at exit, never deleted: an insert plus a delete per syscall
-/// cost more than the two in-place writes. LRU so slots of exited threads
-/// make room for new ones.
-#[map]
-static PENDING: LruHashMap<u64, Pending> = LruHashMap::with_max_entries(16384, 0);
-
-/// `Pending::kind` of a slot whose syscall has exited.
-const CONSUMED: u32 = u32::MAX;
 
 /// Events for user space.
 #[map]
@@ -80,12 +83,12 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(REQUEST_RING_BYTES, 0);
 #[map]
 static H2_SCRATCH: PerCpuArray<H2Frame> = PerCpuArray::with_max_entries(MAX_H2_FRAMES as u32, 0);
 
-/// What the exit program hands the frame walker.
+/// What the socket programs hand the frame walker.
 #[map]
 static WALK_INPUT: PerCpuArray<WalkInput> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0: the `h2_walk` program; slot 1 (`driver::DECODE_SLOT`):
-/// `driver_decode`. Tail calls keep them out of the exit program, so each
+/// `driver_decode`. Tail calls keep them out of their callers, so each
 /// verifies on its own (together they exceed the verifier's budget).
 #[map]
 static TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(2, 0);
@@ -96,20 +99,20 @@ static REQUEST_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REQUEST_S
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Pending {
+struct Passive {
+    /// The tracked connection it became (0: not yet, or never).
+    connection: u64,
+    /// Set once the server closed it: later calls do not track it again.
+    closed: u64,
+}
+
+/// Where the bytes of one socket call are in user memory.
+#[derive(Clone, Copy)]
+struct UserBuffer {
     /// Buffer (contiguous calls) or iovec array (vectored calls).
     buffer: u64,
     /// 0 for a contiguous buffer, else the iovec count.
     segments: u64,
-    cgroup_id: u64,
-    fd: u32,
-    kind: u32,
-    /// The connection's `conn_mode` at entry (saves a lookup at exit);
-    /// for an ioctl, the fd's `fd_kind`.
-    mode: u32,
-    _padding: u32,
-    /// Entry time of an ioctl (time blocked in the driver); 0 otherwise.
-    started_ns: u64,
 }
 
 #[repr(C)]
@@ -119,20 +122,29 @@ struct IoVec {
     len: u64,
 }
 
-/// Syscall arguments 0-2 of the current syscall (`sys_enter`'s context).
-fn syscall_args(ctx: &RawTracePointContext) -> Result<[u64; 3], i64> {
-    let regs: u64 = ctx.arg(0);
-    // SAFETY: `regs` is the kernel's `struct pt_regs *` for this syscall,
-    // read through the checked helper.
-    let slots: [u64; 3] = unsafe { bpf_probe_read_kernel((regs as usize + syscalls::ARGS_OFFSET) as *const [u64; 3])? };
-    let [first, second, third] = syscalls::ARG_SLOT;
-    Ok([slots[first], slots[second], slots[third]])
-}
-
 // struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
 const EAGAIN: i64 = 11;
+const MSG_PEEK: u64 = 2;
+// include/net/tcp_states.h
+const TCP_FIN_WAIT1: u64 = 4;
+const TCP_SYN_RECV: u64 = 3;
+const TCP_LAST_ACK: u64 = 9;
+/// `struct sock_common` opens with `skc_daddr` (0), `skc_rcv_saddr` (4),
+/// `skc_hash` (8), `skc_dport` (12, network order), `skc_num` (14, host
+/// order), `skc_family` (16): a layout unchanged since Linux 3.x, read
+/// without BTF relocations.
+const SKC_DADDR: u64 = 0;
+const SKC_DPORT: u64 = 12;
+const SKC_NUM: u64 = 14;
+const SKC_FAMILY: u64 = 16;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// What an IPv6 socket's IPv4 peer field holds when the peer is IPv6
+/// (`LOOPBACK4_IPV6`, 127.0.0.6): the real address is further into the
+/// struct, so the event says "unknown" and user space asks procfs.
+const LOOPBACK4_IPV6: [u8; 4] = [127, 0, 0, 6];
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -168,191 +180,123 @@ fn mark_server(tgid: u64) {
     }
 }
 
-// ---- syscall entry: stash the arguments of tracked I/O ---------------------
+#[inline(always)]
+fn watched_cgroup() -> Option<u64> {
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    WATCHED_CGROUPS.get_ptr(cgroup_id).map(|_| cgroup_id)
+}
 
-/// What a syscall number means to the probe.
-enum Entry {
-    Accept,
-    /// `(fd, buf, count)` or `(fd, buf, len, flags, ...)`.
-    Contiguous(IoKind),
-    /// `(fd, iov, iovcnt)`.
-    Vectored(IoKind),
-    /// `(fd, msghdr, flags)`.
-    Message(IoKind),
-    Close,
-    /// `(fd, request, params)`: a driver call if the fd is NVIDIA's.
-    Ioctl,
+// ---- connection life: the handshake and the server's close ----------------
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn socket_state(ctx: RawTracePointContext) -> i32 {
+    let socket: u64 = ctx.arg(0);
+    let new_state: u64 = ctx.arg::<u64>(2) & 0xffff_ffff;
+    match new_state {
+        TCP_SYN_RECV => {
+            let _ = PASSIVE_SOCKETS.insert(socket, Passive { connection: 0, closed: 0 }, 0);
+        }
+        TCP_FIN_WAIT1 | TCP_LAST_ACK => server_closed(socket, false),
+        _ => {}
+    }
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn socket_destroyed(ctx: RawTracePointContext) -> i32 {
+    server_closed(ctx.arg(0), true);
+    0
+}
+
+/// The server closed `socket` (`gone`: it is being freed).
+fn server_closed(socket: u64, gone: bool) {
+    let Some(passive) = PASSIVE_SOCKETS.get_ptr_mut(socket) else { return };
+    // SAFETY: plain-data map value; a concurrent writer can at worst make
+    // the close emitted twice, which user space ignores.
+    let (connection, closed) = unsafe { ((*passive).connection, (*passive).closed) };
+    if connection != 0 && closed == 0 {
+        unsafe { (*passive).closed = 1 };
+        if let Some(state) = CONNECTIONS.get_ptr(connection) {
+            // SAFETY: plain-data map value.
+            let (owner, cgroup_id) = unsafe { ((*state).socket, (*state).cgroup_id) };
+            // The fd may already serve another socket (a close we saw late).
+            if owner == socket {
+                let _ = CONNECTIONS.remove(connection);
+                let _ = emit(connection, cgroup_id, IoKind::Close as u32, 0, None);
+            }
+        }
+    }
+    if gone {
+        let _ = PASSIVE_SOCKETS.remove(socket);
+    }
+}
+
+// ---- socket calls: emit ----------------------------------------------------
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn socket_received(ctx: RawTracePointContext) -> i32 {
+    let _ = socket_call(&ctx, IoKind::Read);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
+    let _ = socket_call(&ctx, IoKind::Write);
+    0
 }
 
 #[inline(always)]
-fn classify(nr: i64) -> Option<Entry> {
-    Some(match nr {
-        syscalls::READ | syscalls::RECVFROM => Entry::Contiguous(IoKind::Read),
-        syscalls::WRITE | syscalls::SENDTO => Entry::Contiguous(IoKind::Write),
-        syscalls::READV => Entry::Vectored(IoKind::Read),
-        syscalls::WRITEV => Entry::Vectored(IoKind::Write),
-        syscalls::RECVMSG => Entry::Message(IoKind::Read),
-        syscalls::SENDMSG => Entry::Message(IoKind::Write),
-        syscalls::ACCEPT | syscalls::ACCEPT4 => Entry::Accept,
-        syscalls::CLOSE => Entry::Close,
-        syscalls::IOCTL => Entry::Ioctl,
-        _ => return None,
-    })
-}
-
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn syscall_enter(ctx: RawTracePointContext) -> i32 {
-    let nr: i64 = ctx.arg(1);
-    let Some(entry) = classify(nr) else { return 0 };
-    let _ = try_enter(&ctx, entry);
-    0
-}
-
-fn try_enter(ctx: &RawTracePointContext, entry: Entry) -> Result<(), i64> {
-    let tgid = bpf_get_current_pid_tgid() >> 32;
-    match entry {
-        Entry::Accept => return accept_enter(ctx, tgid),
-        Entry::Ioctl => {
-            return match driver::ioctl_enter(ctx, tgid)? {
-                Some(pending) => stash(pending),
-                None => Ok(()),
-            }
-        }
-        Entry::Close if driver::is_client(tgid) => {
-            let [fd, _, _] = syscall_args(ctx)?;
-            driver::close(tgid, fd);
-        }
-        _ => {}
-    }
-    if !is_server(tgid) {
-        return Ok(());
-    }
-    let [fd, second, third] = syscall_args(ctx)?;
-    let key = (tgid << 32) | (fd & 0xffff_ffff);
-    let Some(state) = CONNECTIONS.get_ptr(key) else { return Ok(()) };
-    // SAFETY: plain-data map value.
-    let (cgroup_id, mode) = unsafe { ((*state).cgroup_id, (*state).mode) };
-    let (kind, buffer, segments) = match entry {
-        Entry::Contiguous(kind) => (kind, second, 0),
-        Entry::Vectored(kind) => (kind, second, third),
-        Entry::Message(kind) => {
-            // SAFETY: user memory through the checked helper.
-            let buffer: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOV) as *const u64)? };
-            let segments: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOVLEN) as *const u64)? };
-            (kind, buffer, segments)
-        }
-        Entry::Close => return close(key, cgroup_id),
-        Entry::Accept | Entry::Ioctl => return Ok(()),
-    };
-    stash(Pending { buffer, segments, cgroup_id, fd: fd as u32, kind: kind as u32, mode, _padding: 0, started_ns: 0 })
-}
-
-fn accept_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<(), i64> {
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if WATCHED_CGROUPS.get_ptr(cgroup_id).is_none() {
-        return Ok(());
-    }
-    // Marked at entry so that this accept's own exit passes the filter.
-    mark_server(tgid);
-    // The listening socket: user space maps it to the server port once.
-    // The peer's address buffer (may be NULL) is copied out at exit.
-    let [listener, peer_address, _] = syscall_args(ctx)?;
-    stash(Pending {
-        buffer: peer_address,
-        segments: 0,
-        cgroup_id,
-        fd: listener as u32,
-        kind: IoKind::Accept as u32,
-        mode: conn_mode::UNKNOWN,
-        _padding: 0,
-        started_ns: 0,
-    })
-}
-
-fn stash(pending: Pending) -> Result<(), i64> {
+fn socket_call(ctx: &RawTracePointContext, kind: IoKind) -> Result<(), i64> {
     let id = bpf_get_current_pid_tgid();
-    if let Some(slot) = PENDING.get_ptr_mut(id) {
-        // SAFETY: this thread's slot; only this thread writes it.
-        unsafe { *slot = pending };
+    let tgid = id >> 32;
+    if !is_server(tgid) && watched_cgroup().is_none() {
         return Ok(());
     }
-    if PENDING.insert(id, pending, 0).is_err() {
-        bump(RequestStat::ArgsMapFull);
-    }
-    Ok(())
-}
-
-/// `close` of a tracked connection: stop tracking, tell user space.
-fn close(key: u64, cgroup_id: u64) -> Result<(), i64> {
-    let _ = CONNECTIONS.remove(key);
-    emit(key, cgroup_id, IoKind::Close as u32, 0, None)
-}
-
-// ---- every exit: emit ----------------------------------------------------
-
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn syscall_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_exit(&ctx);
-    0
-}
-
-fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
-    let id = bpf_get_current_pid_tgid();
-    if !is_server(id >> 32) && !driver::is_client(id >> 32) {
-        return Ok(());
-    }
-    let Some(slot) = PENDING.get_ptr_mut(id) else { return Ok(()) };
-    // SAFETY: this thread's slot (plain data), copied, then marked consumed.
-    let pending = unsafe { *slot };
-    if pending.kind == CONSUMED {
-        return Ok(());
-    }
-    unsafe { (*slot).kind = CONSUMED };
-    let ret: i64 = ctx.arg(1);
-    if pending.kind == driver::PENDING_IOCTL {
-        driver::ioctl_exit(ctx, &pending, ret);
-        return Ok(());
-    }
-    if pending.kind == IoKind::Accept as u32 {
-        if ret < 0 {
-            return Ok(());
-        }
-        let key = (id & 0xffff_ffff_0000_0000) | (ret as u64 & 0xffff_ffff);
-        let state = ConnState { cgroup_id: pending.cgroup_id, mode: conn_mode::UNKNOWN, ..ConnState::default() };
-        if CONNECTIONS.insert(key, state, 0).is_err() {
-            bump(RequestStat::ConnectionMapFull);
-            return Ok(());
-        }
-        // The new fd is in the key; `bytes` carries the listening fd and
-        // the prefix the peer's address (user space spots loopback peers).
-        let peer = (pending.buffer != 0).then_some((&pending, SOCKADDR_CAPTURE));
-        return emit(key, pending.cgroup_id, IoKind::Accept as u32, i64::from(pending.fd), peer);
-    }
+    // (struct sock *sk, int ret, int flags)
+    let ret = ctx.arg::<u64>(1) as i32 as i64;
     // Non-blocking sockets answer EAGAIN constantly: not an event.
-    if ret == -EAGAIN {
+    if ret == -EAGAIN || (kind == IoKind::Read && ctx.arg::<u64>(2) & MSG_PEEK != 0) {
         return Ok(());
     }
-    let key = (id & 0xffff_ffff_0000_0000) | u64::from(pending.fd);
-    emit(key, pending.cgroup_id, pending.kind, ret, (ret > 0).then_some((&pending, ret as u64)))?;
-    if ret <= 0 {
+    let socket: u64 = ctx.arg(0);
+    let Some((fd, io)) = call_buffer(kind)? else {
+        if PASSIVE_SOCKETS.get_ptr(socket).is_some() {
+            bump(RequestStat::UndecodedSocketCall);
+        }
+        return Ok(());
+    };
+    let key = (id & 0xffff_ffff_0000_0000) | (fd & 0xffff_ffff);
+    let (cgroup_id, mode) = match CONNECTIONS.get_ptr_mut(key) {
+        // SAFETY (all arms): plain-data map value of this connection.
+        Some(state) if unsafe { (*state).socket } == socket => unsafe { ((*state).cgroup_id, (*state).mode) },
+        Some(state) if unsafe { (*state).socket } == 0 => {
+            // Seeded by user space: learn its socket, so its close is seen.
+            unsafe { (*state).socket = socket };
+            let _ = PASSIVE_SOCKETS.insert(socket, Passive { connection: key, closed: 0 }, 0);
+            unsafe { ((*state).cgroup_id, (*state).mode) }
+        }
+        _ => match begin(key, socket, tgid)? {
+            Some(cgroup_id) => (cgroup_id, conn_mode::UNKNOWN),
+            None => return Ok(()),
+        },
+    };
+    emit(key, cgroup_id, kind as u32, ret, (ret > 0).then_some((&io, ret as u64)))?;
+    if ret <= 0 || mode == conn_mode::OTHER {
         return Ok(());
     }
     // HTTP/2 (or not yet decided): walk the frame headers in `h2_walk`.
-    if pending.mode == conn_mode::OTHER {
-        return Ok(());
-    }
     if let Some(input) = WALK_INPUT.get_ptr_mut(0) {
         // SAFETY: this CPU's scratch slot.
         unsafe {
             *input = WalkInput {
-                buffer: pending.buffer,
-                segments: pending.segments,
+                buffer: io.buffer,
+                segments: io.segments,
                 moved: ret as u64,
                 connection: key,
                 timestamp_ns: bpf_ktime_get_ns(),
-                cgroup_id: pending.cgroup_id,
-                is_read: u32::from(pending.kind == IoKind::Read as u32),
+                cgroup_id,
+                is_read: u32::from(kind == IoKind::Read),
                 ..WalkInput::default()
             };
             TAIL_CALLS.tail_call(ctx, 0);
@@ -361,10 +305,112 @@ fn try_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-// ---- the event -------------------------------------------------------------
+/// The fd and user buffer of the syscall this socket call serves, from the
+/// task's saved registers; `None` for calls that name no user buffer.
+#[inline(always)]
+fn call_buffer(kind: IoKind) -> Result<Option<(u64, UserBuffer)>, i64> {
+    // SAFETY: the current task's BTF pointer; its saved user registers are
+    // read through the checked helper.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf() as *mut _) } as u64;
+    let nr: i64 = unsafe { bpf_probe_read_kernel((regs + syscalls::NR_OFFSET as u64) as *const i64)? };
+    let slots: [u64; 3] = unsafe { bpf_probe_read_kernel((regs + syscalls::ARGS_OFFSET as u64) as *const [u64; 3])? };
+    let [first, second, third] = syscalls::ARG_SLOT;
+    let (fd, second, third) = (slots[first], slots[second], slots[third]);
+    let read = kind == IoKind::Read;
+    let (buffer, segments) = match nr {
+        syscalls::READ | syscalls::RECVFROM if read => (second, 0),
+        syscalls::WRITE | syscalls::SENDTO if !read => (second, 0),
+        syscalls::READV if read => (second, third),
+        syscalls::WRITEV if !read => (second, third),
+        syscalls::RECVMSG | syscalls::SENDMSG if (nr == syscalls::RECVMSG) == read => {
+            // SAFETY: user memory through the checked helper.
+            let iov: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOV) as *const u64)? };
+            let count: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOVLEN) as *const u64)? };
+            (iov, count)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some((fd, UserBuffer { buffer, segments })))
+}
 
-/// Bytes of a `sockaddr_in6` (the larger of the two families).
-const SOCKADDR_CAPTURE: u64 = 28;
+/// The first call of a watched process on a passive socket: track it as
+/// `key` and tell user space; the connection's cgroup, or `None` when it
+/// is not one to track.
+#[inline(always)]
+fn begin(key: u64, socket: u64, tgid: u64) -> Result<Option<u64>, i64> {
+    let Some(passive) = PASSIVE_SOCKETS.get_ptr_mut(socket) else { return Ok(None) };
+    // SAFETY: plain-data map value.
+    if unsafe { (*passive).closed } != 0 {
+        return Ok(None);
+    }
+    let Some(cgroup_id) = watched_cgroup() else { return Ok(None) };
+    let state = ConnState { cgroup_id, socket, mode: conn_mode::UNKNOWN, ..ConnState::default() };
+    if CONNECTIONS.insert(key, state, 0).is_err() {
+        bump(RequestStat::ConnectionMapFull);
+        return Ok(None);
+    }
+    // SAFETY: as above.
+    unsafe { (*passive).connection = key };
+    mark_server(tgid);
+    emit_accept(key, cgroup_id, socket)?;
+    Ok(Some(cgroup_id))
+}
+
+/// The `Accept` event: the server port in `bytes`, the peer as a sockaddr
+/// in the prefix (user space spots loopback peers).
+#[inline(always)]
+fn emit_accept(key: u64, cgroup_id: u64, socket: u64) -> Result<(), i64> {
+    let Some(mut entry) = EVENTS.reserve::<IoEvent>(0) else {
+        bump(RequestStat::RingFull);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `socket` is a live `struct sock` (its call is running), read
+    // through the checked helper; `event` is a reserved ring slot.
+    unsafe {
+        let port: u16 = bpf_probe_read_kernel((socket + SKC_NUM) as *const u16).unwrap_or(0);
+        let family: u16 = bpf_probe_read_kernel((socket + SKC_FAMILY) as *const u16).unwrap_or(0);
+        let peer_port: [u8; 2] = bpf_probe_read_kernel((socket + SKC_DPORT) as *const [u8; 2]).unwrap_or([0; 2]);
+        let peer: [u8; 4] = bpf_probe_read_kernel((socket + SKC_DADDR) as *const [u8; 4]).unwrap_or([0; 4]);
+        (*event).timestamp_ns = bpf_ktime_get_ns();
+        (*event).cgroup_id = cgroup_id;
+        (*event).connection = key;
+        (*event).bytes = i64::from(port);
+        (*event).kind = IoKind::Accept as u32;
+        (*event).suffix_len = 0;
+        (*event).segments = 1;
+        let prefix = &mut (*event).prefix;
+        prefix[..28].fill(0);
+        prefix[..2].copy_from_slice(&family.to_ne_bytes());
+        prefix[2..4].copy_from_slice(&peer_port);
+        if family == AF_INET6 {
+            if peer != LOOPBACK4_IPV6 {
+                prefix[18..20].copy_from_slice(&[0xff, 0xff]);
+                prefix[20..24].copy_from_slice(&peer);
+            }
+            (*event).prefix_len = 28;
+        } else {
+            prefix[4..8].copy_from_slice(&peer);
+            (*event).prefix_len = if family == AF_INET { 16 } else { 0 };
+        }
+    }
+    entry.submit(wake_flags());
+    bump(RequestStat::Emitted);
+    Ok(())
+}
+
+/// Waking the reader per event costs more than the event: wake it only
+/// when a batch is waiting; it also drains on a short timer.
+#[inline(always)]
+fn wake_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+// ---- the event -------------------------------------------------------------
 
 /// Writes one event; `capture_from` names the user buffer and how many of
 /// its bytes to copy into the prefix (and suffix). Inlined: BPF calls take
@@ -375,7 +421,7 @@ fn emit(
     cgroup_id: u64,
     kind: u32,
     bytes: i64,
-    capture_from: Option<(&Pending, u64)>,
+    capture_from: Option<(&UserBuffer, u64)>,
 ) -> Result<(), i64> {
     let Some(mut entry) = EVENTS.reserve::<IoEvent>(0) else {
         bump(RequestStat::RingFull);
@@ -397,10 +443,7 @@ fn emit(
             capture(event, io, moved);
         }
     }
-    // Waking the reader per event costs more than the event: wake it only
-    // when a batch is waiting; it also drains on a short timer.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
-    entry.submit(flags);
+    entry.submit(wake_flags());
     bump(RequestStat::Emitted);
     Ok(())
 }
@@ -409,7 +452,7 @@ fn emit(
 ///
 /// # Safety
 /// `event` must point to a reserved ring-buffer slot.
-unsafe fn capture(event: *mut IoEvent, io: &Pending, moved: u64) {
+unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
     let (first_base, first_len) = if io.segments == 0 {
         (io.buffer, moved)
     } else {

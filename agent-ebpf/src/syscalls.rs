@@ -1,6 +1,7 @@
-//! What the raw `sys_enter`/`sys_exit` tracepoints need to know about the
-//! architecture: syscall numbers and where `pt_regs` keeps the first three
-//! arguments. x86_64 is measured here; arm64 (Grace Hopper nodes) follows
+//! What the probes need to know about the architecture: syscall numbers,
+//! and where `pt_regs` keeps the first three arguments and the syscall
+//! number (read from `sys_enter`'s context, or from the task inside a
+//! socket call). x86_64 is measured here; arm64 (Grace Hopper nodes) follows
 //! the kernel's generic syscall table and has not been run yet.
 
 #[cfg(bpf_target_arch = "x86_64")]
@@ -11,16 +12,16 @@ mod arch {
     pub const IOCTL: i64 = 16;
     pub const READV: i64 = 19;
     pub const WRITEV: i64 = 20;
-    pub const ACCEPT: i64 = 43;
     pub const SENDTO: i64 = 44;
     pub const RECVFROM: i64 = 45;
     pub const SENDMSG: i64 = 46;
     pub const RECVMSG: i64 = 47;
-    pub const ACCEPT4: i64 = 288;
     /// `dx`, `si`, `di` sit at offsets 96-119 of `struct pt_regs`.
     pub const ARGS_OFFSET: usize = 96;
     /// Index of arguments 0, 1, 2 in those three slots.
     pub const ARG_SLOT: [usize; 3] = [2, 1, 0];
+    /// `orig_ax`: the syscall number, kept while `ax` takes the result.
+    pub const NR_OFFSET: usize = 120;
 }
 
 #[cfg(bpf_target_arch = "aarch64")]
@@ -31,15 +32,15 @@ mod arch {
     pub const WRITE: i64 = 64;
     pub const READV: i64 = 65;
     pub const WRITEV: i64 = 66;
-    pub const ACCEPT: i64 = 202;
     pub const SENDTO: i64 = 206;
     pub const RECVFROM: i64 = 207;
     pub const SENDMSG: i64 = 211;
     pub const RECVMSG: i64 = 212;
-    pub const ACCEPT4: i64 = 242;
     /// `x0`-`x2` open `struct pt_regs`.
     pub const ARGS_OFFSET: usize = 0;
     pub const ARG_SLOT: [usize; 3] = [0, 1, 2];
+    /// `syscallno`, after `regs[31]`, `sp`, `pc`, `pstate` and `orig_x0`.
+    pub const NR_OFFSET: usize = 280;
 }
 
 pub use arch::*;

@@ -270,6 +270,13 @@ struct NodeOptions {
     /// ioctls on a stand-in device.
     #[arg(long, hide = true)]
     driver_stand_in: Vec<podgpu_agent::probes::driver::devices::StandIn>,
+    /// The NVIDIA driver path (per-pod contexts, driver memory, calls and
+    /// time blocked in the driver): auto, on or off. Its `sys_enter` and
+    /// `sys_exit` tracepoints cost every syscall on the node ~+200 ns
+    /// (docs/requests.md, "The node's tax"), so `auto` attaches them only
+    /// where `/proc/devices` lists an NVIDIA driver (or stand-ins are given).
+    #[arg(long, env = "PODGPU_DRIVER_PATH", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    driver_path: String,
 }
 
 fn parse_budget(text: &str) -> Result<f64, String> {
@@ -388,6 +395,11 @@ async fn main() -> anyhow::Result<()> {
         launch_accounting: options.launch_accounting == "on",
         launch_overhead_budget: options.launch_overhead_budget / 100.0,
         driver_stand_ins: options.driver_stand_in.clone(),
+        driver_path: match options.driver_path.as_str() {
+            "on" => podgpu_agent::roles::node::DriverPath::On,
+            "off" => podgpu_agent::roles::node::DriverPath::Off,
+            _ => podgpu_agent::roles::node::DriverPath::Auto,
+        },
     };
 
     run(config, shutdown, ready).await

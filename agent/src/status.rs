@@ -18,6 +18,12 @@ pub enum SourceStatus {
     },
     /// Switched off by configuration.
     Disabled,
+    /// Not running because this node does not need it (e.g. the driver
+    /// path on a node without an NVIDIA driver); `reason` says why.
+    Inactive {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl SourceStatus {

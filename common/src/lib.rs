@@ -38,6 +38,10 @@ pub const CAPTURE_SUFFIX: usize = 8;
 /// Capacity of the tracked-connection map (LRU: the oldest idle connection
 /// is evicted when full; evictions are detected by user space GC).
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+/// Capacity of the map of server-side TCP sockets between the handshake
+/// and their first read or write (LRU: every passive open on the node
+/// passes through it, most in microseconds).
+pub const MAX_PASSIVE_SOCKETS: u32 = 65536;
 /// Size of the request probe's ring buffer in bytes.
 pub const REQUEST_RING_BYTES: u32 = 4 << 20;
 
@@ -63,6 +67,10 @@ pub mod conn_mode {
 pub struct ConnState {
     /// cgroup v2 id of the process that accepted the connection.
     pub cgroup_id: u64,
+    /// The kernel's `struct sock` address of the connection (0: seeded by
+    /// user space, learnt at its first read or write). A different socket
+    /// on the same (tgid, fd) means the fd was closed and reused.
+    pub socket: u64,
     /// A `conn_mode` value.
     pub mode: u32,
     /// Bytes into the next read before the next HTTP/2 frame header.
@@ -102,13 +110,15 @@ pub struct H2Frame {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoKind {
-    /// A watched process accepted a connection (`bytes` = new fd).
+    /// A watched process began serving a connection: its first read or
+    /// write of a socket accepted in a watched cgroup (`bytes` = server
+    /// port; `connection` names the process and its fd).
     Accept = 0,
     /// Bytes read from a tracked connection (0 = end of stream, < 0 = -errno).
     Read = 1,
     /// Bytes written to a tracked connection (< 0 = -errno).
     Write = 2,
-    /// The tracked connection's fd was closed.
+    /// The server closed the tracked connection, or it was reset.
     Close = 3,
     /// HTTP/2 frames of a read (an `H2Event`).
     H2Read = 4,
@@ -127,9 +137,10 @@ pub struct IoEvent {
     pub cgroup_id: u64,
     /// Connection key: `tgid << 32 | fd`.
     pub connection: u64,
-    /// Syscall return value: bytes moved, 0 for EOF, or -errno. For
-    /// `Accept` events: the listening socket's fd (the new fd is in
-    /// `connection`).
+    /// The call's result: bytes moved, 0 for EOF, or -errno. For
+    /// `Accept` events: the connection's local (server) port; the prefix
+    /// holds the peer as a `sockaddr_in`/`sockaddr_in6` (an all-zero IPv6
+    /// address when the kernel side could not read it).
     pub bytes: i64,
     /// An `IoKind`.
     pub kind: u32,
@@ -348,10 +359,13 @@ pub enum RequestStat {
     H2LostFault = 9,
     /// HTTP/2 frame headers split across iovecs or syscalls, gathered.
     H2HeadersJoined = 10,
+    /// Reads or writes of a tracked connection by a call whose buffer the
+    /// probe cannot find (`sendfile`, `splice`, io_uring): not followed.
+    UndecodedSocketCall = 11,
 }
 
 /// Number of entries in `REQUEST_STATS`.
-pub const REQUEST_STAT_COUNT: u32 = 11;
+pub const REQUEST_STAT_COUNT: u32 = 12;
 
 #[cfg(test)]
 mod tests {

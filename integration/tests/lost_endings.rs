@@ -1,7 +1,8 @@
 //! Requests whose ending the probe never sees must not stay in flight (as
 //! root, real eBPF probes, tenant servers in cgroup pods): a server killed
-//! with SIGKILL while streams are open closes its sockets without a close
-//! syscall, and its open requests are ended by the tracker's sweep; an
+//! with SIGKILL while streams are open has its sockets closed by the
+//! kernel, and its open requests end as aborted (by the probe's close, or
+//! by the tracker's sweep where that close is missed); an
 //! HTTP/2 server that answers many streams in one write (more frames than
 //! one walk of the kernel program follows) still ends every stream.
 use integration::require_root;
@@ -31,8 +32,10 @@ async fn metrics(http: SocketAddr) -> String {
 }
 
 /// Five streams held open, then the server is SIGKILLed: in flight goes
-/// back to 0 within the sweep interval (1 s) plus a tick, the endings are
-/// counted as missed (process exited), and the other pod is untouched.
+/// back to 0 within the sweep interval (1 s) plus a tick, the five
+/// requests count as aborted (the exit's close reaches the socket
+/// tracepoints; had it not, the sweep's `process_exited` rule), and the
+/// other pod is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_server_releases_its_open_requests() {
     require_root();
@@ -69,12 +72,24 @@ async fn a_killed_server_releases_its_open_requests() {
     assert!(released_after < Duration::from_millis(1600), "{released_after:?}: more than a sweep and a tick");
     assert_eq!(in_flight(&mut keda, &scene, "steady").await, 2.0, "the other pod keeps its streams");
     let text = metrics(scene.agent.http).await;
-    let exited = text
+    let value = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{prefix} exported"))
+    };
+    let exited = value("podgpu_agent_missed_connection_endings_total{reason=\"process_exited\"}");
+    let aborted = text
         .lines()
-        .find(|l| l.starts_with("podgpu_agent_missed_connection_endings_total{reason=\"process_exited\"}"))
+        .find(|l| {
+            l.starts_with("podgpu_pod_requests_total{")
+                && l.contains("pod=\"doomed\"")
+                && l.contains("outcome=\"aborted\"")
+        })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .expect("missed endings exported");
-    assert!(exited >= 5.0, "{exited}");
+        .expect("the doomed pod's aborted requests exported");
+    println!("aborted {aborted}, of them ended by the sweep {exited}");
+    assert_eq!(aborted, 5.0, "every held stream of the killed server aborted, none completed");
     for stream in streams {
         stream.abort();
     }

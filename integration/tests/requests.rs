@@ -169,7 +169,12 @@ async fn bad_traffic_and_idle_connections() {
     let rss_before = integration::scale::ProcessSample::of(scene.agent.pid()).unwrap().rss_kib;
     let mut idle = Vec::new();
     for _ in 0..IDLE {
-        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        // One byte that starts no request (a TLS record's first): the
+        // server reads it, which is when the probe starts following a
+        // connection.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &[0x16]).await.unwrap();
+        idle.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let during = get(scene.agent.http, "/healthz").await.unwrap();
@@ -187,8 +192,8 @@ async fn bad_traffic_and_idle_connections() {
     // are the only requests; the garbage connection opened none.
     assert_eq!(started, 4, "({started}, {completed}, {aborted})");
     assert_eq!(started, completed + aborted);
-    // Every idle connection is followed (its accept seen) and forgotten
-    // again once closed: no leak. Connection counts, unlike event counts,
+    // Every idle connection is followed (from its first byte) and
+    // forgotten again once closed: no leak. Connection counts, unlike event counts,
     // are not disturbed by other tests' pods running in parallel.
     let tracked = |v: &serde_json::Value| v["request_reader"]["connections"].as_u64().unwrap();
     let after = get(scene.agent.http, "/healthz").await.unwrap();

@@ -15,8 +15,10 @@
 //! syscalls would pay if the probes moved there; needs tracefs); no-op
 //! programs on the socket tracepoints `sock:sock_recv_length` and
 //! `sock_send_length` (hooks off the syscall path; needs tracefs); the
-//! agent as the chart ships it (request and driver probes, launch
-//! accounting on). Each figure is the median of `repeats` timed loops of
+//! agent as the chart ships it on a node without an NVIDIA driver (request
+//! probe on the socket tracepoints, launch accounting on, driver path not
+//! attached); and the same agent with the driver path on, as on a GPU
+//! node (its raw `sys_enter`/`sys_exit` programs). Each figure is the median of `repeats` timed loops of
 //! `calls` calls; the report gives each configuration's median over the
 //! rounds and the difference against nothing attached.
 use std::path::Path;
@@ -145,10 +147,17 @@ enum Attached {
     NoopPerSyscall,
     NoopSocket,
     Agent,
+    AgentWithDriverPath,
 }
 
-const CONFIGS: [Attached; 5] =
-    [Attached::Nothing, Attached::NoopHooks, Attached::NoopPerSyscall, Attached::NoopSocket, Attached::Agent];
+const CONFIGS: [Attached; 6] = [
+    Attached::Nothing,
+    Attached::NoopHooks,
+    Attached::NoopPerSyscall,
+    Attached::NoopSocket,
+    Attached::Agent,
+    Attached::AgentWithDriverPath,
+];
 
 impl Attached {
     fn label(self) -> &'static str {
@@ -157,7 +166,8 @@ impl Attached {
             Attached::NoopHooks => "no-op raw sys_enter/exit",
             Attached::NoopPerSyscall => "no-op per-syscall tps",
             Attached::NoopSocket => "no-op sock:sock_*_length",
-            Attached::Agent => "agent (chart defaults)",
+            Attached::Agent => "agent (chart, no NVIDIA)",
+            Attached::AgentWithDriverPath => "agent + driver path",
         }
     }
 }
@@ -199,10 +209,13 @@ fn socket_args_feasibility(fds: &Fds) {
     }
 }
 
-fn start_agent() -> anyhow::Result<AgentProcess> {
-    // As the chart runs it, less what needs a cluster: request and driver
-    // probes, launch accounting on (its default), no GPU on this machine.
-    let args = ["--gpu", "none", "--launch-accounting", "on"].map(String::from);
+/// The agent as the chart runs it, less what needs a cluster: request
+/// probe, launch accounting on (its default), no GPU on this machine. The
+/// driver path is `auto` in the chart: off here (no NVIDIA driver), on on a
+/// GPU node, which `driver_path` stands for.
+fn start_agent(driver_path: bool) -> anyhow::Result<AgentProcess> {
+    let path = if driver_path { "on" } else { "auto" };
+    let args = ["--gpu", "none", "--launch-accounting", "on", "--driver-path", path].map(String::from);
     let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
     // The probes attach before the agent serves; let the first tick run.
     std::thread::sleep(Duration::from_millis(500));
@@ -247,8 +260,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                         }
                     }
                 }
-                Attached::Agent => {
-                    let mut agent = start_agent()?;
+                Attached::Agent | Attached::AgentWithDriverPath => {
+                    let mut agent = start_agent(*config == Attached::AgentWithDriverPath)?;
                     let measured = measure(&fds, &options);
                     agent.stop(Duration::from_secs(5));
                     measured

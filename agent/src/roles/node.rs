@@ -70,6 +70,20 @@ pub struct Config {
     pub launch_overhead_budget: f64,
     /// Files to treat as NVIDIA devices (tests without a GPU).
     pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
+    /// Whether the driver path's syscall tracepoints are attached.
+    pub driver_path: DriverPath,
+}
+
+/// When to attach the driver path (`--driver-path`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DriverPath {
+    /// Where the node has an NVIDIA driver, or stand-ins are given.
+    #[default]
+    Auto,
+    /// Always (the driver may be loaded after the agent starts).
+    On,
+    /// Never: no syscall tracepoint at all.
+    Off,
 }
 
 /// procfs as this agent sees it, with its cgroup namespace found: in the
@@ -133,18 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             None
         }
     });
-    // The driver path lives in the request probe's programs: it serves
-    // whenever they loaded.
-    let driver_maps = match requests.as_mut().map(|probe| probe.take_driver_maps()) {
-        Some(Ok(maps)) => Some(maps),
-        Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the driver path's maps")),
-        None => None,
-    };
-    let driver_status = match (&driver_maps, &probe_status) {
-        (Some(_), _) => SourceStatus::Ok { detail: "ioctls decoded in the request probe's tracepoints".to_string() },
-        (None, SourceStatus::Degraded { reason }) => SourceStatus::Degraded { reason: reason.clone() },
-        (None, _) => SourceStatus::Disabled,
-    };
+    let (driver_maps, driver_status) = driver_path(&config, requests.as_mut(), &probe_status)?;
     let driver_snapshot = Arc::new(std::sync::Mutex::new(probes::driver::DriverSnapshot::default()));
     let poll_gpu_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
@@ -304,6 +307,47 @@ fn load_probe<P>(
             Ok((None, SourceStatus::Degraded { reason: err.to_string() }))
         }
     }
+}
+
+/// Attaches the driver path (its programs live in the request probe's
+/// object) when `config` asks for it; its maps and its health line.
+fn driver_path(
+    config: &Config,
+    requests: Option<&mut probes::requests::RequestProbe>,
+    probe_status: &SourceStatus,
+) -> anyhow::Result<(Option<probes::driver::DriverMaps>, SourceStatus)> {
+    let Some(probe) = requests else {
+        let status = match probe_status {
+            SourceStatus::Degraded { reason } => SourceStatus::Degraded { reason: reason.clone() },
+            _ => SourceStatus::Disabled,
+        };
+        return Ok((None, status));
+    };
+    let devices = config.proc_root.join("devices");
+    let driver_loaded = probes::driver::devices::nvidia_driver_listed(&devices);
+    let wanted = match config.driver_path {
+        DriverPath::On => true,
+        DriverPath::Off => false,
+        DriverPath::Auto => driver_loaded || !config.driver_stand_ins.is_empty(),
+    };
+    if !wanted {
+        let status = match config.driver_path {
+            DriverPath::Off => SourceStatus::Disabled,
+            _ => SourceStatus::Inactive {
+                reason: format!("no NVIDIA driver in {}: syscall tracepoints not attached", devices.display()),
+            },
+        };
+        return Ok((None, status));
+    }
+    if let Err(err) = probe.attach_driver_path() {
+        if config.require_ebpf {
+            return Err(anyhow::Error::new(err).context("attaching the driver path (PODGPU_REQUIRE_EBPF)"));
+        }
+        tracing::warn!(error = %err, "the driver path did not attach: its signals are unavailable");
+        return Ok((None, SourceStatus::Degraded { reason: format!("driver path: {err}") }));
+    }
+    let maps = probe.take_driver_maps().context("taking the driver path's maps")?;
+    Ok((Some(maps), SourceStatus::Ok { detail: "ioctls decoded in the sys_enter/sys_exit tracepoints".to_string() }))
 }
 
 /// Adapts a `()` future to the `anyhow::Result` the task set expects.

@@ -315,6 +315,12 @@ pub fn render_metrics(view: &NodeView) -> String {
         "HTTP/2 frame headers split across iovecs or syscalls, joined by the walker.",
         probe.http2_headers_joined,
     );
+    counter(
+        &mut out,
+        "podgpu_agent_undecoded_socket_calls_total",
+        "Reads and writes of server-side sockets by calls that name no user buffer (sendfile, splice, io_uring): not followed.",
+        probe.undecoded_socket_calls,
+    );
     let missed = &health.request_reader.tracker;
     family(
         &mut out,

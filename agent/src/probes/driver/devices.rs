@@ -96,14 +96,21 @@ impl DeviceMatcher {
     }
 }
 
+/// Whether `devices` (the host's `/proc/devices`) lists a character device
+/// of the NVIDIA driver (`nvidia-frontend`, `nvidia`, `nvidia-uvm`, ...).
+pub fn nvidia_driver_listed(devices: &Path) -> bool {
+    std::fs::read_to_string(devices)
+        .is_ok_and(|text| character_devices(&text).any(|(_, name)| name.starts_with("nvidia")))
+}
+
+/// (major, name) of each character device in a `/proc/devices` text.
+fn character_devices(devices: &str) -> impl Iterator<Item = (&str, &str)> {
+    devices.lines().take_while(|line| !line.starts_with("Block devices")).filter_map(|line| line.trim().split_once(' '))
+}
+
 /// The major of `nvidia-uvm` in a `/proc/devices` text.
 fn uvm_major(devices: &str) -> Option<u32> {
-    devices
-        .lines()
-        .take_while(|line| !line.starts_with("Block devices"))
-        .filter_map(|line| line.trim().split_once(' '))
-        .find(|(_, name)| *name == "nvidia-uvm")
-        .and_then(|(major, _)| major.parse().ok())
+    character_devices(devices).find(|(_, name)| *name == "nvidia-uvm").and_then(|(major, _)| major.parse().ok())
 }
 
 /// `major()` / `minor()` of glibc's encoding of a 64-bit `dev_t`.

@@ -1,7 +1,8 @@
 //! The request probe (`agent-ebpf/src/requests.rs`): loads and attaches its
-//! syscall tracepoints, manages the watched cgroups and tracked connections,
-//! and runs the reader task that drains the ring buffer through the
-//! per-connection parsers.
+//! socket-layer tracepoints (and, where the node has an NVIDIA driver, the
+//! driver path's syscall tracepoints that share its object), manages the
+//! watched cgroups and tracked connections, and runs the reader task that
+//! drains the ring buffer through the per-connection parsers.
 pub mod http1;
 pub mod http2;
 pub mod sockets;
@@ -43,8 +44,16 @@ pub enum ProbeUpdate {
     },
 }
 
-/// (program, raw tracepoint it attaches to).
-const PROGRAMS: [(&str, &str); 2] = [("syscall_enter", "sys_enter"), ("syscall_exit", "sys_exit")];
+/// (program, raw tracepoint it attaches to): the request path, off the
+/// syscall path.
+const SOCKET_PROGRAMS: [(&str, &str); 4] = [
+    ("socket_state", "inet_sock_set_state"),
+    ("socket_destroyed", "tcp_destroy_sock"),
+    ("socket_received", "sock_recv_length"),
+    ("socket_sent", "sock_send_length"),
+];
+/// The driver path: every syscall on the node runs these.
+const DRIVER_PROGRAMS: [(&str, &str); 2] = [("syscall_enter", "sys_enter"), ("syscall_exit", "sys_exit")];
 const WATCHED: &str = "WATCHED_CGROUPS";
 const WALKER: &str = "h2_walk";
 const DRIVER_DECODE: &str = "driver_decode";
@@ -79,6 +88,9 @@ pub struct RequestProbeStats {
     pub http2_lost_fault: u64,
     /// Frame headers split across iovecs or syscalls, joined.
     pub http2_headers_joined: u64,
+    /// Reads or writes of server-side sockets by calls that name no user
+    /// buffer (`sendfile`, `splice`, io_uring): not followed.
+    pub undecoded_socket_calls: u64,
     /// Driver events lost to a full driver ring.
     pub driver_ring_full_drops: u64,
 }
@@ -111,14 +123,15 @@ pub struct RequestProbe {
 
 impl RequestProbe {
     /// Loads the embedded object with its maps sized by `sizes`, and
-    /// attaches its raw tracepoints.
+    /// attaches the request path's raw tracepoints (the driver path is
+    /// attached on its own, `attach_driver_path`).
     pub fn load(sizes: MapSizes) -> Result<Self, ProbeError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(WATCHED, sizes.watched_cgroups.max(1))
             .map_max_entries(CONNECTIONS, sizes.connections.max(1))
             .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
-        // The frame walker and the driver decoder are not attached:
-        // `syscall_exit` tail-calls them (slots 0 and 1).
+        // The frame walker and the driver decoder are not attached: the
+        // socket programs and `syscall_exit` tail-call them (slots 0, 1).
         for (slot, name) in [(0, WALKER), (1, DRIVER_DECODE)] {
             let program = super::load_raw_tracepoint(&mut ebpf, name)?;
             let fd = program
@@ -131,8 +144,15 @@ impl RequestProbe {
                     .map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
             tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
         }
-        super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
+        super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
         Ok(Self { ebpf })
+    }
+
+    /// Attaches the driver path's `sys_enter`/`sys_exit` programs: from
+    /// here on every syscall on the node pays for them, so only nodes that
+    /// have an NVIDIA driver (or tests with stand-ins) do this.
+    pub fn attach_driver_path(&mut self) -> Result<(), ProbeError> {
+        super::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS)
     }
 
     /// Starts tracking connections accepted in `cgroup_id`.
@@ -260,6 +280,7 @@ impl RequestProbe {
             http2_lost_fault: sum(RequestStat::H2LostFault)?,
             http2_headers_joined: sum(RequestStat::H2HeadersJoined)?,
             driver_ring_full_drops: sum(RequestStat::DriverRingFull)?,
+            undecoded_socket_calls: sum(RequestStat::UndecodedSocketCall)?,
         })
     }
 }

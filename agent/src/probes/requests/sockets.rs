@@ -4,10 +4,10 @@
 //!
 //! Two uses: finding server-side connections accepted before the agent
 //! watched a pod (so long-lived keep-alive connections are followed too),
-//! and naming the server port a connection belongs to (`PortResolver`), for
-//! triggers that count only some ports.
+//! and what the kernel side could not say about a connection
+//! (`PortResolver`): the server port of one joined mid-stream, the peer of
+//! an IPv6 one.
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
 
 use crate::proc::ProcFs;
 
@@ -23,10 +23,13 @@ pub struct ExistingConnection {
 const TCP_ESTABLISHED: &str = "01";
 const TCP_LISTEN: &str = "0A";
 
-/// A TCP socket's local port and whether it listens.
+/// A TCP socket's local port, peer address and whether it listens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct TcpSocket {
     local_port: u16,
+    /// The peer's address as the table prints it: 4 or 16 bytes.
+    remote: [u8; 16],
+    remote_len: usize,
     state: SocketState,
 }
 
@@ -53,8 +56,24 @@ fn parse_tcp_table(text: &str, sockets: &mut HashMap<u64, TcpSocket>) {
             TCP_ESTABLISHED => SocketState::Established,
             _ => SocketState::Other,
         };
-        sockets.insert(inode, TcpSocket { local_port, state });
+        let (remote, remote_len) =
+            fields[2].split_once(':').and_then(|(hex, _)| parse_address(hex)).unwrap_or(([0; 16], 0));
+        sockets.insert(inode, TcpSocket { local_port, remote, remote_len, state });
     }
+}
+
+/// An address column of `/proc/net/tcp{,6}`: 32-bit words in hex, each
+/// printed from the kernel's bytes read as a native-endian integer.
+fn parse_address(hex: &str) -> Option<([u8; 16], usize)> {
+    if hex.len() != 8 && hex.len() != 32 {
+        return None;
+    }
+    let mut bytes = [0u8; 16];
+    for (index, chunk) in hex.as_bytes().chunks(8).enumerate() {
+        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
+        bytes[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Some((bytes, hex.len() / 2))
 }
 
 /// Every TCP socket of `pid`'s network namespace, by inode.
@@ -84,50 +103,42 @@ pub fn existing_connections(proc: &ProcFs, pids: &[u32]) -> Vec<ExistingConnecti
     found
 }
 
-/// How long a listener's port is trusted before it is looked up again (a
-/// process may close a listener and open another on the same fd number).
-const LISTENER_TTL: Duration = Duration::from_secs(60);
-/// Bound on cached listeners (processes come and go).
-const MAX_LISTENERS: usize = 4096;
-
-/// Names the local (server) port of sockets, caching listeners: every
-/// connection accepted from one listener shares its port, so a busy server
-/// costs one procfs lookup per listener per minute.
+/// Looks up, through procfs, what the kernel side does not report.
 #[derive(Debug)]
 pub struct PortResolver {
     proc: ProcFs,
-    listeners: HashMap<(u32, u32), (Option<u16>, Instant)>,
 }
 
 impl PortResolver {
     /// A resolver reading `proc` (the host's /proc).
     pub fn new(proc: ProcFs) -> Self {
-        Self { proc, listeners: HashMap::new() }
+        Self { proc }
     }
 
-    /// The port of listening socket `fd` of `tgid` (cached).
-    pub fn listener_port(&mut self, tgid: u32, fd: u32, now: Instant) -> Option<u16> {
-        if let Some((port, at)) = self.listeners.get(&(tgid, fd)) {
-            if now.saturating_duration_since(*at) < LISTENER_TTL {
-                return *port;
-            }
-        }
-        if self.listeners.len() >= MAX_LISTENERS {
-            self.listeners.retain(|_, (_, at)| now.saturating_duration_since(*at) < LISTENER_TTL);
-            if self.listeners.len() >= MAX_LISTENERS {
-                self.listeners.clear();
-            }
-        }
-        let port = self.socket_port(tgid, fd);
-        self.listeners.insert((tgid, fd), (port, now));
-        port
+    fn socket(&self, tgid: u32, fd: u32) -> Option<TcpSocket> {
+        let inode = self.proc.socket_inode(tgid, fd)?;
+        tcp_sockets(&self.proc, tgid).get(&inode).copied()
     }
 
     /// The local port of socket `fd` of `tgid`, looked up now (for
     /// connections joined mid-stream, which have no accept to go by).
     pub fn socket_port(&self, tgid: u32, fd: u32) -> Option<u16> {
-        let inode = self.proc.socket_inode(tgid, fd)?;
-        tcp_sockets(&self.proc, tgid).get(&inode).map(|s| s.local_port)
+        self.socket(tgid, fd).map(|socket| socket.local_port)
+    }
+
+    /// Whether the peer of socket `fd` of `tgid` is on loopback (IPv4
+    /// 127/8, `::1`, or IPv4-mapped 127/8); `false` when it cannot be told.
+    pub fn peer_is_loopback(&self, tgid: u32, fd: u32) -> bool {
+        let Some(socket) = self.socket(tgid, fd) else { return false };
+        let address = &socket.remote[..socket.remote_len];
+        match address.len() {
+            4 => address[0] == 127,
+            16 => {
+                let v4_mapped = address[..10].iter().all(|&b| b == 0) && address[10..12] == [0xff, 0xff];
+                (v4_mapped && address[12] == 127) || (address[..15].iter().all(|&b| b == 0) && address[15] == 1)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -152,9 +163,14 @@ mod tests {
             "   2: 0100007F:D000 0100007F:0050 01 00000000:00000000 00:00000000 00000000     0        0 300 1",
         ];
         fs::write(base.join("net/tcp"), format!("{header}{}\n", rows.join("\n"))).unwrap();
-        let row6 = "   0: 00000000000000000000000000000000:2382 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 400 1";
-        fs::write(base.join("net/tcp6"), format!("{header}{row6}\n")).unwrap();
-        for (fd, inode) in [(3, 100), (7, 200), (9, 300), (4, 400)] {
+        let rows6 = [
+            "   0: 00000000000000000000000000000000:2382 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 400 1",
+            "   1: 00000000000000000000000001000000:2382 00000000000000000000000001000000:C001 01 00000000:00000000 00:00000000 00000000     0        0 500 1",
+            "   2: 00000000000000000000000001000000:2382 000080FE00000000FFFE0000010000FE:C002 01 00000000:00000000 00:00000000 00000000     0        0 600 1",
+            "   3: 0000000000000000FFFF00000100007F:2382 0000000000000000FFFF00000100007F:C003 01 00000000:00000000 00:00000000 00000000     0        0 700 1",
+        ];
+        fs::write(base.join("net/tcp6"), format!("{header}{}\n", rows6.join("\n"))).unwrap();
+        for (fd, inode) in [(3, 100), (7, 200), (9, 300), (4, 400), (10, 500), (11, 600), (12, 700)] {
             std::os::unix::fs::symlink(format!("socket:[{inode}]"), base.join(format!("fd/{fd}"))).unwrap();
         }
         std::os::unix::fs::symlink("/dev/null", base.join("fd/1")).unwrap();
@@ -166,27 +182,35 @@ mod tests {
     #[test]
     fn finds_server_side_established_sockets() {
         let root = fake_proc();
-        assert_eq!(
-            existing_connections(&ProcFs::new(root.path()), &[42, 43]),
-            vec![ExistingConnection { tgid: 42, fd: 7 }]
-        );
+        let mut found = existing_connections(&ProcFs::new(root.path()), &[42, 43]);
+        found.sort_by_key(|connection| connection.fd);
+        let fds: Vec<u32> = found.iter().map(|connection| connection.fd).collect();
+        assert_eq!(fds, vec![7, 10, 11, 12]);
     }
 
-    /// Listener and connection fds resolve to their local port (IPv4 and
-    /// IPv6 tables); non-sockets and unknown processes to nothing; a
-    /// listener's answer is cached.
+    /// Connection fds resolve to their local port (IPv4 and IPv6 tables);
+    /// non-sockets and unknown processes to nothing.
     #[test]
     fn resolves_ports() {
         let root = fake_proc();
-        let mut resolver = PortResolver::new(ProcFs::new(root.path()));
-        let now = Instant::now();
-        assert_eq!(resolver.listener_port(42, 3, now), Some(8080));
-        assert_eq!(resolver.listener_port(42, 4, now), Some(9090));
+        let resolver = PortResolver::new(ProcFs::new(root.path()));
+        assert_eq!(resolver.socket_port(42, 3), Some(8080));
         assert_eq!(resolver.socket_port(42, 7), Some(8080));
+        assert_eq!(resolver.socket_port(42, 10), Some(9090));
         assert_eq!(resolver.socket_port(42, 1), None);
-        assert_eq!(resolver.listener_port(43, 3, now), None);
-        fs::remove_dir_all(root.path().join("42")).unwrap();
-        assert_eq!(resolver.listener_port(42, 3, now), Some(8080), "cached");
-        assert_eq!(resolver.listener_port(42, 3, now + LISTENER_TTL), None, "expired and gone");
+        assert_eq!(resolver.socket_port(43, 3), None);
+    }
+
+    /// Peers on IPv4 loopback, `::1` and IPv4-mapped loopback are told
+    /// from a link-local IPv6 peer and from nothing.
+    #[test]
+    fn tells_loopback_peers() {
+        let root = fake_proc();
+        let resolver = PortResolver::new(ProcFs::new(root.path()));
+        assert!(resolver.peer_is_loopback(42, 7), "127.0.0.1");
+        assert!(resolver.peer_is_loopback(42, 10), "::1");
+        assert!(!resolver.peer_is_loopback(42, 11), "fe80::...");
+        assert!(resolver.peer_is_loopback(42, 12), "::ffff:127.0.0.1");
+        assert!(!resolver.peer_is_loopback(42, 1), "not a socket");
     }
 }

@@ -56,22 +56,38 @@ fn request_path(prefix: &[u8]) -> Option<&[u8]> {
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// Whether the `sockaddr` the probe captured at accept is a loopback
-/// address (127.0.0.0/8, ::1, ::ffff:127.0.0.0/104). `false` when the
-/// server passed no address buffer (nothing captured).
-pub fn peer_is_loopback(sockaddr: &[u8]) -> bool {
-    let Some(family) = sockaddr.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]])) else { return false };
-    match family {
+/// What the `sockaddr` the probe reports at accept says about the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104.
+    Loopback,
+    /// Any other address.
+    Remote,
+    /// No address (an IPv6 peer the kernel side could not read, or none
+    /// captured): ask procfs.
+    Unknown,
+}
+
+/// Classifies the peer `sockaddr` of an `Accept` event.
+pub fn peer_of(sockaddr: &[u8]) -> Peer {
+    let Some(family) = sockaddr.get(..2).map(|b| u16::from_ne_bytes([b[0], b[1]])) else { return Peer::Unknown };
+    let loopback = match family {
         AF_INET => sockaddr.get(4) == Some(&127),
         AF_INET6 => match sockaddr.get(8..24) {
+            Some(addr) if addr.iter().all(|&b| b == 0) => return Peer::Unknown,
             Some(addr) => {
                 let v4_mapped = addr[..10].iter().all(|&b| b == 0) && addr[10..12] == [0xff, 0xff] && addr[12] == 127;
                 let ipv6_loopback = addr[..15].iter().all(|&b| b == 0) && addr[15] == 1;
                 v4_mapped || ipv6_loopback
             }
-            None => false,
+            None => return Peer::Unknown,
         },
-        _ => false,
+        _ => return Peer::Unknown,
+    };
+    if loopback {
+        Peer::Loopback
+    } else {
+        Peer::Remote
     }
 }
 
@@ -99,23 +115,26 @@ mod tests {
         assert!(ProbePaths::parse("health").is_err());
     }
 
-    /// IPv4 and IPv6 loopback peers are recognised, others are not.
+    /// IPv4 and IPv6 loopback peers are recognised, others are not, and
+    /// an IPv6 peer with no address (the kernel side could not read it) or
+    /// no sockaddr at all is unknown, not remote.
     #[test]
     fn loopback_peers() {
         let mut v4 = [0u8; 16];
         v4[..2].copy_from_slice(&AF_INET.to_ne_bytes());
         v4[4..8].copy_from_slice(&[127, 0, 0, 6]);
-        assert!(peer_is_loopback(&v4));
+        assert_eq!(peer_of(&v4), Peer::Loopback);
         v4[4..8].copy_from_slice(&[10, 0, 0, 6]);
-        assert!(!peer_is_loopback(&v4));
+        assert_eq!(peer_of(&v4), Peer::Remote);
         let mut v6 = [0u8; 28];
         v6[..2].copy_from_slice(&AF_INET6.to_ne_bytes());
+        assert_eq!(peer_of(&v6), Peer::Unknown);
         v6[23] = 1;
-        assert!(peer_is_loopback(&v6));
+        assert_eq!(peer_of(&v6), Peer::Loopback);
         v6[18..24].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]);
-        assert!(peer_is_loopback(&v6));
+        assert_eq!(peer_of(&v6), Peer::Loopback);
         v6[20] = 10;
-        assert!(!peer_is_loopback(&v6));
-        assert!(!peer_is_loopback(&[]));
+        assert_eq!(peer_of(&v6), Peer::Remote);
+        assert_eq!(peer_of(&[]), Peer::Unknown);
     }
 }

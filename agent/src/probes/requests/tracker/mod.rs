@@ -2,14 +2,16 @@
 //! HTTP/1.1 parser or HTTP/2 stream tracker per connection, created on
 //! accept (or on the first request line or HTTP/2 frames of a connection
 //! that predates the agent) and dropped when the connection ends. Each
-//! connection knows its server port (from the listening socket it was
-//! accepted on), so outcomes can be counted per port.
+//! connection knows its server port (the kernel side reports it), so
+//! outcomes can be counted per port.
 //!
 //! The tracker is also the source of truth for requests in flight: it keeps
 //! the number of open requests per (cgroup, port) in step with every
 //! outcome it emits, and a connection whose ending the probe never reported
 //! is ended here, aborting its open requests, by one of these rules:
-//! - an accept on a (tgid, fd) already tracked (the fd was reused);
+//! - an accept on a (tgid, fd) already tracked (the fd was reused; the
+//!   kernel side tells sockets apart, so this holds even when the close
+//!   was never seen);
 //! - its process exited (checked every sweep; a SIGKILLed server closes its
 //!   sockets without a close syscall);
 //! - it has open requests, has been quiet since the last sweep, and its fd
@@ -26,14 +28,13 @@
 //! of being taken as pipelined. (HTTP/2 streams are not resynchronised this
 //! way; a lost END_STREAM is ended with its connection.)
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
 
 use podgpu_common::{conn_mode, H2Event, IoEvent, IoKind, CAPTURE_SUFFIX};
 
 use super::http1::{looks_like_request, Http1Connection, Io, Outcome};
 use super::http2::Http2Connection;
 use super::sockets::PortResolver;
-use super::traffic::{peer_is_loopback, ProbePaths};
+use super::traffic::{peer_of, Peer, ProbePaths};
 use crate::proc::ProcFs;
 
 /// HTTP/2 connection preface.
@@ -266,11 +267,17 @@ impl Tracker {
                 self.end(event.connection, at, Ending::FdReused, out);
             }
             self.stats.connections += 1;
-            let (tgid, _) = split_key(event.connection);
-            let port = self.ports.listener_port(tgid, event.bytes as u32, Instant::now()).unwrap_or(0);
+            let (tgid, fd) = split_key(event.connection);
+            let port = u16::try_from(event.bytes).unwrap_or(0);
             let mut connection = Connection::new(event.cgroup_id, port, at);
-            // The prefix holds the peer's address, when the server asked for it.
-            if peer_is_loopback(prefix) && self.in_private_network(tgid) {
+            // The prefix holds the peer's address; procfs knows the IPv6
+            // ones the kernel side does not read.
+            let loopback = match peer_of(prefix) {
+                Peer::Loopback => true,
+                Peer::Remote => false,
+                Peer::Unknown => self.ports.peer_is_loopback(tgid, fd),
+            };
+            if loopback && self.in_private_network(tgid) {
                 connection.internal = true;
                 self.stats.intra_pod_connections += 1;
             }

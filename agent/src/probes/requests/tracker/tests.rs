@@ -35,7 +35,7 @@ const REQUEST: &[u8] = b"GET / HTTP/1.1\r\n\r\n";
 /// Opens one request on connection (tgid, fd) at time `at`.
 fn open_one(tracker: &mut Tracker, tgid: u32, fd: u32, at: u64, out: &mut Vec<RequestEvent>) {
     let key = u64::from(tgid) << 32 | u64::from(fd);
-    tracker.observe(&event(IoKind::Accept, key, at, 5, b""), out);
+    tracker.observe(&event(IoKind::Accept, key, at, 0, b""), out);
     tracker.observe(&event(IoKind::Read, key, at + 1, REQUEST.len() as i64, REQUEST), out);
 }
 
@@ -69,26 +69,25 @@ fn suffix_comes_from_the_prefix_when_left_out() {
     let response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
     let mut write = event(IoKind::Write, 1, 20, response.len() as i64, response);
     write.suffix_len = 0;
-    for e in [event(IoKind::Accept, 1, 0, 5, b""), event(IoKind::Read, 1, 10, request.len() as i64, request), write] {
+    for e in [event(IoKind::Accept, 1, 0, 0, b""), event(IoKind::Read, 1, 10, request.len() as i64, request), write] {
         tracker.observe(&e, &mut out);
     }
     assert!(matches!(out.last().map(|e| e.outcome), Some(Outcome::Completed(t)) if t.end_ns == 20), "{out:?}");
 }
 
 /// Accept, a request, its response, close: one start and one
-/// completion attributed to the connection's cgroup.
+/// completion attributed to the connection's cgroup and to the server port
+/// the accept reported.
 #[test]
 fn accepted_connection_lifecycle() {
     let mut tracker = tracker();
     let mut out = Vec::new();
     let request = b"GET / HTTP/1.1\r\n\r\n";
     let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-    for e in [
-        event(IoKind::Accept, 1, 0, 5, b""),
-        event(IoKind::Read, 1, 10, request.len() as i64, request),
-        event(IoKind::Write, 1, 20, response.len() as i64, response),
-        event(IoKind::Close, 1, 30, 0, b""),
-    ] {
+    tracker.observe(&event(IoKind::Accept, 1, 0, 8000, b""), &mut out);
+    tracker.observe(&event(IoKind::Read, 1, 10, request.len() as i64, request), &mut out);
+    assert_eq!(tracker.open_requests().get(&(7, 8000, false)), Some(&1));
+    for e in [event(IoKind::Write, 1, 20, response.len() as i64, response), event(IoKind::Close, 1, 30, 0, b"")] {
         tracker.observe(&e, &mut out);
     }
     assert_eq!(out.len(), 2);
@@ -104,7 +103,7 @@ fn http2_streams_from_frame_records() {
     use podgpu_common::{H2Frame, MAX_H2_FRAMES};
     let mut tracker = tracker();
     let mut out = Vec::new();
-    tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
+    tracker.observe(&event(IoKind::Accept, 2, 0, 0, b""), &mut out);
     tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
     tracker.observe(&event(IoKind::Write, 2, 2, 9, b"\0\0\0\x04\0\0\0\0\0"), &mut out);
     assert!(out.is_empty());
@@ -143,7 +142,7 @@ fn a_lost_http2_boundary_heals_the_open_level() {
     use podgpu_common::{conn_mode, H2Frame, MAX_H2_FRAMES};
     let mut tracker = tracker();
     let mut out = Vec::new();
-    tracker.observe(&event(IoKind::Accept, 2, 0, 5, b""), &mut out);
+    tracker.observe(&event(IoKind::Accept, 2, 0, 0, b""), &mut out);
     tracker.observe(&event(IoKind::Read, 2, 1, 24, H2_PREFACE), &mut out);
     let record = |kind: IoKind, at: u64, frames: &[H2Frame], mode: u32| {
         let mut all = [H2Frame::default(); MAX_H2_FRAMES];
@@ -277,7 +276,7 @@ fn probe_requests_are_counted_apart() {
     let mut tracker = tracker();
     let mut out = Vec::new();
     let health = b"GET /health HTTP/1.1\r\n\r\n";
-    tracker.observe(&event(IoKind::Accept, 5, 0, 3, b""), &mut out);
+    tracker.observe(&event(IoKind::Accept, 5, 0, 0, b""), &mut out);
     tracker.observe(&event(IoKind::Read, 5, 1, health.len() as i64, health), &mut out);
     assert_eq!(tracker.open_requests().get(&(7, 0, true)), Some(&1));
     assert!(out.iter().all(|e| e.probe));
@@ -306,7 +305,7 @@ fn intra_pod_hops_are_not_counted() {
     let mut out = Vec::new();
     for tgid in [8u64, 9] {
         let key = tgid << 32 | 4;
-        let counted = tracker.observe(&event(IoKind::Accept, key, 0, 3, &loopback_peer), &mut out);
+        let counted = tracker.observe(&event(IoKind::Accept, key, 0, 0, &loopback_peer), &mut out);
         assert_eq!(counted.is_none(), tgid == 9);
         tracker.observe(&event(IoKind::Read, key, 1, REQUEST.len() as i64, REQUEST), &mut out);
     }
