@@ -248,15 +248,16 @@ pub fn socket_sent(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn socket_call(ctx: &RawTracePointContext, kind: IoKind) -> Result<(), i64> {
+    // (struct sock *sk, int ret, int flags)
+    let ret = ctx.arg::<u64>(1) as i32 as i64;
+    // Non-blocking sockets answer EAGAIN constantly: not an event, and
+    // the cheapest test, so first.
+    if ret == -EAGAIN || (kind == IoKind::Read && ctx.arg::<u64>(2) & MSG_PEEK != 0) {
+        return Ok(());
+    }
     let id = bpf_get_current_pid_tgid();
     let tgid = id >> 32;
     if !is_server(tgid) && watched_cgroup().is_none() {
-        return Ok(());
-    }
-    // (struct sock *sk, int ret, int flags)
-    let ret = ctx.arg::<u64>(1) as i32 as i64;
-    // Non-blocking sockets answer EAGAIN constantly: not an event.
-    if ret == -EAGAIN || (kind == IoKind::Read && ctx.arg::<u64>(2) & MSG_PEEK != 0) {
         return Ok(());
     }
     let socket: u64 = ctx.arg(0);
