@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::metrics::{family, render_metrics};
+use super::metrics::{render_metrics, Format};
 use super::trigger::{DEFAULT_WINDOW, MAX_WINDOW};
 use crate::signals::metric::Metric;
 use crate::signals::view::{Health, NodeView};
@@ -216,20 +216,12 @@ async fn driver(State(AppState { view, .. }): State<AppState>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(AppState { view, .. }): State<AppState>) -> Response {
+/// `/metrics`, in OpenMetrics when the scraper's `Accept` asks for it.
+async fn metrics(State(AppState { view, .. }): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     let view = view.borrow().clone();
-    let started = std::time::Instant::now();
-    let mut body = render_metrics(&view);
-    // This scrape's own cost, so a node with many pods shows what /metrics
-    // costs it (the family itself is the only part not timed).
-    family(
-        &mut body,
-        "podgpu_agent_scrape_duration_seconds",
-        "gauge",
-        "Time this /metrics answer took to render.",
-        [(String::new(), started.elapsed().as_secs_f64())],
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+    let format = Format::from_accept(headers.get(header::ACCEPT).and_then(|value| value.to_str().ok()));
+    let body = render_metrics(view, format);
+    ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 
 #[cfg(test)]

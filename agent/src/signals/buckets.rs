@@ -52,13 +52,11 @@ impl ServingBuckets {
         self.sum_s
     }
 
-    /// (upper bound, cumulative count) for every bucket, `+Inf` last (as
-    /// `f64::INFINITY`): the exposition's `_bucket` samples.
-    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        BOUNDS_S.iter().copied().chain(std::iter::once(f64::INFINITY)).zip(self.counts.iter().scan(0, |total, n| {
-            *total += n;
-            Some(*total)
-        }))
+    /// (upper bound in seconds, values in that bucket) for every bucket,
+    /// `+Inf` last (as `f64::INFINITY`); the exposition sums them into its
+    /// cumulative `_bucket` samples.
+    pub fn per_bucket(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        BOUNDS_S.iter().copied().chain(std::iter::once(f64::INFINITY)).zip(self.counts.iter().copied())
     }
 }
 
@@ -68,22 +66,23 @@ mod tests {
 
     /// A value lands in the first bucket whose bound it does not exceed
     /// (bounds are inclusive, as Prometheus' `le`); past the last bound it
-    /// is counted in `+Inf` only. Cumulative counts end at the count.
+    /// is counted in `+Inf` only. The buckets add up to the count.
     #[test]
     fn values_land_in_le_buckets() {
         let mut buckets = ServingBuckets::default();
         for ms in [3, 80, 100, 100_000, 500_000] {
             buckets.record(ms * 1_000_000);
         }
-        let cumulative: Vec<(f64, u64)> = buckets.cumulative().collect();
-        assert_eq!(cumulative.len(), BOUNDS_S.len() + 1);
-        let at = |bound: f64| cumulative.iter().find(|(b, _)| *b == bound).unwrap().1;
-        assert_eq!((at(0.005), at(0.075), at(0.1), at(60.0), at(120.0), at(f64::INFINITY)), (1, 1, 3, 3, 4, 5));
+        let per_bucket: Vec<(f64, u64)> = buckets.per_bucket().collect();
+        assert_eq!(per_bucket.len(), BOUNDS_S.len() + 1);
+        let at = |bound: f64| per_bucket.iter().find(|(b, _)| *b == bound).unwrap().1;
+        assert_eq!((at(0.005), at(0.075), at(0.1), at(60.0), at(120.0), at(f64::INFINITY)), (1, 0, 2, 0, 1, 1));
+        assert_eq!(per_bucket.iter().map(|(_, n)| n).sum::<u64>(), buckets.count());
         assert_eq!(buckets.count(), 5);
         assert!((buckets.sum_s() - 600.183).abs() < 1e-9, "{}", buckets.sum_s());
         let mut twice = buckets;
         twice.add(&buckets);
-        assert_eq!((twice.count(), twice.cumulative().nth(5).unwrap().1), (10, 6));
+        assert_eq!((twice.count(), twice.per_bucket().map(|(_, n)| n).take(6).sum::<u64>()), (10, 6));
     }
 
     /// Bounds rise, and no step is wider than ×2.5: a quantile read inside
