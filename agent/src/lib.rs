@@ -33,9 +33,11 @@ pub mod pods;
 pub mod probes;
 pub mod proc;
 pub mod roles;
+pub mod selection;
 pub mod serve;
 pub mod signals;
 pub mod status;
+pub mod tls;
 pub mod top;
 
 pub use roles::node::{run, Config};

@@ -13,7 +13,7 @@ use podgpu_agent::gpu::GpuSource;
 use podgpu_agent::pods::kube_api::KubeAccess;
 use podgpu_agent::pods::kubelet;
 use podgpu_agent::probes::requests::traffic::ProbePaths;
-use podgpu_agent::serve::tls::{ClientTls, ServerTls};
+use podgpu_agent::tls::{ClientTls, ServerTls};
 use podgpu_agent::{run, run_scaler, Bound, Config, ScalerConfig};
 use tokio_util::sync::CancellationToken;
 use trace_tools::{record, replay, RecordArgs, ReplayArgs};

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use podgpu_proto::node::{PodQuery, Selection, SnapshotRequest};
 
-use crate::serve::node_api::{PodSelection, MAX_QUERIES, MAX_WINDOWS};
+use crate::selection::{PodSelection, MAX_QUERIES, MAX_WINDOWS};
 use crate::signals::aggregate::WorkloadQuery;
 use crate::signals::metric::Metric;
 

@@ -32,7 +32,7 @@ use tonic::transport::ClientTlsConfig;
 pub use interest::{Ask, FetchMode};
 pub use view::{ClusterView, NodeEntry, RemotePod};
 
-use crate::serve::tls::{ClientTls, FilesStamp};
+use crate::tls::{ClientTls, FilesStamp};
 use interest::Interest;
 use poll::{resolve, Nodes};
 

@@ -15,8 +15,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::serve;
-
 /// Where the servers ended up listening (ports may have been 0).
 #[derive(Clone, Copy, Debug)]
 pub struct Bound {
@@ -39,7 +37,7 @@ pub(crate) async fn bind(keda: SocketAddr, http: SocketAddr) -> anyhow::Result<(
 pub(crate) async fn serve_grpc(
     router: tonic::transport::server::Router,
     listener: TcpListener,
-    tls: Option<serve::tls::ServerAcceptor>,
+    tls: Option<crate::tls::ServerAcceptor>,
     tls_reload: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::gpu::poller::{self, PollerConfig};
 use crate::gpu::GpuSource;
 use crate::signals::collector::{Collector, CollectorConfig, Probes};
-use crate::signals::view::{NodeView, SourceStatus};
+use crate::signals::view::SourceStatus;
 use crate::{pods, probes, proc, serve};
 
 use super::{bind, serve_grpc, Bound};
@@ -53,7 +53,7 @@ pub struct Config {
     /// Name this agent reports in the node API.
     pub node_name: String,
     /// TLS (and mTLS) on the gRPC port.
-    pub tls: serve::tls::ServerTls,
+    pub tls: crate::tls::ServerTls,
     /// How often TLS files are checked for rotation.
     pub tls_reload: Duration,
     /// Kubernetes API access for pod metadata.
@@ -114,6 +114,133 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         None => pods::cgroup_tree::host_v2_root().context("finding the cgroup v2 mount")?,
     };
     let proc = host_proc(&config.proc_root, &cgroup_root);
+    let shared = Shared::default();
+    // What the node role starts, in order:
+    // 1. the pod metadata sources (static file, Kubernetes API, kubelet);
+    let directory = pod_directory(&config, &shutdown).await?;
+    // 2. the eBPF probes: requests (with the driver path where wanted)
+    //    and launch accounting;
+    let probes = load_probes(&config)?;
+    // 3. the listeners, so that a port in use fails before anything runs;
+    let tls = crate::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
+    let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
+    // 4. the GPU poller (its own thread);
+    // Bounded: a stalled collector drops GPU updates (counted) instead of
+    // queueing them without limit.
+    let (gpu_tx, gpu_rx) = mpsc::channel(4);
+    let gpu_dropped = Arc::new(AtomicU64::new(0));
+    let mut threads = vec![poller::spawn(
+        PollerConfig {
+            source: config.gpu.clone(),
+            cgroup_root: cgroup_root.clone(),
+            proc: proc.clone(),
+            interval: config.gpu_interval,
+            poll_now: shared.poll_gpu_now.clone(),
+            launches: shared.launches.clone(),
+            cost_catalog: config.cost_catalog.clone(),
+        },
+        gpu_tx,
+        gpu_dropped.clone(),
+    )];
+    // 5. the collector, which owns every pod's state, with a first tick:
+    //    ready means watching (existing pods are in the probes' watch sets)
+    //    and a view is published (/healthz judges its age from the start);
+    let mut collector = Collector::new(
+        CollectorConfig {
+            tick: config.tick,
+            rescan: Duration::from_secs(2),
+            retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
+            cgroup_root: cgroup_root.clone(),
+            // Three missed polls: a slow NVML call is not yet an outage.
+            gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
+            proc: proc.clone(),
+            empty_pod_grace: config.empty_pod_grace,
+        },
+        directory,
+        Probes {
+            requests: probes.requests,
+            status: probes.request_status,
+            reader: shared.reader_stats.clone(),
+            launches: shared.launches.clone(),
+            launch_status: probes.launch_status,
+            driver: shared.driver.clone(),
+            driver_status: probes.driver_status,
+        },
+        gpu_dropped,
+    );
+    collector.tick();
+    let (view_tx, view_rx) = watch::channel(Arc::new(collector.view()));
+    let mut tasks = tokio::task::JoinSet::new();
+    // Bounded: a stalled collector drops probe updates (counted).
+    // Batches arrive every ~20 ms; 256 of them is seconds of backlog.
+    let (request_tx, request_rx) = mpsc::channel(256);
+    tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
+    // 6. the probes' readers: requests (a task), launches and the driver
+    //    path (threads);
+    if let Some(ring) = probes.request_ring {
+        let reader = probes::requests::run_reader(
+            ring,
+            proc.clone(),
+            config.probe_paths.clone(),
+            probes.kernel_maps,
+            request_tx,
+            shared.reader_stats.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { reader.await.context("request probe reader") });
+    }
+    if let Some(probe) = probes.launch_probe {
+        threads.push(probes::launch_reader::spawn(
+            probe,
+            probes::launch_reader::LaunchReaderConfig {
+                proc: proc.clone(),
+                cgroup_root: cgroup_root.clone(),
+                overhead_budget: config.launch_overhead_budget,
+            },
+            shared.launches.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(maps) = probes.driver_maps {
+        let matcher = probes::driver::devices::DeviceMatcher::new(
+            proc.clone(),
+            &config.proc_root.join("devices"),
+            &config.driver_stand_ins,
+        );
+        threads.push(probes::driver::spawn(
+            maps,
+            probes::driver::DriverReaderConfig { proc: proc.clone(), matcher, poll_gpu_now: shared.poll_gpu_now },
+            shared.driver,
+            shutdown.clone(),
+        ));
+    }
+    // 7. the servers: KEDA's ExternalScaler and the node API share the gRPC
+    //    port; HTTP serves /healthz, /metrics and the JSON views.
+    let router = tonic::transport::Server::builder()
+        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
+        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())));
+    tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
+    let http = axum::serve(http_listener, serve::http::router(view_rx, config.tick))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tasks.spawn(async move { http.await.context("HTTP server") });
+
+    tracing::info!(keda = %bound.keda, http = %bound.http, cgroup_root = %cgroup_root.display(), gpu = ?config.gpu, "podgpu agent serving");
+    on_ready(bound);
+    wait_for_the_end(tasks, threads, &shutdown).await
+}
+
+/// What the collector, the GPU poller and the probes' readers share.
+#[derive(Default)]
+struct Shared {
+    reader_stats: Arc<probes::requests::ReaderStats>,
+    launches: Arc<std::sync::Mutex<probes::launches::LaunchSnapshot>>,
+    driver: Arc<std::sync::Mutex<probes::driver::DriverSnapshot>>,
+    /// Set by the driver reader at a process's first context.
+    poll_gpu_now: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The pod metadata sources merged into one directory.
+async fn pod_directory(config: &Config, shutdown: &CancellationToken) -> anyhow::Result<pods::directory::Directory> {
     let static_pods = match &config.pod_metadata {
         Some(path) => pods::static_source::load(path)?,
         None => HashMap::new(),
@@ -128,9 +255,24 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     if config.pod_metadata.is_none() && kube_pods.is_none() {
         tracing::info!("no pod metadata source (static file or Kubernetes API): pods carry their UID and cgroup only and match no namespace");
     }
-    let directory = pods::directory::Directory::new(static_pods, kube_pods, kubelet);
+    Ok(pods::directory::Directory::new(static_pods, kube_pods, kubelet))
+}
 
-    let (mut requests, probe_status) =
+/// The eBPF probes as loaded (or not, with why), taken apart for their
+/// readers and the collector.
+struct LoadedProbes {
+    requests: Option<probes::requests::RequestProbe>,
+    request_status: SourceStatus,
+    request_ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+    kernel_maps: Option<probes::requests::KernelMaps>,
+    launch_probe: Option<probes::launches::LaunchProbe>,
+    launch_status: SourceStatus,
+    driver_maps: Option<probes::driver::DriverMaps>,
+    driver_status: SourceStatus,
+}
+
+fn load_probes(config: &Config) -> anyhow::Result<LoadedProbes> {
+    let (mut requests, request_status) =
         load_probe("request", probes::requests::RequestProbe::load(config.request_maps), config.require_ebpf)?;
     // Launch accounting (libcuda uprobes), when asked for: it costs every
     // launch a uprobe trap (docs/gpu.md, "Launch accounting").
@@ -139,7 +281,6 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     } else {
         (None, SourceStatus::Disabled)
     };
-    let launch_snapshot = Arc::new(std::sync::Mutex::new(probes::launches::LaunchSnapshot::default()));
     let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
         Ok(maps) => Some(maps),
         Err(err) => {
@@ -147,125 +288,31 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             None
         }
     });
-    let (driver_maps, driver_status) = driver_path(&config, requests.as_mut(), &probe_status)?;
-    let driver_snapshot = Arc::new(std::sync::Mutex::new(probes::driver::DriverSnapshot::default()));
-    let poll_gpu_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status)?;
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
         Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
         None => None,
     };
+    Ok(LoadedProbes {
+        requests,
+        request_status,
+        request_ring,
+        kernel_maps,
+        launch_probe,
+        launch_status,
+        driver_maps,
+        driver_status,
+    })
+}
 
-    let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
-    let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
-
-    let (view_tx, view_rx) = watch::channel(Arc::new(NodeView::empty()));
-    // Bounded: a stalled collector drops GPU updates (counted) instead of
-    // queueing them without limit.
-    let (gpu_tx, gpu_rx) = mpsc::channel(4);
-    let gpu_dropped = Arc::new(AtomicU64::new(0));
-    let poller = poller::spawn(
-        PollerConfig {
-            source: config.gpu.clone(),
-            cgroup_root: cgroup_root.clone(),
-            proc: proc.clone(),
-            interval: config.gpu_interval,
-            poll_now: poll_gpu_now.clone(),
-            launches: launch_snapshot.clone(),
-            cost_catalog: config.cost_catalog.clone(),
-        },
-        gpu_tx,
-        gpu_dropped.clone(),
-    );
-    // Bounded: a stalled collector drops probe updates (counted).
-    // Batches arrive every ~20 ms; 256 of them is seconds of backlog.
-    let (request_tx, request_rx) = mpsc::channel(256);
-    let reader_stats = Arc::new(probes::requests::ReaderStats::default());
-    let collector = Collector::new(
-        CollectorConfig {
-            tick: config.tick,
-            rescan: Duration::from_secs(2),
-            retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
-            cgroup_root: cgroup_root.clone(),
-            // Three missed polls: a slow NVML call is not yet an outage.
-            gpu_stale_after: config.gpu_interval * 3 + Duration::from_secs(1),
-            proc: proc.clone(),
-            empty_pod_grace: config.empty_pod_grace,
-        },
-        directory,
-        Probes {
-            requests,
-            status: probe_status,
-            reader: reader_stats.clone(),
-            launches: launch_snapshot.clone(),
-            launch_status,
-            driver: driver_snapshot.clone(),
-            driver_status,
-        },
-        gpu_dropped,
-    );
-
-    // Ready means watching: the first scan puts existing pods into the
-    // probes' watch sets before anyone is told the agent serves.
-    let mut collector = collector;
-    collector.tick();
-    // And the first view is published before anyone is told: /healthz and
-    // /readyz judge its age from the start.
-    view_tx.send_replace(Arc::new(collector.view()));
-
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
-    if let Some(ring) = request_ring {
-        let reader = probes::requests::run_reader(
-            ring,
-            proc.clone(),
-            config.probe_paths.clone(),
-            kernel_maps,
-            request_tx,
-            reader_stats,
-            shutdown.clone(),
-        );
-        tasks.spawn(async move { reader.await.context("request probe reader") });
-    }
-    let launch_reader = launch_probe.map(|probe| {
-        probes::launch_reader::spawn(
-            probe,
-            probes::launch_reader::LaunchReaderConfig {
-                proc: proc.clone(),
-                cgroup_root: cgroup_root.clone(),
-                overhead_budget: config.launch_overhead_budget,
-            },
-            launch_snapshot.clone(),
-            shutdown.clone(),
-        )
-    });
-    let driver_reader = driver_maps.map(|maps| {
-        let matcher = probes::driver::devices::DeviceMatcher::new(
-            proc.clone(),
-            &config.proc_root.join("devices"),
-            &config.driver_stand_ins,
-        );
-        probes::driver::spawn(
-            maps,
-            probes::driver::DriverReaderConfig { proc: proc.clone(), matcher, poll_gpu_now },
-            driver_snapshot,
-            shutdown.clone(),
-        )
-    });
-    // KEDA's ExternalScaler and the node API share the gRPC port.
-    let router = tonic::transport::Server::builder()
-        .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))
-        .add_service(NodeSignalsServer::new(serve::node_api::NodeApi::new(config.node_name.clone(), view_rx.clone())));
-    tasks.spawn(serve_grpc(router, keda_listener, tls, config.tls_reload, shutdown.clone()));
-    let http = axum::serve(http_listener, serve::http::router(view_rx, config.tick))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tasks.spawn(async move { http.await.context("HTTP server") });
-
-    tracing::info!(keda = %bound.keda, http = %bound.http, cgroup_root = %cgroup_root.display(), gpu = ?config.gpu, "podgpu agent serving");
-    on_ready(bound);
-
-    // A failing server takes the agent down with it (and says why); a
-    // clean shutdown waits for every task to finish.
+/// Waits for every task: a failing one takes the agent down with it (and
+/// says why); a clean shutdown waits for all, then for the threads.
+async fn wait_for_the_end(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
         let outcome = joined.context("agent task panicked").and_then(|r| r);
@@ -277,14 +324,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             }
         }
     }
-    // The poller thread notices the closed channel within 100 ms.
-    let _ = tokio::task::spawn_blocking(move || poller.join()).await;
-    // The launch reader checks the shutdown token once a second.
-    if let Some(reader) = launch_reader {
-        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-    }
-    if let Some(reader) = driver_reader {
-        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    // The GPU poller notices the closed channel within 100 ms; the readers
+    // check the shutdown token once a second.
+    for thread in threads {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     if result.is_ok() && !shutdown.is_cancelled() {
         bail!("agent tasks ended without a shutdown request");

@@ -21,7 +21,7 @@ pub struct ScalerConfig {
     /// How to reach and judge the node agents.
     pub cluster: crate::cluster::ClusterConfig,
     /// TLS (and mTLS) on the KEDA gRPC port.
-    pub tls: serve::tls::ServerTls,
+    pub tls: crate::tls::ServerTls,
     /// How often TLS files are checked for rotation.
     pub tls_reload: Duration,
 }
@@ -33,7 +33,7 @@ pub async fn run_scaler(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let tls = serve::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
+    let tls = crate::tls::ServerAcceptor::load(&config.tls).context("gRPC TLS")?;
     let (keda_listener, http_listener, bound) = bind(config.keda_listen, config.http_listen).await?;
     let cluster =
         crate::cluster::spawn(config.cluster.clone(), serve::trigger::DEFAULT_WINDOW.as_secs_f64(), shutdown.clone());

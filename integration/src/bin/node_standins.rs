@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use podgpu_agent::serve::node_api::{PodPick, PodSelection};
+use podgpu_agent::selection::{PodPick, PodSelection};
 use podgpu_agent::signals::latency::{encode_buckets, new_histogram};
 use podgpu_agent::signals::metric::{Combine, Metric, Quantile};
 use podgpu_proto::node::node_signals_server::{NodeSignals, NodeSignalsServer};
