@@ -116,12 +116,12 @@ pub fn syscall_enter(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     if let Ok(Some(pending)) = ioctl_enter(&ctx, tgid) {
-        stash(pending);
+        stash(&ctx, pending);
     }
     0
 }
 
-fn stash(pending: Pending) {
+fn stash(ctx: &RawTracePointContext, pending: Pending) {
     let id = bpf_get_current_pid_tgid();
     if let Some(slot) = PENDING.get_ptr_mut(id) {
         // SAFETY: this thread's slot; only this thread writes it.
@@ -130,6 +130,7 @@ fn stash(pending: Pending) {
     }
     if PENDING.insert(id, pending, 0).is_err() {
         bump(RequestStat::ArgsMapFull);
+        aya_log_ebpf::debug!(ctx, "ioctl of fd {} not followed: argument map full", pending.fd);
     }
 }
 
@@ -247,7 +248,7 @@ fn close(tgid: u64, fd: u64) {
 }
 
 #[raw_tracepoint]
-pub fn driver_decode(_ctx: RawTracePointContext) -> i32 {
+pub fn driver_decode(ctx: RawTracePointContext) -> i32 {
     let Some(input) = DRIVER_INPUT.get(0) else { return 0 };
     let input = *input;
     let Some(mut entry) = DRIVER_EVENTS.reserve::<DriverEvent>(0) else {
@@ -272,6 +273,16 @@ pub fn driver_decode(_ctx: RawTracePointContext) -> i32 {
     };
     if input.fd_kind != fd_kind::UVM && is_escape_shaped(input.request) {
         decode(&mut event, input.params);
+        if event.flags & decode_flags::DECODED == 0 {
+            let (nr, size, flags) = (event.nr, event.size, event.flags);
+            aya_log_ebpf::debug!(
+                &ctx,
+                "driver call nr {:x} with {} bytes of parameters not decoded (flags {:x})",
+                nr,
+                size,
+                flags
+            );
+        }
     }
     // SAFETY: a reserved, exclusively owned ring slot of the right size.
     unsafe { entry.as_mut_ptr().write(event) };

@@ -304,6 +304,12 @@ unsafe fn follow_http2(ctx: &RawTracePointContext, walk: *mut WalkInput, state: 
             }
         }
         outcome = Outcome::Lost(RequestStat::H2LostBudget);
+        let connection = unsafe { (*walk).connection };
+        aya_log_ebpf::debug!(
+            ctx,
+            "HTTP/2 walk of connection {:x} gave up: more frames than one chain follows",
+            connection
+        );
     }
     let mut lost_now = false;
     unsafe {

@@ -19,6 +19,11 @@
 //!   kernel timestamp, bytes moved, the first `CAPTURE_PREFIX` bytes and
 //!   the last `CAPTURE_SUFFIX` bytes.
 //!
+//! Rare conditions (a map refusing an insert, an HTTP/2 walk giving up, a
+//! driver call of an unknown size) also log at debug level through
+//! aya-log, which the agent forwards into `tracing`; never on the per-event
+//! path.
+//!
 //! A socket call of a process that never served a tracked connection costs
 //! one byte test (`SERVER_TGIDS`) and a cgroup lookup. The driver path's
 //! syscall tracepoints (`driver.rs`) live in this object for its shared
@@ -38,6 +43,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::RawTracePointContext,
 };
+use aya_log_ebpf::debug;
 use podgpu_common::{
     conn_mode, tgid_slot, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
     MAX_H2_FRAMES, MAX_PASSIVE_SOCKETS, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES,
@@ -277,7 +283,7 @@ fn socket_call(ctx: &RawTracePointContext, kind: IoKind) -> Result<(), i64> {
             let _ = PASSIVE_SOCKETS.insert(socket, Passive { connection: key, closed: 0 }, 0);
             unsafe { ((*state).cgroup_id, (*state).mode) }
         }
-        _ => match begin(key, socket, tgid)? {
+        _ => match begin(ctx, key, socket, tgid)? {
             Some(cgroup_id) => (cgroup_id, conn_mode::UNKNOWN),
             None => return Ok(()),
         },
@@ -338,7 +344,7 @@ fn call_buffer(kind: IoKind) -> Result<Option<(u64, UserBuffer)>, i64> {
 /// `key` and tell user space; the connection's cgroup, or `None` when it
 /// is not one to track.
 #[inline(always)]
-fn begin(key: u64, socket: u64, tgid: u64) -> Result<Option<u64>, i64> {
+fn begin(ctx: &RawTracePointContext, key: u64, socket: u64, tgid: u64) -> Result<Option<u64>, i64> {
     let Some(passive) = PASSIVE_SOCKETS.get_ptr_mut(socket) else { return Ok(None) };
     // SAFETY: plain-data map value.
     if unsafe { (*passive).closed } != 0 {
@@ -348,6 +354,7 @@ fn begin(key: u64, socket: u64, tgid: u64) -> Result<Option<u64>, i64> {
     let state = ConnState { cgroup_id, socket, mode: conn_mode::UNKNOWN, ..ConnState::default() };
     if CONNECTIONS.insert(key, state, 0).is_err() {
         bump(RequestStat::ConnectionMapFull);
+        debug!(ctx, "connection map refused connection {:x} of cgroup {}: not followed", key, cgroup_id);
         return Ok(None);
     }
     // SAFETY: as above.

@@ -27,6 +27,24 @@ impl AgentProcess {
 
     /// Starts `podgpu-agent ROLE` (standalone, node, scaler) with `args`.
     pub fn start_role(binary: &PathBuf, role: &str, args: &[String]) -> anyhow::Result<Self> {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+        Self::spawn(binary, role, args, &rust_log, Stdio::inherit())
+    }
+
+    /// As `start_role`, logging at `rust_log` into the file `log` (for
+    /// tests that read what the agent logged).
+    pub fn start_role_logged(
+        binary: &PathBuf,
+        role: &str,
+        args: &[String],
+        rust_log: &str,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        Self::spawn(binary, role, args, rust_log, Stdio::from(file))
+    }
+
+    fn spawn(binary: &PathBuf, role: &str, args: &[String], rust_log: &str, stderr: Stdio) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         crate::detach_from_terminal(&mut command);
         let mut child = command
@@ -43,11 +61,11 @@ impl AgentProcess {
                 &["--http-listen", "127.0.0.1:0"][..]
             })
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string()))
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting {} (build it first: cargo build -p podgpu-agent)", binary.display()))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("agent stdout not captured"))?;
@@ -132,6 +150,16 @@ impl AgentProcess {
     /// 100 ms, with a static metadata file naming `pods` and `extra`
     /// arguments; the file's directory lives as long as the returned guard.
     pub fn start_for_pods(pods: &[PodEntry<'_>], extra: &[&str]) -> anyhow::Result<(Self, tempfile::TempDir)> {
+        Self::start_for_pods_logged(pods, extra, None)
+    }
+
+    /// As `start_for_pods`; with `logging` (a `RUST_LOG` value), the
+    /// agent's log goes to `agent.log` in the returned directory.
+    pub fn start_for_pods_logged(
+        pods: &[PodEntry<'_>],
+        extra: &[&str],
+        logging: Option<&str>,
+    ) -> anyhow::Result<(Self, tempfile::TempDir)> {
         let files = tempfile::tempdir()?;
         let metadata = files.path().join("pods.yaml");
         let mut text = String::from("pods:\n");
@@ -149,6 +177,13 @@ impl AgentProcess {
             args.extend(["--gpu".to_string(), "none".to_string()]);
         }
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        Ok((Self::start(&crate::workspace_binary("podgpu-agent"), &args)?, files))
+        let binary = crate::workspace_binary("podgpu-agent");
+        let agent = match logging {
+            Some(rust_log) => {
+                Self::start_role_logged(&binary, "standalone", &args, rust_log, &files.path().join("agent.log"))?
+            }
+            None => Self::start(&binary, &args)?,
+        };
+        Ok((agent, files))
     }
 }

@@ -56,7 +56,10 @@ async fn driver_calls_are_decoded_per_pod() {
     ];
     let stand_in_args = StandInDevice::agent_args(&device.mountpoint);
     let stand_in_args: Vec<&str> = stand_in_args.iter().map(String::as_str).collect();
-    let (agent, _files) = AgentProcess::start_for_pods(&pods, &stand_in_args).expect("agent");
+    // The eBPF programs' own log at debug: the odd-sized call below is one
+    // of the rare conditions they report through aya-log.
+    let (agent, files) =
+        AgentProcess::start_for_pods_logged(&pods, &stand_in_args, Some("info,podgpu::ebpf=debug")).expect("agent");
     let go = tools.path().join("go");
     let start = |pod: &mut CgroupPod, first_mib: &str, second_mib: &str| {
         let mut command = Command::new(tools.path().join("driver_client"));
@@ -87,6 +90,22 @@ async fn driver_calls_are_decoded_per_pod() {
         "undecoded": 1, "mapping": 1, "uvm": 1, "uvm_registration": 1,
     });
     assert_eq!(a["calls_by_kind"], expected_kinds);
+    // The kernel side said why it left the odd-sized RM_ALLOC undecoded,
+    // through aya-log into the agent's log.
+    let log_path = files.path().join("agent.log");
+    let logged = eventually(Duration::from_secs(3), async || {
+        std::fs::read_to_string(&log_path).is_ok_and(|log| {
+            log.lines().any(|l| {
+                l.contains("podgpu::ebpf") && l.contains("driver call nr 2b with 40 bytes of parameters not decoded")
+            })
+        })
+    })
+    .await;
+    assert!(
+        logged,
+        "no aya-log line for the odd-sized call in {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     // Three controls blocked 20 ms each in the stand-in.
     let blocked_ms = a["blocked_ms"].as_f64().unwrap();
     assert!((60.0..200.0).contains(&blocked_ms), "time blocked in the driver: {blocked_ms} ms");

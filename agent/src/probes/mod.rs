@@ -2,6 +2,7 @@
 //! them, and reading their maps. One module per program set.
 pub mod baseline;
 pub mod driver;
+pub mod ebpf_log;
 pub mod kernel_identity;
 pub mod launch_reader;
 pub mod launch_sampler;

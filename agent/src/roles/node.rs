@@ -175,8 +175,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     // Batches arrive every ~20 ms; 256 of them is seconds of backlog.
     let (request_tx, request_rx) = mpsc::channel(256);
     tasks.spawn(collector.run(gpu_rx, request_rx, view_tx, shutdown.clone()).into_future_ok());
-    // 6. the probes' readers: requests (a task), launches and the driver
-    //    path (threads);
+    // 6. the probes' readers: requests and the programs' own log (tasks),
+    //    launches and the driver path (threads);
     if let Some(ring) = probes.request_ring {
         let reader = probes::requests::run_reader(
             ring,
@@ -188,6 +188,9 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             shutdown.clone(),
         );
         tasks.spawn(async move { reader.await.context("request probe reader") });
+    }
+    if let Some(log) = probes.program_log {
+        tasks.spawn(probes::ebpf_log::run(log, shutdown.clone()).into_future_ok());
     }
     if let Some(probe) = probes.launch_probe {
         threads.push(probes::launch_reader::spawn(
@@ -261,6 +264,8 @@ async fn pod_directory(config: &Config, shutdown: &CancellationToken) -> anyhow:
 /// The eBPF probes as loaded (or not, with why), taken apart for their
 /// readers and the collector.
 struct LoadedProbes {
+    /// The programs' own log (aya-log).
+    program_log: Option<probes::ebpf_log::ProgramLog>,
     requests: Option<probes::requests::RequestProbe>,
     request_status: SourceStatus,
     request_ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
@@ -289,12 +294,14 @@ fn load_probes(config: &Config) -> anyhow::Result<LoadedProbes> {
         }
     });
     let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status)?;
+    let program_log = requests.as_mut().and_then(|probe| probe.take_log());
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
         Some(Err(err)) => return Err(anyhow::Error::new(err).context("taking the request probe's ring buffer")),
         None => None,
     };
     Ok(LoadedProbes {
+        program_log,
         requests,
         request_status,
         request_ring,

@@ -119,6 +119,7 @@ impl Default for MapSizes {
 /// Loaded and attached request probe. Dropping it detaches the programs.
 pub struct RequestProbe {
     ebpf: Ebpf,
+    log: Option<super::ebpf_log::ProgramLog>,
 }
 
 impl RequestProbe {
@@ -126,10 +127,13 @@ impl RequestProbe {
     /// attaches the request path's raw tracepoints (the driver path is
     /// attached on its own, `attach_driver_path`).
     pub fn load(sizes: MapSizes) -> Result<Self, ProbeError> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(WATCHED, sizes.watched_cgroups.max(1))
-            .map_max_entries(CONNECTIONS, sizes.connections.max(1))
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
+            .map_max_entries(CONNECTIONS, sizes.connections.max(1));
+        super::ebpf_log::set_level(&mut loader);
+        let mut ebpf = loader.load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-requests")))?;
+        let log = super::ebpf_log::take(&mut ebpf);
         // The frame walker and the driver decoder are not attached: the
         // socket programs and `syscall_exit` tail-call them (slots 0, 1).
         for (slot, name) in [(0, WALKER), (1, DRIVER_DECODE)] {
@@ -145,7 +149,7 @@ impl RequestProbe {
             tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
         }
         super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, log })
     }
 
     /// Attaches the driver path's `sys_enter`/`sys_exit` programs: from
@@ -236,6 +240,12 @@ impl RequestProbe {
             map_error(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "dup", io_error }))
         })?;
         aya::maps::Map::from_map_data(MapData::from_fd(fd).map_err(map_error)?).map_err(map_error)
+    }
+
+    /// The programs' own log (aya-log), handed to its forwarding task
+    /// (once).
+    pub fn take_log(&mut self) -> Option<super::ebpf_log::ProgramLog> {
+        self.log.take()
     }
 
     /// The ring buffer, handed to the reader task (once).
