@@ -10,9 +10,17 @@
 //!   `0::/../../kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope`;
 //!   [`ProcFs::cgroups`] rebases such paths onto the host tree so the rest
 //!   of the agent only ever sees host paths.
+//!
+//! The files' formats are parsed by the `procfs` crate (cgroup, maps, the
+//! TCP tables); only the start time keeps a narrow parser of its own, on
+//! the pid cache's hot path.
 use std::fs;
 use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
+
+use procfs::process::{MMapPath, MemoryMaps};
+use procfs::FromBufRead as _;
+use procfs::ProcessCGroups;
 
 /// A procfs view: a root and the agent's cgroup namespace root.
 #[derive(Clone, Debug)]
@@ -96,7 +104,8 @@ impl ProcFs {
         fields.nth(22 - 4)?.parse().ok()
     }
 
-    /// The cgroups of `pid`, with host paths; `None` when it is gone.
+    /// The cgroups of `pid`, with host paths; `None` when it is gone (or
+    /// its file does not parse).
     pub fn cgroups(&self, pid: u32) -> Option<Vec<CgroupLine>> {
         let text = fs::read_to_string(self.pid_dir(pid).join("cgroup")).ok()?;
         Some(parse_cgroup_file(&text, &self.cgroup_ns_root))
@@ -137,18 +146,18 @@ impl ProcFs {
     /// sees it). Empty when the process is gone or may not be read.
     pub fn mapped_files(&self, pid: u32, name: &str) -> Vec<MappedFile> {
         let Ok(text) = fs::read_to_string(self.pid_dir(pid).join("maps")) else { return Vec::new() };
+        // Only the lines that name the file are handed to the parser: a
+        // CUDA process maps thousands of regions.
+        let wanted: String = text.lines().filter(|line| line.contains(name)).flat_map(|line| [line, "\n"]).collect();
+        let Ok(maps) = MemoryMaps::from_buf_read(wanted.as_bytes()) else { return Vec::new() };
         let mut files: Vec<MappedFile> = Vec::new();
-        for line in text.lines().filter(|line| line.contains(name)) {
-            // address perms offset dev inode path
-            let mut fields = line.split_ascii_whitespace();
-            let (Some(device), Some(inode), Some(path)) = (fields.nth(3), fields.next(), fields.next()) else {
-                continue;
-            };
-            let Ok(inode) = inode.parse::<u64>() else { continue };
-            if inode == 0 || files.iter().any(|f| f.inode == inode && f.device == device) {
+        for map in maps {
+            let MMapPath::Path(path) = &map.pathname else { continue };
+            let device = format!("{:02x}:{:02x}", map.dev.0, map.dev.1);
+            if map.inode == 0 || files.iter().any(|f| f.inode == map.inode && f.device == device) {
                 continue;
             }
-            files.push(MappedFile { device: device.to_string(), inode, path: path.to_string() });
+            files.push(MappedFile { device, inode: map.inode, path: path.display().to_string() });
         }
         files
     }
@@ -165,11 +174,13 @@ impl ProcFs {
             .collect()
     }
 
-    /// The texts of `/proc/PID/net/tcp` and `tcp6` (the process's network
-    /// namespace); missing tables are skipped.
-    pub fn tcp_tables(&self, pid: u32) -> Vec<String> {
-        let base = self.pid_dir(pid);
-        ["net/tcp", "net/tcp6"].iter().filter_map(|table| fs::read_to_string(base.join(table)).ok()).collect()
+    /// The TCP sockets of `pid`'s network namespace (`/proc/PID/net/tcp`
+    /// and `tcp6`); a missing or unreadable table is skipped.
+    pub fn tcp_sockets(&self, pid: u32) -> Vec<procfs::net::TcpNetEntry> {
+        let Ok(process) = procfs::process::Process::new_with_root(self.pid_dir(pid)) else { return Vec::new() };
+        let mut sockets = process.tcp().unwrap_or_default();
+        sockets.extend(process.tcp6().unwrap_or_default());
+        sockets
     }
 }
 
@@ -179,16 +190,19 @@ fn socket_inode_of(fd_path: &Path) -> Option<u64> {
 }
 
 /// Parses `/proc/PID/cgroup` ("ID:controllers:path" lines), rebasing
-/// namespace-relative paths onto `ns_root`.
+/// namespace-relative paths onto `ns_root`. A file that does not parse
+/// gives no lines (the kernel writes none such; a fixture might).
 pub fn parse_cgroup_file(text: &str, ns_root: &str) -> Vec<CgroupLine> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(3, ':');
-            let hierarchy = fields.next()?.parse().ok()?;
-            let _controllers = fields.next()?;
-            let path = fields.next()?;
-            let path = if hierarchy == 0 { normalize(&format!("{ns_root}/{path}")) } else { path.to_string() };
-            Some(CgroupLine { hierarchy, path })
+    let Ok(cgroups) = ProcessCGroups::from_buf_read(text.as_bytes()) else { return Vec::new() };
+    cgroups
+        .into_iter()
+        .map(|cgroup| {
+            let path = if cgroup.hierarchy == 0 {
+                normalize(&format!("{ns_root}/{}", cgroup.pathname))
+            } else {
+                cgroup.pathname
+            };
+            CgroupLine { hierarchy: cgroup.hierarchy, path }
         })
         .collect()
 }

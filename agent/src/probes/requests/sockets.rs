@@ -8,6 +8,9 @@
 //! (`PortResolver`): the server port of one joined mid-stream, the peer of
 //! an IPv6 one.
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use procfs::net::{TcpNetEntry, TcpState};
 
 use crate::proc::ProcFs;
 
@@ -20,69 +23,9 @@ pub struct ExistingConnection {
     pub fd: u32,
 }
 
-const TCP_ESTABLISHED: &str = "01";
-const TCP_LISTEN: &str = "0A";
-
-/// A TCP socket's local port, peer address and whether it listens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct TcpSocket {
-    local_port: u16,
-    /// The peer's address as the table prints it: 4 or 16 bytes.
-    remote: [u8; 16],
-    remote_len: usize,
-    state: SocketState,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SocketState {
-    Listening,
-    Established,
-    Other,
-}
-
-/// Parses a `/proc/PID/net/tcp{,6}` table into `sockets` by inode.
-fn parse_tcp_table(text: &str, sockets: &mut HashMap<u64, TcpSocket>) {
-    for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 10 {
-            continue;
-        }
-        let Some(local_port) = fields[1].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) else {
-            continue;
-        };
-        let Ok(inode) = fields[9].parse::<u64>() else { continue };
-        let state = match fields[3] {
-            TCP_LISTEN => SocketState::Listening,
-            TCP_ESTABLISHED => SocketState::Established,
-            _ => SocketState::Other,
-        };
-        let (remote, remote_len) =
-            fields[2].split_once(':').and_then(|(hex, _)| parse_address(hex)).unwrap_or(([0; 16], 0));
-        sockets.insert(inode, TcpSocket { local_port, remote, remote_len, state });
-    }
-}
-
-/// An address column of `/proc/net/tcp{,6}`: 32-bit words in hex, each
-/// printed from the kernel's bytes read as a native-endian integer.
-fn parse_address(hex: &str) -> Option<([u8; 16], usize)> {
-    if hex.len() != 8 && hex.len() != 32 {
-        return None;
-    }
-    let mut bytes = [0u8; 16];
-    for (index, chunk) in hex.as_bytes().chunks(8).enumerate() {
-        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-        bytes[index * 4..index * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    Some((bytes, hex.len() / 2))
-}
-
 /// Every TCP socket of `pid`'s network namespace, by inode.
-fn tcp_sockets(proc: &ProcFs, pid: u32) -> HashMap<u64, TcpSocket> {
-    let mut sockets = HashMap::new();
-    for table in proc.tcp_tables(pid) {
-        parse_tcp_table(&table, &mut sockets);
-    }
-    sockets
+fn tcp_sockets(proc: &ProcFs, pid: u32) -> HashMap<u64, TcpNetEntry> {
+    proc.tcp_sockets(pid).into_iter().map(|socket| (socket.inode, socket)).collect()
 }
 
 /// Established server-side connections of `pids`: established sockets
@@ -92,10 +35,10 @@ pub fn existing_connections(proc: &ProcFs, pids: &[u32]) -> Vec<ExistingConnecti
     for &pid in pids {
         let sockets = tcp_sockets(proc, pid);
         let listening: HashSet<u16> =
-            sockets.values().filter(|s| s.state == SocketState::Listening).map(|s| s.local_port).collect();
+            sockets.values().filter(|s| s.state == TcpState::Listen).map(|s| s.local_address.port()).collect();
         for (fd, inode) in proc.socket_fds(pid) {
             let Some(socket) = sockets.get(&inode) else { continue };
-            if socket.state == SocketState::Established && listening.contains(&socket.local_port) {
+            if socket.state == TcpState::Established && listening.contains(&socket.local_address.port()) {
                 found.push(ExistingConnection { tgid: pid, fd });
             }
         }
@@ -115,29 +58,24 @@ impl PortResolver {
         Self { proc }
     }
 
-    fn socket(&self, tgid: u32, fd: u32) -> Option<TcpSocket> {
+    fn socket(&self, tgid: u32, fd: u32) -> Option<TcpNetEntry> {
         let inode = self.proc.socket_inode(tgid, fd)?;
-        tcp_sockets(&self.proc, tgid).get(&inode).copied()
+        tcp_sockets(&self.proc, tgid).remove(&inode)
     }
 
     /// The local port of socket `fd` of `tgid`, looked up now (for
     /// connections joined mid-stream, which have no accept to go by).
     pub fn socket_port(&self, tgid: u32, fd: u32) -> Option<u16> {
-        self.socket(tgid, fd).map(|socket| socket.local_port)
+        self.socket(tgid, fd).map(|socket| socket.local_address.port())
     }
 
     /// Whether the peer of socket `fd` of `tgid` is on loopback (IPv4
     /// 127/8, `::1`, or IPv4-mapped 127/8); `false` when it cannot be told.
     pub fn peer_is_loopback(&self, tgid: u32, fd: u32) -> bool {
         let Some(socket) = self.socket(tgid, fd) else { return false };
-        let address = &socket.remote[..socket.remote_len];
-        match address.len() {
-            4 => address[0] == 127,
-            16 => {
-                let v4_mapped = address[..10].iter().all(|&b| b == 0) && address[10..12] == [0xff, 0xff];
-                (v4_mapped && address[12] == 127) || (address[..15].iter().all(|&b| b == 0) && address[15] == 1)
-            }
-            _ => false,
+        match socket.remote_address.ip() {
+            IpAddr::V4(address) => address.is_loopback(),
+            IpAddr::V6(address) => address.is_loopback() || address.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
         }
     }
 }
