@@ -380,6 +380,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
-        assert_eq!(core::mem::size_of::<ConnState>(), 48);
+        assert_eq!(core::mem::size_of::<ConnState>(), 56);
     }
 }

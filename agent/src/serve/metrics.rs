@@ -234,6 +234,16 @@ fn encode_view(view: &NodeView, encoder: &mut DescriptorEncoder) -> fmt::Result 
             buckets.iter().map(|(labels, (_, latency))| (labels.clone(), *latency)),
         )?;
     }
+    if view.health.launches.is_ok() {
+        let samples =
+            labelled.iter().filter_map(|(labels, pod)| Some((labels.clone(), pod.history.latest()?.gpu_launches)));
+        counters(
+            encoder,
+            "podgpu_pod_gpu_launches_total",
+            "Kernel launches of the pod's processes (libcuda uprobes; scaled from the probed part of each second while sampling).",
+            samples,
+        )?;
+    }
     if view.health.driver.is_ok() {
         let samples = labelled.iter().flat_map(|(labels, pod)| {
             pod.driver.calls_by_kind.iter().map(move |(kind, calls)| (with(labels, "kind", kind.name()), *calls))
@@ -470,7 +480,7 @@ mod tests {
         view.health.probes = SourceStatus::Ok { detail: "ebpf".into() };
         let mut history = History::new(60.0);
         history.push(Point { at_s: 0.0, ..Point::default() });
-        history.push(Point { at_s: 10.0, recv_bytes: 5000, ..Point::default() });
+        history.push(Point { at_s: 10.0, recv_bytes: 5000, gpu_launches: 42, ..Point::default() });
         view.pods.push(PodView {
             meta: PodMeta {
                 uid: "u1".into(),
@@ -500,7 +510,9 @@ mod tests {
         let text = render_metrics(Arc::new(view.clone()), Format::Prometheus);
         // Driver signals only while the driver path serves.
         assert!(!text.contains("podgpu_pod_gpu_contexts{"), "{text}");
+        assert!(!text.contains("podgpu_pod_gpu_launches_total{"), "{text}");
         view.health.driver = SourceStatus::Ok { detail: "ioctls".into() };
+        view.health.launches = SourceStatus::Ok { detail: "uprobes".into() };
         let text = render_metrics(Arc::new(view.clone()), Format::Prometheus);
         let labels = "namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"";
         assert!(text.contains(&format!("podgpu_pod_gpu_contexts{{{labels}}} 2.0\n")), "{text}");
@@ -509,6 +521,7 @@ mod tests {
             text.contains(&format!("podgpu_pod_gpu_driver_calls_total{{{labels},kind=\"context\"}} 6\n")),
             "{text}"
         );
+        assert!(text.contains(&format!("podgpu_pod_gpu_launches_total{{{labels}}} 42\n")), "{text}");
         assert!(
             text.contains(
                 "podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"} 500.0\n"
