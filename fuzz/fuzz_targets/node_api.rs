@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use libfuzzer_sys::fuzz_target;
 use podgpu_agent::cluster::RemotePod;
 use podgpu_agent::pods::selector::LabelSelector;
-use podgpu_agent::serve::node_api::PodSelection;
+use podgpu_agent::selection::PodSelection;
 use podgpu_agent::signals::aggregate::{combine, Aggregation, WorkloadQuery};
 use podgpu_agent::signals::metric::Metric;
 use podgpu_agent::signals::traffic_filter::TrafficFilter;
