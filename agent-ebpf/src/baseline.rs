@@ -1,7 +1,8 @@
-//! No-op programs on the request probe's raw tracepoints (`sys_enter`,
-//! `sys_exit`). The overhead benchmark attaches them on their own to
-//! measure what the hook itself costs every syscall on the node, before
-//! the probe does any work: the floor under the probe's overhead. The
+//! No-op programs for the overhead benchmarks, attached on their own to
+//! measure what a hook costs before a probe does any work: raw
+//! tracepoints (`baseline_enter`/`baseline_exit`) on the request probe's
+//! socket-layer hooks (`bench-probes`' floor) or on `sys_enter`/`sys_exit`
+//! (the driver path's; every syscall on the node passes them). The
 //! per-syscall variant (`baseline_tracepoint`, attached to the
 //! `syscalls:sys_enter_*`/`sys_exit_*` tracepoints of the calls the probes
 //! need) measures the alternative: hooks that other syscalls never run.

@@ -239,7 +239,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             let measured = match config {
                 Attached::Nothing => measure(&fds, &options),
                 Attached::NoopHooks => {
-                    let _hooks = HookBaseline::attach().context("attaching the no-op hook programs")?;
+                    let _hooks = HookBaseline::attach_syscall_hooks().context("attaching the no-op hook programs")?;
                     measure(&fds, &options)
                 }
                 // Need tracefs; without it the row says so and the rest runs.

@@ -1,15 +1,19 @@
-//! No-op programs on the request probe's hooks, for the overhead benchmark:
-//! attached alone, they measure the cost of the hook itself (every syscall
-//! on the node passes through it), the floor under the probe's overhead.
+//! No-op programs on the probes' hooks, for the overhead benchmarks:
+//! attached alone, they measure the cost of the hook itself, the floor
+//! under a probe's overhead: on the request probe's socket-layer raw
+//! tracepoints (`bench-probes`), and on the raw `sys_enter`/`sys_exit`
+//! the driver path uses (every syscall on the node passes through those).
 use aya::Ebpf;
 
 use super::ProbeError;
 
-/// (program, raw tracepoint): the same hooks as the request probe.
-const PROGRAMS: [(&str, &str); 2] = [("baseline_enter", "sys_enter"), ("baseline_exit", "sys_exit")];
+/// The request probe's raw tracepoints (`probes/requests`).
+const SOCKET_HOOKS: [&str; 4] = ["inet_sock_set_state", "tcp_destroy_sock", "sock_recv_length", "sock_send_length"];
+/// (program, raw tracepoint): the driver path's hooks.
+const SYSCALL_HOOKS: [(&str, &str); 2] = [("baseline_enter", "sys_enter"), ("baseline_exit", "sys_exit")];
 
-/// The syscalls the request and driver probes act on
-/// (`agent-ebpf/src/syscalls.rs`).
+/// The syscalls the request and driver probes acted on while both hooked
+/// the syscall path: the per-syscall row of `bench-syscalls`.
 pub const PROBED_SYSCALLS: [&str; 12] = [
     "read", "write", "close", "ioctl", "readv", "writev", "accept", "accept4", "sendto", "recvfrom", "sendmsg",
     "recvmsg",
@@ -22,10 +26,22 @@ pub struct HookBaseline {
 }
 
 impl HookBaseline {
-    /// Loads and attaches the no-op programs.
+    /// Loads a no-op program and attaches it to the request probe's four
+    /// socket-layer raw tracepoints.
     pub fn attach() -> Result<Self, ProbeError> {
+        const NAME: &str = "baseline_enter";
         let mut ebpf = object()?;
-        super::attach_raw_tracepoints(&mut ebpf, &PROGRAMS)?;
+        let program = super::load_raw_tracepoint(&mut ebpf, NAME)?;
+        for hook in SOCKET_HOOKS {
+            program.attach(hook).map_err(|source| ProbeError::Program { name: NAME, source })?;
+        }
+        Ok(Self { _ebpf: ebpf })
+    }
+
+    /// Loads and attaches no-op programs on raw `sys_enter`/`sys_exit`.
+    pub fn attach_syscall_hooks() -> Result<Self, ProbeError> {
+        let mut ebpf = object()?;
+        super::attach_raw_tracepoints(&mut ebpf, &SYSCALL_HOOKS)?;
         Ok(Self { _ebpf: ebpf })
     }
 
