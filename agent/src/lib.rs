@@ -7,12 +7,14 @@
 //!  probes/ (eBPF request probe, parsers) -----+
 //!  gpu/    (NVML or simulator, own thread) ----+--> signals/collector --> NodeView --+--> serve/keda  (ExternalScaler gRPC)
 //!  pods/   (cgroup tree, pid -> pod, metadata) +    (one task owns       (watch     +--> serve/http  (/healthz /pods /metrics)
-//!                                                    all pod state)       channel)
+//!  engines/ (engines' own /metrics, scraped) --+     all pod state)       channel)
 //! ```
 //!
 //! - `probes`: loads and attaches the programs of `agent-ebpf`, drains their
 //!   ring buffer, and tracks requests (HTTP/1.1, HTTP/2/gRPC) per connection.
 //! - `gpu`: the `GpuBackend` trait, NVML and simulated backends, the poller.
+//! - `engines`: inference engines' own gauges (queue, batch, KV cache,
+//!   TTFT): found per pod with no configuration, scraped over HTTP.
 //! - `pods`: cgroup path parsing, the cgroup v2 tree, label selectors,
 //!   static pod metadata.
 //! - `cluster` (scaler role): the node agents as a source; polls each for
@@ -28,6 +30,7 @@
 pub mod agent_http;
 pub mod backoff;
 pub mod cluster;
+pub mod engines;
 pub mod gpu;
 pub mod pods;
 pub mod probes;

@@ -174,6 +174,30 @@ impl ProcFs {
             .collect()
     }
 
+    /// `pid`'s command line, argument by argument (empty for kernel
+    /// threads and processes that are gone).
+    pub fn cmdline(&self, pid: u32) -> Vec<String> {
+        let Ok(process) = procfs::process::Process::new_with_root(self.pid_dir(pid)) else { return Vec::new() };
+        process.cmdline().unwrap_or_default()
+    }
+
+    /// The TCP sockets `pids` (processes of one network namespace) hold
+    /// in the listening state, with the address they listen on.
+    pub fn listening_sockets(&self, pids: &[u32]) -> Vec<std::net::SocketAddr> {
+        let Some(first) = pids.first() else { return Vec::new() };
+        let owned: std::collections::HashSet<u64> =
+            pids.iter().flat_map(|pid| self.socket_fds(*pid)).map(|(_, inode)| inode).collect();
+        let mut listening: Vec<std::net::SocketAddr> = self
+            .tcp_sockets(*first)
+            .into_iter()
+            .filter(|entry| entry.state == procfs::net::TcpState::Listen && owned.contains(&entry.inode))
+            .map(|entry| entry.local_address)
+            .collect();
+        listening.sort();
+        listening.dedup();
+        listening
+    }
+
     /// The TCP sockets of `pid`'s network namespace (`/proc/PID/net/tcp`
     /// and `tcp6`); a missing or unreadable table is skipped.
     pub fn tcp_sockets(&self, pid: u32) -> Vec<procfs::net::TcpNetEntry> {

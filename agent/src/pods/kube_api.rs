@@ -175,7 +175,25 @@ pub fn pod_meta(pod: &Pod) -> Option<PodMeta> {
                 .collect()
         })
         .unwrap_or_default();
-    Some(PodMeta { uid, namespace: metadata.namespace.clone(), name: metadata.name.clone(), labels, owner, containers })
+    let annotations = metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(key, _)| crate::engines::discovery::is_hint_key(key))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    let host_network = pod.spec.as_ref().and_then(|spec| spec.host_network).unwrap_or(false);
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|_| !host_network);
+    Some(PodMeta {
+        uid,
+        namespace: metadata.namespace.clone(),
+        name: metadata.name.clone(),
+        labels,
+        owner,
+        containers,
+        annotations,
+        pod_ip,
+    })
 }
 
 /// A ReplicaSet named `<deployment>-<pod-template-hash>` stands for its

@@ -37,6 +37,14 @@ pub struct PodMeta {
     /// Containers, with their runtime ids and devices where known.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerMeta>,
+    /// The annotations engine discovery reads (`engines::discovery`);
+    /// others are not kept.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The pod's IP, where a metadata source knows it and the pod has its
+    /// own network (not `hostNetwork`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
 }
 
 /// A pod's controlling owner, resolved to the workload where the chain is

@@ -8,6 +8,8 @@
 //!     name: llm-a-0
 //!     labels: { app: llm-a }
 //!     owner: { kind: Deployment, name: llm-a }          # optional
+//!     annotations: { podgpu.io/metrics-port: "8000" }   # optional
+//!     pod_ip: 10.0.0.7                                   # optional
 //!     containers:                                        # optional
 //!       - { name: vllm, devices: [GPU-8f6c...] }
 //! ```
@@ -45,6 +47,10 @@ struct Entry {
     owner: Option<Owner>,
     #[serde(default)]
     containers: Vec<ContainerMeta>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pod_ip: Option<String>,
 }
 
 /// Reads `path` into metadata keyed by pod UID.
@@ -63,6 +69,8 @@ pub fn load(path: &Path) -> Result<HashMap<String, PodMeta>, StaticSourceError> 
             labels: entry.labels,
             owner: entry.owner,
             containers: entry.containers,
+            annotations: entry.annotations,
+            pod_ip: entry.pod_ip,
         };
         if pods.insert(uid.clone(), meta).is_some() {
             return Err(error(format!("pod uid {uid} listed twice")));

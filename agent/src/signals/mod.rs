@@ -3,6 +3,7 @@
 pub mod aggregate;
 pub mod buckets;
 pub mod collector;
+pub mod engine_ttft;
 pub mod history;
 pub mod latency;
 pub mod metric;

@@ -1,0 +1,428 @@
+//! The scrape loop: every interval, GET each pod's engine endpoint with
+//! a deadline and a body limit, a bounded number at a time, and publish
+//! what each engine said (or why it could not be read). Pods whose engine
+//! is not found yet are looked for again every `rediscover` period; a
+//! found endpoint that keeps failing is looked for again too (an engine
+//! restarted on another port).
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Limited};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::EngineKind;
+use super::discovery::{self, Candidate, Plan, PodFacts};
+use super::exposition::{EngineReading, Exposition, ExpositionError};
+use crate::pods::PodMeta;
+use crate::signals::engine_ttft::TtftHistory;
+use crate::status::SourceStatus;
+
+/// How the scraper runs.
+#[derive(Clone, Debug)]
+pub struct ScraperConfig {
+    /// Time between scrapes of one engine.
+    pub interval: Duration,
+    /// Deadline of one scrape, connect to last byte.
+    pub timeout: Duration,
+    /// Largest body read; a longer one is an error.
+    pub body_limit: usize,
+    /// Scrapes in flight at most.
+    pub concurrency: usize,
+    /// How often pods without an engine are looked at again.
+    pub rediscover: Duration,
+    /// How much TTFT history is kept (the longest trigger window and a
+    /// little more).
+    pub retention: Duration,
+    /// cgroup v2 root, for the pods' processes.
+    pub cgroup_root: PathBuf,
+    /// procfs, for command lines and listening sockets.
+    pub proc: crate::proc::ProcFs,
+}
+
+/// Shortest scrape interval accepted.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Failed scrapes in a row after which a found endpoint is looked for again.
+const FAILURES_BEFORE_REDISCOVERY: u32 = 3;
+
+/// What the scraper knows of one pod's engine.
+#[derive(Clone, Debug, Default)]
+pub struct PodEngine {
+    /// The engine, once named or recognised.
+    pub engine: Option<EngineKind>,
+    /// How discovery named it, or why it did not.
+    pub named_by: String,
+    /// The endpoint being scraped (`addr` + path), once found.
+    pub endpoint: Option<String>,
+    /// What the last discovery tried and what each answered.
+    pub tried: Vec<String>,
+    /// The latest good reading and when it was taken.
+    pub reading: Option<(Instant, EngineReading)>,
+    /// Why the latest scrape failed (`None` after a good one).
+    pub error: Option<String>,
+    /// Failed scrapes in a row.
+    pub failures: u32,
+    /// The engine's cumulative TTFT histograms, for windows.
+    pub ttft: TtftHistory,
+}
+
+impl PodEngine {
+    /// Why this pod's engine signals cannot be given now, if they cannot:
+    /// nothing found, the endpoint failing, or the reading older than
+    /// `stale_after`.
+    pub fn unavailable(&self, now: Instant, stale_after: Duration) -> Option<String> {
+        match (&self.endpoint, &self.reading, &self.error) {
+            (None, _, _) if self.tried.is_empty() => Some(format!("no inference engine found ({})", self.named_by)),
+            (None, _, _) => {
+                Some(format!("no inference engine found ({}); tried {}", self.named_by, self.tried.join("; ")))
+            }
+            (Some(endpoint), _, Some(error)) => Some(format!("engine endpoint {endpoint}: {error}")),
+            (Some(endpoint), None, None) => Some(format!("engine endpoint {endpoint}: not scraped yet")),
+            (Some(endpoint), Some((at, _)), None) if now.duration_since(*at) > stale_after => Some(format!(
+                "engine endpoint {endpoint}: last read {:.1} s ago",
+                now.duration_since(*at).as_secs_f64()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// What the scraper publishes.
+#[derive(Clone, Debug)]
+pub struct EngineSnapshot {
+    /// Whether the scraper runs.
+    pub status: SourceStatus,
+    /// Per pod UID.
+    pub pods: HashMap<String, PodEngine>,
+    /// Scrapes done and failed since start.
+    pub scrapes: u64,
+    /// Scrapes that failed.
+    pub failures: u64,
+    /// A reading older than this is stale.
+    pub stale_after: Duration,
+}
+
+impl EngineSnapshot {
+    /// The snapshot of a scraper that is not running.
+    pub fn disabled(status: SourceStatus) -> Self {
+        Self { status, pods: HashMap::new(), scrapes: 0, failures: 0, stale_after: Duration::from_secs(5) }
+    }
+}
+
+/// Why one scrape failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// No TCP connection.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The deadline passed.
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    /// 401 or 403: the endpoint wants credentials podgpu does not have.
+    #[error("HTTP {0}: the metrics endpoint requires authorization")]
+    Unauthorized(u16),
+    /// Another status than 2xx.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The body passed the limit.
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    /// HTTP framing failed.
+    #[error("HTTP: {0}")]
+    Http(String),
+    /// The body could not be read as an engine's metrics.
+    #[error(transparent)]
+    Exposition(#[from] ExpositionError),
+}
+
+/// GETs `path` from `addr` and reads it as `engine`'s metrics (any
+/// engine's when `None`).
+pub async fn scrape(
+    addr: SocketAddr,
+    path: &str,
+    engine: Option<EngineKind>,
+    timeout: Duration,
+    body_limit: usize,
+) -> Result<EngineReading, ScrapeError> {
+    let (body, openmetrics) = tokio::time::timeout(timeout, get(addr, path, body_limit))
+        .await
+        .map_err(|_| ScrapeError::Timeout(timeout))??;
+    let exposition = Exposition::parse(&body, openmetrics)?;
+    Ok(exposition.read(engine)?)
+}
+
+async fn get(addr: SocketAddr, path: &str, body_limit: usize) -> Result<(String, bool), ScrapeError> {
+    let http = |err: hyper::Error| ScrapeError::Http(err.to_string());
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(ScrapeError::Connect)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(http)?;
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::ACCEPT, "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5")
+        .header(hyper::header::USER_AGENT, concat!("podgpu-agent/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|err| ScrapeError::Http(err.to_string()))?;
+    let result = async {
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status().as_u16();
+        match status {
+            401 | 403 => return Err(ScrapeError::Unauthorized(status)),
+            200..=299 => {}
+            _ => return Err(ScrapeError::Status(status)),
+        }
+        let openmetrics = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/openmetrics-text"));
+        if response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|length| length > body_limit)
+        {
+            return Err(ScrapeError::TooLarge(body_limit));
+        }
+        let body = Limited::new(response.into_body(), body_limit).collect().await.map_err(|err| {
+            if err.is::<http_body_util::LengthLimitError>() {
+                ScrapeError::TooLarge(body_limit)
+            } else {
+                ScrapeError::Http(err.to_string())
+            }
+        })?;
+        let text = String::from_utf8(body.to_bytes().to_vec())
+            .map_err(|_| ScrapeError::Exposition(ExpositionError::Malformed("the body is not UTF-8".to_string())))?;
+        Ok((text, openmetrics))
+    }
+    .await;
+    connection.abort();
+    result
+}
+
+/// Runs the scrape loop until `shutdown`, taking the pods from the
+/// collector's published view (the pods it found and their metadata) and
+/// publishing into `publish`, which the collector reads every tick.
+pub async fn run(
+    config: ScraperConfig,
+    mut view: watch::Receiver<Arc<crate::signals::view::NodeView>>,
+    publish: watch::Sender<Arc<EngineSnapshot>>,
+    shutdown: CancellationToken,
+) {
+    let stale_after = config.interval * 3 + config.timeout;
+    let mut state: HashMap<String, PodState> = HashMap::new();
+    let (mut scrapes, mut failures) = (0u64, 0u64);
+    let limit = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let metas: Vec<PodMeta> = view.borrow_and_update().pods.iter().map(|pod| pod.meta.clone()).collect();
+        state.retain(|uid, _| metas.iter().any(|meta| &meta.uid == uid));
+        let now = Instant::now();
+        let due: Vec<PodMeta> = metas
+            .iter()
+            .filter(|meta| state.get(&meta.uid).is_none_or(|pod| pod.discovery_due(now, config.rediscover)))
+            .cloned()
+            .collect();
+        if !due.is_empty() {
+            let (cgroup_root, proc) = (config.cgroup_root.clone(), config.proc.clone());
+            let facts = tokio::task::spawn_blocking(move || gather_facts(&cgroup_root, &proc, &due)).await;
+            for (uid, plan) in facts.unwrap_or_default() {
+                let pod = state.entry(uid).or_default();
+                pod.discovered_at = Some(now);
+                pod.plan = Some(plan);
+                pod.plan_untried = true;
+                pod.found = None;
+                pod.published.endpoint = None;
+                pod.published.error = None;
+                pod.published.tried.clear();
+                pod.published.failures = 0;
+            }
+        }
+        let mut round = tokio::task::JoinSet::new();
+        for (uid, pod) in &state {
+            let job = match (&pod.found, &pod.plan) {
+                (Some(found), _) => Job::Scrape(found.clone(), pod.published.engine),
+                (None, Some(plan)) if pod.plan_untried => Job::Discover(plan.clone()),
+                _ => continue,
+            };
+            let (uid, limit, config) = (uid.clone(), limit.clone(), config.clone());
+            round.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (uid, job.run(&config).await)
+            });
+        }
+        while let Some(done) = round.join_next().await {
+            let Ok((uid, outcome)) = done else { continue };
+            let Some(pod) = state.get_mut(&uid) else { continue };
+            scrapes += outcome.scrapes;
+            failures += outcome.failures;
+            pod.apply(outcome, Instant::now(), config.retention);
+        }
+        let snapshot = EngineSnapshot {
+            status: SourceStatus::Ok { detail: format!("scraping every {:?}", config.interval) },
+            pods: state.iter().map(|(uid, pod)| (uid.clone(), pod.published.clone())).collect(),
+            scrapes,
+            failures,
+            stale_after,
+        };
+        publish.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// The scraper's own state of one pod.
+#[derive(Default)]
+struct PodState {
+    plan: Option<Plan>,
+    /// Whether the current plan still has to be tried.
+    plan_untried: bool,
+    discovered_at: Option<Instant>,
+    /// The endpoint found: candidate and engine.
+    found: Option<Candidate>,
+    published: PodEngine,
+}
+
+impl PodState {
+    fn discovery_due(&self, now: Instant, rediscover: Duration) -> bool {
+        let stale = self.discovered_at.is_none_or(|at| now.duration_since(at) >= rediscover);
+        match &self.found {
+            Some(_) => self.published.failures >= FAILURES_BEFORE_REDISCOVERY && stale,
+            None => stale,
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome, now: Instant, retention: Duration) {
+        match outcome.result {
+            Found::Reading(candidate, reading) => {
+                self.published.engine = Some(reading.engine);
+                self.published.endpoint = Some(format!("{}{}", candidate.addr, candidate.path));
+                if let Some(ttft) = &reading.ttft {
+                    self.published.ttft.push(now, ttft.clone(), retention);
+                }
+                self.published.reading = Some((now, reading));
+                self.published.error = None;
+                self.published.failures = 0;
+                self.found = Some(candidate);
+            }
+            Found::Failed(error) => {
+                self.published.error = Some(error);
+                self.published.failures += 1;
+            }
+            Found::Nothing(tried) => {
+                self.published.tried = tried;
+                self.plan_untried = false;
+                self.found = None;
+            }
+        }
+        if let Some(plan) = &self.plan {
+            self.published.named_by = plan.named_by.clone();
+            if self.published.engine.is_none() {
+                self.published.engine = plan.engine;
+            }
+        }
+    }
+}
+
+enum Job {
+    Scrape(Candidate, Option<EngineKind>),
+    Discover(Plan),
+}
+
+enum Found {
+    Reading(Candidate, EngineReading),
+    Failed(String),
+    Nothing(Vec<String>),
+}
+
+struct Outcome {
+    result: Found,
+    scrapes: u64,
+    failures: u64,
+}
+
+impl Job {
+    async fn run(self, config: &ScraperConfig) -> Outcome {
+        match self {
+            Job::Scrape(candidate, engine) => {
+                match scrape(candidate.addr, &candidate.path, engine, config.timeout, config.body_limit).await {
+                    Ok(reading) => Outcome { result: Found::Reading(candidate, reading), scrapes: 1, failures: 0 },
+                    Err(error) => Outcome { result: Found::Failed(error.to_string()), scrapes: 1, failures: 1 },
+                }
+            }
+            Job::Discover(plan) => {
+                let mut tried = Vec::new();
+                for candidate in plan.candidates {
+                    match scrape(candidate.addr, &candidate.path, plan.engine, config.timeout, config.body_limit).await
+                    {
+                        Ok(reading) => {
+                            let scrapes = tried.len() as u64 + 1;
+                            return Outcome {
+                                result: Found::Reading(candidate, reading),
+                                scrapes,
+                                failures: scrapes - 1,
+                            };
+                        }
+                        Err(error) => {
+                            tried.push(format!("{}{} ({}): {error}", candidate.addr, candidate.path, candidate.reason))
+                        }
+                    }
+                }
+                let attempts = tried.len() as u64;
+                Outcome { result: Found::Nothing(tried), scrapes: attempts, failures: attempts }
+            }
+        }
+    }
+}
+
+/// Each due pod's processes, their command lines and listening sockets,
+/// and the plan discovery makes of them.
+fn gather_facts(cgroup_root: &std::path::Path, proc: &crate::proc::ProcFs, due: &[PodMeta]) -> Vec<(String, Plan)> {
+    let mut pids_of: HashMap<&str, Vec<u32>> = HashMap::new();
+    let cgroups = crate::pods::cgroup_tree::scan(cgroup_root);
+    for cgroup in cgroups.values() {
+        let Some(meta) = due.iter().find(|meta| meta.uid == cgroup.owner.pod_uid) else { continue };
+        let procs = std::fs::read_to_string(cgroup_root.join(cgroup.path.trim_start_matches('/')).join("cgroup.procs"))
+            .unwrap_or_default();
+        pids_of
+            .entry(meta.uid.as_str())
+            .or_default()
+            .extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
+    }
+    due.iter()
+        .map(|meta| {
+            let pids = pids_of.get(meta.uid.as_str()).cloned().unwrap_or_default();
+            let mut facts = PodFacts {
+                hints: meta
+                    .labels
+                    .iter()
+                    .chain(&meta.annotations)
+                    .filter(|(key, _)| discovery::is_hint_key(key))
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect(),
+                commands: pids.iter().map(|pid| proc.cmdline(*pid)).filter(|args| !args.is_empty()).collect(),
+                listeners: proc.listening_sockets(&pids),
+                pod_ip: None,
+            };
+            let own_network = pids.first().and_then(|pid| proc.has_own_network(*pid)).unwrap_or(false);
+            if own_network {
+                facts.pod_ip = meta.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
+                // Loopback inside the pod cannot be reached from here.
+                facts.listeners.retain(|l| !l.ip().is_loopback());
+            }
+            let mut plan = discovery::plan(&facts);
+            if own_network && facts.pod_ip.is_none() {
+                plan.named_by.push_str("; the pod has its own network namespace and no source gives its IP");
+                plan.candidates.clear();
+            }
+            (meta.uid.clone(), plan)
+        })
+        .collect()
+}
