@@ -277,6 +277,23 @@ struct NodeOptions {
     /// where `/proc/devices` lists an NVIDIA driver (or stand-ins are given).
     #[arg(long, env = "PODGPU_DRIVER_PATH", default_value = "auto", value_parser = ["auto", "on", "off"])]
     driver_path: String,
+    /// Read each pod's inference engine's own metrics (queue, batch, KV
+    /// cache, TTFT): on or off. Engines are found with no configuration
+    /// (docs/engines.md); pods where none is found are not scraped.
+    #[arg(long, env = "PODGPU_ENGINE_SCRAPE", default_value = "on", value_parser = ["on", "off"])]
+    engine_scrape: String,
+    /// Time between scrapes of one engine, ms (100 at least).
+    #[arg(long, env = "PODGPU_ENGINE_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    engine_interval_ms: u64,
+    /// Deadline of one engine scrape, connect to last byte, ms.
+    #[arg(long, env = "PODGPU_ENGINE_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(10..=30_000))]
+    engine_timeout_ms: u64,
+    /// Largest engine metrics body read, bytes; a larger one is an error.
+    #[arg(long, env = "PODGPU_ENGINE_BODY_LIMIT", default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..=(256 << 20)))]
+    engine_body_limit: u64,
+    /// Engine scrapes in flight at most.
+    #[arg(long, env = "PODGPU_ENGINE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    engine_concurrency: u64,
 }
 
 fn parse_budget(text: &str) -> Result<f64, String> {
@@ -400,6 +417,12 @@ async fn main() -> anyhow::Result<()> {
             "off" => podgpu_agent::roles::node::DriverPath::Off,
             _ => podgpu_agent::roles::node::DriverPath::Auto,
         },
+        engine_scrape: (options.engine_scrape == "on").then(|| podgpu_agent::roles::node::EngineScrape {
+            interval: Duration::from_millis(options.engine_interval_ms),
+            timeout: Duration::from_millis(options.engine_timeout_ms),
+            body_limit: usize::try_from(options.engine_body_limit).unwrap_or(usize::MAX),
+            concurrency: usize::try_from(options.engine_concurrency).unwrap_or(16),
+        }),
     };
 
     run(config, shutdown, ready).await

@@ -27,7 +27,9 @@ struct Query {
 impl Query {
     fn wants(&self, metric: Metric) -> bool {
         self.metrics.iter().any(|wanted| match (wanted, metric) {
-            (Metric::TtftMs(_), Metric::TtftMs(_)) | (Metric::LatencyMs(_), Metric::LatencyMs(_)) => true,
+            (Metric::TtftMs(_), Metric::TtftMs(_))
+            | (Metric::LatencyMs(_), Metric::LatencyMs(_))
+            | (Metric::EngineTtftMs(_), Metric::EngineTtftMs(_)) => true,
             _ => *wanted == metric,
         })
     }

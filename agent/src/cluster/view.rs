@@ -71,6 +71,9 @@ impl PodSignals for RemotePod {
     }
     fn merge_latencies(&self, metric: Metric, window_s: f64, filter: &TrafficFilter<'_>, into: &mut Histogram<u32>) {
         let Some(window) = self.window(window_s) else { return };
+        if let Metric::EngineTtftMs(_) = metric {
+            return decode_buckets_into(&window.engine_ttft_us, into);
+        }
         let mut pick = |ttft: &[u64], latency: &[u64]| match metric {
             Metric::TtftMs(_) => decode_buckets_into(ttft, into),
             Metric::LatencyMs(_) => decode_buckets_into(latency, into),

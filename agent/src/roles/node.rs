@@ -14,11 +14,16 @@ use podgpu_proto::node::node_signals_server::NodeSignalsServer;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::engines::scraper::{EngineSnapshot, ScraperConfig};
 use crate::gpu::poller::{self, PollerConfig};
 use crate::gpu::GpuSource;
 use crate::signals::collector::{Collector, CollectorConfig, Probes};
 use crate::signals::view::SourceStatus;
-use crate::{pods, probes, proc, serve};
+use crate::{engines, pods, probes, proc, serve};
+
+/// How often pods without a found engine are looked at again: engines
+/// load their model for minutes before they listen.
+const ENGINE_REDISCOVERY: Duration = Duration::from_secs(10);
 
 use super::{bind, serve_grpc, Bound};
 
@@ -72,6 +77,21 @@ pub struct Config {
     pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
     /// Whether the driver path's syscall tracepoints are attached.
     pub driver_path: DriverPath,
+    /// How engines' own metrics are scraped (`None`: not at all).
+    pub engine_scrape: Option<EngineScrape>,
+}
+
+/// The engine scraper's schedule and bounds (`--engine-*`).
+#[derive(Clone, Copy, Debug)]
+pub struct EngineScrape {
+    /// Time between scrapes of one engine.
+    pub interval: Duration,
+    /// Deadline of one scrape.
+    pub timeout: Duration,
+    /// Largest body read.
+    pub body_limit: usize,
+    /// Scrapes in flight at most.
+    pub concurrency: usize,
 }
 
 /// When to attach the driver path (`--driver-path`).
@@ -168,6 +188,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         },
         gpu_dropped,
     );
+    let (engine_tx, engine_rx) =
+        watch::channel(Arc::new(EngineSnapshot::disabled(SourceStatus::Degraded { reason: "starting".to_string() })));
+    if config.engine_scrape.is_some() {
+        collector = collector.with_engines(engine_rx);
+    }
     collector.tick();
     let (view_tx, view_rx) = watch::channel(Arc::new(collector.view()));
     let mut tasks = tokio::task::JoinSet::new();
@@ -217,7 +242,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             shutdown.clone(),
         ));
     }
-    // 7. the servers: KEDA's ExternalScaler and the node API share the gRPC
+    // 7. the engine scraper, which reads the pods from the published view;
+    if let Some(scrape) = config.engine_scrape {
+        let scraper = ScraperConfig {
+            interval: scrape.interval,
+            timeout: scrape.timeout,
+            body_limit: scrape.body_limit,
+            concurrency: scrape.concurrency,
+            rediscover: ENGINE_REDISCOVERY,
+            retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
+            cgroup_root: cgroup_root.clone(),
+            proc: proc.clone(),
+        };
+        tasks.spawn(engines::scraper::run(scraper, view_rx.clone(), engine_tx, shutdown.clone()).into_future_ok());
+    }
+    // 8. the servers: KEDA's ExternalScaler and the node API share the gRPC
     //    port; HTTP serves /healthz, /metrics and the JSON views.
     let router = tonic::transport::Server::builder()
         .add_service(ExternalScalerServer::new(serve::keda::KedaScaler::new(view_rx.clone())))

@@ -128,6 +128,43 @@ struct PodRow<'a> {
     gpu_driver: &'a crate::probes::driver::PodDriver,
     /// How sure its `gpu_sm_util` split is, 0 to 1 (`None`: NVML's value).
     gpu_attribution_confidence: Option<f64>,
+    /// Its inference engine: what discovery found and why.
+    engine: EngineRow<'a>,
+}
+
+/// A pod's engine in `/pods`.
+#[derive(Serialize)]
+struct EngineRow<'a> {
+    /// The engine, once named or recognised.
+    engine: Option<crate::engines::catalog::EngineKind>,
+    /// How discovery named it, or why nothing did.
+    named_by: &'a str,
+    /// The endpoint scraped.
+    endpoint: Option<&'a str>,
+    /// What discovery tried, where nothing was found.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    tried: &'a [String],
+    /// Why its signals cannot be given now.
+    unavailable: Option<&'a str>,
+    /// The families read (renamed families show their version's name).
+    families_read: Vec<&'static str>,
+    /// Seconds since the latest good scrape.
+    read_s_ago: Option<f64>,
+}
+
+impl<'a> EngineRow<'a> {
+    fn of(engine: &'a crate::signals::view::EngineView) -> Self {
+        let scrape = &engine.scrape;
+        EngineRow {
+            engine: scrape.engine,
+            named_by: &scrape.named_by,
+            endpoint: scrape.endpoint.as_deref(),
+            tried: &scrape.tried,
+            unavailable: engine.unavailable.as_deref(),
+            families_read: scrape.reading.as_ref().map(|(_, r)| r.families_read.clone()).unwrap_or_default(),
+            read_s_ago: scrape.reading.as_ref().map(|(at, _)| at.elapsed().as_secs_f64()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -176,6 +213,7 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
             gpu_launches: pod.history.latest().map_or(0, |point| point.gpu_launches),
             gpu_driver: &pod.driver,
             gpu_attribution_confidence: pod.gpu.attribution_confidence,
+            engine: EngineRow::of(&pod.engine),
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })

@@ -195,19 +195,39 @@ fn encode_view(view: &NodeView, encoder: &mut DescriptorEncoder) -> fmt::Result 
     // Latency percentiles in base units (seconds), one gauge per quantile
     // (Prometheus reserves the `quantile` label for summaries); triggers
     // keep the `_ms_pNN` names.
-    if view.health.probes.is_ok() {
-        for metric in Metric::ALL {
-            let (what, quantile) = match metric {
-                Metric::TtftMs(q) => ("ttft", q),
-                Metric::LatencyMs(q) => ("latency", q),
-                _ => continue,
-            };
-            let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
-            let samples = labelled.iter().filter_map(|(labels, pod)| {
-                Some((labels.clone(), pod.value(metric, window_s, &TrafficFilter::default())? / 1000.0))
-            });
-            gauges(encoder, &name, &format!("Per-pod {} over {window_s}s, in seconds.", metric.name()), samples)?;
+    for metric in Metric::ALL {
+        let (what, quantile) = match metric {
+            Metric::TtftMs(q) => ("ttft", q),
+            Metric::LatencyMs(q) => ("latency", q),
+            Metric::EngineTtftMs(q) => ("engine_ttft", q),
+            _ => continue,
+        };
+        if !view.source_status(metric).is_ok() {
+            continue;
         }
+        let name = format!("podgpu_pod_{what}_p{}_seconds", (quantile.fraction() * 100.0).round());
+        let samples = labelled.iter().filter_map(|(labels, pod)| {
+            Some((labels.clone(), pod.value(metric, window_s, &TrafficFilter::default())? / 1000.0))
+        });
+        gauges(encoder, &name, &format!("Per-pod {} over {window_s}s, in seconds.", metric.name()), samples)?;
+    }
+    if view.health.engines.is_ok() {
+        // Which engine each pod runs and where it is read, for joins and
+        // for finding pods whose engine was not found.
+        let samples = labelled.iter().filter_map(|(labels, pod)| {
+            let scrape = &pod.engine.scrape;
+            let mut labels = with(labels, "engine", scrape.engine?.name());
+            labels.push(("endpoint", scrape.endpoint.clone().unwrap_or_default()));
+            Some((labels, if pod.engine.unavailable.is_none() { 1.0 } else { 0.0 }))
+        });
+        gauges(
+            encoder,
+            "podgpu_pod_engine_up",
+            "Whether the pod's inference engine's own metrics are read (1) or failing (0), by engine and endpoint.",
+            samples,
+        )?;
+    }
+    if view.health.probes.is_ok() {
         let samples = labelled.iter().flat_map(|(labels, pod)| {
             [
                 ("started", pod.requests.started),
@@ -318,9 +338,22 @@ fn encode_view(view: &NodeView, encoder: &mut DescriptorEncoder) -> fmt::Result 
             (vec![("source", "gpu".to_string())], up(health.gpu.is_ok())),
             (vec![("source", "launches".to_string())], up(health.launches.is_ok())),
             (vec![("source", "driver".to_string())], up(health.driver.is_ok())),
+            (vec![("source", "engine".to_string())], up(health.engines.is_ok())),
             (vec![("source", "kube_api".to_string())], up(health.kube_api.is_ok())),
             (vec![("source", "kubelet".to_string())], up(health.kubelet.is_ok())),
         ],
+    )?;
+    counter(
+        encoder,
+        "podgpu_agent_engine_scrapes_total",
+        "Scrapes of inference engines' metrics endpoints (discovery tries included).",
+        health.engine_scrapes,
+    )?;
+    counter(
+        encoder,
+        "podgpu_agent_engine_scrape_failures_total",
+        "Engine scrapes that failed (refused, timed out, unauthorized, too large, not an engine's metrics).",
+        health.engine_scrape_failures,
     )?;
     counter(
         encoder,
@@ -506,6 +539,7 @@ mod tests {
             ports: Vec::new(),
             metadata_pending: false,
             requests_unwatched: false,
+            engine: Default::default(),
         });
         let text = render_metrics(Arc::new(view.clone()), Format::Prometheus);
         // Driver signals only while the driver path serves.
@@ -576,6 +610,7 @@ mod tests {
             ports: vec![served, health_checks],
             metadata_pending: false,
             requests_unwatched: false,
+            engine: Default::default(),
         });
         let text = render_metrics(Arc::new(view.clone()), Format::Prometheus);
         let labels = "namespace=\"ns\",pod=\"p\",container=\"\",pod_uid=\"u1\",gpu=\"\"";

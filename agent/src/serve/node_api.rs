@@ -125,12 +125,14 @@ fn window_values(pod: &PodView, window_s: f64, serving: &impl Fn(Metric) -> bool
     };
     let ttft = Metric::TtftMs(Quantile::P50);
     let latency = Metric::LatencyMs(Quantile::P50);
+    let engine_ttft = Metric::EngineTtftMs(Quantile::P50);
     let pod_level = TrafficFilter::default();
     WindowValues {
         window_s,
         values: additive().filter_map(|m| Some((m.name().to_string(), pod.value(m, window_s, &pod_level)?))).collect(),
         ttft_us: buckets(&|into| pod.merge_latencies(ttft, window_s, &pod_level, into), ttft),
         latency_us: buckets(&|into| pod.merge_latencies(latency, window_s, &pod_level, into), latency),
+        engine_ttft_us: buckets(&|into| pod.merge_latencies(engine_ttft, window_s, &pod_level, into), engine_ttft),
         // Each port and class on its own, so the scaler can filter exactly
         // as a node does.
         ports: pod

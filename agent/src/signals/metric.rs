@@ -68,6 +68,16 @@ pub enum Metric {
     TtftMs(Quantile),
     /// First request byte -> last response byte, ms.
     LatencyMs(Quantile),
+    /// Requests the pod's inference engine has queued and not scheduled,
+    /// by its own gauge (latest scrape).
+    EngineRequestsWaiting,
+    /// Requests in the engine's running batch, by its own gauge.
+    EngineRequestsRunning,
+    /// The engine's KV-cache use, % (its 0-1 fraction times 100).
+    KvCacheUsage,
+    /// The engine's own time to first token, ms, from the differences of
+    /// its cumulative histogram over the window.
+    EngineTtftMs(Quantile),
 }
 
 /// Where a metric comes from, which decides when it is unavailable.
@@ -81,12 +91,14 @@ pub enum MetricSource {
     Launches,
     /// The driver ioctl path (decoded in the request probe's tracepoints).
     Driver,
+    /// The inference engines' own metrics, scraped (`engines`).
+    Engine,
 }
 
 impl MetricSource {
     /// Every source.
-    pub const ALL: [MetricSource; 4] =
-        [MetricSource::Gpu, MetricSource::Probes, MetricSource::Launches, MetricSource::Driver];
+    pub const ALL: [MetricSource; 5] =
+        [MetricSource::Gpu, MetricSource::Probes, MetricSource::Launches, MetricSource::Driver, MetricSource::Engine];
 
     /// Name in the node API's `unavailable_sources` and in errors.
     pub fn name(self) -> &'static str {
@@ -95,6 +107,7 @@ impl MetricSource {
             MetricSource::Probes => "probes",
             MetricSource::Launches => "launches",
             MetricSource::Driver => "driver",
+            MetricSource::Engine => "engine",
         }
     }
 }
@@ -111,7 +124,7 @@ pub enum Combine {
 
 impl Metric {
     /// Every metric, in documentation order.
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 26] = [
         Metric::GpuSmUtil,
         Metric::GpuAttributionConfidence,
         Metric::GpuSmUtilNvml,
@@ -132,6 +145,12 @@ impl Metric {
         Metric::LatencyMs(Quantile::P50),
         Metric::LatencyMs(Quantile::P90),
         Metric::LatencyMs(Quantile::P99),
+        Metric::EngineRequestsWaiting,
+        Metric::EngineRequestsRunning,
+        Metric::KvCacheUsage,
+        Metric::EngineTtftMs(Quantile::P50),
+        Metric::EngineTtftMs(Quantile::P90),
+        Metric::EngineTtftMs(Quantile::P99),
     ];
 
     /// Name used in trigger metadata, /metrics and the node API.
@@ -157,6 +176,12 @@ impl Metric {
             Metric::LatencyMs(Quantile::P50) => "latency_ms_p50",
             Metric::LatencyMs(Quantile::P90) => "latency_ms_p90",
             Metric::LatencyMs(Quantile::P99) => "latency_ms_p99",
+            Metric::EngineRequestsWaiting => "engine_requests_waiting",
+            Metric::EngineRequestsRunning => "engine_requests_running",
+            Metric::KvCacheUsage => "kv_cache_usage",
+            Metric::EngineTtftMs(Quantile::P50) => "engine_ttft_ms_p50",
+            Metric::EngineTtftMs(Quantile::P90) => "engine_ttft_ms_p90",
+            Metric::EngineTtftMs(Quantile::P99) => "engine_ttft_ms_p99",
         }
     }
 
@@ -184,6 +209,10 @@ impl Metric {
             | Metric::RequestRate
             | Metric::TtftMs(_)
             | Metric::LatencyMs(_) => MetricSource::Probes,
+            Metric::EngineRequestsWaiting
+            | Metric::EngineRequestsRunning
+            | Metric::KvCacheUsage
+            | Metric::EngineTtftMs(_) => MetricSource::Engine,
         }
     }
 
@@ -198,13 +227,17 @@ impl Metric {
                 | Metric::RequestsInFlight
                 | Metric::TtftMs(_)
                 | Metric::LatencyMs(_)
+                | Metric::EngineRequestsWaiting
+                | Metric::EngineRequestsRunning
+                | Metric::KvCacheUsage
+                | Metric::EngineTtftMs(_)
         )
     }
 
     /// How pods combine into a workload value.
     pub fn combine(self) -> Combine {
         match self {
-            Metric::TtftMs(q) | Metric::LatencyMs(q) => Combine::Percentile(q),
+            Metric::TtftMs(q) | Metric::LatencyMs(q) | Metric::EngineTtftMs(q) => Combine::Percentile(q),
             _ => Combine::Additive,
         }
     }

@@ -49,6 +49,12 @@ pub struct Health {
     pub bpf_programs: Vec<crate::probes::BpfProgramStats>,
     /// GPU backend opens and polls that failed since start, by error kind.
     pub gpu_errors: std::collections::BTreeMap<&'static str, u64>,
+    /// The engine scraper (`engine_*`, `kv_cache_usage`).
+    pub engines: SourceStatus,
+    /// Engine scrapes since start, and how many failed.
+    pub engine_scrapes: u64,
+    /// Engine scrapes that failed.
+    pub engine_scrape_failures: u64,
     /// Seconds since the last successful GPU poll (`None` before the first).
     pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
@@ -63,6 +69,7 @@ impl Health {
             MetricSource::Probes => &self.probes,
             MetricSource::Launches => &self.launches,
             MetricSource::Driver => &self.driver,
+            MetricSource::Engine => &self.engines,
         }
     }
 }
@@ -121,6 +128,29 @@ pub struct PodView {
     /// full): its requests are not counted, so request metrics are
     /// unavailable rather than 0.
     pub requests_unwatched: bool,
+    /// Its inference engine's own signals.
+    pub engine: EngineView,
+}
+
+/// A pod's inference engine as the scraper last read it.
+#[derive(Clone, Debug, Default)]
+pub struct EngineView {
+    /// What the scraper knows: engine, endpoint, latest reading, TTFT
+    /// history, or what discovery tried.
+    pub scrape: crate::engines::scraper::PodEngine,
+    /// Why the engine signals cannot be given at this tick (nothing
+    /// found, endpoint failing, reading stale); `None` when they can.
+    pub unavailable: Option<String>,
+}
+
+impl EngineView {
+    /// The latest reading, where the signals can be given.
+    pub fn reading(&self) -> Option<&crate::engines::exposition::EngineReading> {
+        match self.unavailable {
+            None => self.scrape.reading.as_ref().map(|(_, reading)| reading),
+            Some(_) => None,
+        }
+    }
 }
 
 /// One server port of a pod: its request signals alone.
@@ -188,6 +218,12 @@ impl PodView {
         filter: &TrafficFilter<'_>,
         into: &mut hdrhistogram::Histogram<u32>,
     ) {
+        if let Metric::EngineTtftMs(_) = metric {
+            if self.engine.reading().is_some() {
+                self.engine.scrape.ttft.merge_window_into(std::time::Duration::from_secs_f64(window_s), into);
+            }
+            return;
+        }
         for port in self.selected_ports(filter) {
             port.merge_latencies(metric, window_s, into);
         }
@@ -211,7 +247,10 @@ impl PodView {
     /// Why this pod cannot have a value for `metric` at all (as opposed to
     /// "not yet"): NVML has no per-process SM % under MIG, and under MPS it
     /// books everything on the MPS server.
-    pub fn unavailable_reason(&self, metric: Metric) -> Option<&'static str> {
+    pub fn unavailable_reason(&self, metric: Metric) -> Option<&str> {
+        if metric.source() == MetricSource::Engine {
+            return self.engine_unavailable_reason(metric);
+        }
         if self.requests_unwatched && metric.source() == MetricSource::Probes {
             return Some(
                 "the request probe's map of watched cgroups is full, so this pod's requests are not counted \
@@ -229,6 +268,31 @@ impl PodView {
                 Metric::GpuSmUtil | Metric::GpuSmUtilNvml | Metric::GpuMemBwUtil | Metric::GpuMemUsedBytes,
                 Some(Sharing::Mps),
             ) => Some("the pod is an MPS client, and NVML books all MPS work on the MPS server"),
+            _ => None,
+        }
+    }
+
+    /// Why an engine metric has no value: the engine is not read, or it
+    /// does not export that signal.
+    fn engine_unavailable_reason(&self, metric: Metric) -> Option<&str> {
+        if let Some(reason) = &self.engine.unavailable {
+            return Some(reason);
+        }
+        let reading = self.engine.reading()?;
+        match metric {
+            Metric::EngineRequestsWaiting if reading.requests_waiting.is_none() => {
+                Some("the pod's engine exports no queue gauge")
+            }
+            Metric::EngineRequestsRunning if reading.requests_running.is_none() => {
+                Some("the pod's engine exports no running-batch gauge (Triton without the TRT-LLM backend does not)")
+            }
+            Metric::KvCacheUsage if reading.kv_cache_fraction.is_none() => {
+                Some("the pod's engine exports no KV-cache gauge (TGI and llama.cpp do not)")
+            }
+            Metric::EngineTtftMs(_) if reading.ttft.is_none() => Some(
+                "the pod's engine exports no TTFT histogram (TGI and llama.cpp do not; Triton only with \
+                 --metrics-config histogram_latencies=true)",
+            ),
             _ => None,
         }
     }
@@ -257,6 +321,21 @@ impl PodView {
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
                 self.merge_latencies(metric, window_s, filter, &mut merged);
+                quantile_ms(&merged, q.fraction()).or(Some(0.0))
+            }
+            Metric::EngineRequestsWaiting => self.engine.reading()?.requests_waiting,
+            Metric::EngineRequestsRunning => self.engine.reading()?.requests_running,
+            Metric::KvCacheUsage => self.engine.reading()?.kv_cache_fraction.map(|fraction| fraction * 100.0),
+            Metric::EngineTtftMs(q) => {
+                let mut merged = new_histogram();
+                // Two scrapes are needed for a difference; until then the
+                // window has no value (not 0).
+                let window = std::time::Duration::from_secs_f64(window_s);
+                if !self.engine.scrape.ttft.merge_window_into(window, &mut merged) {
+                    return None;
+                }
+                // No first token in the window: nothing waited, as for
+                // the socket-side TTFT.
                 quantile_ms(&merged, q.fraction()).or(Some(0.0))
             }
             _ if filter.is_pod_level() => {
@@ -321,6 +400,9 @@ impl NodeView {
                 request_reader: ReaderCounters::default(),
                 bpf_programs: Vec::new(),
                 gpu_errors: Default::default(),
+                engines: SourceStatus::Degraded { reason: "starting".to_string() },
+                engine_scrapes: 0,
+                engine_scrape_failures: 0,
                 gpu_sample_age_s: None,
                 gpu_updates_dropped: 0,
             },
@@ -378,6 +460,7 @@ mod fixtures {
                 ports: Vec::new(),
                 metadata_pending: false,
                 requests_unwatched: false,
+                engine: EngineView::default(),
             }
         }
     }

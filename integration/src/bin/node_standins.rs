@@ -55,6 +55,7 @@ fn trimmed(window: &WindowValues, selection: &PodSelection, pick: &PodPick) -> W
         values: wanted(&window.values),
         ttft_us: histogram(&window.ttft_us, ttft),
         latency_us: histogram(&window.latency_us, latency),
+        engine_ttft_us: histogram(&window.engine_ttft_us, Metric::EngineTtftMs(Quantile::P50)),
         ports: if selection.ports(pick) {
             window
                 .ports
@@ -153,6 +154,7 @@ fn pods(node: usize, count: usize, deployments: usize) -> Vec<PodSignals> {
                     values: additive.clone(),
                     ttft_us: buckets.clone(),
                     latency_us: buckets.clone(),
+                    engine_ttft_us: Vec::new(),
                     ports: vec![PortValues {
                         port: 8000,
                         values: additive.clone(),

@@ -15,7 +15,8 @@ mod pods;
 
 use super::history::{History, Point};
 use super::request_state::{PortState, RequestState};
-use super::view::{Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
+use super::view::{EngineView, Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
+use crate::engines::scraper::EngineSnapshot;
 use crate::gpu::poller::{GpuUpdate, PodGpu};
 use crate::gpu::DeviceSample;
 use crate::pods::cgroup_tree::PodCgroup;
@@ -164,6 +165,8 @@ pub struct Collector {
     /// view serves them with the per-pod values of the same snapshot.
     driver_rows: Arc<Vec<crate::probes::driver::DriverRow>>,
     driver_reader: crate::probes::driver::DriverReaderStats,
+    /// What the engine scraper publishes (`None`: scraping is off).
+    engines: Option<watch::Receiver<Arc<EngineSnapshot>>>,
 }
 
 /// Driver state older than this is stale: its reader publishes five times
@@ -212,7 +215,32 @@ impl Collector {
             started: Instant::now(),
             last_tick_s: 0.0,
             last_rescan: None,
+            engines: None,
         }
+    }
+
+    /// Reads the engine scraper's publications into every view.
+    pub fn with_engines(mut self, engines: watch::Receiver<Arc<EngineSnapshot>>) -> Self {
+        self.engines = Some(engines);
+        self
+    }
+
+    /// Each pod's engine view at this tick, and the scraper's health.
+    fn engine_views(&self) -> (HashMap<String, EngineView>, SourceStatus, u64, u64) {
+        let Some(engines) = &self.engines else {
+            return (HashMap::new(), SourceStatus::Disabled, 0, 0);
+        };
+        let snapshot = engines.borrow().clone();
+        let now = Instant::now();
+        let views = snapshot
+            .pods
+            .iter()
+            .map(|(uid, scrape)| {
+                let unavailable = scrape.unavailable(now, snapshot.stale_after);
+                (uid.clone(), EngineView { scrape: scrape.clone(), unavailable })
+            })
+            .collect();
+        (views, snapshot.status.clone(), snapshot.scrapes, snapshot.failures)
     }
 
     /// Runs until `shutdown`, publishing a view after every tick.
@@ -440,6 +468,11 @@ impl Collector {
     /// An immutable snapshot of the current state.
     pub fn view(&mut self) -> NodeView {
         let watches_api = self.directory.watches_api();
+        let (mut engine_views, engine_status, engine_scrapes, engine_scrape_failures) = self.engine_views();
+        let engine_off = match &engine_status {
+            SourceStatus::Disabled => Some("engine scraping is off (--engine-scrape off)".to_string()),
+            _ => None,
+        };
         let unwatched: HashSet<String> =
             self.unwatched.iter().filter_map(|id| self.cgroups.get(id)).map(|c| c.owner.pod_uid.clone()).collect();
         let mut pods: Vec<PodView> = self
@@ -479,6 +512,14 @@ impl Collector {
                     ports,
                     metadata_pending,
                     requests_unwatched: unwatched.contains(&pod.meta.uid),
+                    engine: engine_views.remove(&pod.meta.uid).unwrap_or_else(|| EngineView {
+                        scrape: Default::default(),
+                        unavailable: Some(
+                            engine_off
+                                .clone()
+                                .unwrap_or_else(|| "engine discovery has not looked at this pod yet".into()),
+                        ),
+                    }),
                 }
             })
             .collect();
@@ -521,6 +562,9 @@ impl Collector {
                     tracker: *self.probes.reader.tracker.lock().expect("tracker stats poisoned"),
                 },
                 gpu_errors: self.gpu_errors.clone(),
+                engines: engine_status,
+                engine_scrapes,
+                engine_scrape_failures,
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
                 gpu_updates_dropped: self.gpu_updates_dropped.load(Ordering::Relaxed),
             },
