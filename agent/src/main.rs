@@ -294,6 +294,10 @@ struct NodeOptions {
     /// Engine scrapes in flight at most.
     #[arg(long, env = "PODGPU_ENGINE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
     engine_concurrency: u64,
+    /// How often pods without a found engine (or whose endpoint keeps
+    /// failing) are looked at again, ms (tests shorten it).
+    #[arg(long, hide = true, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    engine_rediscover_ms: u64,
 }
 
 fn parse_budget(text: &str) -> Result<f64, String> {
@@ -422,6 +426,7 @@ async fn main() -> anyhow::Result<()> {
             timeout: Duration::from_millis(options.engine_timeout_ms),
             body_limit: usize::try_from(options.engine_body_limit).unwrap_or(usize::MAX),
             concurrency: usize::try_from(options.engine_concurrency).unwrap_or(16),
+            rediscover: Duration::from_millis(options.engine_rediscover_ms),
         }),
     };
 

@@ -12,12 +12,15 @@
 //!   Kubernetes API's pod list/watch, served from test data.
 //! - `scale`: the scaler on its own: node stand-ins in a child process,
 //!   KEDA-shaped load, `/proc` counters of a process.
+//! - `engine_standin`: inference engines' metrics endpoints, under their
+//!   own command lines.
 //! - `stacks`: real server stacks (grpcio, uvicorn, hypercorn, Node) as
 //!   tenants, and clients that time calls to them.
 pub mod agent;
 pub mod container;
 pub mod cuda_standin;
 pub mod driver_standin;
+pub mod engine_standin;
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod http;

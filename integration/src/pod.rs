@@ -25,6 +25,8 @@ pub struct CgroupPod {
     pub container_dir: PathBuf,
     /// The process, once started.
     child: Option<Child>,
+    /// Processes started before the latest one (a container with several).
+    earlier: Vec<Child>,
     /// The sandbox's pause process and its cgroup, held by the pod's first
     /// container (a sidecar created later shares it).
     sandbox: Option<(Child, PathBuf)>,
@@ -60,7 +62,15 @@ impl CgroupPod {
         let container_dir = pod_dir.join(format!("cri-containerd-{container_id}.scope"));
         let sandbox = if pod_dir.exists() { None } else { Some(start_pause(&pod_dir, uid)?) };
         fs::create_dir_all(&container_dir)?;
-        Ok(Self { uid: uid.to_string(), container_id, pod_dir, container_dir, child: None, sandbox })
+        Ok(Self {
+            uid: uid.to_string(),
+            container_id,
+            pod_dir,
+            container_dir,
+            child: None,
+            earlier: Vec::new(),
+            sandbox,
+        })
     }
 
     /// Path of the pod cgroup relative to the v2 root (as scenarios name it).
@@ -74,7 +84,9 @@ impl CgroupPod {
         crate::detach_from_terminal(&mut command);
         let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
         let pid = child.id();
-        self.child = Some(child);
+        if let Some(earlier) = self.child.replace(child) {
+            self.earlier.push(earlier);
+        }
         fs::write(self.container_dir.join("cgroup.procs"), pid.to_string())?;
         Ok(self.child.as_mut().expect("child was just stored"))
     }
@@ -82,7 +94,7 @@ impl CgroupPod {
     /// Kills the process with SIGKILL (what an OOM kill does: no close
     /// syscall for its sockets) and reaps it.
     pub fn kill(&mut self) {
-        if let Some(child) = self.child.as_mut() {
+        for child in self.child.iter_mut().chain(self.earlier.iter_mut()) {
             reap(child);
         }
     }
@@ -97,7 +109,7 @@ impl CgroupPod {
 
 impl Drop for CgroupPod {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in self.child.take().into_iter().chain(self.earlier.drain(..)) {
             reap(&mut child);
         }
         if let Err(err) = remove_cgroup_dir(&self.container_dir) {

@@ -34,6 +34,8 @@ pub struct TenantSpec {
     pub server: Stack,
     /// Serve HTTP on a second port too (`tenant` only).
     pub second_port: bool,
+    /// Environment of its server process.
+    pub env: Vec<(String, String)>,
 }
 
 impl TenantSpec {
@@ -48,6 +50,7 @@ impl TenantSpec {
             gpu_memory_bytes: 0,
             server: Stack::Tenant,
             second_port: false,
+            env: Vec::new(),
         }
     }
 }
@@ -82,7 +85,8 @@ impl Tenant {
         let uid = spec.uid.clone().unwrap_or_else(new_uid);
         let mut pod = CgroupPod::create(cgroup_root, &uid)
             .with_context(|| format!("creating cgroup pod under {} (are you root?)", cgroup_root.display()))?;
-        let command = spec.server.command(spec.body_bytes, spec.second_port);
+        let mut command = spec.server.command(spec.body_bytes, spec.second_port);
+        command.envs(spec.env.iter().map(|(key, value)| (key, value)));
         let child = pod.spawn(command).context("starting the tenant server")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("tenant stdout not captured"))?;
         let mut line = String::new();

@@ -49,13 +49,16 @@ pub enum Stack {
     NodeHttp,
     /// Node.js `http2` (nghttp2).
     NodeHttp2,
+    /// An inference engine's stand-in under the engine's command line,
+    /// serving its `/metrics` (`engine_standin`).
+    Engine(podgpu_agent::engines::catalog::EngineKind),
 }
 
 impl Stack {
     /// The protocol its clients speak.
     pub fn protocol(self) -> Protocol {
         match self {
-            Stack::Tenant | Stack::Uvicorn | Stack::NodeHttp => Protocol::Http1,
+            Stack::Tenant | Stack::Uvicorn | Stack::NodeHttp | Stack::Engine(_) => Protocol::Http1,
             Stack::Tonic | Stack::Grpcio => Protocol::Grpc,
             Stack::Hypercorn | Stack::NodeHttp2 => Protocol::Http2,
         }
@@ -92,6 +95,7 @@ impl Stack {
                 command.arg(if self == Stack::NodeHttp { "http" } else { "http2" });
                 command
             }
+            Stack::Engine(engine) => crate::engine_standin::command(engine).expect("writing the engine launchers"),
         }
     }
 }

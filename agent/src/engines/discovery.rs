@@ -72,9 +72,20 @@ pub fn plan(facts: &PodFacts) -> Plan {
     let (engine, named_by) = match hint(&ENGINE_KEYS).map(|(key, value)| (key, value, EngineKind::from_hint(value))) {
         Some((key, _, Some(engine))) => (Some(engine), format!("{key}={}", engine.name())),
         Some((key, value, None)) => (None, format!("{key}={value} names no engine podgpu reads")),
-        None => match engine_of_commands(&facts.commands) {
-            Some((engine, word)) => (Some(engine), format!("command {word}")),
-            None => (None, "no label, annotation or command names an engine".to_string()),
+        None => match engines_of_commands(&facts.commands).as_slice() {
+            [] => (None, "no label, annotation or command names an engine".to_string()),
+            [(engine, word)] => (Some(*engine), format!("command {word}")),
+            // Which one a trigger means cannot be guessed; reading either
+            // would give a number for half the pod.
+            several => {
+                let names: Vec<&str> = several.iter().map(|(engine, _)| engine.name()).collect();
+                let named_by = format!(
+                    "the pod runs {} engines ({}); set the podgpu.io/engine annotation to the one to read",
+                    names.len(),
+                    names.join(", ")
+                );
+                return Plan { engine: None, named_by, candidates: Vec::new() };
+            }
         },
     };
     let named_port = hint(&PORT_KEYS).and_then(|(key, value)| Some((key, value.parse::<u16>().ok()?)));
@@ -138,20 +149,25 @@ fn address_for(facts: &PodFacts, port: u16) -> IpAddr {
     }
 }
 
-/// The engine a command line runs: an argument whose file name is one
-/// of an engine's command words (`/usr/local/bin/vllm serve`, `python3
-/// -m sglang.launch_server`, `tritonserver`).
-fn engine_of_commands(commands: &[Vec<String>]) -> Option<(EngineKind, &'static str)> {
-    commands.iter().find_map(|args| {
+/// The engines the pod's command lines run, each once: an argument whose
+/// file name is one of an engine's command words (`/usr/local/bin/vllm
+/// serve`, `python3 -m sglang.launch_server`, `tritonserver`).
+fn engines_of_commands(commands: &[Vec<String>]) -> Vec<(EngineKind, &'static str)> {
+    let mut found: Vec<(EngineKind, &'static str)> = Vec::new();
+    for args in commands {
         // The program and the first few arguments: a model path later on
         // the line may contain any word.
-        args.iter().take(4).find_map(|arg| {
+        let engine = args.iter().take(4).find_map(|arg| {
             let file = arg.rsplit('/').next().unwrap_or(arg);
             ENGINES
                 .iter()
                 .find_map(|spec| spec.commands.iter().find(|word| **word == file).map(|word| (spec.kind, *word)))
-        })
-    })
+        });
+        if let Some(engine) = engine.filter(|(kind, _)| !found.iter().any(|(known, _)| known == kind)) {
+            found.push(engine);
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -230,5 +246,22 @@ mod tests {
         pod.hints.insert("model.aibrix.ai/engine".into(), "ollama".into());
         assert_eq!(plan(&pod).named_by, "model.aibrix.ai/engine=ollama names no engine podgpu reads");
         assert!(plan(&facts(&["sleep 100"], &[])).candidates.is_empty());
+    }
+
+    /// Two engines in one pod: nothing is scraped until an annotation
+    /// picks one; the same engine in several processes is one engine.
+    #[test]
+    fn two_engines_need_a_choice() {
+        let two =
+            plan(&facts(&["vllm serve a", "python3 -m sglang.launch_server"], &["0.0.0.0:8000", "0.0.0.0:30000"]));
+        assert_eq!(two.engine, None);
+        assert!(two.candidates.is_empty());
+        assert!(two.named_by.contains("2 engines (vllm, sglang)"), "{}", two.named_by);
+        let mut chosen =
+            facts(&["vllm serve a", "python3 -m sglang.launch_server"], &["0.0.0.0:8000", "0.0.0.0:30000"]);
+        chosen.hints.insert("podgpu.io/engine".into(), "sglang".into());
+        assert_eq!(plan(&chosen).engine, Some(EngineKind::Sglang));
+        let workers = plan(&facts(&["vllm serve a", "/usr/bin/vllm serve a --headless"], &["0.0.0.0:8000"]));
+        assert_eq!(workers.engine, Some(EngineKind::Vllm));
     }
 }

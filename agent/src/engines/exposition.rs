@@ -46,6 +46,11 @@ impl CumulativeHistogram {
         self.cumulative.last().copied().unwrap_or(0.0)
     }
 
+    /// The same bounds with no observation.
+    pub fn zeroed(&self) -> Self {
+        Self { bounds_s: self.bounds_s.clone(), cumulative: vec![0.0; self.cumulative.len()] }
+    }
+
     /// Adds `other` bucket by bucket; `false` (and nothing added) when
     /// the bounds differ.
     fn add(&mut self, other: &CumulativeHistogram) -> bool {

@@ -305,6 +305,12 @@ impl PodState {
                 self.published.engine = Some(reading.engine);
                 self.published.endpoint = Some(format!("{}{}", candidate.addr, candidate.path));
                 if let Some(ttft) = &reading.ttft {
+                    // A labelled histogram has no series until its first
+                    // observation: appearing between two readings, it was
+                    // all zeros at the earlier one.
+                    if let (true, Some((before, _))) = (self.published.ttft.is_empty(), &self.published.reading) {
+                        self.published.ttft.push(*before, ttft.zeroed(), retention);
+                    }
                     self.published.ttft.push(now, ttft.clone(), retention);
                 }
                 self.published.reading = Some((now, reading));

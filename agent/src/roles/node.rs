@@ -21,10 +21,6 @@ use crate::signals::collector::{Collector, CollectorConfig, Probes};
 use crate::signals::view::SourceStatus;
 use crate::{engines, pods, probes, proc, serve};
 
-/// How often pods without a found engine are looked at again: engines
-/// load their model for minutes before they listen.
-const ENGINE_REDISCOVERY: Duration = Duration::from_secs(10);
-
 use super::{bind, serve_grpc, Bound};
 
 /// Everything `run` needs; built from the command line by `main`.
@@ -92,6 +88,9 @@ pub struct EngineScrape {
     pub body_limit: usize,
     /// Scrapes in flight at most.
     pub concurrency: usize,
+    /// How often pods without a found engine are looked at again
+    /// (engines load their model for minutes before they listen).
+    pub rediscover: Duration,
 }
 
 /// When to attach the driver path (`--driver-path`).
@@ -249,7 +248,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             timeout: scrape.timeout,
             body_limit: scrape.body_limit,
             concurrency: scrape.concurrency,
-            rediscover: ENGINE_REDISCOVERY,
+            rediscover: scrape.rediscover,
             retention: serve::trigger::MAX_WINDOW + Duration::from_secs(5),
             cgroup_root: cgroup_root.clone(),
             proc: proc.clone(),

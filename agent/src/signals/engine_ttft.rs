@@ -52,6 +52,11 @@ impl TtftHistory {
         }
     }
 
+    /// Whether no scrape is kept.
+    pub fn is_empty(&self) -> bool {
+        self.scrapes.is_empty()
+    }
+
     /// Adds the TTFTs of the last `window` before the newest scrape to
     /// `into` (microseconds); `false` when there are not yet two scrapes
     /// to take a difference of.
