@@ -175,6 +175,16 @@ async fn every_engine_is_found_by_its_process_and_read() {
             }
         }
     }
+    // Fusion: vLLM holds 3 waiting + 1 running while its sockets hold no
+    // request (the stand-in's scrapes are probe traffic, its control
+    // calls are answered), so the engine sees 4 requests the sockets do not.
+    let vllm = &scene.tenants[0];
+    let fusion =
+        engine_row(&scene, &vllm.pod.uid, within, |e| e["fusion"]["requests_gap"] == 4.0).await["fusion"].clone();
+    assert_eq!(fusion["engine_requests"], 4.0, "{fusion}");
+    assert_eq!(fusion["socket_requests_in_flight"], 0.0, "{fusion}");
+    assert_eq!(fusion["requests_gap"], 4.0, "{fusion}");
+
     let dp = scene.tenants.last().unwrap();
     let engine = engine_row(&scene, &dp.pod.uid, within, |_| true).await;
     assert!(

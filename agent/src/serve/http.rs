@@ -150,10 +150,13 @@ struct EngineRow<'a> {
     families_read: Vec<&'static str>,
     /// Seconds since the latest good scrape.
     read_s_ago: Option<f64>,
+    /// The engine's figures beside the socket probe's, and the gaps.
+    fusion: crate::signals::fusion::Fusion,
 }
 
 impl<'a> EngineRow<'a> {
-    fn of(engine: &'a crate::signals::view::EngineView) -> Self {
+    fn of(pod: &'a crate::signals::view::PodView, window_s: f64) -> Self {
+        let engine = &pod.engine;
         let scrape = &engine.scrape;
         EngineRow {
             engine: scrape.engine,
@@ -163,6 +166,7 @@ impl<'a> EngineRow<'a> {
             unavailable: engine.unavailable.as_deref(),
             families_read: scrape.reading.as_ref().map(|(_, r)| r.families_read.clone()).unwrap_or_default(),
             read_s_ago: scrape.reading.as_ref().map(|(at, _)| at.elapsed().as_secs_f64()),
+            fusion: crate::signals::fusion::fusion(pod, window_s),
         }
     }
 }
@@ -213,7 +217,7 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
             gpu_launches: pod.history.latest().map_or(0, |point| point.gpu_launches),
             gpu_driver: &pod.driver,
             gpu_attribution_confidence: pod.gpu.attribution_confidence,
-            engine: EngineRow::of(&pod.engine),
+            engine: EngineRow::of(pod, window_s),
         })
         .collect();
     Json(PodsBody { at_s: view.at_s, window_s, pods: rows, devices: &view.devices, health: &view.health })

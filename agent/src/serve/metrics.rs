@@ -220,6 +220,23 @@ fn encode_view(view: &NodeView, encoder: &mut DescriptorEncoder) -> fmt::Result 
             labels.push(("endpoint", scrape.endpoint.clone().unwrap_or_default()));
             Some((labels, if pod.engine.unavailable.is_none() { 1.0 } else { 0.0 }))
         });
+        let fused: Vec<(Labels, crate::signals::fusion::Fusion)> = labelled
+            .iter()
+            .filter(|(_, pod)| pod.engine.unavailable.is_none())
+            .map(|(labels, pod)| (labels.clone(), crate::signals::fusion::fusion(pod, window_s)))
+            .collect();
+        gauges(
+            encoder,
+            "podgpu_pod_engine_requests_gap",
+            "Engine requests (waiting + running) minus the socket probe's requests in flight (docs/engines.md, Fusion).",
+            fused.iter().filter_map(|(labels, fusion)| Some((labels.clone(), fusion.requests_gap?))),
+        )?;
+        gauges(
+            encoder,
+            "podgpu_pod_ttft_gap_p50_seconds",
+            "Socket-side p50 TTFT minus the engine's own, over the default window: time before the engine's clock starts.",
+            fused.iter().filter_map(|(labels, fusion)| Some((labels.clone(), fusion.ttft_gap_ms_p50? / 1000.0))),
+        )?;
         gauges(
             encoder,
             "podgpu_pod_engine_up",

@@ -4,6 +4,7 @@ pub mod aggregate;
 pub mod buckets;
 pub mod collector;
 pub mod engine_ttft;
+pub mod fusion;
 pub mod history;
 pub mod latency;
 pub mod metric;
