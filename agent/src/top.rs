@@ -39,7 +39,20 @@ pub struct TopConfig {
 }
 
 /// The table's columns, in order: header and how a row sorts.
-const COLUMNS: [&str; 9] = ["POD", "GPU %", "CONF", "NVML %", "MEM", "IN FLIGHT", "REQ/S", "TTFT P50", "TTFT P99"];
+const COLUMNS: [&str; 12] = [
+    "POD",
+    "GPU %",
+    "CONF",
+    "NVML %",
+    "MEM",
+    "IN FLIGHT",
+    "REQ/S",
+    "TTFT P50",
+    "TTFT P99",
+    "ENGINE",
+    "QUEUE",
+    "KV %",
+];
 
 /// One pod as shown.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -53,6 +66,10 @@ struct PodLine {
     rate: Option<f64>,
     ttft_p50: Option<f64>,
     ttft_p99: Option<f64>,
+    /// The engine found (`?`: none; `!`-prefixed: found but failing).
+    engine: String,
+    queue: Option<f64>,
+    kv_cache: Option<f64>,
 }
 
 impl PodLine {
@@ -67,10 +84,13 @@ impl PodLine {
             self.rate,
             self.ttft_p50,
             self.ttft_p99,
+            None,
+            self.queue,
+            self.kv_cache,
         ][column]
     }
 
-    fn cells(&self) -> [String; 9] {
+    fn cells(&self) -> [String; 12] {
         let number = |value: Option<f64>, digits: usize| value.map_or("-".to_string(), |v| format!("{v:.digits$}"));
         [
             self.pod.clone(),
@@ -82,6 +102,9 @@ impl PodLine {
             number(self.rate, 1),
             self.ttft_p50.map_or("-".to_string(), |ms| format!("{ms:.0} ms")),
             self.ttft_p99.map_or("-".to_string(), |ms| format!("{ms:.0} ms")),
+            self.engine.clone(),
+            number(self.queue, 0),
+            number(self.kv_cache, 0),
         ]
     }
 }
@@ -155,10 +178,23 @@ fn snapshot(body: &serde_json::Value, config: &TopConfig) -> Snapshot {
                 rate: value("request_rate"),
                 ttft_p50: value("ttft_ms_p50"),
                 ttft_p99: value("ttft_ms_p99"),
+                engine: engine_cell(&pod["engine"]),
+                queue: value("engine_requests_waiting"),
+                kv_cache: value("kv_cache_usage"),
             }
         })
         .collect();
     Snapshot { gpus, pods }
+}
+
+/// An engine as a cell: its name while it is read, `!name` while its
+/// endpoint fails, `?` where none was found (/pods says why).
+fn engine_cell(engine: &serde_json::Value) -> String {
+    match (engine["engine"].as_str(), engine["unavailable"].is_null()) {
+        (Some(name), true) => name.to_string(),
+        (Some(name), false) => format!("!{name}"),
+        (None, _) => "?".to_string(),
+    }
 }
 
 /// Sorts by `column` (numbers descending unless `reversed`; names
@@ -257,6 +293,9 @@ fn event_loop(terminal: &mut ratatui::DefaultTerminal, config: &TopConfig) -> an
                     Constraint::Length(8),
                     Constraint::Length(10),
                     Constraint::Length(10),
+                    Constraint::Length(13),
+                    Constraint::Length(6),
+                    Constraint::Length(5),
                 ];
                 frame.render_widget(
                     Table::new(rows, widths)
@@ -310,9 +349,12 @@ mod tests {
                           "sharing_overhead_percent": 2.0}],
             "pods": [
                 {"uid": "a", "namespace": "ml", "name": "llm-a", "labels": {"app": "llm"}, "gpu_attribution_confidence": 0.9,
-                 "values": {"gpu_sm_util": 40.0, "gpu_sm_util_nvml": 60.0, "requests_in_flight": 3.0}},
+                 "values": {"gpu_sm_util": 40.0, "gpu_sm_util_nvml": 60.0, "requests_in_flight": 3.0,
+                            "engine_requests_waiting": 5.0, "kv_cache_usage": 71.0},
+                 "engine": {"engine": "vllm", "unavailable": null}},
                 {"uid": "b", "namespace": "ml", "name": "llm-b", "labels": {"app": "embed"},
-                 "values": {"gpu_sm_util": 20.0, "requests_in_flight": 9.0}},
+                 "values": {"gpu_sm_util": 20.0, "requests_in_flight": 9.0},
+                 "engine": {"engine": "tgi", "unavailable": "engine endpoint 10.0.0.1:80/metrics: HTTP 401"}},
                 {"uid": "c", "namespace": "other", "name": "batch", "labels": {"app": "llm"}, "values": {}},
             ]
         })
@@ -324,6 +366,9 @@ mod tests {
     fn snapshot_filters_and_describes() {
         let all = snapshot(&body(), &config());
         assert_eq!(all.pods.len(), 3);
+        let engines: Vec<String> = all.pods.iter().map(|p| p.cells()[9].clone()).collect();
+        assert_eq!(engines, ["vllm", "!tgi", "?"], "read, failing, not found");
+        assert_eq!((all.pods[0].queue, all.pods[0].kv_cache), (Some(5.0), Some(71.0)));
         let cluster = serde_json::json!({"nodes": [{"name": "gpu-7", "pods": 2, "snapshot_age_s": 0.4}], "pods": []});
         assert_eq!(snapshot(&cluster, &config()).gpus, ["node gpu-7: 2 pods, snapshot 0.4 s old"]);
         assert!(all.gpus[0].contains("util 62%") && all.gpus[0].contains("split confidence 0.90"), "{:?}", all.gpus);
