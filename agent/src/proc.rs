@@ -141,6 +141,14 @@ impl ProcFs {
         Some(namespace(pid)? != host)
     }
 
+    /// Whether `pid` is in this agent's own network namespace (so its
+    /// listening addresses, loopback included, reach it from here).
+    /// `None` when it cannot be told.
+    pub fn shares_network_with_self(&self, pid: u32) -> Option<bool> {
+        let namespace = |dir: PathBuf| fs::read_link(dir.join("ns/net")).ok();
+        Some(namespace(self.pid_dir(pid))? == namespace(self.root.join("self"))?)
+    }
+
     /// Files `pid` has mapped whose path contains `name` (one entry per
     /// file: device and inode from `/proc/PID/maps`, path as the process
     /// sees it). Empty when the process is gone or may not be read.

@@ -39,20 +39,8 @@ pub struct TopConfig {
 }
 
 /// The table's columns, in order: header and how a row sorts.
-const COLUMNS: [&str; 12] = [
-    "POD",
-    "GPU %",
-    "CONF",
-    "NVML %",
-    "MEM",
-    "IN FLIGHT",
-    "REQ/S",
-    "TTFT P50",
-    "TTFT P99",
-    "ENGINE",
-    "QUEUE",
-    "KV %",
-];
+const COLUMNS: [&str; 12] =
+    ["POD", "GPU %", "CONF", "NVML %", "MEM", "IN FLIGHT", "REQ/S", "TTFT P50", "TTFT P99", "ENGINE", "QUEUE", "KV %"];
 
 /// One pod as shown.
 #[derive(Clone, Debug, Default, PartialEq)]

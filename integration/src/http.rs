@@ -88,6 +88,20 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
             write.write_all(b"0\r\n\r\n").await?;
             continue;
         }
+        // An engine's metrics, where the tenant stands in for one: the
+        // file named by PODGPU_TENANT_METRICS, read at each scrape.
+        if path == "/metrics" {
+            if let Some(file) = std::env::var_os("PODGPU_TENANT_METRICS") {
+                let text = tokio::fs::read(&file).await.unwrap_or_default();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain; version=0.0.4\r\n\r\n",
+                    text.len()
+                );
+                write.write_all(head.as_bytes()).await?;
+                write.write_all(&text).await?;
+                continue;
+            }
+        }
         if !behaviour.delay.is_zero() {
             tokio::time::sleep(behaviour.delay).await;
         }

@@ -89,16 +89,25 @@ fn container_id(uid: &str, salt: u8) -> String {
     format!("{salt:02x}{}", uid.replace('-', "")).repeat(2)[..64].to_string()
 }
 
-fn start_tenant(name: &'static str, layout: CgroupLayout, qos: Qos, salt: u8, second_port: bool) -> TenantPod {
+fn start_tenant(
+    name: &'static str,
+    layout: CgroupLayout,
+    qos: Qos,
+    salt: u8,
+    second_port: bool,
+    engine_metrics: Option<&Path>,
+) -> TenantPod {
     let uid = new_uid();
     let sandbox = start_sandbox(&uid, layout, qos);
-    let mut pod = restart_tenant(name, uid, layout, qos, salt, second_port);
+    let mut pod = restart_tenant(name, uid, layout, qos, salt, second_port, engine_metrics);
     pod.sandbox = Some(sandbox);
     pod
 }
 
 /// A container of pod `uid` (a restarted container has a new id, hence a
-/// new cgroup, in the same pod).
+/// new cgroup, in the same pod). With `engine_metrics` (a directory
+/// holding `metrics.prom`) it runs as vLLM does, as a program named `vllm`,
+/// and serves that file as its `/metrics`.
 fn restart_tenant(
     name: &'static str,
     uid: String,
@@ -106,20 +115,28 @@ fn restart_tenant(
     qos: Qos,
     salt: u8,
     second_port: bool,
+    engine_metrics: Option<&Path>,
 ) -> TenantPod {
     let id = container_id(&uid, salt);
     let cgroup_path = kubelet_cgroup_path(layout, qos, &uid, &id);
-    let mut args = vec!["/tenant".to_string(), "127.0.0.1:0".to_string(), "256".to_string()];
+    let program = if engine_metrics.is_some() { "/vllm" } else { "/tenant" };
+    let mut args = vec![program.to_string(), "127.0.0.1:0".to_string(), "256".to_string()];
     if second_port {
         args.extend(["0".to_string(), "127.0.0.1:0".to_string()]);
     }
+    let mut env = vec!["PATH=/usr/bin".to_string()];
+    let mut binds = vec![Bind { source: workspace_binary("tenant"), destination: program.into(), read_only: true }];
+    if let Some(dir) = engine_metrics {
+        binds.push(Bind { source: dir.to_path_buf(), destination: "/engine".into(), read_only: true });
+        env.push("PODGPU_TENANT_METRICS=/engine/metrics.prom".to_string());
+    }
     let spec = ContainerSpec {
         args,
-        env: vec!["PATH=/usr/bin".to_string()],
+        env,
         cgroup_path,
         host_pid: false,
         capabilities: CONTAINERD_DEFAULT_CAPS.map(String::from).to_vec(),
-        binds: vec![Bind { source: workspace_binary("tenant"), destination: "/tenant".into(), read_only: true }],
+        binds,
         rootfs: None,
         seccomp: None,
     };
@@ -130,6 +147,20 @@ fn restart_tenant(
     let addr = ready["listening"].as_str().unwrap().parse().unwrap();
     let second = ready["second"].as_str().map(|s| s.parse().unwrap());
     TenantPod { name, uid, container, addr, second, sandbox: None }
+}
+
+/// vLLM's exposition with `waiting` requests queued, written atomically.
+fn write_vllm_metrics(dir: &Path, waiting: u32) {
+    let text = format!(
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} {waiting}.0\n\
+         # HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} 1.0\n"
+    );
+    std::fs::write(dir.join("metrics.tmp"), text).unwrap();
+    std::fs::rename(dir.join("metrics.tmp"), dir.join("metrics.prom")).unwrap();
 }
 
 /// The agent, in a container set up as the chart sets it up.
@@ -265,6 +296,13 @@ async fn value(keda: &mut KedaClient, app: &str, metric: &str, extra: &[(&str, &
     keda.poll(&trigger, metric).await.unwrap_or_else(|e| panic!("{app} {metric}: {e}")).value
 }
 
+/// `metric` of `app` as KEDA reads it, or its error.
+async fn try_value(keda: &mut KedaClient, app: &str, metric: &str) -> Result<f64, tonic::Status> {
+    let selector = format!("app={app}");
+    let trigger = scaled_object(NAMESPACE, app, &[("metric", metric), ("target", "1"), ("podSelector", &selector)]);
+    keda.get_metrics(&trigger, &format!("podgpu-{}", metric.replace('_', "-"))).await.map(|(_, value)| value)
+}
+
 /// The agent in a chart-shaped container attributes requests and GPU
 /// processes of containerised tenants to their pods, joins a connection
 /// that is older than the agent, names server ports, and releases the
@@ -279,9 +317,14 @@ async fn the_agent_as_the_daemonset_runs_it() {
     // A pod cgroup with no process, as a runtime that died mid-teardown
     // leaves it: not a pod, from the agent's first scan.
     let stale = StaleCgroup::create();
-    let mut guaranteed = start_tenant("llm-a", CgroupLayout::Systemd, Qos::Guaranteed, 1, false);
-    let burstable = start_tenant("llm-b", CgroupLayout::Systemd, Qos::Burstable, 2, true);
-    let besteffort = start_tenant("llm-c", CgroupLayout::Cgroupfs, Qos::BestEffort, 3, false);
+    let mut guaranteed = start_tenant("llm-a", CgroupLayout::Systemd, Qos::Guaranteed, 1, false, None);
+    let burstable = start_tenant("llm-b", CgroupLayout::Systemd, Qos::Burstable, 2, true, None);
+    // llm-c runs as vLLM does and serves vLLM's exposition: the engine
+    // scraper finds and reads it from inside the agent's container.
+    let engine_metrics = tempfile::tempdir().unwrap();
+    write_vllm_metrics(engine_metrics.path(), 4);
+    let besteffort =
+        start_tenant("llm-c", CgroupLayout::Cgroupfs, Qos::BestEffort, 3, false, Some(engine_metrics.path()));
     // A keep-alive connection made before the agent exists.
     let mut old_connection = Client::connect(burstable.addr).await.unwrap();
     assert_eq!(old_connection.request("/", b"before").await.unwrap().status, 200);
@@ -311,6 +354,22 @@ async fn the_agent_as_the_daemonset_runs_it() {
     assert!(!uids(&pods_json(agent.http).await).contains(&stale.uid), "a pod cgroup that never held a process");
     let util = value(&mut keda, "llm-b", "gpu_sm_util", &[]).await;
     assert!((util - 20.0).abs() < 1.0, "llm-b GPU share {util}");
+
+    // Engine signals: found by the process's command line, read over the
+    // pod's listening address from the agent's container, and followed.
+    let engine_read = eventually(Duration::from_secs(10), async || {
+        try_value(&mut keda, "llm-c", "engine_requests_waiting").await.ok() == Some(4.0)
+    })
+    .await;
+    let engine = row(&pods_json(agent.http).await, "llm-c")["engine"].clone();
+    assert!(engine_read, "llm-c's vLLM queue through KEDA: {engine}");
+    assert_eq!(engine["named_by"], "command vllm", "{engine}");
+    write_vllm_metrics(engine_metrics.path(), 9);
+    let followed = eventually(Duration::from_secs(5), async || {
+        try_value(&mut keda, "llm-c", "engine_requests_waiting").await.ok() == Some(9.0)
+    })
+    .await;
+    assert!(followed, "a changed engine gauge reaches KEDA");
 
     // Requests: streams held on the guaranteed pod, the pre-agent
     // connection on the burstable one (named by its port), nothing on the
@@ -357,7 +416,7 @@ async fn the_agent_as_the_daemonset_runs_it() {
     // The container restarts in the same pod (new id, new cgroup): its
     // requests count for the same pod, from zero in flight.
     let mut restarted =
-        restart_tenant("llm-a", guaranteed.uid.clone(), CgroupLayout::Systemd, Qos::Guaranteed, 4, false);
+        restart_tenant("llm-a", guaranteed.uid.clone(), CgroupLayout::Systemd, Qos::Guaranteed, 4, false, None);
     restarted.sandbox = guaranteed.sandbox.take();
     drop(guaranteed);
     // A new cgroup is watched from the next rescan (every 2 s, sooner when

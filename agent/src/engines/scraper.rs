@@ -417,15 +417,19 @@ fn gather_facts(cgroup_root: &std::path::Path, proc: &crate::proc::ProcFs, due: 
                 listeners: proc.listening_sockets(&pids),
                 pod_ip: None,
             };
-            let own_network = pids.first().and_then(|pid| proc.has_own_network(*pid)).unwrap_or(false);
-            if own_network {
+            // The agent runs in a network namespace of its own in the
+            // DaemonSet: only pods that share it (tests, an agent on the
+            // host network) are reached on their listening address; the
+            // others on their pod IP (a hostNetwork pod's is the node's).
+            let shares_network = pids.first().and_then(|pid| proc.shares_network_with_self(*pid)).unwrap_or(false);
+            if !shares_network {
                 facts.pod_ip = meta.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok());
                 // Loopback inside the pod cannot be reached from here.
                 facts.listeners.retain(|l| !l.ip().is_loopback());
             }
             let mut plan = discovery::plan(&facts);
-            if own_network && facts.pod_ip.is_none() {
-                plan.named_by.push_str("; the pod has its own network namespace and no source gives its IP");
+            if !shares_network && facts.pod_ip.is_none() && !pids.is_empty() {
+                plan.named_by.push_str("; the pod is in another network namespace and no metadata source gives its IP");
                 plan.candidates.clear();
             }
             (meta.uid.clone(), plan)

@@ -182,8 +182,8 @@ pub fn pod_meta(pod: &Pod) -> Option<PodMeta> {
         .filter(|(key, _)| crate::engines::discovery::is_hint_key(key))
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
-    let host_network = pod.spec.as_ref().and_then(|spec| spec.host_network).unwrap_or(false);
-    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|_| !host_network);
+    // A hostNetwork pod's IP is its node's, which reaches it as well.
+    let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
     Some(PodMeta {
         uid,
         namespace: metadata.namespace.clone(),
@@ -223,12 +223,13 @@ mod tests {
             "metadata": {
                 "uid": "7D1C2A4E-0000-4000-8000-00000000000A", "namespace": "ml", "name": "vllm-7d9f-abcde",
                 "labels": {"app": "vllm", "pod-template-hash": "7d9f"},
+                "annotations": {"podgpu.io/metrics-port": "9090", "kubectl.kubernetes.io/last-applied-configuration": "{}"},
                 "ownerReferences": [
                     {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "vllm-7d9f", "uid": "x", "controller": true}
                 ]
             },
             "spec": {"containers": [{"name": "server"}, {"name": "sidecar"}]},
-            "status": {"containerStatuses": [{
+            "status": {"podIP": "10.4.0.17", "containerStatuses": [{
                 "name": "server", "containerID": "containerd://abc123", "image": "i", "imageID": "",
                 "ready": true, "restartCount": 0
             }]}
@@ -239,6 +240,9 @@ mod tests {
         assert_eq!(meta.owner, Some(Owner { kind: "Deployment".into(), name: "vllm".into() }));
         assert_eq!(meta.containers[0].id.as_deref(), Some("abc123"));
         assert_eq!(meta.containers[1].id, None);
+        assert_eq!(meta.pod_ip.as_deref(), Some("10.4.0.17"));
+        let kept: Vec<&str> = meta.annotations.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["podgpu.io/metrics-port"], "only the annotations discovery reads are kept");
         assert_eq!(workload_of("StatefulSet", "db", None), Owner { kind: "StatefulSet".into(), name: "db".into() });
         assert_eq!(workload_of("ReplicaSet", "odd", Some(&"zz".to_string())).kind, "ReplicaSet");
     }

@@ -41,8 +41,8 @@ pub struct PodMeta {
     /// others are not kept.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    /// The pod's IP, where a metadata source knows it and the pod has its
-    /// own network (not `hostNetwork`).
+    /// The pod's IP, where a metadata source knows it (a `hostNetwork`
+    /// pod's is its node's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_ip: Option<String>,
 }
