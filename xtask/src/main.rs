@@ -1,6 +1,7 @@
 //! podgpu's developer commands, run with `cargo xtask <command>` (aya's
 //! convention). One module per command.
 mod alloc_count;
+mod bench_engines;
 mod bench_launches;
 mod bench_pods;
 mod bench_probes;
@@ -35,6 +36,8 @@ enum Command {
     BenchPods(bench_pods::Options),
     /// What the agent costs a process it does not watch, per cheap syscall.
     BenchSyscalls(bench_syscalls::Options),
+    /// What reading engines' own metrics costs the agent, and how fresh KEDA's engine gauges are.
+    BenchEngines(bench_engines::Options),
 }
 
 /// For commands that start agents: checks for root (eBPF, cgroups), keeps
@@ -59,5 +62,6 @@ fn main() -> anyhow::Result<()> {
         Command::BenchPods(options) => bench_pods::run(options),
         Command::BenchLaunches(options) => bench_launches::run(options),
         Command::BenchSyscalls(options) => bench_syscalls::run(options),
+        Command::BenchEngines(options) => bench_engines::run(options),
     }
 }

@@ -139,69 +139,133 @@ pub enum ScrapeError {
     Exposition(#[from] ExpositionError),
 }
 
+/// One scrape's result: the lines of the read families and what they say.
+#[derive(Debug)]
+pub struct Scraped {
+    /// The lines `exposition::read_lines` kept.
+    pub lines: String,
+    /// What they say.
+    pub reading: EngineReading,
+}
+
 /// GETs `path` from `addr` and reads it as `engine`'s metrics (any
-/// engine's when `None`).
+/// engine's when `None`). Where the read families' lines are what
+/// `previous` had, its reading is reused: an idle engine's gauges and
+/// histograms do not change between scrapes, and parsing is most of a
+/// scrape's cost.
 pub async fn scrape(
     addr: SocketAddr,
     path: &str,
     engine: Option<EngineKind>,
-    timeout: Duration,
-    body_limit: usize,
-) -> Result<EngineReading, ScrapeError> {
-    let (body, openmetrics) = tokio::time::timeout(timeout, get(addr, path, body_limit))
+    limits: (Duration, usize),
+    previous: Option<Arc<Scraped>>,
+    connection: &mut Option<Connection>,
+) -> Result<Arc<Scraped>, ScrapeError> {
+    let (timeout, body_limit) = limits;
+    let (body, openmetrics) = tokio::time::timeout(timeout, get(addr, path, body_limit, connection))
         .await
         .map_err(|_| ScrapeError::Timeout(timeout))??;
-    let exposition = Exposition::parse(&body, openmetrics)?;
-    Ok(exposition.read(engine)?)
+    let lines = super::exposition::read_lines(&body)?;
+    if let Some(previous) = previous.filter(|p| p.lines == lines && engine.is_none_or(|e| p.reading.engine == e)) {
+        return Ok(previous);
+    }
+    let reading = Exposition::parse_read_lines(&lines, openmetrics)?.read(engine)?;
+    Ok(Arc::new(Scraped { lines, reading }))
 }
 
-async fn get(addr: SocketAddr, path: &str, body_limit: usize) -> Result<(String, bool), ScrapeError> {
-    let http = |err: hyper::Error| ScrapeError::Http(err.to_string());
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(ScrapeError::Connect)?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(http)?;
-    let connection = tokio::spawn(connection);
-    let request = hyper::Request::get(path)
+/// A kept-alive HTTP/1.1 connection to one endpoint: a scrape every
+/// 100 ms would otherwise cost a connect and an accept each, on both
+/// sides, and a connection for the request probe to follow.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Result<Self, ScrapeError> {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(ScrapeError::Connect)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|err| ScrapeError::Http(err.to_string()))?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Self { sender, task })
+    }
+}
+
+/// GETs `path` over `kept` (or a new connection), keeping the connection
+/// for the next scrape when the answer was read whole. A kept connection
+/// the server has closed meanwhile is replaced once, not reported.
+async fn get(
+    addr: SocketAddr,
+    path: &str,
+    body_limit: usize,
+    kept: &mut Option<Connection>,
+) -> Result<(String, bool), ScrapeError> {
+    let reused = kept.take().filter(|connection| connection.sender.is_ready());
+    let fresh_if_needed = reused.is_some();
+    let mut connection = match reused {
+        Some(connection) => connection,
+        None => Connection::open(addr).await?,
+    };
+    let response = match connection.sender.send_request(request(addr, path)?).await {
+        Ok(response) => response,
+        Err(_) if fresh_if_needed => {
+            connection = Connection::open(addr).await?;
+            connection
+                .sender
+                .send_request(request(addr, path)?)
+                .await
+                .map_err(|err| ScrapeError::Http(err.to_string()))?
+        }
+        Err(err) => return Err(ScrapeError::Http(err.to_string())),
+    };
+    let status = response.status().as_u16();
+    match status {
+        401 | 403 => return Err(ScrapeError::Unauthorized(status)),
+        200..=299 => {}
+        _ => return Err(ScrapeError::Status(status)),
+    }
+    let openmetrics = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/openmetrics-text"));
+    if response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|length| length > body_limit)
+    {
+        return Err(ScrapeError::TooLarge(body_limit));
+    }
+    let body = Limited::new(response.into_body(), body_limit).collect().await.map_err(|err| {
+        if err.is::<http_body_util::LengthLimitError>() {
+            ScrapeError::TooLarge(body_limit)
+        } else {
+            ScrapeError::Http(err.to_string())
+        }
+    })?;
+    let text = String::from_utf8(body.to_bytes().to_vec())
+        .map_err(|_| ScrapeError::Exposition(ExpositionError::Malformed("the body is not UTF-8".to_string())))?;
+    *kept = Some(connection);
+    Ok((text, openmetrics))
+}
+
+fn request(addr: SocketAddr, path: &str) -> Result<hyper::Request<Empty<Bytes>>, ScrapeError> {
+    hyper::Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::ACCEPT, "text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.5")
         .header(hyper::header::USER_AGENT, concat!("podgpu-agent/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
-        .map_err(|err| ScrapeError::Http(err.to_string()))?;
-    let result = async {
-        let response = sender.send_request(request).await.map_err(http)?;
-        let status = response.status().as_u16();
-        match status {
-            401 | 403 => return Err(ScrapeError::Unauthorized(status)),
-            200..=299 => {}
-            _ => return Err(ScrapeError::Status(status)),
-        }
-        let openmetrics = response
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|value| value.starts_with("application/openmetrics-text"));
-        if response
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok()?.parse::<usize>().ok())
-            .is_some_and(|length| length > body_limit)
-        {
-            return Err(ScrapeError::TooLarge(body_limit));
-        }
-        let body = Limited::new(response.into_body(), body_limit).collect().await.map_err(|err| {
-            if err.is::<http_body_util::LengthLimitError>() {
-                ScrapeError::TooLarge(body_limit)
-            } else {
-                ScrapeError::Http(err.to_string())
-            }
-        })?;
-        let text = String::from_utf8(body.to_bytes().to_vec())
-            .map_err(|_| ScrapeError::Exposition(ExpositionError::Malformed("the body is not UTF-8".to_string())))?;
-        Ok((text, openmetrics))
-    }
-    .await;
-    connection.abort();
-    result
+        .map_err(|err| ScrapeError::Http(err.to_string()))
 }
 
 /// Runs the scrape loop until `shutdown`, taking the pods from the
@@ -248,9 +312,11 @@ pub async fn run(
             }
         }
         let mut round = tokio::task::JoinSet::new();
-        for (uid, pod) in &state {
+        for (uid, pod) in state.iter_mut() {
             let job = match (&pod.found, &pod.plan) {
-                (Some(found), _) => Job::Scrape(found.clone(), pod.published.engine),
+                (Some(found), _) => {
+                    Job::Scrape(found.clone(), pod.published.engine, pod.last.clone(), pod.connection.take())
+                }
                 (None, Some(plan)) if pod.plan_untried => Job::Discover(plan.clone()),
                 _ => continue,
             };
@@ -287,6 +353,10 @@ struct PodState {
     discovered_at: Option<Instant>,
     /// The endpoint found: candidate and engine.
     found: Option<Candidate>,
+    /// The latest scrape, for reuse while its lines do not change.
+    last: Option<Arc<Scraped>>,
+    /// The connection to the endpoint, kept between scrapes.
+    connection: Option<Connection>,
     published: PodEngine,
 }
 
@@ -300,8 +370,11 @@ impl PodState {
     }
 
     fn apply(&mut self, outcome: Outcome, now: Instant, retention: Duration) {
+        self.connection = outcome.connection;
         match outcome.result {
-            Found::Reading(candidate, reading) => {
+            Found::Reading(candidate, scraped) => {
+                let reading = scraped.reading.clone();
+                self.last = Some(scraped);
                 self.published.engine = Some(reading.engine);
                 self.published.endpoint = Some(format!("{}{}", candidate.addr, candidate.path));
                 if let Some(ttft) = &reading.ttft {
@@ -338,18 +411,20 @@ impl PodState {
 }
 
 enum Job {
-    Scrape(Candidate, Option<EngineKind>),
+    Scrape(Candidate, Option<EngineKind>, Option<Arc<Scraped>>, Option<Connection>),
     Discover(Plan),
 }
 
 enum Found {
-    Reading(Candidate, EngineReading),
+    Reading(Candidate, Arc<Scraped>),
     Failed(String),
     Nothing(Vec<String>),
 }
 
 struct Outcome {
     result: Found,
+    /// The connection to keep for the next scrape.
+    connection: Option<Connection>,
     scrapes: u64,
     failures: u64,
 }
@@ -357,21 +432,27 @@ struct Outcome {
 impl Job {
     async fn run(self, config: &ScraperConfig) -> Outcome {
         match self {
-            Job::Scrape(candidate, engine) => {
-                match scrape(candidate.addr, &candidate.path, engine, config.timeout, config.body_limit).await {
-                    Ok(reading) => Outcome { result: Found::Reading(candidate, reading), scrapes: 1, failures: 0 },
-                    Err(error) => Outcome { result: Found::Failed(error.to_string()), scrapes: 1, failures: 1 },
-                }
+            Job::Scrape(candidate, engine, previous, mut connection) => {
+                let limits = (config.timeout, config.body_limit);
+                let result =
+                    match scrape(candidate.addr, &candidate.path, engine, limits, previous, &mut connection).await {
+                        Ok(scraped) => Found::Reading(candidate, scraped),
+                        Err(error) => Found::Failed(error.to_string()),
+                    };
+                let failures = u64::from(matches!(result, Found::Failed(_)));
+                Outcome { result, connection, scrapes: 1, failures }
             }
             Job::Discover(plan) => {
                 let mut tried = Vec::new();
                 for candidate in plan.candidates {
-                    match scrape(candidate.addr, &candidate.path, plan.engine, config.timeout, config.body_limit).await
-                    {
+                    let limits = (config.timeout, config.body_limit);
+                    let mut connection = None;
+                    match scrape(candidate.addr, &candidate.path, plan.engine, limits, None, &mut connection).await {
                         Ok(reading) => {
                             let scrapes = tried.len() as u64 + 1;
                             return Outcome {
                                 result: Found::Reading(candidate, reading),
+                                connection,
                                 scrapes,
                                 failures: scrapes - 1,
                             };
@@ -382,7 +463,7 @@ impl Job {
                     }
                 }
                 let attempts = tried.len() as u64;
-                Outcome { result: Found::Nothing(tried), scrapes: attempts, failures: attempts }
+                Outcome { result: Found::Nothing(tried), connection: None, scrapes: attempts, failures: attempts }
             }
         }
     }
