@@ -68,12 +68,21 @@ async fn prometheus_scrapes_the_agent() {
     let ns = format!("prom-{}", std::process::id());
     let mut tenant = TenantSpec::new("scraped-0", "scraped");
     tenant.gpu_steps = vec![(1.0, 37.0)];
-    let scene =
-        Scene::start(&ns, &[tenant], GpuSetup::SimPerTenant, &["--tick-ms", "100"].map(String::from)).expect("scene");
+    // An engine beside it, for the dashboard's engine panels.
+    let engine = TenantSpec {
+        server: integration::stacks::Stack::Engine(podgpu_agent::engines::catalog::EngineKind::Vllm),
+        ..TenantSpec::new("engine-0", "engine")
+    };
+    let args = ["--tick-ms", "100", "--engine-interval-ms", "200"].map(String::from);
+    let scene = Scene::start(&ns, &[tenant, engine], GpuSetup::SimPerTenant, &args).expect("scene");
     let mut client = integration::http::Client::connect(scene.tenant("scraped-0").addr).await.unwrap();
     for _ in 0..5 {
         assert_eq!(client.request("/", b"x").await.unwrap().status, 200);
     }
+    let engine_addr = scene.tenant("engine-0").addr;
+    integration::engine_standin::set(engine_addr, 2, 1, 0.4).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    integration::engine_standin::observe(engine_addr, 0.2, 10).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let metrics = get(scene.agent.http, "/metrics").await.unwrap().body;

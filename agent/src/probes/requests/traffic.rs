@@ -9,8 +9,10 @@
 //!   already counted where it entered the pod, so it is not counted again.
 
 /// Request paths counted as probe traffic by default: the health and
-/// metrics endpoints of vLLM, TGI, Triton (HTTP) and common frameworks.
-pub const DEFAULT_PROBE_PATHS: &str = "/health,/healthz,/ready,/readyz,/live,/livez,/ping,/metrics,/v2/health";
+/// metrics endpoints of vLLM, TGI, Triton (HTTP), trtllm-serve and common
+/// frameworks.
+pub const DEFAULT_PROBE_PATHS: &str =
+    "/health,/healthz,/ready,/readyz,/live,/livez,/ping,/metrics,/prometheus/metrics,/v2/health";
 
 /// Path prefixes that mark a request as probe traffic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
