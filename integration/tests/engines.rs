@@ -192,6 +192,14 @@ async fn every_engine_is_found_by_its_process_and_read() {
         "the pre-0.9 KV family is read: {engine}"
     );
 
+    // /healthz says, per pod, what was found where and how.
+    let health: Value = serde_json::from_slice(&get(scene.agent.http, "/healthz").await.unwrap().body).expect("JSON");
+    let summary = health["engine_pods"][format!("{ns}/sglang")].as_str().unwrap_or_default().to_string();
+    assert!(
+        summary.starts_with("sglang at 127.0.0.1:") && summary.ends_with("(command sglang.launch_server)"),
+        "{health}"
+    );
+
     // Prometheus sees the engine's gauges beside podgpu's own.
     let metrics = String::from_utf8(get(scene.agent.http, "/metrics").await.unwrap().body).unwrap();
     for family in ["podgpu_pod_engine_requests_waiting", "podgpu_pod_kv_cache_usage", "podgpu_pod_engine_up"] {

@@ -26,6 +26,7 @@ use integration::keda::{scaled_object, KedaClient};
 use integration::scale::ProcessSample;
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use integration::workspace_binary;
+use podgpu_agent::engines::exposition::Exposition;
 
 /// Benchmark options.
 #[derive(clap::Args, Debug)]
@@ -235,6 +236,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         vllm_body(5).len(),
         options.seconds
     );
+    // What the line filter saves: the parser given the whole body, and
+    // given only the read families' lines (what a scrape does).
+    let body = vllm_body(5);
+    let time = |parse: &dyn Fn()| {
+        let started = Instant::now();
+        for _ in 0..200 {
+            parse();
+        }
+        started.elapsed().as_secs_f64() / 200.0 * 1e6
+    };
+    let whole = time(&|| {
+        std::hint::black_box(Exposition::parse_read_lines(&body, false).ok());
+    });
+    let filtered = time(&|| {
+        std::hint::black_box(Exposition::parse(&body, false).ok());
+    });
+    println!("  parsing one body: {whole:.0} us whole, {filtered:.0} us for the read families (line filter included)");
     runtime.block_on(async {
         let (off, _) = agent_cpu(&options, files.path(), &["--engine-scrape", "off"], false).await?;
         println!("  scraping off:                  agent {:.4} cores", off);
@@ -271,7 +289,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use podgpu_agent::engines::catalog::EngineKind;
-    use podgpu_agent::engines::exposition::Exposition;
+
+    use super::Exposition;
 
     /// The benchmark's body reads as vLLM's, with its queue.
     #[test]
@@ -279,20 +298,5 @@ mod tests {
         let reading = Exposition::parse(&super::vllm_body(7), false).unwrap().read(None).unwrap();
         assert_eq!((reading.engine, reading.requests_waiting), (EngineKind::Vllm, Some(7.0)));
         assert_eq!(reading.ttft.unwrap().bounds_s.len(), 23);
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    /// Prints what parsing the benchmark's body costs (run with --release --nocapture).
-    #[test]
-    fn parse_cost() {
-        let body = super::vllm_body(3);
-        let started = std::time::Instant::now();
-        for _ in 0..200 {
-            let exposition = podgpu_agent::engines::exposition::Exposition::parse(&body, false).unwrap();
-            std::hint::black_box(exposition.read(None).unwrap());
-        }
-        println!("parse+read: {:?} per body", started.elapsed() / 200);
     }
 }

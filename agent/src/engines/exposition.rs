@@ -153,8 +153,8 @@ fn is_wanted(name: &str) -> bool {
 /// The lines of the families podgpu reads. An engine's body holds dozens
 /// of families (vLLM's, about 30 KB, has 40) of which four are read, and
 /// the parser's cost grows with what it is given: 2.4 ms for vLLM's whole
-/// body against a few hundred µs for its read families (`cargo test
-/// --release -p xtask parse_cost`). Lines are classified, never parsed
+/// body against a few hundred µs for its read families (`xtask
+/// bench-engines` prints both). Lines are classified, never parsed
 /// here: a line that is neither a comment nor starts with a metric name
 /// makes the body malformed, as the parser would have said.
 pub fn read_lines(body: &str) -> Result<String, ExpositionError> {

@@ -55,6 +55,9 @@ pub struct Health {
     pub engine_scrapes: u64,
     /// Engine scrapes that failed.
     pub engine_scrape_failures: u64,
+    /// Per pod (namespace/name, or UID): which engine was found where, and
+    /// how, or why none is read.
+    pub engine_pods: std::collections::BTreeMap<String, String>,
     /// Seconds since the last successful GPU poll (`None` before the first).
     pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
@@ -144,6 +147,17 @@ pub struct EngineView {
 }
 
 impl EngineView {
+    /// One line for `/healthz`: what was found where and how, or why
+    /// nothing is read.
+    pub fn summary(&self) -> String {
+        let scrape = &self.scrape;
+        match (&self.unavailable, scrape.engine, &scrape.endpoint) {
+            (None, Some(engine), Some(endpoint)) => format!("{engine} at {endpoint} ({})", scrape.named_by),
+            (Some(reason), _, _) => reason.clone(),
+            _ => format!("not read ({})", scrape.named_by),
+        }
+    }
+
     /// The latest reading, where the signals can be given.
     pub fn reading(&self) -> Option<&crate::engines::exposition::EngineReading> {
         match self.unavailable {
@@ -403,6 +417,7 @@ impl NodeView {
                 engines: SourceStatus::Degraded { reason: "starting".to_string() },
                 engine_scrapes: 0,
                 engine_scrape_failures: 0,
+                engine_pods: Default::default(),
                 gpu_sample_age_s: None,
                 gpu_updates_dropped: 0,
             },
