@@ -204,44 +204,24 @@ impl Exposition {
             // Nothing an engine writes: `read` says which names it looked for.
             return Ok(Self::default());
         }
-        let body = kept;
         let malformed = |err: openmetrics_parser::ParseError| ExpositionError::Malformed(first_line(&err.to_string()));
-        let mut families = HashMap::new();
-        if openmetrics {
-            let parsed = openmetrics_parser::openmetrics::parse_openmetrics(body).map_err(malformed)?;
-            for (name, family) in parsed.families {
-                let samples = family
-                    .iter_samples()
-                    .map(|sample| {
-                        let value = match &sample.value {
-                            OpenMetricsValue::Gauge(n) | OpenMetricsValue::Unknown(n) => SampleValue::Number(number(n)),
-                            OpenMetricsValue::Counter(c) => SampleValue::Number(number(&c.value)),
-                            OpenMetricsValue::Histogram(h) => SampleValue::Histogram(histogram(&h.buckets)),
-                            _ => SampleValue::Other,
-                        };
-                        (labels_of(sample.get_labelset().ok()), value)
-                    })
-                    .collect();
-                families.insert(name, Family { samples });
-            }
+        let families = if openmetrics {
+            let parsed = openmetrics_parser::openmetrics::parse_openmetrics(kept).map_err(malformed)?;
+            families(parsed, |value| match value {
+                OpenMetricsValue::Gauge(n) | OpenMetricsValue::Unknown(n) => SampleValue::Number(number(n)),
+                OpenMetricsValue::Counter(c) => SampleValue::Number(number(&c.value)),
+                OpenMetricsValue::Histogram(h) => SampleValue::Histogram(histogram(&h.buckets)),
+                _ => SampleValue::Other,
+            })
         } else {
-            let parsed = openmetrics_parser::prometheus::parse_prometheus(body).map_err(malformed)?;
-            for (name, family) in parsed.families {
-                let samples = family
-                    .iter_samples()
-                    .map(|sample| {
-                        let value = match &sample.value {
-                            PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => SampleValue::Number(number(n)),
-                            PrometheusValue::Counter(c) => SampleValue::Number(number(&c.value)),
-                            PrometheusValue::Histogram(h) => SampleValue::Histogram(histogram(&h.buckets)),
-                            PrometheusValue::Summary(_) => SampleValue::Other,
-                        };
-                        (labels_of(sample.get_labelset().ok()), value)
-                    })
-                    .collect();
-                families.insert(name, Family { samples });
-            }
-        }
+            let parsed = openmetrics_parser::prometheus::parse_prometheus(kept).map_err(malformed)?;
+            families(parsed, |value| match value {
+                PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => SampleValue::Number(number(n)),
+                PrometheusValue::Counter(c) => SampleValue::Number(number(&c.value)),
+                PrometheusValue::Histogram(h) => SampleValue::Histogram(histogram(&h.buckets)),
+                PrometheusValue::Summary(_) => SampleValue::Other,
+            })
+        };
         Ok(Self { families })
     }
 
@@ -350,6 +330,25 @@ impl Exposition {
 enum Combine {
     Sum,
     Max,
+}
+
+/// The parser's families, each sample's value turned into ours by `value`
+/// (the two formats have their own value types).
+fn families<T: Clone, V: openmetrics_parser::RenderableMetricValue + Clone>(
+    parsed: openmetrics_parser::MetricsExposition<T, V>,
+    value: impl Fn(&V) -> SampleValue,
+) -> HashMap<String, Family> {
+    parsed
+        .families
+        .into_iter()
+        .map(|(name, family)| {
+            let samples = family
+                .iter_samples()
+                .map(|sample| (labels_of(sample.get_labelset().ok()), value(&sample.value)))
+                .collect();
+            (name, Family { samples })
+        })
+        .collect()
 }
 
 fn selects(series: &Series, labels: &HashMap<String, String>) -> bool {
