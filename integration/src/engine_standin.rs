@@ -55,6 +55,17 @@ pub fn command(engine: EngineKind) -> std::io::Result<Command> {
     Ok(command)
 }
 
+/// The command that starts `engine`'s stand-in under a program name of no
+/// engine (`python3 <dir>/<program>`): only its body can name the engine.
+pub fn command_unnamed(engine: EngineKind, program: &str) -> std::io::Result<Command> {
+    let stacks = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stacks");
+    let mut command = Command::new("python3");
+    let python_path = format!("{}:{}:{}", launcher_dir().display(), stacks.display(), python_stacks_dir().display());
+    command.env("PYTHONPATH", python_path).env("PYTHONUNBUFFERED", "1");
+    command.arg(launcher(program, engine)?);
+    Ok(command)
+}
+
 /// Sets a stand-in's gauges (`kv` as the engine's 0-1 fraction).
 pub async fn set(addr: SocketAddr, waiting: u32, running: u32, kv: f64) -> std::io::Result<()> {
     control(addr, &format!("/standin/set?waiting={waiting}&running={running}&kv={kv}")).await

@@ -52,13 +52,17 @@ pub enum Stack {
     /// An inference engine's stand-in under the engine's command line,
     /// serving its `/metrics` (`engine_standin`).
     Engine(podgpu_agent::engines::catalog::EngineKind),
+    /// The same under a program name of no engine (`python3 .../NAME`).
+    EngineUnnamed(podgpu_agent::engines::catalog::EngineKind, &'static str),
 }
 
 impl Stack {
     /// The protocol its clients speak.
     pub fn protocol(self) -> Protocol {
         match self {
-            Stack::Tenant | Stack::Uvicorn | Stack::NodeHttp | Stack::Engine(_) => Protocol::Http1,
+            Stack::Tenant | Stack::Uvicorn | Stack::NodeHttp | Stack::Engine(_) | Stack::EngineUnnamed(..) => {
+                Protocol::Http1
+            }
             Stack::Tonic | Stack::Grpcio => Protocol::Grpc,
             Stack::Hypercorn | Stack::NodeHttp2 => Protocol::Http2,
         }
@@ -96,6 +100,9 @@ impl Stack {
                 command
             }
             Stack::Engine(engine) => crate::engine_standin::command(engine).expect("writing the engine launchers"),
+            Stack::EngineUnnamed(engine, program) => {
+                crate::engine_standin::command_unnamed(engine, program).expect("writing the engine launcher")
+            }
         }
     }
 }

@@ -208,6 +208,38 @@ async fn every_engine_is_found_by_its_process_and_read() {
     assert!(metrics.contains("engine=\"triton\""), "podgpu_pod_engine_up names the engine");
 }
 
+/// A pod whose processes name no engine: once the request probe has seen
+/// HTTP on its port, that port's /metrics body names the engine by its
+/// families. A pod serving no HTTP is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unnamed_engine_is_found_by_its_metrics() {
+    require_root();
+    let ns = format!("engine-unnamed-{}", std::process::id());
+    let specs = [
+        TenantSpec {
+            server: Stack::EngineUnnamed(EngineKind::Sglang, "serve.py"),
+            ..TenantSpec::new("custom", "custom")
+        },
+        TenantSpec { server: Stack::EngineUnnamed(EngineKind::Vllm, "quiet.py"), ..TenantSpec::new("quiet", "quiet") },
+    ];
+    let scene = Scene::start(&ns, &specs, GpuSetup::Arg("none".into()), &agent_args()).expect("scene starts");
+    let (custom, quiet) = (&scene.tenants[0], &scene.tenants[1]);
+    let within = Duration::from_secs(10);
+    let engine = engine_row(&scene, &custom.pod.uid, within, |e| e["named_by"] != "").await;
+    assert_eq!(engine["named_by"], "no label, annotation or command names an engine", "{engine}");
+    assert!(engine["endpoint"].is_null(), "nothing is asked before the port serves HTTP: {engine}");
+    // A request: now the probe knows the port speaks HTTP.
+    engine_standin::set(custom.addr, 7, 2, 0.3).await.unwrap();
+    let engine = engine_row(&scene, &custom.pod.uid, within, |e| e["unavailable"].is_null()).await;
+    assert_eq!(engine["engine"], "sglang", "named by its families: {engine}");
+    let mut keda = KedaClient::connect(scene.agent.keda).await.unwrap();
+    reads(&mut keda, &ns, "custom", "engine_requests_waiting", 7.0, within).await.unwrap();
+    // The pod that served no HTTP request was never asked for metrics.
+    let quiet_engine = engine_row(&scene, &quiet.pod.uid, Duration::ZERO, |_| true).await;
+    assert!(quiet_engine["endpoint"].is_null() && quiet_engine["tried"].is_null(), "{quiet_engine}");
+    fails_with(&mut keda, &ns, "quiet", "engine_requests_waiting", "no inference engine found", within).await;
+}
+
 /// Faults on a found engine: 401, garbage, a 50 MB body, a scrape slower
 /// than the timeout, the endpoint gone, then two engines in one pod. Each
 /// is a KEDA error naming the cause, never 0; the pod's socket signals

@@ -39,6 +39,10 @@ pub struct PodFacts {
     /// The pod's IP where it has its own network namespace and a
     /// metadata source knows it; `None`: reach the listener's address.
     pub pod_ip: Option<IpAddr>,
+    /// Server ports on which the request probe has seen HTTP requests:
+    /// where nothing names an engine, only these are asked for metrics,
+    /// so a database's or a gRPC-only port never gets a GET.
+    pub http_ports: Vec<u16>,
 }
 
 /// One endpoint to try.
@@ -125,11 +129,12 @@ pub fn plan(facts: &PodFacts) -> Plan {
                 }
             }
         }
-        // Nothing names an engine: a body written by one still does.
+        // Nothing names an engine: a body written by one still does, on a
+        // port known to speak HTTP.
         None => {
-            for port in &listening {
+            for port in listening.iter().filter(|port| facts.http_ports.contains(port)) {
                 let path = named_path.as_ref().map_or("/metrics", |(_, p)| p.as_str());
-                push(*port, path, "a listening port (no engine named)".to_string());
+                push(*port, path, "a port serving HTTP (no engine named)".to_string());
             }
         }
     }
@@ -233,13 +238,17 @@ mod tests {
         );
     }
 
-    /// Nothing named: every listening port is tried on /metrics, bounded;
-    /// an unknown engine name says so.
+    /// Nothing named: the listening ports that served HTTP are tried on
+    /// /metrics, bounded; others are left alone; an unknown engine name
+    /// says so.
     #[test]
-    fn unnamed_pods_try_their_ports() {
+    fn unnamed_pods_try_their_http_ports() {
         let listeners: Vec<String> = (0..20).map(|i| format!("0.0.0.0:{}", 7000 + i)).collect();
         let listeners: Vec<&str> = listeners.iter().map(String::as_str).collect();
-        let unnamed = plan(&facts(&["python app.py"], &listeners));
+        let mut unnamed = facts(&["python app.py"], &listeners);
+        assert!(plan(&unnamed).candidates.is_empty(), "no port served HTTP yet");
+        unnamed.http_ports = (7000..7020).collect();
+        let unnamed = plan(&unnamed);
         assert_eq!(unnamed.engine, None);
         assert_eq!(unnamed.candidates.len(), MAX_CANDIDATES);
         let mut pod = facts(&["ollama serve"], &["0.0.0.0:11434"]);

@@ -288,12 +288,20 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let metas: Vec<PodMeta> = view.borrow_and_update().pods.iter().map(|pod| pod.meta.clone()).collect();
-        state.retain(|uid, _| metas.iter().any(|meta| &meta.uid == uid));
-        let now = Instant::now();
-        let due: Vec<PodMeta> = metas
+        let metas: Vec<(PodMeta, Vec<u16>)> = view
+            .borrow_and_update()
+            .pods
             .iter()
-            .filter(|meta| state.get(&meta.uid).is_none_or(|pod| pod.discovery_due(now, config.rediscover)))
+            .map(|pod| {
+                let http_ports = pod.ports.iter().filter(|p| p.port != 0 && p.requests.started > 0).map(|p| p.port);
+                (pod.meta.clone(), http_ports.collect())
+            })
+            .collect();
+        state.retain(|uid, _| metas.iter().any(|(meta, _)| &meta.uid == uid));
+        let now = Instant::now();
+        let due: Vec<(PodMeta, Vec<u16>)> = metas
+            .iter()
+            .filter(|(meta, _)| state.get(&meta.uid).is_none_or(|pod| pod.discovery_due(now, config.rediscover)))
             .cloned()
             .collect();
         if !due.is_empty() {
@@ -357,12 +365,18 @@ struct PodState {
     last: Option<Arc<Scraped>>,
     /// The connection to the endpoint, kept between scrapes.
     connection: Option<Connection>,
+    /// Discoveries in a row that named no engine and found none.
+    unnamed_misses: u32,
     published: PodEngine,
 }
 
 impl PodState {
     fn discovery_due(&self, now: Instant, rediscover: Duration) -> bool {
-        let stale = self.discovered_at.is_none_or(|at| now.duration_since(at) >= rediscover);
+        // A pod that no name points at and whose HTTP ports answered no
+        // engine's metrics is asked less and less often (up to 16 periods):
+        // it is most likely not an engine.
+        let period = rediscover * 2u32.pow(self.unnamed_misses.min(4));
+        let stale = self.discovered_at.is_none_or(|at| now.duration_since(at) >= period);
         match &self.found {
             Some(_) => self.published.failures >= FAILURES_BEFORE_REDISCOVERY && stale,
             None => stale,
@@ -389,6 +403,7 @@ impl PodState {
                 self.published.reading = Some((now, reading));
                 self.published.error = None;
                 self.published.failures = 0;
+                self.unnamed_misses = 0;
                 self.found = Some(candidate);
             }
             Found::Failed(error) => {
@@ -396,6 +411,10 @@ impl PodState {
                 self.published.failures += 1;
             }
             Found::Nothing(tried) => {
+                let unnamed = self.plan.as_ref().is_some_and(|plan| plan.engine.is_none());
+                if unnamed && !tried.is_empty() {
+                    self.unnamed_misses += 1;
+                }
                 self.published.tried = tried;
                 self.plan_untried = false;
                 self.found = None;
@@ -471,11 +490,15 @@ impl Job {
 
 /// Each due pod's processes, their command lines and listening sockets,
 /// and the plan discovery makes of them.
-fn gather_facts(cgroup_root: &std::path::Path, proc: &crate::proc::ProcFs, due: &[PodMeta]) -> Vec<(String, Plan)> {
+fn gather_facts(
+    cgroup_root: &std::path::Path,
+    proc: &crate::proc::ProcFs,
+    due: &[(PodMeta, Vec<u16>)],
+) -> Vec<(String, Plan)> {
     let mut pids_of: HashMap<&str, Vec<u32>> = HashMap::new();
     let cgroups = crate::pods::cgroup_tree::scan(cgroup_root);
     for cgroup in cgroups.values() {
-        let Some(meta) = due.iter().find(|meta| meta.uid == cgroup.owner.pod_uid) else { continue };
+        let Some((meta, _)) = due.iter().find(|(meta, _)| meta.uid == cgroup.owner.pod_uid) else { continue };
         let procs = std::fs::read_to_string(cgroup_root.join(cgroup.path.trim_start_matches('/')).join("cgroup.procs"))
             .unwrap_or_default();
         pids_of
@@ -484,7 +507,7 @@ fn gather_facts(cgroup_root: &std::path::Path, proc: &crate::proc::ProcFs, due: 
             .extend(procs.lines().filter_map(|line| line.trim().parse::<u32>().ok()));
     }
     due.iter()
-        .map(|meta| {
+        .map(|(meta, http_ports)| {
             let pids = pids_of.get(meta.uid.as_str()).cloned().unwrap_or_default();
             let mut facts = PodFacts {
                 hints: meta
@@ -497,6 +520,7 @@ fn gather_facts(cgroup_root: &std::path::Path, proc: &crate::proc::ProcFs, due: 
                 commands: pids.iter().map(|pid| proc.cmdline(*pid)).filter(|args| !args.is_empty()).collect(),
                 listeners: proc.listening_sockets(&pids),
                 pod_ip: None,
+                http_ports: http_ports.clone(),
             };
             // The agent runs in a network namespace of its own in the
             // DaemonSet: only pods that share it (tests, an agent on the
