@@ -6,12 +6,13 @@
 //! while every other signal keeps answering.
 use std::time::{Duration, Instant};
 
+use integration::agent::AgentProcess;
 use integration::engine_standin;
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
-use integration::require_root;
 use integration::scene::{GpuSetup, Scene, TenantSpec};
 use integration::stacks::Stack;
+use integration::{require_root, workspace_binary};
 use podgpu_agent::engines::catalog::EngineKind;
 use serde_json::Value;
 
@@ -191,6 +192,15 @@ async fn every_engine_is_found_by_its_process_and_read() {
         engine["families_read"].as_array().unwrap().iter().any(|f| f == "vllm:gpu_cache_usage_perc"),
         "the pre-0.9 KV family is read: {engine}"
     );
+
+    // The same through the scaler: queue and engine TTFT cross the node
+    // API (the TTFT as window buckets) and merge there.
+    let args = ["--nodes", &scene.agent.keda.to_string(), "--poll-ms", "200"].map(String::from);
+    let scaler = AgentProcess::start_role(&workspace_binary("podgpu-agent"), "scaler", &args).expect("scaler starts");
+    let mut through_scaler = KedaClient::connect(scaler.keda).await.unwrap();
+    reads(&mut through_scaler, &ns, "vllm", "engine_requests_waiting", 3.0, within).await.unwrap();
+    let p50 = read(&mut through_scaler, &ns, "vllm", "engine_ttft_ms_p50").await.expect("engine TTFT via the scaler");
+    assert!((250.0..=500.0).contains(&p50), "vLLM's 0.25-0.5 s bucket, through the scaler: {p50} ms");
 
     // /healthz says, per pod, what was found where and how.
     let health: Value = serde_json::from_slice(&get(scene.agent.http, "/healthz").await.unwrap().body).expect("JSON");
