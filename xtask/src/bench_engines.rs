@@ -47,6 +47,12 @@ const NAMESPACE: &str = "bench-engines";
 /// A vLLM 0.11 /metrics body as its API server writes it for one model
 /// and one engine, with `waiting` requests queued.
 pub fn vllm_body(waiting: u32) -> String {
+    vllm_body_with(waiting, 12, 0.62)
+}
+
+/// The same with `running` requests in the batch and the KV cache
+/// `kv_fraction` full.
+pub fn vllm_body_with(waiting: u32, running: u32, kv_fraction: f64) -> String {
     const TTFT: [f64; 22] = [
         0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
         160.0, 640.0, 2560.0,
@@ -76,9 +82,9 @@ pub fn vllm_body(waiting: u32) -> String {
         let _ = write!(body, "# HELP {name} x\n# TYPE {name} gauge\n{name} {value}\n");
     }
     let gauges = [
-        ("vllm:num_requests_running", 12.0),
+        ("vllm:num_requests_running", f64::from(running)),
         ("vllm:num_requests_waiting", f64::from(waiting)),
-        ("vllm:kv_cache_usage_perc", 0.62),
+        ("vllm:kv_cache_usage_perc", kv_fraction),
     ];
     for (name, value) in gauges {
         let _ = write!(body, "# HELP {name} x\n# TYPE {name} gauge\n{name}{{{labels}}} {value:?}\n");
@@ -121,8 +127,14 @@ pub fn vllm_body(waiting: u32) -> String {
 
 /// Writes `body` as `dir/metrics.prom` in one rename, as a gauge changes.
 fn publish(dir: &Path, body: &str) -> anyhow::Result<()> {
-    std::fs::write(dir.join("metrics.tmp"), body)?;
-    std::fs::rename(dir.join("metrics.tmp"), dir.join("metrics.prom"))?;
+    publish_as(&dir.join("metrics.prom"), body)
+}
+
+/// Writes `body` to `file` in one rename.
+pub fn publish_as(file: &Path, body: &str) -> anyhow::Result<()> {
+    let staged = file.with_extension("staged");
+    std::fs::write(&staged, body)?;
+    std::fs::rename(&staged, file)?;
     Ok(())
 }
 

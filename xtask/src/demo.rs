@@ -5,8 +5,11 @@
 //! GPU each pod also launches kernels through the libcuda stand-in
 //! (`demo_gpu`), and the device runs what they launch. A live per-pod view
 //! refreshes every second, and at the end (or on Ctrl-C) the demo asks the
-//! agent's KEDA scaler what it would tell KEDA. Everything it started is
-//! stopped and its cgroups removed on the way out.
+//! agent's KEDA scaler what it would tell KEDA. Both tenants run under
+//! vLLM's program name and serve vLLM's /metrics, whose queue and KV cache
+//! follow their load, so the agent finds them as engines with no
+//! configuration and shows their own gauges beside its signals.
+//! Everything it started is stopped and its cgroups removed on the way out.
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,8 +40,23 @@ pub struct Options {
 }
 
 pub fn run(options: Options) -> anyhow::Result<()> {
+    // The tenants run as `vllm`: engine discovery finds them by command
+    // line, as it finds `vllm serve`. Set before the runtime's threads exist.
+    let engines = tempfile::tempdir()?;
+    let named = engines.path().join("vllm");
+    std::os::unix::fs::symlink(integration::workspace_binary("tenant"), &named).context("naming the tenants vllm")?;
+    std::env::set_var("PODGPU_TENANT_BIN", &named);
     let runtime = crate::root_runtime("the demo")?;
-    runtime.block_on(demo(options))
+    runtime.block_on(demo(options, engines.path()))
+}
+
+/// The engine gauges each tenant serves: (waiting, running, KV fraction)
+/// for A in the first and second half, and for B throughout. A's queue
+/// builds when its clients go from 3 to 10.
+const ENGINE_GAUGES: [(u32, u32, f64); 3] = [(0, 3, 0.24), (6, 4, 0.71), (0, 1, 0.06)];
+
+fn publish_engine(file: &Path, (waiting, running, kv): (u32, u32, f64)) -> anyhow::Result<()> {
+    crate::bench_engines::publish_as(file, &crate::bench_engines::vllm_body_with(waiting, running, kv))
 }
 
 fn gpu_choice(explicit: Option<String>) -> String {
@@ -51,14 +69,21 @@ fn gpu_choice(explicit: Option<String>) -> String {
     }
 }
 
-async fn demo(options: Options) -> anyhow::Result<()> {
+async fn demo(options: Options, engines: &Path) -> anyhow::Result<()> {
     let gpu = gpu_choice(options.gpu);
     let backend =
         if gpu == "sim" { "simulated (embedded demo scenario; no GPU on this machine)" } else { gpu.as_str() };
     println!("GPU backend: {backend}");
-    let tenant =
-        |uid: &str, name: &str, app: &str| TenantSpec { uid: Some(uid.to_string()), ..TenantSpec::new(name, app) };
-    let specs = [tenant(TENANT_A_UID, "llm-a-0", "llm-a"), tenant(TENANT_B_UID, "llm-b-0", "llm-b")];
+    let (metrics_a, metrics_b) = (engines.join("llm-a.prom"), engines.join("llm-b.prom"));
+    publish_engine(&metrics_a, ENGINE_GAUGES[0])?;
+    publish_engine(&metrics_b, ENGINE_GAUGES[2])?;
+    let tenant = |uid: &str, name: &str, app: &str, metrics: &Path| TenantSpec {
+        uid: Some(uid.to_string()),
+        env: vec![("PODGPU_TENANT_METRICS".to_string(), metrics.display().to_string())],
+        ..TenantSpec::new(name, app)
+    };
+    let specs =
+        [tenant(TENANT_A_UID, "llm-a-0", "llm-a", &metrics_a), tenant(TENANT_B_UID, "llm-b-0", "llm-b", &metrics_b)];
     let scene = Scene::start(NAMESPACE, &specs, GpuSetup::Arg(gpu.clone()), &[])
         .context("starting the demo scene (tenants, cgroups, agent)")?;
     let duration = Duration::from_secs(options.seconds);
@@ -109,6 +134,7 @@ async fn demo(options: Options) -> anyhow::Result<()> {
     let load = tokio::spawn(async move {
         let steady_b = tokio::spawn(drive(b, Load { rate: 10.0, request_bytes: 300, connections: 1, duration }));
         let first = drive_streams(a, completion, 3, half).await;
+        let _ = publish_engine(&metrics_a, ENGINE_GAUGES[1]);
         let second = drive_streams(a, completion, 10, duration - half).await;
         (first + second, steady_b.await.map(|r| r.ok).unwrap_or(0))
     });
@@ -206,9 +232,11 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         "conf",
         "NVML SM %",
         "GPU mem",
+        "engine queue",
+        "KV %",
     ];
     out.push_str(&format!(
-        "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9}\n",
+        "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9} {:>12} {:>5}\n",
         columns[0],
         columns[1],
         columns[2],
@@ -218,7 +246,9 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         columns[6],
         columns[7],
         columns[8],
-        columns[9]
+        columns[9],
+        columns[10],
+        columns[11]
     ));
     let fixed = |value: &serde_json::Value, digits: usize, unit: &str| {
         value.as_f64().map_or("-".to_string(), |v| format!("{v:.digits$}{unit}"))
@@ -230,7 +260,7 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
         let values = &pod["values"];
         let memory = values["gpu_mem_used_bytes"].as_f64().map(|b| serde_json::json!(b / (1u64 << 30) as f64));
         out.push_str(&format!(
-            "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9}\n",
+            "{:<18} {:>9} {:>7} {:>10} {:>11} {:>10} {:>9} {:>5} {:>9} {:>9} {:>12} {:>5}\n",
             format!("{}/{}", NAMESPACE, pod["name"].as_str().unwrap_or("?")),
             fixed(&values["requests_in_flight"], 0, ""),
             fixed(&values["request_rate"], 1, ""),
@@ -241,6 +271,8 @@ fn render(body: &[u8], elapsed: Duration, duration: Duration) -> String {
             fixed(&values["gpu_attribution_confidence"], 2, ""),
             fixed(&values["gpu_sm_util_nvml"], 1, ""),
             fixed(&memory.unwrap_or_default(), 1, " GiB"),
+            fixed(&values["engine_requests_waiting"], 0, ""),
+            fixed(&values["kv_cache_usage"], 0, ""),
         ));
     }
     out
@@ -251,9 +283,16 @@ async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
     let mut client = KedaClient::connect(keda).await.context("connecting to the scaler")?;
     println!("\nKEDA ExternalScaler answers (GetMetricSpec, then GetMetrics + IsActive; window 10 s;");
     println!("percentiles come back times the pod count, so AverageValue scales proportionally):");
-    println!("{:<8} {:<20} {:>8} {:>10} {:>7} {:>9}", "app", "metric", "target", "value", "active", "replicas");
+    println!("{:<8} {:<24} {:>8} {:>10} {:>7} {:>9}", "app", "metric", "target", "value", "active", "replicas");
     for app in ["llm-a", "llm-b"] {
-        for (metric, target) in [("requests_in_flight", "4"), ("ttft_ms_p90", "150"), ("gpu_sm_util", "30")] {
+        let metrics = [
+            ("requests_in_flight", "4"),
+            ("ttft_ms_p90", "150"),
+            ("gpu_sm_util", "30"),
+            ("engine_requests_waiting", "5"),
+            ("kv_cache_usage", "60"),
+        ];
+        for (metric, target) in metrics {
             let selector = format!("app={app}");
             let trigger =
                 scaled_object(NAMESPACE, app, &[("metric", metric), ("target", target), ("podSelector", &selector)]);
@@ -263,9 +302,9 @@ async fn keda_answers(keda: SocketAddr) -> anyhow::Result<()> {
                 Ok(poll) => {
                     // What the HPA does with an AverageValue target.
                     let replicas = (poll.value / spec.target_size_float).ceil().max(1.0);
-                    println!("{app:<8} {metric:<20} {target:>8} {:>10.1} {:>7} {replicas:>9}", poll.value, poll.active);
+                    println!("{app:<8} {metric:<24} {target:>8} {:>10.1} {:>7} {replicas:>9}", poll.value, poll.active);
                 }
-                Err(status) => println!("{app:<8} {metric:<20} {target:>8} unavailable: {}", status.message()),
+                Err(status) => println!("{app:<8} {metric:<24} {target:>8} unavailable: {}", status.message()),
             }
         }
     }
