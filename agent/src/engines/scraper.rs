@@ -312,7 +312,12 @@ pub async fn run(
                 pod.discovered_at = Some(now);
                 pod.plan = Some(plan);
                 pod.plan_untried = true;
+                // What was read before belongs to an endpoint that kept
+                // failing: nothing of it carries over to the new plan.
                 pod.found = None;
+                pod.last = None;
+                pod.connection = None;
+                pod.published.engine = None;
                 pod.published.endpoint = None;
                 pod.published.error = None;
                 pod.published.tried.clear();
