@@ -283,9 +283,38 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Jobs outlive a tick: an engine slower than the interval (up to the
+    // deadline) delays only itself, and the others' readings are
+    // published at the next tick at the latest.
+    let mut jobs: tokio::task::JoinSet<(String, Outcome)> = tokio::task::JoinSet::new();
+    let publish_now = |state: &HashMap<String, PodState>, scrapes: u64, failures: u64| {
+        let snapshot = EngineSnapshot {
+            status: SourceStatus::Ok { detail: format!("scraping every {:?}", config.interval) },
+            pods: state.iter().map(|(uid, pod)| (uid.clone(), pod.published.clone())).collect(),
+            scrapes,
+            failures,
+            stale_after,
+        };
+        publish.send_replace(Arc::new(snapshot));
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
+                if let Ok((uid, outcome)) = done {
+                    scrapes += outcome.scrapes;
+                    failures += outcome.failures;
+                    if let Some(pod) = state.get_mut(&uid) {
+                        pod.in_flight = false;
+                        pod.apply(outcome, Instant::now(), config.retention);
+                    }
+                }
+                // A whole round read: publish it now, not at the next tick.
+                if jobs.is_empty() {
+                    publish_now(&state, scrapes, failures);
+                }
+                continue;
+            }
             _ = ticker.tick() => {}
         }
         let metas: Vec<(PodMeta, Vec<u16>)> = view
@@ -301,7 +330,9 @@ pub async fn run(
         let now = Instant::now();
         let due: Vec<(PodMeta, Vec<u16>)> = metas
             .iter()
-            .filter(|(meta, _)| state.get(&meta.uid).is_none_or(|pod| pod.discovery_due(now, config.rediscover)))
+            .filter(|(meta, _)| {
+                state.get(&meta.uid).is_none_or(|pod| !pod.in_flight && pod.discovery_due(now, config.rediscover))
+            })
             .cloned()
             .collect();
         if !due.is_empty() {
@@ -324,8 +355,7 @@ pub async fn run(
                 pod.published.failures = 0;
             }
         }
-        let mut round = tokio::task::JoinSet::new();
-        for (uid, pod) in state.iter_mut() {
+        for (uid, pod) in state.iter_mut().filter(|(_, pod)| !pod.in_flight) {
             let job = match (&pod.found, &pod.plan) {
                 (Some(found), _) => {
                     Job::Scrape(found.clone(), pod.published.engine, pod.last.clone(), pod.connection.take())
@@ -333,27 +363,14 @@ pub async fn run(
                 (None, Some(plan)) if pod.plan_untried => Job::Discover(plan.clone()),
                 _ => continue,
             };
+            pod.in_flight = true;
             let (uid, limit, config) = (uid.clone(), limit.clone(), config.clone());
-            round.spawn(async move {
+            jobs.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 (uid, job.run(&config).await)
             });
         }
-        while let Some(done) = round.join_next().await {
-            let Ok((uid, outcome)) = done else { continue };
-            let Some(pod) = state.get_mut(&uid) else { continue };
-            scrapes += outcome.scrapes;
-            failures += outcome.failures;
-            pod.apply(outcome, Instant::now(), config.retention);
-        }
-        let snapshot = EngineSnapshot {
-            status: SourceStatus::Ok { detail: format!("scraping every {:?}", config.interval) },
-            pods: state.iter().map(|(uid, pod)| (uid.clone(), pod.published.clone())).collect(),
-            scrapes,
-            failures,
-            stale_after,
-        };
-        publish.send_replace(Arc::new(snapshot));
+        publish_now(&state, scrapes, failures);
     }
 }
 
@@ -372,6 +389,8 @@ struct PodState {
     connection: Option<Connection>,
     /// Discoveries in a row that named no engine and found none.
     unnamed_misses: u32,
+    /// A scrape or discovery of this pod is running.
+    in_flight: bool,
     published: PodEngine,
 }
 
