@@ -28,13 +28,20 @@ fn launcher(relative: &str, engine: EngineKind) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-/// The command that starts `engine`'s stand-in on 127.0.0.1, port chosen
-/// by the kernel; it prints `{"listening": ADDR}` when ready.
-pub fn command(engine: EngineKind) -> std::io::Result<Command> {
+/// `python3` with the launchers, the stand-in and the pinned stacks on
+/// its path.
+fn python() -> Command {
     let stacks = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stacks");
     let mut command = Command::new("python3");
     let python_path = format!("{}:{}:{}", launcher_dir().display(), stacks.display(), python_stacks_dir().display());
     command.env("PYTHONPATH", python_path).env("PYTHONUNBUFFERED", "1");
+    command
+}
+
+/// The command that starts `engine`'s stand-in on 127.0.0.1, port chosen
+/// by the kernel; it prints `{"listening": ADDR}` when ready.
+pub fn command(engine: EngineKind) -> std::io::Result<Command> {
+    let mut command = python();
     let program = |name: &str| launcher(name, engine).map(|path| path.display().to_string());
     match engine {
         EngineKind::Vllm => command.args([program("vllm")?.as_str(), "serve", "standin/model-0.5b", "--port", "0"]),
@@ -58,10 +65,7 @@ pub fn command(engine: EngineKind) -> std::io::Result<Command> {
 /// The command that starts `engine`'s stand-in under a program name of no
 /// engine (`python3 <dir>/<program>`): only its body can name the engine.
 pub fn command_unnamed(engine: EngineKind, program: &str) -> std::io::Result<Command> {
-    let stacks = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stacks");
-    let mut command = Command::new("python3");
-    let python_path = format!("{}:{}:{}", launcher_dir().display(), stacks.display(), python_stacks_dir().display());
-    command.env("PYTHONPATH", python_path).env("PYTHONUNBUFFERED", "1");
+    let mut command = python();
     command.arg(launcher(program, engine)?);
     Ok(command)
 }

@@ -565,3 +565,38 @@ fn gather_facts(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::exposition::Exposition;
+
+    /// A reading the scraper stopped refreshing (a stuck or crashed
+    /// scraper, an endpoint that stopped answering before its error came
+    /// back) turns into an error once stale, never stays served.
+    #[test]
+    fn stale_readings_become_errors() {
+        let body = "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 4\n";
+        let reading = Exposition::parse(body, false).unwrap().read(None).unwrap();
+        let read_at = Instant::now();
+        let engine = PodEngine {
+            engine: Some(EngineKind::Vllm),
+            named_by: "command vllm".into(),
+            endpoint: Some("127.0.0.1:8000/metrics".into()),
+            reading: Some((read_at, reading)),
+            ..PodEngine::default()
+        };
+        let stale_after = Duration::from_secs(2);
+        assert_eq!(engine.unavailable(read_at + Duration::from_secs(1), stale_after), None, "fresh");
+        let reason = engine.unavailable(read_at + Duration::from_secs(5), stale_after).expect("stale");
+        assert!(reason.contains("last read 5.0 s ago"), "{reason}");
+        let failing = PodEngine { error: Some("HTTP 503".into()), ..engine.clone() };
+        assert!(
+            failing.unavailable(read_at, stale_after).unwrap().ends_with("HTTP 503"),
+            "an error wins over the last reading"
+        );
+        let nothing =
+            PodEngine { named_by: "no label, annotation or command names an engine".into(), ..Default::default() };
+        assert!(nothing.unavailable(read_at, stale_after).unwrap().starts_with("no inference engine found"));
+    }
+}

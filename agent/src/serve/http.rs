@@ -83,6 +83,9 @@ struct HealthBody<'a> {
     status: &'static str,
     #[serde(flatten)]
     health: &'a Health,
+    /// Per pod (namespace/name, or UID): which engine was found where and
+    /// how, or why none is read. Built here, when asked, not every tick.
+    engine_pods: std::collections::BTreeMap<String, String>,
 }
 
 /// Always 200 while the agent serves (a missing GPU must not restart the
@@ -105,7 +108,18 @@ async fn healthz(State(state): State<AppState>) -> Response {
         [&health.kube_api, &health.kubelet].iter().any(|s| matches!(s, SourceStatus::Degraded { .. }));
     let degraded = !health.probes.is_ok() || !health.gpu.is_ok() || metadata_failing;
     let status = if degraded { "degraded" } else { "ok" };
-    Json(HealthBody { status, health: &view.health }).into_response()
+    let engine_pods = view
+        .pods
+        .iter()
+        .map(|pod| {
+            let name = match (&pod.meta.namespace, &pod.meta.name) {
+                (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
+                _ => pod.meta.uid.clone(),
+            };
+            (name, pod.engine.summary())
+        })
+        .collect();
+    Json(HealthBody { status, health: &view.health, engine_pods }).into_response()
 }
 
 #[derive(Serialize)]

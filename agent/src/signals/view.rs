@@ -55,9 +55,6 @@ pub struct Health {
     pub engine_scrapes: u64,
     /// Engine scrapes that failed.
     pub engine_scrape_failures: u64,
-    /// Per pod (namespace/name, or UID): which engine was found where, and
-    /// how, or why none is read.
-    pub engine_pods: std::collections::BTreeMap<String, String>,
     /// Seconds since the last successful GPU poll (`None` before the first).
     pub gpu_sample_age_s: Option<f64>,
     /// GPU updates dropped because the collector lagged.
@@ -417,7 +414,6 @@ impl NodeView {
                 engines: SourceStatus::Degraded { reason: "starting".to_string() },
                 engine_scrapes: 0,
                 engine_scrape_failures: 0,
-                engine_pods: Default::default(),
                 gpu_sample_age_s: None,
                 gpu_updates_dropped: 0,
             },

@@ -526,16 +526,6 @@ impl Collector {
         pods.sort_by(|a, b| {
             (&a.meta.namespace, &a.meta.name, &a.meta.uid).cmp(&(&b.meta.namespace, &b.meta.name, &b.meta.uid))
         });
-        let engine_pods = pods
-            .iter()
-            .map(|pod| {
-                let name = match (&pod.meta.namespace, &pod.meta.name) {
-                    (Some(namespace), Some(name)) => format!("{namespace}/{name}"),
-                    _ => pod.meta.uid.clone(),
-                };
-                (name, pod.engine.summary())
-            })
-            .collect();
         let (kube_api_health, kubelet_health) = self.directory.health();
         let launch_rows = self.launch_rows.clone();
         let (launch_libraries, launch_duty, launch_hit_cost_ns) = self.launch_sampling;
@@ -575,7 +565,6 @@ impl Collector {
                 engines: engine_status,
                 engine_scrapes,
                 engine_scrape_failures,
-                engine_pods,
                 gpu_sample_age_s: self.gpu_polled_at.map(|at| at.elapsed().as_secs_f64()),
                 gpu_updates_dropped: self.gpu_updates_dropped.load(Ordering::Relaxed),
             },
