@@ -33,10 +33,15 @@ pub struct Point {
     pub requests_started: u64,
     /// Kernel launches, cumulative.
     pub gpu_launches: u64,
+    /// When (collector seconds) the launch reader read `gpu_launches`: it
+    /// publishes on its own schedule, so ticks repeat a read.
+    pub gpu_launches_read_s: f64,
     /// NVIDIA driver calls, cumulative.
     pub gpu_driver_calls: u64,
     /// Seconds blocked in driver calls, cumulative.
     pub gpu_driver_blocked_s: f64,
+    /// When (collector seconds) the driver reader read the two above.
+    pub gpu_driver_read_s: f64,
 }
 
 /// Points of the last `retention_s` seconds, oldest first.
@@ -82,6 +87,31 @@ impl History {
         self.ratio(window_s, field, |point| point.at_s)
     }
 
+    /// Change of `field` per second between the reads of a counter that
+    /// is read on its own schedule (`read_s`, the time of the read a
+    /// point's value came from). Dividing by tick time instead would
+    /// overstate a 2 s window that happens to hold three 1 s reads by half
+    /// and read a window between two reads as no change at all. The start
+    /// is the read in force at the window's start; a window shorter than
+    /// the reads' interval steps back to the read before the newest.
+    pub fn rate_between_reads(
+        &self,
+        window_s: f64,
+        field: impl Fn(&Point) -> f64,
+        read_s: impl Fn(&Point) -> f64,
+    ) -> Option<f64> {
+        let latest = self.points.back()?;
+        let start_at = latest.at_s - window_s;
+        let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
+        let mut start = first_inside.saturating_sub(1);
+        while start > 0 && read_s(&self.points[start]) >= read_s(latest) - 1e-9 {
+            start -= 1;
+        }
+        let start = &self.points[start];
+        let span = read_s(latest) - read_s(start);
+        (span > 1e-9).then(|| (field(latest) - field(start)) / span)
+    }
+
     /// Change of `numerator` divided by change of `denominator` over the
     /// window (a rate when the denominator is time); `None` when the
     /// denominator did not grow.
@@ -108,6 +138,36 @@ mod tests {
 
     fn point(at_s: f64, recv_bytes: u64) -> Point {
         Point { at_s, recv_bytes, ..Point::default() }
+    }
+
+    /// A counter read every second and sampled every 250 ms: a 2 s window
+    /// holds three reads at some ticks and two at others, and the rate
+    /// between reads is the true one at every tick; a 0.5 s window, inside
+    /// one read interval, still has the rate of the last interval.
+    #[test]
+    fn rate_between_reads_ignores_where_ticks_fall() {
+        let mut history = History::new(60.0);
+        let mut tick_rates = Vec::new();
+        for tick in 0..=40 {
+            let at_s = f64::from(tick) * 0.25 + 0.1;
+            let read_s = at_s.floor();
+            // 250 per second, as read at each whole second.
+            history.push(Point {
+                at_s,
+                gpu_launches: (read_s * 250.0) as u64,
+                gpu_launches_read_s: read_s,
+                ..Point::default()
+            });
+            if tick >= 12 {
+                let between = history.rate_between_reads(2.0, |p| p.gpu_launches as f64, |p| p.gpu_launches_read_s);
+                assert_eq!(between, Some(250.0), "tick {tick}");
+                let short = history.rate_between_reads(0.5, |p| p.gpu_launches as f64, |p| p.gpu_launches_read_s);
+                assert_eq!(short, Some(250.0), "tick {tick}");
+                tick_rates.push(history.rate(2.0, |p| p.gpu_launches as f64).unwrap());
+            }
+        }
+        // Per tick time, the same counter reads between 1x and 1.5x.
+        assert!(tick_rates.iter().any(|&rate| rate > 300.0), "{tick_rates:?}");
     }
 
     /// A rate uses exactly the window asked for when history is long enough.

@@ -324,11 +324,17 @@ impl PodView {
             Metric::GpuSmUtilNvml => self.history.ratio(window_s, |p| p.gpu_sm_util_nvml_integral, |p| p.gpu_known_s),
             Metric::GpuMemBwUtil => self.history.ratio(window_s, |p| p.gpu_mem_bw_util_integral, |p| p.gpu_known_s),
             Metric::GpuMemUsedBytes => Some(self.gpu.memory_used_bytes as f64),
-            Metric::GpuLaunchRate => self.history.rate(window_s, |p| p.gpu_launches as f64),
+            Metric::GpuLaunchRate => {
+                self.history.rate_between_reads(window_s, |p| p.gpu_launches as f64, |p| p.gpu_launches_read_s)
+            }
             Metric::GpuContexts => Some(f64::from(self.driver.contexts)),
             Metric::GpuDriverMemBytes => Some(self.driver.vram_bytes as f64),
-            Metric::GpuDriverCallRate => self.history.rate(window_s, |p| p.gpu_driver_calls as f64),
-            Metric::GpuDriverBlockedRatio => self.history.rate(window_s, |p| p.gpu_driver_blocked_s),
+            Metric::GpuDriverCallRate => {
+                self.history.rate_between_reads(window_s, |p| p.gpu_driver_calls as f64, |p| p.gpu_driver_read_s)
+            }
+            Metric::GpuDriverBlockedRatio => {
+                self.history.rate_between_reads(window_s, |p| p.gpu_driver_blocked_s, |p| p.gpu_driver_read_s)
+            }
             Metric::TtftMs(q) | Metric::LatencyMs(q) => {
                 let mut merged = new_histogram();
                 self.merge_latencies(metric, window_s, filter, &mut merged);

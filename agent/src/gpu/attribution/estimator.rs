@@ -133,6 +133,10 @@ impl EstimatorConfig {
     }
 }
 
+/// Windows an unlearned key may launch in without holding a steady rate
+/// before it joins the filter anyway.
+const UNSTEADY_ADMISSION: u32 = 3;
+
 /// How much looser than learned a catalog cost starts (relative σ).
 const CATALOG_LOOSENING: f64 = 0.1;
 
@@ -163,7 +167,10 @@ struct Tracked {
     /// processes: keys with the same one share a slot.
     identity: Option<(u64, u8)>,
     last_rate: f64,
-    steady_windows: u32,
+    /// The key's part of its process's launches in the last window.
+    last_weight: f64,
+    /// Windows the key launched in before it was admitted.
+    unsteady_windows: u32,
     reference_rate: f64,
     jump: f64,
     hold: u8,
@@ -293,14 +300,31 @@ impl Estimator {
             match tracked.slot {
                 None => {
                     let steady = rate > 0.0 && (rate - tracked.last_rate).abs() <= cfg.jump_tolerance * rate;
-                    tracked.steady_windows = if steady { tracked.steady_windows + 1 } else { 0 };
+                    if rate > 0.0 {
+                        tracked.unsteady_windows += 1;
+                    }
+                    // A load that toggles faster than two windows is never
+                    // steady, yet its toggles are the best evidence of its
+                    // cost there is: after a few windows it joins anyway,
+                    // at the prior's full width.
+                    let steady = steady || (rate > 0.0 && tracked.unsteady_windows > UNSTEADY_ADMISSION);
                     let weight = rate / pid_rates.get(&key.pid).copied().unwrap_or(rate).max(f64::MIN_POSITIVE);
                     if steady {
                         entering.push((key, rate, weight));
                     } else if rate > 0.0 {
                         pending.insert(key.pid);
                         moved += cfg.prior_share * weight;
+                    } else if tracked.last_rate > 0.0 {
+                        // An unlearned key that just stopped: the reading
+                        // lags the counts and may still hold some of it,
+                        // by an amount nobody knows. Its process takes the
+                        // residual first, and the window teaches little, so
+                        // a neighbour's cost is not pulled up by its tail.
+                        let tail = cfg.prior_share * tracked.last_weight;
+                        moved += tail;
+                        *moved_by.entry(key.pid).or_default() += tail;
                     }
+                    tracked.last_weight = weight;
                 }
                 Some(slot) => {
                     let cost = self.filter.mean(slot);

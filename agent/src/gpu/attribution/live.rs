@@ -47,8 +47,10 @@ pub struct LiveAttribution {
     /// Cumulative launches per row at the last snapshot used.
     last_counts: HashMap<RowKey, u64>,
     last_published: Option<Instant>,
-    /// Device utilization readings since the last window, per GPU UUID.
-    util_since: HashMap<String, (f64, u32)>,
+    /// Device utilization since the last window, per GPU UUID: the
+    /// integral of the readings (percent x seconds) and the seconds they
+    /// cover.
+    util_since: HashMap<String, (f64, f64)>,
     last_poll: Option<Instant>,
     latest: HashMap<String, Attribution>,
 }
@@ -83,29 +85,54 @@ impl LiveAttribution {
         let now = Instant::now();
         let since_poll = self.last_poll.map_or(Duration::from_secs(1), |at| now.duration_since(at));
         self.last_poll = Some(now);
-        for device in &poll.devices {
-            if let Some(util) = device.util_percent {
-                let entry = self.util_since.entry(device.uuid.clone()).or_default();
-                entry.0 += util;
-                entry.1 += 1;
-            }
-        }
         self.latest.retain(|uuid, _| poll.devices.iter().any(|d| &d.uuid == uuid));
         let (rows, published) = {
             let snapshot = self.launches.lock().expect("launch snapshot poisoned");
             let fresh = snapshot.published.filter(|at| now.duration_since(*at) <= LAUNCHES_STALE_AFTER);
-            if fresh.is_some() && fresh == self.last_published {
-                // Nothing new since the last window: the last split holds.
-                return &self.latest;
-            }
             (fresh.map(|_| snapshot.rows.clone()), fresh)
         };
+        let new_window = published.is_none() || published != self.last_published;
+        // A reading covers the time since the previous poll. When launch
+        // counts were read inside that time, only the part before the read
+        // belongs to the window the counts close; the rest opens the next.
+        // Without this split every window's utilization would run up to a
+        // poll past its counts, and a process starting or stopping just
+        // after the read would be booked to its neighbours.
+        let poll_s = since_poll.as_secs_f64().min(LAUNCHES_STALE_AFTER.as_secs_f64());
+        let after_read_s = match published {
+            Some(at) if new_window && self.last_published.is_some() => now.duration_since(at).as_secs_f64().min(poll_s),
+            _ => 0.0,
+        };
+        let mut carried: Vec<(String, f64, f64)> = Vec::new();
+        for device in &poll.devices {
+            if let Some(util) = device.util_percent.filter(|u| u.is_finite()) {
+                let entry = self.util_since.entry(device.uuid.clone()).or_default();
+                let before_read_s = (poll_s - after_read_s).max(0.0);
+                entry.0 += util * before_read_s;
+                entry.1 += before_read_s;
+                if entry.1 <= 0.0 {
+                    // The whole reading is after the read: the window still
+                    // needs one, so it gets this one.
+                    *entry = (util, 1.0);
+                }
+                if after_read_s > 0.0 {
+                    carried.push((device.uuid.clone(), util * after_read_s, after_read_s));
+                }
+            }
+        }
+        if !new_window {
+            // Nothing new since the last window: the last split holds.
+            return &self.latest;
+        }
         let windows = match (rows, published) {
             (Some(rows), Some(published)) => {
                 let previous = self.last_published.replace(published);
                 let counts = self.deltas(&rows);
                 // The first snapshot is only a baseline for the next.
-                let Some(previous) = previous else { return &self.latest };
+                let Some(previous) = previous else {
+                    self.util_since.clear();
+                    return &self.latest;
+                };
                 let duration = published.duration_since(previous).as_secs_f64();
                 self.windows(poll, duration, Some(counts))
             }
@@ -115,6 +142,9 @@ impl LiveAttribution {
                 self.windows(poll, since_poll.as_secs_f64(), None)
             }
         };
+        for (uuid, integral, seconds) in carried {
+            self.util_since.insert(uuid, (integral, seconds));
+        }
         for device in &poll.devices {
             self.models.insert(device.uuid.clone(), device.name.clone());
         }
@@ -228,8 +258,8 @@ impl LiveAttribution {
         poll.devices
             .iter()
             .map(|device| {
-                let (sum, n) = self.util_since.remove(&device.uuid).unwrap_or_default();
-                let device_util = (n > 0).then(|| sum / f64::from(n));
+                let (integral, seconds) = self.util_since.remove(&device.uuid).unwrap_or_default();
+                let device_util = (seconds > 0.0).then(|| integral / seconds);
                 let on_device = |pid: u32| device_of.get(&pid).copied().or(only) == Some(device.uuid.as_str());
                 let nvml = poll
                     .processes
@@ -299,6 +329,30 @@ mod tests {
         let attribution = live.update(&poll(40.0))["GPU-a"].clone();
         assert!((attribution.share_of(7) - 40.0).abs() < 1.0, "{attribution:?}");
         assert_ne!(attribution.processes[0].basis, super::super::Basis::Nvml);
+    }
+
+    /// A reading that straddles a launch read is split at the read: the
+    /// part after it belongs to the next window. A process that starts
+    /// just after the read (utilization 90 from then on) does not show in
+    /// the window its counts closed, and does show in the next.
+    #[test]
+    fn a_reading_after_the_read_opens_the_next_window() {
+        let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
+        let mut live = LiveAttribution::new(snapshot.clone(), None);
+        publish(&snapshot, 100);
+        live.update(&poll(10.0));
+        let mut total = 100;
+        let mut windows = Vec::new();
+        for util_after_read in [90.0, 90.0] {
+            std::thread::sleep(Duration::from_millis(30));
+            live.update(&poll(if windows.is_empty() { 10.0 } else { 90.0 }));
+            total += 100;
+            publish(&snapshot, total);
+            std::thread::sleep(Duration::from_millis(40));
+            windows.push(live.update(&poll(util_after_read))["GPU-a"].device_util);
+        }
+        assert!(windows[0] < 20.0, "the window the read closed ran at 10: {windows:?}");
+        assert!(windows[1] > 80.0, "the next one ran at 90: {windows:?}");
     }
 
     /// A launch reader that stops publishing does not leave its last

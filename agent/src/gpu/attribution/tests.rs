@@ -308,3 +308,32 @@ fn hostile_windows_keep_shares_bounded() {
         assert!((attribution.share_of(77) - 33.0).abs() < 1.0, "{sharing:?}: {attribution:?}");
     }
 }
+
+/// A tenant toggling faster than two windows (never steady) beside a
+/// steady one, with the reading lagging the counts: the window after each
+/// stop still holds 6 points of the stopped tenant. The toggling key joins
+/// the filter all the same, the lagging windows teach little, and both
+/// costs come out right: 25 / 12 while both run, not the steady tenant's
+/// cost inflated by the other's tail.
+#[test]
+fn a_toggling_tenant_is_learned_and_its_tail_is_not_its_neighbours() {
+    let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::TimeSliced);
+    // Per 0.5 s window: A at 1 ms a launch, B 150 launches at 0.4 ms (12 %).
+    let cycle = [(125.0, 37.0), (60.0, 24.0), (0.0, 18.0), (0.0, 12.0), (60.0, 24.0)];
+    let mut both_running = None;
+    for _ in 0..12 {
+        for &(a_launches, util) in &cycle {
+            let mut launches = vec![count(8, 2, 150.0)];
+            if a_launches > 0.0 {
+                launches.push(count(7, 1, a_launches));
+            }
+            let attribution = estimator.observe(&window(util, launches));
+            if a_launches == 125.0 {
+                both_running = attribution;
+            }
+        }
+    }
+    let attribution = both_running.unwrap();
+    assert!((attribution.share_of(7) - 25.0).abs() < 2.0, "{attribution:?}");
+    assert!((attribution.share_of(8) - 12.0).abs() < 2.0, "{attribution:?}");
+}

@@ -307,6 +307,7 @@ impl Collector {
         };
         self.launch_health =
             self.reader_health("launch counts", &self.probes.launch_status, published, LAUNCHES_STALE_AFTER);
+        let launches_read_s = self.collector_seconds(published);
         let (driver, published) = {
             let snapshot = self.probes.driver.lock().expect("driver snapshot poisoned");
             self.driver_rows = Arc::new(snapshot.rows.clone());
@@ -315,6 +316,7 @@ impl Collector {
         };
         self.driver_health =
             self.reader_health("driver state", &self.probes.driver_status, published, READER_STALE_AFTER);
+        let driver_read_s = self.collector_seconds(published);
         for (uid, pod) in self.pods.iter_mut() {
             pod.launches = pod.launches.max(launches.get(uid).copied().unwrap_or(0));
             let now = driver.get(uid).cloned().unwrap_or_default();
@@ -344,8 +346,10 @@ impl Collector {
                 gpu_confidence_integral: pod.gpu_confidence_integral,
                 gpu_confidence_known_s: pod.gpu_confidence_known_s,
                 gpu_launches: pod.launches,
+                gpu_launches_read_s: launches_read_s,
                 gpu_driver_calls: pod.driver.calls,
                 gpu_driver_blocked_s: pod.driver.blocked_ns as f64 / 1e9,
+                gpu_driver_read_s: driver_read_s,
                 ..Point::default()
             };
             for (&(_, probe), port) in pod.ports.iter_mut() {
@@ -359,6 +363,12 @@ impl Collector {
             }
             pod.history.push(point);
         }
+    }
+
+    /// A reader's publication time on the collector's clock (0 before the
+    /// first publication).
+    fn collector_seconds(&self, published: Option<Instant>) -> f64 {
+        published.map_or(0.0, |at| at.saturating_duration_since(self.started).as_secs_f64())
     }
 
     fn read_probes(&mut self) {
