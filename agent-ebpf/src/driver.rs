@@ -1,7 +1,11 @@
-//! NVIDIA driver calls, seen in the raw `sys_enter`/`sys_exit` tracepoints.
-//! These two programs belong to the driver path alone and are attached
-//! only where the node has an NVIDIA driver (or stand-ins for one): every
-//! syscall on the node pays for them (measured in docs/requests.md).
+//! NVIDIA driver calls, seen at `ioctl` and `close`. Two sets of hooks run
+//! the same code: the per-syscall tracepoints `syscalls:sys_enter_ioctl`,
+//! `sys_exit_ioctl` and `sys_enter_close` (`*_tp`; other syscalls run no
+//! program, so they pay only the kernel's syscall-tracing slow path), and,
+//! where tracefs cannot be reached, the raw `sys_enter`/`sys_exit`
+//! tracepoints, which every syscall on the node runs (measured in
+//! docs/requests.md). Either set is attached only where the node has an
+//! NVIDIA driver (or stand-ins for one).
 //!
 //! `ioctl` entry: a request shaped like an NVIDIA escape (`_IOWR('F', nr,
 //! size)`, `nr` in the escape ranges), or any ioctl of a process already
@@ -19,9 +23,10 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{map, raw_tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    programs::{RawTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use podgpu_common::{
     driver::{
@@ -54,6 +59,18 @@ static DRIVER_INPUT: PerCpuArray<DriverInput> = PerCpuArray::with_max_entries(1,
 
 /// Slot of `driver_decode` in `TAIL_CALLS`.
 pub const DECODE_SLOT: u32 = 1;
+
+/// The tracepoint path's tail call (slot 0: `driver_decode_tp`): a program
+/// array holds programs of one type, and `TAIL_CALLS` holds raw ones.
+#[map]
+static DRIVER_TP_TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Offsets in the `syscalls:sys_enter_*` records of the first three
+/// arguments, and in `sys_exit_*` of the return value (each field 8 bytes
+/// after the 8-byte common header and the syscall number; the records'
+/// `format` files in tracefs).
+const TP_ARGS: [usize; 3] = [16, 24, 32];
+const TP_RET: usize = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -115,13 +132,54 @@ pub fn syscall_enter(ctx: RawTracePointContext) -> i32 {
         }
         return 0;
     }
-    if let Ok(Some(pending)) = ioctl_enter(&ctx, tgid) {
+    if let Ok(args) = syscall_args(&ctx) {
+        if let Some(pending) = ioctl_enter(args, tgid) {
+            stash(&ctx, pending);
+        }
+    }
+    0
+}
+
+/// `syscalls:sys_enter_ioctl`: the raw path's `ioctl` branch.
+#[tracepoint]
+pub fn ioctl_enter_tp(ctx: TracePointContext) -> i32 {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    // SAFETY: fields of the syscall record at their fixed offsets.
+    let args = unsafe { TP_ARGS.map(|offset| ctx.read_at::<u64>(offset).unwrap_or(u64::MAX)) };
+    if let Some(pending) = ioctl_enter(args, tgid) {
         stash(&ctx, pending);
     }
     0
 }
 
-fn stash(ctx: &RawTracePointContext, pending: Pending) {
+/// `syscalls:sys_exit_ioctl`.
+#[tracepoint]
+pub fn ioctl_exit_tp(ctx: TracePointContext) -> i32 {
+    // SAFETY: the return value's field of the syscall record.
+    let ret = unsafe { ctx.read_at::<i64>(TP_RET) }.unwrap_or(-1);
+    if let Some(pending) = consume_pending() {
+        if hand_to_decode(&pending, ret) {
+            // SAFETY: the tail call replaces this program or returns.
+            unsafe { DRIVER_TP_TAIL_CALLS.tail_call(&ctx, 0) };
+        }
+    }
+    0
+}
+
+/// `syscalls:sys_enter_close`.
+#[tracepoint]
+pub fn close_enter_tp(ctx: TracePointContext) -> i32 {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    if is_client(tgid) {
+        // SAFETY: the fd field of the syscall record.
+        if let Ok(fd) = unsafe { ctx.read_at::<u64>(TP_ARGS[0]) } {
+            close(tgid, fd);
+        }
+    }
+    0
+}
+
+fn stash<C: EbpfContext>(ctx: &C, pending: Pending) {
     let id = bpf_get_current_pid_tgid();
     if let Some(slot) = PENDING.get_ptr_mut(id) {
         // SAFETY: this thread's slot; only this thread writes it.
@@ -136,19 +194,31 @@ fn stash(ctx: &RawTracePointContext, pending: Pending) {
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn syscall_exit(ctx: RawTracePointContext) -> i32 {
+    if let Some(pending) = consume_pending() {
+        if hand_to_decode(&pending, ctx.arg(1)) {
+            // SAFETY: the tail call replaces this program or returns.
+            unsafe { TAIL_CALLS.tail_call(&ctx, DECODE_SLOT) };
+        }
+    }
+    0
+}
+
+/// This thread's stashed ioctl, if its process is a driver client and
+/// the slot was not consumed yet; marks it consumed.
+#[inline(always)]
+fn consume_pending() -> Option<Pending> {
     let id = bpf_get_current_pid_tgid();
     if !is_client(id >> 32) {
-        return 0;
+        return None;
     }
-    let Some(slot) = PENDING.get_ptr_mut(id) else { return 0 };
+    let slot = PENDING.get_ptr_mut(id)?;
     // SAFETY: this thread's slot (plain data), copied, then marked consumed.
     let pending = unsafe { *slot };
     if pending.fd_kind == CONSUMED {
-        return 0;
+        return None;
     }
     unsafe { (*slot).fd_kind = CONSUMED };
-    ioctl_exit(&ctx, &pending, ctx.arg(1));
-    0
+    Some(pending)
 }
 
 #[inline(always)]
@@ -166,14 +236,13 @@ fn mark_client(tgid: u64) {
     }
 }
 
-/// `ioctl` entry: the stash for `ioctl_exit`, or `None` if it is not a
-/// driver call.
+/// `ioctl` entry with arguments (fd, request, parameters): the stash for
+/// the exit, or `None` if it is not a driver call.
 #[inline(always)]
-fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>, i64> {
-    let [fd, request, params] = syscall_args(ctx)?;
+fn ioctl_enter([fd, request, params]: [u64; 3], tgid: u64) -> Option<Pending> {
     let request = request as u32;
     if !is_escape_shaped(request) && !is_client(tgid) {
-        return Ok(None);
+        return None;
     }
     let key = (tgid << 32) | (fd & 0xffff_ffff);
     let kind = match DRIVER_FDS.get_ptr(key) {
@@ -182,10 +251,10 @@ fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>,
         None => fd_kind::UNVERIFIED,
     };
     if kind == fd_kind::NOT_NVIDIA {
-        return Ok(None);
+        return None;
     }
     mark_client(tgid);
-    Ok(Some(Pending {
+    Some(Pending {
         params,
         // SAFETY: helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
@@ -195,13 +264,14 @@ fn ioctl_enter(ctx: &RawTracePointContext, tgid: u64) -> Result<Option<Pending>,
         fd: fd as u32,
         fd_kind: kind,
         _padding: 0,
-    }))
+    })
 }
 
-/// `ioctl` exit: hand the call to `driver_decode`.
+/// `ioctl` exit: leaves the call for the decoder (this CPU's scratch slot);
+/// the caller tail-calls its own decoder.
 #[inline(always)]
-fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
-    let Some(input) = DRIVER_INPUT.get_ptr_mut(0) else { return };
+fn hand_to_decode(pending: &Pending, ret: i64) -> bool {
+    let Some(input) = DRIVER_INPUT.get_ptr_mut(0) else { return false };
     // SAFETY: this CPU's scratch slot.
     unsafe {
         *input = DriverInput {
@@ -214,8 +284,8 @@ fn ioctl_exit(ctx: &RawTracePointContext, pending: &Pending, ret: i64) {
             fd_kind: pending.fd_kind,
             _padding: 0,
         };
-        let _ = TAIL_CALLS.tail_call(ctx, DECODE_SLOT);
     }
+    true
 }
 
 /// `close` by a driver client: forget the fd, and tell user space if it was
@@ -249,6 +319,18 @@ fn close(tgid: u64, fd: u64) {
 
 #[raw_tracepoint]
 pub fn driver_decode(ctx: RawTracePointContext) -> i32 {
+    decode_call(&ctx)
+}
+
+/// `driver_decode` for the tracepoint path.
+#[tracepoint]
+pub fn driver_decode_tp(ctx: TracePointContext) -> i32 {
+    decode_call(&ctx)
+}
+
+/// Decodes the call `hand_to_decode` left and emits its event.
+#[inline(always)]
+fn decode_call<C: EbpfContext>(ctx: &C) -> i32 {
     let Some(input) = DRIVER_INPUT.get(0) else { return 0 };
     let input = *input;
     let Some(mut entry) = DRIVER_EVENTS.reserve::<DriverEvent>(0) else {
@@ -276,7 +358,7 @@ pub fn driver_decode(ctx: RawTracePointContext) -> i32 {
         if event.flags & decode_flags::DECODED == 0 {
             let (nr, size, flags) = (event.nr, event.size, event.flags);
             aya_log_ebpf::debug!(
-                &ctx,
+                ctx,
                 "driver call nr {:x} with {} bytes of parameters not decoded (flags {:x})",
                 nr,
                 size,

@@ -271,12 +271,20 @@ struct NodeOptions {
     #[arg(long, hide = true)]
     driver_stand_in: Vec<podgpu_agent::probes::driver::devices::StandIn>,
     /// The NVIDIA driver path (per-pod contexts, driver memory, calls and
-    /// time blocked in the driver): auto, on or off. Its `sys_enter` and
-    /// `sys_exit` tracepoints cost every syscall on the node ~+200 ns
-    /// (docs/requests.md, "The node's tax"), so `auto` attaches them only
-    /// where `/proc/devices` lists an NVIDIA driver (or stand-ins are given).
+    /// time blocked in the driver): auto, on or off. Its hooks cost the
+    /// syscall path (docs/requests.md, "The node's tax"), so `auto`
+    /// attaches them only where `/proc/devices` lists an NVIDIA driver (or
+    /// stand-ins are given).
     #[arg(long, env = "PODGPU_DRIVER_PATH", default_value = "auto", value_parser = ["auto", "on", "off"])]
     driver_path: String,
+    /// Which hooks carry the driver path: `tracepoints` (the per-syscall
+    /// `syscalls:sys_enter_ioctl`/`sys_exit_ioctl`/`sys_enter_close`; other
+    /// syscalls run no program; needs tracefs at /sys/kernel/tracing),
+    /// `raw` (`sys_enter`/`sys_exit`, which every syscall runs), or `auto`
+    /// (tracepoints where tracefs can be reached, raw otherwise, said in
+    /// /healthz).
+    #[arg(long, env = "PODGPU_DRIVER_HOOKS", default_value = "auto", value_parser = ["auto", "tracepoints", "raw"])]
+    driver_hooks: String,
     /// Read each pod's inference engine's own metrics (queue, batch, KV
     /// cache, TTFT): on or off. Engines are found with no configuration
     /// (docs/engines.md); pods where none is found are not scraped.
@@ -416,6 +424,11 @@ async fn main() -> anyhow::Result<()> {
         launch_accounting: options.launch_accounting == "on",
         launch_overhead_budget: options.launch_overhead_budget / 100.0,
         driver_stand_ins: options.driver_stand_in.clone(),
+        driver_hooks: match options.driver_hooks.as_str() {
+            "tracepoints" => podgpu_agent::probes::requests::DriverHooks::Tracepoints,
+            "raw" => podgpu_agent::probes::requests::DriverHooks::Raw,
+            _ => podgpu_agent::probes::requests::DriverHooks::Auto,
+        },
         driver_path: match options.driver_path.as_str() {
             "on" => podgpu_agent::roles::node::DriverPath::On,
             "off" => podgpu_agent::roles::node::DriverPath::Off,

@@ -40,6 +40,20 @@ pub fn require_root() {
     assert_eq!(euid, 0, "run as root (scripts/test.sh): these tests load eBPF programs and create cgroups");
 }
 
+/// Mounts tracefs at `/sys/kernel/tracing` unless it is there, as systemd
+/// does at boot on a node (these VMs do not): the driver path's
+/// per-syscall tracepoints, and the chart's mount of the host's tracefs,
+/// need it. A node without it is tested too (`--driver-hooks raw`).
+pub fn ensure_tracefs() {
+    let tracing = std::path::Path::new("/sys/kernel/tracing");
+    if tracing.join("events").is_dir() {
+        return;
+    }
+    let status =
+        std::process::Command::new("mount").args(["-t", "tracefs", "nodev"]).arg(tracing).status().expect("mount runs");
+    assert!(status.success() && tracing.join("events").is_dir(), "mounting tracefs at {}", tracing.display());
+}
+
 /// Raises this process's open-file limit to its hard limit (children
 /// inherit it): tests that hold thousands of connections need more than
 /// the usual soft 1,024.

@@ -133,6 +133,7 @@ fn the_rendered_daemonset_is_what_the_real_node_tests_run() {
     assert_eq!(args(daemonset)[0], "node");
     assert!(args(daemonset).contains(&"--launch-accounting=on".to_string()));
     assert!(args(daemonset).contains(&"--driver-path=auto".to_string()));
+    assert!(args(daemonset).contains(&"--driver-hooks=auto".to_string()));
 
     // The seccomp profile the DaemonSet test runs the agent under is the
     // one the init container writes where the agent's Localhost profile

@@ -332,9 +332,17 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let tools = tempfile::tempdir().unwrap();
     driver_standin::build(tools.path()).expect("stand-in device and client build");
     let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    // A node with tracefs mounted, as systemd mounts it: the chart's mount
+    // of the host's tracefs carries the driver path's tracepoints.
+    integration::ensure_tracefs();
     let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort], &device.mountpoint);
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
+    let driver_detail = health["driver"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        driver_detail.contains("syscalls:sys_enter_ioctl"),
+        "the driver path on the per-syscall tracepoints, through the chart's tracefs mount: {health}"
+    );
     assert_eq!(health["launches"]["state"], "ok", "launch uprobes load with the chart's capabilities: {health}");
     assert_eq!(get(agent.http, "/readyz").await.unwrap().status, 200);
     let mut keda = KedaClient::connect(agent.keda).await.expect("the agent's gRPC port");

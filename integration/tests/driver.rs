@@ -39,8 +39,22 @@ fn expect_line(output: &mut BufReader<ChildStdout>, expected: &str) {
 /// and unknown-size ones do not change memory; ioctls on fds that are not
 /// NVIDIA's are ignored; an exited process's calls stay booked on its pod
 /// while its contexts and memory go.
+/// On the per-syscall tracepoints (`syscalls:sys_enter_ioctl`, ...), what
+/// a node with tracefs gets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn driver_calls_are_decoded_per_pod() {
+    integration::ensure_tracefs();
+    decoded_per_pod("tracepoints", "syscalls:sys_enter_ioctl").await;
+}
+
+/// On raw `sys_enter`/`sys_exit`, the fallback where tracefs cannot be
+/// reached: the same calls, the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driver_calls_are_decoded_per_pod_on_raw_hooks() {
+    decoded_per_pod("raw", "raw sys_enter/sys_exit").await;
+}
+
+async fn decoded_per_pod(hooks: &str, described_as: &str) {
     require_root();
     let tools = tempfile::tempdir().unwrap();
     build(tools.path()).expect("stand-in device and client build");
@@ -54,12 +68,16 @@ async fn driver_calls_are_decoded_per_pod() {
         PodEntry { uid: &uid_a, namespace: &ns, name: "infer-a", app: "a" },
         PodEntry { uid: &uid_b, namespace: &ns, name: "infer-b", app: "b" },
     ];
-    let stand_in_args = StandInDevice::agent_args(&device.mountpoint);
+    let mut stand_in_args = StandInDevice::agent_args(&device.mountpoint);
+    stand_in_args.extend(["--driver-hooks".to_string(), hooks.to_string()]);
     let stand_in_args: Vec<&str> = stand_in_args.iter().map(String::as_str).collect();
     // The eBPF programs' own log at debug: the odd-sized call below is one
     // of the rare conditions they report through aya-log.
     let (agent, files) =
         AgentProcess::start_for_pods_logged(&pods, &stand_in_args, Some("info,podgpu::ebpf=debug")).expect("agent");
+    let health = json(agent.http, "/healthz").await;
+    let detail = health["driver"]["detail"].as_str().unwrap_or_default().to_string();
+    assert!(detail.contains(described_as), "the driver path on {hooks}: {health}");
     let go = tools.path().join("go");
     let start = |pod: &mut CgroupPod, first_mib: &str, second_mib: &str| {
         let mut command = Command::new(tools.path().join("driver_client"));

@@ -18,7 +18,9 @@
 //! agent as the chart ships it on a node without an NVIDIA driver (request
 //! probe on the socket tracepoints, launch accounting on, driver path not
 //! attached); and the same agent with the driver path on, as on a GPU
-//! node (its raw `sys_enter`/`sys_exit` programs). Each figure is the median of `repeats` timed loops of
+//! node, on the per-syscall tracepoints of `ioctl` and `close` (the
+//! chart's default where tracefs is mounted) and on its raw
+//! `sys_enter`/`sys_exit` fallback. Each figure is the median of `repeats` timed loops of
 //! `calls` calls; the report gives each configuration's median over the
 //! rounds and the difference against nothing attached.
 use std::path::Path;
@@ -148,15 +150,17 @@ enum Attached {
     NoopSocket,
     Agent,
     AgentWithDriverPath,
+    AgentWithRawDriverPath,
 }
 
-const CONFIGS: [Attached; 6] = [
+const CONFIGS: [Attached; 7] = [
     Attached::Nothing,
     Attached::NoopHooks,
     Attached::NoopPerSyscall,
     Attached::NoopSocket,
     Attached::Agent,
     Attached::AgentWithDriverPath,
+    Attached::AgentWithRawDriverPath,
 ];
 
 impl Attached {
@@ -168,6 +172,7 @@ impl Attached {
             Attached::NoopSocket => "no-op sock:sock_*_length",
             Attached::Agent => "agent (chart, no NVIDIA)",
             Attached::AgentWithDriverPath => "agent + driver path",
+            Attached::AgentWithRawDriverPath => "agent + raw driver path",
         }
     }
 }
@@ -212,10 +217,13 @@ fn socket_args_feasibility(fds: &Fds) {
 /// The agent as the chart runs it, less what needs a cluster: request
 /// probe, launch accounting on (its default), no GPU on this machine. The
 /// driver path is `auto` in the chart: off here (no NVIDIA driver), on on a
-/// GPU node, which `driver_path` stands for.
-fn start_agent(driver_path: bool) -> anyhow::Result<AgentProcess> {
+/// GPU node, which `driver_path` stands for, on the hooks `driver_hooks`
+/// names (the chart's `auto` takes the per-syscall tracepoints where
+/// tracefs is mounted, `raw` is its fallback).
+fn start_agent(driver_path: bool, driver_hooks: &str) -> anyhow::Result<AgentProcess> {
     let path = if driver_path { "on" } else { "auto" };
-    let args = ["--gpu", "none", "--launch-accounting", "on", "--driver-path", path].map(String::from);
+    let args = ["--gpu", "none", "--launch-accounting", "on", "--driver-path", path, "--driver-hooks", driver_hooks]
+        .map(String::from);
     let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
     // The probes attach before the agent serves; let the first tick run.
     std::thread::sleep(Duration::from_millis(500));
@@ -260,8 +268,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                         }
                     }
                 }
-                Attached::Agent | Attached::AgentWithDriverPath => {
-                    let mut agent = start_agent(*config == Attached::AgentWithDriverPath)?;
+                Attached::Agent | Attached::AgentWithDriverPath | Attached::AgentWithRawDriverPath => {
+                    let hooks = if *config == Attached::AgentWithRawDriverPath { "raw" } else { "auto" };
+                    let mut agent = start_agent(*config != Attached::Agent, hooks)?;
                     let measured = measure(&fds, &options);
                     agent.stop(Duration::from_secs(5));
                     measured

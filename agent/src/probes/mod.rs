@@ -80,7 +80,7 @@ pub fn program_stats(ebpf: &aya::Ebpf) -> Vec<BpfProgramStats> {
 }
 
 /// The program `name` of `ebpf` as its type `P`.
-fn program_of<'a, P>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+pub(crate) fn program_of<'a, P>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {

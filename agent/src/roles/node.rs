@@ -73,6 +73,8 @@ pub struct Config {
     pub driver_stand_ins: Vec<probes::driver::devices::StandIn>,
     /// Whether the driver path's syscall tracepoints are attached.
     pub driver_path: DriverPath,
+    /// Which hooks carry the driver path (`--driver-hooks`).
+    pub driver_hooks: probes::requests::DriverHooks,
     /// How engines' own metrics are scraped (`None`: not at all).
     pub engine_scrape: Option<EngineScrape>,
 }
@@ -427,15 +429,21 @@ fn driver_path(
         };
         return Ok((None, status));
     }
-    if let Err(err) = probe.attach_driver_path() {
-        if config.require_ebpf {
-            return Err(anyhow::Error::new(err).context("attaching the driver path (PODGPU_REQUIRE_EBPF)"));
+    let hooks = match probe.attach_driver_path(config.driver_hooks) {
+        Ok(hooks) => hooks,
+        Err(err) => {
+            if config.require_ebpf {
+                return Err(anyhow::Error::new(err).context("attaching the driver path (PODGPU_REQUIRE_EBPF)"));
+            }
+            tracing::warn!(error = %err, "the driver path did not attach: its signals are unavailable");
+            return Ok((None, SourceStatus::Degraded { reason: format!("driver path: {err}") }));
         }
-        tracing::warn!(error = %err, "the driver path did not attach: its signals are unavailable");
-        return Ok((None, SourceStatus::Degraded { reason: format!("driver path: {err}") }));
+    };
+    if let probes::requests::DriverHooksUsed::Raw { why: Some(why) } = &hooks {
+        tracing::warn!(reason = %why, "driver path on raw sys_enter/sys_exit: every syscall on the node pays for it; mount tracefs at /sys/kernel/tracing on the host");
     }
     let maps = probe.take_driver_maps().context("taking the driver path's maps")?;
-    Ok((Some(maps), SourceStatus::Ok { detail: "ioctls decoded in the sys_enter/sys_exit tracepoints".to_string() }))
+    Ok((Some(maps), SourceStatus::Ok { detail: hooks.describe() }))
 }
 
 /// Adapts a `()` future to the `anyhow::Result` the task set expects.

@@ -3,11 +3,14 @@
 //! driver path's syscall tracepoints that share its object), manages the
 //! watched cgroups and tracked connections, and runs the reader task that
 //! drains the ring buffer through the per-connection parsers.
+mod driver_hooks;
 pub mod http1;
 pub mod http2;
 pub mod sockets;
 pub mod tracker;
 pub mod traffic;
+
+pub use driver_hooks::{DriverHooks, DriverHooksUsed};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,7 +56,6 @@ const SOCKET_PROGRAMS: [(&str, &str); 4] = [
     ("socket_sent", "sock_send_length"),
 ];
 /// The driver path: every syscall on the node runs these.
-const DRIVER_PROGRAMS: [(&str, &str); 2] = [("syscall_enter", "sys_enter"), ("syscall_exit", "sys_exit")];
 const WATCHED: &str = "WATCHED_CGROUPS";
 const WALKER: &str = "h2_walk";
 const DRIVER_DECODE: &str = "driver_decode";
@@ -150,13 +152,6 @@ impl RequestProbe {
         }
         super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
         Ok(Self { ebpf, log })
-    }
-
-    /// Attaches the driver path's `sys_enter`/`sys_exit` programs: from
-    /// here on every syscall on the node pays for them, so only nodes that
-    /// have an NVIDIA driver (or tests with stand-ins) do this.
-    pub fn attach_driver_path(&mut self) -> Result<(), ProbeError> {
-        super::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS)
     }
 
     /// Starts tracking connections accepted in `cgroup_id`.
