@@ -124,16 +124,17 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
     println!("generated: {generated}\nrecorded: {recorded}");
     // Where the estimator stands on seed 1 against the scenario space of
-    // docs/attribution.md (p90 13.9, 48% within 5, 10% worse than NVML,
-    // 35% worse than the launch share, 16% of confident bins more than 5
-    // points off), with room for noise: a regression beyond these fails.
-    // Calibration already meets the bar.
-    assert!(number(generated, "mae_p90") <= 15.0, "{generated}");
-    assert!(number(generated, "within_5") >= 0.45, "{generated}");
+    // docs/attribution.md (p90 13.4, 49% within 5, 10% worse than NVML,
+    // 34% worse than the launch share, 13% of confident bins more than 5
+    // points off, 97% of bins within 2σ), with room for noise: a
+    // regression beyond these fails. Calibration already meets the
+    // issue's bar.
+    assert!(number(generated, "mae_p90") <= 14.5, "{generated}");
+    assert!(number(generated, "within_5") >= 0.46, "{generated}");
     assert!(number(generated, "worse_than_nvml") <= 0.12, "{generated}");
-    assert!(number(generated, "worse_than_launch_share") <= 0.38, "{generated}");
+    assert!(number(generated, "worse_than_launch_share") <= 0.37, "{generated}");
     let confident_misses = number(generated, "confident_bins_over_5") / number(generated, "confident_bins");
-    assert!(confident_misses <= 0.2, "{generated}");
+    assert!(confident_misses <= 0.16, "{generated}");
     assert!(number(generated, "bins_within_2_sigma") >= 0.90, "{generated}");
     assert!(number(recorded, "bins_within_2_sigma") >= 0.90, "{recorded}");
 }

@@ -133,6 +133,10 @@ impl EstimatorConfig {
     }
 }
 
+/// Most a rate jump may loosen a cost by, relative to the cost (a rate
+/// that fell 10x).
+const MAX_COST_JUMP: f64 = 9.0;
+
 /// Windows an unlearned key may launch in without holding a steady rate
 /// before it joins the filter anyway.
 const UNSTEADY_ADMISSION: u32 = 3;
@@ -332,7 +336,15 @@ impl Estimator {
                     let jump = (rate - tracked.last_rate).abs() / rate.max(tracked.last_rate).max(f64::MIN_POSITIVE);
                     if jump > cfg.jump_tolerance {
                         tracked.hold = cfg.jump_hold;
-                        tracked.jump = jump;
+                        // How far the cost moves if the share held (a batch
+                        // change at a fixed duty): a rate that fell 4x may
+                        // mean a cost 4x higher (+300 %), one that rose 4x
+                        // a cost 4x lower (-75 %). Scaled by the jump
+                        // itself (|Δrate| / max), a fall loosened the cost a
+                        // quarter of what it may need, and shares of loads
+                        // whose batches grow stayed low.
+                        tracked.jump =
+                            if rate > 0.0 { (tracked.last_rate / rate - 1.0).abs().min(MAX_COST_JUMP) } else { jump };
                     }
                     let mut noise =
                         (cfg.cost_drift * cost).powi(2) + (cfg.share_drift / tracked.reference_rate).powi(2);

@@ -337,3 +337,28 @@ fn a_toggling_tenant_is_learned_and_its_tail_is_not_its_neighbours() {
     assert!((attribution.share_of(7) - 25.0).abs() < 2.0, "{attribution:?}");
     assert!((attribution.share_of(8) - 12.0).abs() < 2.0, "{attribution:?}");
 }
+
+/// A batch change at a fixed duty: tenant A's launches fall 4x while each
+/// costs 4x more (its share holds at 20 %), beside B at 10 %. The cost
+/// is loosened by as much as the share-holding change needs, so A keeps
+/// its 20 % a few windows on, not a quarter of it.
+#[test]
+fn a_batch_that_grows_keeps_its_share() {
+    let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::TimeSliced);
+    // Learn both costs: B's rate moves between 80 and 120 launches a window.
+    for step in 0..30 {
+        let b_launches = if step % 4 < 2 { 80.0 } else { 120.0 };
+        // Per 0.5 s window: A 100 x 1 ms (20 %), B at 0.5 ms (0.1 % a launch).
+        let util = 20.0 + b_launches * 0.1;
+        estimator.observe(&window(util, vec![count(7, 1, 100.0), count(8, 2, b_launches)]));
+    }
+    let before = estimator.observe(&window(30.0, vec![count(7, 1, 100.0), count(8, 2, 100.0)])).unwrap();
+    assert!((before.share_of(7) - 20.0).abs() < 2.0, "{before:?}");
+    let mut after = None;
+    for _ in 0..4 {
+        after = estimator.observe(&window(30.0, vec![count(7, 1, 25.0), count(8, 2, 100.0)]));
+    }
+    let after = after.unwrap();
+    assert!((after.share_of(7) - 20.0).abs() < 3.0, "{after:?}");
+    assert!((after.share_of(8) - 10.0).abs() < 3.0, "{after:?}");
+}
