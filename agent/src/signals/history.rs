@@ -100,16 +100,23 @@ impl History {
         field: impl Fn(&Point) -> f64,
         read_s: impl Fn(&Point) -> f64,
     ) -> Option<f64> {
-        let latest = self.points.back()?;
-        let start_at = latest.at_s - window_s;
-        let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
-        let mut start = first_inside.saturating_sub(1);
+        let (mut start, latest) = self.window_start(window_s)?;
         while start > 0 && read_s(&self.points[start]) >= read_s(latest) - 1e-9 {
             start -= 1;
         }
         let start = &self.points[start];
         let span = read_s(latest) - read_s(start);
         (span > 1e-9).then(|| (field(latest) - field(start)) / span)
+    }
+
+    /// The index of the point a window of `window_s` starts from, and the
+    /// newest point. The point at or just before the window's start is
+    /// preferred: it makes the window at least as long as asked.
+    fn window_start(&self, window_s: f64) -> Option<(usize, &Point)> {
+        let latest = self.points.back()?;
+        let start_at = latest.at_s - window_s;
+        let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
+        Some((first_inside.saturating_sub(1), latest))
     }
 
     /// Change of `numerator` divided by change of `denominator` over the
@@ -121,12 +128,8 @@ impl History {
         numerator: impl Fn(&Point) -> f64,
         denominator: impl Fn(&Point) -> f64,
     ) -> Option<f64> {
-        let latest = self.points.back()?;
-        let start_at = latest.at_s - window_s;
-        let first_inside = self.points.partition_point(|point| point.at_s < start_at - 1e-9);
-        // Prefer the point at or just before the window start: it makes the
-        // window at least as long as asked.
-        let start = &self.points[first_inside.saturating_sub(1)];
+        let (start, latest) = self.window_start(window_s)?;
+        let start = &self.points[start];
         let span = denominator(latest) - denominator(start);
         (span > 1e-9).then(|| (numerator(latest) - numerator(start)) / span)
     }
