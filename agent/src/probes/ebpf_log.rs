@@ -80,7 +80,14 @@ pub async fn run(log: ProgramLog, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             ready = log.readable_mut() => {
                 let Ok(mut guard) = ready else { return };
-                guard.get_inner_mut().flush();
+                // aya-log unwraps its parse of each record: a record it
+                // cannot read would panic here. The agent keeps running
+                // without the programs' log instead.
+                let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guard.get_inner_mut().flush()));
+                if flushed.is_err() {
+                    tracing::warn!("an eBPF log record could not be read: the programs' own log is off until restart; their counters still count");
+                    return;
+                }
                 guard.clear_ready();
             }
         }
