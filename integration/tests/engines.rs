@@ -201,6 +201,15 @@ async fn every_engine_is_found_by_its_process_and_read() {
     reads(&mut through_scaler, &ns, "vllm", "engine_requests_waiting", 3.0, within).await.unwrap();
     let p50 = read(&mut through_scaler, &ns, "vllm", "engine_ttft_ms_p50").await.expect("engine TTFT via the scaler");
     assert!((250.0..=500.0).contains(&p50), "vLLM's 0.25-0.5 s bucket, through the scaler: {p50} ms");
+    // The scaler's /pods names each pod's engine as the node's does, so
+    // `top` against the scaler shows it.
+    let scaler_pods: Value = serde_json::from_slice(&get(scaler.http, "/pods").await.unwrap().body).expect("JSON");
+    let scaler_engine = |name: &str| {
+        scaler_pods["pods"].as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["engine"].clone())
+    };
+    let vllm_engine = scaler_engine("vllm").unwrap_or_default();
+    assert_eq!(vllm_engine["engine"], "vllm", "{scaler_pods}");
+    assert!(vllm_engine["unavailable"].is_null(), "{scaler_pods}");
 
     // /healthz says, per pod, what was found where and how.
     let health: Value = serde_json::from_slice(&get(scene.agent.http, "/healthz").await.unwrap().body).expect("JSON");

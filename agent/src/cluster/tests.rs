@@ -192,3 +192,24 @@ async fn a_node_not_polled_for_a_trigger_holds_it_back() {
     assert_eq!(view.coverage_error(&ask("ns", &other)), None);
     back.cancel();
 }
+
+/// A node pod's engine reaches the scaler's `/pods` in the node's shape:
+/// read, found but failing, or none.
+#[test]
+fn remote_engine_reads_as_the_nodes_does() {
+    let remote = |engine: &str, failing: bool| {
+        view::RemotePod::decode(PodSignals {
+            engine: engine.to_string(),
+            engine_failing: failing,
+            ..PodSignals::default()
+        })
+        .engine_json()
+    };
+    let read = remote("vllm", false);
+    assert_eq!((read["engine"].as_str(), read["unavailable"].is_null()), (Some("vllm"), true), "{read}");
+    let failing = remote("tgi", true);
+    assert_eq!(failing["engine"], "tgi");
+    assert!(failing["unavailable"].as_str().is_some_and(|why| why.contains("not read")), "{failing}");
+    let none = remote("", false);
+    assert!(none["engine"].is_null() && none["unavailable"].is_string(), "{none}");
+}

@@ -25,6 +25,10 @@ pub struct RemotePod {
     pub(super) metadata_pending: bool,
     /// With a selection: the queries (by index in the request) that select it.
     pub(super) selected_by: Vec<u32>,
+    /// The inference engine found in the pod, and whether its metrics
+    /// fail to read.
+    pub(super) engine: Option<String>,
+    pub(super) engine_failing: bool,
 }
 
 impl RemotePod {
@@ -38,7 +42,20 @@ impl RemotePod {
             unavailable: pod.unavailable,
             metadata_pending: pod.metadata_pending,
             selected_by: pod.selected_by,
+            engine: (!pod.engine.is_empty()).then_some(pod.engine),
+            engine_failing: pod.engine_failing,
         }
+    }
+
+    /// For `/pods`: the engine found and whether it is read, in the node
+    /// agent's shape (`engine`, `unavailable`), so `top` reads either.
+    pub fn engine_json(&self) -> serde_json::Value {
+        let unavailable = match (&self.engine, self.engine_failing) {
+            (None, _) => Some("no inference engine found".to_string()),
+            (Some(engine), true) => Some(format!("{engine} found, its metrics not read (the node's /pods says why)")),
+            (Some(_), false) => None,
+        };
+        serde_json::json!({ "engine": self.engine, "unavailable": unavailable })
     }
 
     fn window(&self, window_s: f64) -> Option<&WindowValues> {

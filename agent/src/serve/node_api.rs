@@ -99,6 +99,8 @@ pub fn snapshot(node: &str, view: &NodeView, windows: &[f64], selection: Option<
                     .collect(),
                 metadata_pending: pod.metadata_pending,
                 selected_by: pick.map(|p| p.selected_by).unwrap_or_default(),
+                engine: pod.engine.scrape.engine.map(|engine| engine.name().to_string()).unwrap_or_default(),
+                engine_failing: pod.engine.scrape.engine.is_some() && pod.engine.unavailable.is_some(),
             }
         })
         .collect();

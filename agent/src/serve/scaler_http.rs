@@ -97,6 +97,7 @@ async fn pods(State(view): State<ViewRx>, Query(query): Query<HashMap<String, St
                 "labels": pod.labels(),
                 "node": node.name,
                 "values": values,
+                "engine": pod.engine_json(),
             })
         })
         .collect();
