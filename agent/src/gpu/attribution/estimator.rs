@@ -26,15 +26,20 @@
 //!    known ones do not explain, a process that just stopped takes what
 //!    the lagging reading still shows of it), and shares never sum above
 //!    it. A share's σ keeps how far its process moved inside the window.
-//! 5. What the data cannot separate is split evenly: shares whose split σ
-//!    is large move toward the mean of the other uncertain ones, keeping
-//!    their sum, so an unobservable split does not depend on the order in
-//!    which co-started processes were admitted.
+//! 5. What the data cannot separate is split evenly, or by fair span time
+//!    where completion spans are seen (`spans`): shares whose split σ is
+//!    large move toward their part of the uncertain ones' sum, so an
+//!    unobservable split does not depend on the order in which co-started
+//!    processes were admitted.
+//! 6. Completion spans bound every share (`spans::bound`): no process is
+//!    given more than its time with work outstanding, and σ narrows to
+//!    the bounds where they are tighter.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::catalog::LearnedCost;
 use super::filter::{CostFilter, Slot};
-use super::shares::{confidence_of, nvml_only, sane, split_evenly_where_unseparable};
+use super::shares::{confidence_of, nvml_only, sane, split_where_unseparable};
+use super::spans;
 use super::{Attribution, Basis, LaunchCount, ProcessShare, Window};
 use crate::gpu::Sharing;
 
@@ -496,12 +501,16 @@ impl Estimator {
                 }
             })
             .collect();
-        split_evenly_where_unseparable(&mut processes, &split_variances, cfg.fallback_scale);
+        let evidence = spans::evidence(&window.spans, duration);
+        split_where_unseparable(&mut processes, &split_variances, cfg.fallback_scale, |shares, pulled| {
+            spans::split_weights(shares, pulled, &evidence)
+        });
         let total: f64 = processes.iter().map(|p| p.util_percent).sum();
         if total > available && total > 0.0 {
             let scale = available.max(0.0) / total;
             processes.iter_mut().for_each(|p| p.util_percent *= scale);
         }
+        spans::bound(&mut processes, &evidence, available.max(0.0), cfg.util_noise);
         self.forget_idle();
         Some(Attribution::new(util, overhead, processes))
     }

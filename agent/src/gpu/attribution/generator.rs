@@ -22,6 +22,9 @@
 //!   launch-bound the tenants are (0.5-9 points; the recorded H100 traces
 //!   and the held-out one showed 1.5-9), smaller under MPS (contention
 //!   rather than context switches);
+//! - completion spans on most scenarios (`span_models`): how efficiently
+//!   each tenant keeps the GPU busy while it has work outstanding, and
+//!   whether its waits are seen at all;
 //! - sampled launch accounting on some scenarios (counts off by a few
 //!   percent per read), device-utilization reading noise, and NVML's
 //!   observed distortion (one process named at a time, holding the whole
@@ -29,7 +32,7 @@
 //!
 //! The same seed gives the same scenarios on every machine: the sweep's
 //! scorecard is a figure anyone can reproduce.
-use super::synthetic::{Kernel, Lcg, Phase, Scenario};
+use super::synthetic::{Kernel, Lcg, Phase, Scenario, SpanModel};
 use crate::gpu::Sharing;
 
 /// Length of every generated scenario, seconds.
@@ -130,6 +133,8 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
     let replicas = rng.chance(0.35);
     let mut kernel_sets: Vec<Vec<(Kernel, f64)>> = Vec::with_capacity(tenant_count);
     let mut sharing_kernels: Vec<u32> = Vec::new();
+    // How big each tenant's kernels are (0: 10 µs, 1: 10 ms), for its spans.
+    let mut sizes: Vec<(u32, f64)> = Vec::with_capacity(tenant_count);
     for (t, &level) in levels.iter().enumerate() {
         let pid = 1000 + t as u32;
         let start = if co_started { rng.uniform(0.0, 1.5) } else { rng.uniform(0.0, 15.0) };
@@ -175,6 +180,7 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
         // tenant is, which drives the switching overhead.
         let size = ((mean_cost / 1e-3).log10().clamp(-2.0, 1.0) + 2.0) / 3.0;
         launch_bound += (1.0 - size) / tenant_count as f64;
+        sizes.push((pid, size));
         let pattern = match rng.between(0, 4) {
             0 => Pattern::Steady,
             1 => Pattern::OnOff,
@@ -211,10 +217,32 @@ pub fn draw(seed: u64, index: usize) -> Drawn {
         noise_points: rng.uniform(0.5, 3.0),
         sharing: if mps { Sharing::Mps } else { Sharing::TimeSliced },
         launch_count_noise: if rng.chance(0.4) { rng.uniform(0.02, 0.15) } else { 0.0 },
+        span_models: span_models(seed, index, &sizes),
     };
     sharing_kernels.sort_unstable();
     sharing_kernels.dedup();
     Drawn { scenario, patterns, co_started, sharing_kernels }
+}
+
+/// Completion spans, drawn from a stream of their own so that the rest of
+/// the scenario is the same with or without them: none on 15% of
+/// scenarios (wait probes not attached), and on the rest 15% of tenants
+/// that never wait where the probes see it (they poll, or wait through a
+/// call not probed). Efficiency (the GPU busy part of a tenant's
+/// outstanding time when alone) runs from 0.3-0.8 for launch-bound
+/// tenants to 0.85-1 for 10 ms kernels.
+fn span_models(seed: u64, index: usize, sizes: &[(u32, f64)]) -> Vec<SpanModel> {
+    let mut rng = Lcg::new(seed.rotate_left(17) ^ (index as u64 + 1).wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ 0x5ba5);
+    if !rng.chance(0.85) {
+        return Vec::new();
+    }
+    sizes
+        .iter()
+        .map(|&(pid, size)| {
+            let (small, big) = (rng.uniform(0.3, 0.8), rng.uniform(0.85, 1.0));
+            SpanModel { pid, efficiency: small + (big - small) * size, waits: rng.chance(0.85) }
+        })
+        .collect()
 }
 
 /// A kernel identity unique to (seed, scenario, tenant, kernel), as the

@@ -268,7 +268,11 @@ impl LiveAttribution {
                     .filter_map(|p| Some((p.pid, p.util?.sm_percent)))
                     .collect();
                 let launches = launches.as_ref().map(|all| all.iter().filter(|c| on_device(c.pid)).copied().collect());
-                (device.uuid.clone(), device.sharing, Window { duration_s, device_util, launches, nvml })
+                (
+                    device.uuid.clone(),
+                    device.sharing,
+                    Window { duration_s, device_util, launches, nvml, spans: Vec::new() },
+                )
             })
             .collect()
     }

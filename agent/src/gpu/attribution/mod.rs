@@ -37,8 +37,9 @@
 //! with known costs), `generator` (seeded random scenarios), `sweep` (the
 //! generalisation scorecard over them and the recorded traces), `holdout`
 //! (leave-one-out over the recorded traces), `shares` (the even split,
-//! the confidence scale, the NVML-only answer), `record` (a trace from a live
-//! node), `catalog` (kernel costs kept across agent restarts).
+//! the confidence scale, the NVML-only answer), `spans` (what completion
+//! spans bound and how they split the unseparable), `record` (a trace from
+//! a live node), `catalog` (kernel costs kept across agent restarts).
 pub mod catalog;
 mod estimator;
 mod filter;
@@ -48,6 +49,7 @@ pub mod live;
 pub mod record;
 pub mod replay;
 mod shares;
+mod spans;
 pub mod sweep;
 pub mod synthetic;
 pub mod trace;
@@ -84,6 +86,28 @@ pub struct Window {
     pub launches: Option<Vec<LaunchCount>>,
     /// NVML's per-process SM % over the window.
     pub nvml: Vec<(u32, f64)>,
+    /// Completion spans of the processes the wait probes saw (empty:
+    /// none, e.g. a trace from before spans).
+    pub spans: Vec<ProcessSpan>,
+}
+
+/// One process's completion spans over a window (`spans`): how long it had
+/// GPU work outstanding, from its first launch after idle to the return of
+/// the wait that saw that work finish.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProcessSpan {
+    /// Host pid.
+    pub pid: u32,
+    /// Seconds of the window with work outstanding: its kernels cannot
+    /// have kept the GPU busy for longer.
+    pub busy_s: f64,
+    /// Seconds of the window shared fairly: each instant with work
+    /// outstanding counts `1 / n` for the `n` processes outstanding then
+    /// (`None` when the span events of the window were not all seen).
+    pub fair_s: Option<f64>,
+    /// Spans that ended (a wait returned) in the window: a process that
+    /// never waits keeps its span open and bounds nothing.
+    pub closed: u64,
 }
 
 /// Where a share's value comes from.
@@ -100,6 +124,9 @@ pub enum Basis {
     /// A process whose launch costs are not learned yet: it holds what the
     /// learned ones do not explain.
     Residual,
+    /// Completion spans bound it closer than the launch counts do (its
+    /// time with work outstanding, and the others').
+    Bounded,
     /// No launch counts: NVML's per-process samples, scaled under the
     /// device utilization.
     Nvml,

@@ -128,6 +128,8 @@ pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
                 t: read,
                 rows: launch_rows(&counts["rows"]),
                 kernels: kernel_identities(&counts["rows"]),
+                spans: Vec::new(),
+                spans_lost: 0,
             });
         }
         std::thread::sleep(POLL.saturating_sub(started.elapsed()));

@@ -4,26 +4,46 @@
 //! are no launch counts.
 use super::{Attribution, Basis, ProcessShare};
 
-/// What the data cannot separate is split evenly. A process whose split σ
-/// is large against `scale` points moves toward the mean of the other
-/// uncertain processes (by `σ² / (σ² + scale²)`); a measured one stays.
-/// The sum is kept: the device utilization pins it even when the split
-/// is unknown. Without this, an unobservable split keeps whatever the
-/// costs were when each process was first admitted, which depends on the
-/// order in which co-started processes steadied, not on their loads.
-pub(super) fn split_evenly_where_unseparable(processes: &mut [ProcessShare], split_variances: &[f64], scale: f64) {
+/// What the data cannot separate is split evenly, or by `weights` where
+/// they know better (the fair span time, `spans::split_weights`; `None`:
+/// the even split). A process whose split σ is large against `scale`
+/// points moves toward its weighted part of the uncertain processes' sum
+/// (by `(σ² / scale²)²`, at most all the way); a measured one stays.
+/// Weights from spans are evidence about the split, where the even split
+/// is only the absence of it: they pull from half the σ. The sum is kept:
+/// the device utilization pins it even when the split is unknown. Without
+/// this, an unobservable split keeps whatever the costs were when each
+/// process was first admitted, which depends on the order in which
+/// co-started processes steadied, not on their loads.
+pub(super) fn split_where_unseparable(
+    processes: &mut [ProcessShare],
+    split_variances: &[f64],
+    scale: f64,
+    weights: impl Fn(&[ProcessShare], &[bool]) -> Option<Vec<f64>>,
+) {
     if scale <= 0.0 {
         return;
     }
-    let pull: Vec<f64> = split_variances.iter().map(|v| (v / scale.powi(2)).min(1.0).powi(2)).collect();
-    let weight: f64 = pull.iter().sum();
-    if weight <= 0.0 {
+    let pulled: Vec<bool> = split_variances.iter().map(|&v| v > 0.0).collect();
+    let (pull, weights) = match weights(processes, &pulled) {
+        Some(weights) => (pull_toward_split(split_variances, scale / 2.0), weights),
+        None => (pull_toward_split(split_variances, scale), vec![1.0; processes.len()]),
+    };
+    let weighted: f64 = pull.iter().zip(&weights).map(|(w, f)| w * f).sum();
+    if weighted <= 0.0 {
         return;
     }
-    let mean = processes.iter().zip(&pull).map(|(p, w)| p.util_percent * w).sum::<f64>() / weight;
-    for (process, w) in processes.iter_mut().zip(&pull) {
-        process.util_percent += w * (mean - process.util_percent);
+    // Each target is its weight's part of the pulled sum: Σ pull·(target −
+    // share) is 0, so the sum is kept.
+    let per_weight = processes.iter().zip(&pull).map(|(p, w)| p.util_percent * w).sum::<f64>() / weighted;
+    for ((process, w), f) in processes.iter_mut().zip(&pull).zip(&weights) {
+        process.util_percent += w * (f * per_weight - process.util_percent);
     }
+}
+
+/// How far each share moves toward the split: `(σ² / scale²)²`, at most 1.
+fn pull_toward_split(split_variances: &[f64], scale: f64) -> Vec<f64> {
+    split_variances.iter().map(|v| (v / scale.powi(2)).min(1.0).powi(2)).collect()
 }
 
 /// The error a share is meant to stay within, points: the scale of the

@@ -55,6 +55,24 @@ pub struct Scenario {
     /// Error of each read of the launch counts, as a fraction (0: exact;
     /// sampled launch accounting scales counts from part of the interval).
     pub launch_count_noise: f64,
+    /// How each tenant's completion spans look (empty: the trace has no
+    /// spans, as before spans were probed).
+    pub span_models: Vec<SpanModel>,
+}
+
+/// How one tenant's work is outstanding on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpanModel {
+    /// Host pid.
+    pub pid: u32,
+    /// The part of its time with work outstanding that keeps the GPU busy
+    /// when it runs alone: near 1 for big kernels back to back, lower for
+    /// launch-bound loops whose GPU waits on the CPU between kernels.
+    pub efficiency: f64,
+    /// Whether it waits on its work in a way the probes see (a
+    /// synchronize call). One that does not keeps its span open from its
+    /// first launch on.
+    pub waits: bool,
 }
 
 const START: f64 = 1_800_000_000.0;
@@ -79,6 +97,7 @@ impl Scenario {
             noise_points: 2.0,
             sharing: Sharing::TimeSliced,
             launch_count_noise: 0.0,
+            span_models: Vec::new(),
         }
     }
 
@@ -212,17 +231,22 @@ impl Scenario {
     pub fn generate(&self) -> (Trace, Vec<LaunchLine>) {
         let steps = (self.duration_s / STEP).round() as usize;
         let mut device = Vec::with_capacity(steps);
+        let mut outstanding = Outstanding::new(self);
         let mut busy_of: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); self.tenants.len()];
         // Fraction of each tenant's demand the GPU served at each step.
         let mut served_of: Vec<Vec<f64>> = vec![Vec::with_capacity(steps); self.tenants.len()];
         for step in 0..steps {
             let t = step as f64 * STEP;
+            if step % 50 == 0 {
+                outstanding.snapshot();
+            }
             let demand: Vec<f64> = self.tenants.iter().map(|(_, phases)| self.busy(phases, t)).collect();
             let active = demand.iter().filter(|&&d| d > 0.0).count();
             // Context switches (time-slicing) or contention (MPS): either
             // way the device is busier than the tenants' own work.
             let overhead = self.overhead_points / 100.0 * active.saturating_sub(1) as f64;
             let served = serve(&demand, (1.0 - overhead).max(0.0));
+            outstanding.step(&served);
             let mut total = 0.0;
             for (index, (&wanted, &got)) in demand.iter().zip(&served).enumerate() {
                 busy_of[index].push(got);
@@ -319,7 +343,8 @@ impl Scenario {
                     .collect();
                 kernels.sort_unstable();
                 kernels.dedup();
-                launches.push(LaunchLine { t: START + t, rows, kernels });
+                let spans = outstanding.at(step / 50);
+                launches.push(LaunchLine { t: START + t, rows, kernels, spans, spans_lost: 0 });
             }
             for (((_, phases), counts), served) in self.tenants.iter().zip(cumulative.iter_mut()).zip(&served_of) {
                 let served = served.get(step).copied().unwrap_or(1.0);
@@ -341,6 +366,118 @@ impl Scenario {
         };
         (trace, launches)
     }
+}
+
+/// The completion spans the tenants' waits show, integrated step by step.
+/// A tenant served `g` of the GPU with efficiency `e` has work outstanding
+/// `g / (e · a)` of the time, where `a` is the part of the GPU it gets
+/// while outstanding: `E[1 / (1 + K)]` for the `K` other tenants
+/// outstanding at the same instant (a time-slicing scheduler takes turns
+/// between contexts with work; outstanding times taken as independent).
+/// Its fair span time counts `1 / n` of every instant with `n` tenants
+/// outstanding as the probes see them: a tenant that never waits counts
+/// as always outstanding, which is what its open span says.
+struct Outstanding {
+    models: Vec<Option<SpanModel>>,
+    pids: Vec<u32>,
+    started: Vec<bool>,
+    /// Cumulative busy seconds, fair seconds and spans closed.
+    busy: Vec<f64>,
+    fair: Vec<f64>,
+    closed: Vec<u64>,
+    snapshots: Vec<Vec<(u32, f64, f64, u64)>>,
+}
+
+impl Outstanding {
+    fn new(scenario: &Scenario) -> Self {
+        let models: Vec<Option<SpanModel>> = scenario
+            .tenants
+            .iter()
+            .map(|(pid, _)| scenario.span_models.iter().find(|m| m.pid == *pid).copied())
+            .collect();
+        let n = models.len();
+        Self {
+            models,
+            pids: scenario.tenants.iter().map(|(pid, _)| *pid).collect(),
+            started: vec![false; n],
+            busy: vec![0.0; n],
+            fair: vec![0.0; n],
+            closed: vec![0; n],
+            snapshots: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, served: &[f64]) {
+        if self.models.iter().all(Option::is_none) {
+            return;
+        }
+        let efficiency: Vec<f64> =
+            self.models.iter().map(|m| m.map_or(1.0, |m| m.efficiency.clamp(0.05, 1.0))).collect();
+        let mut outstanding: Vec<f64> = served.iter().zip(&efficiency).map(|(g, e)| (g / e).min(1.0)).collect();
+        for _ in 0..3 {
+            let turn = turn_while_outstanding(&outstanding);
+            for (i, o) in outstanding.iter_mut().enumerate() {
+                *o = (served[i] / (efficiency[i] * turn[i])).min(1.0);
+            }
+        }
+        let seen: Vec<f64> = (0..served.len())
+            .map(|i| {
+                self.started[i] |= served[i] > 0.0;
+                match self.models[i] {
+                    Some(model) if model.waits => outstanding[i],
+                    _ if self.started[i] => 1.0,
+                    _ => 0.0,
+                }
+            })
+            .collect();
+        let turn = turn_while_outstanding(&seen);
+        for i in 0..served.len() {
+            self.busy[i] += seen[i] * STEP;
+            self.fair[i] += seen[i] * turn[i] * STEP;
+            if self.models[i].is_some_and(|m| m.waits) && outstanding[i] > 0.0 {
+                self.closed[i] += 1;
+            }
+        }
+    }
+
+    fn snapshot(&mut self) {
+        let line = (0..self.pids.len())
+            .filter(|&i| self.models[i].is_some() && self.started[i])
+            .map(|i| (self.pids[i], self.busy[i], self.fair[i], self.closed[i]))
+            .collect();
+        self.snapshots.push(line);
+    }
+
+    /// The cumulative spans at snapshot `index` (the last one past the end).
+    fn at(&mut self, index: usize) -> Vec<(u32, f64, f64, u64)> {
+        if index >= self.snapshots.len() {
+            self.snapshot();
+        }
+        self.snapshots[index.min(self.snapshots.len() - 1)].clone()
+    }
+}
+
+/// `E[1 / (1 + K_i)]` for each tenant, where `K_i` counts the others
+/// outstanding, each independently with its probability in `outstanding`.
+fn turn_while_outstanding(outstanding: &[f64]) -> Vec<f64> {
+    (0..outstanding.len())
+        .map(|i| {
+            // Distribution of K_i, built one tenant at a time.
+            let mut others = vec![1.0];
+            for (j, &o) in outstanding.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let mut next = vec![0.0; others.len() + 1];
+                for (k, p) in others.iter().enumerate() {
+                    next[k] += p * (1.0 - o);
+                    next[k + 1] += p * o;
+                }
+                others = next;
+            }
+            others.iter().enumerate().map(|(k, p)| p / (1 + k) as f64).sum()
+        })
+        .collect()
 }
 
 /// What a saturated GPU gives each tenant of `demand` (busy fractions)

@@ -2,8 +2,9 @@
 //! `TRACE.json` with device utilization, NVML process samples and, where
 //! tenants report it, their true load; beside it `TRACE-launch.jsonl`
 //! with cumulative launch counts per (process, entry point, function)
-//! every half second, and the kernel identity of the functions whose
-//! identity is known. `record` writes it, `replay` reads it.
+//! every half second, the kernel identity of the functions whose
+//! identity is known, and cumulative completion spans per process.
+//! `record` writes it, `replay` reads it.
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,19 @@ pub struct LaunchLine {
     /// known across processes (absent in traces before kernel identities).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub kernels: Vec<(u32, u64, u64)>,
+    /// `[tgid, busy_s, fair_s, spans_closed]`, cumulative, per process
+    /// whose completion spans the wait probes saw (absent in traces
+    /// before spans): see `ProcessSpan`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spans: Vec<(u32, f64, f64, u64)>,
+    /// Span events lost so far (a full ring): a window in which this grew
+    /// has no fair span time.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spans_lost: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl Trace {
@@ -195,19 +209,28 @@ mod tests {
         assert!(error("{", "").starts_with("x.json: line 1:"));
     }
 
-    /// Kernel identities ride beside the rows; traces from before them
-    /// (no `kernels`) still read, and a line without identities is written
-    /// as before.
+    /// Kernel identities and spans ride beside the rows; traces from
+    /// before them (no `kernels`, no `spans`) still read, and a line
+    /// without them is written as before.
     #[test]
-    fn kernel_identities_are_optional() {
+    fn identities_and_spans_are_optional() {
         let path = Path::new("x.json");
         let (_, old) = parse(path, TRACE, "{\"t\":1.0,\"rows\":[[7,0,1,10,10]]}\n").unwrap();
         assert!(old[0].kernels.is_empty());
-        let line = LaunchLine { t: 1.0, rows: vec![(7, 0, 1, 10, 10)], kernels: vec![(7, 1, 0xfeed)] };
+        assert!(old[0].spans.is_empty() && old[0].spans_lost == 0);
+        let line = LaunchLine {
+            t: 1.0,
+            rows: vec![(7, 0, 1, 10, 10)],
+            kernels: vec![(7, 1, 0xfeed)],
+            spans: vec![(7, 0.25, 0.125, 3)],
+            spans_lost: 2,
+        };
         let text = serde_json::to_string(&line).unwrap();
         let (_, new) = parse(path, TRACE, &text).unwrap();
         assert_eq!(new, vec![line.clone()]);
-        let plain = serde_json::to_string(&LaunchLine { kernels: Vec::new(), ..line }).unwrap();
-        assert!(!plain.contains("kernels"), "{plain}");
+        let plain =
+            serde_json::to_string(&LaunchLine { kernels: Vec::new(), spans: Vec::new(), spans_lost: 0, ..line })
+                .unwrap();
+        assert!(!plain.contains("kernels") && !plain.contains("spans"), "{plain}");
     }
 }

@@ -1,0 +1,201 @@
+//! What completion spans add to a window's shares (`ProcessSpan`).
+//!
+//! A process's kernels can only keep the GPU busy while it has work
+//! outstanding, so its span time bounds its share from above, whatever
+//! the costs: a bound that needs no learning and holds for co-started,
+//! steady tenants that the launch counts cannot separate. The bounds of
+//! the others bound it from below (the device utilization is theirs or
+//! its). Inside the bounds, what the filter cannot separate is split by
+//! the fair span time (each instant shared by the processes outstanding
+//! then), the split a time-slicing scheduler makes between contexts that
+//! all have work: it is even when every process is always outstanding,
+//! and follows their duty cycles when they are not.
+//!
+//! Where the bounds are tighter than the filter's σ they set it: a share
+//! inside [lower, upper] is off by at most the larger gap, so σ is half
+//! that gap, and a confident share is one the bounds pin.
+use std::collections::HashMap;
+
+use super::shares::confidence_of;
+use super::{Basis, ProcessShare, ProcessSpan};
+
+/// A span open over at least this part of the window with no wait seen
+/// says nothing: the process may never wait (it polls, or it runs a
+/// persistent kernel), not be busy.
+const OPEN_ALL_WINDOW: f64 = 0.98;
+
+/// What one process's spans say over a window.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct SpanEvidence {
+    /// Most GPU share it can have had, percent.
+    pub upper: f64,
+    /// Its fair span time as a fraction of the window (`None`: not all
+    /// span events of the window were seen).
+    pub fair: Option<f64>,
+}
+
+/// The evidence of each process whose spans say something, by pid.
+pub(super) fn evidence(spans: &[ProcessSpan], duration_s: f64) -> HashMap<u32, SpanEvidence> {
+    let plain = |v: f64| v.is_finite() && v >= 0.0;
+    spans
+        .iter()
+        .filter(|span| plain(span.busy_s) && span.fair_s.is_none_or(plain))
+        .filter(|span| span.closed > 0 || span.busy_s < OPEN_ALL_WINDOW * duration_s)
+        .map(|span| {
+            let busy = (span.busy_s / duration_s).min(1.0);
+            let fair = span.fair_s.map(|fair| (fair / duration_s).min(busy));
+            (span.pid, SpanEvidence { upper: 100.0 * busy, fair })
+        })
+        .collect()
+}
+
+/// The weight each process's share of an unseparable sum gets: its fair
+/// span time where every process pulled toward the split has one
+/// (`pulled`: which are), else `None` (the even split).
+pub(super) fn split_weights(
+    processes: &[ProcessShare],
+    pulled: &[bool],
+    evidence: &HashMap<u32, SpanEvidence>,
+) -> Option<Vec<f64>> {
+    let fair: Vec<Option<f64>> = processes.iter().map(|p| evidence.get(&p.pid).and_then(|e| e.fair)).collect();
+    let covered = processes.iter().zip(pulled).zip(&fair).all(|((_, &pulled), fair)| !pulled || fair.is_some());
+    let any_pulled_busy = pulled.iter().zip(&fair).any(|(&pulled, fair)| pulled && fair.unwrap_or(0.0) > 0.0);
+    (covered && any_pulled_busy).then(|| fair.into_iter().map(|fair| fair.unwrap_or(0.0)).collect())
+}
+
+/// Holds every share inside what the spans allow and narrows σ to the
+/// bounds. `available` is the device utilization the shares split,
+/// `reading_noise` the σ of that reading (the lower bounds, which lean on
+/// it, keep two of them as margin). What a share sheds above its upper
+/// bound goes to the others with room, in proportion to their variance;
+/// a sum the bounds cannot hold (overhead the model missed) is left
+/// unassigned rather than booked on a process that cannot have done it.
+pub(super) fn bound(
+    processes: &mut [ProcessShare],
+    evidence: &HashMap<u32, SpanEvidence>,
+    available: f64,
+    reading_noise: f64,
+) {
+    if evidence.is_empty() || processes.is_empty() {
+        return;
+    }
+    let upper: Vec<f64> =
+        processes.iter().map(|p| evidence.get(&p.pid).map_or(available, |e| e.upper.min(available))).collect();
+    let upper_sum: f64 = upper.iter().sum();
+    let lower: Vec<f64> =
+        upper.iter().map(|u| (available - 2.0 * reading_noise - (upper_sum - u)).clamp(0.0, *u)).collect();
+    let variance = |p: &ProcessShare| p.uncertainty_points.unwrap_or(0.0).powi(2).max(1e-6);
+    for _ in 0..=processes.len() {
+        let mut surplus = 0.0;
+        for ((process, &low), &high) in processes.iter_mut().zip(&lower).zip(&upper) {
+            let held = process.util_percent.clamp(low, high);
+            surplus += process.util_percent - held;
+            process.util_percent = held;
+        }
+        if surplus.abs() < 1e-9 {
+            break;
+        }
+        let room = |p: &ProcessShare, low: f64, high: f64| {
+            if surplus > 0.0 {
+                high - p.util_percent
+            } else {
+                p.util_percent - low
+            }
+        };
+        let weights: Vec<f64> = processes
+            .iter()
+            .zip(&lower)
+            .zip(&upper)
+            .map(|((p, &low), &high)| if room(p, low, high) > 1e-9 { variance(p) } else { 0.0 })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 {
+            break;
+        }
+        for (process, weight) in processes.iter_mut().zip(&weights) {
+            process.util_percent += surplus * weight / total;
+        }
+    }
+    for ((process, &low), &high) in processes.iter_mut().zip(&lower).zip(&upper) {
+        let Some(sigma) = process.uncertainty_points else { continue };
+        let widest = (process.util_percent - low).max(high - process.util_percent).max(0.0);
+        if widest / 2.0 < sigma {
+            process.uncertainty_points = Some(widest / 2.0);
+            process.confidence = confidence_of(widest / 2.0);
+            if matches!(process.basis, Basis::Prior | Basis::Partial | Basis::Residual) {
+                process.basis = Basis::Bounded;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(pid: u32, util_percent: f64, sigma: f64) -> ProcessShare {
+        ProcessShare {
+            pid,
+            util_percent,
+            uncertainty_points: Some(sigma),
+            confidence: confidence_of(sigma),
+            basis: Basis::Prior,
+        }
+    }
+
+    fn span(pid: u32, busy_s: f64, fair_s: f64, closed: u64) -> ProcessSpan {
+        ProcessSpan { pid, busy_s, fair_s: Some(fair_s), closed }
+    }
+
+    /// A span open all window with no wait says nothing; one that closed,
+    /// or was open for part of the window, bounds its process.
+    #[test]
+    fn only_spans_that_end_or_pause_are_evidence() {
+        let seen = evidence(&[span(1, 1.0, 0.5, 0), span(2, 1.0, 0.5, 3), span(3, 0.3, 0.2, 0)], 1.0);
+        assert!(!seen.contains_key(&1));
+        assert_eq!(seen[&2].upper, 100.0);
+        assert!((seen[&3].upper - 30.0).abs() < 1e-9 && seen[&3].fair == Some(0.2));
+        let lost = ProcessSpan { fair_s: None, ..span(4, 0.2, 0.0, 1) };
+        assert_eq!(evidence(&[lost], 1.0)[&4].fair, None);
+    }
+
+    /// The unseparable split follows fair span time only when every
+    /// process pulled toward it has one.
+    #[test]
+    fn fair_weights_need_every_pulled_process() {
+        let shares = [share(1, 20.0, 30.0), share(2, 20.0, 30.0), share(3, 10.0, 1.0)];
+        let mut seen = evidence(&[span(1, 0.9, 0.6, 2), span(2, 0.3, 0.15, 2)], 1.0);
+        assert_eq!(split_weights(&shares, &[true, true, false], &seen), Some(vec![0.6, 0.15, 0.0]));
+        seen.remove(&2);
+        assert_eq!(split_weights(&shares, &[true, true, false], &seen), None);
+    }
+
+    /// A share above what its spans allow sheds the excess to the others,
+    /// the sum is kept, and σ narrows to the bounds: a process outstanding
+    /// 12 % of the window cannot have used 23 %.
+    #[test]
+    fn shares_stay_inside_their_spans() {
+        let mut shares = [share(1, 13.0, 20.0), share(2, 4.0, 20.0), share(3, 23.0, 20.0)];
+        let seen = evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5), span(3, 0.12, 0.06, 5)], 1.0);
+        bound(&mut shares, &seen, 40.0, 3.0);
+        let values: Vec<f64> = shares.iter().map(|s| s.util_percent).collect();
+        assert!((values.iter().sum::<f64>() - 40.0).abs() < 1e-6, "{values:?}");
+        assert!(values[2] <= 12.0 + 1e-9 && values.iter().all(|&v| v <= 20.0 + 1e-9), "{values:?}");
+        for s in &shares {
+            assert!(s.uncertainty_points.unwrap() <= 10.0, "{s:?}");
+            assert_eq!(s.basis, Basis::Bounded);
+        }
+        // Bounds that cannot hold the sum leave the rest unassigned.
+        let mut tight = [share(1, 30.0, 20.0), share(2, 30.0, 20.0)];
+        bound(&mut tight, &evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5)], 1.0), 60.0, 3.0);
+        assert!(tight.iter().all(|s| (s.util_percent - 20.0).abs() < 1e-9), "{tight:?}");
+    }
+
+    /// Without spans nothing moves.
+    #[test]
+    fn no_spans_no_change() {
+        let mut shares = [share(1, 30.0, 20.0)];
+        bound(&mut shares, &HashMap::new(), 30.0, 3.0);
+        assert_eq!(shares[0], share(1, 30.0, 20.0));
+    }
+}
