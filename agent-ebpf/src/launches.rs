@@ -23,8 +23,14 @@
 //! sets `WINDOW` to the kernel-time span it means to count: attaching and
 //! detaching eight entry points takes milliseconds, and a count over an
 //! exact span is what the scaling needs.
+//!
+//! Completion spans (`spans`): a counted launch opens its process's span,
+//! and waits (`cuCtxSynchronize`, `cuStreamSynchronize`, synchronous
+//! device-to-host copies) close it.
 #![no_std]
 #![no_main]
+
+mod spans;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
@@ -55,11 +61,14 @@ fn in_window() -> bool {
     now >= start && now < end
 }
 
+/// Counts a launch of `key` on `stream` (`None`: not known), and opens
+/// the process's completion span.
 #[inline(always)]
-fn count(key: LaunchKey) {
+fn count(key: LaunchKey, stream: Option<u64>) {
     if !in_window() {
         return;
     }
+    spans::launched(key.tgid, stream);
     match LAUNCHES.get_ptr_mut(&key) {
         // SAFETY: this CPU's value; only this CPU writes it.
         Some(launches) => unsafe { *launches += 1 },
@@ -81,18 +90,25 @@ fn launch_with_sizes(ctx: &ProbeContext, kind: u32) -> u32 {
     let arg = |n: usize| ctx.arg::<u64>(n).unwrap_or(0) as u32;
     // x86-64 passes six arguments in registers: at entry the stack pointer
     // holds the return address, then argument 7. arm64 passes eight.
+    // The stream is argument 9: on the stack after `bz` and `shmem`.
     #[cfg(not(bpf_target_arch = "aarch64"))]
-    // SAFETY: the probed thread's stack through the checked helper.
-    let block_z = unsafe { bpf_probe_read_user(((*ctx.regs).rsp + 8) as *const u32) }.unwrap_or(0);
+    // SAFETY: the probed thread's stack through the checked helpers.
+    let (block_z, stream) = unsafe {
+        let sp = (*ctx.regs).rsp;
+        (bpf_probe_read_user((sp + 8) as *const u32).unwrap_or(0), bpf_probe_read_user((sp + 24) as *const u64).ok())
+    };
     #[cfg(bpf_target_arch = "aarch64")]
-    let block_z = arg(6);
-    count(LaunchKey {
-        tgid: tgid(),
-        kind,
-        function: ctx.arg::<u64>(0).unwrap_or(0),
-        grid: [arg(1), arg(2), arg(3)],
-        block: [arg(4), arg(5), block_z],
-    });
+    let (block_z, stream) = (arg(6), None);
+    count(
+        LaunchKey {
+            tgid: tgid(),
+            kind,
+            function: ctx.arg::<u64>(0).unwrap_or(0),
+            grid: [arg(1), arg(2), arg(3)],
+            block: [arg(4), arg(5), block_z],
+        },
+        stream,
+    );
     0
 }
 
@@ -111,24 +127,34 @@ pub fn cu_launch_kernel_ex(ctx: ProbeContext) -> u32 {
     let config = ctx.arg::<u64>(0).unwrap_or(0);
     // SAFETY: user memory through the checked helper.
     let sizes = unsafe { bpf_probe_read_user(config as *const [u32; 6]) }.unwrap_or([0; 6]);
-    count(LaunchKey {
-        tgid: tgid(),
-        kind: launch_kind::KERNEL_EX,
-        function: ctx.arg::<u64>(1).unwrap_or(0),
-        grid: [sizes[0], sizes[1], sizes[2]],
-        block: [sizes[3], sizes[4], sizes[5]],
-    });
+    // `CUlaunchConfig::hStream`: after seven u32 (sizes, shared memory),
+    // aligned to 8.
+    // SAFETY: user memory through the checked helper.
+    let stream = unsafe { bpf_probe_read_user((config + 32) as *const u64) }.ok();
+    count(
+        LaunchKey {
+            tgid: tgid(),
+            kind: launch_kind::KERNEL_EX,
+            function: ctx.arg::<u64>(1).unwrap_or(0),
+            grid: [sizes[0], sizes[1], sizes[2]],
+            block: [sizes[3], sizes[4], sizes[5]],
+        },
+        stream,
+    );
     0
 }
 
 #[uprobe]
 pub fn cu_graph_launch(ctx: ProbeContext) -> u32 {
-    count(LaunchKey {
-        tgid: tgid(),
-        kind: launch_kind::GRAPH,
-        function: ctx.arg::<u64>(0).unwrap_or(0),
-        ..LaunchKey::default()
-    });
+    count(
+        LaunchKey {
+            tgid: tgid(),
+            kind: launch_kind::GRAPH,
+            function: ctx.arg::<u64>(0).unwrap_or(0),
+            ..LaunchKey::default()
+        },
+        ctx.arg::<u64>(1),
+    );
     0
 }
 

@@ -314,6 +314,60 @@ impl Default for KernelName {
 // SAFETY: repr(C), u32 + u32 + u64: no padding; any bit pattern is valid.
 unsafe impl aya::Pod for KernelHandle {}
 
+/// Completion spans (`agent-ebpf/src/launches.rs`): per process, the
+/// span open now and what closed spans added up to. A span runs from the
+/// first launch after the process's work was last known complete to the
+/// return of the wait that completes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanState {
+    /// `bpf_ktime_get_ns` when the open span began (0: none open).
+    pub open_since_ns: u64,
+    /// Nanoseconds of closed spans, cumulative (the first span is not
+    /// counted: it may have begun before the probes were attached).
+    pub busy_ns: u64,
+    /// Spans closed, cumulative (the first not counted either).
+    pub closed: u64,
+    /// When the process's work was last known complete (0: never).
+    pub idle_since_ns: u64,
+    /// The stream the open span's launches went to (`span_stream`).
+    pub stream: u64,
+    /// How many streams the open span launched on: 0, 1, or 2 for more
+    /// (or unknown): only a context-wide wait then closes it.
+    pub streams: u32,
+    /// 1 once a span closed (the spans after it count).
+    pub primed: u32,
+}
+
+/// One closed span, as the ring buffer carries it to user space (for the
+/// fair split, which needs the spans' overlap in time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanEvent {
+    /// Process (thread group) id.
+    pub tgid: u32,
+    /// Zero.
+    pub pad: u32,
+    /// Start, `bpf_ktime_get_ns`.
+    pub start_ns: u64,
+    /// End.
+    pub end_ns: u64,
+}
+
+/// Processes whose spans are tracked at once.
+pub const MAX_SPAN_PROCESSES: u32 = 8192;
+
+/// Bytes of the span event ring (24-byte events: ~43,000 between reads).
+pub const SPAN_RING_BYTES: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), five u64 and two u32: no padding; any bit pattern is valid.
+unsafe impl aya::Pod for SpanState {}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u32 + u32 + two u64: no padding; any bit pattern is valid.
+unsafe impl aya::Pod for SpanEvent {}
+
 #[cfg(feature = "user")]
 // SAFETY: repr(C), u32 + u32 + 120 bytes: no padding; any bit pattern is valid.
 unsafe impl aya::Pod for KernelName {}
@@ -379,6 +433,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
         assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
+        assert_eq!(core::mem::size_of::<SpanState>(), 48);
+        assert_eq!(core::mem::size_of::<SpanEvent>(), 24);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 56);
     }

@@ -2,13 +2,14 @@
 //! holds a `libcuda.so.1` exporting the launch entry points and the
 //! applications that load it with `dlopen` and launch through it, as the
 //! CUDA runtime does (`launcher`: a fixed number of launches of each
-//! kind; `launch_loop`: a steady loop at a chosen rate).
+//! kind; `launch_loop`: a steady loop at a chosen rate; `waiter`: launches
+//! and waits in cycles, for the completion spans).
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-/// Builds `libcuda.so.1`, `launcher` and `launch_loop` into `dir`.
+/// Builds `libcuda.so.1`, `launcher`, `launch_loop` and `waiter` into `dir`.
 pub fn build(dir: &Path) -> anyhow::Result<()> {
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("cuda");
     let gcc = |args: &[&str]| -> anyhow::Result<()> {
@@ -21,5 +22,6 @@ pub fn build(dir: &Path) -> anyhow::Result<()> {
     let out = |name: &str| dir.join(name).display().to_string();
     gcc(&["-shared", "-fPIC", "-O2", "-o", &out("libcuda.so.1"), "libcuda.c"])?;
     gcc(&["-O2", "-o", &out("launcher"), "launcher.c", "-ldl"])?;
-    gcc(&["-O2", "-o", &out("launch_loop"), "launch_loop.c", "-ldl"])
+    gcc(&["-O2", "-o", &out("launch_loop"), "launch_loop.c", "-ldl"])?;
+    gcc(&["-O2", "-o", &out("waiter"), "waiter.c", "-ldl"])
 }

@@ -278,3 +278,83 @@ async fn launch_bound_tenants_are_sampled_and_their_counts_hold() {
     println!("true launches {truth}, sampled estimate {settled}, error {:.1}%", error * 100.0);
     assert!(error < 0.25, "sampled estimate {settled} vs true {truth}");
 }
+
+/// Completion spans (real uprobes on the waits): a process that works 20
+/// ms of every ~100 and waits with `cuCtxSynchronize` reads busy about a
+/// fifth of the time; one that waits on its only stream, or copies back
+/// synchronously, closes its spans too; one whose launches went to two
+/// streams and waits on one keeps its span open: it never closed one, so
+/// it has no spans to report (an open span bounds nothing), yet the time
+/// it holds open is shared with the others in their fair span time. Fair
+/// span time never exceeds busy time, and the fair times add up to at
+/// most the wall time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waits_close_completion_spans() {
+    require_root();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path());
+    let ns = format!("spans-{}", std::process::id());
+    let node = NodeRoot::create("spans").unwrap();
+    let uid = new_uid();
+    let mut pod = CgroupPod::create(&node.0, &uid).unwrap();
+    let pods = [PodEntry { uid: &uid, namespace: &ns, name: "serve", app: "serve" }];
+    let root = node.agent_arg();
+    let (agent, _files) =
+        AgentProcess::start_for_pods(&pods, &["--launch-accounting", "on", &root]).expect("agent starts");
+    let go = tools.path().join("go");
+    let lib = tools.path().join("libcuda.so.1");
+    let mut start = |mode: &str, busy_ms: &str, idle_ms: &str| {
+        let mut command = Command::new(tools.path().join("waiter"));
+        command.args([lib.to_str().unwrap(), go.to_str().unwrap(), mode, busy_ms, idle_ms]);
+        let child = pod.spawn(command).expect("waiter runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.contains("ready"), "{line}");
+        child.id()
+    };
+    let ctx = start("ctx", "20", "80");
+    let stream = start("stream", "50", "50");
+    let copy = start("copy", "30", "70");
+    let mixed = start("mixed", "20", "80");
+    let attached = eventually(Duration::from_secs(5), async || {
+        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
+    std::fs::write(&go, b"go").unwrap();
+    // (busy_s, fair_s, closed) of `pid` in a /launches view.
+    let spans_of = |view: &serde_json::Value, pid: u32| -> Option<(f64, f64, u64)> {
+        let row = view["spans"].as_array()?.iter().find(|r| r["pid"] == pid)?.clone();
+        Some((row["busy_s"].as_f64()?, row["fair_s"].as_f64()?, row["closed"].as_u64()?))
+    };
+    let listed = eventually(Duration::from_secs(6), async || {
+        let view = json(agent.http, "/launches").await;
+        [ctx, stream, copy].iter().all(|&pid| spans_of(&view, pid).is_some())
+    })
+    .await;
+    let first = json(agent.http, "/launches").await;
+    assert!(listed, "every waiter has spans: {first}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = json(agent.http, "/launches").await;
+    let elapsed = second["read_at_unix"].as_f64().unwrap() - first["read_at_unix"].as_f64().unwrap();
+    assert!(elapsed >= 2.5, "reads {elapsed} s apart");
+    let delta = |pid: u32| {
+        let (a, b) = (spans_of(&first, pid).unwrap(), spans_of(&second, pid).unwrap());
+        ((b.0 - a.0) / elapsed, (b.1 - a.1) / elapsed, b.2 - a.2)
+    };
+    let per_s = |closed: u64| closed as f64 / elapsed;
+    let (busy, fair, closed) = delta(ctx);
+    // 20 ms of every 100 plus the sleeps' overshoot on a busy machine.
+    assert!((0.12..0.32).contains(&busy) && per_s(closed) > 5.0, "ctx: {busy} busy, {closed} closed");
+    // `mixed` is outstanding all the time: ctx shares every instant of its
+    // spans with it at least.
+    assert!(fair <= 0.6 * busy, "ctx fair {fair} busy {busy}");
+    let (busy, _, closed) = delta(stream);
+    assert!((0.38..0.62).contains(&busy) && per_s(closed) > 4.0, "stream: {busy} busy, {closed} closed");
+    let (busy, _, closed) = delta(copy);
+    assert!((0.2..0.42).contains(&busy) && per_s(closed) > 4.0, "copy: {busy} busy, {closed} closed");
+    assert!(spans_of(&second, mixed).is_none(), "mixed streams keep the span open: {second}");
+    let fair_sum: f64 = [ctx, stream, copy].iter().map(|&pid| delta(pid).1).sum();
+    assert!(fair_sum <= 1.02, "fair times add up to at most the wall time: {fair_sum}");
+    assert_eq!(second["spans_lost"], 0);
+}

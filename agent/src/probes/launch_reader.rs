@@ -136,6 +136,10 @@ fn run(
             hit_cost_ns: hit_cost.as_nanos() as u64,
             ..LaunchSnapshot::default()
         };
+        snapshot.spans = probe.spans(proc).unwrap_or_else(|err| {
+            tracing::debug!(error = %err, "reading completion spans");
+            Default::default()
+        });
         let identities = probe.identities().unwrap_or_else(|err| {
             tracing::debug!(error = %err, "reading kernel identities");
             Default::default()

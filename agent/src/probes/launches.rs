@@ -18,6 +18,7 @@ use aya::Ebpf;
 use podgpu_common::LaunchKey;
 
 use super::kernel_identity::{IDENTITY_POINTS, IDENTITY_PROGRAMS};
+use super::spans::{SpanReader, SpanTotals, WAIT_POINTS, WAIT_PROGRAMS};
 use super::ProbeError;
 use crate::proc::{MappedFile, ProcFs};
 
@@ -53,6 +54,7 @@ struct Library {
 /// attached to them now (sampling attaches for part of each second).
 pub struct LaunchProbe {
     ebpf: Ebpf,
+    spans: SpanReader,
     /// Library files, by (device, inode).
     libraries: HashMap<(String, u64), Library>,
     /// Live attachments, with the program that owns each.
@@ -64,10 +66,11 @@ impl LaunchProbe {
     /// Loads the embedded object (programs loaded, nothing attached yet).
     pub fn load() -> Result<Self, ProbeError> {
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podgpu-launches")))?;
-        for name in PROGRAMS.into_iter().chain(IDENTITY_PROGRAMS) {
+        for name in PROGRAMS.into_iter().chain(IDENTITY_PROGRAMS).chain(WAIT_PROGRAMS) {
             program(&mut ebpf, name)?.load().map_err(|source| ProbeError::Program { name, source })?;
         }
-        Ok(Self { ebpf, libraries: HashMap::new(), links: Vec::new(), attached: false })
+        let spans = SpanReader::new(&mut ebpf)?;
+        Ok(Self { ebpf, spans, libraries: HashMap::new(), links: Vec::new(), attached: false })
     }
 
     /// Library files found so far.
@@ -98,8 +101,9 @@ impl LaunchProbe {
         if self.attached {
             self.attach_library(&added)?;
         }
-        // The identity calls stay probed whatever the sampling does: they
-        // run when a program loads its kernels, once, not per launch. Their
+        // The identity calls and the waits stay probed whatever the
+        // sampling does: identity calls run when a program loads its
+        // kernels, waits once per batch of launches, not per launch. Their
         // links live as long as the programs (never detached).
         let library_path = fd_path(&added.file);
         for &(name, offset) in &identity {
@@ -267,6 +271,12 @@ impl LaunchProbe {
         super::kernel_identity::identities(&self.ebpf)
     }
 
+    /// Every process's completion spans as of now (`probes::spans`).
+    pub fn spans(&mut self, proc: &ProcFs) -> Result<SpanTotals, ProbeError> {
+        let now_ns = monotonic_now().as_nanos() as u64;
+        self.spans.read(&mut self.ebpf, proc, now_ns)
+    }
+
     /// Kernel run-time statistics of this probe's programs.
     pub fn program_stats(&self) -> Vec<crate::probes::BpfProgramStats> {
         crate::probes::program_stats(&self.ebpf)
@@ -313,12 +323,17 @@ pub extern "C" fn podgpu_uprobe_calibration_target(
     std::hint::black_box(function ^ grid_x ^ grid_y ^ grid_z ^ block_x ^ block_y ^ block_z)
 }
 
-/// (program, file offset) of each kernel identity call `file` exports
-/// (`cuLibraryGetKernel` and `cuKernelGetFunction` came with CUDA 12).
+/// (program, file offset) of each kernel identity call and wait `file`
+/// exports (`cuLibraryGetKernel` and `cuKernelGetFunction` came with CUDA
+/// 12).
 fn identity_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
-    Ok(IDENTITY_POINTS.iter().filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?))).collect())
+    Ok(IDENTITY_POINTS
+        .iter()
+        .chain(&WAIT_POINTS)
+        .filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?)))
+        .collect())
 }
 
 /// (program, file offset) of each launch entry point `file` exports
@@ -416,6 +431,8 @@ pub struct LaunchSnapshot {
     pub duty: f64,
     /// Calibrated cost of one probed launch, ns.
     pub hit_cost_ns: u64,
+    /// Completion spans per process, cumulative.
+    pub spans: SpanTotals,
 }
 
 /// CLOCK_MONOTONIC now: the clock of the kernel's `bpf_ktime_get_ns`.

@@ -8,6 +8,7 @@ pub mod launch_reader;
 pub mod launch_sampler;
 pub mod launches;
 pub mod requests;
+pub mod spans;
 
 /// Failures while loading, attaching or reading probes.
 #[derive(Debug, thiserror::Error)]

@@ -241,13 +241,16 @@ async fn pods(State(AppState { view, .. }): State<AppState>, Query(query): Query
 /// Prometheus exposition of per-pod signals (default window) and the
 /// agent's self-metrics.
 /// `/launches`: kernel launches per live process, kernel function (or
-/// graph) and launch size, cumulative (the attribution estimator's input).
+/// graph) and launch size, and each process's completion spans, all
+/// cumulative (the attribution estimator's input).
 async fn launches(State(AppState { view, .. }): State<AppState>) -> Response {
     let view = view.borrow().clone();
     Json(serde_json::json!({
         "status": view.health.launches,
         "read_at_unix": view.launches_read_unix,
         "rows": view.launches.as_slice(),
+        "spans": view.launch_spans.rows.as_slice(),
+        "spans_lost": view.launch_spans.lost,
     }))
     .into_response()
 }

@@ -371,6 +371,8 @@ pub struct NodeView {
     pub at_s: f64,
     /// Launches per (process, function, size), live processes only.
     pub launches: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    /// Completion spans per live process, read with `launches`.
+    pub launch_spans: Arc<crate::probes::spans::SpanTotals>,
     /// Unix time the launch reader read `launches`.
     pub launches_read_unix: Option<f64>,
     /// Per GPU at the latest poll: NVML's per-process samples and the
@@ -395,6 +397,7 @@ impl NodeView {
         Self {
             at_s: 0.0,
             launches: Arc::default(),
+            launch_spans: Arc::default(),
             launches_read_unix: None,
             attribution: Arc::default(),
             driver: Arc::default(),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::catalog::CostCatalog;
-use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
+use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, ProcessSpan, Window};
 use crate::gpu::{GpuPoll, Sharing};
 use crate::probes::launches::{threads_per_launch_of, LaunchSnapshot};
 
@@ -53,6 +53,9 @@ pub struct LiveAttribution {
     util_since: HashMap<String, (f64, f64)>,
     last_poll: Option<Instant>,
     latest: HashMap<String, Attribution>,
+    /// Cumulative completion spans at the last snapshot used, and the
+    /// span events lost by then.
+    last_spans: (Vec<(u32, f64, f64, u64)>, u64),
 }
 
 impl LiveAttribution {
@@ -76,6 +79,7 @@ impl LiveAttribution {
             util_since: HashMap::new(),
             last_poll: None,
             latest: HashMap::new(),
+            last_spans: (Vec::new(), 0),
         }
     }
 
@@ -86,10 +90,12 @@ impl LiveAttribution {
         let since_poll = self.last_poll.map_or(Duration::from_secs(1), |at| now.duration_since(at));
         self.last_poll = Some(now);
         self.latest.retain(|uuid, _| poll.devices.iter().any(|d| &d.uuid == uuid));
-        let (rows, published) = {
+        let (rows, spans, published) = {
             let snapshot = self.launches.lock().expect("launch snapshot poisoned");
             let fresh = snapshot.published.filter(|at| now.duration_since(*at) <= LAUNCHES_STALE_AFTER);
-            (fresh.map(|_| snapshot.rows.clone()), fresh)
+            let spans: Vec<(u32, f64, f64, u64)> =
+                snapshot.spans.rows.iter().map(|row| (row.pid, row.busy_s, row.fair_s, row.closed)).collect();
+            (fresh.map(|_| snapshot.rows.clone()), (spans, snapshot.spans.lost), fresh)
         };
         let new_window = published.is_none() || published != self.last_published;
         // A reading covers the time since the previous poll. When launch
@@ -128,18 +134,21 @@ impl LiveAttribution {
             (Some(rows), Some(published)) => {
                 let previous = self.last_published.replace(published);
                 let counts = self.deltas(&rows);
+                let before = std::mem::replace(&mut self.last_spans, spans);
+                let spans = super::spans::between((&before.0, before.1), (&self.last_spans.0, self.last_spans.1));
                 // The first snapshot is only a baseline for the next.
                 let Some(previous) = previous else {
                     self.util_since.clear();
                     return &self.latest;
                 };
                 let duration = published.duration_since(previous).as_secs_f64();
-                self.windows(poll, duration, Some(counts))
+                self.windows(poll, duration, Some(counts), spans)
             }
             _ => {
                 self.last_published = None;
                 self.last_counts.clear();
-                self.windows(poll, since_poll.as_secs_f64(), None)
+                self.last_spans = (Vec::new(), 0);
+                self.windows(poll, since_poll.as_secs_f64(), None, Vec::new())
             }
         };
         for (uuid, integral, seconds) in carried {
@@ -242,6 +251,7 @@ impl LiveAttribution {
         poll: &GpuPoll,
         duration_s: f64,
         launches: Option<Vec<LaunchCount>>,
+        spans: Vec<ProcessSpan>,
     ) -> Vec<(String, Sharing, Window)> {
         let device_of: HashMap<u32, &str> = poll
             .processes
@@ -268,11 +278,8 @@ impl LiveAttribution {
                     .filter_map(|p| Some((p.pid, p.util?.sm_percent)))
                     .collect();
                 let launches = launches.as_ref().map(|all| all.iter().filter(|c| on_device(c.pid)).copied().collect());
-                (
-                    device.uuid.clone(),
-                    device.sharing,
-                    Window { duration_s, device_util, launches, nvml, spans: Vec::new() },
-                )
+                let spans = spans.iter().filter(|span| on_device(span.pid)).copied().collect();
+                (device.uuid.clone(), device.sharing, Window { duration_s, device_util, launches, nvml, spans })
             })
             .collect()
     }

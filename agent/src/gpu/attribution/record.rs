@@ -128,8 +128,8 @@ pub fn record(config: &RecordConfig) -> Result<Trace, RecordError> {
                 t: read,
                 rows: launch_rows(&counts["rows"]),
                 kernels: kernel_identities(&counts["rows"]),
-                spans: Vec::new(),
-                spans_lost: 0,
+                spans: span_rows(&counts["spans"]),
+                spans_lost: counts["spans_lost"].as_u64().unwrap_or(0),
             });
         }
         std::thread::sleep(POLL.saturating_sub(started.elapsed()));
@@ -196,6 +196,22 @@ fn launch_rows(rows: &serde_json::Value) -> Vec<(u32, u32, u64, u64, u64)> {
         entry.1 += threads;
     }
     merged.into_iter().map(|((pid, kind, function), (n, threads))| (pid, kind, function, n, threads)).collect()
+}
+
+/// `/launches`' span rows as the trace keeps them.
+fn span_rows(rows: &serde_json::Value) -> Vec<(u32, f64, f64, u64)> {
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| {
+            Some((
+                row["pid"].as_u64()? as u32,
+                row["busy_s"].as_f64()?,
+                row["fair_s"].as_f64()?,
+                row["closed"].as_u64()?,
+            ))
+        })
+        .collect()
 }
 
 /// A tenant's truth file, waited for (tenants write it when they exit).

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::trace::{LaunchLine, Trace};
-use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, ProcessSpan, Window};
+use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
 
 /// Width of a scoring bin, seconds.
 pub const BIN_S: f64 = 2.0;
@@ -112,33 +112,10 @@ pub fn windows(trace: &Trace, launches: &[LaunchLine]) -> Vec<(f64, Window)> {
             }
         }
         let nvml = nvml.into_iter().map(|(pid, (sum, n))| (pid, sum / f64::from(n))).collect();
-        let spans = span_deltas(before, after);
+        let spans = super::spans::between((&before.spans, before.spans_lost), (&after.spans, after.spans_lost));
         out.push((after.t, Window { duration_s, device_util, launches: Some(counts), nvml, spans }));
     }
     out
-}
-
-/// Each process's spans between two launch lines (cumulative values, so a
-/// difference; a process that restarted under its pid counts from zero).
-fn span_deltas(before: &LaunchLine, after: &LaunchLine) -> Vec<ProcessSpan> {
-    let previous: HashMap<u32, (f64, f64, u64)> =
-        before.spans.iter().map(|&(pid, busy, fair, closed)| (pid, (busy, fair, closed))).collect();
-    let complete = after.spans_lost == before.spans_lost;
-    after
-        .spans
-        .iter()
-        .map(|&(pid, busy, fair, closed)| {
-            let (busy0, fair0, closed0) = previous.get(&pid).copied().unwrap_or_default();
-            let restarted = busy < busy0 || closed < closed0;
-            let (busy0, fair0, closed0) = if restarted { (0.0, 0.0, 0) } else { (busy0, fair0, closed0) };
-            ProcessSpan {
-                pid,
-                busy_s: busy - busy0,
-                fair_s: complete.then_some((fair - fair0).max(0.0)),
-                closed: closed - closed0,
-            }
-        })
-        .collect()
 }
 
 /// Replays `trace` through a fresh estimator and scores it.

@@ -34,6 +34,34 @@ pub(super) struct SpanEvidence {
     pub fair: Option<f64>,
 }
 
+/// Cumulative spans of one read: `[pid, busy_s, fair_s, closed]` per
+/// process, and the span events lost so far.
+pub type CumulativeSpans<'a> = (&'a [(u32, f64, f64, u64)], u64);
+
+/// Each process's spans between two reads of cumulative spans. A process
+/// not in the earlier read has no spans in this window (the later read is
+/// its baseline: after a failed read, its whole history is not one
+/// window's), nor has one whose sums went back (a new process under the
+/// pid). Fair times are unknown when span events were lost in between.
+pub fn between(before: CumulativeSpans, after: CumulativeSpans) -> Vec<ProcessSpan> {
+    let previous: HashMap<u32, (f64, f64, u64)> =
+        before.0.iter().map(|&(pid, busy, fair, closed)| (pid, (busy, fair, closed))).collect();
+    let complete = after.1 == before.1;
+    after
+        .0
+        .iter()
+        .filter_map(|&(pid, busy, fair, closed)| {
+            let &(busy0, fair0, closed0) = previous.get(&pid)?;
+            (busy >= busy0 && closed >= closed0).then(|| ProcessSpan {
+                pid,
+                busy_s: busy - busy0,
+                fair_s: complete.then_some((fair - fair0).max(0.0)),
+                closed: closed - closed0,
+            })
+        })
+        .collect()
+}
+
 /// The evidence of each process whose spans say something, by pid.
 pub(super) fn evidence(spans: &[ProcessSpan], duration_s: f64) -> HashMap<u32, SpanEvidence> {
     let plain = |v: f64| v.is_finite() && v >= 0.0;
@@ -189,6 +217,20 @@ mod tests {
         let mut tight = [share(1, 30.0, 20.0), share(2, 30.0, 20.0)];
         bound(&mut tight, &evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5)], 1.0), 60.0, 3.0);
         assert!(tight.iter().all(|s| (s.util_percent - 20.0).abs() < 1e-9), "{tight:?}");
+    }
+
+    /// Windows difference cumulative reads; a process's first read is its
+    /// baseline, a lost event hides the fair times, a pid whose sums went
+    /// back is a new process.
+    #[test]
+    fn windows_difference_cumulative_reads() {
+        let before = [(1, 1.0, 0.5, 10), (2, 5.0, 2.0, 40)];
+        let after = [(1, 1.4, 0.7, 14), (2, 0.2, 0.1, 1), (3, 9.0, 9.0, 9)];
+        let spans = between((&before, 0), (&after, 0));
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert!((spans[0].busy_s - 0.4).abs() < 1e-9 && spans[0].closed == 4);
+        assert!((spans[0].fair_s.unwrap() - 0.2).abs() < 1e-9);
+        assert_eq!(between((&before, 0), (&after, 3))[0].fair_s, None);
     }
 
     /// Without spans nothing moves.

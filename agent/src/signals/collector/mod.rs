@@ -158,6 +158,7 @@ pub struct Collector {
     /// The launch snapshot's rows and (libraries, duty, hit cost) as of
     /// the last tick, served with the per-pod counts of the same snapshot.
     launch_rows: Arc<Vec<crate::probes::launches::LaunchRow>>,
+    launch_spans: Arc<crate::probes::spans::SpanTotals>,
     /// When the launch reader read those rows (and that as Unix time).
     launch_read_at: Option<(Instant, f64)>,
     launch_sampling: (usize, f64, u64),
@@ -209,6 +210,7 @@ impl Collector {
             driver_health,
             driver_rows: Arc::default(),
             launch_rows: Arc::default(),
+            launch_spans: Arc::default(),
             launch_read_at: None,
             launch_sampling: (0, 0.0, 0),
             driver_reader: Default::default(),
@@ -292,6 +294,7 @@ impl Collector {
         let (launches, published) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             self.launch_rows = Arc::new(snapshot.rows.clone());
+            self.launch_spans = Arc::new(snapshot.spans.clone());
             // Converted once per publication, so the same read keeps the
             // same time (`record` tells reads apart by it).
             if snapshot.published != self.launch_read_at.map(|(at, _)| at) {
@@ -543,6 +546,7 @@ impl Collector {
         NodeView {
             at_s: self.last_tick_s,
             launches: launch_rows,
+            launch_spans: self.launch_spans.clone(),
             launches_read_unix: self.launch_read_at.map(|(_, unix)| unix),
             attribution: self.gpu_attribution.clone(),
             driver: driver_rows,
