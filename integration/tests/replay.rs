@@ -124,17 +124,17 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
     println!("generated: {generated}\nrecorded: {recorded}");
     // Where the estimator stands on seed 1 against the scenario space of
-    // docs/attribution.md (p90 13.4, 49% within 5, 10% worse than NVML,
-    // 34% worse than the launch share, 13% of confident bins more than 5
-    // points off, 97% of bins within 2σ), with room for noise: a
-    // regression beyond these fails. Calibration already meets the
-    // issue's bar.
-    assert!(number(generated, "mae_p90") <= 14.5, "{generated}");
-    assert!(number(generated, "within_5") >= 0.46, "{generated}");
-    assert!(number(generated, "worse_than_nvml") <= 0.12, "{generated}");
-    assert!(number(generated, "worse_than_launch_share") <= 0.37, "{generated}");
+    // docs/attribution.md, completion spans included (p90 10.0, 59%
+    // within 5, 6% worse than NVML, 27% worse than the launch share, 11%
+    // of confident bins more than 5 points off, 97% of bins within 2σ),
+    // with room for noise: a regression beyond these fails. Calibration
+    // already meets the bar.
+    assert!(number(generated, "mae_p90") <= 11.0, "{generated}");
+    assert!(number(generated, "within_5") >= 0.55, "{generated}");
+    assert!(number(generated, "worse_than_nvml") <= 0.08, "{generated}");
+    assert!(number(generated, "worse_than_launch_share") <= 0.30, "{generated}");
     let confident_misses = number(generated, "confident_bins_over_5") / number(generated, "confident_bins");
-    assert!(confident_misses <= 0.16, "{generated}");
+    assert!(confident_misses <= 0.13, "{generated}");
     assert!(number(generated, "bins_within_2_sigma") >= 0.90, "{generated}");
     assert!(number(recorded, "bins_within_2_sigma") >= 0.90, "{recorded}");
 }
