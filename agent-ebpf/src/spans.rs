@@ -14,6 +14,11 @@
 //! The first span of each process is not counted: it may have begun
 //! before the probes were attached.
 //!
+//! The wait probes are attached and detached with the launch probes (the
+//! launch sampler keeps both within its budget, counting a wait as two
+//! traps); a span whose wait fell outside the attached part of a second
+//! stays open until a wait that is probed.
+//!
 //! Closed spans are summed per process in `PROCESS_SPANS` (what bounds a
 //! share: never lost) and sent to user space through `SPAN_EVENTS` (for
 //! the overlap between processes; a full ring counts `SPANS_LOST`).
@@ -64,10 +69,12 @@ pub fn span_stream(handle: u64) -> u64 {
 /// A counted launch of `tgid` on `stream` (`None`: not known).
 #[inline(always)]
 pub fn launched(tgid: u32, stream: Option<u64>) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock is read only when a span opens: most launches find theirs
+    // open already.
     let Some(state) = PROCESS_SPANS.get_ptr_mut(&tgid) else {
         let state = SpanState {
-            open_since_ns: now,
+            // SAFETY: helper without arguments.
+            open_since_ns: unsafe { bpf_ktime_get_ns() },
             stream: stream.map_or(0, span_stream),
             streams: if stream.is_some() { 1 } else { MIXED },
             ..SpanState::default()
@@ -79,7 +86,8 @@ pub fn launched(tgid: u32, stream: Option<u64>) {
     // SAFETY: this process's entry; see the module comment on races.
     let state = unsafe { &mut *state };
     if state.open_since_ns == 0 {
-        state.open_since_ns = now;
+        // SAFETY: helper without arguments.
+        state.open_since_ns = unsafe { bpf_ktime_get_ns() };
         state.streams = 0;
     }
     match stream.map(span_stream) {
@@ -128,17 +136,19 @@ pub fn wait_return(ctx: RetProbeContext) -> u32 {
         return 0;
     };
     let _ = PENDING_WAITS.remove(&id);
-    // CUresult: a failed wait completed nothing we know of.
-    let result: u64 = ctx.ret();
-    if result as u32 != 0 {
-        return 0;
-    }
     let tgid = (id >> 32) as u32;
     let Some(state) = PROCESS_SPANS.get_ptr_mut(&tgid) else {
         return 0;
     };
     // SAFETY: this process's entry; see the module comment on races.
     let state = unsafe { &mut *state };
+    state.waits += 1;
+    // CUresult: a failed wait completed nothing we know of.
+    let result: u64 = ctx.ret();
+    if result as u32 != 0 {
+        return 0;
+    }
+    // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let completes = what == WAIT_CONTEXT || (state.streams == 1 && state.stream == stream);
     if !completes {

@@ -337,6 +337,9 @@ pub struct SpanState {
     pub streams: u32,
     /// 1 once a span closed (the spans after it count).
     pub primed: u32,
+    /// Waits probed, cumulative (each costs the waiting thread two traps:
+    /// the launch sampler's budget counts them).
+    pub waits: u64,
 }
 
 /// One closed span, as the ring buffer carries it to user space (for the
@@ -361,7 +364,7 @@ pub const MAX_SPAN_PROCESSES: u32 = 8192;
 pub const SPAN_RING_BYTES: u32 = 1 << 20;
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), five u64 and two u32: no padding; any bit pattern is valid.
+// SAFETY: repr(C), five u64, two u32, one u64: no padding; any bit pattern is valid.
 unsafe impl aya::Pod for SpanState {}
 
 #[cfg(feature = "user")]
@@ -433,7 +436,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
         assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
-        assert_eq!(core::mem::size_of::<SpanState>(), 48);
+        assert_eq!(core::mem::size_of::<SpanState>(), 56);
         assert_eq!(core::mem::size_of::<SpanEvent>(), 24);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 56);

@@ -11,7 +11,8 @@
  * otherwise the fixed handle 0x4001. With LAUNCH_SCHEDULE="RATE:SECONDS,..."
  * it launches at each RATE per second (paced by sleeping, 0 for idle) for
  * its SECONDS, in order, and holds the last step; SPIN_NS still adds host
- * work per launch.
+ * work per launch. With WAIT_EVERY=N it calls cuCtxSynchronize after every
+ * N launches (what a wait probe costs).
  *
  * usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]] */
 #include <dlfcn.h>
@@ -86,6 +87,9 @@ int main(int argc, char **argv) {
         printf("function %p\n", f);
         fflush(stdout);
     }
+    const char *wait_every_env = getenv("WAIT_EVERY");
+    unsigned long long wait_every = wait_every_env ? strtoull(wait_every_env, NULL, 10) : 0;
+    int (*ctx_sync)(void) = dlsym(lib, "cuCtxSynchronize");
     const char *schedule = getenv("LAUNCH_SCHEDULE");
     double paced = 0; /* launches owed to the schedule so far */
     long long last = started;
@@ -104,6 +108,7 @@ int main(int argc, char **argv) {
         }
         launch(f, 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
         launches++;
+        if (wait_every && ctx_sync && launches % wait_every == 0) ctx_sync();
         t = now_ns();
         long long until = t + spin_ns;
         while (t < until) t = now_ns();

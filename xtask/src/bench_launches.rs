@@ -4,7 +4,10 @@
 //! in a cgroup pod: without the agent, with the probes always attached
 //! (budget 100%), and with the default budget (sampling). Prints the
 //! loop's throughput each time, the ns each probed launch adds, and how
-//! far the agent's count or estimate is from the loop's own.
+//! far the agent's count or estimate is from the loop's own. Then twice
+//! more with a `cuCtxSynchronize` after every launch, without the agent and
+//! with the probes always on: what each probed wait (the completion span
+//! probes, entry and return) adds beyond the launch.
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
@@ -53,10 +56,12 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         "launch-bound loop: {} ns of host work per launch, {} s per run (stand-in libcuda)",
         options.spin_ns, options.seconds
     );
-    let bare = runtime.block_on(one_run(&options, tools.path(), None))?;
+    let bare = runtime.block_on(one_run(&options, tools.path(), None, false))?;
     println!("unprobed:              {:>9.0} launches/s", bare.rate);
-    let always = runtime.block_on(one_run(&options, tools.path(), Some("100")))?;
-    let sampled = runtime.block_on(one_run(&options, tools.path(), Some("1")))?;
+    let always = runtime.block_on(one_run(&options, tools.path(), Some("100"), false))?;
+    let sampled = runtime.block_on(one_run(&options, tools.path(), Some("1"), false))?;
+    let bare_waits = runtime.block_on(one_run(&options, tools.path(), None, true))?;
+    let always_waits = runtime.block_on(one_run(&options, tools.path(), Some("100"), true))?;
     let added_ns = (1.0 / always.rate - 1.0 / bare.rate) * 1e9;
     let report = |name: &str, run: &Run| {
         let counted = run.counted.unwrap_or(0);
@@ -75,11 +80,19 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         "ns added per probed launch: {added_ns:.0} (the agent's calibration on its own function: {} ns)",
         always.hit_cost_ns.unwrap_or(0)
     );
+    let added_with_waits_ns = (1.0 / always_waits.rate - 1.0 / bare_waits.rate) * 1e9;
+    println!(
+        "with a wait per launch: {:.0} unprobed, {:.0} probed launches/s; ns added per probed wait: {:.0}",
+        bare_waits.rate,
+        always_waits.rate,
+        added_with_waits_ns - added_ns
+    );
     Ok(())
 }
 
-/// One run of the loop, with an agent at `budget` percent (or none).
-async fn one_run(options: &Options, tools: &Path, budget: Option<&str>) -> anyhow::Result<Run> {
+/// One run of the loop, with an agent at `budget` percent (or none), and
+/// with a wait after every launch when `waits`.
+async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, waits: bool) -> anyhow::Result<Run> {
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().context("cgroup v2 root")?;
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid)?;
@@ -93,6 +106,9 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>) -> anyho
     };
     let go = tools.join(format!("go-{uid}"));
     let mut command = Command::new(tools.join("launch_loop"));
+    if waits {
+        command.env("WAIT_EVERY", "1");
+    }
     command.args([
         tools.join("libcuda.so.1").display().to_string(),
         options.spin_ns.to_string(),

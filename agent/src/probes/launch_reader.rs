@@ -116,9 +116,13 @@ fn run(
                 continue;
             }
         };
+        let spans = probe.spans(proc).unwrap_or_else(|err| {
+            tracing::debug!(error = %err, "reading completion spans");
+            Default::default()
+        });
         let window =
             Window { attached_s: attached.as_secs_f64().min(period.as_secs_f64()), period_s: period.as_secs_f64() };
-        let busiest_rate = estimates.book(&counts, window);
+        let busiest_rate = estimates.book(&counts, &spans.waits_since_last_read, window);
         tracing::debug!(
             ?window,
             busiest_rate,
@@ -136,10 +140,7 @@ fn run(
             hit_cost_ns: hit_cost.as_nanos() as u64,
             ..LaunchSnapshot::default()
         };
-        snapshot.spans = probe.spans(proc).unwrap_or_else(|err| {
-            tracing::debug!(error = %err, "reading completion spans");
-            Default::default()
-        });
+        snapshot.spans = spans;
         let identities = probe.identities().unwrap_or_else(|err| {
             tracing::debug!(error = %err, "reading kernel identities");
             Default::default()

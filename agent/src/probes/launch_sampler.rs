@@ -64,9 +64,10 @@ pub struct Estimates {
 
 impl Estimates {
     /// Books one read of the kernel's cumulative counts; returns the
-    /// busiest process's launch rate while probed (what the probes cost
-    /// it: rate x cost of its time).
-    pub fn book(&mut self, counts: &[(LaunchKey, u64)], window: Window) -> f64 {
+    /// busiest process's rate of probe hits while probed (what the probes
+    /// cost it: rate x cost of its time): its launches, and two hits per
+    /// wait in `waits` (entry and return, since the previous read).
+    pub fn book(&mut self, counts: &[(LaunchKey, u64)], waits: &HashMap<u32, u64>, window: Window) -> f64 {
         let deltas: Vec<(LaunchKey, u64)> = counts
             .iter()
             .map(|(key, raw)| (*key, raw.saturating_sub(self.previous.insert(*key, *raw).unwrap_or(0))))
@@ -74,6 +75,9 @@ impl Estimates {
         let mut probed: HashMap<u32, f64> = HashMap::new();
         for (key, added) in &deltas {
             *probed.entry(key.tgid).or_default() += *added as f64;
+        }
+        for (tgid, waited) in waits {
+            *probed.entry(*tgid).or_default() += 2.0 * *waited as f64;
         }
         let attached_s = window.attached_s.max(1e-6);
         // Counted the whole period: exact, nothing to scale.
@@ -127,16 +131,29 @@ mod tests {
     fn sampled_counts_scale_and_exact_counts_do_not() {
         let mut estimates = Estimates::default();
         let full = Window { attached_s: 1.0, period_s: 1.0 };
-        let rate = estimates.book(&[(key(1, 7), 100), (key(1, 8), 50), (key(2, 7), 20)], full);
+        let rate = estimates.book(&[(key(1, 7), 100), (key(1, 8), 50), (key(2, 7), 20)], &HashMap::new(), full);
         assert_eq!(rate, 150.0);
         assert_eq!(estimates.launches(&key(1, 7)), 100);
         // The next second attached for a tenth of it: 30 seen, 300
         // estimated.
         let tenth = Window { attached_s: 0.1, ..full };
-        let rate = estimates.book(&[(key(1, 7), 130), (key(1, 8), 50), (key(2, 7), 20)], tenth);
+        let rate = estimates.book(&[(key(1, 7), 130), (key(1, 8), 50), (key(2, 7), 20)], &HashMap::new(), tenth);
         assert_eq!(rate, 300.0);
         assert_eq!(estimates.launches(&key(1, 7)), 400);
         estimates.forget(&[key(1, 7)]);
         assert_eq!(estimates.launches(&key(1, 7)), 0);
+    }
+
+    /// A wait costs its thread two probe hits (entry and return): a
+    /// process that waits after every launch is the busiest at a third of
+    /// the other's launch rate.
+    #[test]
+    fn waits_count_against_the_budget() {
+        let mut estimates = Estimates::default();
+        let full = Window { attached_s: 1.0, period_s: 1.0 };
+        let waits = HashMap::from([(2, 100)]);
+        let rate = estimates.book(&[(key(1, 7), 250), (key(2, 7), 100)], &waits, full);
+        assert_eq!(rate, 300.0);
+        assert_eq!(estimates.launches(&key(2, 7)), 100, "waits are not launches");
     }
 }

@@ -101,9 +101,8 @@ impl LaunchProbe {
         if self.attached {
             self.attach_library(&added)?;
         }
-        // The identity calls and the waits stay probed whatever the
-        // sampling does: identity calls run when a program loads its
-        // kernels, waits once per batch of launches, not per launch. Their
+        // The identity calls stay probed whatever the sampling does: they
+        // run when a program loads its kernels, once, not per launch. Their
         // links live as long as the programs (never detached).
         let library_path = fd_path(&added.file);
         for &(name, offset) in &identity {
@@ -323,25 +322,24 @@ pub extern "C" fn podgpu_uprobe_calibration_target(
     std::hint::black_box(function ^ grid_x ^ grid_y ^ grid_z ^ block_x ^ block_y ^ block_z)
 }
 
-/// (program, file offset) of each kernel identity call and wait `file`
-/// exports (`cuLibraryGetKernel` and `cuKernelGetFunction` came with CUDA
-/// 12).
+/// (program, file offset) of each kernel identity call `file` exports
+/// (`cuLibraryGetKernel` and `cuKernelGetFunction` came with CUDA 12).
 fn identity_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
-    Ok(IDENTITY_POINTS
+    Ok(IDENTITY_POINTS.iter().filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?))).collect())
+}
+
+/// (program, file offset) of each launch entry point and wait `file`
+/// exports (older drivers lack some: `_ptsz`, `Ex`); sampled together.
+fn entry_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
+    Ok(ENTRY_POINTS
         .iter()
         .chain(&WAIT_POINTS)
         .filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?)))
         .collect())
-}
-
-/// (program, file offset) of each launch entry point `file` exports
-/// (older drivers lack some: `_ptsz`, `Ex`).
-fn entry_points(file: &std::fs::File) -> std::io::Result<Vec<(&'static str, u64)>> {
-    let cache = object::ReadCache::new(file);
-    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
-    Ok(ENTRY_POINTS.iter().filter_map(|&(name, symbol)| Some((name, file_offset(&elf, symbol)?))).collect())
 }
 
 /// File offset of `symbol` in `file`.

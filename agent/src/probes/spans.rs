@@ -19,8 +19,8 @@ use super::ProbeError;
 use crate::proc::ProcFs;
 
 /// (program, exported symbol) of the waits: each is probed at entry and
-/// at return, and stays attached (a wait is once per batch, not per
-/// kernel).
+/// at return, attached and detached with the launch entry points (the
+/// launch sampler's budget covers both).
 pub const WAIT_POINTS: [(&str, &str); 8] = [
     ("cu_ctx_synchronize", "cuCtxSynchronize"),
     ("wait_return", "cuCtxSynchronize"),
@@ -59,6 +59,10 @@ pub struct SpanTotals {
     pub rows: Vec<SpanRow>,
     /// Closed spans the ring had no room for, cumulative.
     pub lost: u64,
+    /// Waits probed per process since the previous read (for the launch
+    /// sampler's budget: each is two traps).
+    #[serde(skip)]
+    pub waits_since_last_read: HashMap<u32, u64>,
 }
 
 /// Reads the spans and integrates the fair time between reads.
@@ -68,6 +72,8 @@ pub struct SpanReader {
     fair_ns: HashMap<u32, f64>,
     /// `bpf_ktime_get_ns` of the last read.
     last_read_ns: u64,
+    /// Waits per process at the last read.
+    waits: HashMap<u32, u64>,
 }
 
 impl SpanReader {
@@ -75,7 +81,7 @@ impl SpanReader {
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, ProbeError> {
         let map = ebpf.take_map(SPAN_EVENTS).ok_or(ProbeError::MissingMap(SPAN_EVENTS))?;
         let events = RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: SPAN_EVENTS, source })?;
-        Ok(Self { events, fair_ns: HashMap::new(), last_read_ns: 0 })
+        Ok(Self { events, fair_ns: HashMap::new(), last_read_ns: 0, waits: HashMap::new() })
     }
 
     /// Reads the spans as of `now_ns` (`bpf_ktime_get_ns` time), and
@@ -97,11 +103,14 @@ impl SpanReader {
         let mut intervals: Vec<(u32, u64, u64)> =
             closed.iter().map(|event| (event.tgid, event.start_ns, event.end_ns)).collect();
         let mut rows = Vec::new();
+        let mut waits_since_last_read = HashMap::new();
         for (pid, state) in &live {
             if proc.start_time(*pid).is_none() {
                 gone.push(*pid);
                 continue;
             }
+            let before = self.waits.insert(*pid, state.waits).unwrap_or(0);
+            waits_since_last_read.insert(*pid, state.waits.saturating_sub(before));
             let open_ns = if state.open_since_ns != 0 { now_ns.saturating_sub(state.open_since_ns) } else { 0 };
             if state.open_since_ns != 0 {
                 intervals.push((*pid, state.open_since_ns, now_ns));
@@ -113,6 +122,7 @@ impl SpanReader {
         for pid in &gone {
             let _ = states.remove(pid);
             self.fair_ns.remove(pid);
+            self.waits.remove(pid);
         }
         if self.last_read_ns != 0 {
             for (pid, fair) in fair_shares(&intervals, self.last_read_ns, now_ns) {
@@ -131,7 +141,7 @@ impl SpanReader {
             })
             .collect();
         rows.sort_by_key(|row| row.pid);
-        Ok(SpanTotals { rows, lost })
+        Ok(SpanTotals { rows, lost, waits_since_last_read })
     }
 }
 
