@@ -43,100 +43,7 @@ use super::spans;
 use super::{Attribution, Basis, LaunchCount, ProcessShare, Window};
 use crate::gpu::Sharing;
 
-/// Tuning of the model. The defaults are physical scales (points of GPU
-/// %, fractions), not fitted to any trace.
-#[derive(Clone, Copy, Debug)]
-pub struct EstimatorConfig {
-    /// Prior standard deviation of one process's share, points.
-    pub prior_share: f64,
-    /// Standard deviation of one device-utilization reading, points.
-    pub util_noise: f64,
-    /// Relative drift of a cost per window.
-    pub cost_drift: f64,
-    /// Absolute drift of a key's share per window, points.
-    pub share_drift: f64,
-    /// Process noise per unit of relative rate jump (times the cost).
-    pub jump_gain: f64,
-    /// Windows a jump keeps a cost loose.
-    pub jump_hold: u8,
-    /// Relative rate change that counts as a jump. A duty loop of 100 ms
-    /// periods moves by one period in five (±20%) between 0.5 s windows
-    /// without any change of load: that is noise, not a jump.
-    pub jump_tolerance: f64,
-    /// Observation noise per point of share that moved inside the window.
-    pub misalignment_gain: f64,
-    /// Prior standard deviation of the time-slicing overhead, points per
-    /// active process beyond the first.
-    pub overhead_prior: f64,
-    /// Seconds without launches after which a key is forgotten.
-    pub key_ttl_s: f64,
-    /// Most keys one process keeps apart; its rarer keys share one.
-    pub max_keys_per_process: usize,
-    /// Split σ (points) beyond which a share leans on the even split.
-    pub fallback_scale: f64,
-}
-
-impl Default for EstimatorConfig {
-    fn default() -> Self {
-        Self {
-            prior_share: 30.0,
-            util_noise: 3.0,
-            cost_drift: 0.02,
-            share_drift: 0.3,
-            jump_gain: 2.0,
-            jump_hold: 2,
-            jump_tolerance: 0.2,
-            misalignment_gain: 4.0,
-            overhead_prior: 3.0,
-            key_ttl_s: 60.0,
-            max_keys_per_process: 8,
-            fallback_scale: 15.0,
-        }
-    }
-}
-
-/// The settings `EstimatorConfig::set` knows, for `replay --set`.
-pub const SETTINGS: [&str; 12] = [
-    "prior_share",
-    "util_noise",
-    "cost_drift",
-    "share_drift",
-    "jump_gain",
-    "jump_hold",
-    "jump_tolerance",
-    "misalignment_gain",
-    "overhead_prior",
-    "key_ttl_s",
-    "max_keys_per_process",
-    "fallback_scale",
-];
-
-impl EstimatorConfig {
-    /// Sets one setting by name (`SETTINGS`), as `replay --set NAME=VALUE`
-    /// does to try settings on traces without a rebuild.
-    pub fn set(&mut self, name: &str, value: f64) -> Result<(), String> {
-        if !value.is_finite() || value < 0.0 {
-            return Err(format!("{name}: expected a finite number at least 0, got {value}"));
-        }
-        let whole = |value: f64| value.round().min(255.0) as u8;
-        match name {
-            "prior_share" => self.prior_share = value,
-            "util_noise" => self.util_noise = value,
-            "cost_drift" => self.cost_drift = value,
-            "share_drift" => self.share_drift = value,
-            "jump_gain" => self.jump_gain = value,
-            "jump_hold" => self.jump_hold = whole(value),
-            "jump_tolerance" => self.jump_tolerance = value,
-            "misalignment_gain" => self.misalignment_gain = value,
-            "overhead_prior" => self.overhead_prior = value,
-            "key_ttl_s" => self.key_ttl_s = value,
-            "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
-            "fallback_scale" => self.fallback_scale = value,
-            _ => return Err(format!("unknown setting {name:?}; known: {}", SETTINGS.join(", "))),
-        }
-        Ok(())
-    }
-}
+pub use super::config::{EstimatorConfig, SETTINGS};
 
 /// Most a rate jump may loosen a cost by, relative to the cost (a rate
 /// that fell 10x).
@@ -439,8 +346,6 @@ impl Estimator {
             }
         }
 
-        // Step 4: shares, reconciled with the device utilization.
-        let mut predicted: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
         let mut by_pid: BTreeMap<u32, Vec<f64>> = BTreeMap::new();
         for (key, tracked) in &self.keys {
             let (Some(slot), Some(&rate)) = (tracked.slot, rates.get(key)) else { continue };
@@ -449,6 +354,14 @@ impl Estimator {
             }
             by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()])[slot] += rate;
         }
+        // Step 3b: costs that put a process outside its span bounds are
+        // pulled to the bound it breaks.
+        let evidence = spans::evidence(&window.spans, duration);
+        let unsettled: BTreeSet<u32> = pending.union(&loosened).copied().collect();
+        spans::hold_costs_within(&mut self.filter, &by_pid, &evidence, &unsettled, util - overhead_now, cfg.util_noise);
+
+        // Step 4: shares, reconciled with the device utilization.
+        let mut predicted: BTreeMap<u32, (f64, f64)> = BTreeMap::new();
         for (pid, hp) in &by_pid {
             predicted.insert(*pid, (self.filter.predict(hp), self.filter.variance_of(hp)));
         }
@@ -501,7 +414,6 @@ impl Estimator {
                 }
             })
             .collect();
-        let evidence = spans::evidence(&window.spans, duration);
         split_where_unseparable(&mut processes, &split_variances, cfg.fallback_scale, |shares, pulled| {
             spans::split_weights(shares, pulled, &evidence)
         });

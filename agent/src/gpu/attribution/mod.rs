@@ -31,6 +31,7 @@
 //! which case a share is in.
 //!
 //! Layout: `filter` (the Kalman state), `estimator` (windows to shares),
+//! `config` (its settings),
 //! `live` (windows from the poller and the launch reader on a node),
 //! `trace` (the replayable trace format), `replay` (traces through the
 //! estimator, scored against their truth), `synthetic` (generated traces
@@ -41,6 +42,7 @@
 //! spans bound and how they split the unseparable), `record` (a trace from
 //! a live node), `catalog` (kernel costs kept across agent restarts).
 pub mod catalog;
+mod config;
 mod estimator;
 mod filter;
 pub mod generator;

@@ -14,8 +14,9 @@
 //! Where the bounds are tighter than the filter's σ they set it: a share
 //! inside [lower, upper] is off by at most the larger gap, so σ is half
 //! that gap, and a confident share is one the bounds pin.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::filter::CostFilter;
 use super::shares::confidence_of;
 use super::{Basis, ProcessShare, ProcessSpan};
 
@@ -89,6 +90,47 @@ pub(super) fn split_weights(
     let covered = processes.iter().zip(pulled).zip(&fair).all(|((_, &pulled), fair)| !pulled || fair.is_some());
     let any_pulled_busy = pulled.iter().zip(&fair).any(|(&pulled, fair)| pulled && fair.unwrap_or(0.0) > 0.0);
     (covered && any_pulled_busy).then(|| fair.into_iter().map(|fair| fair.unwrap_or(0.0)).collect())
+}
+
+/// Teaches the filter the bounds: a settled process (none of its costs
+/// new or just loosened) whose learned costs predict a share above its
+/// upper bound, or below its lower one, by more than the reading noise is
+/// a measurement at that bound. Inside the bounds nothing is learned: a
+/// bound is not an estimate, and pulling toward its middle would bias
+/// every share bounded loosely. What is learned here holds in the windows
+/// after, when the spans overlap and bound less.
+pub(super) fn hold_costs_within(
+    filter: &mut CostFilter,
+    by_pid: &BTreeMap<u32, Vec<f64>>,
+    evidence: &HashMap<u32, SpanEvidence>,
+    unsettled: &BTreeSet<u32>,
+    available: f64,
+    reading_noise: f64,
+) {
+    if evidence.is_empty() {
+        return;
+    }
+    let active: BTreeSet<u32> = by_pid.keys().chain(unsettled).copied().collect();
+    let upper = |pid: &u32| evidence.get(pid).map_or(available, |e| e.upper.min(available));
+    let upper_sum: f64 = active.iter().map(upper).sum();
+    for (pid, h) in by_pid {
+        if unsettled.contains(pid) || !evidence.contains_key(pid) {
+            continue;
+        }
+        let high = upper(pid);
+        let low = (available - 2.0 * reading_noise - (upper_sum - high)).max(0.0);
+        let predicted = filter.predict(h);
+        let bound = if predicted > high + reading_noise {
+            high
+        } else if predicted < low - reading_noise {
+            low
+        } else {
+            continue;
+        };
+        // As loose as the breach: a bound says where the share is not,
+        // not how sure its costs are.
+        filter.update(h, bound, reading_noise.powi(2) + (predicted - bound).powi(2));
+    }
 }
 
 /// Holds every share inside what the spans allow and narrows σ to the
@@ -231,6 +273,26 @@ mod tests {
         assert!((spans[0].busy_s - 0.4).abs() < 1e-9 && spans[0].closed == 4);
         assert!((spans[0].fair_s.unwrap() - 0.2).abs() < 1e-9);
         assert_eq!(between((&before, 0), (&after, 3))[0].fair_s, None);
+    }
+
+    /// Costs that break a bound are pulled toward it; costs inside their
+    /// bounds, and processes still settling, are left alone.
+    #[test]
+    fn costs_learn_the_bounds_they_break() {
+        let mut filter = CostFilter::default();
+        let (over, inside, settling) = (filter.push(0.3, 0.01), filter.push(0.1, 0.01), filter.push(0.3, 0.01));
+        let h = |slot: usize| {
+            let mut h = vec![0.0; 3];
+            h[slot] = 100.0;
+            h
+        };
+        let by_pid = BTreeMap::from([(1, h(over)), (2, h(inside)), (3, h(settling))]);
+        let seen = evidence(&[span(1, 0.12, 0.1, 5), span(2, 0.5, 0.3, 5), span(3, 0.12, 0.1, 5)], 1.0);
+        hold_costs_within(&mut filter, &by_pid, &seen, &BTreeSet::from([3]), 30.0, 3.0);
+        let pulled = filter.predict(&h(over));
+        assert!(pulled < 27.0 && pulled > 12.0, "toward the bound, as far as the breach allows: {pulled}");
+        assert!((filter.predict(&h(inside)) - 10.0).abs() < 1e-9);
+        assert!((filter.predict(&h(settling)) - 30.0).abs() < 1e-9);
     }
 
     /// Without spans nothing moves.
