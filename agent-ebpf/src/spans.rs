@@ -55,12 +55,21 @@ const WAIT_STREAM: u64 = 1;
 /// More than one stream (or one not known).
 const MIXED: u32 = 2;
 
-/// The stream a handle names: the legacy (0, `CU_STREAM_LEGACY` = 1) and
-/// per-thread (`CU_STREAM_PER_THREAD` = 2) default streams are one.
+/// Marks a default stream in `span_stream`'s value (stream handles are
+/// user addresses, far below it).
+const DEFAULT_STREAM: u64 = 1 << 63;
+
+/// The stream a handle names, as spans tell streams apart. The default
+/// streams (0, `CU_STREAM_LEGACY` = 1, `CU_STREAM_PER_THREAD` = 2; 0 is
+/// per-thread under the `_ptsz` entry points, which share the programs)
+/// are taken per calling thread: a wait on a thread's default stream then
+/// closes only a span whose launches all came from that thread, and two
+/// threads launching on the legacy default stream keep the span open
+/// (looser, never too tight).
 #[inline(always)]
 pub fn span_stream(handle: u64) -> u64 {
     if handle <= 2 {
-        0
+        DEFAULT_STREAM | (bpf_get_current_pid_tgid() & 0xffff_ffff)
     } else {
         handle
     }
@@ -123,7 +132,7 @@ pub fn cu_stream_synchronize(ctx: ProbeContext) -> u32 {
 /// stream's work before copying.
 #[uprobe]
 pub fn cu_memcpy_dtoh(_ctx: ProbeContext) -> u32 {
-    wait_entered(WAIT_STREAM, 0)
+    wait_entered(WAIT_STREAM, span_stream(0))
 }
 
 /// The return of any wait: closes the span if the wait completed all of

@@ -23,5 +23,5 @@ pub fn build(dir: &Path) -> anyhow::Result<()> {
     gcc(&["-shared", "-fPIC", "-O2", "-o", &out("libcuda.so.1"), "libcuda.c"])?;
     gcc(&["-O2", "-o", &out("launcher"), "launcher.c", "-ldl"])?;
     gcc(&["-O2", "-o", &out("launch_loop"), "launch_loop.c", "-ldl"])?;
-    gcc(&["-O2", "-o", &out("waiter"), "waiter.c", "-ldl"])
+    gcc(&["-O2", "-o", &out("waiter"), "waiter.c", "-ldl", "-lpthread"])
 }

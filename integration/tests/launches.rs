@@ -284,7 +284,9 @@ async fn launch_bound_tenants_are_sampled_and_their_counts_hold() {
 /// fifth of the time; one that waits on its only stream, or copies back
 /// synchronously, closes its spans too; one whose launches went to two
 /// streams and waits on one keeps its span open: it never closed one, so
-/// it has no spans to report (an open span bounds nothing), yet the time
+/// it has no spans to report (an open span bounds nothing), and so does
+/// one whose main thread waits on its default stream while another thread
+/// launches on its own (the wait does not cover it); yet the time
 /// it holds open is shared with the others in their fair span time. Fair
 /// span time never exceeds busy time, and the fair times add up to at
 /// most the wall time.
@@ -316,6 +318,7 @@ async fn waits_close_completion_spans() {
     let stream = start("stream", "50", "50");
     let copy = start("copy", "30", "70");
     let mixed = start("mixed", "20", "80");
+    let threads = start("threads", "20", "80");
     let attached = eventually(Duration::from_secs(5), async || {
         json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
     })
@@ -354,6 +357,7 @@ async fn waits_close_completion_spans() {
     let (busy, _, closed) = delta(copy);
     assert!((0.2..0.42).contains(&busy) && per_s(closed) > 4.0, "copy: {busy} busy, {closed} closed");
     assert!(spans_of(&second, mixed).is_none(), "mixed streams keep the span open: {second}");
+    assert!(spans_of(&second, threads).is_none(), "another thread's default stream keeps it open: {second}");
     let fair_sum: f64 = [ctx, stream, copy].iter().map(|&pid| delta(pid).1).sum();
     assert!(fair_sum <= 1.02, "fair times add up to at most the wall time: {fair_sum}");
     assert_eq!(second["spans_lost"], 0);
