@@ -19,8 +19,10 @@ struct Shaped {
     device_util: Vec<(f64, f64)>,
     nvml_process_samples: Vec<(u32, u64, f64)>,
     /// Each line's rows and kernel identities (shared kernels included:
-    /// the estimator ties their costs across processes).
-    launches: Vec<(f64, Vec<(u32, u32, u64, u64, u64)>, Vec<(u32, u64, u64)>)>,
+    /// the estimator ties their costs across processes), completion spans
+    /// and span events lost.
+    #[allow(clippy::type_complexity)]
+    launches: Vec<(f64, Vec<(u32, u32, u64, u64, u64)>, Vec<(u32, u64, u64)>, Vec<(u32, f64, f64, u64)>, u64)>,
 }
 
 impl Shaped {
@@ -42,8 +44,8 @@ impl Shaped {
             ..Trace::default()
         };
         let mut launches = String::new();
-        for (t, rows, kernels) in self.launches {
-            launches.push_str(&serde_json::to_string(&LaunchLine { t, rows, kernels }).ok()?);
+        for (t, rows, kernels, spans, spans_lost) in self.launches {
+            launches.push_str(&serde_json::to_string(&LaunchLine { t, rows, kernels, spans, spans_lost }).ok()?);
             launches.push('\n');
         }
         Some((serde_json::to_string(&trace).ok()?, launches))
