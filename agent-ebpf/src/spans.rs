@@ -116,7 +116,8 @@ fn wait_entered(what: u64, stream: u64) -> u32 {
     0
 }
 
-/// `cuCtxSynchronize()`: all of the context's work is complete at return.
+/// `cuCtxSynchronize()` and `cuCtxSynchronize_v2(ctx)`: all of the
+/// context's work is complete at return.
 #[uprobe]
 pub fn cu_ctx_synchronize(_ctx: ProbeContext) -> u32 {
     wait_entered(WAIT_CONTEXT, 0)

@@ -21,15 +21,20 @@ use crate::proc::ProcFs;
 /// (program, exported symbol) of the waits: each is probed at entry and
 /// at return, attached and detached with the launch entry points (the
 /// launch sampler's budget covers both).
-pub const WAIT_POINTS: [(&str, &str); 8] = [
+pub const WAIT_POINTS: [(&str, &str); 12] = [
     ("cu_ctx_synchronize", "cuCtxSynchronize"),
     ("wait_return", "cuCtxSynchronize"),
+    // CUDA 12.5 and later: the context as an argument (NULL: the current).
+    ("cu_ctx_synchronize", "cuCtxSynchronize_v2"),
+    ("wait_return", "cuCtxSynchronize_v2"),
     ("cu_stream_synchronize", "cuStreamSynchronize"),
     ("wait_return", "cuStreamSynchronize"),
     ("cu_stream_synchronize", "cuStreamSynchronize_ptsz"),
     ("wait_return", "cuStreamSynchronize_ptsz"),
     ("cu_memcpy_dtoh", "cuMemcpyDtoH_v2"),
     ("wait_return", "cuMemcpyDtoH_v2"),
+    ("cu_memcpy_dtoh", "cuMemcpyDtoH_v2_ptds"),
+    ("wait_return", "cuMemcpyDtoH_v2_ptds"),
 ];
 
 /// The wait programs, loaded with the launch programs.
