@@ -366,6 +366,50 @@ mod tests {
         assert!(windows[1] > 80.0, "the next one ran at 90: {windows:?}");
     }
 
+    /// The reader's completion spans reach the estimator with the counts:
+    /// two processes launching alike cannot be told apart by their
+    /// launches (the even split would give each 30 of 60), but one had
+    /// work outstanding a tenth of the time and so gets at most 10.
+    #[test]
+    fn spans_bound_the_shares_they_cover() {
+        use crate::probes::spans::{SpanRow, SpanTotals};
+        let snapshot = Arc::new(Mutex::new(LaunchSnapshot::default()));
+        let mut live = LiveAttribution::new(snapshot.clone(), None);
+        let mut last = Instant::now();
+        let (mut launches, mut busy) = (0, [0.0, 0.0]);
+        for round in 0..8 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = Instant::now();
+            let elapsed = now.duration_since(last).as_secs_f64();
+            last = now;
+            launches += 100;
+            busy[0] += 0.9 * elapsed;
+            busy[1] += 0.1 * elapsed;
+            let row = |pid: u32| LaunchRow {
+                pid,
+                pod_uid: None,
+                entry: "kernel",
+                function: format!("{:#x}", 0x10 + pid),
+                kernel: None,
+                grid: [132, 1, 1],
+                block: [384, 1, 1],
+                launches,
+                threads: launches * 50_688,
+            };
+            let span = |pid: u32, busy_s: f64| SpanRow { pid, busy_s, fair_s: busy_s * 0.8, closed: round * 10 };
+            {
+                let mut snapshot = snapshot.lock().unwrap();
+                snapshot.rows = vec![row(7), row(8)];
+                snapshot.spans = SpanTotals { rows: vec![span(7, busy[0]), span(8, busy[1])], ..SpanTotals::default() };
+                snapshot.published = Some(now);
+            }
+            live.update(&poll(60.0));
+        }
+        let attribution = live.update(&poll(60.0))["GPU-a"].clone();
+        assert!(attribution.share_of(8) <= 10.5, "{attribution:?}");
+        assert!(attribution.share_of(7) >= 45.0, "{attribution:?}");
+    }
+
     /// A launch reader that stops publishing does not leave its last
     /// counts in charge: past the staleness limit the split falls back to
     /// NVML's samples (confidence 0) instead of holding old shares.
