@@ -74,6 +74,11 @@ pub struct ReplayArgs {
     /// Print the scorecard as one JSON object.
     #[arg(long, requires = "sweep")]
     json: bool,
+    /// Drop the generated scenarios' completion spans (the scenarios are
+    /// otherwise the same): what the estimator does where the wait probes
+    /// see nothing.
+    #[arg(long)]
+    without_spans: bool,
     /// Change an estimator setting for this replay (repeatable), e.g.
     /// `--set fallback_scale=0`: to see what a setting does on a
     /// trace, or to score a trace with settings chosen without it.
@@ -121,7 +126,7 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(count) = args.sweep {
-        let card = sweep::sweep(args.seed, count, &recorded, config);
+        let card = sweep::sweep(args.seed, count, &recorded, config, !args.without_spans);
         if args.json {
             println!("{}", serde_json::to_string(&card)?);
         } else {
@@ -134,7 +139,13 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     }
     let scenario = match (&args.synthetic, args.generated) {
         (Some(name), _) => Some(synthetic::Scenario::builtin(name).context("unknown synthetic scenario")?),
-        (None, Some(index)) => Some(generator::draw(args.seed, index).scenario),
+        (None, Some(index)) => {
+            let mut scenario = generator::draw(args.seed, index).scenario;
+            if args.without_spans {
+                scenario.span_models.clear();
+            }
+            Some(scenario)
+        }
         (None, None) => None,
     };
     let (recorded, launches) = match (&args.trace, scenario) {

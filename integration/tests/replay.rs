@@ -139,6 +139,32 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert!(number(recorded, "bins_within_2_sigma") >= 0.90, "{recorded}");
 }
 
+/// Completion spans are what moved the scorecard: the same 200 scenarios
+/// without them (`--without-spans`) score as the estimator did before
+/// spans (p90 13.4, 49% within 5, 34% worse than the launch share), and
+/// spans must keep a clear lead over that, while calibration holds.
+#[test]
+fn completion_spans_improve_the_sweep() {
+    let card = |extra: &[&str]| {
+        let output = Command::new(workspace_binary("podgpu-agent"))
+            .args(["replay", "--sweep", "200", "--seed", "1", "--json"])
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("one JSON scorecard")["generated"].clone()
+    };
+    let (with, without) = (card(&[]), card(&["--without-spans"]));
+    assert_eq!(number(&with, "tenants"), number(&without, "tenants"), "the same scenarios");
+    assert!(number(&with, "mae_p90") + 2.0 <= number(&without, "mae_p90"), "{with}\n{without}");
+    assert!(number(&with, "within_5") >= number(&without, "within_5") + 0.05, "{with}\n{without}");
+    assert!(
+        number(&with, "worse_than_launch_share") + 0.03 <= number(&without, "worse_than_launch_share"),
+        "{with}\n{without}"
+    );
+    assert!(number(&with, "bins_within_2_sigma") >= 0.90, "{with}");
+}
+
 /// One generated scenario replays on its own (`--generated I --seed S`,
 /// the scorecard's `sweep-S-I`) with the same scores the sweep gave it, and
 /// writes as a trace like the built-in ones.
