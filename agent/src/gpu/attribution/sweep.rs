@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn a_sweep_scores_every_tenant_reproducibly() {
         let card = sweep(3, 6, &[], EstimatorConfig::default(), true);
-        assert_eq!(card, sweep(3, 6, &[], EstimatorConfig::default()));
+        assert_eq!(card, sweep(3, 6, &[], EstimatorConfig::default(), true));
         let expected: usize = (0..6).map(|index| generator::draw(3, index).scenario.tenants.len()).sum();
         assert_eq!(card.tenants.len(), expected);
         assert_eq!(card.generated.tenants, card.tenants.iter().filter(|t| t.score.bins > 0).count());
