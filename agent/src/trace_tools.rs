@@ -74,9 +74,9 @@ pub struct ReplayArgs {
     /// Print the scorecard as one JSON object.
     #[arg(long, requires = "sweep")]
     json: bool,
-    /// Drop the generated scenarios' completion spans (the scenarios are
-    /// otherwise the same): what the estimator does where the wait probes
-    /// see nothing.
+    /// Drop the completion spans (of the generated scenarios, which are
+    /// otherwise the same, or of the trace): what the estimator does where
+    /// the wait probes see nothing.
     #[arg(long)]
     without_spans: bool,
     /// Change an estimator setting for this replay (repeatable), e.g.
@@ -148,7 +148,7 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
-    let (recorded, launches) = match (&args.trace, scenario) {
+    let (recorded, mut launches) = match (&args.trace, scenario) {
         (Some(path), _) => trace::read(path)?,
         (None, Some(scenario)) => {
             let generated = scenario.generate();
@@ -159,6 +159,9 @@ pub fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("a trace, --synthetic or --generated is required"),
     };
+    if args.without_spans {
+        launches.iter_mut().for_each(|line| line.spans.clear());
+    }
     let result = replay::replay(&recorded, &launches, config);
     let mut out = std::io::stdout().lock();
     if args.windows {

@@ -12,8 +12,12 @@ prints, per tenant: the truth (the worker's own record), NVML-only
 Scenarios: 0.25x4096 + 0.5x4096; 0.1x4096 + 0.3x4096 + 0.6x4096;
 0.3x8192 + 0.3x4096 + 0.2x6144 held steady; a mix that fools a
 launch-count estimator (equal duty, ~9x fewer launches for one tenant,
-staggered starts); and the steady mix under MPS (skipped, saying so, when
-nvidia-cuda-mps-control is absent).
+staggered starts); the steady mix under MPS (skipped, saying so, when
+nvidia-cuda-mps-control is absent); and two identical kernels started
+together at duties 0.3 and 0.15. Each replay is also scored with the
+trace's completion spans dropped (`replay --without-spans`), beside each
+tenant's busy span time (duty_worker waits with torch.cuda.synchronize,
+which reaches cuCtxSynchronize).
 
 On the GPU machine (no Rust there: build here, carry the binary):
   cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
@@ -41,7 +45,26 @@ SCENARIOS = [
     ("fool-launch-count", [(0.3, 8192, 0), (0.3, 4096, 4)], False),
     ("mps-staggered", [(0.3, 8192, 0), (0.2, 4096, 3), (0.25, 6144, 6)], True),
     ("steady-mixed", [(0.3, 8192, 0), (0.3, 4096, 0), (0.2, 6144, 0)], False),
+    # Identical kernels started together at different duties: launch
+    # counts and kernel identity cannot split them; completion spans can.
+    ("two-identical", [(0.3, 4096, 0), (0.15, 4096, 0)], False),
 ]
+
+
+def span_fractions(trace):
+    """Each process's busy span time over the recorded run, as a fraction
+    of it (the launch file's first and last lines with spans)."""
+    path = trace[:-len(".json")] + "-launch.jsonl"
+    with open(path) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    lines = [l for l in lines if l.get("spans")]
+    if len(lines) < 2:
+        return {}
+    first = {row[0]: row for row in lines[0]["spans"]}
+    elapsed = lines[-1]["t"] - lines[0]["t"]
+    return {row[0]: (row[1] - first[row[0]][1]) / elapsed
+            for row in lines[-1]["spans"] if row[0] in first and elapsed > 0}
+
 
 
 def truth_of(path, since, until):
@@ -106,9 +129,15 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
         scores = {json.loads(l)["pid"]: json.loads(l) for l in replay.stdout.splitlines() if l.strip()}
         if replay.returncode != 0:
             print(replay.stderr)
+        # The same trace with its completion spans dropped: what they add.
+        bare = subprocess.run([args.agent, "replay", trace, "--without-spans"], capture_output=True, text=True)
+        bare_scores = {json.loads(l)["pid"]: json.loads(l) for l in bare.stdout.splitlines() if l.strip()}
+        spans = span_fractions(trace)
+        if not spans:
+            print("completion spans: none recorded (the wait probes saw no process wait twice)")
         print(f"\n== {name}{' (MPS)' if mps else ''}: {args.seconds:.0f} s; live means over each tenant's run after 6 s of warm-up")
         print(f"{'tenant':<14} {'truth':>6} {'NVML':>6} {'podgpu':>7} {'|NVML-truth|':>12} {'|podgpu-truth|':>14} {'conf':>5}"
-              f"   replay MAE/2s bin: podgpu  NVML  launch-share")
+              f"   replay MAE/2s bin: podgpu  NVML  launch-share  podgpu-without-spans  busy-span")
         for i, (pod, (duty, n, delay)) in enumerate(zip(pods, tenants)):
             with open(outs[i]) as f:
                 pid = json.load(f)["pid"]
@@ -121,7 +150,9 @@ def run_scenario(args, root, kernel_s, name, tenants, mps, out_dir):
             score = scores.get(pid, {})
             print(f"{duty:.2f}x{n:<9} {truth:>6.1f} {nvml:>6.1f} {podgpu:>7.1f} {abs(nvml - truth):>12.1f} {abs(podgpu - truth):>14.1f} {conf:>5.2f}"
                   f"   {score.get('podgpu_mae', float('nan')):>24.1f} {score.get('nvml_mae', float('nan')):>5.1f} "
-                  f"{score.get('launch_share_mae', float('nan')):>6.1f}")
+                  f"{score.get('launch_share_mae', float('nan')):>6.1f} "
+                  f"{bare_scores.get(pid, {}).get('podgpu_mae', float('nan')):>21.1f} "
+                  f"{100 * spans.get(pid, float('nan')):>9.1f}%")
     finally:
         stop(agent)
         if record.poll() is None:
