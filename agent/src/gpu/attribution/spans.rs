@@ -92,6 +92,19 @@ pub(super) fn split_weights(
     (covered && any_pulled_busy).then(|| fair.into_iter().map(|fair| fair.unwrap_or(0.0)).collect())
 }
 
+/// Each of `pids`' bounds on its share, `(lower, upper)` percent: above,
+/// its busy span time (the device's utilization for a process without
+/// spans); below, what the device showed less what all the others can
+/// have used, with two reading σ of margin.
+fn bounds(pids: &[u32], evidence: &HashMap<u32, SpanEvidence>, available: f64, reading_noise: f64) -> Vec<(f64, f64)> {
+    // What the overhead leaves may read below 0 on a noisy reading.
+    let available = available.max(0.0);
+    let upper: Vec<f64> =
+        pids.iter().map(|pid| evidence.get(pid).map_or(available, |e| e.upper.min(available))).collect();
+    let upper_sum: f64 = upper.iter().sum();
+    upper.iter().map(|&high| ((available - 2.0 * reading_noise - (upper_sum - high)).clamp(0.0, high), high)).collect()
+}
+
 /// Teaches the filter the bounds: a settled process (none of its costs
 /// new or just loosened) whose learned costs predict a share above its
 /// upper bound, or below its lower one, by more than the reading noise is
@@ -110,15 +123,14 @@ pub(super) fn hold_costs_within(
     if evidence.is_empty() {
         return;
     }
-    let active: BTreeSet<u32> = by_pid.keys().chain(unsettled).copied().collect();
-    let upper = |pid: &u32| evidence.get(pid).map_or(available, |e| e.upper.min(available));
-    let upper_sum: f64 = active.iter().map(upper).sum();
+    let active: Vec<u32> = by_pid.keys().chain(unsettled).copied().collect::<BTreeSet<u32>>().into_iter().collect();
+    let limits: HashMap<u32, (f64, f64)> =
+        active.iter().copied().zip(bounds(&active, evidence, available, reading_noise)).collect();
     for (pid, h) in by_pid {
         if unsettled.contains(pid) || !evidence.contains_key(pid) {
             continue;
         }
-        let high = upper(pid);
-        let low = (available - 2.0 * reading_noise - (upper_sum - high)).max(0.0);
+        let (low, high) = limits[pid];
         let predicted = filter.predict(h);
         let bound = if predicted > high + reading_noise {
             high
@@ -149,11 +161,8 @@ pub(super) fn bound(
     if evidence.is_empty() || processes.is_empty() {
         return;
     }
-    let upper: Vec<f64> =
-        processes.iter().map(|p| evidence.get(&p.pid).map_or(available, |e| e.upper.min(available))).collect();
-    let upper_sum: f64 = upper.iter().sum();
-    let lower: Vec<f64> =
-        upper.iter().map(|u| (available - 2.0 * reading_noise - (upper_sum - u)).clamp(0.0, *u)).collect();
+    let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+    let (lower, upper): (Vec<f64>, Vec<f64>) = bounds(&pids, evidence, available, reading_noise).into_iter().unzip();
     let variance = |p: &ProcessShare| p.uncertainty_points.unwrap_or(0.0).powi(2).max(1e-6);
     for _ in 0..=processes.len() {
         let mut surplus = 0.0;
