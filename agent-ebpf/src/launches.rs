@@ -35,7 +35,7 @@ mod spans;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
     macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use podgpu_common::{launch_kind, KernelHandle, KernelName, LaunchKey, MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS};
@@ -164,8 +164,10 @@ static KERNEL_NAMES: LruHashMap<KernelHandle, KernelName> = LruHashMap::with_max
 
 /// Per thread inside an identity call: [out pointer, name pointer or
 /// kernel handle, what the second is (`BY_NAME` or `BY_KERNEL`)].
+/// LRU: a thread killed inside a call leaves its entry, which ages out
+/// instead of filling the map.
 #[map]
-static PENDING_IDENTITY: HashMap<u64, [u64; 3]> = HashMap::with_max_entries(4096, 0);
+static PENDING_IDENTITY: LruHashMap<u64, [u64; 3]> = LruHashMap::with_max_entries(4096, 0);
 
 /// Scratch for one name (too large for comfort on the 512-byte stack).
 #[map]

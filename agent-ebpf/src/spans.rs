@@ -28,7 +28,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use podgpu_common::{SpanEvent, SpanState, MAX_SPAN_PROCESSES, SPAN_RING_BYTES};
@@ -46,8 +46,10 @@ static SPAN_EVENTS: RingBuf = RingBuf::with_byte_size(SPAN_RING_BYTES, 0);
 static SPANS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per thread inside a wait: [what it waits on (`WAIT_*`), the stream].
+/// LRU: a thread killed inside a wait leaves its entry, which ages out
+/// instead of filling the map.
 #[map]
-static PENDING_WAITS: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(4096, 0);
+static PENDING_WAITS: LruHashMap<u64, [u64; 2]> = LruHashMap::with_max_entries(4096, 0);
 
 const WAIT_CONTEXT: u64 = 0;
 const WAIT_STREAM: u64 = 1;
