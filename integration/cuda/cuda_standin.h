@@ -16,4 +16,18 @@ typedef struct {
 typedef int (*launch_fn)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void *,
                          void **, void **);
 
+/* Loads the libcuda at PATH as the CUDA runtime does (dlopen), or exits
+ * with status 1 saying why. */
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+static inline void *open_libcuda(const char *path) {
+    void *lib = dlopen(path, RTLD_NOW);
+    if (!lib) {
+        fprintf(stderr, "dlopen: %s\n", dlerror());
+        exit(1);
+    }
+    return lib;
+}
+
 #endif

@@ -51,11 +51,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]]\n");
         return 2;
     }
-    void *lib = dlopen(argv[1], RTLD_NOW);
-    if (!lib) {
-        fprintf(stderr, "dlopen: %s\n", dlerror());
-        return 1;
-    }
+    void *lib = open_libcuda(argv[1]);
     launch_fn launch = (launch_fn)dlsym(lib, "cuLaunchKernel");
     long long spin_ns = atoll(argv[2]);
     if (argc == 5) {

@@ -24,11 +24,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: launcher LIBCUDA GO_FILE SEED KERNELS EX_LAUNCHES GRAPHS\n");
         return 2;
     }
-    void *lib = dlopen(argv[1], RTLD_NOW);
-    if (!lib) {
-        fprintf(stderr, "dlopen: %s\n", dlerror());
-        return 1;
-    }
+    void *lib = open_libcuda(argv[1]);
     launch_fn launch = (launch_fn)dlsym(lib, "cuLaunchKernel");
     launch_fn launch_ptsz = (launch_fn)dlsym(lib, "cuLaunchKernel_ptsz");
     launch_ex_fn launch_ex = (launch_ex_fn)dlsym(lib, "cuLaunchKernelEx");

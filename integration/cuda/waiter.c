@@ -42,11 +42,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: waiter LIBCUDA GO_FILE MODE BUSY_MS IDLE_MS\n");
         return 2;
     }
-    void *lib = dlopen(argv[1], RTLD_NOW);
-    if (!lib) {
-        fprintf(stderr, "dlopen: %s\n", dlerror());
-        return 1;
-    }
+    void *lib = open_libcuda(argv[1]);
     launch = (launch_fn)dlsym(lib, "cuLaunchKernel");
     wait_fn ctx_sync = (wait_fn)dlsym(lib, "cuCtxSynchronize");
     stream_wait_fn stream_sync = (stream_wait_fn)dlsym(lib, "cuStreamSynchronize");

@@ -24,6 +24,18 @@ async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
     serde_json::from_slice(&get(http, path).await.expect("GET").body).unwrap()
 }
 
+/// Waits until the agent has found and probed the stand-in libcuda, then
+/// writes `go`, the file the stand-in applications wait for before they
+/// launch (so the probes see every launch).
+async fn start_once_probed(agent: &AgentProcess, go: &Path) {
+    let attached = eventually(Duration::from_secs(5), async || {
+        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
+    std::fs::write(go, b"go").unwrap();
+}
+
 /// Launches of `pid` with `entry` and `function`: (grid, block, launches, threads).
 fn row(view: &serde_json::Value, pid: u32, entry: &str, function: &str) -> Option<(Vec<u64>, Vec<u64>, u64, u64)> {
     let rows = view["rows"].as_array()?;
@@ -72,12 +84,7 @@ async fn launches_are_counted_per_pod_function_and_size() {
     };
     let (pid_a, _output_a) = start(&mut pod_a, "1", "100", "50", "7");
     let (pid_b, _output_b) = start(&mut pod_b, "2", "300", "0", "0");
-    let attached = eventually(Duration::from_secs(5), async || {
-        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
-    })
-    .await;
-    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
-    std::fs::write(&go, b"go").unwrap();
+    start_once_probed(&agent, &go).await;
 
     let counted = eventually(Duration::from_secs(5), async || {
         let view = json(agent.http, "/launches").await;
@@ -164,12 +171,7 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
         assert_eq!(line.trim(), "ready");
         outputs.push(output);
     }
-    let attached = eventually(Duration::from_secs(5), async || {
-        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
-    })
-    .await;
-    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
-    std::fs::write(&go, b"go").unwrap();
+    start_once_probed(&agent, &go).await;
     // The handle each replica launches, as it printed it.
     let mut handles = Vec::new();
     for output in outputs.iter_mut().take(2) {
@@ -237,12 +239,7 @@ async fn launch_bound_tenants_are_sampled_and_their_counts_hold() {
     assert_eq!(line.trim(), "ready");
     // Launches start once the probes are on the library (the truth counts
     // every launch).
-    let found = eventually(Duration::from_secs(5), async || {
-        json(agent.http, "/healthz").await["launch_libraries"].as_u64() >= Some(1)
-    })
-    .await;
-    assert!(found, "libcuda found");
-    std::fs::write(&go, b"go").unwrap();
+    start_once_probed(&agent, &go).await;
 
     let sampled = eventually(Duration::from_secs(8), async || {
         json(agent.http, "/healthz").await["launch_duty"].as_f64().is_some_and(|duty| duty > 0.0 && duty < 1.0)
@@ -319,12 +316,7 @@ async fn waits_close_completion_spans() {
     let copy = start("copy", "30", "70");
     let mixed = start("mixed", "20", "80");
     let threads = start("threads", "20", "80");
-    let attached = eventually(Duration::from_secs(5), async || {
-        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
-    })
-    .await;
-    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
-    std::fs::write(&go, b"go").unwrap();
+    start_once_probed(&agent, &go).await;
     // (busy_s, fair_s, closed) of `pid` in a /launches view.
     let spans_of = |view: &serde_json::Value, pid: u32| -> Option<(f64, f64, u64)> {
         let row = view["spans"].as_array()?.iter().find(|r| r["pid"] == pid)?.clone();

@@ -171,19 +171,27 @@ pub fn fair_shares(intervals: &[(u32, u64, u64)], from: u64, to: u64) -> HashMap
         }
     }
     edges.sort_unstable();
+    // Spans open per process (its own may overlap), and the processes
+    // with at least one.
     let mut depth: HashMap<u32, i32> = HashMap::new();
+    let mut outstanding: Vec<u32> = Vec::new();
     let mut fair: HashMap<u32, f64> = HashMap::new();
     let mut last = from;
     for (at, pid, step) in edges {
-        let outstanding: Vec<u32> = depth.iter().filter(|(_, &d)| d > 0).map(|(&p, _)| p).collect();
         if at > last && !outstanding.is_empty() {
             let each = (at - last) as f64 / outstanding.len() as f64;
-            for p in outstanding {
+            for &p in &outstanding {
                 *fair.entry(p).or_default() += each;
             }
         }
         last = at;
-        *depth.entry(pid).or_default() += step;
+        let open = depth.entry(pid).or_default();
+        *open += step;
+        match (*open, step) {
+            (1, 1) => outstanding.push(pid),
+            (0, -1) => outstanding.retain(|&p| p != pid),
+            _ => {}
+        }
     }
     fair
 }

@@ -293,11 +293,12 @@ impl Collector {
         let gpu_known = self.gpu_status.is_ok();
         let (launches, published) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
-            self.launch_rows = Arc::new(snapshot.rows.clone());
-            self.launch_spans = Arc::new(snapshot.spans.clone());
             // Converted once per publication, so the same read keeps the
-            // same time (`record` tells reads apart by it).
+            // same time (`record` tells reads apart by it); the rows and
+            // spans are copied then too, not every tick.
             if snapshot.published != self.launch_read_at.map(|(at, _)| at) {
+                self.launch_rows = Arc::new(snapshot.rows.clone());
+                self.launch_spans = Arc::new(snapshot.spans.clone());
                 self.launch_read_at = snapshot.published.map(|at| {
                     let unix_now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
