@@ -1,11 +1,17 @@
-//! NVIDIA driver calls, seen at `ioctl` and `close`. Two sets of hooks run
-//! the same code: the per-syscall tracepoints `syscalls:sys_enter_ioctl`,
-//! `sys_exit_ioctl` and `sys_enter_close` (`*_tp`; other syscalls run no
-//! program, so they pay only the kernel's syscall-tracing slow path), and,
-//! where tracefs cannot be reached, the raw `sys_enter`/`sys_exit`
-//! tracepoints, which every syscall on the node runs (measured in
-//! docs/requests.md). Either set is attached only where the node has an
-//! NVIDIA driver (or stand-ins for one).
+//! NVIDIA driver calls, seen at `ioctl` and `close`. Three sets of hooks
+//! run the same code:
+//! - uprobes on the driver libraries' PLT stubs of `ioctl` and `close`
+//!   (`*_up`: libcuda's calls into libc), which cost nothing outside the
+//!   processes that use those libraries;
+//! - the per-syscall tracepoints `syscalls:sys_enter_ioctl`,
+//!   `sys_exit_ioctl` and `sys_enter_close` (`*_tp`: other syscalls run no
+//!   program, but every syscall on the node takes the kernel's
+//!   syscall-tracing slow path);
+//! - where tracefs cannot be reached, the raw `sys_enter`/`sys_exit`
+//!   tracepoints, which every syscall on the node runs.
+//!
+//! The costs are measured in docs/requests.md. Any set is attached only
+//! where the node has an NVIDIA driver (or stand-ins for one).
 //!
 //! `ioctl` entry: a request shaped like an NVIDIA escape (`_IOWR('F', nr,
 //! size)`, `nr` in the escape ranges), or any ioctl of a process already
@@ -23,9 +29,9 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_user,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use podgpu_common::{
@@ -64,6 +70,11 @@ pub const DECODE_SLOT: u32 = 1;
 /// array holds programs of one type, and `TAIL_CALLS` holds raw ones.
 #[map]
 static DRIVER_TP_TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The library path's tail call (slot 0: `driver_decode_up`), for the
+/// same reason: uprobes are programs of their own type.
+#[map]
+static DRIVER_UP_TAIL_CALLS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Offsets in the `syscalls:sys_enter_*` records of the first three
 /// arguments, and in `sys_exit_*` of the return value (each field 8 bytes
@@ -173,6 +184,45 @@ pub fn close_enter_tp(ctx: TracePointContext) -> i32 {
     if is_client(tgid) {
         // SAFETY: the fd field of the syscall record.
         if let Ok(fd) = unsafe { ctx.read_at::<u64>(TP_ARGS[0]) } {
+            close(tgid, fd);
+        }
+    }
+    0
+}
+
+/// Uprobe on a driver library's PLT stub of `ioctl` (the call into libc):
+/// the same arguments as the syscall, seen only in processes that use the
+/// library, so no other process or syscall pays for it.
+#[uprobe]
+pub fn ioctl_enter_up(ctx: ProbeContext) -> u32 {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    let args = [0, 1, 2].map(|n| ctx.arg::<u64>(n).unwrap_or(u64::MAX));
+    if let Some(pending) = ioctl_enter(args, tgid) {
+        stash(&ctx, pending);
+    }
+    0
+}
+
+/// Uretprobe on the same stub: libc's `ioctl` returned (-1 with `errno`
+/// where the syscall failed, which is all the decoder asks of it).
+#[uretprobe]
+pub fn ioctl_exit_up(ctx: RetProbeContext) -> u32 {
+    let ret: u64 = ctx.ret();
+    if let Some(pending) = consume_pending() {
+        if hand_to_decode(&pending, ret as i32 as i64) {
+            // SAFETY: the tail call replaces this program or returns.
+            unsafe { DRIVER_UP_TAIL_CALLS.tail_call(&ctx, 0) };
+        }
+    }
+    0
+}
+
+/// Uprobe on a driver library's PLT stub of `close`.
+#[uprobe]
+pub fn close_enter_up(ctx: ProbeContext) -> u32 {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    if is_client(tgid) {
+        if let Some(fd) = ctx.arg::<u64>(0) {
             close(tgid, fd);
         }
     }
@@ -326,6 +376,12 @@ pub fn driver_decode(ctx: RawTracePointContext) -> i32 {
 #[tracepoint]
 pub fn driver_decode_tp(ctx: TracePointContext) -> i32 {
     decode_call(&ctx)
+}
+
+/// `driver_decode` for the library path.
+#[uprobe]
+pub fn driver_decode_up(ctx: ProbeContext) -> u32 {
+    decode_call(&ctx) as u32
 }
 
 /// Decodes the call `hand_to_decode` left and emits its event.

@@ -277,14 +277,22 @@ struct NodeOptions {
     /// stand-ins are given).
     #[arg(long, env = "PODGPU_DRIVER_PATH", default_value = "auto", value_parser = ["auto", "on", "off"])]
     driver_path: String,
-    /// Which hooks carry the driver path: `tracepoints` (the per-syscall
+    /// Which hooks carry the driver path: `libraries` (uprobes on the
+    /// driver libraries' calls to ioctl and close: no other process or
+    /// syscall pays), `tracepoints` (the per-syscall
     /// `syscalls:sys_enter_ioctl`/`sys_exit_ioctl`/`sys_enter_close`; other
-    /// syscalls run no program; needs tracefs at /sys/kernel/tracing),
-    /// `raw` (`sys_enter`/`sys_exit`, which every syscall runs), or `auto`
-    /// (tracepoints where tracefs can be reached, raw otherwise, said in
-    /// /healthz).
-    #[arg(long, env = "PODGPU_DRIVER_HOOKS", default_value = "auto", value_parser = ["auto", "tracepoints", "raw"])]
+    /// syscalls run no program but take the kernel's tracing slow path;
+    /// needs tracefs at /sys/kernel/tracing), `raw` (`sys_enter`/`sys_exit`,
+    /// which every syscall runs), or `auto` (libraries where a libcuda is
+    /// found and can be probed, else tracepoints where tracefs can be
+    /// reached, else raw; said in /healthz).
+    #[arg(long, env = "PODGPU_DRIVER_HOOKS", default_value = "auto", value_parser = ["auto", "libraries", "tracepoints", "raw"])]
     driver_hooks: String,
+    /// Driver libraries for the library hooks: files, or directories to
+    /// search for libcuda.so* and libnvidia-ml.so*, comma-separated. Empty:
+    /// LD_LIBRARY_PATH's directories and the usual install directories.
+    #[arg(long, env = "PODGPU_DRIVER_LIBRARIES", value_delimiter = ',')]
+    driver_libraries: Vec<std::path::PathBuf>,
     /// Read each pod's inference engine's own metrics (queue, batch, KV
     /// cache, TTFT): on or off. Engines are found with no configuration
     /// (docs/engines.md); pods where none is found are not scraped.
@@ -424,7 +432,9 @@ async fn main() -> anyhow::Result<()> {
         launch_accounting: options.launch_accounting == "on",
         launch_overhead_budget: options.launch_overhead_budget / 100.0,
         driver_stand_ins: options.driver_stand_in.clone(),
+        driver_libraries: options.driver_libraries.clone(),
         driver_hooks: match options.driver_hooks.as_str() {
+            "libraries" => podgpu_agent::probes::requests::DriverHooks::Libraries,
             "tracepoints" => podgpu_agent::probes::requests::DriverHooks::Tracepoints,
             "raw" => podgpu_agent::probes::requests::DriverHooks::Raw,
             _ => podgpu_agent::probes::requests::DriverHooks::Auto,

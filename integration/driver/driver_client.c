@@ -14,15 +14,21 @@
  *   Prints "freed".
  * phase 3 (once GO.2 exists): closes its fds and exits.
  *
+ * Every ioctl and close goes through the stand-in driver library
+ * (`driver_calls.c`, linked as libcuda.so.1), as a CUDA process's go
+ * through libcuda.
+ *
  * Usage: driver_client DIR FIRST_MIB SECOND_MIB GO */
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "nv_standin.h"
+
+int nv_standin_ioctl(int fd, unsigned long request, void *params);
+int nv_standin_close(int fd);
 
 #define CLIENT 0xc1
 #define DEVICE 0xd0
@@ -30,7 +36,7 @@
 #define FIRST_VRAM 0x200
 
 static void call(int fd, unsigned long request, void *params, const char *what) {
-    if (ioctl(fd, request, params) != 0) {
+    if (nv_standin_ioctl(fd, request, params) != 0) {
         perror(what);
         exit(1);
     }
@@ -98,7 +104,7 @@ int main(int argc, char **argv) {
     call(uvm, 37, register_gpu, "UVM_REGISTER_GPU");
     /* Not a driver call: /dev/null refuses it, and the agent must not book it. */
     struct nvos21 stray = {CLIENT, DEVICE, 0x999, 0x40, (uint64_t)(uintptr_t)&memory, 0, 0};
-    (void)ioctl(null, NV_IOCTL(ESC_RM_ALLOC, sizeof stray), &stray);
+    (void)nv_standin_ioctl(null, NV_IOCTL(ESC_RM_ALLOC, sizeof stray), &stray);
     printf("allocated\n");
     fflush(stdout);
 
@@ -111,8 +117,8 @@ int main(int argc, char **argv) {
     fflush(stdout);
 
     wait_for(argv[4], 2);
-    close(uvm);
-    close(ctl);
-    close(null);
+    nv_standin_close(uvm);
+    nv_standin_close(ctl);
+    nv_standin_close(null);
     return 0;
 }

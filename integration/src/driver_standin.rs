@@ -10,7 +10,20 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context as _};
 
-/// Builds `standin_device` and `driver_client` into `dir`.
+/// Where in a client's container the stand-in driver library is mounted
+/// (the client's run path has it after the host's `lib/`).
+pub const LIBRARY_DIR_IN_CONTAINER: &str = "/stand-in-lib";
+
+/// The stand-in driver library `build` puts in `dir`: the client's
+/// ioctls and closes go through its PLT, as a CUDA process's go through
+/// libcuda's.
+pub fn library_dir(dir: &Path) -> PathBuf {
+    dir.join("lib")
+}
+
+/// Builds `standin_device`, the stand-in driver library
+/// (`lib/libcuda.so.1`) and `driver_client`, which calls the driver
+/// through it, into `dir`.
 pub fn build(dir: &Path) -> anyhow::Result<()> {
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
     let fuse = Command::new("pkg-config").args(["--cflags", "--libs", "fuse3"]).output().context("pkg-config")?;
@@ -29,7 +42,13 @@ pub fn build(dir: &Path) -> anyhow::Result<()> {
     let mut device_args = vec!["-O2", "-Wall", "-o", &device, "standin_device.c"];
     device_args.extend(fuse_flags.iter().map(String::as_str));
     gcc(&device_args)?;
-    gcc(&["-O2", "-Wall", "-o", &dir.join("driver_client").display().to_string(), "driver_client.c"])
+    let lib = library_dir(dir);
+    std::fs::create_dir_all(&lib)?;
+    let library = lib.join("libcuda.so.1").display().to_string();
+    gcc(&["-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcuda.so.1", "-o", &library, "driver_calls.c"])?;
+    let run_path = format!("-Wl,-rpath,{}:{LIBRARY_DIR_IN_CONTAINER}", lib.display());
+    let client = dir.join("driver_client").display().to_string();
+    gcc(&["-O2", "-Wall", "-o", &client, "driver_client.c", &library, &run_path])
 }
 
 /// The mounted stand-in; unmounted (SIGTERM to its server, which unmounts,

@@ -4,16 +4,17 @@
 //! the calls a CUDA process makes, with known sizes, in two cgroup pods
 //! (`driver_client.c`). The agent is told to treat the stand-in files as
 //! NVIDIA devices; everything else is the production path: the request
-//! probe's syscall tracepoints decode the ioctls (XFER unwrapped, status
-//! read back at exit, unknown sizes counted), user space checks the fds
-//! and rebuilds what each process holds.
+//! probe's hooks (uprobes on the stand-in driver library's calls into
+//! libc, or the syscall tracepoints) decode the ioctls (XFER unwrapped,
+//! status read back at exit, unknown sizes counted), user space checks
+//! the fds and rebuilds what each process holds.
 use integration::require_root;
 use std::io::{BufRead, BufReader};
 use std::process::{ChildStdout, Command};
 use std::time::Duration;
 
 use integration::agent::{AgentProcess, PodEntry};
-use integration::driver_standin::{build, StandInDevice};
+use integration::driver_standin::{build, library_dir, StandInDevice};
 use integration::eventually;
 use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
@@ -54,6 +55,14 @@ async fn driver_calls_are_decoded_per_pod_on_raw_hooks() {
     decoded_per_pod("raw", "raw sys_enter/sys_exit").await;
 }
 
+/// On uprobes on the driver library's PLT stubs of `ioctl` and `close`,
+/// what a GPU node gets where its libcuda is found: the same calls, the
+/// same answers, and no syscall hook at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driver_calls_are_decoded_per_pod_on_library_hooks() {
+    decoded_per_pod("libraries", "uprobes on the driver libraries").await;
+}
+
 async fn decoded_per_pod(hooks: &str, described_as: &str) {
     require_root();
     let tools = tempfile::tempdir().unwrap();
@@ -70,6 +79,8 @@ async fn decoded_per_pod(hooks: &str, described_as: &str) {
     ];
     let mut stand_in_args = StandInDevice::agent_args(&device.mountpoint);
     stand_in_args.extend(["--driver-hooks".to_string(), hooks.to_string()]);
+    let library = library_dir(tools.path()).join("libcuda.so.1");
+    stand_in_args.push(format!("--driver-libraries={}", library.display()));
     let stand_in_args: Vec<&str> = stand_in_args.iter().map(String::as_str).collect();
     // The eBPF programs' own log at debug: the odd-sized call below is one
     // of the rare conditions they report through aya-log.

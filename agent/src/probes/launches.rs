@@ -17,6 +17,7 @@ use aya::programs::UProbe;
 use aya::Ebpf;
 use podgpu_common::LaunchKey;
 
+use super::elf::file_offset;
 use super::kernel_identity::{IDENTITY_POINTS, IDENTITY_PROGRAMS};
 use super::spans::{SpanReader, SpanTotals, WAIT_POINTS, WAIT_PROGRAMS};
 use super::ProbeError;
@@ -348,16 +349,6 @@ fn symbol_offset(file: &std::fs::File, symbol: &str) -> std::io::Result<u64> {
     let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
     file_offset(&elf, symbol)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("symbol {symbol} not found")))
-}
-
-/// A symbol's address translated to a file offset (what a uprobe takes):
-/// its offset within its section plus the section's file offset.
-fn file_offset<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R>, symbol: &str) -> Option<u64> {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let found = elf.dynamic_symbols().chain(elf.symbols()).find(|s| s.name() == Ok(symbol) && s.is_definition())?;
-    let section = elf.section_by_index(found.section_index()?).ok()?;
-    let (section_offset, _) = section.file_range()?;
-    Some(found.address() - section.address() + section_offset)
 }
 
 /// Threads one launch of `key` starts (grid x block; 0 for graphs).

@@ -3,6 +3,7 @@
 pub mod baseline;
 pub mod driver;
 pub mod ebpf_log;
+pub mod elf;
 pub mod kernel_identity;
 pub mod launch_reader;
 pub mod launch_sampler;
@@ -34,6 +35,9 @@ pub enum ProbeError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// No driver library could carry the driver path.
+    #[error("driver libraries: {0}")]
+    DriverLibraries(String),
     /// A library to probe could not be opened or read.
     #[error("library {path}: {source}")]
     Library {

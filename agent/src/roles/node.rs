@@ -75,6 +75,9 @@ pub struct Config {
     pub driver_path: DriverPath,
     /// Which hooks carry the driver path (`--driver-hooks`).
     pub driver_hooks: probes::requests::DriverHooks,
+    /// Driver library files or directories for the library hooks
+    /// (`--driver-libraries`; empty: `LD_LIBRARY_PATH` and the usual ones).
+    pub driver_libraries: Vec<std::path::PathBuf>,
     /// How engines' own metrics are scraped (`None`: not at all).
     pub engine_scrape: Option<EngineScrape>,
 }
@@ -429,7 +432,11 @@ fn driver_path(
         };
         return Ok((None, status));
     }
-    let hooks = match probe.attach_driver_path(config.driver_hooks) {
+    let libraries = probes::driver::libraries::candidates(
+        &config.driver_libraries,
+        std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
+    );
+    let hooks = match probe.attach_driver_path(config.driver_hooks, &libraries) {
         Ok(hooks) => hooks,
         Err(err) => {
             if config.require_ebpf {

@@ -10,6 +10,7 @@
 //! processes only. A process's state goes when it exits (or its pid is
 //! reused): the driver frees everything it held then.
 pub mod devices;
+pub mod libraries;
 pub mod objects;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

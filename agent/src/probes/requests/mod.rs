@@ -10,7 +10,7 @@ pub mod sockets;
 pub mod tracker;
 pub mod traffic;
 
-pub use driver_hooks::{DriverHooks, DriverHooksUsed};
+pub use driver_hooks::{DriverHooks, DriverHooksUsed, DriverLibrary};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,6 +122,8 @@ impl Default for MapSizes {
 pub struct RequestProbe {
     ebpf: Ebpf,
     log: Option<super::ebpf_log::ProgramLog>,
+    /// The driver libraries the driver path probes (library hooks only).
+    driver_libraries: Vec<DriverLibrary>,
 }
 
 impl RequestProbe {
@@ -151,7 +153,7 @@ impl RequestProbe {
             tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
         }
         super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
-        Ok(Self { ebpf, log })
+        Ok(Self { ebpf, log, driver_libraries: Vec::new() })
     }
 
     /// Starts tracking connections accepted in `cgroup_id`.
