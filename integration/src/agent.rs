@@ -44,9 +44,46 @@ impl AgentProcess {
         Self::spawn(binary, role, args, rust_log, Stdio::from(file))
     }
 
+    /// As `start_role`, in a process whose capability bounding set lacks
+    /// `capability` (a `CAP_*` number): root execs the agent with every
+    /// capability of the bounding set, so the agent runs without it, as a
+    /// container without it would.
+    pub fn start_role_without_capability(
+        binary: &PathBuf,
+        role: &str,
+        args: &[String],
+        capability: u32,
+    ) -> anyhow::Result<Self> {
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+        Self::spawn_with(binary, role, args, &rust_log, Stdio::inherit(), move |command| {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl only, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(capability), 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
     fn spawn(binary: &PathBuf, role: &str, args: &[String], rust_log: &str, stderr: Stdio) -> anyhow::Result<Self> {
+        Self::spawn_with(binary, role, args, rust_log, stderr, |_| {})
+    }
+
+    fn spawn_with(
+        binary: &PathBuf,
+        role: &str,
+        args: &[String],
+        rust_log: &str,
+        stderr: Stdio,
+        prepare: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new(binary);
         crate::detach_from_terminal(&mut command);
+        prepare(&mut command);
         let mut child = command
             .arg(role)
             // Kernel-chosen loopback ports unless the caller pins them.

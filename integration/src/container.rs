@@ -45,6 +45,44 @@ pub struct ChartAgent {
     /// `files/seccomp-agent.json`, installed as a Localhost profile), or
     /// `None` when the default is the runtime's or none.
     pub seccomp: Option<serde_json::Value>,
+    /// The container's environment with literal values, `NAME=value`
+    /// (`LD_LIBRARY_PATH=/host-nvidia`: where the agent finds the host's
+    /// NVIDIA libraries).
+    pub env: Vec<String>,
+}
+
+/// `- name: X` followed by `value: Y` in the agent container's `env:`
+/// list, as `X=Y` (entries with `valueFrom` or a templated value are
+/// left out).
+fn literal_env(template: &str) -> Vec<String> {
+    let Some((_, list)) = template.split_once("          env:\n") else { return Vec::new() };
+    let lines: Vec<&str> = list.lines().take_while(|line| line.starts_with("            ")).map(str::trim).collect();
+    lines
+        .windows(2)
+        .filter_map(|pair| {
+            let name = pair[0].strip_prefix("- name:")?.trim();
+            let value = pair[1].strip_prefix("value:")?.trim();
+            (!value.contains("{{")).then(|| format!("{name}={}", value.trim_matches('"')))
+        })
+        .collect()
+}
+
+/// `text` with each `{{ if .Values.KEY }}...{{ end }}` replaced by what
+/// it holds where `values.yaml` sets KEY to true, else by nothing.
+fn resolve_conditionals(text: &str, values: &str) -> String {
+    let mut resolved = String::new();
+    let mut rest = text;
+    while let Some((before, after)) = rest.split_once("{{ if .Values.") {
+        resolved.push_str(before);
+        let Some((key, after)) = after.split_once(" }}") else { break };
+        let Some((inner, after)) = after.split_once("{{ end }}") else { break };
+        if chart_value(values, key).as_deref() == Some("true") {
+            resolved.push_str(inner);
+        }
+        rest = after;
+    }
+    resolved.push_str(rest);
+    resolved
 }
 
 /// The value after `key:` on a line, without quotes.
@@ -76,7 +114,13 @@ impl ChartAgent {
             template
                 .lines()
                 .find_map(|line| line.trim().strip_prefix(&format!("{key}: [")))
-                .map(|rest| rest.trim_end_matches(']').split(',').map(|c| c.trim().to_string()).collect())
+                .map(|rest| {
+                    resolve_conditionals(rest, &values)
+                        .trim_end_matches(']')
+                        .split(',')
+                        .map(|c| c.trim().to_string())
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         let flag = |key: &str| template.lines().any(|line| line.trim() == format!("{key}: true"));
@@ -127,6 +171,7 @@ impl ChartAgent {
             privileged: flag("privileged"),
             mounts,
             seccomp,
+            env: literal_env(&template),
         })
     }
 }

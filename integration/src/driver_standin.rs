@@ -21,6 +21,26 @@ pub fn library_dir(dir: &Path) -> PathBuf {
     dir.join("lib")
 }
 
+/// Builds the stand-in driver library alone into `dir/lib/libcuda.so.1`
+/// and returns its path.
+pub fn build_library(dir: &Path) -> anyhow::Result<PathBuf> {
+    let lib = library_dir(dir);
+    std::fs::create_dir_all(&lib)?;
+    let library = lib.join("libcuda.so.1");
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
+    let status = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcuda.so.1", "-o"])
+        .arg(&library)
+        .arg("driver_calls.c")
+        .current_dir(&sources)
+        .status()
+        .context("gcc")?;
+    if !status.success() {
+        bail!("building the stand-in driver library failed");
+    }
+    Ok(library)
+}
+
 /// Builds `standin_device`, the stand-in driver library
 /// (`lib/libcuda.so.1`) and `driver_client`, which calls the driver
 /// through it, into `dir`.
@@ -42,11 +62,8 @@ pub fn build(dir: &Path) -> anyhow::Result<()> {
     let mut device_args = vec!["-O2", "-Wall", "-o", &device, "standin_device.c"];
     device_args.extend(fuse_flags.iter().map(String::as_str));
     gcc(&device_args)?;
-    let lib = library_dir(dir);
-    std::fs::create_dir_all(&lib)?;
-    let library = lib.join("libcuda.so.1").display().to_string();
-    gcc(&["-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcuda.so.1", "-o", &library, "driver_calls.c"])?;
-    let run_path = format!("-Wl,-rpath,{}:{LIBRARY_DIR_IN_CONTAINER}", lib.display());
+    let library = build_library(dir)?.display().to_string();
+    let run_path = format!("-Wl,-rpath,{}:{LIBRARY_DIR_IN_CONTAINER}", library_dir(dir).display());
     let client = dir.join("driver_client").display().to_string();
     gcc(&["-O2", "-Wall", "-o", &client, "driver_client.c", &library, &run_path])
 }

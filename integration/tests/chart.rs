@@ -31,7 +31,7 @@ fn helm(args: &[&str]) -> String {
 }
 
 /// The documented variants, as `--set` lists.
-const VARIANTS: [(&str, &[&str]); 11] = [
+const VARIANTS: [(&str, &[&str]); 12] = [
     ("default", &[]),
     ("tls", &["tls.secretName=podgpu-tls"]),
     ("mtls", &["tls.secretName=podgpu-tls", "tls.requireClientCert=true"]),
@@ -49,6 +49,7 @@ const VARIANTS: [(&str, &[&str]); 11] = [
     ("grafana dashboard", &["grafanaDashboard.enabled=true"]),
     ("runtime seccomp, json logs", &["seccomp.profile=runtimeDefault", "logFormat=json"]),
     ("unconfined", &["seccomp.profile=unconfined"]),
+    ("no uprobes", &["uprobes=false", "driverHooks=tracepoints"]),
 ];
 
 fn set_args(sets: &[&str]) -> Vec<String> {
@@ -199,6 +200,23 @@ fn each_variant_renders_what_it_promises() {
     let unconfined = render(VARIANTS[10].1);
     let daemonset = find(&unconfined, "DaemonSet").unwrap();
     assert_eq!(container(daemonset)["securityContext"]["seccompProfile"]["type"].as_str(), Some("Unconfined"));
+
+    // Uprobes need SYS_ADMIN: the default adds it, uprobes=false leaves it
+    // out and turns launch accounting off.
+    let capabilities = |documents: &[Value]| -> Vec<String> {
+        container(find(documents, "DaemonSet").unwrap())["securityContext"]["capabilities"]["add"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(capabilities(&render(&[])), ["BPF", "PERFMON", "SYS_PTRACE", "SYS_ADMIN"]);
+    assert!(has(&render(&[]), "DaemonSet", "--launch-accounting=on"));
+    let no_uprobes = render(VARIANTS[11].1);
+    assert_eq!(capabilities(&no_uprobes), ["BPF", "PERFMON", "SYS_PTRACE"]);
+    assert!(has(&no_uprobes, "DaemonSet", "--launch-accounting=off"));
+    assert!(has(&no_uprobes, "DaemonSet", "--driver-hooks=tracepoints"));
 
     let tls = render(VARIANTS[1].1);
     assert!(has(&tls, "DaemonSet", "--tls-cert=") && !has(&tls, "DaemonSet", "--tls-client-ca="));

@@ -175,7 +175,7 @@ struct AgentPod {
 /// Where the agent's container sees the stand-in driver devices.
 const STAND_IN_IN_CONTAINER: &str = "/stand-in";
 
-fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> AgentPod {
+fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path, driver_libraries: &Path) -> AgentPod {
     let files = tempfile::tempdir().unwrap();
     let mut metadata = String::from("pods:\n");
     let mut scenario = String::from(
@@ -214,8 +214,12 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> Agen
     for mount in &chart.mounts {
         let host = PathBuf::from(&mount.host_path);
         // DirectoryOrCreate volumes (NVIDIA libraries, kubelet's socket
-        // directory) are empty stand-ins here: no GPU, no kubelet.
-        let source = if host.exists() {
+        // directory) are empty stand-ins here: no GPU, no kubelet. The
+        // NVIDIA library directory holds the stand-in driver library, as
+        // a GPU node's holds libcuda.
+        let source = if mount.name == "nvidia" {
+            driver_libraries.to_path_buf()
+        } else if host.exists() {
             host
         } else {
             let stand_in = tempfile::tempdir().unwrap();
@@ -253,7 +257,8 @@ fn start_agent(chart: &ChartAgent, pods: &[&TenantPod], stand_in: &Path) -> Agen
         .into_iter()
         .chain(StandInDevice::agent_args(Path::new(STAND_IN_IN_CONTAINER)))
         .collect(),
-        env: vec!["PATH=/usr/bin".into(), "RUST_LOG=info".into()],
+        // The chart's environment (LD_LIBRARY_PATH: the NVIDIA libraries).
+        env: ["PATH=/usr/bin".to_string(), "RUST_LOG=info".to_string()].into_iter().chain(chart.env.clone()).collect(),
         cgroup_path,
         host_pid: chart.host_pid,
         capabilities: chart.capabilities.iter().map(|cap| format!("CAP_{cap}")).collect(),
@@ -332,16 +337,21 @@ async fn the_agent_as_the_daemonset_runs_it() {
     let tools = tempfile::tempdir().unwrap();
     driver_standin::build(tools.path()).expect("stand-in device and client build");
     let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
-    // A node with tracefs mounted, as systemd mounts it: the chart's mount
-    // of the host's tracefs carries the driver path's tracepoints.
+    // A node with tracefs mounted, as systemd mounts it (the chart mounts
+    // the host's tracefs for the driver path's fallback).
     integration::ensure_tracefs();
-    let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort], &device.mountpoint);
+    let driver_libraries = driver_standin::library_dir(tools.path());
+    let agent = start_agent(&chart, &[&guaranteed, &burstable, &besteffort], &device.mountpoint, &driver_libraries);
     let health: serde_json::Value = serde_json::from_slice(&get(agent.http, "/healthz").await.unwrap().body).unwrap();
     assert_eq!(health["probes"]["state"], "ok", "probes load with the chart's capabilities: {health}");
+    // Uprobes (launch accounting, the driver library hooks) need the
+    // chart's SYS_ADMIN on current kernels.
+    assert_eq!(health["launches"]["state"], "ok", "uprobes with the chart's capabilities: {health}");
     let driver_detail = health["driver"]["detail"].as_str().unwrap_or_default();
     assert!(
-        driver_detail.contains("syscalls:sys_enter_ioctl"),
-        "the driver path on the per-syscall tracepoints, through the chart's tracefs mount: {health}"
+        driver_detail.contains("uprobes on the driver libraries")
+            && driver_detail.contains("/host-nvidia/libcuda.so.1"),
+        "the driver path on the libcuda in the chart's NVIDIA library mount: {health}"
     );
     assert_eq!(health["launches"]["state"], "ok", "launch uprobes load with the chart's capabilities: {health}");
     assert_eq!(get(agent.http, "/readyz").await.unwrap().status, 200);
@@ -463,6 +473,14 @@ async fn the_agent_as_the_daemonset_runs_it() {
                 Bind {
                     source: tools.path().join("driver_client"),
                     destination: "/driver_client".into(),
+                    read_only: true,
+                },
+                // The host's libcuda, as the NVIDIA container runtime
+                // mounts it into GPU containers: the very file the agent
+                // probes through its own mount.
+                Bind {
+                    source: driver_libraries.join("libcuda.so.1"),
+                    destination: format!("{}/libcuda.so.1", driver_standin::LIBRARY_DIR_IN_CONTAINER),
                     read_only: true,
                 },
                 // Opened read-write, as /dev/nvidia* are.

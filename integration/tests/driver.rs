@@ -191,3 +191,59 @@ async fn decoded_per_pod(hooks: &str, described_as: &str) {
     assert_eq!(pod_a_row["gpu_driver"]["calls"], 18, "{pod_a_row}");
     assert_eq!(pod_a_row["gpu_driver"]["calls_by_kind"]["free"], 2);
 }
+
+/// `CAP_SYS_ADMIN` (linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Without CAP_SYS_ADMIN (the chart's `uprobes: false`, or a kernel that
+/// refuses uprobes otherwise) the agent says why launch accounting is off
+/// and keeps the driver path on the syscall tracepoints, where the
+/// client's calls are still decoded: a refused hook degrades, it does not
+/// drop the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_uprobes_the_driver_path_stays_on_the_syscall_hooks() {
+    require_root();
+    integration::ensure_tracefs();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let library = library_dir(tools.path()).join("libcuda.so.1");
+    let mut args: Vec<String> =
+        ["--gpu", "none", "--launch-accounting", "on", "--driver-hooks", "auto"].map(String::from).to_vec();
+    args.extend(StandInDevice::agent_args(&device.mountpoint));
+    args.push(format!("--driver-libraries={}", library.display()));
+    let agent = AgentProcess::start_role_without_capability(
+        &integration::workspace_binary("podgpu-agent"),
+        "standalone",
+        &args,
+        CAP_SYS_ADMIN,
+    )
+    .expect("agent");
+    let health = json(agent.http, "/healthz").await;
+    assert_eq!(health["launches"]["state"], "degraded", "{health}");
+    let launches = health["launches"]["reason"].as_str().unwrap_or_default();
+    assert!(launches.contains("CAP_SYS_ADMIN"), "{health}");
+    let driver = health["driver"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        driver.contains("syscalls:sys_enter_ioctl") && driver.contains("CAP_SYS_ADMIN"),
+        "on the tracepoints, saying why not on the library: {health}"
+    );
+
+    let go = tools.path().join("go");
+    let mut command = Command::new(tools.path().join("driver_client"));
+    command.args([device.mountpoint.to_str().unwrap(), "64", "32", go.to_str().unwrap()]);
+    let mut client = command.stdout(std::process::Stdio::piped()).spawn().expect("driver client runs");
+    let mut output = BufReader::new(client.stdout.take().unwrap());
+    std::fs::write(go.with_extension("0"), b"").unwrap();
+    expect_line(&mut output, "allocated");
+    let pid = client.id();
+    let seen = eventually(Duration::from_secs(5), async || {
+        row(&json(agent.http, "/driver").await, pid).is_some_and(|r| r["calls"] == 16)
+    })
+    .await;
+    assert!(seen, "{}", json(agent.http, "/driver").await);
+    for phase in ["1", "2"] {
+        std::fs::write(go.with_extension(phase), b"").unwrap();
+    }
+    let _ = client.wait();
+}

@@ -6,7 +6,11 @@
 //! `read` of `/dev/zero`, and an `ioctl` (FIONREAD) on a pipe, the kind of
 //! fd the driver probe must tell apart from an NVIDIA device; and, for the
 //! price of the hooks on the calls they do act on, a 64-byte write and
-//! read over a loopback TCP connection (a fiftieth as many of those).
+//! read over a loopback TCP connection (a fiftieth as many of those);
+//! and, for what a CUDA process pays per driver call, the same pipe
+//! `ioctl` made through a stand-in driver library (`libcuda.so.1`, built
+//! from `integration/driver/driver_calls.c`), the way libcuda calls the
+//! driver.
 //!
 //! Each round measures, back to back: nothing attached; only the no-op
 //! programs on the probes' raw `sys_enter`/`sys_exit` hooks (the floor
@@ -18,9 +22,10 @@
 //! agent as the chart ships it on a node without an NVIDIA driver (request
 //! probe on the socket tracepoints, launch accounting on, driver path not
 //! attached); and the same agent with the driver path on, as on a GPU
-//! node, on the per-syscall tracepoints of `ioctl` and `close` (the
-//! chart's default where tracefs is mounted) and on its raw
-//! `sys_enter`/`sys_exit` fallback. Each figure is the median of `repeats` timed loops of
+//! node: on uprobes on the driver library's calls to `ioctl` and `close`
+//! (the chart's default where a libcuda is found), on the per-syscall
+//! tracepoints of `ioctl` and `close` (its default where none is and
+//! tracefs is mounted) and on the raw `sys_enter`/`sys_exit` fallback. Each figure is the median of `repeats` timed loops of
 //! `calls` calls; the report gives each configuration's median over the
 //! rounds and the difference against nothing attached.
 use std::path::Path;
@@ -52,9 +57,10 @@ enum Call {
     ReadDevZero,
     IoctlPipe,
     TcpLoopback,
+    LibraryIoctl,
 }
 
-const CALLS: [Call; 4] = [Call::Getppid, Call::ReadDevZero, Call::IoctlPipe, Call::TcpLoopback];
+const CALLS: [Call; 5] = [Call::Getppid, Call::ReadDevZero, Call::IoctlPipe, Call::TcpLoopback, Call::LibraryIoctl];
 
 impl Call {
     fn label(self) -> &'static str {
@@ -63,9 +69,13 @@ impl Call {
             Call::ReadDevZero => "read(/dev/zero, 64 B)",
             Call::IoctlPipe => "ioctl(pipe, FIONREAD)",
             Call::TcpLoopback => "TCP write+read 64 B",
+            Call::LibraryIoctl => "ioctl via driver lib",
         }
     }
 }
+
+/// `nv_standin_ioctl` of the stand-in driver library.
+type LibraryIoctl = unsafe extern "C" fn(libc::c_int, libc::c_ulong, *mut libc::c_void) -> libc::c_int;
 
 /// File descriptors the calls use, open for the whole run.
 struct Fds {
@@ -73,10 +83,13 @@ struct Fds {
     pipe: [libc::c_int; 2],
     /// A loopback TCP connection: (client, server).
     tcp: (std::net::TcpStream, std::net::TcpStream),
+    /// The stand-in driver library's `ioctl` (the library stays loaded).
+    library_ioctl: LibraryIoctl,
 }
 
 impl Fds {
-    fn open() -> anyhow::Result<Self> {
+    fn open(library: &Path) -> anyhow::Result<Self> {
+        let library_ioctl = load_library_ioctl(library)?;
         // SAFETY: a NUL-terminated path; the fd is closed on drop.
         let zero = unsafe { libc::open(c"/dev/zero".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
         if zero < 0 {
@@ -91,7 +104,7 @@ impl Fds {
         let client = std::net::TcpStream::connect(listener.local_addr()?).context("connecting on loopback")?;
         let (server, _) = listener.accept().context("accepting on loopback")?;
         client.set_nodelay(true)?;
-        Ok(Self { zero, pipe, tcp: (client, server) })
+        Ok(Self { zero, pipe, tcp: (client, server), library_ioctl })
     }
 
     /// Nanoseconds per call of `call`, over `calls` calls.
@@ -113,6 +126,9 @@ impl Fds {
                     Call::IoctlPipe => {
                         libc::ioctl(self.pipe[0], libc::FIONREAD, &mut pending);
                     }
+                    Call::LibraryIoctl => {
+                        (self.library_ioctl)(self.pipe[0], libc::FIONREAD, (&mut pending as *mut libc::c_int).cast());
+                    }
                     Call::TcpLoopback => {
                         use std::os::fd::AsRawFd;
                         libc::write(self.tcp.0.as_raw_fd(), buffer.as_ptr().cast(), buffer.len());
@@ -123,6 +139,25 @@ impl Fds {
         }
         started.elapsed().as_nanos() as f64 / calls as f64
     }
+}
+
+/// Loads `library` for good and returns its `nv_standin_ioctl`.
+fn load_library_ioctl(library: &Path) -> anyhow::Result<LibraryIoctl> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(library.as_os_str().as_bytes())?;
+    // SAFETY: a NUL-terminated path; the handle is never closed, so the
+    // function pointer stays valid.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+    if handle.is_null() {
+        bail!("dlopen {}", library.display());
+    }
+    // SAFETY: a NUL-terminated name in a loaded library.
+    let symbol = unsafe { libc::dlsym(handle, c"nv_standin_ioctl".as_ptr()) };
+    if symbol.is_null() {
+        bail!("{} has no nv_standin_ioctl", library.display());
+    }
+    // SAFETY: the symbol is `driver_calls.c`'s function of this signature.
+    Ok(unsafe { std::mem::transmute::<*mut libc::c_void, LibraryIoctl>(symbol) })
 }
 
 impl Drop for Fds {
@@ -150,16 +185,18 @@ enum Attached {
     NoopSocket,
     Agent,
     AgentWithDriverPath,
+    AgentWithTracepointDriverPath,
     AgentWithRawDriverPath,
 }
 
-const CONFIGS: [Attached; 7] = [
+const CONFIGS: [Attached; 8] = [
     Attached::Nothing,
     Attached::NoopHooks,
     Attached::NoopPerSyscall,
     Attached::NoopSocket,
     Attached::Agent,
     Attached::AgentWithDriverPath,
+    Attached::AgentWithTracepointDriverPath,
     Attached::AgentWithRawDriverPath,
 ];
 
@@ -171,11 +208,15 @@ impl Attached {
             Attached::NoopPerSyscall => "no-op per-syscall tps",
             Attached::NoopSocket => "no-op sock:sock_*_length",
             Attached::Agent => "agent (chart, no NVIDIA)",
-            Attached::AgentWithDriverPath => "agent + driver path",
-            Attached::AgentWithRawDriverPath => "agent + raw driver path",
+            Attached::AgentWithDriverPath => "agent + driver (libs)",
+            Attached::AgentWithTracepointDriverPath => "agent + driver (tps)",
+            Attached::AgentWithRawDriverPath => "agent + driver (raw)",
         }
     }
 }
+
+/// The per-syscall tracepoints, where tracefs is mounted.
+const SYSCALL_EVENTS: &str = "/sys/kernel/tracing/events/syscalls";
 
 /// Runs every call under one configuration: per call, the median of the
 /// timed loops.
@@ -218,12 +259,16 @@ fn socket_args_feasibility(fds: &Fds) {
 /// probe, launch accounting on (its default), no GPU on this machine. The
 /// driver path is `auto` in the chart: off here (no NVIDIA driver), on on a
 /// GPU node, which `driver_path` stands for, on the hooks `driver_hooks`
-/// names (the chart's `auto` takes the per-syscall tracepoints where
-/// tracefs is mounted, `raw` is its fallback).
-fn start_agent(driver_path: bool, driver_hooks: &str) -> anyhow::Result<AgentProcess> {
+/// names (the chart's `auto` takes the driver libraries where a libcuda
+/// is found, here `library`, else the per-syscall tracepoints where
+/// tracefs is mounted, else raw).
+fn start_agent(driver_path: bool, driver_hooks: &str, library: &Path) -> anyhow::Result<AgentProcess> {
     let path = if driver_path { "on" } else { "auto" };
-    let args = ["--gpu", "none", "--launch-accounting", "on", "--driver-path", path, "--driver-hooks", driver_hooks]
-        .map(String::from);
+    let mut args: Vec<String> =
+        ["--gpu", "none", "--launch-accounting", "on", "--driver-path", path, "--driver-hooks", driver_hooks]
+            .map(String::from)
+            .to_vec();
+    args.push(format!("--driver-libraries={}", library.display()));
     let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
     // The probes attach before the agent serves; let the first tick run.
     std::thread::sleep(Duration::from_millis(500));
@@ -238,7 +283,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     if !Path::new(&workspace_binary("podgpu-agent")).exists() {
         bail!("build the agent first (cargo build --release)");
     }
-    let fds = Fds::open()?;
+    let library_dir = tempfile::tempdir()?;
+    let library = integration::driver_standin::build_library(library_dir.path())?;
+    let fds = Fds::open(&library)?;
     socket_args_feasibility(&fds);
     // per configuration, per call: one figure per round
     let mut figures: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CALLS.len()]; CONFIGS.len()];
@@ -268,9 +315,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
                         }
                     }
                 }
-                Attached::Agent | Attached::AgentWithDriverPath | Attached::AgentWithRawDriverPath => {
-                    let hooks = if *config == Attached::AgentWithRawDriverPath { "raw" } else { "auto" };
-                    let mut agent = start_agent(*config != Attached::Agent, hooks)?;
+                Attached::Agent
+                | Attached::AgentWithDriverPath
+                | Attached::AgentWithTracepointDriverPath
+                | Attached::AgentWithRawDriverPath => {
+                    let hooks = match config {
+                        Attached::AgentWithRawDriverPath => "raw",
+                        Attached::AgentWithTracepointDriverPath => "tracepoints",
+                        _ => "auto",
+                    };
+                    // Only the tracepoints need tracefs (the agent would fall
+                    // back to nothing): without it the row says n/a.
+                    if hooks == "tracepoints" && !Path::new(SYSCALL_EVENTS).exists() {
+                        eprintln!("{} not measured: mount tracefs to measure it", config.label());
+                        figures[index].iter_mut().for_each(|rounds| rounds.push(f64::NAN));
+                        continue;
+                    }
+                    let mut agent = start_agent(*config != Attached::Agent, hooks, &library)?;
                     let measured = measure(&fds, &options);
                     agent.stop(Duration::from_secs(5));
                     measured

@@ -33,6 +33,17 @@ pub fn file_offset<'data, R: object::ReadRef<'data>>(elf: &object::File<'data, R
     Some(found.address() - section.address() + section_offset)
 }
 
+/// File offset of `file`'s entry point (`_start`: run once, at exec).
+pub fn entry_offset(file: &std::fs::File) -> std::io::Result<u64> {
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).map_err(std::io::Error::other)?;
+    let entry = elf.entry();
+    elf.sections()
+        .find(|section| (section.address()..section.address() + section.size()).contains(&entry))
+        .and_then(|section| Some(entry - section.address() + section.file_range()?.0))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no section holds the entry point"))
+}
+
 /// File offsets of the PLT stubs through which `file` calls each of
 /// `imports`, by name; an import without a stub is absent. Only x86-64
 /// PLTs are read (other machines get none).

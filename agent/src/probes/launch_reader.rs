@@ -133,6 +133,7 @@ fn run(
         duty = sampler.duty(busiest_rate);
         let mut snapshot = LaunchSnapshot {
             libraries: probe.libraries(),
+            library_files: probe.library_files().to_vec(),
             // Stamped when read: the counts are as of now, not of the
             // iteration's start (a whole interval earlier).
             published: Some(Instant::now()),

@@ -58,6 +58,9 @@ pub struct LaunchProbe {
     spans: SpanReader,
     /// Library files, by (device, inode).
     libraries: HashMap<(String, u64), Library>,
+    /// The same files in the order found, as `/proc/self/fd/N` paths
+    /// (for the driver path, which probes them too).
+    library_files: Vec<std::path::PathBuf>,
     /// Live attachments, with the program that owns each.
     links: Vec<(&'static str, UProbeLinkId)>,
     attached: bool,
@@ -71,12 +74,24 @@ impl LaunchProbe {
             program(&mut ebpf, name)?.load().map_err(|source| ProbeError::Program { name, source })?;
         }
         let spans = SpanReader::new(&mut ebpf)?;
-        Ok(Self { ebpf, spans, libraries: HashMap::new(), links: Vec::new(), attached: false })
+        Ok(Self {
+            ebpf,
+            spans,
+            libraries: HashMap::new(),
+            library_files: Vec::new(),
+            links: Vec::new(),
+            attached: false,
+        })
     }
 
     /// Library files found so far.
     pub fn libraries(&self) -> usize {
         self.libraries.len()
+    }
+
+    /// The library files found so far, in order, as `/proc/self/fd/N`.
+    pub fn library_files(&self) -> &[std::path::PathBuf] {
+        &self.library_files
     }
 
     /// Whether the probes are attached now.
@@ -111,6 +126,7 @@ impl LaunchProbe {
                 .attach(UProbeAttachLocation::AbsoluteOffset(offset), &library_path, UProbeScope::AllProcesses)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
+        self.library_files.push(library_path);
         self.libraries.insert(key, added);
         tracing::info!(
             path = %path.display(),
@@ -412,6 +428,8 @@ pub struct LaunchSnapshot {
     pub rows: Vec<LaunchRow>,
     /// libcuda files probed.
     pub libraries: usize,
+    /// The same files, in the order found (`LaunchProbe::library_files`).
+    pub library_files: Vec<std::path::PathBuf>,
     /// When the reader published this (`None`: not yet). A reader that
     /// stops publishing must not leave counts that read as "no launches".
     pub published: Option<std::time::Instant>,

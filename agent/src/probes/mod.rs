@@ -8,8 +8,24 @@ pub mod kernel_identity;
 pub mod launch_reader;
 pub mod launch_sampler;
 pub mod launches;
+pub mod privileges;
 pub mod requests;
 pub mod spans;
+
+/// `error` with its causes (`a: b: c`): aya's attach errors carry the
+/// kernel's errno only in their source.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text = format!("{text}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    text
+}
 
 /// Failures while loading, attaching or reading probes.
 #[derive(Debug, thiserror::Error)]

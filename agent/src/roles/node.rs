@@ -324,10 +324,19 @@ fn load_probes(config: &Config) -> anyhow::Result<LoadedProbes> {
         load_probe("request", probes::requests::RequestProbe::load(config.request_maps), config.require_ebpf)?;
     // Launch accounting (libcuda uprobes), when asked for: it costs every
     // launch a uprobe trap (docs/gpu.md, "Launch accounting").
-    let (launch_probe, launch_status) = if config.launch_accounting {
-        load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?
-    } else {
-        (None, SourceStatus::Disabled)
+    // Uprobes (launch accounting, the driver path's library hooks) need
+    // CAP_SYS_ADMIN on current kernels: asked once, up front.
+    let uprobes = probes::privileges::uprobes_permitted();
+    if let Err(why) = &uprobes {
+        tracing::warn!(reason = %why, "uprobes unavailable: no launch accounting, and the driver path stays on the syscall hooks");
+    }
+    let (launch_probe, launch_status) = match (&uprobes, config.launch_accounting) {
+        (_, false) => (None, SourceStatus::Disabled),
+        (Err(why), true) if config.require_ebpf => {
+            bail!("launch accounting needs uprobes (PODGPU_REQUIRE_EBPF): {why}")
+        }
+        (Err(why), true) => (None, SourceStatus::Degraded { reason: format!("launch probe: {why}") }),
+        (Ok(()), true) => load_probe("launch", probes::launches::LaunchProbe::load(), config.require_ebpf)?,
     };
     let kernel_maps = requests.as_ref().and_then(|probe| match probe.kernel_maps() {
         Ok(maps) => Some(maps),
@@ -336,7 +345,7 @@ fn load_probes(config: &Config) -> anyhow::Result<LoadedProbes> {
             None
         }
     });
-    let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status)?;
+    let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status, uprobes)?;
     let program_log = requests.as_mut().and_then(|probe| probe.take_log());
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
@@ -408,6 +417,7 @@ fn driver_path(
     config: &Config,
     requests: Option<&mut probes::requests::RequestProbe>,
     probe_status: &SourceStatus,
+    uprobes: Result<(), String>,
 ) -> anyhow::Result<(Option<probes::driver::DriverMaps>, SourceStatus)> {
     let Some(probe) = requests else {
         let status = match probe_status {
@@ -432,11 +442,13 @@ fn driver_path(
         };
         return Ok((None, status));
     }
-    let libraries = probes::driver::libraries::candidates(
-        &config.driver_libraries,
-        std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
-    );
-    let hooks = match probe.attach_driver_path(config.driver_hooks, &libraries) {
+    let libraries = uprobes.map(|()| {
+        probes::driver::libraries::candidates(
+            &config.driver_libraries,
+            std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
+        )
+    });
+    let hooks = match probe.attach_driver_path(config.driver_hooks, libraries) {
         Ok(hooks) => hooks,
         Err(err) => {
             if config.require_ebpf {

@@ -106,7 +106,8 @@ impl DriverHooksUsed {
 
 impl RequestProbe {
     /// Attaches the driver path on the hooks `hooks` asks for and says
-    /// which carry it. The library path needs a driver library among
+    /// which carry it. The library path needs uprobes (`libraries` is why
+    /// not, where they are refused) and a driver library among
     /// `libraries` (files found by `libraries::candidates`) whose calls
     /// to `ioctl` and `close` go through PLT stubs; under `Auto`, a
     /// libcuda. The per-syscall tracepoints (`ioctl` and `close` only)
@@ -117,7 +118,54 @@ impl RequestProbe {
     pub fn attach_driver_path(
         &mut self,
         hooks: DriverHooks,
-        libraries: &[PathBuf],
+        libraries: Result<Vec<PathBuf>, String>,
+    ) -> Result<DriverHooksUsed, ProbeError> {
+        let used = self.attach_driver_hooks(hooks, libraries)?;
+        self.driver_hooks = Some(used.clone());
+        Ok(used)
+    }
+
+    /// A libcuda found in a pod's process (`path`: the launch probe's open
+    /// file) after the driver path attached. On the library hooks it is
+    /// probed too, unless it is a file probed already (the host's, mounted
+    /// into the pod); one that cannot be probed (no PLT stubs) moves the
+    /// driver path onto the syscall hooks as well, so that its calls are
+    /// seen. The hooks now in use if they changed. Calls its process made
+    /// before are not seen (as for processes older than the agent).
+    pub fn driver_library_found(&mut self, path: &Path) -> Option<DriverHooksUsed> {
+        if !matches!(self.driver_hooks, Some(DriverHooksUsed::Libraries { .. })) {
+            return None;
+        }
+        let refused = match self.attach_driver_library(path) {
+            Ok(true) => {
+                tracing::warn!(path = %path.display(), "a pod uses a libcuda of its own: probed from now on; calls its processes made before are not seen");
+                let used = self.libraries_used();
+                self.driver_hooks = Some(used.clone());
+                return Some(used);
+            }
+            Ok(false) => return None,
+            Err(err) => probes::with_causes(&err),
+        };
+        let why = format!("a pod's libcuda cannot be probed ({refused})");
+        tracing::warn!(reason = %why, "the driver path adds the syscall hooks");
+        let used = match self.attach_driver_tracepoints() {
+            Ok(()) => DriverHooksUsed::Tracepoints { why: Some(why) },
+            Err(err) => match probes::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS) {
+                Ok(()) => DriverHooksUsed::Raw { why: Some(format!("{why}; {err}")) },
+                Err(err) => {
+                    tracing::warn!(error = %err, "the driver path's syscall hooks did not attach: that pod's driver calls are not seen");
+                    return None;
+                }
+            },
+        };
+        self.driver_hooks = Some(used.clone());
+        Some(used)
+    }
+
+    fn attach_driver_hooks(
+        &mut self,
+        hooks: DriverHooks,
+        libraries: Result<Vec<PathBuf>, String>,
     ) -> Result<DriverHooksUsed, ProbeError> {
         match hooks {
             DriverHooks::Raw => {
@@ -129,11 +177,15 @@ impl RequestProbe {
                 Ok(DriverHooksUsed::Tracepoints { why: None })
             }
             DriverHooks::Libraries => {
-                self.attach_driver_libraries(libraries, false)?;
+                let libraries = libraries.map_err(ProbeError::DriverLibraries)?;
+                self.attach_driver_libraries(&libraries, false)?;
                 Ok(self.libraries_used())
             }
             DriverHooks::Auto => {
-                let why = match self.attach_driver_libraries(libraries, true) {
+                let attached = libraries
+                    .map_err(ProbeError::DriverLibraries)
+                    .and_then(|libraries| self.attach_driver_libraries(&libraries, true));
+                let why = match attached {
                     Ok(()) => return Ok(self.libraries_used()),
                     Err(err) => err.to_string(),
                 };
@@ -166,7 +218,7 @@ impl RequestProbe {
         let mut refused = Vec::new();
         for path in paths {
             if let Err(err) = self.attach_driver_library(path) {
-                refused.push(err.to_string());
+                refused.push(probes::with_causes(&err));
             }
         }
         let libcuda = self.driver_libraries.iter().any(|library| libraries::is_libcuda(&library.path));

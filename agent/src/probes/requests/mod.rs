@@ -124,6 +124,8 @@ pub struct RequestProbe {
     log: Option<super::ebpf_log::ProgramLog>,
     /// The driver libraries the driver path probes (library hooks only).
     driver_libraries: Vec<DriverLibrary>,
+    /// Which hooks carry the driver path (`None`: not attached).
+    driver_hooks: Option<DriverHooksUsed>,
 }
 
 impl RequestProbe {
@@ -153,7 +155,7 @@ impl RequestProbe {
             tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
         }
         super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
-        Ok(Self { ebpf, log, driver_libraries: Vec::new() })
+        Ok(Self { ebpf, log, driver_libraries: Vec::new(), driver_hooks: None })
     }
 
     /// Starts tracking connections accepted in `cgroup_id`.

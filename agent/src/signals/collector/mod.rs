@@ -162,6 +162,8 @@ pub struct Collector {
     /// When the launch reader read those rows (and that as Unix time).
     launch_read_at: Option<(Instant, f64)>,
     launch_sampling: (usize, f64, u64),
+    /// libcuda files of the launch probe already offered to the driver path.
+    libraries_offered: usize,
     /// The driver snapshot's rows and counters as of the last tick: the
     /// view serves them with the per-pod values of the same snapshot.
     driver_rows: Arc<Vec<crate::probes::driver::DriverRow>>,
@@ -213,6 +215,7 @@ impl Collector {
             launch_spans: Arc::default(),
             launch_read_at: None,
             launch_sampling: (0, 0.0, 0),
+            libraries_offered: 0,
             driver_reader: Default::default(),
             started: Instant::now(),
             last_tick_s: 0.0,
@@ -291,7 +294,7 @@ impl Collector {
         let elapsed = (now_s - self.last_tick_s).max(0.0);
         self.last_tick_s = now_s;
         let gpu_known = self.gpu_status.is_ok();
-        let (launches, published) = {
+        let (launches, published, found_libraries) = {
             let snapshot = self.probes.launches.lock().expect("launch snapshot poisoned");
             // Converted once per publication, so the same read keeps the
             // same time (`record` tells reads apart by it); the rows and
@@ -307,8 +310,11 @@ impl Collector {
                 });
             }
             self.launch_sampling = (snapshot.libraries, snapshot.duty, snapshot.hit_cost_ns);
-            (snapshot.per_pod.clone(), snapshot.published)
+            let found = snapshot.library_files.get(self.libraries_offered..).unwrap_or_default().to_vec();
+            self.libraries_offered = snapshot.library_files.len();
+            (snapshot.per_pod.clone(), snapshot.published, found)
         };
+        self.offer_driver_libraries(&found_libraries);
         self.launch_health =
             self.reader_health("launch counts", &self.probes.launch_status, published, LAUNCHES_STALE_AFTER);
         let launches_read_s = self.collector_seconds(published);
@@ -373,6 +379,18 @@ impl Collector {
     /// first publication).
     fn collector_seconds(&self, published: Option<Instant>) -> f64 {
         published.map_or(0.0, |at| at.saturating_duration_since(self.started).as_secs_f64())
+    }
+
+    /// Hands libcuda files the launch probe found in pods to the driver
+    /// path (which probes them too, or adds its syscall hooks), and says
+    /// so in its health line.
+    fn offer_driver_libraries(&mut self, found: &[std::path::PathBuf]) {
+        let Some(probe) = self.probes.requests.as_mut() else { return };
+        for path in found {
+            if let Some(hooks) = probe.driver_library_found(path) {
+                self.probes.driver_status = SourceStatus::Ok { detail: hooks.describe() };
+            }
+        }
     }
 
     fn read_probes(&mut self) {
