@@ -24,19 +24,26 @@ pub fn library_dir(dir: &Path) -> PathBuf {
 /// Builds the stand-in driver library alone into `dir/lib/libcuda.so.1`
 /// and returns its path.
 pub fn build_library(dir: &Path) -> anyhow::Result<PathBuf> {
-    let lib = library_dir(dir);
-    std::fs::create_dir_all(&lib)?;
-    let library = lib.join("libcuda.so.1");
+    build_library_into(&library_dir(dir), &[])
+}
+
+/// Builds the stand-in driver library as `lib_dir/libcuda.so.1` with
+/// extra compiler `flags` (`-fno-plt`: a libcuda whose calls into libc go
+/// through the GOT, with no PLT stub to probe) and returns its path.
+pub fn build_library_into(lib_dir: &Path, flags: &[&str]) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(lib_dir)?;
+    let library = lib_dir.join("libcuda.so.1");
     let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("driver");
     let status = Command::new("gcc")
         .args(["-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcuda.so.1", "-o"])
         .arg(&library)
         .arg("driver_calls.c")
+        .args(flags)
         .current_dir(&sources)
         .status()
         .context("gcc")?;
     if !status.success() {
-        bail!("building the stand-in driver library failed");
+        bail!("building the stand-in driver library {flags:?} failed");
     }
     Ok(library)
 }

@@ -247,3 +247,100 @@ async fn without_uprobes_the_driver_path_stays_on_the_syscall_hooks() {
     }
     let _ = client.wait();
 }
+
+/// A pod that brings a libcuda of its own (a file other than the node's,
+/// such as CUDA's forward-compatibility libcuda): the launch probe finds
+/// it in the pod's process, and the driver path probes it too, or, for a
+/// libcuda whose calls into libc have no PLT stub (built `-fno-plt`), adds
+/// the syscall tracepoints, saying why. Either way the pod's later driver
+/// calls are decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
+    require_root();
+    integration::ensure_tracefs();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let own = integration::driver_standin::build_library_into(&tools.path().join("own"), &[]).unwrap();
+    let no_plt = integration::driver_standin::build_library_into(&tools.path().join("no-plt"), &["-fno-plt"]).unwrap();
+    let ns = format!("driver-late-{}", std::process::id());
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let (uid_a, uid_b) = (new_uid(), new_uid());
+    let mut pod_a = CgroupPod::create(&cgroup_root, &uid_a).unwrap();
+    let mut pod_b = CgroupPod::create(&cgroup_root, &uid_b).unwrap();
+    let pods = [
+        PodEntry { uid: &uid_a, namespace: &ns, name: "own-libcuda", app: "a" },
+        PodEntry { uid: &uid_b, namespace: &ns, name: "no-plt-libcuda", app: "b" },
+    ];
+    let mut args = StandInDevice::agent_args(&device.mountpoint);
+    args.extend([
+        "--driver-hooks".to_string(),
+        "auto".to_string(),
+        "--launch-accounting".to_string(),
+        "on".to_string(),
+    ]);
+    // The node's libcuda: the one built beside the client.
+    args.push(format!("--driver-libraries={}", library_dir(tools.path()).join("libcuda.so.1").display()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &args).expect("agent");
+    let driver_detail =
+        async || json(agent.http, "/healthz").await["driver"]["detail"].as_str().unwrap_or("").to_string();
+    assert!(driver_detail().await.contains("uprobes on the driver libraries"), "{}", driver_detail().await);
+
+    // The client loads the libcuda its LD_LIBRARY_PATH names (ahead of its
+    // run path), and waits for GO.0 before its first driver call.
+    let run = |pod: &mut CgroupPod, library: &std::path::Path, go: &std::path::Path| {
+        let mut command = Command::new(tools.path().join("driver_client"));
+        command
+            .args([device.mountpoint.to_str().unwrap(), "64", "32", go.to_str().unwrap()])
+            .env("LD_LIBRARY_PATH", library.parent().unwrap());
+        let child = pod.spawn(command).expect("driver client runs");
+        (child.id(), BufReader::new(child.stdout.take().unwrap()))
+    };
+    let decoded = async |pid: u32| {
+        eventually(Duration::from_secs(5), async || {
+            row(&json(agent.http, "/driver").await, pid).is_some_and(|r| r["calls"] == 16)
+        })
+        .await
+    };
+
+    let go_a = tools.path().join("go-a");
+    let (pid_a, mut output_a) = run(&mut pod_a, &own, &go_a);
+    let probed = eventually(Duration::from_secs(10), async || driver_detail().await.contains("own/libcuda.so.1")).await;
+    assert!(probed, "the pod's own libcuda probed too: {}", driver_detail().await);
+    std::fs::write(go_a.with_extension("0"), b"").unwrap();
+    expect_line(&mut output_a, "allocated");
+    assert!(decoded(pid_a).await, "{}", json(agent.http, "/driver").await);
+
+    let go_b = tools.path().join("go-b");
+    let (pid_b, mut output_b) = run(&mut pod_b, &no_plt, &go_b);
+    let fell_back = eventually(Duration::from_secs(10), async || {
+        let detail = driver_detail().await;
+        detail.contains("syscalls:sys_enter_ioctl") && detail.contains("no-plt/libcuda.so.1 cannot be probed")
+    })
+    .await;
+    assert!(
+        fell_back,
+        "a libcuda without PLT stubs moves the driver path onto the tracepoints: {}",
+        driver_detail().await
+    );
+    std::fs::write(go_b.with_extension("0"), b"").unwrap();
+    expect_line(&mut output_b, "allocated");
+    assert!(decoded(pid_b).await, "{}", json(agent.http, "/driver").await);
+    // Both hooks now see the first pod's calls (its library's uprobes and
+    // the tracepoints): each is booked once, not once per hook.
+    std::fs::write(go_a.with_extension("1"), b"").unwrap();
+    expect_line(&mut output_a, "freed");
+    let freed = eventually(Duration::from_secs(5), async || {
+        row(&json(agent.http, "/driver").await, pid_a).is_some_and(|r| r["calls"] == 18)
+    })
+    .await;
+    assert!(freed, "{}", json(agent.http, "/driver").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(row(&json(agent.http, "/driver").await, pid_a).unwrap()["calls"], 18, "two frees, once each");
+    for go in [&go_a, &go_b] {
+        for phase in ["1", "2"] {
+            std::fs::write(go.with_extension(phase), b"").unwrap();
+        }
+    }
+}

@@ -42,6 +42,15 @@ const WINDOW: &str = "WINDOW";
 /// What a file must be called to be probed.
 pub const LIBRARY_NAME: &str = "libcuda.so";
 
+/// A libcuda file the launch probe holds open, for others to probe too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LibraryFile {
+    /// `/proc/self/fd/N`: the file itself, whatever became of its path.
+    pub open: std::path::PathBuf,
+    /// Where it was found (through the process's root).
+    pub found_at: std::path::PathBuf,
+}
+
 /// One libcuda file, opened once: attachments go through
 /// `/proc/self/fd/N`, so the file stays reachable after the process that
 /// revealed it exits, and its entry points are resolved only once.
@@ -58,9 +67,9 @@ pub struct LaunchProbe {
     spans: SpanReader,
     /// Library files, by (device, inode).
     libraries: HashMap<(String, u64), Library>,
-    /// The same files in the order found, as `/proc/self/fd/N` paths
-    /// (for the driver path, which probes them too).
-    library_files: Vec<std::path::PathBuf>,
+    /// The same files in the order found (for the driver path, which
+    /// probes them too).
+    library_files: Vec<LibraryFile>,
     /// Live attachments, with the program that owns each.
     links: Vec<(&'static str, UProbeLinkId)>,
     attached: bool,
@@ -89,8 +98,8 @@ impl LaunchProbe {
         self.libraries.len()
     }
 
-    /// The library files found so far, in order, as `/proc/self/fd/N`.
-    pub fn library_files(&self) -> &[std::path::PathBuf] {
+    /// The library files found so far, in order.
+    pub fn library_files(&self) -> &[LibraryFile] {
         &self.library_files
     }
 
@@ -126,7 +135,7 @@ impl LaunchProbe {
                 .attach(UProbeAttachLocation::AbsoluteOffset(offset), &library_path, UProbeScope::AllProcesses)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
-        self.library_files.push(library_path);
+        self.library_files.push(LibraryFile { open: library_path, found_at: path.clone() });
         self.libraries.insert(key, added);
         tracing::info!(
             path = %path.display(),
@@ -429,7 +438,7 @@ pub struct LaunchSnapshot {
     /// libcuda files probed.
     pub libraries: usize,
     /// The same files, in the order found (`LaunchProbe::library_files`).
-    pub library_files: Vec<std::path::PathBuf>,
+    pub library_files: Vec<LibraryFile>,
     /// When the reader published this (`None`: not yet). A reader that
     /// stops publishing must not leave counts that read as "no launches".
     pub published: Option<std::time::Instant>,

@@ -132,13 +132,13 @@ impl RequestProbe {
     /// driver path onto the syscall hooks as well, so that its calls are
     /// seen. The hooks now in use if they changed. Calls its process made
     /// before are not seen (as for processes older than the agent).
-    pub fn driver_library_found(&mut self, path: &Path) -> Option<DriverHooksUsed> {
+    pub fn driver_library_found(&mut self, path: &Path, found_at: &Path) -> Option<DriverHooksUsed> {
         if !matches!(self.driver_hooks, Some(DriverHooksUsed::Libraries { .. })) {
             return None;
         }
-        let refused = match self.attach_driver_library(path) {
+        let refused = match self.attach_driver_library(path, found_at) {
             Ok(true) => {
-                tracing::warn!(path = %path.display(), "a pod uses a libcuda of its own: probed from now on; calls its processes made before are not seen");
+                tracing::warn!(path = %found_at.display(), "a pod uses a libcuda of its own: probed from now on; calls its processes made before are not seen");
                 let used = self.libraries_used();
                 self.driver_hooks = Some(used.clone());
                 return Some(used);
@@ -146,7 +146,7 @@ impl RequestProbe {
             Ok(false) => return None,
             Err(err) => probes::with_causes(&err),
         };
-        let why = format!("a pod's libcuda cannot be probed ({refused})");
+        let why = format!("a pod's libcuda {} cannot be probed ({refused})", found_at.display());
         tracing::warn!(reason = %why, "the driver path adds the syscall hooks");
         let used = match self.attach_driver_tracepoints() {
             Ok(()) => DriverHooksUsed::Tracepoints { why: Some(why) },
@@ -217,7 +217,7 @@ impl RequestProbe {
         self.load_driver_uprobes()?;
         let mut refused = Vec::new();
         for path in paths {
-            if let Err(err) = self.attach_driver_library(path) {
+            if let Err(err) = self.attach_driver_library(path, path) {
                 refused.push(probes::with_causes(&err));
             }
         }
@@ -237,10 +237,11 @@ impl RequestProbe {
         Ok(())
     }
 
-    /// Adds the library path on one more driver library (a libcuda found
-    /// later in a pod's process); `false` if this file is probed already.
-    pub fn attach_driver_library(&mut self, path: &Path) -> Result<bool, ProbeError> {
-        let library_error = |source| ProbeError::Library { path: path.to_path_buf(), source };
+    /// Adds the library path on one more driver library, opened as `path`
+    /// and known to the operator as `shown`; `false` if this file is
+    /// probed already.
+    fn attach_driver_library(&mut self, path: &Path, shown: &Path) -> Result<bool, ProbeError> {
+        let library_error = |source| ProbeError::Library { path: shown.to_path_buf(), source };
         let file = std::fs::File::open(path).map_err(library_error)?;
         let metadata = file.metadata().map_err(library_error)?;
         let key = (metadata.dev(), metadata.ino());
@@ -262,8 +263,8 @@ impl RequestProbe {
                 .attach(UProbeAttachLocation::AbsoluteOffset(stubs[import]), &target, UProbeScope::AllProcesses)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
-        tracing::info!(path = %path.display(), ioctl_stub = stubs["ioctl"], "driver library probed");
-        self.driver_libraries.push(DriverLibrary { key, path: path.to_path_buf(), _file: file });
+        tracing::info!(path = %shown.display(), ioctl_stub = stubs["ioctl"], "driver library probed");
+        self.driver_libraries.push(DriverLibrary { key, path: shown.to_path_buf(), _file: file });
         Ok(true)
     }
 

@@ -384,10 +384,10 @@ impl Collector {
     /// Hands libcuda files the launch probe found in pods to the driver
     /// path (which probes them too, or adds its syscall hooks), and says
     /// so in its health line.
-    fn offer_driver_libraries(&mut self, found: &[std::path::PathBuf]) {
+    fn offer_driver_libraries(&mut self, found: &[crate::probes::launches::LibraryFile]) {
         let Some(probe) = self.probes.requests.as_mut() else { return };
-        for path in found {
-            if let Some(hooks) = probe.driver_library_found(path) {
+        for library in found {
+            if let Some(hooks) = probe.driver_library_found(&library.open, &library.found_at) {
                 self.probes.driver_status = SourceStatus::Ok { detail: hooks.describe() };
             }
         }
