@@ -9,6 +9,12 @@ accounting on. Prints per pod, from the worker's start:
   NVML memory, launches) | calls by kind | whether the launch uprobes
   fired (by entry point) | the driver version.
 
+It runs once per driver hook (--hooks, default libraries then
+tracepoints): the library hooks (uprobes on libcuda's PLT stubs of ioctl
+and close) must show the same contexts, VRAM and about the same calls as
+the tracepoints, and /healthz must say the library was probed (where
+libcuda has no PLT stub, auto falls back and says why).
+
 On the GPU machine (no Rust there: build here, carry the binary):
   cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
   python3 integration/gpu/validate_driver.py --agent .gpu-carry/podgpu-agent
@@ -32,14 +38,21 @@ def main():
     ap.add_argument("--worker", default=DUTY_WORKER, help="the CUDA tenant (default: duty_worker.py beside this script)")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--duties", default="0.25,0.5")
+    ap.add_argument("--hooks", default="libraries,tracepoints", help="driver hooks to run with, in turn")
     args = ap.parse_args()
+    for hooks in args.hooks.split(","):
+        run(args, hooks)
+
+
+def run(args, hooks):
     duties = [float(d) for d in args.duties.split(",")]
     root = v2_root()
     work = tempfile.mkdtemp(prefix="podgpu-driverval-")
     pods = [Pod(root, 20 + i) for i in range(len(duties))]
     pods_yaml = os.path.join(work, "pods.yaml")
     write_pods_yaml(pods_yaml, pods, "tenant")
-    agent, http = start_agent(args.agent, work, pods_yaml)
+    agent, http = start_agent(args.agent, work, pods_yaml, extra=["--driver-hooks", hooks])
+    print(f"== driver hooks: {hooks}: {get_json(http, '/healthz').get('driver')}")
     try:
         out = subprocess.run([sys.executable, args.worker, "calibrate", "4096"], check=True, capture_output=True, text=True)
         kernel_s = json.loads(out.stdout)["kernel_s"]

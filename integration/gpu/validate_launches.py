@@ -56,12 +56,12 @@ print(time.perf_counter() - start)
 AGENT_ARGS = []
 
 
-def start_agent(agent, work, pods_yaml, gpu="nvml", gpu_interval_ms=500):
+def start_agent(agent, work, pods_yaml, gpu="nvml", gpu_interval_ms=500, extra=()):
     proc = subprocess.Popen(
         [agent, "standalone", "--gpu", gpu, "--pod-metadata", pods_yaml, "--keda-listen", "127.0.0.1:0",
          "--http-listen", "127.0.0.1:0", "--gpu-interval-ms", str(gpu_interval_ms), "--tick-ms", "100",
          "--launch-accounting", "on"]
-        + AGENT_ARGS,
+        + AGENT_ARGS + list(extra),
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="warn"))
     ready = json.loads(proc.stdout.readline())
     return proc, ready["http"]
