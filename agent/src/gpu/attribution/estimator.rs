@@ -186,6 +186,13 @@ impl Estimator {
         all.dedup();
         // Shared slots get their drift once per window, not once per process.
         let mut diffused: BTreeSet<Slot> = BTreeSet::new();
+        // The processes on each slot, for the slots kernels share.
+        let mut slot_pids: HashMap<Slot, BTreeSet<u32>> = HashMap::new();
+        for (key, tracked) in &self.keys {
+            if let Some(slot) = tracked.slot {
+                slot_pids.entry(slot).or_default().insert(key.pid);
+            }
+        }
         for key in all {
             let rate = rates.get(&key).copied().unwrap_or(0.0);
             let tracked = self.keys.entry(key).or_default();
@@ -257,7 +264,22 @@ impl Estimator {
                         // whose batches grow stayed low.
                         tracked.jump =
                             if rate > 0.0 { (tracked.last_rate / rate - 1.0).abs().min(MAX_COST_JUMP) } else { jump };
+                        // The same kernel need not cost the same in every
+                        // process: a larger batch or a longer context at
+                        // the same launch geometry costs more per launch.
+                        // A process whose rate jumps may be the one whose
+                        // cost moved, so it leaves the shared cost with its
+                        // own copy, instead of dragging its neighbours'
+                        // shares along.
+                        let shared_with_others =
+                            slot_pids.get(&slot).is_some_and(|pids| pids.iter().any(|&pid| pid != key.pid));
+                        if rate > 0.0 && shared_with_others {
+                            let own = self.filter.push(cost, self.filter.variance(slot));
+                            tracked.slot = Some(own);
+                            tracked.identity = None;
+                        }
                     }
+                    let slot = tracked.slot.expect("a tracked key with a slot");
                     let mut noise =
                         (cfg.cost_drift * cost).powi(2) + (cfg.share_drift / tracked.reference_rate).powi(2);
                     if tracked.hold > 0 {

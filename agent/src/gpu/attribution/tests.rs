@@ -201,6 +201,26 @@ fn replicas_of_one_kernel_are_split_by_their_launches() {
     assert!(unknown.processes.iter().all(|p| p.confidence < 0.5), "{unknown:?}");
 }
 
+/// The same kernel need not cost the same in two processes: one replica's
+/// batch grows 4x at the same launch geometry (4x the cost per launch, a
+/// quarter of the launches, the same load). On one shared cost, its
+/// neighbour would be given what it no longer launches (40 / 5 for a
+/// truth of 30 / 15). The replica whose rate jumped leaves the shared
+/// cost instead, and both keep their shares.
+#[test]
+fn a_replica_whose_batch_grows_leaves_the_shared_cost() {
+    let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    for _ in 0..20 {
+        estimator.observe(&window(45.0, vec![shared(1, 0x10, 200.0, 0xfeed), shared(2, 0x77, 100.0, 0xfeed)]));
+    }
+    let mut last = None;
+    for _ in 0..10 {
+        last = estimator.observe(&window(45.0, vec![shared(1, 0x10, 200.0, 0xfeed), shared(2, 0x77, 25.0, 0xfeed)]));
+    }
+    let after = last.unwrap();
+    assert!((after.share_of(1) - 30.0).abs() < 2.0 && (after.share_of(2) - 15.0).abs() < 2.0, "{after:?}");
+}
+
 /// A kernel's cost learned while it ran alone pins it for a later
 /// process: started beside an unknown newcomer, the process launching the
 /// known kernel is measured at once and the newcomer takes the rest. The
