@@ -344,3 +344,23 @@ async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
         }
     }
 }
+
+/// Without launch accounting nothing would find the libcuda files pods
+/// bring, so `auto` keeps the driver path on the syscall tracepoints and
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_launch_accounting_auto_keeps_the_syscall_hooks() {
+    require_root();
+    integration::ensure_tracefs();
+    let library = tempfile::tempdir().unwrap();
+    let library = integration::driver_standin::build_library(library.path()).unwrap();
+    let args = ["--gpu", "none", "--launch-accounting", "off", "--driver-path", "on", "--driver-hooks", "auto"]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("--driver-libraries={}", library.display())])
+        .collect::<Vec<_>>();
+    let agent = AgentProcess::start(&integration::workspace_binary("podgpu-agent"), &args).expect("agent");
+    let health = json(agent.http, "/healthz").await;
+    let driver = health["driver"]["detail"].as_str().unwrap_or_default();
+    assert!(driver.contains("syscalls:sys_enter_ioctl") && driver.contains("launch accounting is off"), "{health}");
+}

@@ -345,7 +345,16 @@ fn load_probes(config: &Config) -> anyhow::Result<LoadedProbes> {
             None
         }
     });
-    let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status, uprobes)?;
+    // The library hooks see a pod that brings its own libcuda only once
+    // the launch probe finds that file: without launch accounting, such a
+    // pod's driver calls would go unseen, so `auto` keeps the syscall hooks.
+    let library_hooks = uprobes.and_then(|()| match (&launch_probe, config.driver_hooks) {
+        (None, probes::requests::DriverHooks::Auto) => {
+            Err("launch accounting is off, and it is what finds the libcuda files pods bring".to_string())
+        }
+        _ => Ok(()),
+    });
+    let (driver_maps, driver_status) = driver_path(config, requests.as_mut(), &request_status, library_hooks)?;
     let program_log = requests.as_mut().and_then(|probe| probe.take_log());
     let request_ring = match requests.as_mut().map(|probe| probe.take_events()) {
         Some(Ok(ring)) => Some(ring),
@@ -413,11 +422,12 @@ fn load_probe<P>(
 
 /// Attaches the driver path (its programs live in the request probe's
 /// object) when `config` asks for it; its maps and its health line.
+/// `library_hooks` says why the library hooks cannot be used, if so.
 fn driver_path(
     config: &Config,
     requests: Option<&mut probes::requests::RequestProbe>,
     probe_status: &SourceStatus,
-    uprobes: Result<(), String>,
+    library_hooks: Result<(), String>,
 ) -> anyhow::Result<(Option<probes::driver::DriverMaps>, SourceStatus)> {
     let Some(probe) = requests else {
         let status = match probe_status {
@@ -442,7 +452,7 @@ fn driver_path(
         };
         return Ok((None, status));
     }
-    let libraries = uprobes.map(|()| {
+    let libraries = library_hooks.map(|()| {
         probes::driver::libraries::candidates(
             &config.driver_libraries,
             std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
