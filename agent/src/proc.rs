@@ -104,6 +104,28 @@ impl ProcFs {
         fields.nth(22 - 4)?.parse().ok()
     }
 
+    /// Every process now (the numeric entries of the proc root).
+    pub fn pids(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(&self.root) else { return Vec::new() };
+        entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect()
+    }
+
+    /// The open fds of `pid` (none when it is gone or may not be read).
+    pub fn fds(&self, pid: u32) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(self.pid_dir(pid).join("fd")) else { return Vec::new() };
+        entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect()
+    }
+
+    /// Clock ticks since boot now (`uptime` times the tick rate): the
+    /// scale of `start_time`.
+    pub fn uptime_ticks(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.root.join("uptime")).ok()?;
+        let seconds: f64 = text.split_ascii_whitespace().next()?.parse().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (ticks_per_second > 0 && seconds.is_finite()).then_some((seconds * ticks_per_second as f64) as u64)
+    }
+
     /// The cgroups of `pid`, with host paths; `None` when it is gone (or
     /// its file does not parse).
     pub fn cgroups(&self, pid: u32) -> Option<Vec<CgroupLine>> {

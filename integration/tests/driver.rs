@@ -364,3 +364,61 @@ async fn without_launch_accounting_auto_keeps_the_syscall_hooks() {
     let driver = health["driver"]["detail"].as_str().unwrap_or_default();
     assert!(driver.contains("syscalls:sys_enter_ioctl") && driver.contains("launch accounting is off"), "{health}");
 }
+
+/// The agent started beside a process that already holds the GPU (an
+/// agent restart on a busy node): what that process allocated before is
+/// unknown, so KEDA gets an error for its pod's contexts and driver
+/// memory, never a made-up 0, until the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_older_than_the_agent_is_unknown_not_zero() {
+    require_root();
+    integration::ensure_tracefs();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let ns = format!("driver-old-{}", std::process::id());
+    let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
+    let uid = new_uid();
+    let mut pod = CgroupPod::create(&cgroup_root, &uid).unwrap();
+    let go = tools.path().join("go");
+    let mut command = Command::new(tools.path().join("driver_client"));
+    command.args([device.mountpoint.to_str().unwrap(), "64", "32", go.to_str().unwrap()]);
+    let child = pod.spawn(command).expect("driver client runs");
+    let pid = child.id();
+    let mut output = BufReader::new(child.stdout.take().unwrap());
+    // Its devices are open (it opens them first thing), and it allocates
+    // before the agent exists.
+    std::fs::write(go.with_extension("0"), b"").unwrap();
+    expect_line(&mut output, "allocated");
+
+    let pods = [PodEntry { uid: &uid, namespace: &ns, name: "old", app: "old" }];
+    let mut args = StandInDevice::agent_args(&device.mountpoint);
+    args.extend(["--driver-hooks".to_string(), "tracepoints".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (agent, _files) = AgentProcess::start_for_pods(&pods, &args).expect("agent");
+    let adopted = eventually(Duration::from_secs(3), async || {
+        row(&json(agent.http, "/driver").await, pid).is_some_and(|r| r["joined_late"] == true)
+    })
+    .await;
+    assert!(adopted, "{}", json(agent.http, "/driver").await);
+    let mut keda = KedaClient::connect(agent.keda).await.unwrap();
+    let selector = "app=old".to_string();
+    let trigger = |metric: &str| {
+        scaled_object(&ns, "old", &[("metric", metric), ("target", "1"), ("podSelector", &selector), ("window", "30s")])
+    };
+    for metric in ["gpu_contexts", "gpu_driver_mem_bytes"] {
+        let answer = keda.poll(&trigger(metric), metric).await;
+        let status = answer.expect_err("an unknown level is an error, not 0");
+        assert!(status.message().contains("before the driver path watched"), "{metric}: {status:?}");
+    }
+
+    // It frees, closes and exits: the pod's levels are known (0) again.
+    for phase in ["1", "2"] {
+        std::fs::write(go.with_extension(phase), b"").unwrap();
+    }
+    let known = eventually(Duration::from_secs(5), async || {
+        keda.poll(&trigger("gpu_contexts"), "gpu_contexts").await.is_ok_and(|poll| poll.value == 0.0)
+    })
+    .await;
+    assert!(known, "{}", json(agent.http, "/driver").await);
+}

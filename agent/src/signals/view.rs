@@ -268,6 +268,12 @@ impl PodView {
                  (raise --max-watched-cgroups)",
             );
         }
+        if matches!(metric, Metric::GpuContexts | Metric::GpuDriverMemBytes) && self.driver.joined_late > 0 {
+            return Some(
+                "some of the pod's processes held the GPU before the driver path watched (the agent started \
+                 after them): their contexts and driver memory are unknown until they exit",
+            );
+        }
         match (metric, self.gpu.unattributable) {
             // The estimator splits the device's utilization from launches,
             // whatever NVML can or cannot say per process.

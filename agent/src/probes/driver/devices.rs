@@ -66,6 +66,15 @@ impl DeviceMatcher {
         Self { proc, uvm_major, stand_ins }
     }
 
+    /// Whether `pid` holds an NVIDIA device open (any fd of a driver
+    /// kind): what a process that may hold GPU contexts and driver memory
+    /// looks like from outside.
+    pub fn holds_nvidia_fd(&self, pid: u32) -> bool {
+        self.proc.fds(pid).into_iter().any(|fd| {
+            matches!(self.classify(pid, fd), Some(kind) if kind != fd_kind::NOT_NVIDIA && kind != fd_kind::UNVERIFIED)
+        })
+    }
+
     /// The `fd_kind` of `fd` of `pid`; `None` when it cannot be told (the
     /// fd or process is gone, or may not be read).
     pub fn classify(&self, pid: u32, fd: u32) -> Option<u32> {

@@ -9,6 +9,12 @@
 //! retired into its pod's total); contexts and memory are levels of live
 //! processes only. A process's state goes when it exits (or its pid is
 //! reused): the driver frees everything it held then.
+//!
+//! A process that held an NVIDIA device before the reader started (the
+//! agent restarted beside running pods) made calls nobody saw: what it
+//! holds is unknown, not zero. The reader finds such processes when it
+//! starts and counts them per pod (`PodDriver::joined_late`) until they
+//! exit; their pods' contexts and driver memory are unavailable then.
 pub mod devices;
 pub mod libraries;
 pub mod objects;
@@ -56,6 +62,9 @@ pub struct PodDriver {
     pub blocked_ns: u64,
     /// Calls by kind, cumulative.
     pub calls_by_kind: BTreeMap<CallKind, u64>,
+    /// Live processes that held an NVIDIA device before the driver path
+    /// watched: their contexts and memory are unknown while they live.
+    pub joined_late: u32,
 }
 
 /// One live process's driver state, as the node reports it.
@@ -79,6 +88,9 @@ pub struct DriverRow {
     /// When it first held a context (Unix ms): the moment the driver path
     /// saw it GPU-active.
     pub context_since_unix_ms: Option<u64>,
+    /// It held an NVIDIA device before the driver path watched: its
+    /// contexts and memory are what it did since (a lower bound).
+    pub joined_late: bool,
 }
 
 /// The reader's own counters.
@@ -142,6 +154,7 @@ struct Tracked {
     pod_uid: Option<String>,
     driver: ProcessDriver,
     context_since: Option<SystemTime>,
+    joined_late: bool,
 }
 
 /// The reader's state (separate from the thread for tests).
@@ -195,6 +208,7 @@ impl DriverReader {
     }
 
     fn run(&mut self, mut ring: RingBuf<MapData>, publish: &Mutex<DriverSnapshot>, shutdown: &CancellationToken) {
+        self.adopt_existing();
         let (mut swept, mut published) = (Instant::now(), None::<Instant>);
         while !shutdown.is_cancelled() {
             let started = Instant::now();
@@ -246,7 +260,13 @@ impl DriverReader {
                 let pod_uid = self.pids.resolve(event.tgid, now).map(|owner| owner.pod_uid.clone());
                 self.processes.insert(
                     event.tgid,
-                    Tracked { start_time, pod_uid, driver: ProcessDriver::default(), context_since: None },
+                    Tracked {
+                        start_time,
+                        pod_uid,
+                        driver: ProcessDriver::default(),
+                        context_since: None,
+                        joined_late: false,
+                    },
                 );
                 self.processes.get_mut(&event.tgid)
             }
@@ -258,6 +278,44 @@ impl DriverReader {
             tracked.context_since = Some(SystemTime::now());
             self.config.poll_gpu_now.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Finds the processes that held an NVIDIA device before now (the
+    /// driver path attached just before the reader starts) and tracks
+    /// them as joined late. Returns how many.
+    pub fn adopt_existing(&mut self) -> usize {
+        let proc = self.config.proc.clone();
+        let Some(now_ticks) = proc.uptime_ticks() else {
+            tracing::warn!("no uptime in procfs: processes older than the driver path cannot be told apart");
+            return 0;
+        };
+        let now = Instant::now();
+        let mut adopted = 0;
+        for pid in proc.pids() {
+            let Some(start_time) = proc.start_time(pid) else { continue };
+            if start_time >= now_ticks || !self.config.matcher.holds_nvidia_fd(pid) {
+                continue;
+            }
+            let pod_uid = self.pids.resolve(pid, now).map(|owner| owner.pod_uid.clone());
+            self.processes.insert(
+                pid,
+                Tracked {
+                    start_time,
+                    pod_uid,
+                    driver: ProcessDriver::default(),
+                    context_since: None,
+                    joined_late: true,
+                },
+            );
+            adopted += 1;
+        }
+        if adopted > 0 {
+            tracing::warn!(
+                processes = adopted,
+                "processes held an NVIDIA device before the driver path watched: their pods' contexts and driver memory are unknown until they exit"
+            );
+        }
+        adopted
     }
 
     /// The kind of an fd the kernel did not know; recorded for the kernel.
@@ -319,6 +377,7 @@ impl DriverReader {
             if let Some(uid) = &tracked.pod_uid {
                 let pod = per_pod.entry(uid.clone()).or_default();
                 pod.contexts += devices.len() as u32;
+                pod.joined_late += u32::from(tracked.joined_late);
                 // Sizes and durations come from processes' ioctls: saturate.
                 pod.vram_bytes = pod.vram_bytes.saturating_add(vram_bytes);
                 pod.calls += tracked.driver.total_calls();
@@ -338,6 +397,7 @@ impl DriverReader {
                 context_since_unix_ms: tracked.context_since.and_then(|at| {
                     at.duration_since(SystemTime::UNIX_EPOCH).ok().map(|since| since.as_millis() as u64)
                 }),
+                joined_late: tracked.joined_late,
             });
         }
         rows.sort_by_key(|row| row.pid);
@@ -358,4 +418,61 @@ fn read_event(bytes: &[u8]) -> Option<DriverEvent> {
     // SAFETY: long enough; `DriverEvent` is plain data valid for any bits,
     // read unaligned because the ring gives no alignment promise.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DriverEvent) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proc::write_fake_process;
+
+    /// The fd map in the kernel, for tests without one.
+    struct NoKernel;
+
+    impl FdSink for NoKernel {
+        fn insert(&mut self, _key: u64, _kind: u32) {}
+        fn remove(&mut self, _key: u64) {}
+    }
+
+    const POD: &str = "11111111-2222-3333-4444-555555555555";
+
+    /// A process that held an NVIDIA device before the reader started
+    /// counts against its pod as joined late (its contexts unknown, not
+    /// zero) until it exits; a younger one, and one holding no device,
+    /// do not.
+    #[test]
+    fn processes_older_than_the_reader_are_unknown_not_zero() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_root = root.path().join("proc");
+        std::fs::create_dir_all(&proc_root).unwrap();
+        std::fs::write(proc_root.join("uptime"), "100.00 50.00\n").unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let device = root.path().join("nvidia0");
+        let other = root.path().join("log.txt");
+        std::fs::write(&device, b"").unwrap();
+        std::fs::write(&other, b"").unwrap();
+        let cgroup = format!("0::/kubepods/burstable/pod{POD}/0123456789abcdef\n");
+        for (pid, started_s, opened) in [(10, 5, &device), (11, 6, &other), (12, 200, &device)] {
+            write_fake_process(&proc_root, pid, started_s * ticks, &cgroup).unwrap();
+            let fds = proc_root.join(pid.to_string()).join("fd");
+            std::fs::create_dir_all(&fds).unwrap();
+            std::os::unix::fs::symlink(opened, fds.join("3")).unwrap();
+        }
+        let proc = ProcFs::new(&proc_root);
+        let stand_in = devices::StandIn { kind: fd_kind::GPU, path: device.clone() };
+        let matcher = DeviceMatcher::new(proc.clone(), &root.path().join("devices"), &[stand_in]);
+        let config = DriverReaderConfig { proc, matcher, poll_gpu_now: Arc::default() };
+        let mut reader = DriverReader::new(config, NoKernel);
+        assert_eq!(reader.adopt_existing(), 1, "only the process that held the device before now");
+        let snapshot = reader.snapshot(Instant::now());
+        assert_eq!(snapshot.per_pod[POD].joined_late, 1);
+        let row = snapshot.rows.iter().find(|row| row.pid == 10).expect("the old process is listed");
+        assert!(row.joined_late);
+        assert!(snapshot.rows.iter().all(|row| row.pid == 10));
+
+        std::fs::remove_dir_all(proc_root.join("10")).unwrap();
+        reader.sweep();
+        let snapshot = reader.snapshot(Instant::now());
+        assert_eq!(snapshot.per_pod.get(POD).map_or(0, |pod| pod.joined_late), 0, "known again once it exited");
+    }
 }
