@@ -265,12 +265,13 @@ async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
     let no_plt = integration::driver_standin::build_library_into(&tools.path().join("no-plt"), &["-fno-plt"]).unwrap();
     let ns = format!("driver-late-{}", std::process::id());
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
-    let (uid_a, uid_b) = (new_uid(), new_uid());
+    let (uid_a, uid_b, uid_c) = (new_uid(), new_uid(), new_uid());
     let mut pod_a = CgroupPod::create(&cgroup_root, &uid_a).unwrap();
     let mut pod_b = CgroupPod::create(&cgroup_root, &uid_b).unwrap();
     let pods = [
         PodEntry { uid: &uid_a, namespace: &ns, name: "own-libcuda", app: "a" },
         PodEntry { uid: &uid_b, namespace: &ns, name: "no-plt-libcuda", app: "b" },
+        PodEntry { uid: &uid_c, namespace: &ns, name: "late-libcuda", app: "c" },
     ];
     let mut args = StandInDevice::agent_args(&device.mountpoint);
     args.extend([
@@ -312,6 +313,25 @@ async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
     expect_line(&mut output_a, "allocated");
     assert!(decoded(pid_a).await, "{}", json(agent.http, "/driver").await);
 
+    // A third pod's libcuda is found after its process already called
+    // the driver through it, unseen: that process is joined late, and its
+    // pod's contexts are unknown, not 0.
+    let late_library = integration::driver_standin::build_library_into(&tools.path().join("late"), &[]).unwrap();
+    let mut pod_c = CgroupPod::create(&cgroup_root, &uid_c).unwrap();
+    let go_c = tools.path().join("go-c");
+    std::fs::write(go_c.with_extension("0"), b"").unwrap();
+    let (pid_c, mut output_c) = run(&mut pod_c, &late_library, &go_c);
+    expect_line(&mut output_c, "allocated");
+    let adopted = eventually(Duration::from_secs(10), async || {
+        row(&json(agent.http, "/driver").await, pid_c).is_some_and(|r| r["joined_late"] == true)
+    })
+    .await;
+    assert!(adopted, "{} / {}", driver_detail().await, json(agent.http, "/driver").await);
+    let mut keda = KedaClient::connect(agent.keda).await.unwrap();
+    let trigger = scaled_object(&ns, "c", &[("metric", "gpu_contexts"), ("target", "1"), ("podSelector", "app=c")]);
+    let status = keda.poll(&trigger, "gpu_contexts").await.expect_err("unknown, not 0");
+    assert!(status.message().contains("before the driver path watched"), "{status:?}");
+
     let go_b = tools.path().join("go-b");
     let (pid_b, mut output_b) = run(&mut pod_b, &no_plt, &go_b);
     let fell_back = eventually(Duration::from_secs(10), async || {
@@ -338,7 +358,7 @@ async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
     assert!(freed, "{}", json(agent.http, "/driver").await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(row(&json(agent.http, "/driver").await, pid_a).unwrap()["calls"], 18, "two frees, once each");
-    for go in [&go_a, &go_b] {
+    for go in [&go_a, &go_b, &go_c] {
         for phase in ["1", "2"] {
             std::fs::write(go.with_extension(phase), b"").unwrap();
         }

@@ -189,6 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             launch_status: probes.launch_status,
             driver: shared.driver.clone(),
             driver_status: probes.driver_status,
+            driver_adopt_now: shared.driver_adopt_now.clone(),
         },
         gpu_dropped,
     );
@@ -241,7 +242,12 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         );
         threads.push(probes::driver::spawn(
             maps,
-            probes::driver::DriverReaderConfig { proc: proc.clone(), matcher, poll_gpu_now: shared.poll_gpu_now },
+            probes::driver::DriverReaderConfig {
+                proc: proc.clone(),
+                matcher,
+                poll_gpu_now: shared.poll_gpu_now,
+                adopt_now: shared.driver_adopt_now,
+            },
             shared.driver,
             shutdown.clone(),
         ));
@@ -283,6 +289,9 @@ struct Shared {
     driver: Arc<std::sync::Mutex<probes::driver::DriverSnapshot>>,
     /// Set by the driver reader at a process's first context.
     poll_gpu_now: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the collector when the driver path starts reading a pod's
+    /// own libcuda: the driver reader then looks for processes it missed.
+    driver_adopt_now: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The pod metadata sources merged into one directory.

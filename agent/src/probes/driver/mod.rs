@@ -40,6 +40,14 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Time between sweeps for exited processes and publications.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a process must have held a device with no call seen before
+/// it counts as missed (a CUDA process calls the driver within
+/// microseconds of opening it; its first events may still be in the
+/// ring).
+const ADOPT_MIN_AGE: Duration = Duration::from_secs(2);
+/// How long after a newly read library the sweeps look for missed
+/// processes (long enough for its users to reach `ADOPT_MIN_AGE`).
+const ADOPT_WINDOW: Duration = Duration::from_secs(5);
 
 /// The kernel side the reader needs: the event ring and the fd map.
 pub struct DriverMaps {
@@ -130,6 +138,9 @@ pub struct DriverReaderConfig {
     /// Set when a pod opens its first GPU context: the GPU poller polls at
     /// once instead of at its next interval.
     pub poll_gpu_now: Arc<AtomicBool>,
+    /// Set when the driver path starts reading a library some processes
+    /// already used: the reader looks for the ones it has not seen.
+    pub adopt_now: Arc<AtomicBool>,
 }
 
 /// Starts the reader thread; it ends with `shutdown`.
@@ -210,6 +221,7 @@ impl DriverReader {
     fn run(&mut self, mut ring: RingBuf<MapData>, publish: &Mutex<DriverSnapshot>, shutdown: &CancellationToken) {
         self.adopt_existing();
         let (mut swept, mut published) = (Instant::now(), None::<Instant>);
+        let mut adopt_until: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
             while let Some(item) = ring.next() {
@@ -218,8 +230,16 @@ impl DriverReader {
                     None => self.stats.malformed += 1,
                 }
             }
+            // Looked for again at every sweep for a while: a process must
+            // be `ADOPT_MIN_AGE` old to count.
+            if self.config.adopt_now.swap(false, Ordering::Relaxed) {
+                adopt_until = Some(started + ADOPT_WINDOW);
+            }
             if started.duration_since(swept) >= SWEEP_INTERVAL {
                 self.sweep();
+                if adopt_until.is_some_and(|until| started < until) {
+                    self.adopt_unseen(ADOPT_MIN_AGE);
+                }
                 swept = started;
             }
             if published.is_none_or(|at| started.duration_since(at) >= PUBLISH_INTERVAL) {
@@ -284,16 +304,33 @@ impl DriverReader {
     /// driver path attached just before the reader starts) and tracks
     /// them as joined late. Returns how many.
     pub fn adopt_existing(&mut self) -> usize {
+        self.adopt_unseen(Duration::ZERO)
+    }
+
+    /// Tracks as joined late every process that holds an NVIDIA device,
+    /// started at least `min_age` ago, and made no call the reader saw:
+    /// its calls went by unseen (it is older than the reader, or it used a
+    /// libcuda the driver path did not read yet). A CUDA process calls the
+    /// driver as soon as it opens it, so a process seen for `min_age`
+    /// with a device open and no call is one whose calls were missed.
+    /// Returns how many.
+    pub fn adopt_unseen(&mut self, min_age: Duration) -> usize {
         let proc = self.config.proc.clone();
         let Some(now_ticks) = proc.uptime_ticks() else {
-            tracing::warn!("no uptime in procfs: processes older than the driver path cannot be told apart");
+            tracing::warn!("no uptime in procfs: processes whose driver calls were missed cannot be told apart");
             return 0;
         };
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let started_before = now_ticks.saturating_sub((min_age.as_secs_f64() * ticks_per_second) as u64);
         let now = Instant::now();
         let mut adopted = 0;
         for pid in proc.pids() {
+            if self.processes.contains_key(&pid) {
+                continue;
+            }
             let Some(start_time) = proc.start_time(pid) else { continue };
-            if start_time >= now_ticks || !self.config.matcher.holds_nvidia_fd(pid) {
+            if start_time >= started_before || !self.config.matcher.holds_nvidia_fd(pid) {
                 continue;
             }
             let pod_uid = self.pids.resolve(pid, now).map(|owner| owner.pod_uid.clone());
@@ -312,7 +349,7 @@ impl DriverReader {
         if adopted > 0 {
             tracing::warn!(
                 processes = adopted,
-                "processes held an NVIDIA device before the driver path watched: their pods' contexts and driver memory are unknown until they exit"
+                "processes held an NVIDIA device with driver calls the driver path did not see: their pods' contexts and driver memory are unknown until they exit"
             );
         }
         adopted
@@ -461,7 +498,7 @@ mod tests {
         let proc = ProcFs::new(&proc_root);
         let stand_in = devices::StandIn { kind: fd_kind::GPU, path: device.clone() };
         let matcher = DeviceMatcher::new(proc.clone(), &root.path().join("devices"), &[stand_in]);
-        let config = DriverReaderConfig { proc, matcher, poll_gpu_now: Arc::default() };
+        let config = DriverReaderConfig { proc, matcher, poll_gpu_now: Arc::default(), adopt_now: Arc::default() };
         let mut reader = DriverReader::new(config, NoKernel);
         assert_eq!(reader.adopt_existing(), 1, "only the process that held the device before now");
         let snapshot = reader.snapshot(Instant::now());

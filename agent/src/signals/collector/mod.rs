@@ -62,6 +62,9 @@ pub struct Probes {
     pub driver: Arc<std::sync::Mutex<DriverSnapshot>>,
     /// Whether the driver path serves.
     pub driver_status: SourceStatus,
+    /// Set when the driver path starts reading a pod's own libcuda (the
+    /// driver reader then looks for the processes it missed).
+    pub driver_adopt_now: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Probes {
@@ -75,6 +78,7 @@ impl Probes {
             launch_status: SourceStatus::Disabled,
             driver: Arc::default(),
             driver_status: SourceStatus::Disabled,
+            driver_adopt_now: Arc::default(),
         }
     }
 }
@@ -389,6 +393,8 @@ impl Collector {
         for library in found {
             if let Some(hooks) = probe.driver_library_found(&library.open, &library.found_at) {
                 self.probes.driver_status = SourceStatus::Ok { detail: hooks.describe() };
+                // The processes that loaded it called the driver unseen.
+                self.probes.driver_adopt_now.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
