@@ -35,6 +35,15 @@ fn expect_line(output: &mut BufReader<ChildStdout>, expected: &str) {
     assert_eq!(line.trim(), expected);
 }
 
+/// The stand-in device, built and mounted in a fresh folder with its
+/// client and driver library (the device unmounts before the folder goes).
+fn stand_in() -> (tempfile::TempDir, StandInDevice) {
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path()).expect("stand-in device and client build");
+    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    (tools, device)
+}
+
 /// Contexts, driver memory, calls by kind and time blocked are exact per
 /// pod; frees release subtrees; XFER-wrapped allocations count, refused
 /// and unknown-size ones do not change memory; ioctls on fds that are not
@@ -65,9 +74,7 @@ async fn driver_calls_are_decoded_per_pod_on_library_hooks() {
 
 async fn decoded_per_pod(hooks: &str, described_as: &str) {
     require_root();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path()).expect("stand-in device and client build");
-    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let (tools, device) = stand_in();
     let ns = format!("driver-{}", std::process::id());
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
     let (uid_a, uid_b) = (new_uid(), new_uid());
@@ -204,9 +211,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 async fn without_uprobes_the_driver_path_stays_on_the_syscall_hooks() {
     require_root();
     integration::ensure_tracefs();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path()).expect("stand-in device and client build");
-    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let (tools, device) = stand_in();
     let library = library_dir(tools.path()).join("libcuda.so.1");
     let mut args: Vec<String> =
         ["--gpu", "none", "--launch-accounting", "on", "--driver-hooks", "auto"].map(String::from).to_vec();
@@ -258,9 +263,7 @@ async fn without_uprobes_the_driver_path_stays_on_the_syscall_hooks() {
 async fn libcuda_files_found_in_pods_are_probed_or_fall_back() {
     require_root();
     integration::ensure_tracefs();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path()).expect("stand-in device and client build");
-    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let (tools, device) = stand_in();
     let own = integration::driver_standin::build_library_into(&tools.path().join("own"), &[]).unwrap();
     let no_plt = integration::driver_standin::build_library_into(&tools.path().join("no-plt"), &["-fno-plt"]).unwrap();
     let ns = format!("driver-late-{}", std::process::id());
@@ -393,9 +396,7 @@ async fn without_launch_accounting_auto_keeps_the_syscall_hooks() {
 async fn a_process_older_than_the_agent_is_unknown_not_zero() {
     require_root();
     integration::ensure_tracefs();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path()).expect("stand-in device and client build");
-    let device = StandInDevice::mount(tools.path()).expect("stand-in device mounts");
+    let (tools, device) = stand_in();
     let ns = format!("driver-old-{}", std::process::id());
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().unwrap();
     let uid = new_uid();

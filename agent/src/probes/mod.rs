@@ -121,6 +121,21 @@ pub fn load_raw_tracepoint<'a>(
     Ok(program)
 }
 
+/// Puts the loaded program `name` at `slot` of the program array `map`,
+/// where the programs that tail-call it find it.
+pub fn set_tail_call(ebpf: &mut aya::Ebpf, map: &'static str, slot: u32, name: &'static str) -> Result<(), ProbeError> {
+    let program = ebpf.program(name).ok_or(ProbeError::MissingProgram(name))?;
+    let fd = program
+        .fd()
+        .map_err(|source| ProbeError::Program { name, source })?
+        .try_clone()
+        .map_err(|err| ProbeError::Program { name, source: aya::programs::ProgramError::IOError(err) })?;
+    let mut tail_calls: aya::maps::ProgramArray<_> =
+        aya::maps::ProgramArray::try_from(ebpf.map_mut(map).ok_or(ProbeError::MissingMap(map))?)
+            .map_err(|source| ProbeError::Map { name: map, source })?;
+    tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: map, source })
+}
+
 /// Loads the tracepoint program `name` of `ebpf` (not attached).
 pub fn load_tracepoint<'a>(
     ebpf: &'a mut aya::Ebpf,

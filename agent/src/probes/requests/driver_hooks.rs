@@ -8,7 +8,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use aya::maps::ProgramArray;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
 use aya::programs::UProbe;
 
@@ -148,15 +147,12 @@ impl RequestProbe {
         };
         let why = format!("a pod's libcuda {} cannot be probed ({refused})", found_at.display());
         tracing::warn!(reason = %why, "the driver path adds the syscall hooks");
-        let used = match self.attach_driver_tracepoints() {
-            Ok(()) => DriverHooksUsed::Tracepoints { why: Some(why) },
-            Err(err) => match probes::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS) {
-                Ok(()) => DriverHooksUsed::Raw { why: Some(format!("{why}; {err}")) },
-                Err(err) => {
-                    tracing::warn!(error = %err, "the driver path's syscall hooks did not attach: that pod's driver calls are not seen");
-                    return None;
-                }
-            },
+        let used = match self.attach_syscall_hooks(why) {
+            Ok(used) => used,
+            Err(err) => {
+                tracing::warn!(error = %err, "the driver path's syscall hooks did not attach: that pod's driver calls are not seen");
+                return None;
+            }
         };
         self.driver_hooks = Some(used.clone());
         Some(used)
@@ -189,13 +185,19 @@ impl RequestProbe {
                     Ok(()) => return Ok(self.libraries_used()),
                     Err(err) => err.to_string(),
                 };
-                match self.attach_driver_tracepoints() {
-                    Ok(()) => Ok(DriverHooksUsed::Tracepoints { why: Some(why) }),
-                    Err(err) => {
-                        probes::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS)?;
-                        Ok(DriverHooksUsed::Raw { why: Some(err.to_string()) })
-                    }
-                }
+                self.attach_syscall_hooks(why)
+            }
+        }
+    }
+
+    /// The syscall hooks, where the library hooks could not do (`why`):
+    /// the per-syscall tracepoints, else raw `sys_enter`/`sys_exit`.
+    fn attach_syscall_hooks(&mut self, why: String) -> Result<DriverHooksUsed, ProbeError> {
+        match self.attach_driver_tracepoints() {
+            Ok(()) => Ok(DriverHooksUsed::Tracepoints { why: Some(why) }),
+            Err(err) => {
+                probes::attach_raw_tracepoints(&mut self.ebpf, &DRIVER_PROGRAMS)?;
+                Ok(DriverHooksUsed::Raw { why: Some(format!("{why}; {err}")) })
             }
         }
     }
@@ -257,11 +259,26 @@ impl RequestProbe {
             ))));
         }
         let target = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        // All three or none: an entry probe without its return probe would
+        // stash calls nobody decodes.
+        let mut links = Vec::with_capacity(DRIVER_UPROBES.len());
         for (name, import) in DRIVER_UPROBES {
             let program: &mut UProbe = probes::program_of(&mut self.ebpf, name)?;
-            program
-                .attach(UProbeAttachLocation::AbsoluteOffset(stubs[import]), &target, UProbeScope::AllProcesses)
-                .map_err(|source| ProbeError::Program { name, source })?;
+            match program.attach(
+                UProbeAttachLocation::AbsoluteOffset(stubs[import]),
+                &target,
+                UProbeScope::AllProcesses,
+            ) {
+                Ok(link) => links.push((name, link)),
+                Err(source) => {
+                    for (attached, link) in links {
+                        if let Ok(program) = probes::program_of::<UProbe>(&mut self.ebpf, attached) {
+                            let _ = program.detach(link);
+                        }
+                    }
+                    return Err(ProbeError::Program { name, source });
+                }
+            }
         }
         tracing::info!(path = %shown.display(), ioctl_stub = stubs["ioctl"], "driver library probed");
         self.driver_libraries.push(DriverLibrary { key, path: shown.to_path_buf(), _file: file });
@@ -276,18 +293,7 @@ impl RequestProbe {
             return Ok(());
         }
         decoder.load().map_err(|source| ProbeError::Program { name: DRIVER_DECODE_UP, source })?;
-        let fd = decoder
-            .fd()
-            .map_err(|source| ProbeError::Program { name: DRIVER_DECODE_UP, source })?
-            .try_clone()
-            .map_err(|err| ProbeError::Program {
-                name: DRIVER_DECODE_UP,
-                source: aya::programs::ProgramError::IOError(err),
-            })?;
-        let map = self.ebpf.map_mut(DRIVER_UP_TAIL_CALLS).ok_or(ProbeError::MissingMap(DRIVER_UP_TAIL_CALLS))?;
-        let mut tail_calls: ProgramArray<_> =
-            ProgramArray::try_from(map).map_err(|source| ProbeError::Map { name: DRIVER_UP_TAIL_CALLS, source })?;
-        tail_calls.set(0, &fd, 0).map_err(|source| ProbeError::Map { name: DRIVER_UP_TAIL_CALLS, source })?;
+        probes::set_tail_call(&mut self.ebpf, DRIVER_UP_TAIL_CALLS, 0, DRIVER_DECODE_UP)?;
         for (name, _) in DRIVER_UPROBES {
             let program: &mut UProbe = probes::program_of(&mut self.ebpf, name)?;
             program.load().map_err(|source| ProbeError::Program { name, source })?;
@@ -311,17 +317,8 @@ impl RequestProbe {
     }
 
     fn try_attach_driver_tracepoints(&mut self) -> Result<(), ProbeError> {
-        let name = DRIVER_DECODE_TP;
-        let program = probes::load_tracepoint(&mut self.ebpf, name)?;
-        let fd = program
-            .fd()
-            .map_err(|source| ProbeError::Program { name, source })?
-            .try_clone()
-            .map_err(|err| ProbeError::Program { name, source: aya::programs::ProgramError::IOError(err) })?;
-        let map = self.ebpf.map_mut(DRIVER_TP_TAIL_CALLS).ok_or(ProbeError::MissingMap(DRIVER_TP_TAIL_CALLS))?;
-        let mut tail_calls: ProgramArray<_> =
-            ProgramArray::try_from(map).map_err(|source| ProbeError::Map { name: DRIVER_TP_TAIL_CALLS, source })?;
-        tail_calls.set(0, &fd, 0).map_err(|source| ProbeError::Map { name: DRIVER_TP_TAIL_CALLS, source })?;
+        probes::load_tracepoint(&mut self.ebpf, DRIVER_DECODE_TP)?;
+        probes::set_tail_call(&mut self.ebpf, DRIVER_TP_TAIL_CALLS, 0, DRIVER_DECODE_TP)?;
         for (name, event) in DRIVER_TRACEPOINTS {
             let program = probes::load_tracepoint(&mut self.ebpf, name)?;
             program.attach("syscalls", event).map_err(|source| ProbeError::Program { name, source })?;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use podgpu_common::{conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
 use tokio::io::unix::AsyncFd;
@@ -143,16 +143,8 @@ impl RequestProbe {
         // The frame walker and the driver decoder are not attached: the
         // socket programs and `syscall_exit` tail-call them (slots 0, 1).
         for (slot, name) in [(0, WALKER), (1, DRIVER_DECODE)] {
-            let program = super::load_raw_tracepoint(&mut ebpf, name)?;
-            let fd = program
-                .fd()
-                .map_err(|source| ProbeError::Program { name, source })?
-                .try_clone()
-                .map_err(|err| ProbeError::Program { name, source: aya::programs::ProgramError::IOError(err) })?;
-            let mut tail_calls: ProgramArray<_> =
-                ProgramArray::try_from(ebpf.map_mut(TAIL_CALLS).ok_or(ProbeError::MissingMap(TAIL_CALLS))?)
-                    .map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
-            tail_calls.set(slot, &fd, 0).map_err(|source| ProbeError::Map { name: TAIL_CALLS, source })?;
+            super::load_raw_tracepoint(&mut ebpf, name)?;
+            super::set_tail_call(&mut ebpf, TAIL_CALLS, slot, name)?;
         }
         super::attach_raw_tracepoints(&mut ebpf, &SOCKET_PROGRAMS)?;
         Ok(Self { ebpf, log, driver_libraries: Vec::new(), driver_hooks: None })
