@@ -25,7 +25,8 @@
 //! path.
 //!
 //! A socket call of a process that never served a tracked connection costs
-//! one byte test (`SERVER_TGIDS`) and a cgroup lookup. The driver path's
+//! the process filter (`filter.rs`): a few array reads once its process is
+//! known to be in no watched cgroup, a cgroup lookup before. The driver path's
 //! syscall tracepoints (`driver.rs`) live in this object for its shared
 //! maps, and are attached only on nodes with an NVIDIA driver.
 #![no_std]
@@ -35,24 +36,20 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user,
         generated::{self, bpf_task_pt_regs},
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::RawTracePointContext,
 };
 use aya_log_ebpf::debug;
 use podgpu_common::{
-    conn_mode, tgid_slot, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
-    MAX_H2_FRAMES, MAX_PASSIVE_SOCKETS, MAX_TRACKED_CONNECTIONS, MAX_WATCHED_CGROUPS, REQUEST_RING_BYTES,
-    REQUEST_STAT_COUNT, SERVER_TGID_WORDS,
+    conn_mode, ConnState, H2Frame, IoEvent, IoKind, RequestStat, WalkInput, CAPTURE_PREFIX, CAPTURE_SUFFIX,
+    IO_EVENT_HEADER, MAX_H2_FRAMES, MAX_PASSIVE_SOCKETS, MAX_TRACKED_CONNECTIONS, REQUEST_RING_BYTES,
+    REQUEST_STAT_COUNT,
 };
-
-/// cgroup ids whose accepted connections are tracked.
-#[map]
-static WATCHED_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_WATCHED_CGROUPS, 0);
 
 /// Tracked connections (`tgid << 32 | fd`) -> cgroup and protocol state.
 #[map]
@@ -65,22 +62,15 @@ static CONNECTIONS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(MA
 #[map]
 static PASSIVE_SOCKETS: LruHashMap<u64, Passive> = LruHashMap::with_max_entries(MAX_PASSIVE_SOCKETS, 0);
 
-/// tgids (one byte each, modulo the map's size) that serve a tracked
-/// connection: the pre-filter that keeps every other process's socket
-/// calls off the connection lookup. Set by the kernel, never cleared: a
-/// stale or aliased mark only costs that process the lookup.
-#[map]
-static SERVER_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
-
-/// The same for processes whose connections user space seeded (they
-/// predate the agent). Separate from `SERVER_TGIDS` so that user space
-/// never rewrites a word the kernel marks bytes in.
-#[map]
-static SEEDED_TGIDS: Array<u64> = Array::with_max_entries(SERVER_TGID_WORDS, 0);
-
 /// Events for user space.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(REQUEST_RING_BYTES, 0);
+
+/// Where an `IoEvent` is put together before only its used bytes go into
+/// the ring: writes into this hot per-CPU slot are cheap, and the ring
+/// then carries ~100-400 bytes per call instead of the full 576.
+#[map]
+static EVENT_SCRATCH: PerCpuArray<IoEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Frames found by the current walk, copied into the event afterwards.
 /// Writing them through a map (not at a counted offset into the event)
@@ -170,29 +160,6 @@ fn bump(stat: RequestStat) {
     }
 }
 
-#[inline(always)]
-fn is_server(tgid: u64) -> bool {
-    let (word, byte) = tgid_slot(tgid);
-    let marked = |map: &Array<u64>| map.get(word).is_some_and(|value| (value >> (byte * 8)) & 0xff != 0);
-    marked(&SERVER_TGIDS) || marked(&SEEDED_TGIDS)
-}
-
-fn mark_server(tgid: u64) {
-    let (word, byte) = tgid_slot(tgid);
-    if let Some(value) = SERVER_TGIDS.get_ptr_mut(word) {
-        // SAFETY: byte `byte` (< 8) of an 8-byte map value; a single-byte
-        // store leaves the other tgids' bytes alone.
-        unsafe { *(value as *mut u8).add(byte as usize) = 1 };
-    }
-}
-
-#[inline(always)]
-fn watched_cgroup() -> Option<u64> {
-    // SAFETY: helper without arguments.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    WATCHED_CGROUPS.get_ptr(cgroup_id).map(|_| cgroup_id)
-}
-
 // ---- connection life: the handshake and the server's close ----------------
 
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
@@ -263,7 +230,7 @@ fn socket_call(ctx: &RawTracePointContext, kind: IoKind) -> Result<(), i64> {
     }
     let id = bpf_get_current_pid_tgid();
     let tgid = id >> 32;
-    if !is_server(tgid) && watched_cgroup().is_none() {
+    if !filter::follows(tgid) {
         return Ok(());
     }
     let socket: u64 = ctx.arg(0);
@@ -288,7 +255,10 @@ fn socket_call(ctx: &RawTracePointContext, kind: IoKind) -> Result<(), i64> {
             None => return Ok(()),
         },
     };
-    emit(key, cgroup_id, kind as u32, ret, (ret > 0).then_some((&io, ret as u64)))?;
+    // A synchronised HTTP/2 connection's bytes reach user space as frame
+    // records: its event needs no capture.
+    let capture = ret > 0 && mode != conn_mode::H2;
+    emit(key, cgroup_id, kind as u32, ret, capture.then_some((&io, ret as u64)))?;
     if ret <= 0 || mode == conn_mode::OTHER {
         return Ok(());
     }
@@ -350,7 +320,7 @@ fn begin(ctx: &RawTracePointContext, key: u64, socket: u64, tgid: u64) -> Result
     if unsafe { (*passive).closed } != 0 {
         return Ok(None);
     }
-    let Some(cgroup_id) = watched_cgroup() else { return Ok(None) };
+    let Some(cgroup_id) = filter::watched_cgroup() else { return Ok(None) };
     let state = ConnState { cgroup_id, socket, mode: conn_mode::UNKNOWN, ..ConnState::default() };
     if CONNECTIONS.insert(key, state, 0).is_err() {
         bump(RequestStat::ConnectionMapFull);
@@ -359,7 +329,7 @@ fn begin(ctx: &RawTracePointContext, key: u64, socket: u64, tgid: u64) -> Result
     }
     // SAFETY: as above.
     unsafe { (*passive).connection = key };
-    mark_server(tgid);
+    filter::mark_server(tgid);
     emit_accept(key, cgroup_id, socket)?;
     Ok(Some(cgroup_id))
 }
@@ -368,25 +338,15 @@ fn begin(ctx: &RawTracePointContext, key: u64, socket: u64, tgid: u64) -> Result
 /// in the prefix (user space spots loopback peers).
 #[inline(always)]
 fn emit_accept(key: u64, cgroup_id: u64, socket: u64) -> Result<(), i64> {
-    let Some(mut entry) = EVENTS.reserve::<IoEvent>(0) else {
-        bump(RequestStat::RingFull);
-        return Ok(());
-    };
-    let event = entry.as_mut_ptr();
+    let Some(event) = event_scratch(cgroup_id, key, IoKind::Accept as u32) else { return Ok(()) };
     // SAFETY: `socket` is a live `struct sock` (its call is running), read
-    // through the checked helper; `event` is a reserved ring slot.
-    unsafe {
+    // through the checked helper; `event` is this CPU's scratch slot.
+    let prefix_len = unsafe {
         let port: u16 = bpf_probe_read_kernel((socket + SKC_NUM) as *const u16).unwrap_or(0);
         let family: u16 = bpf_probe_read_kernel((socket + SKC_FAMILY) as *const u16).unwrap_or(0);
         let peer_port: [u8; 2] = bpf_probe_read_kernel((socket + SKC_DPORT) as *const [u8; 2]).unwrap_or([0; 2]);
         let peer: [u8; 4] = bpf_probe_read_kernel((socket + SKC_DADDR) as *const [u8; 4]).unwrap_or([0; 4]);
-        (*event).timestamp_ns = bpf_ktime_get_ns();
-        (*event).cgroup_id = cgroup_id;
-        (*event).connection = key;
         (*event).bytes = i64::from(port);
-        (*event).kind = IoKind::Accept as u32;
-        (*event).suffix_len = 0;
-        (*event).segments = 1;
         let prefix = &mut (*event).prefix;
         prefix[..28].fill(0);
         prefix[..2].copy_from_slice(&family.to_ne_bytes());
@@ -396,15 +356,58 @@ fn emit_accept(key: u64, cgroup_id: u64, socket: u64) -> Result<(), i64> {
                 prefix[18..20].copy_from_slice(&[0xff, 0xff]);
                 prefix[20..24].copy_from_slice(&peer);
             }
-            (*event).prefix_len = 28;
+            28
         } else {
             prefix[4..8].copy_from_slice(&peer);
-            (*event).prefix_len = if family == AF_INET { 16 } else { 0 };
+            if family == AF_INET {
+                16
+            } else {
+                0
+            }
         }
-    }
-    entry.submit(wake_flags());
-    bump(RequestStat::Emitted);
+    };
+    submit(event, prefix_len);
     Ok(())
+}
+
+/// This CPU's event scratch, its header filled for `kind` (no bytes, no
+/// capture yet); `None` only if the map lookup fails.
+#[inline(always)]
+fn event_scratch(cgroup_id: u64, connection: u64, kind: u32) -> Option<*mut IoEvent> {
+    let event = EVENT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot, exclusive while the program runs.
+    unsafe {
+        (*event).timestamp_ns = bpf_ktime_get_ns();
+        (*event).cgroup_id = cgroup_id;
+        (*event).connection = connection;
+        (*event).bytes = 0;
+        (*event).kind = kind;
+        (*event).prefix_len = 0;
+        (*event).suffix_len = 0;
+        (*event).segments = 1;
+    }
+    Some(event)
+}
+
+/// Copies the scratch event's header and the first `prefix_len` prefix
+/// bytes into the ring.
+#[inline(always)]
+fn submit(event: *mut IoEvent, prefix_len: u64) {
+    let mut captured = prefix_len;
+    if captured > CAPTURE_PREFIX as u64 {
+        captured = CAPTURE_PREFIX as u64;
+    }
+    // SAFETY: this CPU's slot; the record is its first IO_EVENT_HEADER +
+    // captured (<= size_of::<IoEvent>()) bytes.
+    let record = unsafe {
+        (*event).prefix_len = captured as u32;
+        core::slice::from_raw_parts(event as *const u8, IO_EVENT_HEADER + captured as usize)
+    };
+    if EVENTS.output::<[u8]>(record, wake_flags()).is_err() {
+        bump(RequestStat::RingFull);
+    } else {
+        bump(RequestStat::Emitted);
+    }
 }
 
 /// Waking the reader per event costs more than the event: wake it only
@@ -431,42 +434,30 @@ fn emit(
     bytes: i64,
     capture_from: Option<(&UserBuffer, u64)>,
 ) -> Result<(), i64> {
-    let Some(mut entry) = EVENTS.reserve::<IoEvent>(0) else {
-        bump(RequestStat::RingFull);
-        return Ok(());
+    let Some(event) = event_scratch(cgroup_id, connection, kind) else { return Ok(()) };
+    // SAFETY: this CPU's scratch slot.
+    unsafe { (*event).bytes = bytes };
+    let prefix_len = match capture_from {
+        // SAFETY: as above.
+        Some((io, moved)) => unsafe { capture(event, io, moved) },
+        None => 0,
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reserved, exclusively owned ring slot
-    // of the right size; fields are written before submission.
-    unsafe {
-        (*event).timestamp_ns = bpf_ktime_get_ns();
-        (*event).cgroup_id = cgroup_id;
-        (*event).connection = connection;
-        (*event).bytes = bytes;
-        (*event).kind = kind;
-        (*event).prefix_len = 0;
-        (*event).suffix_len = 0;
-        (*event).segments = 1;
-        if let Some((io, moved)) = capture_from {
-            capture(event, io, moved);
-        }
-    }
-    entry.submit(wake_flags());
-    bump(RequestStat::Emitted);
+    submit(event, prefix_len);
     Ok(())
 }
 
-/// Copies the first and last bytes moved into the event.
+/// Copies the first and last bytes moved into the event; the number of
+/// prefix bytes captured.
 ///
 /// # Safety
-/// `event` must point to a reserved ring-buffer slot.
-unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
+/// `event` must point to this CPU's event scratch.
+unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) -> u64 {
     let (first_base, first_len) = if io.segments == 0 {
         (io.buffer, moved)
     } else {
         let Ok(first) = (unsafe { bpf_probe_read_user(io.buffer as *const IoVec) }) else {
             bump(RequestStat::CaptureFailed);
-            return;
+            return 0;
         };
         (first.base, if first.len < moved { first.len } else { moved })
     };
@@ -476,11 +467,12 @@ unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
     if prefix > CAPTURE_PREFIX as u64 {
         prefix = CAPTURE_PREFIX as u64;
     }
+    let mut captured = 0;
     if prefix > 0 && prefix <= CAPTURE_PREFIX as u64 {
         let dst = unsafe { (*event).prefix.as_mut_ptr() } as *mut c_void;
         // SAFETY: 0 < prefix <= CAPTURE_PREFIX, the size of `prefix`.
         if unsafe { generated::bpf_probe_read_user(dst, prefix as u32, first_base as *const c_void) } == 0 {
-            unsafe { (*event).prefix_len = prefix as u32 };
+            captured = prefix;
         } else {
             bump(RequestStat::CaptureFailed);
         }
@@ -489,8 +481,8 @@ unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
     // A single buffer that fit in the prefix holds its own suffix: user
     // space takes it from there, which saves a second user-memory read on
     // every small message.
-    if io.segments == 0 && unsafe { (*event).prefix_len } as u64 == moved {
-        return;
+    if io.segments == 0 && captured == moved {
+        return captured;
     }
     // The last byte moved: in the single buffer, or in the iovec where the
     // running length reaches `moved` (within the first few iovecs).
@@ -511,7 +503,7 @@ unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
         }
     }
     if end == 0 {
-        return;
+        return captured;
     }
     // Stay inside that segment: a short last iovec yields a shorter suffix.
     let mut suffix = end - end_base;
@@ -526,9 +518,11 @@ unsafe fn capture(event: *mut IoEvent, io: &UserBuffer, moved: u64) {
             unsafe { (*event).suffix_len = suffix as u32 };
         }
     }
+    captured
 }
 
 mod driver;
+mod filter;
 mod h2;
 mod syscalls;
 

@@ -17,6 +17,10 @@ pub const MAX_WATCHED_CGROUPS: u32 = 4096;
 /// eight per word, so 2^20 tgids (1 MiB) before larger ones alias smaller.
 pub const SERVER_TGID_WORDS: u32 = 1 << 17;
 
+/// Slots of the request probe's memory of processes in no watched cgroup
+/// (8 bytes each, direct-mapped by tgid): 512 KiB.
+pub const UNWATCHED_SLOTS: u32 = 1 << 16;
+
 /// (word, byte within the word) of a tgid in the request probe's tgid sets.
 /// One byte per tgid, so the kernel marks one with a plain byte store (the
 /// BPF target has no atomic OR, and a read-modify-write of a shared word
@@ -126,8 +130,11 @@ pub enum IoKind {
     H2Write = 5,
 }
 
-/// One I/O syscall on a tracked server-side connection. Fixed size, read
-/// out of the ring buffer by user space, which owns the protocol parsers.
+/// One I/O syscall on a tracked server-side connection, read out of the
+/// ring buffer by user space, which owns the protocol parsers. A record
+/// holds the fields up to `prefix` and then only the `prefix_len` bytes
+/// captured (`IO_EVENT_HEADER + prefix_len` bytes in all): the ring
+/// carries what was moved, not 512 bytes per call.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct IoEvent {
@@ -150,11 +157,33 @@ pub struct IoEvent {
     pub suffix_len: u32,
     /// Number of iovecs of a vectored call (1 otherwise).
     pub segments: u32,
-    /// The first bytes moved (from the first buffer of a vectored call).
-    pub prefix: [u8; CAPTURE_PREFIX],
     /// The last `suffix_len` bytes moved, left-aligned.
     pub suffix: [u8; CAPTURE_SUFFIX],
+    /// The first bytes moved (from the first buffer of a vectored call);
+    /// a record ends after `prefix_len` of them.
+    pub prefix: [u8; CAPTURE_PREFIX],
 }
+
+impl IoEvent {
+    /// An event with every field zero (a reader's scratch, a test's start).
+    pub const fn zeroed() -> Self {
+        Self {
+            timestamp_ns: 0,
+            cgroup_id: 0,
+            connection: 0,
+            bytes: 0,
+            kind: 0,
+            prefix_len: 0,
+            suffix_len: 0,
+            segments: 0,
+            suffix: [0; CAPTURE_SUFFIX],
+            prefix: [0; CAPTURE_PREFIX],
+        }
+    }
+}
+
+/// Bytes of an `IoEvent` before its prefix: the shortest record.
+pub const IO_EVENT_HEADER: usize = core::mem::offset_of!(IoEvent, prefix);
 
 /// The HTTP/2 frame headers of one read or write, emitted after its
 /// `IoEvent` by the frame-walking program. Starts with the same fields as
@@ -433,6 +462,7 @@ mod tests {
     #[test]
     fn io_event_has_no_padding() {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
+        assert_eq!(IO_EVENT_HEADER, 4 * 8 + 4 * 4 + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
         assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);

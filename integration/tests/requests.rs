@@ -305,3 +305,44 @@ async fn connections_older_than_the_agent_are_joined() {
         integration::eventually(Duration::from_secs(5), async || counts(http, "old").await == (6, 6, 0)).await;
     assert!(all_counted, "requests on the seeded connection: {:?}", counts(http, "old").await);
 }
+
+/// A server that served while in no watched cgroup (so the kernel
+/// remembered its process as one to skip) and then moved into a pod's
+/// cgroup, as runc moves a container's first process, is followed from
+/// its next connection: the move ends what the kernel remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_moved_into_a_pod_is_followed() {
+    require_root();
+    let scene = start("moved", &["busy"]);
+    let outside = scene.cgroup_root.join(format!("podgpu-unwatched-{}", std::process::id()));
+    std::fs::create_dir_all(&outside).unwrap();
+    let mut command = integration::stacks::Stack::Tenant.command(64, false);
+    integration::detach_from_terminal(&mut command);
+    let mut server = command.stdout(std::process::Stdio::piped()).spawn().expect("tenant server starts");
+    std::fs::write(outside.join("cgroup.procs"), server.id().to_string()).unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut ready).unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    let addr: SocketAddr = ready["listening"].as_str().unwrap().parse().unwrap();
+
+    let mut client = Client::connect(addr).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.request("/", b"outside").await.unwrap().status, 200);
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts(scene.agent.http, "busy").await, (0, 0, 0), "a server in no pod counts nowhere");
+
+    let container = &scene.tenant("busy").pod.container_dir;
+    std::fs::write(container.join("cgroup.procs"), server.id().to_string()).unwrap();
+    let mut client = Client::connect(addr).await.unwrap();
+    for _ in 0..30 {
+        assert_eq!(client.request("/", b"inside").await.unwrap().status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let moved = counts(scene.agent.http, "busy").await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir(&outside);
+    assert_eq!(moved, (30, 30, 0), "every request after the move, none before");
+}

@@ -47,6 +47,14 @@ pub struct Options {
     /// Profiles to run: `empty`, `work`, `http2` (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "empty,work,http2")]
     profiles: Vec<String>,
+    /// Another agent binary (say, main's) whose eBPF cost per request is
+    /// measured in the same run, its probed runs alternating with this
+    /// build's: a before/after that the VM's drift does not blur.
+    #[arg(long)]
+    baseline_agent: Option<std::path::PathBuf>,
+    /// Probed runs with `kernel.bpf_stats_enabled` per binary (medians).
+    #[arg(long, default_value_t = 1)]
+    cost_runs: u32,
 }
 
 /// Which load generator drives a tenant.
@@ -174,8 +182,12 @@ fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
 }
 
 fn start_agent(metadata: &Path) -> anyhow::Result<AgentProcess> {
+    start_agent_binary(&workspace_binary("podgpu-agent"), metadata)
+}
+
+fn start_agent_binary(binary: &std::path::PathBuf, metadata: &Path) -> anyhow::Result<AgentProcess> {
     let args = ["--gpu", "none", "--pod-metadata", &metadata.display().to_string()].map(String::from);
-    let agent = AgentProcess::start(&workspace_binary("podgpu-agent"), &args)?;
+    let agent = AgentProcess::start(binary, &args)?;
     // Let the first tick publish before scraping.
     std::thread::sleep(Duration::from_millis(500));
     Ok(agent)
@@ -381,8 +393,59 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Per-program eBPF cost, in a probed run of its own (bpf_stats accounting
-/// is not free), appended to `out` as a table.
+/// What one probed run with bpf_stats accounting measured.
+struct CostRun {
+    /// (program, ns, runs) over the run.
+    programs: ProgramCosts,
+    requests: u64,
+    events: f64,
+}
+
+impl CostRun {
+    fn totals(&self) -> (f64, f64) {
+        self.programs.iter().fold((0.0, 0.0), |(ns, runs), (_, n, r)| (ns + n, runs + r))
+    }
+
+    /// eBPF ns per request answered.
+    fn per_request_ns(&self) -> f64 {
+        self.totals().0 / self.requests.max(1) as f64
+    }
+}
+
+/// One load run against `binary` with `kernel.bpf_stats_enabled` (which
+/// is not free, so never in the timed runs).
+fn cost_run(
+    binary: &std::path::PathBuf,
+    tenant: &BenchTenant,
+    metadata: &Path,
+    options: &Options,
+) -> anyhow::Result<CostRun> {
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let mut agent = start_agent_binary(binary, metadata)?;
+    set_bpf_stats(true)?;
+    let before = scrape(agent.http)?;
+    let costed = load(tenant, options)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(agent.http)?;
+    set_bpf_stats(false)?;
+    agent.stop(Duration::from_secs(5));
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+    let mut programs = ProgramCosts::new();
+    for (name, ns, runs) in after.programs {
+        let (ns0, runs0) = before.programs.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
+        programs.push((name, ns - ns0, runs - runs0));
+    }
+    Ok(CostRun { programs, requests: costed.requests, events: after.events - before.events })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Per-program eBPF cost, in probed runs of their own, appended to `out`
+/// as a table (the median run by ns per request); with a baseline agent,
+/// its runs alternate with this build's and both medians are printed.
 fn program_costs(
     out: &mut String,
     tenant: &BenchTenant,
@@ -391,47 +454,61 @@ fn program_costs(
     label: &str,
 ) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    let mut agent = start_agent(metadata)?;
-    set_bpf_stats(true)?;
-    let before = scrape(agent.http)?;
-    let costed = load(tenant, options)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let after = scrape(agent.http)?;
-    let events = after.events - before.events;
-    set_bpf_stats(false)?;
-    agent.stop(Duration::from_secs(5));
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
-    let mut costs = ProgramCosts::new();
-    for (name, ns, runs) in after.programs {
-        let (ns0, runs0) = before.programs.iter().find(|(n, _, _)| *n == name).map_or((0.0, 0.0), |(_, a, b)| (*a, *b));
-        costs.push((name, ns - ns0, runs - runs0));
+    let this_build = workspace_binary("podgpu-agent");
+    let (mut runs, mut baseline_runs) = (Vec::new(), Vec::new());
+    for _ in 0..options.cost_runs.max(1) {
+        if let Some(baseline) = &options.baseline_agent {
+            baseline_runs.push(cost_run(baseline, tenant, metadata, options)?);
+        }
+        runs.push(cost_run(&this_build, tenant, metadata, options)?);
     }
+    runs.sort_by(|a, b| a.per_request_ns().total_cmp(&b.per_request_ns()));
+    let Some(run) = runs.get(runs.len() / 2) else { return Ok(()) };
     writeln!(
         out,
-        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, one probed run, {label})",
-        "eBPF program", "runs", "mean ns/run"
+        "\n{:<22} {:>14} {:>12}   (kernel.bpf_stats_enabled, median of {} probed runs, {label})",
+        "eBPF program",
+        "runs",
+        "mean ns/run",
+        runs.len()
     )?;
+    let mut costs = run.programs.clone();
     costs.sort_by(|a, b| b.2.total_cmp(&a.2));
     for (name, ns, runs) in costs.iter().filter(|(_, _, runs)| *runs > 0.0) {
         writeln!(out, "{name:<22} {runs:>14.0} {:>12.0}", ns / runs)?;
     }
-    let (ns, runs) = costs.iter().fold((0.0, 0.0), |(a, b), (_, ns, runs)| (a + ns, b + runs));
+    let (ns, program_runs) = run.totals();
     writeln!(
         out,
-        "{:<22} {runs:>14.0} {:>12.0}   (per request: target <= 500 ns)",
+        "{:<22} {program_runs:>14.0} {:>12.0}   (per request: target <= 500 ns)",
         "all programs",
-        ns / runs.max(1.0)
+        ns / program_runs.max(1.0)
     )?;
-    let requests = costed.requests.max(1) as f64;
+    let requests = run.requests.max(1) as f64;
     writeln!(
         out,
-        "eBPF time per request: {:.2} us over {:.1} program runs; per event emitted: {:.0} ns ({} requests, {events:.0} events)",
+        "eBPF time per request: {:.2} us over {:.1} program runs; per event emitted: {:.0} ns ({} requests, {:.0} events)",
         ns / requests / 1000.0,
-        runs / requests,
-        ns / events.max(1.0),
-        costed.requests
+        program_runs / requests,
+        ns / run.events.max(1.0),
+        run.requests,
+        run.events
     )?;
+    if let Some(baseline) = &options.baseline_agent {
+        let per_request = |runs: &[CostRun]| runs.iter().map(CostRun::per_request_ns).collect::<Vec<_>>();
+        let (this, before) = (per_request(&runs), per_request(&baseline_runs));
+        let list = |values: &[f64]| values.iter().map(|v| format!("{:.0}", v)).collect::<Vec<_>>().join(", ");
+        writeln!(
+            out,
+            "eBPF ns per request, runs alternating: this build {} (median {:.0}); {} {} (median {:.0}); ratio {:.3}",
+            list(&this),
+            median(this.clone()),
+            baseline.display(),
+            list(&before),
+            median(before.clone()),
+            median(this.clone()) / median(before.clone())
+        )?;
+    }
     Ok(())
 }
 

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::{Ebpf, EbpfLoader};
-use podgpu_common::{conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, WATCH_TCP};
+use podgpu_common::{
+    conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, IO_EVENT_HEADER, WATCH_TCP,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,8 +50,11 @@ pub enum ProbeUpdate {
 }
 
 /// (program, raw tracepoint it attaches to): the request path, off the
-/// syscall path.
-const SOCKET_PROGRAMS: [(&str, &str); 4] = [
+/// syscall path. The process filter's two invalidations come first, so
+/// that no socket program remembers a process before they run.
+const SOCKET_PROGRAMS: [(&str, &str); 6] = [
+    ("cgroup_migrated", "cgroup_attach_task"),
+    ("process_exited", "sched_process_exit"),
     ("socket_state", "inet_sock_set_state"),
     ("socket_destroyed", "tcp_destroy_sock"),
     ("socket_received", "sock_recv_length"),
@@ -66,6 +71,7 @@ const CONNECTIONS: &str = "CONNECTIONS";
 const EVENTS: &str = "EVENTS";
 const STATS: &str = "REQUEST_STATS";
 const SEEDED_TGIDS: &str = "SEEDED_TGIDS";
+const WATCH_GENERATION: &str = "WATCH_GENERATION";
 
 /// The kernel side's own counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -155,7 +161,17 @@ impl RequestProbe {
         let map = self.ebpf.map_mut(WATCHED).ok_or(ProbeError::MissingMap(WATCHED))?;
         let mut watched: HashMap<_, u64, u32> =
             HashMap::try_from(map).map_err(|source| ProbeError::Map { name: WATCHED, source })?;
-        watched.insert(cgroup_id, WATCH_TCP, 0).map_err(|source| ProbeError::Map { name: WATCHED, source })
+        watched.insert(cgroup_id, WATCH_TCP, 0).map_err(|source| ProbeError::Map { name: WATCHED, source })?;
+        // The kernel remembers processes it found in no watched cgroup;
+        // a new generation makes it look again (after the insert, so that
+        // no look in between can be remembered as current).
+        let map = self.ebpf.map_mut(WATCH_GENERATION).ok_or(ProbeError::MissingMap(WATCH_GENERATION))?;
+        let mut generation: Array<_, u64> =
+            Array::try_from(map).map_err(|source| ProbeError::Map { name: WATCH_GENERATION, source })?;
+        let current = generation.get(&0, 0).map_err(|source| ProbeError::Map { name: WATCH_GENERATION, source })?;
+        generation
+            .set(0, current.wrapping_add(1), 0)
+            .map_err(|source| ProbeError::Map { name: WATCH_GENERATION, source })
     }
 
     /// Starts tracking new connections of `cgroup_id` (the cgroup at
@@ -361,8 +377,25 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes (received, sent) per traffic key since the last flush.
 type ByteCounts = std::collections::HashMap<tracker::TrafficKey, (u64, u64), foldhash::fast::RandomState>;
 
+/// The `IoEvent` a ring record holds, copied into `scratch` (a record
+/// ends after its captured prefix, so it is shorter than the struct);
+/// `None` for a record too short for what it says it holds.
+fn read_io_event<'a>(record: &[u8], scratch: &'a mut IoEvent) -> Option<&'a IoEvent> {
+    let prefix_len = u32::from_ne_bytes(record.get(36..40)?.try_into().ok()?) as usize;
+    let length = IO_EVENT_HEADER.checked_add(prefix_len)?;
+    if prefix_len > podgpu_common::CAPTURE_PREFIX || record.len() < length {
+        return None;
+    }
+    // SAFETY: `scratch` is a plain-data repr(C) struct of at least
+    // `length` bytes (checked above), and every byte pattern is a valid
+    // IoEvent; the record is the kernel side's copy of one.
+    unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), (scratch as *mut IoEvent).cast::<u8>(), length) };
+    Some(scratch)
+}
+
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
+    scratch: &mut IoEvent,
     tracker: &mut tracker::Tracker,
     stats: &ReaderStats,
     outcomes: &mut Vec<RequestEvent>,
@@ -383,18 +416,10 @@ fn drain_ring(
             tracker.observe_h2(event, outcomes);
             continue;
         }
-        if item.len() < std::mem::size_of::<IoEvent>() {
+        let Some(event) = read_io_event(&item, scratch) else {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             continue;
-        }
-        // Ring records are 8-byte aligned; borrow the event in place.
-        if item.as_ptr().align_offset(std::mem::align_of::<IoEvent>()) != 0 {
-            stats.malformed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        // SAFETY: the record holds an IoEvent written by the kernel side
-        // (same struct; size and alignment checked above).
-        let event: &IoEvent = unsafe { &*item.as_ptr().cast::<IoEvent>() };
+        };
         stats.events.fetch_add(1, Ordering::Relaxed);
         let counted = tracker.observe(event, outcomes);
         if let (true, Some((port, probe))) = (event.bytes > 0, counted) {
@@ -430,6 +455,7 @@ pub async fn run_reader(
     let host = HostLiveness { proc: &proc, kernel: kernel.as_ref() };
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
+    let mut scratch = Box::new(IoEvent::zeroed());
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut ring_drops_seen = kernel.as_ref().map_or(0, KernelMaps::ring_drops);
     // The kernel wakes us only for batches (512 KiB); the timer bounds how
@@ -450,10 +476,10 @@ pub async fn run_reader(
                 *stats.tracker.lock().expect("tracker stats poisoned") = tracker.stats();
                 *stats.open_requests.lock().expect("open requests poisoned") = tracker.open_requests().clone();
             }
-            _ = drain.tick() => drain_ring(ring.get_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes),
+            _ = drain.tick() => drain_ring(ring.get_mut(), &mut scratch, &mut tracker, &stats, &mut outcomes, &mut bytes),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain_ring(guard.get_inner_mut(), &mut tracker, &stats, &mut outcomes, &mut bytes);
+                drain_ring(guard.get_inner_mut(), &mut scratch, &mut tracker, &stats, &mut outcomes, &mut bytes);
                 guard.clear_ready();
             }
         }
@@ -479,5 +505,53 @@ pub async fn run_reader(
         let tracker_stats = tracker.stats();
         stats.connections.store(tracker.len() as u64, Ordering::Relaxed);
         stats.http2_connections.store(tracker_stats.http2_connections, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes the kernel side writes for an event with `captured`
+    /// prefix bytes.
+    fn record(captured: &[u8]) -> Vec<u8> {
+        let mut event = IoEvent::zeroed();
+        event.connection = 42;
+        event.bytes = 300;
+        event.kind = IoKind::Write as u32;
+        event.prefix_len = captured.len() as u32;
+        event.suffix_len = 2;
+        event.suffix[..2].copy_from_slice(b"\r\n");
+        event.prefix[..captured.len()].copy_from_slice(captured);
+        // SAFETY: plain-data struct viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&event as *const IoEvent).cast::<u8>(), std::mem::size_of::<IoEvent>())
+        };
+        bytes[..IO_EVENT_HEADER + captured.len()].to_vec()
+    }
+
+    #[test]
+    fn a_record_carries_only_its_captured_bytes() {
+        let mut scratch = IoEvent::zeroed();
+        scratch.prefix.fill(b'x');
+        let bytes = record(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(bytes.len(), IO_EVENT_HEADER + 17);
+        let event = read_io_event(&bytes, &mut scratch).expect("a whole record");
+        assert_eq!((event.connection, event.bytes, event.prefix_len), (42, 300, 17));
+        assert_eq!(&event.prefix[..17], b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(&event.suffix[..event.suffix_len as usize], b"\r\n");
+        assert!(read_io_event(&record(b""), &mut scratch).is_some_and(|event| event.prefix_len == 0));
+    }
+
+    #[test]
+    fn a_record_shorter_than_it_says_is_refused() {
+        let mut scratch = IoEvent::zeroed();
+        let bytes = record(b"GET / HTTP/1.1\r\n");
+        assert!(read_io_event(&bytes[..bytes.len() - 1], &mut scratch).is_none());
+        assert!(read_io_event(&bytes[..20], &mut scratch).is_none());
+        let mut lying = bytes.clone();
+        lying[36..40].copy_from_slice(&(podgpu_common::CAPTURE_PREFIX as u32 + 1).to_ne_bytes());
+        lying.resize(std::mem::size_of::<IoEvent>() + 8, 0);
+        assert!(read_io_event(&lying, &mut scratch).is_none());
     }
 }
