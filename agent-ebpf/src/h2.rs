@@ -18,10 +18,18 @@ use aya_ebpf::{
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use podgpu_common::{conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, MAX_H2_FRAMES};
+use podgpu_common::{
+    conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, H2_EVENT_HEADER, MAX_H2_FRAMES,
+};
 
 use crate::{bump, wake_flags, IoVec, CONNECTIONS, EVENTS, H2_SCRATCH, WALK_INPUT};
+
+/// Where an `H2Event` is put together before its used bytes go into the
+/// ring.
+#[map]
+static H2_EVENT_SCRATCH: PerCpuArray<H2Event> = PerCpuArray::with_max_entries(1, 0);
 
 /// How one invocation's walk ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -365,13 +373,9 @@ fn emit_frames_or_notice(walk: *mut WalkInput, mode: u32, always: bool) {
         return;
     }
     unsafe { write_volatile(addr_of_mut!((*walk).recorded), 0) };
-    let Some(mut entry) = EVENTS.reserve::<H2Event>(0) else {
-        bump(RequestStat::RingFull);
-        return;
-    };
-    let event = entry.as_mut_ptr();
-    // SAFETY: a reserved, exclusively owned ring slot; constant indices.
-    unsafe {
+    let Some(event) = H2_EVENT_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's event scratch; constant indices.
+    let copied = unsafe {
         (*event).timestamp_ns = (*walk).timestamp_ns;
         (*event).cgroup_id = (*walk).cgroup_id;
         (*event).connection = (*walk).connection;
@@ -379,19 +383,26 @@ fn emit_frames_or_notice(walk: *mut WalkInput, mode: u32, always: bool) {
         (*event).kind = if (*walk).is_read != 0 { IoKind::H2Read as u32 } else { IoKind::H2Write as u32 };
         (*event).mode = mode;
         (*event)._pad = 0;
-        let mut copied = 0u32;
+        let mut copied = 0usize;
         for index in 0..MAX_H2_FRAMES {
-            let frame = if (index as u32) < recorded { H2_SCRATCH.get_ptr(index as u32) } else { None };
-            (*event).frames[index] = match frame {
-                Some(frame) => {
-                    copied += 1;
-                    *frame
-                }
-                None => H2Frame::default(),
-            };
+            if let Some(frame) = if (index as u32) < recorded { H2_SCRATCH.get_ptr(index as u32) } else { None } {
+                (*event).frames[index] = *frame;
+                copied = index + 1;
+            }
         }
-        (*event).frame_count = copied;
+        (*event).frame_count = copied as u32;
+        copied
+    };
+    // Only the frames found go into the ring (most calls carry a few).
+    let mut length = H2_EVENT_HEADER + copied * core::mem::size_of::<H2Frame>();
+    if length > core::mem::size_of::<H2Event>() {
+        length = core::mem::size_of::<H2Event>();
     }
-    entry.submit(wake_flags());
-    bump(RequestStat::Emitted);
+    // SAFETY: the first `length` (<= its size) bytes of this CPU's scratch.
+    let record = unsafe { core::slice::from_raw_parts(event as *const u8, length) };
+    if EVENTS.output::<[u8]>(record, wake_flags()).is_err() {
+        bump(RequestStat::RingFull);
+    } else {
+        bump(RequestStat::Emitted);
+    }
 }

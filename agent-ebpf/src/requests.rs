@@ -289,10 +289,7 @@ fn call_buffer(kind: IoKind) -> Result<Option<(u64, UserBuffer)>, i64> {
     // SAFETY: the current task's BTF pointer; its saved user registers are
     // read through the checked helper.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf() as *mut _) } as u64;
-    let nr: i64 = unsafe { bpf_probe_read_kernel((regs + syscalls::NR_OFFSET as u64) as *const i64)? };
-    let slots: [u64; 3] = unsafe { bpf_probe_read_kernel((regs + syscalls::ARGS_OFFSET as u64) as *const [u64; 3])? };
-    let [first, second, third] = syscalls::ARG_SLOT;
-    let (fd, second, third) = (slots[first], slots[second], slots[third]);
+    let (nr, [fd, second, third]) = unsafe { syscalls::call_registers(regs)? };
     let read = kind == IoKind::Read;
     let (buffer, segments) = match nr {
         syscalls::READ | syscalls::RECVFROM if read => (second, 0),

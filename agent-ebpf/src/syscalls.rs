@@ -44,3 +44,25 @@ mod arch {
 }
 
 pub use arch::*;
+
+/// The syscall number and first three arguments saved in `regs` (a
+/// `struct pt_regs` in kernel memory): one checked read where the
+/// architecture keeps them side by side (x86_64), two otherwise.
+///
+/// # Safety
+/// `regs` must be the current task's saved user registers.
+#[inline(always)]
+pub unsafe fn call_registers(regs: u64) -> Result<(i64, [u64; 3]), i64> {
+    use aya_ebpf::helpers::bpf_probe_read_kernel;
+    let [first, second, third] = ARG_SLOT;
+    if NR_OFFSET == ARGS_OFFSET + 24 {
+        // SAFETY: kernel memory through the checked helper.
+        let span: [u64; 4] = unsafe { bpf_probe_read_kernel((regs + ARGS_OFFSET as u64) as *const [u64; 4])? };
+        Ok((span[3] as i64, [span[first], span[second], span[third]]))
+    } else {
+        // SAFETY: as above.
+        let nr: i64 = unsafe { bpf_probe_read_kernel((regs + NR_OFFSET as u64) as *const i64)? };
+        let slots: [u64; 3] = unsafe { bpf_probe_read_kernel((regs + ARGS_OFFSET as u64) as *const [u64; 3])? };
+        Ok((nr, [slots[first], slots[second], slots[third]]))
+    }
+}

@@ -187,9 +187,10 @@ pub const IO_EVENT_HEADER: usize = core::mem::offset_of!(IoEvent, prefix);
 
 /// The HTTP/2 frame headers of one read or write, emitted after its
 /// `IoEvent` by the frame-walking program. Starts with the same fields as
-/// `IoEvent` so user space can tell the two apart by `kind`.
+/// `IoEvent` so user space can tell the two apart by `kind`. A record
+/// ends after its `frame_count` frames.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct H2Event {
     /// Same as the `IoEvent` of the syscall.
     pub timestamp_ns: u64,
@@ -210,6 +211,10 @@ pub struct H2Event {
     /// Request-relevant frame headers, in order.
     pub frames: [H2Frame; MAX_H2_FRAMES],
 }
+
+/// Bytes of an `H2Event` before its frames: a record holds these and
+/// `frame_count` frames.
+pub const H2_EVENT_HEADER: usize = core::mem::offset_of!(H2Event, frames);
 
 /// Frame-header bytes a walk gathers before decoding them. A header
 /// needs 9; the slack lets the verifier bound a read of up to 9 bytes at
@@ -464,6 +469,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<IoEvent>(), 4 * 8 + 4 * 4 + CAPTURE_PREFIX + CAPTURE_SUFFIX);
         assert_eq!(IO_EVENT_HEADER, 4 * 8 + 4 * 4 + CAPTURE_SUFFIX);
         assert_eq!(core::mem::size_of::<H2Event>(), 4 * 8 + 4 * 4 + MAX_H2_FRAMES * 12);
+        assert_eq!(H2_EVENT_HEADER, 4 * 8 + 4 * 4);
         assert_eq!(core::mem::size_of::<WalkInput>(), 10 * 8 + 6 * 4 + H2_HEADER_SCRATCH);
         assert_eq!(core::mem::size_of::<LaunchKey>(), 40);
         assert_eq!(core::mem::size_of::<SpanState>(), 56);

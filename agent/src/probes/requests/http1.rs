@@ -149,15 +149,26 @@ pub fn looks_like_request(bytes: &[u8]) -> bool {
     })
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
+/// Where a head ends in `bytes`: the index just past its blank line.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    // Built once: a searcher built per call cost more than the search.
+    static BLANK_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    BLANK_LINE.find(bytes).map(|at| at + 4)
 }
 
 /// Body framing from a head's header lines. Works on bytes: this runs for
 /// every response, and header names are ASCII.
 fn body_of(head: &[u8]) -> Option<Body> {
     let mut length = None;
-    for line in head.split(|&byte| byte == b'\n').skip(1) {
+    // Line starts found by memchr (vectorised), not a byte-wise split.
+    for start in memchr::memchr_iter(b'\n', head).map(|at| at + 1) {
+        let rest = &head[start..];
+        // Only two header names matter: skip the others on their first byte.
+        if !matches!(rest.first(), Some(b't' | b'T' | b'c' | b'C')) {
+            continue;
+        }
+        let line = &rest[..memchr::memchr(b'\n', rest).unwrap_or(rest.len())];
         let Some(colon) = memchr::memchr(b':', line) else { continue };
         let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"transfer-encoding")
@@ -236,15 +247,22 @@ impl Http1Connection {
                     self.reading = Reading::Head { head: Vec::new() };
                 }
                 Reading::Head { head } => {
+                    // Most heads arrive whole in one read: parse them where
+                    // they are, and keep bytes only for a head that goes on.
                     let before = head.len();
-                    head.extend_from_slice(seen);
-                    if let Some(end) = find(head, b"\r\n\r\n") {
-                        let head_end_in_read = (end + 4 - before) as u64;
-                        let body = body_of(&head[..end + 4]).unwrap_or(Body::Length(0));
-                        offset += head_end_in_read;
+                    if before > 0 {
+                        head.extend_from_slice(seen);
+                    }
+                    let text: &[u8] = if before > 0 { head } else { seen };
+                    if let Some(end) = head_end(text) {
+                        let body = body_of(&text[..end]).unwrap_or(Body::Length(0));
+                        offset += (end - before) as u64;
                         self.reading = Reading::Body(body);
                         self.finish_request_if_done(at_ns);
                         continue;
+                    }
+                    if before == 0 {
+                        head.extend_from_slice(seen);
                     }
                     if !fully_seen || head.len() > MAX_HEAD {
                         // The head continues beyond what we can see: assume
@@ -308,13 +326,16 @@ impl Http1Connection {
             }
         };
         if let Some(head) = response.head.as_mut() {
+            // As for requests: a head seen whole is parsed in place.
             let before = head.len();
-            head.extend_from_slice(prefix);
-            match find(head, b"\r\n\r\n") {
+            if before > 0 {
+                head.extend_from_slice(prefix);
+            }
+            let text: &[u8] = if before > 0 { head } else { prefix };
+            match head_end(text) {
                 Some(end) => {
-                    let head_bytes = (end + 4 - before) as u64;
-                    body_bytes = bytes.saturating_sub(head_bytes);
-                    let status = status_of(head).unwrap_or(200);
+                    body_bytes = bytes.saturating_sub((end - before) as u64);
+                    let status = status_of(text).unwrap_or(200);
                     if (100..200).contains(&status) && status != 101 {
                         // Interim response (100 Continue): the real one follows.
                         self.response = None;
@@ -324,12 +345,17 @@ impl Http1Connection {
                     let body = if head_only || status == 204 || status == 304 {
                         Body::Length(0)
                     } else {
-                        body_of(&head[..end + 4]).unwrap_or(Body::UntilClose)
+                        body_of(&text[..end]).unwrap_or(Body::UntilClose)
                     };
                     response.body = body;
                     response.head = None;
                 }
-                None if fully_seen && head.len() <= MAX_HEAD => return,
+                None if fully_seen && before + prefix.len() <= MAX_HEAD => {
+                    if before == 0 {
+                        head.extend_from_slice(prefix);
+                    }
+                    return;
+                }
                 None => {
                     // Head larger than what we see: assume it ended in this
                     // write and the body started with it.

@@ -19,7 +19,8 @@ use std::time::Duration;
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
 use aya::{Ebpf, EbpfLoader};
 use podgpu_common::{
-    conn_mode, tgid_slot, ConnState, H2Event, IoEvent, IoKind, RequestStat, IO_EVENT_HEADER, WATCH_TCP,
+    conn_mode, tgid_slot, ConnState, H2Event, H2Frame, IoEvent, IoKind, RequestStat, H2_EVENT_HEADER, IO_EVENT_HEADER,
+    WATCH_TCP,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
@@ -393,9 +394,23 @@ fn read_io_event<'a>(record: &[u8], scratch: &'a mut IoEvent) -> Option<&'a IoEv
     Some(scratch)
 }
 
+/// The `H2Event` a ring record holds (it ends after its frames), copied
+/// into `scratch`; `None` for a record too short for its frame count.
+fn read_h2_event<'a>(record: &[u8], scratch: &'a mut H2Event) -> Option<&'a H2Event> {
+    let frame_count = u32::from_ne_bytes(record.get(36..40)?.try_into().ok()?) as usize;
+    let length = H2_EVENT_HEADER.checked_add(frame_count.checked_mul(std::mem::size_of::<H2Frame>())?)?;
+    if frame_count > podgpu_common::MAX_H2_FRAMES || record.len() < length {
+        return None;
+    }
+    // SAFETY: `scratch` is a plain-data repr(C) struct of at least
+    // `length` bytes (checked above) whose fields take any bit pattern.
+    unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), (scratch as *mut H2Event).cast::<u8>(), length) };
+    Some(scratch)
+}
+
 fn drain_ring(
     ring: &mut RingBuf<MapData>,
-    scratch: &mut IoEvent,
+    (scratch, h2_scratch): (&mut IoEvent, &mut H2Event),
     tracker: &mut tracker::Tracker,
     stats: &ReaderStats,
     outcomes: &mut Vec<RequestEvent>,
@@ -405,13 +420,10 @@ fn drain_ring(
         // Both record types start with four u64 then `kind`.
         let kind = item.get(32..36).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
         if matches!(kind, Some(k) if k == IoKind::H2Read as u32 || k == IoKind::H2Write as u32) {
-            if item.len() < std::mem::size_of::<H2Event>() || item.as_ptr().align_offset(8) != 0 {
+            let Some(event) = read_h2_event(&item, h2_scratch) else {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
-            }
-            // SAFETY: an H2Event written by the kernel side (checked size,
-            // 8-byte aligned ring record).
-            let event: &H2Event = unsafe { &*item.as_ptr().cast::<H2Event>() };
+            };
             stats.events.fetch_add(1, Ordering::Relaxed);
             tracker.observe_h2(event, outcomes);
             continue;
@@ -456,6 +468,7 @@ pub async fn run_reader(
     let mut outcomes = Vec::new();
     let mut bytes = ByteCounts::default();
     let mut scratch = Box::new(IoEvent::zeroed());
+    let mut h2_scratch = H2Event::default();
     let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
     let mut ring_drops_seen = kernel.as_ref().map_or(0, KernelMaps::ring_drops);
     // The kernel wakes us only for batches (512 KiB); the timer bounds how
@@ -476,10 +489,10 @@ pub async fn run_reader(
                 *stats.tracker.lock().expect("tracker stats poisoned") = tracker.stats();
                 *stats.open_requests.lock().expect("open requests poisoned") = tracker.open_requests().clone();
             }
-            _ = drain.tick() => drain_ring(ring.get_mut(), &mut scratch, &mut tracker, &stats, &mut outcomes, &mut bytes),
+            _ = drain.tick() => drain_ring(ring.get_mut(), (&mut scratch, &mut h2_scratch), &mut tracker, &stats, &mut outcomes, &mut bytes),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain_ring(guard.get_inner_mut(), &mut scratch, &mut tracker, &stats, &mut outcomes, &mut bytes);
+                drain_ring(guard.get_inner_mut(), (&mut scratch, &mut h2_scratch), &mut tracker, &stats, &mut outcomes, &mut bytes);
                 guard.clear_ready();
             }
         }
@@ -541,6 +554,28 @@ mod tests {
         assert_eq!(&event.prefix[..17], b"HTTP/1.1 200 OK\r\n");
         assert_eq!(&event.suffix[..event.suffix_len as usize], b"\r\n");
         assert!(read_io_event(&record(b""), &mut scratch).is_some_and(|event| event.prefix_len == 0));
+    }
+
+    #[test]
+    fn an_http2_record_carries_only_its_frames() {
+        let mut event = H2Event { connection: 9, kind: IoKind::H2Write as u32, frame_count: 2, ..H2Event::default() };
+        event.frames[0] = H2Frame { length: 12, stream_id: 1, kind: 1, flags: 4, _pad: [0; 2] };
+        event.frames[1] = H2Frame { length: 256, stream_id: 1, kind: 0, flags: 1, _pad: [0; 2] };
+        // SAFETY: plain-data struct viewed as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&event as *const H2Event).cast::<u8>(), std::mem::size_of::<H2Event>())
+        };
+        let record = &bytes[..H2_EVENT_HEADER + 2 * std::mem::size_of::<H2Frame>()];
+        let mut scratch = H2Event::default();
+        scratch.frames[2].length = 77;
+        let read = read_h2_event(record, &mut scratch).expect("a whole record");
+        assert_eq!((read.connection, read.frame_count), (9, 2));
+        assert_eq!(read.frames[..2], event.frames[..2]);
+        assert!(read_h2_event(&record[..record.len() - 1], &mut scratch).is_none(), "a frame cut short");
+        let mut lying = bytes.to_vec();
+        lying[36..40].copy_from_slice(&(podgpu_common::MAX_H2_FRAMES as u32 + 1).to_ne_bytes());
+        lying.resize(lying.len() + 64, 0);
+        assert!(read_h2_event(&lying, &mut scratch).is_none(), "more frames than an event holds");
     }
 
     #[test]

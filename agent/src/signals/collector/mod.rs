@@ -15,6 +15,10 @@ mod gpu;
 mod pods;
 
 use super::history::{History, Point};
+
+/// The maps the per-request path looks up: keys are the node's own cgroup
+/// ids and pod UIDs, so a fast hasher is enough.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use super::request_state::{PortState, RequestState};
 use super::view::{EngineView, Health, NodeView, PodView, PortView, ReaderCounters, RequestCounts, SourceStatus};
 use crate::engines::scraper::EngineSnapshot;
@@ -136,13 +140,14 @@ pub struct Collector {
     probes: Probes,
     request_probe_stats: RequestProbeStats,
     bpf_programs: Vec<crate::probes::BpfProgramStats>,
-    cgroups: HashMap<u64, PodCgroup>,
+    /// Looked up for every request event: a fast hasher, not SipHash.
+    cgroups: FastMap<u64, PodCgroup>,
     /// Which pod cgroups hold processes: leftovers are not pods.
     occupancy: Occupancy,
     /// Cgroups the request probe refused (its map was full): retried every
     /// rescan; their pods have no request metrics until then.
     unwatched: HashSet<u64>,
-    pods: HashMap<String, PodState>,
+    pods: FastMap<String, PodState>,
     gpu_status: SourceStatus,
     gpu_devices: Vec<DeviceSample>,
     /// Per GPU at the latest poll: NVML's per-process samples and the split.
@@ -202,10 +207,10 @@ impl Collector {
             probes,
             request_probe_stats: RequestProbeStats::default(),
             bpf_programs: Vec::new(),
-            cgroups: HashMap::new(),
+            cgroups: FastMap::default(),
             occupancy,
             unwatched: HashSet::new(),
-            pods: HashMap::new(),
+            pods: FastMap::default(),
             gpu_status: SourceStatus::Degraded { reason: "waiting for the first GPU poll".to_string() },
             gpu_devices: Vec::new(),
             gpu_attribution: Arc::default(),
@@ -272,8 +277,11 @@ impl Collector {
                 }
                 Some(update) = gpu_updates.recv() => self.apply_gpu(update),
                 Some(batch) = probe_updates.recv() => {
+                    // One clock read per batch: the events of a batch were
+                    // read out of the ring together.
+                    let now_s = self.started.elapsed().as_secs_f64();
                     for update in batch {
-                        self.apply_probe(update);
+                        self.apply_probe_at(update, now_s);
                     }
                 }
             }
@@ -427,8 +435,14 @@ impl Collector {
 
     /// Applies one update from the request reader.
     pub fn apply_probe(&mut self, update: ProbeUpdate) {
+        let now_s = self.started.elapsed().as_secs_f64();
+        self.apply_probe_at(update, now_s);
+    }
+
+    /// As `apply_probe`, at `now_s` (seconds since the collector started).
+    fn apply_probe_at(&mut self, update: ProbeUpdate, now_s: f64) {
         match update {
-            ProbeUpdate::Request(event) => self.apply_request(event),
+            ProbeUpdate::Request(event) => self.apply_request(event, now_s),
             ProbeUpdate::Bytes { cgroup_id, port, probe, received, sent } => {
                 let Some(cgroup) = self.cgroups.get(&cgroup_id) else { return };
                 let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
@@ -437,10 +451,9 @@ impl Collector {
         }
     }
 
-    fn apply_request(&mut self, event: RequestEvent) {
+    fn apply_request(&mut self, event: RequestEvent, now_s: f64) {
         let Some(cgroup) = self.cgroups.get(&event.cgroup_id) else { return };
         let Some(pod) = self.pods.get_mut(&cgroup.owner.pod_uid) else { return };
-        let now_s = self.started.elapsed().as_secs_f64();
         pod.port((event.port, event.probe), &self.config, self.last_tick_s).record(now_s, &event.outcome);
     }
 

@@ -58,7 +58,7 @@ impl Collector {
                 }
             }
         }
-        self.cgroups = found;
+        self.cgroups = found.into_iter().collect();
         let live: HashSet<&str> = self.cgroups.values().map(|c| c.owner.pod_uid.as_str()).collect();
         self.pods.retain(|uid, _| live.contains(uid.as_str()));
         for uid in live {
