@@ -182,11 +182,12 @@ fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
 }
 
 fn start_agent(metadata: &Path) -> anyhow::Result<AgentProcess> {
-    start_agent_binary(&workspace_binary("podgpu-agent"), metadata)
+    start_agent_binary(&workspace_binary("podgpu-agent"), metadata, &[])
 }
 
-fn start_agent_binary(binary: &std::path::PathBuf, metadata: &Path) -> anyhow::Result<AgentProcess> {
-    let args = ["--gpu", "none", "--pod-metadata", &metadata.display().to_string()].map(String::from);
+fn start_agent_binary(binary: &std::path::PathBuf, metadata: &Path, extra: &[String]) -> anyhow::Result<AgentProcess> {
+    let mut args = ["--gpu", "none", "--pod-metadata", &metadata.display().to_string()].map(String::from).to_vec();
+    args.extend_from_slice(extra);
     let agent = AgentProcess::start(binary, &args)?;
     // Let the first tick publish before scraping.
     std::thread::sleep(Duration::from_millis(500));
@@ -416,12 +417,13 @@ impl CostRun {
 /// is not free, so never in the timed runs).
 fn cost_run(
     binary: &std::path::PathBuf,
+    extra_args: &[String],
     tenant: &BenchTenant,
     metadata: &Path,
     options: &Options,
 ) -> anyhow::Result<CostRun> {
     let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    let mut agent = start_agent_binary(binary, metadata)?;
+    let mut agent = start_agent_binary(binary, metadata, extra_args)?;
     set_bpf_stats(true)?;
     let before = scrape(agent.http)?;
     let costed = load(tenant, options)?;
@@ -458,10 +460,19 @@ fn program_costs(
     let (mut runs, mut baseline_runs) = (Vec::new(), Vec::new());
     for _ in 0..options.cost_runs.max(1) {
         if let Some(baseline) = &options.baseline_agent {
-            baseline_runs.push(cost_run(baseline, tenant, metadata, options)?);
+            baseline_runs.push(cost_run(baseline, &[], tenant, metadata, options)?);
         }
-        runs.push(cost_run(&this_build, tenant, metadata, options)?);
+        runs.push(cost_run(&this_build, &[], tenant, metadata, options)?);
     }
+    // The same load with the agent watching no pod (an empty cgroup root):
+    // every socket call, the server's too, is one the filter turns away,
+    // which is what the socket I/O of every other process on a node pays.
+    let empty_root = tempfile_path("podgpu-bench-empty-cgroup-root");
+    std::fs::create_dir_all(&empty_root)?;
+    let unwatched_args = ["--cgroup-root".to_string(), empty_root.display().to_string()];
+    let unwatched = cost_run(&this_build, &unwatched_args, tenant, metadata, options);
+    let _ = std::fs::remove_dir(&empty_root);
+    let unwatched = unwatched?;
     runs.sort_by(|a, b| a.per_request_ns().total_cmp(&b.per_request_ns()));
     let Some(run) = runs.get(runs.len() / 2) else { return Ok(()) };
     writeln!(
@@ -493,6 +504,15 @@ fn program_costs(
         ns / run.events.max(1.0),
         run.requests,
         run.events
+    )?;
+    let (unwatched_ns, unwatched_runs) = unwatched.totals();
+    let turned_away = unwatched_ns / unwatched_runs.max(1.0);
+    let client_runs = (program_runs / requests / 2.0).max(0.0);
+    writeln!(
+        out,
+        "a socket call the filter turns away (agent watching no pod): {turned_away:.0} ns per program run; \
+         so the watched server's own runs: {:.0} ns per request (total less the load generator's {client_runs:.1} runs)",
+        (ns / requests - client_runs * turned_away).max(0.0)
     )?;
     if let Some(baseline) = &options.baseline_agent {
         let per_request = |runs: &[CostRun]| runs.iter().map(CostRun::per_request_ns).collect::<Vec<_>>();
