@@ -71,6 +71,10 @@ struct WrkRun {
     /// p99 for wrk; h2load prints no percentiles, so its mean.
     p99_ms: f64,
     requests: u64,
+    /// Requests sent: `requests` plus those in flight when the load
+    /// generator stopped, which the server may still answer (and the
+    /// probe count) while the generator no longer reads them.
+    sent: u64,
 }
 
 fn load(tenant: &BenchTenant, options: &Options) -> anyhow::Result<WrkRun> {
@@ -100,9 +104,14 @@ fn h2load(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
         .find_map(|part| part.strip_suffix(" succeeded"))
         .and_then(|n| n.trim().parse().ok())
         .ok_or_else(|| anyhow!("no succeeded count in h2load output:\n{text}"))?;
+    let started = line("requests:")
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" started"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(requests);
     // "time for request:   1.2ms   30.1ms   4.5ms   2.1ms  70.00%": min max mean sd.
     let mean = line("time for request:").split_whitespace().nth(5).unwrap_or("0ms");
-    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(mean)?, requests })
+    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(mean)?, requests, sent: started.max(requests) })
 }
 
 fn wrk(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
@@ -123,7 +132,9 @@ fn wrk(addr: SocketAddr, options: &Options) -> anyhow::Result<WrkRun> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| anyhow!("no request total in wrk output"))?;
-    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(p99)?, requests })
+    // wrk keeps at most one request in flight per connection.
+    let sent = requests + u64::from(options.connections);
+    Ok(WrkRun { requests_per_s, p99_ms: parse_wrk_duration(p99)?, requests, sent })
 }
 
 /// wrk prints durations as `850.00us`, `1.23ms` or `2.00s`.
@@ -247,8 +258,10 @@ struct Profile {
     without: Vec<WrkRun>,
     hooks_only: Vec<WrkRun>,
     probed: Vec<WrkRun>,
-    /// Requests the probe counted / wrk sent, over the probed runs.
+    /// Requests the probe counted, the load generator saw answered, and
+    /// it sent, over the probed runs.
     counted: f64,
+    answered: u64,
     sent: u64,
     /// Agent CPU seconds per second, per probed run.
     agent_cpu: Vec<f64>,
@@ -295,7 +308,8 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
             probed.requests_per_s, probed.p99_ms
         );
         profile.counted += completed_after - completed_before;
-        profile.sent += probed.requests;
+        profile.answered += probed.requests;
+        profile.sent += probed.sent;
         profile.probed.push(probed);
     }
     Ok(profile)
@@ -336,10 +350,17 @@ fn report(out: &mut String, label: &str, profile: &Profile) -> anyhow::Result<()
     )?;
     writeln!(
         out,
-        "  requests counted by the probe / answered to the load generator: {:.0} / {} ({:.4})",
+        "  requests counted by the probe / answered to the load generator: {:.0} / {} ({:.4}); sent {} \
+         (in flight at its stop, answered unread); exact within 0.1 %: {}",
         profile.counted,
+        profile.answered,
+        profile.counted / profile.answered.max(1) as f64,
         profile.sent,
-        profile.counted / profile.sent.max(1) as f64
+        if profile.counted >= 0.999 * profile.answered as f64 && profile.counted <= 1.001 * profile.sent as f64 {
+            "yes (answered <= counted <= sent)"
+        } else {
+            "NO"
+        }
     )?;
     Ok(())
 }
