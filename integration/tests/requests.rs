@@ -346,3 +346,64 @@ async fn a_server_moved_into_a_pod_is_followed() {
     let _ = std::fs::remove_dir(&outside);
     assert_eq!(moved, (30, 30, 0), "every request after the move, none before");
 }
+
+/// A pod whose server answered before the agent's rescan found the pod
+/// (so the kernel remembered its process as one of no watched cgroup) is
+/// followed from the first connection after the rescan: a new watch ends
+/// what the kernel remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_found_after_its_server_answered_is_followed() {
+    require_root();
+    let scene = start("late-pod", &["busy"]);
+    // The pod's process moves into its cgroup before its first answer: only
+    // the watch, not a migration, can end what the kernel remembers. The
+    // early answers must come before the agent's rescan (every 2 s) finds
+    // the pod; a start that straddles one is tried again.
+    let mut attempts = 0;
+    let (late, uid) = loop {
+        attempts += 1;
+        assert!(attempts <= 5, "every try straddled the agent's rescan");
+        let (root, spec) = (scene.cgroup_root.clone(), TenantSpec::new("late", "late"));
+        let late = tokio::task::spawn_blocking(move || integration::scene::Tenant::start(&root, &spec))
+            .await
+            .unwrap()
+            .expect("late pod starts");
+        let uid = late.spec.uid.clone().unwrap();
+        if pod_row(scene.agent.http, &uid).await.is_some() {
+            continue;
+        }
+        let mut client = Client::connect(late.addr).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(client.request("/", b"early").await.unwrap().status, 200);
+        }
+        drop(client);
+        if pod_row(scene.agent.http, &uid).await.is_none() {
+            break (late, uid);
+        }
+    };
+    // The agent rescans cgroups every 2 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pod_row(scene.agent.http, &uid).await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "the agent never found the late pod");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started_before = completed_of(&pod_row(scene.agent.http, &uid).await.unwrap());
+    let mut client = Client::connect(late.addr).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.request("/", b"late").await.unwrap().status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started_after = completed_of(&pod_row(scene.agent.http, &uid).await.unwrap());
+    drop(late);
+    assert_eq!(started_after - started_before, 20, "every request after the pod was found");
+}
+
+async fn pod_row(http: SocketAddr, uid: &str) -> Option<serde_json::Value> {
+    let reply = get(http, "/pods").await.expect("GET /pods");
+    let view: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    view["pods"].as_array()?.iter().find(|p| p["uid"] == uid).cloned()
+}
+
+fn completed_of(row: &serde_json::Value) -> u64 {
+    row["requests"]["completed"].as_u64().unwrap()
+}
