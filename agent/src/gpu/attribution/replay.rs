@@ -7,10 +7,11 @@
 //! window's launches are the difference of two lines); a window's device
 //! utilization and NVML samples are those timestamped inside it. Scores
 //! are mean absolute errors in points per 2 s bin, binned from the
-//! earliest tenant start: the bin's truth is Σ work / Σ period of the
-//! periods ending in it, an estimate's value the mean of its windows whose
-//! midpoint falls in it and in the tenant's lifetime (NVML: of the
-//! tenant's samples in it, 0 when it has none, as a dashboard would show).
+//! earliest tenant start: the bin's truth is the tenant's work rate over
+//! its periods, each weighted by the time it spends in the bin; an
+//! estimate's value the mean of its windows in the tenant's lifetime
+//! (midpoint), weighted the same way (NVML: of the tenant's samples in
+//! it, 0 when it has none, as a dashboard would show).
 use std::collections::{BTreeMap, HashMap};
 
 use super::trace::{LaunchLine, Trace};
@@ -161,11 +162,27 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
         return Vec::new();
     };
     let bin_of = |t: f64| ((t - start) / BIN_S).floor() as i64;
+    // The bins an interval overlaps, with the seconds it spends in each:
+    // truth and estimates are both weighted by their time inside a bin, so
+    // they average the same stretch of time. (Binned by end or midpoint, a
+    // 1 s truth period and a 0.5 s window that straddle a load change
+    // compared different stretches: an error of the scoring, not of the
+    // estimate, that fell on the tenants whose load toggles.)
+    let overlaps = |from: f64, to: f64| {
+        (bin_of(from)..=bin_of(to)).filter_map(move |bin| {
+            let (lo, hi) = (start + bin as f64 * BIN_S, start + (bin + 1) as f64 * BIN_S);
+            let seconds = to.min(hi) - from.max(lo);
+            (seconds > 1e-9).then_some((bin, seconds))
+        })
+    };
     let mut truth = Bins::default();
     for tenant in &trace.tenants {
         for period in &tenant.periods {
-            // Work over period time: Σ work / Σ period.
-            truth.add(tenant.pid, bin_of(period[0]), 100.0 * period[1] / period[2].max(1e-9), period[2]);
+            // Work over period time, spread evenly over the period.
+            let rate = 100.0 * period[1] / period[2].max(1e-9);
+            for (bin, seconds) in overlaps(period[0] - period[2], period[0]) {
+                truth.add(tenant.pid, bin, rate, seconds);
+            }
         }
     }
     let (mut podgpu, mut confidence, mut shares) = (Bins::default(), Bins::default(), Bins::default());
@@ -173,7 +190,6 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
     for ((t, window), outcome) in windows.iter().zip(replayed) {
         let Some(attribution) = &outcome.attribution else { continue };
         let middle = t - window.duration_s / 2.0;
-        let bin = bin_of(middle);
         let launches = window.launches.as_deref().unwrap_or_default();
         let total: f64 = launches.iter().map(|c| c.launches).sum();
         // A tenant is scored over its own lifetime: a bin it enters or
@@ -185,12 +201,14 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
         };
         for tenant in trace.tenants.iter().filter(alive) {
             let process = attribution.processes.iter().find(|p| p.pid == tenant.pid);
-            podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), 1.0);
-            confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), 1.0);
-            sigma.add(tenant.pid, bin, process.and_then(|p| p.uncertainty_points).unwrap_or(0.0), 1.0);
             let own: f64 = launches.iter().filter(|c| c.pid == tenant.pid).map(|c| c.launches).sum();
             let share = if total > 0.0 { attribution.device_util * own / total } else { 0.0 };
-            shares.add(tenant.pid, bin, share, 1.0);
+            for (bin, seconds) in overlaps(t - window.duration_s, *t) {
+                podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), seconds);
+                confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), seconds);
+                sigma.add(tenant.pid, bin, process.and_then(|p| p.uncertainty_points).unwrap_or(0.0), seconds);
+                shares.add(tenant.pid, bin, share, seconds);
+            }
         }
     }
     let mut nvml = Bins::default();
@@ -241,4 +259,46 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::attribution::{Basis, ProcessShare};
+
+    /// A tenant busy at 60 % until t = 3 s and idle after, scored against
+    /// an estimate that is exact in every 0.5 s window: 0 error, although
+    /// the load changes inside the bin [2, 4) and the truth's 1 s periods
+    /// and the windows end at different times in it.
+    #[test]
+    fn an_exact_estimate_scores_zero_across_a_load_change_inside_a_bin() {
+        let busy_until = 3.0;
+        let periods = (1..=8).map(|end| vec![end as f64, if (end as f64) <= busy_until { 0.6 } else { 0.0 }, 1.0]);
+        let trace = Trace {
+            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods: periods.collect() }],
+            ..Trace::default()
+        };
+        let mut windows = Vec::new();
+        let mut replayed = Vec::new();
+        for step in 1..=16 {
+            let t = step as f64 * 0.5;
+            let util = if t <= busy_until { 60.0 } else { 0.0 };
+            let window = Window { duration_s: 0.5, device_util: Some(util), ..Window::default() };
+            let share = ProcessShare {
+                pid: 1,
+                util_percent: util,
+                uncertainty_points: Some(1.0),
+                confidence: 0.8,
+                basis: Basis::Measured,
+            };
+            replayed.push(ReplayedWindow { t, attribution: Some(Attribution::new(util, 0.0, vec![share])) });
+            windows.push((t, window));
+        }
+        let scores = score(&trace, &windows, &replayed);
+        assert_eq!(scores.len(), 1);
+        assert_eq!(scores[0].bins, 4);
+        assert!(scores[0].podgpu_mae < 1e-9, "an exact estimate scored {} points off", scores[0].podgpu_mae);
+        assert_eq!(scores[0].confident_bins_over_5, 0);
+        assert!((scores[0].truth - 22.5).abs() < 1e-9, "the mean of 60, 30, 0, 0 over the bins");
+    }
 }
