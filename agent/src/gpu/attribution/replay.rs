@@ -20,6 +20,9 @@ use super::{Attribution, Estimator, EstimatorConfig, LaunchCount, Window};
 /// Width of a scoring bin, seconds.
 pub const BIN_S: f64 = 2.0;
 
+/// Bins one truth period or window may spread over (five minutes).
+const MAX_SPAN_BINS: i64 = 150;
+
 /// One tenant's scores.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TenantScore {
@@ -169,8 +172,16 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
     // compared different stretches: an error of the scoring, not of the
     // estimate, that fell on the tenants whose load toggles.)
     let overlaps = |from: f64, to: f64| {
-        (bin_of(from)..=bin_of(to)).filter_map(move |bin| {
-            let (lo, hi) = (start + bin as f64 * BIN_S, start + (bin + 1) as f64 * BIN_S);
+        // A trace's periods and windows last seconds. One longer than
+        // `MAX_SPAN_BINS` bins (or not finite: a damaged trace) counts in
+        // its end bin whole, so no input makes the scorer walk without end.
+        let spread = to - from <= MAX_SPAN_BINS as f64 * BIN_S;
+        let (first, last) = if spread { (bin_of(from), bin_of(to)) } else { (bin_of(to), bin_of(to)) };
+        (first..=last).filter_map(move |bin| {
+            if !spread {
+                return Some((bin, (to - from).clamp(1e-9, f64::MAX)));
+            }
+            let (lo, hi) = (start + bin as f64 * BIN_S, start + bin.saturating_add(1) as f64 * BIN_S);
             let seconds = to.min(hi) - from.max(lo);
             (seconds > 1e-9).then_some((bin, seconds))
         })
@@ -300,5 +311,29 @@ mod tests {
         assert!(scores[0].podgpu_mae < 1e-9, "an exact estimate scored {} points off", scores[0].podgpu_mae);
         assert_eq!(scores[0].confident_bins_over_5, 0);
         assert!((scores[0].truth - 22.5).abs() < 1e-9, "the mean of 60, 30, 0, 0 over the bins");
+    }
+
+    /// A damaged trace whose periods and windows span ages (or no time
+    /// that is a number) is scored at once, not walked bin by bin.
+    #[test]
+    fn periods_and_windows_of_absurd_length_are_scored_at_once() {
+        let periods = vec![vec![1e18, 5.0, 1e18], vec![f64::INFINITY, 1.0, 1.0], vec![2.0, 1.0, f64::NAN]];
+        let trace = Trace {
+            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods }],
+            ..Trace::default()
+        };
+        let window = Window { duration_s: 1e17, device_util: Some(50.0), ..Window::default() };
+        let share = ProcessShare {
+            pid: 1,
+            util_percent: 50.0,
+            uncertainty_points: None,
+            confidence: 0.0,
+            basis: Basis::Measured,
+        };
+        let replayed = vec![ReplayedWindow { t: 1e17, attribution: Some(Attribution::new(50.0, 0.0, vec![share])) }];
+        // Before the bound this walked 10^17 bins: the test would not end.
+        let scores = score(&trace, &[(1e17, window)], &replayed);
+        assert_eq!(scores.len(), 1);
+        assert_eq!(scores[0].pid, 1);
     }
 }
