@@ -24,7 +24,7 @@ use podgpu_common::{
     conn_mode, ConnState, H2Event, H2Frame, IoKind, RequestStat, WalkInput, H2_EVENT_HEADER, MAX_H2_FRAMES,
 };
 
-use crate::{bump, wake_flags, IoVec, CONNECTIONS, EVENTS, H2_SCRATCH, WALK_INPUT};
+use crate::{bump, IoVec, CONNECTIONS, H2_SCRATCH, WALK_INPUT};
 
 /// Where an `H2Event` is put together before its used bytes go into the
 /// ring.
@@ -394,15 +394,5 @@ fn emit_frames_or_notice(walk: *mut WalkInput, mode: u32, always: bool) {
         copied
     };
     // Only the frames found go into the ring (most calls carry a few).
-    let mut length = H2_EVENT_HEADER + copied * core::mem::size_of::<H2Frame>();
-    if length > core::mem::size_of::<H2Event>() {
-        length = core::mem::size_of::<H2Event>();
-    }
-    // SAFETY: the first `length` (<= its size) bytes of this CPU's scratch.
-    let record = unsafe { core::slice::from_raw_parts(event as *const u8, length) };
-    if EVENTS.output::<[u8]>(record, wake_flags()).is_err() {
-        bump(RequestStat::RingFull);
-    } else {
-        bump(RequestStat::Emitted);
-    }
+    crate::output_prefix(event, H2_EVENT_HEADER + copied * core::mem::size_of::<H2Frame>());
 }

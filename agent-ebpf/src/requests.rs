@@ -394,12 +394,21 @@ fn submit(event: *mut IoEvent, prefix_len: u64) {
     if captured > CAPTURE_PREFIX as u64 {
         captured = CAPTURE_PREFIX as u64;
     }
-    // SAFETY: this CPU's slot; the record is its first IO_EVENT_HEADER +
-    // captured (<= size_of::<IoEvent>()) bytes.
-    let record = unsafe {
-        (*event).prefix_len = captured as u32;
-        core::slice::from_raw_parts(event as *const u8, IO_EVENT_HEADER + captured as usize)
-    };
+    // SAFETY: this CPU's slot.
+    unsafe { (*event).prefix_len = captured as u32 };
+    output_prefix(event, IO_EVENT_HEADER + captured as usize);
+}
+
+/// Writes the first `length` bytes of this CPU's event scratch `event` to
+/// the ring (clamped to its size): a variable-length record.
+#[inline(always)]
+pub(crate) fn output_prefix<T>(event: *const T, length: usize) {
+    let mut length = length;
+    if length > core::mem::size_of::<T>() {
+        length = core::mem::size_of::<T>();
+    }
+    // SAFETY: the first `length` (<= its size) bytes of a per-CPU map value.
+    let record = unsafe { core::slice::from_raw_parts(event as *const u8, length) };
     if EVENTS.output::<[u8]>(record, wake_flags()).is_err() {
         bump(RequestStat::RingFull);
     } else {

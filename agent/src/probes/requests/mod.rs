@@ -378,34 +378,43 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 /// Bytes (received, sent) per traffic key since the last flush.
 type ByteCounts = std::collections::HashMap<tracker::TrafficKey, (u64, u64), foldhash::fast::RandomState>;
 
-/// The `IoEvent` a ring record holds, copied into `scratch` (a record
-/// ends after its captured prefix, so it is shorter than the struct);
-/// `None` for a record too short for what it says it holds.
-fn read_io_event<'a>(record: &[u8], scratch: &'a mut IoEvent) -> Option<&'a IoEvent> {
-    let prefix_len = u32::from_ne_bytes(record.get(36..40)?.try_into().ok()?) as usize;
-    let length = IO_EVENT_HEADER.checked_add(prefix_len)?;
-    if prefix_len > podgpu_common::CAPTURE_PREFIX || record.len() < length {
+/// A ring record of a variable-length event: the event's fields up to
+/// `header` bytes, then `count` (the u32 at bytes 36-40, the same place
+/// in both event types) items of `item` bytes, at most `max_count`.
+/// Copied into `scratch`; `None` for a record too short for what it says
+/// it holds.
+///
+/// # Safety
+/// `T` must be a plain-data repr(C) struct, valid for every byte pattern,
+/// of at least `header + max_count * item` bytes.
+unsafe fn read_record<'a, T>(
+    record: &[u8],
+    scratch: &'a mut T,
+    (header, item, max_count): (usize, usize, usize),
+) -> Option<&'a T> {
+    let count = u32::from_ne_bytes(record.get(36..40)?.try_into().ok()?) as usize;
+    let length = header.checked_add(count.checked_mul(item)?)?;
+    if count > max_count || record.len() < length {
         return None;
     }
-    // SAFETY: `scratch` is a plain-data repr(C) struct of at least
-    // `length` bytes (checked above), and every byte pattern is a valid
-    // IoEvent; the record is the kernel side's copy of one.
-    unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), (scratch as *mut IoEvent).cast::<u8>(), length) };
+    // SAFETY: `length` <= the struct's size (the caller's promise and the
+    // check above), and any bytes make a valid `T`.
+    unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), (scratch as *mut T).cast::<u8>(), length) };
     Some(scratch)
 }
 
-/// The `H2Event` a ring record holds (it ends after its frames), copied
-/// into `scratch`; `None` for a record too short for its frame count.
+/// The `IoEvent` a ring record holds (it ends after its captured prefix).
+fn read_io_event<'a>(record: &[u8], scratch: &'a mut IoEvent) -> Option<&'a IoEvent> {
+    // SAFETY: IoEvent is plain data; its prefix holds CAPTURE_PREFIX bytes.
+    unsafe { read_record(record, scratch, (IO_EVENT_HEADER, 1, podgpu_common::CAPTURE_PREFIX)) }
+}
+
+/// The `H2Event` a ring record holds (it ends after its frames).
 fn read_h2_event<'a>(record: &[u8], scratch: &'a mut H2Event) -> Option<&'a H2Event> {
-    let frame_count = u32::from_ne_bytes(record.get(36..40)?.try_into().ok()?) as usize;
-    let length = H2_EVENT_HEADER.checked_add(frame_count.checked_mul(std::mem::size_of::<H2Frame>())?)?;
-    if frame_count > podgpu_common::MAX_H2_FRAMES || record.len() < length {
-        return None;
+    // SAFETY: H2Event is plain data with room for MAX_H2_FRAMES frames.
+    unsafe {
+        read_record(record, scratch, (H2_EVENT_HEADER, std::mem::size_of::<H2Frame>(), podgpu_common::MAX_H2_FRAMES))
     }
-    // SAFETY: `scratch` is a plain-data repr(C) struct of at least
-    // `length` bytes (checked above) whose fields take any bit pattern.
-    unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), (scratch as *mut H2Event).cast::<u8>(), length) };
-    Some(scratch)
 }
 
 fn drain_ring(
