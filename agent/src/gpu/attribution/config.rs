@@ -32,6 +32,10 @@ pub struct EstimatorConfig {
     pub max_keys_per_process: usize,
     /// Split σ (points) beyond which a share leans on the even split.
     pub fallback_scale: f64,
+    /// How far (relative σ) one process's cost per launch of a kernel may
+    /// be from the cost another process learned for it: the same kernel
+    /// at the same grid does more work on a larger batch or context.
+    pub shared_cost_spread: f64,
 }
 
 impl Default for EstimatorConfig {
@@ -49,12 +53,13 @@ impl Default for EstimatorConfig {
             key_ttl_s: 60.0,
             max_keys_per_process: 8,
             fallback_scale: 15.0,
+            shared_cost_spread: 0.5,
         }
     }
 }
 
 /// The settings `EstimatorConfig::set` knows, for `replay --set`.
-pub const SETTINGS: [&str; 12] = [
+pub const SETTINGS: [&str; 13] = [
     "prior_share",
     "util_noise",
     "cost_drift",
@@ -67,6 +72,7 @@ pub const SETTINGS: [&str; 12] = [
     "key_ttl_s",
     "max_keys_per_process",
     "fallback_scale",
+    "shared_cost_spread",
 ];
 
 impl EstimatorConfig {
@@ -90,6 +96,7 @@ impl EstimatorConfig {
             "key_ttl_s" => self.key_ttl_s = value,
             "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
             "fallback_scale" => self.fallback_scale = value,
+            "shared_cost_spread" => self.shared_cost_spread = value,
             _ => return Err(format!("unknown setting {name:?}; known: {}", SETTINGS.join(", "))),
         }
         Ok(())

@@ -9,9 +9,11 @@
 //!    so that whatever the data cannot separate is split evenly between
 //!    processes rather than by launch count. Keys whose kernel identity is
 //!    known (`LaunchCount::kernel`) share one state per (kernel, size
-//!    class) across processes: a cost learned in one process holds in
-//!    every other that launches the same kernel, and two replicas started
-//!    together are split by their launches, not by the prior.
+//!    class) across processes: a cost learned in one process is where
+//!    every other that launches the same kernel starts (held loosely, by
+//!    a difference of its own, until its own windows confirm it), and two
+//!    replicas started together are split by their launches, not by the
+//!    prior.
 //! 2. A key whose rate jumps gets process noise in proportion to the
 //!    jump: at a fixed duty a new batch size moves launches per second
 //!    and cost per launch together, and the device utilization that
@@ -79,6 +81,15 @@ impl CostKey {
 #[derive(Clone, Debug, Default)]
 struct Tracked {
     slot: Option<Slot>,
+    /// How much this process's launches of a shared kernel cost more (or
+    /// less) than the shared cost. Opened when the process joins a cost
+    /// learned elsewhere (σ `shared_cost_spread` of it: the same kernel
+    /// and grid do more work on a larger batch or context), or when its
+    /// rate jumps while others share the cost (a batch change moves its
+    /// cost per launch and nobody else's). Its mean starts at 0, so a rate
+    /// that moved alone (a ramp, an on/off load) keeps the key on the
+    /// shared cost, and the device utilization says which moved.
+    delta: Option<Slot>,
     /// (kernel identity, size class) when the kernel is known across
     /// processes: keys with the same one share a slot.
     identity: Option<(u64, u8)>,
@@ -217,6 +228,11 @@ impl Estimator {
                         tracked.slot = Some(slot);
                         tracked.reference_rate = rate;
                         tracked.last_rate = rate;
+                        // Learned in another process (or before): this
+                        // process's launches may do more or less work, by
+                        // an amount only its own data can tell.
+                        let spread = cfg.shared_cost_spread * self.filter.mean(slot);
+                        tracked.delta = Some(self.filter.push_signed(0.0, spread.powi(2)));
                     }
                 }
             }
@@ -250,7 +266,7 @@ impl Estimator {
                     tracked.last_weight = weight;
                 }
                 Some(slot) => {
-                    let cost = self.filter.mean(slot);
+                    let cost = self.filter.mean(slot) + tracked.delta.map_or(0.0, |delta| self.filter.mean(delta));
                     explained += cost * rate;
                     let jump = (rate - tracked.last_rate).abs() / rate.max(tracked.last_rate).max(f64::MIN_POSITIVE);
                     if jump > cfg.jump_tolerance {
@@ -268,27 +284,35 @@ impl Estimator {
                         // process: a larger batch or a longer context at
                         // the same launch geometry costs more per launch.
                         // A process whose rate jumps may be the one whose
-                        // cost moved, so it leaves the shared cost with its
-                        // own copy, instead of dragging its neighbours'
-                        // shares along.
+                        // cost moved, so its difference from the shared
+                        // cost gets the jump's looseness, instead of the
+                        // shared cost dragging its neighbours' shares
+                        // along.
                         let shared_with_others =
                             slot_pids.get(&slot).is_some_and(|pids| pids.iter().any(|&pid| pid != key.pid));
-                        if rate > 0.0 && shared_with_others {
-                            let own = self.filter.push(cost, self.filter.variance(slot));
-                            tracked.slot = Some(own);
-                            tracked.identity = None;
+                        if rate > 0.0 && shared_with_others && tracked.delta.is_none() {
+                            tracked.delta = Some(self.filter.push_signed(0.0, 0.0));
                         }
                     }
-                    let slot = tracked.slot.expect("a tracked key with a slot");
-                    let mut noise =
-                        (cfg.cost_drift * cost).powi(2) + (cfg.share_drift / tracked.reference_rate).powi(2);
+                    let noise = (cfg.cost_drift * cost).powi(2) + (cfg.share_drift / tracked.reference_rate).powi(2);
+                    let mut jump_noise = 0.0;
                     if tracked.hold > 0 {
                         loosened.insert(key.pid);
-                        noise += (cfg.jump_gain * tracked.jump * cost).powi(2);
+                        jump_noise = (cfg.jump_gain * tracked.jump * cost).powi(2);
                         tracked.hold -= 1;
                     }
-                    if diffused.insert(slot) {
-                        self.filter.diffuse(slot, noise);
+                    match tracked.delta {
+                        Some(delta) => {
+                            self.filter.diffuse(delta, jump_noise);
+                            if diffused.insert(slot) {
+                                self.filter.diffuse(slot, noise);
+                            }
+                        }
+                        None => {
+                            if diffused.insert(slot) {
+                                self.filter.diffuse(slot, noise + jump_noise);
+                            }
+                        }
                     }
                     moved += (rate - tracked.last_rate).abs() * cost;
                     *moved_by.entry(key.pid).or_default() += (rate - tracked.last_rate).abs() * cost;
@@ -348,7 +372,11 @@ impl Estimator {
         let mut h = vec![0.0; self.filter.len()];
         for (key, tracked) in &self.keys {
             if let Some(slot) = tracked.slot {
-                h[slot] += rates.get(key).copied().unwrap_or(0.0);
+                let rate = rates.get(key).copied().unwrap_or(0.0);
+                h[slot] += rate;
+                if let Some(delta) = tracked.delta {
+                    h[delta] += rate;
+                }
             }
         }
         let measured_active = h.iter().any(|&v| v > 0.0);
@@ -374,7 +402,11 @@ impl Estimator {
             if rate <= 0.0 {
                 continue;
             }
-            by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()])[slot] += rate;
+            let hp = by_pid.entry(key.pid).or_insert_with(|| vec![0.0; self.filter.len()]);
+            hp[slot] += rate;
+            if let Some(delta) = tracked.delta {
+                hp[delta] += rate;
+            }
         }
         // Step 3b: costs that put a process outside its span bounds are
         // pulled to the bound it breaks.
@@ -494,7 +526,13 @@ impl Estimator {
         let expired: Vec<CostKey> = self.keys.iter().filter(|(_, t)| t.idle_s > ttl).map(|(k, _)| *k).collect();
         for key in expired {
             let Some(tracked) = self.keys.remove(&key) else { continue };
-            let Some(slot) = tracked.slot else { continue };
+            let mut slot = tracked.slot;
+            if let Some(delta) = tracked.delta {
+                self.drop_slot(delta);
+                // The removed key's own slot is not shifted with the rest.
+                slot = slot.map(|slot| if slot > delta { slot - 1 } else { slot });
+            }
+            let Some(slot) = slot else { continue };
             // A kernel other processes still launch keeps its cost.
             if self.keys.values().any(|other| other.slot == Some(slot)) {
                 continue;
@@ -507,17 +545,24 @@ impl Estimator {
                     self.known.insert(identity, (cost, variance));
                 }
             }
-            self.filter.remove(slot);
             self.shared.retain(|_, shared| *shared != slot);
-            let shift = |s: &mut Slot| {
-                if *s > slot {
-                    *s -= 1;
-                }
-            };
-            self.keys.values_mut().filter_map(|other| other.slot.as_mut()).for_each(shift);
-            self.shared.values_mut().for_each(shift);
-            self.overhead.iter_mut().for_each(shift);
+            self.drop_slot(slot);
         }
+    }
+
+    /// Removes a state from the filter; the slots after it move down.
+    fn drop_slot(&mut self, slot: Slot) {
+        self.filter.remove(slot);
+        let shift = |s: &mut Slot| {
+            if *s > slot {
+                *s -= 1;
+            }
+        };
+        for other in self.keys.values_mut() {
+            other.slot.iter_mut().chain(other.delta.iter_mut()).for_each(shift);
+        }
+        self.shared.values_mut().for_each(shift);
+        self.overhead.iter_mut().for_each(shift);
     }
 }
 

@@ -22,6 +22,9 @@ pub type Slot = usize;
 #[derive(Clone, Debug, Default)]
 pub struct CostFilter {
     mean: Vec<f64>,
+    /// States that may go below zero (a process's difference from a
+    /// shared kernel cost), left out of the non-negative projection.
+    signed: Vec<bool>,
     /// Row-major, `mean.len()` squared.
     covariance: Vec<f64>,
 }
@@ -49,6 +52,16 @@ impl CostFilter {
 
     /// Adds a state uncorrelated with the others; returns its slot.
     pub fn push(&mut self, mean: f64, variance: f64) -> Slot {
+        self.push_state(mean, variance, false)
+    }
+
+    /// Adds a state that may go below zero (a correction to another
+    /// state), uncorrelated with the others; returns its slot.
+    pub fn push_signed(&mut self, mean: f64, variance: f64) -> Slot {
+        self.push_state(mean, variance, true)
+    }
+
+    fn push_state(&mut self, mean: f64, variance: f64, signed: bool) -> Slot {
         let n = self.len();
         let mut grown = vec![0.0; (n + 1) * (n + 1)];
         for row in 0..n {
@@ -57,6 +70,7 @@ impl CostFilter {
         grown[n * (n + 1) + n] = variance;
         self.covariance = grown;
         self.mean.push(mean);
+        self.signed.push(signed);
         n
     }
 
@@ -71,6 +85,7 @@ impl CostFilter {
         }
         self.covariance = shrunk;
         self.mean.remove(slot);
+        self.signed.remove(slot);
     }
 
     /// Adds process noise to one state's variance (its cost may have moved).
@@ -146,7 +161,7 @@ impl CostFilter {
         let mut pinned = vec![false; n];
         for _ in 0..n {
             let Some(slot) = (0..n)
-                .filter(|&slot| self.mean[slot] < 0.0 && !pinned[slot])
+                .filter(|&slot| self.mean[slot] < 0.0 && !pinned[slot] && !self.signed[slot])
                 .min_by(|&a, &b| self.mean[a].total_cmp(&self.mean[b]))
             else {
                 break;
@@ -166,7 +181,9 @@ impl CostFilter {
         }
         // Whatever is still below (pinned states nudged by later
         // projections) is clamped.
-        self.mean.iter_mut().for_each(|m| *m = m.max(0.0));
+        for (mean, _) in self.mean.iter_mut().zip(&self.signed).filter(|(_, &signed)| !signed) {
+            *mean = mean.max(0.0);
+        }
     }
 }
 
@@ -264,5 +281,23 @@ mod tests {
         assert_eq!(filter.len(), 2);
         assert!((filter.variance_of(&[1.0, 1.0]) - before).abs() < 1e-12);
         assert!(filter.mean(1) > 2.9 - 1.0);
+    }
+
+    /// A signed state (a process's difference from a shared cost) may go
+    /// below zero: a process running a kernel on smaller batches costs less
+    /// per launch than the cost it shares. The cost it adds to stays at or
+    /// above zero.
+    #[test]
+    fn signed_states_go_below_zero() {
+        let mut filter = CostFilter::default();
+        let shared = filter.push(0.1, 1e-6);
+        let difference = filter.push_signed(0.0, 0.01);
+        // 100 launches a second of the shared kernel read 5 %, not 10.
+        for _ in 0..10 {
+            filter.update(&[100.0, 100.0], 5.0, 0.01);
+        }
+        assert!((filter.mean(difference) + 0.05).abs() < 0.005, "{:?}", filter.mean);
+        assert!(filter.mean(shared) > 0.09, "{:?}", filter.mean);
+        assert!((filter.predict(&[100.0, 100.0]) - 5.0).abs() < 0.2);
     }
 }

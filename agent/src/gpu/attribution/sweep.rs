@@ -17,6 +17,7 @@ use super::generator::{self, Pattern};
 use super::replay::{replay, TenantScore};
 use super::trace::{LaunchLine, Trace};
 use super::EstimatorConfig;
+use crate::gpu::Sharing;
 
 /// Where a scored tenant comes from.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -31,6 +32,10 @@ pub struct ScoredTenant {
     pub co_started: Option<bool>,
     /// Whether it runs the same kernels as another tenant of its scenario.
     pub shares_kernels: Option<bool>,
+    /// Whether its scenario's launches carry kernel identities.
+    pub identified: Option<bool>,
+    /// Whether its scenario's GPU is shared by MPS (else time-sliced).
+    pub mps: Option<bool>,
     /// Its scores.
     pub score: TenantScore,
 }
@@ -123,6 +128,9 @@ pub fn sweep(
             drawn.scenario.span_models.clear();
         }
         let (trace, launches) = drawn.scenario.generate();
+        let identified =
+            drawn.scenario.tenants.iter().any(|(_, phases)| phases.iter().any(|p| p.kernel.identity.is_some()));
+        let mps = drawn.scenario.sharing == Sharing::Mps;
         for score in replay(&trace, &launches, config).tenants {
             let pattern = drawn.patterns.iter().find(|(pid, _)| *pid == score.pid).map(|(_, p)| Pattern::name(*p));
             tenants.push(ScoredTenant {
@@ -131,6 +139,8 @@ pub fn sweep(
                 pattern,
                 co_started: Some(drawn.co_started),
                 shares_kernels: Some(drawn.sharing_kernels.contains(&score.pid)),
+                identified: Some(identified),
+                mps: Some(mps),
                 score,
             });
         }
@@ -143,6 +153,8 @@ pub fn sweep(
                 pattern: None,
                 co_started: None,
                 shares_kernels: None,
+                identified: None,
+                mps: None,
                 score,
             });
         }
