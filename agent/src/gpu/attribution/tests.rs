@@ -205,10 +205,10 @@ fn replicas_of_one_kernel_are_split_by_their_launches() {
 /// batch grows 4x at the same launch geometry (4x the cost per launch, a
 /// quarter of the launches, the same load). On one shared cost, its
 /// neighbour would be given what it no longer launches (40 / 5 for a
-/// truth of 30 / 15). The replica whose rate jumped leaves the shared
-/// cost instead, and both keep their shares.
+/// truth of 30 / 15). The jump loosens the difference the replica keeps
+/// from the shared cost instead, and both keep their shares.
 #[test]
-fn a_replica_whose_batch_grows_leaves_the_shared_cost() {
+fn a_replica_whose_batch_grows_keeps_its_neighbours_share() {
     let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
     for _ in 0..20 {
         estimator.observe(&window(45.0, vec![shared(1, 0x10, 200.0, 0xfeed), shared(2, 0x77, 100.0, 0xfeed)]));
@@ -246,31 +246,6 @@ fn a_learned_kernel_pins_later_processes() {
     let attribution = estimator.observe(&window(10.0, vec![shared(2, 0x20, 50.0, 0xbeef)])).unwrap();
     assert!((attribution.share_of(2) - 10.0).abs() < 1.0, "{attribution:?}");
     assert_eq!(estimator.learned_keys(), 1);
-}
-
-/// Two replicas of one kernel, the cost pinned while the first ran alone.
-/// The first then changes batch (half the launches, each twice the work,
-/// the same share): the device utilization does not move, so its sibling
-/// keeps its share and the changed process keeps its own.
-#[test]
-fn a_replica_changing_batch_leaves_its_sibling_alone() {
-    let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::TimeSliced);
-    for _ in 0..10 {
-        estimator.observe(&window(10.0, vec![shared(1, 0x10, 50.0, 0xbeef)]));
-    }
-    let both = |first: f64| vec![shared(1, 0x10, first, 0xbeef), shared(2, 0x20, 100.0, 0xbeef)];
-    for _ in 0..10 {
-        estimator.observe(&window(30.0, both(50.0)));
-    }
-    let mut last = None;
-    for _ in 0..10 {
-        last = estimator.observe(&window(30.0, both(25.0)));
-    }
-    let attribution = last.unwrap();
-    let overhead = attribution.sharing_overhead_percent;
-    assert!((attribution.share_of(2) - 20.0).abs() < 2.5, "{attribution:?}");
-    assert!((attribution.share_of(1) + attribution.share_of(2) + overhead - 30.0).abs() < 1.0, "{attribution:?}");
-    assert!((attribution.share_of(1) - 10.0).abs() < 2.5, "{attribution:?}");
 }
 
 /// The node's catalog: a kernel cost pinned by one estimator is handed to
