@@ -24,7 +24,9 @@ pub struct EstimatorConfig {
     /// Observation noise per point of share that moved inside the window.
     pub misalignment_gain: f64,
     /// Prior standard deviation of the time-slicing overhead, points per
-    /// active process beyond the first.
+    /// active process beyond the first. The H100 traces showed 1.5 to 9
+    /// points per extra tenant (the three small tenants of
+    /// `docs/platform.md`: 4.9), so the prior reaches past 9 at 1.5σ.
     pub overhead_prior: f64,
     /// Seconds without launches after which a key is forgotten.
     pub key_ttl_s: f64,
@@ -49,7 +51,7 @@ impl Default for EstimatorConfig {
             jump_hold: 2,
             jump_tolerance: 0.2,
             misalignment_gain: 4.0,
-            overhead_prior: 3.0,
+            overhead_prior: 6.0,
             key_ttl_s: 60.0,
             max_keys_per_process: 8,
             fallback_scale: 15.0,
