@@ -17,7 +17,14 @@
 //! the name read into `KERNEL_NAMES`); `cuKernelGetFunction(CUfunction
 //! *out, CUkernel)` gives the function its kernel's name. These are called
 //! when a program loads its kernels, not per launch, and stay attached
-//! while the launch probes are sampled.
+//! while the launch probes are sampled. A name is only a name: generated
+//! kernels (Triton's `triton_poi_fused_add_0`) repeat across models, so
+//! the identity also carries the module image the name was looked up in.
+//! The loads are probed the same way: `cuModuleLoadData`,
+//! `cuModuleLoadDataEx`, `cuModuleLoadFatBinary` and `cuLibraryLoadData`
+//! (out pointer, image pointer) hash the first `MODULE_IMAGE_HASH_BYTES`
+//! of the image, `cuModuleLoad` and `cuLibraryLoadFromFile` the path, into
+//! `MODULE_IMAGES` by (process, module or library handle).
 //!
 //! When user space samples (attaches for part of an interval), it also
 //! sets `WINDOW` to the kernel-time span it means to count: attaching and
@@ -32,13 +39,20 @@
 
 mod spans;
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated,
+    },
     macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
-use podgpu_common::{launch_kind, KernelHandle, KernelName, LaunchKey, MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS};
+use podgpu_common::{
+    fnv1a, launch_kind, KernelHandle, KernelName, LaunchKey, FNV_OFFSET, MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS,
+    MAX_MODULE_HANDLES, MODULE_IMAGE_HASH_BYTES,
+};
 
 /// Launches per key, per CPU.
 #[map]
@@ -163,11 +177,31 @@ pub fn cu_graph_launch(ctx: ProbeContext) -> u32 {
 static KERNEL_NAMES: LruHashMap<KernelHandle, KernelName> = LruHashMap::with_max_entries(MAX_KERNEL_HANDLES, 0);
 
 /// Per thread inside an identity call: [out pointer, name pointer or
-/// kernel handle, what the second is (`BY_NAME` or `BY_KERNEL`)].
+/// kernel handle, what the second is (`BY_NAME` or `BY_KERNEL`), the
+/// module or library the name is looked up in].
 /// LRU: a thread killed inside a call leaves its entry, which ages out
 /// instead of filling the map.
 #[map]
-static PENDING_IDENTITY: LruHashMap<u64, [u64; 3]> = LruHashMap::with_max_entries(4096, 0);
+static PENDING_IDENTITY: LruHashMap<u64, [u64; 4]> = LruHashMap::with_max_entries(4096, 0);
+
+/// Image hash of each module or library handle, per process (never 0).
+#[map]
+static MODULE_IMAGES: LruHashMap<KernelHandle, u64> = LruHashMap::with_max_entries(MAX_MODULE_HANDLES, 0);
+
+/// Per thread inside a load call: [out pointer, image or path pointer,
+/// which (`FROM_IMAGE` or `FROM_PATH`)].
+#[map]
+static PENDING_LOAD: LruHashMap<u64, [u64; 3]> = LruHashMap::with_max_entries(4096, 0);
+
+/// Scratch for the bytes of one image (or path) being hashed.
+#[map]
+static IMAGE_SCRATCH: PerCpuArray<[u8; MODULE_IMAGE_HASH_BYTES]> = PerCpuArray::with_max_entries(1, 0);
+
+const FROM_IMAGE: u64 = 0;
+const FROM_PATH: u64 = 1;
+/// Image bytes read when the full `MODULE_IMAGE_HASH_BYTES` are not all
+/// mapped (an image at the end of its mapping): the fatbin header.
+const SHORT_IMAGE_BYTES: u32 = 64;
 
 /// Scratch for one name (too large for comfort on the 512-byte stack).
 #[map]
@@ -180,8 +214,85 @@ const BY_KERNEL: u64 = 1;
 fn remember_call(ctx: &ProbeContext, source_arg: usize, by: u64) -> u32 {
     let out = ctx.arg::<u64>(0).unwrap_or(0);
     let source = ctx.arg::<u64>(source_arg).unwrap_or(0);
+    let module = if by == BY_NAME { ctx.arg::<u64>(1).unwrap_or(0) } else { 0 };
     // A full map loses this handle's identity, nothing else.
-    let _ = PENDING_IDENTITY.insert(&bpf_get_current_pid_tgid(), &[out, source, by], 0);
+    let _ = PENDING_IDENTITY.insert(&bpf_get_current_pid_tgid(), &[out, source, by, module], 0);
+    0
+}
+
+#[inline(always)]
+fn remember_load(ctx: &ProbeContext, from: u64) -> u32 {
+    let out = ctx.arg::<u64>(0).unwrap_or(0);
+    let source = ctx.arg::<u64>(1).unwrap_or(0);
+    // A full map loses this module's image hash: its kernels are then
+    // known by name alone.
+    let _ = PENDING_LOAD.insert(&bpf_get_current_pid_tgid(), &[out, source, from], 0);
+    0
+}
+
+/// `cuModuleLoadData(CUmodule *, const void *image)` and its kin whose
+/// second argument is the image (`Ex`, `FatBinary`, `cuLibraryLoadData`).
+#[uprobe]
+pub fn cu_load_image(ctx: ProbeContext) -> u32 {
+    remember_load(&ctx, FROM_IMAGE)
+}
+
+/// `cuModuleLoad(CUmodule *, const char *path)`, `cuLibraryLoadFromFile`.
+#[uprobe]
+pub fn cu_load_path(ctx: ProbeContext) -> u32 {
+    remember_load(&ctx, FROM_PATH)
+}
+
+/// The return of a load call: on success, the handle it wrote gets the
+/// hash of its image (or path).
+#[uretprobe]
+pub fn load_return(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: a value of this map, copied before the entry is removed.
+    let Some(&[out, source, from]) = (unsafe { PENDING_LOAD.get(&id) }) else {
+        return 0;
+    };
+    let _ = PENDING_LOAD.remove(&id);
+    let result: u64 = ctx.ret();
+    if result as u32 != 0 {
+        return 0;
+    }
+    // SAFETY: user memory through the checked helper.
+    let Ok(handle) = (unsafe { bpf_probe_read_user(out as *const u64) }) else {
+        return 0;
+    };
+    let Some(scratch) = IMAGE_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's scratch slot, used by this program only.
+    let scratch = unsafe { &mut *scratch };
+    let len = if from == FROM_PATH {
+        // SAFETY: user memory through the checked helper, bounded by the
+        // buffer.
+        match unsafe { bpf_probe_read_user_str_bytes(source as *const u8, scratch) } {
+            Ok(read) => read.len(),
+            Err(_) => 0,
+        }
+    } else {
+        let dst = scratch.as_mut_ptr() as *mut c_void;
+        // SAFETY: reads of at most the scratch's size into it, from user
+        // memory through the checked helper.
+        unsafe {
+            if generated::bpf_probe_read_user(dst, MODULE_IMAGE_HASH_BYTES as u32, source as *const c_void) == 0 {
+                MODULE_IMAGE_HASH_BYTES
+            } else if generated::bpf_probe_read_user(dst, SHORT_IMAGE_BYTES, source as *const c_void) == 0 {
+                SHORT_IMAGE_BYTES as usize
+            } else {
+                0
+            }
+        }
+    };
+    if len == 0 || len > MODULE_IMAGE_HASH_BYTES {
+        return 0;
+    }
+    let hash = fnv1a(FNV_OFFSET, &scratch[..len]) | 1;
+    let key = KernelHandle { tgid: (id >> 32) as u32, pad: 0, handle };
+    let _ = MODULE_IMAGES.insert(&key, &hash, 0);
     0
 }
 
@@ -206,7 +317,7 @@ pub fn cu_kernel_get_function(ctx: ProbeContext) -> u32 {
 pub fn identity_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
     // SAFETY: a value of this map, copied before the entry is removed.
-    let Some(&[out, source, by]) = (unsafe { PENDING_IDENTITY.get(&id) }) else {
+    let Some(&[out, source, by, module]) = (unsafe { PENDING_IDENTITY.get(&id) }) else {
         return 0;
     };
     let _ = PENDING_IDENTITY.remove(&id);
@@ -242,6 +353,9 @@ pub fn identity_return(ctx: RetProbeContext) -> u32 {
     };
     scratch.len = len;
     scratch.pad = 0;
+    let module = KernelHandle { tgid, pad: 0, handle: module };
+    // SAFETY: a value of this map, copied.
+    scratch.image = unsafe { MODULE_IMAGES.get(&module) }.copied().unwrap_or(0);
     let _ = KERNEL_NAMES.insert(&key, scratch, 0);
     0
 }

@@ -311,6 +311,27 @@ pub const MAX_KERNEL_HANDLES: u32 = 16384;
 /// Bytes of a kernel's name kept (mangled C++ names run long; the prefix
 /// plus the length tell kernels apart in practice).
 pub const KERNEL_NAME_BYTES: usize = 120;
+/// Modules and libraries whose image hash the identity probes remember.
+pub const MAX_MODULE_HANDLES: u32 = 4096;
+/// Bytes at the start of a module image hashed into its identity: a
+/// fatbin's header (magic, version, sizes) and the headers of its first
+/// images, which differ between builds (fewer where fewer are mapped).
+pub const MODULE_IMAGE_HASH_BYTES: usize = 256;
+
+/// FNV-1a, 64-bit: the hash the kernel identity uses on both sides (the
+/// probes hash module images with it, user space names with it).
+pub const fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    let mut index = 0;
+    while index < bytes.len() {
+        hash = (hash ^ bytes[index] as u64).wrapping_mul(FNV_PRIME);
+        index += 1;
+    }
+    hash
+}
+/// FNV-1a's offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// FNV-1a's prime.
+pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// A kernel handle of one process: a `CUfunction` or a `CUkernel`
 /// (`cuLaunchKernel` takes either, cast).
@@ -334,13 +355,17 @@ pub struct KernelName {
     pub len: u32,
     /// Zero.
     pub pad: u32,
+    /// Hash of the image of the module or library the name was looked up
+    /// in (`MODULE_IMAGE_HASH_BYTES` of it, or the path it was loaded
+    /// from); 0 when its load was not seen (before the probes attached).
+    pub image: u64,
     /// The name's first bytes.
     pub name: [u8; KERNEL_NAME_BYTES],
 }
 
 impl Default for KernelName {
     fn default() -> Self {
-        Self { len: 0, pad: 0, name: [0; KERNEL_NAME_BYTES] }
+        Self { len: 0, pad: 0, image: 0, name: [0; KERNEL_NAME_BYTES] }
     }
 }
 
@@ -476,5 +501,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SpanEvent>(), 24);
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 56);
+        assert_eq!(core::mem::size_of::<KernelName>(), 16 + KERNEL_NAME_BYTES);
     }
 }

@@ -7,7 +7,9 @@
  * "ready" and starts only once that file exists. With KERNEL_NAME in the
  * environment it launches the handle libcuda gives that name
  * (cuModuleGetFunction, or with KERNEL_VIA=library cuLibraryGetKernel then
- * cuKernelGetFunction), as an application loading its kernels does;
+ * cuKernelGetFunction), as an application loading its kernels does; with
+ * KERNEL_IMAGE also, it first loads the module (cuModuleLoadData, or
+ * cuLibraryLoadData) from an image starting with that text;
  * otherwise the fixed handle 0x4001. With LAUNCH_SCHEDULE="RATE:SECONDS,..."
  * it launches at each RATE per second (paced by sleeping, 0 for idle) for
  * its SECONDS, in order, and holds the last step; SPIN_NS still adds host
@@ -23,6 +25,9 @@
 #include <unistd.h>
 
 #include "cuda_standin.h"
+
+/* Bytes of the image KERNEL_IMAGE loads: more than the probes hash. */
+#define IMAGE_BYTES 512
 
 
 /* The launch rate LAUNCH_SCHEDULE asks for at ELAPSED_S; -1 without one. */
@@ -66,15 +71,34 @@ int main(int argc, char **argv) {
     const char *kernel_name = getenv("KERNEL_NAME");
     if (kernel_name) {
         const char *via = getenv("KERNEL_VIA");
-        int status;
-        if (via && strcmp(via, "library") == 0) {
+        int library = via && strcmp(via, "library") == 0;
+        int status = 0;
+        /* The module or library the name is looked up in: loaded from an
+         * image of IMAGE_BYTES whose first bytes are KERNEL_IMAGE, zeros
+         * after (none without KERNEL_IMAGE, as before the loads were
+         * probed). */
+        void *module = NULL;
+        static unsigned char image[IMAGE_BYTES];
+        const char *image_text = getenv("KERNEL_IMAGE");
+        if (image_text) {
+            strncpy((char *)image, image_text, sizeof image - 1);
+            if (library) {
+                int (*load)(void **, const void *, void *, void **, unsigned, void *, void **, unsigned) =
+                    dlsym(lib, "cuLibraryLoadData");
+                status = load(&module, image, NULL, NULL, 0, NULL, NULL, 0);
+            } else {
+                int (*load)(void **, const void *) = dlsym(lib, "cuModuleLoadData");
+                status = load(&module, image);
+            }
+        }
+        if (status == 0 && library) {
             void *kernel = NULL;
             int (*get_kernel)(void **, void *, const char *) = dlsym(lib, "cuLibraryGetKernel");
             int (*kernel_function)(void **, void *) = dlsym(lib, "cuKernelGetFunction");
-            status = get_kernel(&kernel, NULL, kernel_name) || kernel_function(&f, kernel);
-        } else {
+            status = get_kernel(&kernel, module, kernel_name) || kernel_function(&f, kernel);
+        } else if (status == 0) {
             int (*get_function)(void **, void *, const char *) = dlsym(lib, "cuModuleGetFunction");
-            status = get_function(&f, NULL, kernel_name);
+            status = get_function(&f, module, kernel_name);
         }
         if (status) {
             fprintf(stderr, "resolving %s failed\n", kernel_name);

@@ -114,6 +114,16 @@ def part_a(args, root, work):
                   f"{seen.get('launches', float('nan')):>12.2f} s / {seen.get('nvml', float('nan')):.2f} s")
         functions = len({(r["pid"], r["function"], tuple(r["grid"]), tuple(r["block"])) for r in launches["rows"]})
         print(f"distinct (process, function, size) keys: {functions}")
+        # Kernel identity on the real libcuda: the share of launches whose
+        # handle has one (the name and module-image probes saw it made),
+        # and whether the two tenants (one PyTorch program, started after
+        # the agent) name their kernels alike.
+        identified = sum(r["launches"] for r in launches["rows"] if r.get("kernel"))
+        total = sum(r["launches"] for r in launches["rows"]) or 1
+        kernels = [{r.get("kernel") for r in launches["rows"] if r["pod_uid"] == pod.uid and r.get("kernel")} for pod in pods]
+        shared = kernels[0] & kernels[1] if len(kernels) == 2 else set()
+        print(f"launches with a kernel identity: {100 * identified / total:.1f}%; identities per tenant "
+              f"{[len(k) for k in kernels]}, shared by both: {len(shared)}")
         for pod in pods:
             pod.proc.wait(timeout=args.seconds + 60)
     finally:

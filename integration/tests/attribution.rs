@@ -226,7 +226,7 @@ async fn learned_kernel_costs_outlive_the_agent() {
     )
     .await;
     let http = setup.agent.http;
-    let identity = podgpu_agent::probes::kernel_identity::identity_of(kernel.as_bytes());
+    let identity = podgpu_agent::probes::kernel_identity::identity_of(kernel.as_bytes(), 0);
     let named_and_measured = eventually(Duration::from_secs(15), async || {
         let launches = json(http, "/launches").await;
         let named = launches["rows"]

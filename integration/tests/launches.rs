@@ -130,12 +130,16 @@ async fn launches_are_counted_per_pod_function_and_size() {
     assert!(after > 0.5 * rate_a, "the pod's launches were kept: {after} vs {rate_a}");
 }
 
-/// Kernel identity: two replicas in two pods load the same kernel by name,
-/// one through `cuModuleGetFunction`, the other through
-/// `cuLibraryGetKernel` + `cuKernelGetFunction`, and get different handles
-/// (as real processes do). The identity probes name both handles, so both
-/// rows carry the same kernel identity; a third process launching a
-/// hard-coded handle (created before any probe saw it) has none.
+/// Kernel identity: two replicas in two pods load the same image and the
+/// same kernel from it by name, one through `cuModuleLoadData` +
+/// `cuModuleGetFunction`, the other through `cuLibraryLoadData` +
+/// `cuLibraryGetKernel` + `cuKernelGetFunction`, and get different
+/// handles (as real processes do). The identity probes name both handles,
+/// so both rows carry the same kernel identity, the hash of the name and
+/// of the image's first bytes; a third process launching a hard-coded
+/// handle (created before any probe saw it) has none; a fourth loads the
+/// same kernel name from another image (another model's generated
+/// kernel) and has another identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_kernel_in_two_processes_has_one_identity() {
     require_root();
@@ -144,7 +148,7 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
     let ns = format!("identity-{}", std::process::id());
     // Its own node: the other tests here launch beside it.
     let node = NodeRoot::create("identity").unwrap();
-    let uids = [new_uid(), new_uid(), new_uid()];
+    let uids = [new_uid(), new_uid(), new_uid(), new_uid()];
     let mut pods: Vec<CgroupPod> = uids.iter().map(|uid| CgroupPod::create(&node.0, uid).unwrap()).collect();
     let entries: Vec<PodEntry> =
         uids.iter().map(|uid| PodEntry { uid, namespace: &ns, name: "replica", app: "replica" }).collect();
@@ -155,13 +159,14 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
     let lib = tools.path().join("libcuda.so.1");
     let mut outputs = Vec::new();
     let mut pids = Vec::new();
-    for (pod, via) in pods.iter_mut().zip([Some("module"), Some("library"), None]) {
+    let loads = [Some(("module", "model-a")), Some(("library", "model-a")), None, Some(("module", "model-b"))];
+    for (pod, load) in pods.iter_mut().zip(loads) {
         let mut command = Command::new(tools.path().join("launch_loop"));
         // A second of launches, then asleep (the loop spins the CPU while
         // it runs, and the tests beside this one time launches).
         command.args([lib.to_str().unwrap(), "2000000", "1", go.to_str().unwrap()]);
-        if let Some(via) = via {
-            command.env("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi").env("KERNEL_VIA", via);
+        if let Some((via, image)) = load {
+            command.env("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi").env("KERNEL_VIA", via).env("KERNEL_IMAGE", image);
         }
         let child = pod.spawn(command).expect("launch loop runs");
         pids.push(child.id());
@@ -191,14 +196,24 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
     .await;
     let view = json(agent.http, "/launches").await;
     assert!(named, "{view}");
-    let (a, b, fixed) = (rows_of(&view, pids[0]), rows_of(&view, pids[1]), rows_of(&view, pids[2]));
+    let (a, b, fixed, other) =
+        (rows_of(&view, pids[0]), rows_of(&view, pids[1]), rows_of(&view, pids[2]), rows_of(&view, pids[3]));
     assert_eq!(a[0]["function"], handles[0].as_str(), "{view}");
     assert_eq!(b[0]["function"], handles[1].as_str(), "{view}");
     let identity = a[0]["kernel"].as_str().unwrap_or_else(|| panic!("replica A has an identity: {view}"));
     assert_eq!(b[0]["kernel"].as_str(), Some(identity), "one kernel, one identity: {view}");
-    let expected = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_bf16PKvS0_Pvi");
-    assert_eq!(identity, format!("{expected:#x}"), "the identity is the name's");
+    // The image as launch_loop lays it out: the text, then zeros.
+    let image_of = |text: &str| {
+        let mut image = vec![0u8; 512];
+        image[..text.len()].copy_from_slice(text.as_bytes());
+        podgpu_agent::probes::kernel_identity::image_hash(&image)
+    };
+    let expected = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_bf16PKvS0_Pvi", image_of("model-a"));
+    assert_eq!(identity, format!("{expected:#x}"), "the identity is the name's and the image's");
     assert!(fixed[0].get("kernel").is_none(), "a handle no probe saw created has none: {view}");
+    let elsewhere = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_bf16PKvS0_Pvi", image_of("model-b"));
+    assert_eq!(other[0]["kernel"].as_str(), Some(format!("{elsewhere:#x}").as_str()), "{view}");
+    assert_ne!(elsewhere, expected, "one name in two images is two kernels");
     drop(agent);
     drop(pods);
 }

@@ -6,9 +6,15 @@
 //!
 //! A handle's identity is a hash of the kernel's name as the process asked
 //! for it (`cuModuleGetFunction`, `cuLibraryGetKernel`; a function from
-//! `cuKernelGetFunction` takes its kernel's). The names of kernels in
-//! different modules may repeat (two versions of one library in two
-//! images); the module image is not hashed yet.
+//! `cuKernelGetFunction` takes its kernel's) and of the image of the
+//! module or library it was looked up in. Names repeat across images:
+//! generated kernels (Triton's `triton_poi_fused_add_0`) in two models,
+//! one kernel in two versions of a library. The image hash covers the
+//! image's first `MODULE_IMAGE_HASH_BYTES` (a fatbin's header with its
+//! sizes), or the path of a module loaded from a file. Where the module's
+//! load was not seen (loaded before the probes attached) the identity is
+//! the name's alone, so a process started before the agent and one
+//! started after it do not share a cost for that kernel.
 //!
 //! Handles created before the probes were attached (a process that loaded
 //! its kernels before the agent started, or before its libcuda was found)
@@ -17,13 +23,25 @@ use std::collections::HashMap;
 
 use aya::maps::HashMap as BpfHashMap;
 use aya::Ebpf;
-use podgpu_common::{KernelHandle, KernelName};
+use podgpu_common::{fnv1a, KernelHandle, KernelName, FNV_OFFSET, MODULE_IMAGE_HASH_BYTES};
 
 use super::ProbeError;
 
 /// (program, exported symbol) of the identity calls: each is probed at
 /// entry and at return.
-pub const IDENTITY_POINTS: [(&str, &str); 6] = [
+pub const IDENTITY_POINTS: [(&str, &str); 18] = [
+    ("cu_load_image", "cuModuleLoadData"),
+    ("load_return", "cuModuleLoadData"),
+    ("cu_load_image", "cuModuleLoadDataEx"),
+    ("load_return", "cuModuleLoadDataEx"),
+    ("cu_load_image", "cuModuleLoadFatBinary"),
+    ("load_return", "cuModuleLoadFatBinary"),
+    ("cu_load_image", "cuLibraryLoadData"),
+    ("load_return", "cuLibraryLoadData"),
+    ("cu_load_path", "cuModuleLoad"),
+    ("load_return", "cuModuleLoad"),
+    ("cu_load_path", "cuLibraryLoadFromFile"),
+    ("load_return", "cuLibraryLoadFromFile"),
     ("cu_module_get_function", "cuModuleGetFunction"),
     ("identity_return", "cuModuleGetFunction"),
     ("cu_library_get_kernel", "cuLibraryGetKernel"),
@@ -33,19 +51,33 @@ pub const IDENTITY_POINTS: [(&str, &str); 6] = [
 ];
 
 /// The identity programs, loaded with the launch programs.
-pub const IDENTITY_PROGRAMS: [&str; 4] =
-    ["cu_module_get_function", "cu_library_get_kernel", "cu_kernel_get_function", "identity_return"];
+pub const IDENTITY_PROGRAMS: [&str; 7] = [
+    "cu_load_image",
+    "cu_load_path",
+    "load_return",
+    "cu_module_get_function",
+    "cu_library_get_kernel",
+    "cu_kernel_get_function",
+    "identity_return",
+];
 
 const KERNEL_NAMES: &str = "KERNEL_NAMES";
 
-/// The identity of a kernel name: FNV-1a over its bytes (up to the first
-/// NUL), never 0.
-pub fn identity_of(name: &[u8]) -> u64 {
+/// The identity of a kernel name looked up in a module whose image hash
+/// is `image` (0: not seen): FNV-1a over the name's bytes (up to the
+/// first NUL), then over the image hash's when there is one; never 0.
+pub fn identity_of(name: &[u8], image: u64) -> u64 {
     let name = name.split(|&b| b == 0).next().unwrap_or_default();
-    let hash = name
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+    let hash = fnv1a(FNV_OFFSET, name);
+    let hash = if image == 0 { hash } else { fnv1a(hash, &image.to_le_bytes()) };
     hash.max(1)
+}
+
+/// The image hash the probes give a module loaded from `image` (its first
+/// `MODULE_IMAGE_HASH_BYTES`; a shorter slice stands for an image of which
+/// only that much was mapped).
+pub fn image_hash(image: &[u8]) -> u64 {
+    fnv1a(FNV_OFFSET, &image[..image.len().min(MODULE_IMAGE_HASH_BYTES)]) | 1
 }
 
 /// The identity of every named handle, by (process, handle).
@@ -60,7 +92,7 @@ pub fn identities(ebpf: &Ebpf) -> Result<HashMap<(u32, u64), u64>, ProbeError> {
             continue;
         }
         let len = (name.len as usize).min(name.name.len());
-        out.insert((handle.tgid, handle.handle), identity_of(&name.name[..len]));
+        out.insert((handle.tgid, handle.handle), identity_of(&name.name[..len], name.image));
     }
     Ok(out)
 }
@@ -73,8 +105,22 @@ mod tests {
     /// different names differ.
     #[test]
     fn identities_hash_the_name() {
-        assert_eq!(identity_of(b"ampere_bf16_gemm\0garbage"), identity_of(b"ampere_bf16_gemm"));
-        assert_ne!(identity_of(b"ampere_bf16_gemm"), identity_of(b"ampere_bf16_gemv"));
-        assert_ne!(identity_of(b""), 0);
+        assert_eq!(identity_of(b"ampere_bf16_gemm\0garbage", 0), identity_of(b"ampere_bf16_gemm", 0));
+        assert_ne!(identity_of(b"ampere_bf16_gemm", 0), identity_of(b"ampere_bf16_gemv", 0));
+        assert_ne!(identity_of(b"", 0), 0);
+    }
+
+    /// One name in two images is two kernels; in one image, one.
+    #[test]
+    fn identities_hash_the_image_too() {
+        let (model_a, model_b) = (image_hash(b"fatbin of model a"), image_hash(b"fatbin of model b"));
+        let name = b"triton_poi_fused_add_0";
+        assert_eq!(identity_of(name, model_a), identity_of(name, model_a));
+        assert_ne!(identity_of(name, model_a), identity_of(name, model_b));
+        assert_ne!(identity_of(name, model_a), identity_of(name, 0));
+        // Only the hashed prefix of an image counts.
+        let long = [7u8; 1000];
+        assert_eq!(image_hash(&long), image_hash(&long[..MODULE_IMAGE_HASH_BYTES]));
+        assert_ne!(image_hash(&long), 0);
     }
 }
