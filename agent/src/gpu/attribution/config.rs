@@ -28,6 +28,12 @@ pub struct EstimatorConfig {
     /// points per extra tenant (the three small tenants of
     /// `docs/platform.md`: 4.9), so the prior reaches past 9 at 1.5σ.
     pub overhead_prior: f64,
+    /// Prior mean of the time-slicing overhead, points per active process
+    /// beyond the first: what the four recorded H100 traces show (1.3 to
+    /// 3.6 over the tenants' own work). At 0 the overhead was never
+    /// learned (tenants arriving bring it with their own costs, and
+    /// nothing tells the two apart) and was booked on the processes.
+    pub overhead_mean: f64,
     /// Seconds without launches after which a key is forgotten.
     pub key_ttl_s: f64,
     /// Most keys one process keeps apart; its rarer keys share one.
@@ -52,6 +58,7 @@ impl Default for EstimatorConfig {
             jump_tolerance: 0.2,
             misalignment_gain: 4.0,
             overhead_prior: 6.0,
+            overhead_mean: 2.0,
             key_ttl_s: 60.0,
             max_keys_per_process: 8,
             fallback_scale: 15.0,
@@ -61,7 +68,7 @@ impl Default for EstimatorConfig {
 }
 
 /// The settings `EstimatorConfig::set` knows, for `replay --set`.
-pub const SETTINGS: [&str; 13] = [
+pub const SETTINGS: [&str; 14] = [
     "prior_share",
     "util_noise",
     "cost_drift",
@@ -71,6 +78,7 @@ pub const SETTINGS: [&str; 13] = [
     "jump_tolerance",
     "misalignment_gain",
     "overhead_prior",
+    "overhead_mean",
     "key_ttl_s",
     "max_keys_per_process",
     "fallback_scale",
@@ -95,6 +103,7 @@ impl EstimatorConfig {
             "jump_tolerance" => self.jump_tolerance = value,
             "misalignment_gain" => self.misalignment_gain = value,
             "overhead_prior" => self.overhead_prior = value,
+            "overhead_mean" => self.overhead_mean = value,
             "key_ttl_s" => self.key_ttl_s = value,
             "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
             "fallback_scale" => self.fallback_scale = value,

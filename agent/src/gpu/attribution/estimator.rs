@@ -127,7 +127,8 @@ impl Estimator {
         let mut filter = CostFilter::default();
         // Under MPS kernels of different clients overlap: there is no
         // switching cost to learn, only concurrency.
-        let overhead = (sharing == Sharing::TimeSliced).then(|| filter.push(0.0, config.overhead_prior.powi(2)));
+        let overhead =
+            (sharing == Sharing::TimeSliced).then(|| filter.push(config.overhead_mean, config.overhead_prior.powi(2)));
         Self { config, filter, keys: HashMap::new(), shared: HashMap::new(), known: HashMap::new(), overhead, sharing }
     }
 

@@ -14,7 +14,7 @@
 //! The worst tenants are listed with what their scenario drew, so a bad
 //! figure points at the load it comes from.
 use super::generator::{self, Pattern};
-use super::replay::{replay, TenantScore};
+use super::replay::{replay, Replay, TenantScore};
 use super::trace::{LaunchLine, Trace};
 use super::EstimatorConfig;
 use crate::gpu::Sharing;
@@ -106,6 +106,8 @@ pub struct Scorecard {
     pub recorded: Figures,
     /// Over both.
     pub all: Figures,
+    /// The time-slicing overhead, drawn and estimated.
+    pub overhead: OverheadFigures,
     /// Every tenant scored, worst MAE first.
     pub tenants: Vec<ScoredTenant>,
 }
@@ -122,6 +124,7 @@ pub fn sweep(
     with_spans: bool,
 ) -> Scorecard {
     let mut tenants = Vec::new();
+    let mut overheads = Vec::new();
     for index in 0..count {
         let mut drawn = generator::draw(seed, index);
         if !with_spans {
@@ -131,7 +134,13 @@ pub fn sweep(
         let identified =
             drawn.scenario.tenants.iter().any(|(_, phases)| phases.iter().any(|p| p.kernel.identity.is_some()));
         let mps = drawn.scenario.sharing == Sharing::Mps;
-        for score in replay(&trace, &launches, config).tenants {
+        let replayed = replay(&trace, &launches, config);
+        if !mps {
+            if let Some(estimated) = overhead_per_extra_tenant(&replayed) {
+                overheads.push((drawn.scenario.overhead_points, estimated));
+            }
+        }
+        for score in replayed.tenants {
             let pattern = drawn.patterns.iter().find(|(pid, _)| *pid == score.pid).map(|(_, p)| Pattern::name(*p));
             tenants.push(ScoredTenant {
                 source: drawn.scenario.name.clone(),
@@ -166,7 +175,51 @@ pub fn sweep(
         generated: Figures::of(tenants.iter().filter(|t| !t.recorded).map(|t| &t.score)),
         recorded: Figures::of(tenants.iter().filter(|t| t.recorded).map(|t| &t.score)),
         all: Figures::of(tenants.iter().map(|t| &t.score)),
+        overhead: OverheadFigures::of(&overheads),
         tenants,
+    }
+}
+
+/// The estimator's time-slicing overhead over a replay, points per extra
+/// active process, averaged over the windows with two or more processes.
+fn overhead_per_extra_tenant(replayed: &Replay) -> Option<f64> {
+    let per_window: Vec<f64> = replayed
+        .windows
+        .iter()
+        .filter_map(|w| w.attribution.as_ref())
+        .filter(|a| a.processes.len() >= 2)
+        .map(|a| a.sharing_overhead_percent / (a.processes.len() - 1) as f64)
+        .collect();
+    (!per_window.is_empty()).then(|| per_window.iter().sum::<f64>() / per_window.len() as f64)
+}
+
+/// How the time-slicing overhead the estimator reports compares with the
+/// one the generated (time-sliced) scenarios drew: what it does not learn
+/// as overhead, it books on the processes.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct OverheadFigures {
+    /// Time-sliced scenarios with two or more processes at once.
+    pub scenarios: usize,
+    /// Mean of the drawn overheads, points per extra tenant.
+    pub drawn_mean: f64,
+    /// Mean of the estimated ones.
+    pub estimated_mean: f64,
+    /// Mean absolute difference, per scenario.
+    pub mean_abs_error: f64,
+}
+
+impl OverheadFigures {
+    fn of(pairs: &[(f64, f64)]) -> Self {
+        if pairs.is_empty() {
+            return Self::default();
+        }
+        let n = pairs.len() as f64;
+        Self {
+            scenarios: pairs.len(),
+            drawn_mean: pairs.iter().map(|(drawn, _)| drawn).sum::<f64>() / n,
+            estimated_mean: pairs.iter().map(|(_, estimated)| estimated).sum::<f64>() / n,
+            mean_abs_error: pairs.iter().map(|(drawn, estimated)| (drawn - estimated).abs()).sum::<f64>() / n,
+        }
     }
 }
 
@@ -195,6 +248,12 @@ impl std::fmt::Display for Scorecard {
                 figures.confident_bins,
             )?;
         }
+        let overhead = &self.overhead;
+        writeln!(
+            f,
+            "time-slicing overhead, points per extra tenant over {} scenarios: drawn {:.1}, estimated {:.1} (mean error {:.1})",
+            overhead.scenarios, overhead.drawn_mean, overhead.estimated_mean, overhead.mean_abs_error
+        )?;
         writeln!(f, "worst tenants (MAE points; podgpu / NVML / launch share; confidence):")?;
         for tenant in self.tenants.iter().take(8) {
             let score = &tenant.score;
@@ -241,6 +300,15 @@ mod tests {
         assert!(figures.confident_bins_over_5 <= figures.confident_bins);
         let text = card.to_string();
         assert!(text.contains("generated") && text.contains("worst tenants"), "{text}");
+        // The overhead figures cover the time-sliced scenarios; the mean
+        // error is at least the difference of the means.
+        let overhead = &card.overhead;
+        assert!(overhead.scenarios >= 1 && overhead.scenarios <= 6, "{overhead:?}");
+        assert!(overhead.drawn_mean > 0.0, "{overhead:?}");
+        assert!(
+            overhead.mean_abs_error + 1e-12 >= (overhead.drawn_mean - overhead.estimated_mean).abs(),
+            "{overhead:?}"
+        );
     }
 
     /// The figures over a hand-made set: ranks, shares and bin counts.
