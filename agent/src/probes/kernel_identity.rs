@@ -12,9 +12,9 @@
 //! one kernel in two versions of a library. The image hash covers the
 //! image's first `MODULE_IMAGE_HASH_BYTES` (a fatbin's header with its
 //! sizes), or the path of a module loaded from a file. Where the module's
-//! load was not seen (loaded before the probes attached) the identity is
-//! the name's alone, so a process started before the agent and one
-//! started after it do not share a cost for that kernel.
+//! load was not seen (loaded before the probes attached) the handle takes
+//! the one image its name is known with elsewhere (`resolve`), or is
+//! known by its name alone.
 //!
 //! Handles created before the probes were attached (a process that loaded
 //! its kernels before the agent started, or before its libcuda was found)
@@ -68,9 +68,16 @@ const KERNEL_NAMES: &str = "KERNEL_NAMES";
 /// first NUL), then over the image hash's when there is one; never 0.
 pub fn identity_of(name: &[u8], image: u64) -> u64 {
     let name = name.split(|&b| b == 0).next().unwrap_or_default();
-    let hash = fnv1a(FNV_OFFSET, name);
-    let hash = if image == 0 { hash } else { fnv1a(hash, &image.to_le_bytes()) };
-    hash.max(1)
+    with_image(fnv1a(FNV_OFFSET, name).max(1), image)
+}
+
+/// A name's identity (`identity_of(name, 0)`) with an image hash added.
+fn with_image(name: u64, image: u64) -> u64 {
+    if image == 0 {
+        name
+    } else {
+        fnv1a(name, &image.to_le_bytes()).max(1)
+    }
 }
 
 /// The image hash the probes give a module loaded from `image` (its first
@@ -85,16 +92,44 @@ pub fn identities(ebpf: &Ebpf) -> Result<HashMap<(u32, u64), u64>, ProbeError> {
     let map = ebpf.map(KERNEL_NAMES).ok_or(ProbeError::MissingMap(KERNEL_NAMES))?;
     let names: BpfHashMap<_, KernelHandle, KernelName> =
         BpfHashMap::try_from(map).map_err(|source| ProbeError::Map { name: KERNEL_NAMES, source })?;
-    let mut out = HashMap::new();
+    let mut named = Vec::new();
     // An entry evicted or replaced while iterating is skipped, not fatal.
     for (handle, name) in names.iter().flatten() {
         if name.len == 0 {
             continue;
         }
         let len = (name.len as usize).min(name.name.len());
-        out.insert((handle.tgid, handle.handle), identity_of(&name.name[..len], name.image));
+        named.push(((handle.tgid, handle.handle), identity_of(&name.name[..len], 0), name.image));
     }
-    Ok(out)
+    Ok(resolve(&named))
+}
+
+/// Identities from `(handle, name-only identity, image hash)`. A handle
+/// whose module load was not seen (image 0: the process loaded it before
+/// the agent attached, as every process does across an agent restart)
+/// takes the image of the other handles of its name when they all agree
+/// on one: otherwise a replica started after a restart and one started
+/// before would never share a cost. Where images of the name differ, or
+/// none is known, it is known by its name alone.
+pub fn resolve(named: &[((u32, u64), u64, u64)]) -> HashMap<(u32, u64), u64> {
+    let mut images: HashMap<u64, Option<u64>> = HashMap::new();
+    for &(_, name, image) in named.iter().filter(|(_, _, image)| *image != 0) {
+        images
+            .entry(name)
+            .and_modify(|seen| {
+                if *seen != Some(image) {
+                    *seen = None;
+                }
+            })
+            .or_insert(Some(image));
+    }
+    named
+        .iter()
+        .map(|&(handle, name, image)| {
+            let image = if image != 0 { image } else { images.get(&name).copied().flatten().unwrap_or(0) };
+            (handle, with_image(name, image))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -108,6 +143,29 @@ mod tests {
         assert_eq!(identity_of(b"ampere_bf16_gemm\0garbage", 0), identity_of(b"ampere_bf16_gemm", 0));
         assert_ne!(identity_of(b"ampere_bf16_gemm", 0), identity_of(b"ampere_bf16_gemv", 0));
         assert_ne!(identity_of(b"", 0), 0);
+    }
+
+    /// A handle whose module load was not seen takes the one image its
+    /// name is known with; with two images known, or none, the name alone.
+    #[test]
+    fn unseen_modules_take_the_one_image_their_name_has() {
+        let (gemm, add) = (identity_of(b"gemm", 0), identity_of(b"triton_add", 0));
+        let (model_a, model_b) = (image_hash(b"model a"), image_hash(b"model b"));
+        let named = [
+            ((1, 0x10), gemm, model_a),
+            ((2, 0x20), gemm, 0),
+            ((3, 0x30), add, model_a),
+            ((4, 0x40), add, model_b),
+            ((5, 0x50), add, 0),
+            ((6, 0x60), identity_of(b"lonely", 0), 0),
+        ];
+        let resolved = resolve(&named);
+        assert_eq!(resolved[&(1, 0x10)], identity_of(b"gemm", model_a));
+        assert_eq!(resolved[&(2, 0x20)], identity_of(b"gemm", model_a), "the replica from before the restart");
+        assert_eq!(resolved[&(3, 0x30)], identity_of(b"triton_add", model_a));
+        assert_eq!(resolved[&(4, 0x40)], identity_of(b"triton_add", model_b));
+        assert_eq!(resolved[&(5, 0x50)], identity_of(b"triton_add", 0), "two images: which is unknown");
+        assert_eq!(resolved[&(6, 0x60)], identity_of(b"lonely", 0));
     }
 
     /// One name in two images is two kernels; in one image, one.
