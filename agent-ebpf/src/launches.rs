@@ -202,6 +202,11 @@ const FROM_PATH: u64 = 1;
 /// Image bytes read when the full `MODULE_IMAGE_HASH_BYTES` are not all
 /// mapped (an image at the end of its mapping): the fatbin header.
 const SHORT_IMAGE_BYTES: u32 = 64;
+/// `__fatBinC_Wrapper_t::magic`: what the CUDA runtime registers and
+/// `cuModuleLoadFatBinary` takes is a wrapper `{ magic, version, data,
+/// filename_or_fatbins }` whose `data` (at 8) points at the fatbin. Its
+/// pointers differ per process (ASLR), so the fatbin is hashed instead.
+const FATBINC_MAGIC: u32 = 0x4662_43b1;
 
 /// Scratch for one name (too large for comfort on the 512-byte stack).
 #[map]
@@ -274,6 +279,11 @@ pub fn load_return(ctx: RetProbeContext) -> u32 {
             Err(_) => 0,
         }
     } else {
+        // SAFETY: user memory through the checked helper.
+        let source = match unsafe { bpf_probe_read_user(source as *const u32) } {
+            Ok(FATBINC_MAGIC) => unsafe { bpf_probe_read_user((source + 8) as *const u64) }.unwrap_or(source),
+            _ => source,
+        };
         let dst = scratch.as_mut_ptr() as *mut c_void;
         // SAFETY: reads of at most the scratch's size into it, from user
         // memory through the checked helper.

@@ -9,7 +9,8 @@
  * (cuModuleGetFunction, or with KERNEL_VIA=library cuLibraryGetKernel then
  * cuKernelGetFunction), as an application loading its kernels does; with
  * KERNEL_IMAGE also, it first loads the module (cuModuleLoadData, or
- * cuLibraryLoadData) from an image starting with that text;
+ * cuLibraryLoadData) from an image starting with that text (inside a
+ * fatbin wrapper with KERNEL_IMAGE_WRAPPED);
  * otherwise the fixed handle 0x4001. With LAUNCH_SCHEDULE="RATE:SECONDS,..."
  * it launches at each RATE per second (paced by sleeping, 0 for idle) for
  * its SECONDS, in order, and holds the last step; SPIN_NS still adds host
@@ -82,13 +83,24 @@ int main(int argc, char **argv) {
         const char *image_text = getenv("KERNEL_IMAGE");
         if (image_text) {
             strncpy((char *)image, image_text, sizeof image - 1);
+            /* With KERNEL_IMAGE_WRAPPED, the load is given the image inside
+             * a fatbin wrapper, as the CUDA runtime registers it: magic,
+             * version, a pointer to the image (which differs per process). */
+            static struct { unsigned magic, version; const void *data, *filename; } wrapper;
+            const void *loaded = image;
+            if (getenv("KERNEL_IMAGE_WRAPPED")) {
+                wrapper.magic = 0x466243b1;
+                wrapper.version = 1;
+                wrapper.data = image;
+                loaded = &wrapper;
+            }
             if (library) {
                 int (*load)(void **, const void *, void *, void **, unsigned, void *, void **, unsigned) =
                     dlsym(lib, "cuLibraryLoadData");
-                status = load(&module, image, NULL, NULL, 0, NULL, NULL, 0);
+                status = load(&module, loaded, NULL, NULL, 0, NULL, NULL, 0);
             } else {
                 int (*load)(void **, const void *) = dlsym(lib, "cuModuleLoadData");
-                status = load(&module, image);
+                status = load(&module, loaded);
             }
         }
         if (status == 0 && library) {

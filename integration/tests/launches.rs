@@ -131,8 +131,9 @@ async fn launches_are_counted_per_pod_function_and_size() {
 }
 
 /// Kernel identity: two replicas in two pods load the same image and the
-/// same kernel from it by name, one through `cuModuleLoadData` +
-/// `cuModuleGetFunction`, the other through `cuLibraryLoadData` +
+/// same kernel from it by name, one through `cuModuleLoadData` (the image
+/// in a fatbin wrapper) + `cuModuleGetFunction`, the other through
+/// `cuLibraryLoadData` +
 /// `cuLibraryGetKernel` + `cuKernelGetFunction`, and get different
 /// handles (as real processes do). The identity probes name both handles,
 /// so both rows carry the same kernel identity, the hash of the name and
@@ -167,6 +168,11 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
         command.args([lib.to_str().unwrap(), "2000000", "1", go.to_str().unwrap()]);
         if let Some((via, image)) = load {
             command.env("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi").env("KERNEL_VIA", via).env("KERNEL_IMAGE", image);
+            // The first replica hands its image over in a fatbin wrapper,
+            // as the CUDA runtime does: its pointer is this process's own.
+            if via == "module" && image == "model-a" {
+                command.env("KERNEL_IMAGE_WRAPPED", "1");
+            }
         }
         let child = pod.spawn(command).expect("launch loop runs");
         pids.push(child.id());
