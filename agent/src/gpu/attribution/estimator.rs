@@ -169,6 +169,12 @@ impl Estimator {
         self.keys.values().filter(|t| t.slot.is_some()).count()
     }
 
+    /// States the filter holds (costs, differences, the overhead).
+    #[cfg(test)]
+    pub(super) fn state_count(&self) -> usize {
+        self.filter.len()
+    }
+
     /// Folds one window in and returns its attribution; `None` when the
     /// device utilization is unknown (no share can be bounded).
     pub fn observe(&mut self, window: &Window) -> Option<Attribution> {

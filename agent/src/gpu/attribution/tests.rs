@@ -248,6 +248,38 @@ fn a_learned_kernel_pins_later_processes() {
     assert_eq!(estimator.learned_keys(), 1);
 }
 
+/// A process that joins a learned kernel cost carries a difference of its
+/// own; when it goes (a crash, a pod deleted), the difference goes with
+/// its keys, the state returns to what it was, and the process still
+/// launching the kernel keeps its share; a newcomer on the same kernel
+/// then starts from the cost again.
+#[test]
+fn a_departed_replica_leaves_no_state_behind() {
+    let config = EstimatorConfig { key_ttl_s: 2.0, ..EstimatorConfig::default() };
+    let mut estimator = Estimator::new(config, Sharing::Mps);
+    // 0.1 %·s per launch, learned in process 1 alone.
+    for _ in 0..10 {
+        estimator.observe(&window(20.0, vec![shared(1, 0x10, 100.0, 0xbeef)]));
+    }
+    let alone = estimator.state_count();
+    for _ in 0..4 {
+        estimator.observe(&window(30.0, vec![shared(1, 0x10, 100.0, 0xbeef), shared(2, 0x20, 50.0, 0xbeef)]));
+    }
+    assert_eq!(estimator.state_count(), alone + 1, "process 2's difference from the shared cost");
+    // Process 2 is gone: past the TTL its key and its difference are dropped.
+    let mut last = None;
+    for _ in 0..6 {
+        last = estimator.observe(&window(20.0, vec![shared(1, 0x10, 100.0, 0xbeef)]));
+    }
+    assert_eq!(estimator.state_count(), alone, "nothing of process 2 is left");
+    let attribution = last.unwrap();
+    assert!((attribution.share_of(1) - 20.0).abs() < 1.0 && attribution.share_of(2) == 0.0, "{attribution:?}");
+    let attribution =
+        estimator.observe(&window(30.0, vec![shared(1, 0x10, 100.0, 0xbeef), shared(3, 0x30, 50.0, 0xbeef)])).unwrap();
+    assert!((attribution.share_of(1) - 20.0).abs() < 2.0, "{attribution:?}");
+    assert!((attribution.share_of(3) - 10.0).abs() < 2.0, "{attribution:?}");
+}
+
 /// The node's catalog: a kernel cost pinned by one estimator is handed to
 /// a fresh one (an agent restarted), where a process launching that
 /// kernel beside an unknown newcomer starts from the cost instead of an
