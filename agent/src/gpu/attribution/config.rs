@@ -44,6 +44,10 @@ pub struct EstimatorConfig {
     /// be from the cost another process learned for it: the same kernel
     /// at the same grid does more work on a larger batch or context.
     pub shared_cost_spread: f64,
+    /// Longest period the device reading averages over, seconds: how far
+    /// back the completion spans' bounds must reach (NVML's sample period
+    /// on the H100 read 0.2-1 s).
+    pub reading_period_s: f64,
 }
 
 impl Default for EstimatorConfig {
@@ -63,12 +67,13 @@ impl Default for EstimatorConfig {
             max_keys_per_process: 8,
             fallback_scale: 15.0,
             shared_cost_spread: 0.5,
+            reading_period_s: 1.0,
         }
     }
 }
 
 /// The settings `EstimatorConfig::set` knows, for `replay --set`.
-pub const SETTINGS: [&str; 14] = [
+pub const SETTINGS: [&str; 15] = [
     "prior_share",
     "util_noise",
     "cost_drift",
@@ -83,6 +88,7 @@ pub const SETTINGS: [&str; 14] = [
     "max_keys_per_process",
     "fallback_scale",
     "shared_cost_spread",
+    "reading_period_s",
 ];
 
 impl EstimatorConfig {
@@ -108,6 +114,7 @@ impl EstimatorConfig {
             "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
             "fallback_scale" => self.fallback_scale = value,
             "shared_cost_spread" => self.shared_cost_spread = value,
+            "reading_period_s" => self.reading_period_s = value,
             _ => return Err(format!("unknown setting {name:?}; known: {}", SETTINGS.join(", "))),
         }
         Ok(())

@@ -119,6 +119,8 @@ pub struct Estimator {
     /// Slot of the time-slicing overhead state (time-sliced GPUs only).
     overhead: Option<Slot>,
     sharing: Sharing,
+    /// The span bounds of the windows the device reading still covers.
+    recent_bounds: spans::RecentBounds,
 }
 
 impl Estimator {
@@ -129,7 +131,16 @@ impl Estimator {
         // switching cost to learn, only concurrency.
         let overhead =
             (sharing == Sharing::TimeSliced).then(|| filter.push(config.overhead_mean, config.overhead_prior.powi(2)));
-        Self { config, filter, keys: HashMap::new(), shared: HashMap::new(), known: HashMap::new(), overhead, sharing }
+        Self {
+            config,
+            filter,
+            keys: HashMap::new(),
+            shared: HashMap::new(),
+            known: HashMap::new(),
+            overhead,
+            sharing,
+            recent_bounds: Default::default(),
+        }
     }
 
     /// Seeds kernel costs learned before (the node's catalog): a process
@@ -418,6 +429,7 @@ impl Estimator {
         // Step 3b: costs that put a process outside its span bounds are
         // pulled to the bound it breaks.
         let evidence = spans::evidence(&window.spans, duration);
+        let reach = self.recent_bounds.reach(&evidence, pid_rates.keys().copied(), duration, cfg.reading_period_s);
         let unsettled: BTreeSet<u32> = pending.union(&loosened).copied().collect();
         spans::hold_costs_within(&mut self.filter, &by_pid, &evidence, &unsettled, util - overhead_now, cfg.util_noise);
 
@@ -483,7 +495,7 @@ impl Estimator {
             let scale = available.max(0.0) / total;
             processes.iter_mut().for_each(|p| p.util_percent *= scale);
         }
-        spans::bound(&mut processes, &evidence, available.max(0.0), cfg.util_noise);
+        spans::bound(&mut processes, &evidence, &reach, available.max(0.0), cfg.util_noise);
         self.forget_idle();
         Some(Attribution::new(util, overhead, processes))
     }

@@ -14,7 +14,7 @@
 //! Where the bounds are tighter than the filter's σ they set it: a share
 //! inside [lower, upper] is off by at most the larger gap, so σ is half
 //! that gap, and a confident share is one the bounds pin.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::filter::CostFilter;
 use super::shares::confidence_of;
@@ -76,6 +76,64 @@ pub(super) fn evidence(spans: &[ProcessSpan], duration_s: f64) -> HashMap<u32, S
             (span.pid, SpanEvidence { upper: 100.0 * busy, fair })
         })
         .collect()
+}
+
+/// Windows of span bounds kept for the readings that reach back: more
+/// than a second of 0.5 s windows, with room for shorter ones.
+const RECENT_WINDOWS: usize = 8;
+
+/// The span bounds of the windows a device reading may still cover.
+///
+/// NVML averages the utilization over its own sample period (0.2-1 s on
+/// the H100, `docs/attribution.md`), so a window's reading holds work
+/// done before the window began: a process that stopped just before it
+/// owns part of the reading while its spans in the window read 0. Its
+/// bound on the reading is its busiest window over the reading's reach.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RecentBounds {
+    /// Oldest first: each window's duration and, per process that ran in
+    /// it, its upper bound (`None`: it launched, but its spans said
+    /// nothing).
+    windows: VecDeque<(f64, HashMap<u32, Option<f64>>)>,
+}
+
+impl RecentBounds {
+    /// This window's bounds as they hold for its device reading: each
+    /// upper bound widened to the busiest of the windows the reading
+    /// reaches back into (`reading_period_s` before this one), none for a
+    /// process that ran there with spans that said nothing. Then this
+    /// window is remembered. `running`: the processes that launched in it.
+    pub fn reach(
+        &mut self,
+        evidence: &HashMap<u32, SpanEvidence>,
+        running: impl Iterator<Item = u32>,
+        duration_s: f64,
+        reading_period_s: f64,
+    ) -> HashMap<u32, SpanEvidence> {
+        let mut reach = evidence.clone();
+        let mut reached = 0.0;
+        for (duration, uppers) in self.windows.iter().rev() {
+            if reached >= reading_period_s {
+                break;
+            }
+            reached += duration;
+            for (pid, bound) in reach.iter_mut() {
+                match uppers.get(pid) {
+                    Some(Some(upper)) => bound.upper = bound.upper.max(*upper),
+                    Some(None) => bound.upper = f64::INFINITY,
+                    // Not running then: it added nothing to the reading.
+                    None => {}
+                }
+            }
+        }
+        let mut now: HashMap<u32, Option<f64>> = running.map(|pid| (pid, None)).collect();
+        now.extend(evidence.iter().map(|(&pid, e)| (pid, Some(e.upper))));
+        if self.windows.len() == RECENT_WINDOWS {
+            self.windows.pop_front();
+        }
+        self.windows.push_back((duration_s.max(0.0), now));
+        reach
+    }
 }
 
 /// The weight each process's share of an unseparable sum gets: its fair
@@ -145,8 +203,11 @@ pub(super) fn hold_costs_within(
     }
 }
 
-/// Holds every share inside what the spans allow and narrows σ to the
-/// bounds. `available` is the device utilization the shares split,
+/// Holds every share inside what this window's spans allow and narrows σ
+/// to the bounds that hold for its reading (`reach`, `RecentBounds`): a
+/// share pinned by this window's bounds alone may still be off by what
+/// the reading holds of the windows before, so its σ does not shrink
+/// below that. `available` is the device utilization the shares split,
 /// `reading_noise` the σ of that reading (the lower bounds, which lean on
 /// it, keep two of them as margin). What a share sheds above its upper
 /// bound goes to the others with room, in proportion to their variance;
@@ -155,6 +216,7 @@ pub(super) fn hold_costs_within(
 pub(super) fn bound(
     processes: &mut [ProcessShare],
     evidence: &HashMap<u32, SpanEvidence>,
+    reach: &HashMap<u32, SpanEvidence>,
     available: f64,
     reading_noise: f64,
 ) {
@@ -195,6 +257,7 @@ pub(super) fn bound(
             process.util_percent += surplus * weight / total;
         }
     }
+    let (lower, upper): (Vec<f64>, Vec<f64>) = bounds(&pids, reach, available, reading_noise).into_iter().unzip();
     for ((process, &low), &high) in processes.iter_mut().zip(&lower).zip(&upper) {
         let Some(sigma) = process.uncertainty_points else { continue };
         let widest = (process.util_percent - low).max(high - process.util_percent).max(0.0);
@@ -256,7 +319,7 @@ mod tests {
     fn shares_stay_inside_their_spans() {
         let mut shares = [share(1, 13.0, 20.0), share(2, 4.0, 20.0), share(3, 23.0, 20.0)];
         let seen = evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5), span(3, 0.12, 0.06, 5)], 1.0);
-        bound(&mut shares, &seen, 40.0, 3.0);
+        bound(&mut shares, &seen, &seen, 40.0, 3.0);
         let values: Vec<f64> = shares.iter().map(|s| s.util_percent).collect();
         assert!((values.iter().sum::<f64>() - 40.0).abs() < 1e-6, "{values:?}");
         assert!(values[2] <= 12.0 + 1e-9 && values.iter().all(|&v| v <= 20.0 + 1e-9), "{values:?}");
@@ -266,8 +329,56 @@ mod tests {
         }
         // Bounds that cannot hold the sum leave the rest unassigned.
         let mut tight = [share(1, 30.0, 20.0), share(2, 30.0, 20.0)];
-        bound(&mut tight, &evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5)], 1.0), 60.0, 3.0);
+        let seen = evidence(&[span(1, 0.2, 0.1, 5), span(2, 0.2, 0.1, 5)], 1.0);
+        bound(&mut tight, &seen, &seen, 60.0, 3.0);
         assert!(tight.iter().all(|s| (s.util_percent - 20.0).abs() < 1e-9), "{tight:?}");
+    }
+
+    /// A process that stopped just before the window has no span time in
+    /// it, yet the reading, which averages over the second before, still
+    /// holds its work: its share is held to this window's bound, but its
+    /// σ stays what the reading's reach allows, not 0. A reading that
+    /// reaches no earlier window pins it (fails if σ narrows to this
+    /// window's bounds alone).
+    #[test]
+    fn a_reading_that_reaches_back_keeps_sigma_open() {
+        let before = evidence(&[span(1, 0.3, 0.2, 4), span(2, 0.1, 0.05, 4)], 0.5);
+        let now = evidence(&[span(1, 0.0, 0.0, 0), span(2, 0.1, 0.05, 4)], 0.5);
+        let mut recent = RecentBounds::default();
+        recent.reach(&before, [1, 2].into_iter(), 0.5, 1.0);
+        let reach = recent.reach(&now, [2].into_iter(), 0.5, 1.0);
+        assert_eq!((reach[&1].upper, now[&1].upper), (60.0, 0.0), "{reach:?}");
+
+        let mut shares = [share(1, 10.0, 8.0), share(2, 20.0, 8.0)];
+        bound(&mut shares, &now, &reach, 30.0, 3.0);
+        assert_eq!(shares[0].util_percent, 0.0, "held to this window's bound");
+        assert_eq!(shares[0].uncertainty_points, Some(8.0), "{:?}", shares[0]);
+
+        let mut pinned = [share(1, 10.0, 8.0), share(2, 20.0, 8.0)];
+        bound(&mut pinned, &now, &now, 30.0, 3.0);
+        assert_eq!((pinned[0].util_percent, pinned[0].uncertainty_points), (0.0, Some(0.0)));
+    }
+
+    /// Only the windows inside the reading's period widen a bound, and a
+    /// process that launched there while its spans said nothing has no
+    /// bound at all; the memory of windows stays bounded.
+    #[test]
+    fn the_reach_is_the_reading_period() {
+        let busy = |pid: u32, share: f64| evidence(&[span(pid, share * 0.5, 0.0, 1)], 0.5);
+        let mut recent = RecentBounds::default();
+        recent.reach(&busy(1, 0.9), [1].into_iter(), 0.5, 1.0);
+        recent.reach(&busy(1, 0.5), [1].into_iter(), 0.5, 1.0);
+        recent.reach(&busy(1, 0.2), [1].into_iter(), 0.5, 1.0);
+        let reach = recent.reach(&busy(1, 0.1), [1].into_iter(), 0.5, 1.0);
+        assert!((reach[&1].upper - 50.0).abs() < 1e-9, "two windows back, not three: {reach:?}");
+        let mut recent = RecentBounds::default();
+        recent.reach(&HashMap::new(), [1].into_iter(), 0.5, 1.0);
+        let reach = recent.reach(&busy(1, 0.1), [1].into_iter(), 0.5, 1.0);
+        assert_eq!(reach[&1].upper, f64::INFINITY);
+        for _ in 0..3 * RECENT_WINDOWS {
+            recent.reach(&busy(1, 0.1), [1].into_iter(), 0.5, 1.0);
+        }
+        assert_eq!(recent.windows.len(), RECENT_WINDOWS);
     }
 
     /// Windows difference cumulative reads; a process's first read is its
@@ -308,7 +419,7 @@ mod tests {
     #[test]
     fn no_spans_no_change() {
         let mut shares = [share(1, 30.0, 20.0)];
-        bound(&mut shares, &HashMap::new(), 30.0, 3.0);
+        bound(&mut shares, &HashMap::new(), &HashMap::new(), 30.0, 3.0);
         assert_eq!(shares[0], share(1, 30.0, 20.0));
     }
 }
