@@ -4,7 +4,12 @@
 //! connections. Each round runs wrk three times, back to back: without
 //! anything attached, with only no-op programs on the request probe's hooks
 //! (the floor: what its four socket-layer raw tracepoints cost with nothing
-//! in them), and with the agent watching the pod.
+//! in them), and with the agent watching the pod. HTTP/1.1 profiles add a
+//! fourth run with the packet-layer candidate instead of the agent
+//! (`cgroup_skb` programs on the pod's cgroup that delimit requests in the
+//! kernel and send nothing per request; `HookBaseline::attach_packet_candidate`):
+//! the design issue 25's per-request goal points to, priced on the same
+//! load.
 //! Three server profiles run in one go: an empty answer (the worst case: the
 //! probe's cost against almost nothing), one with `--work-us` of CPU per
 //! request (a stand-in for a real inference front end's per-request work),
@@ -229,7 +234,7 @@ struct BenchTenant {
     addr: SocketAddr,
     tool: LoadTool,
     /// Owns the server process; dropping it ends the server.
-    _pod: CgroupPod,
+    pod: CgroupPod,
 }
 
 /// The HTTP/1.1 tenant with `work_us` of CPU per request, or (`None`)
@@ -249,7 +254,7 @@ fn start_tenant(cgroup_root: &Path, uid: &str, work_us: Option<u64>) -> anyhow::
     BufReader::new(child.stdout.take().ok_or_else(|| anyhow!("tenant stdout"))?).read_line(&mut line)?;
     let ready: serde_json::Value = serde_json::from_str(&line)?;
     let addr: SocketAddr = ready["listening"].as_str().ok_or_else(|| anyhow!("tenant said {line}"))?.parse()?;
-    Ok(BenchTenant { addr, tool, _pod: pod })
+    Ok(BenchTenant { addr, tool, pod })
 }
 
 /// The runs of one server profile.
@@ -258,6 +263,10 @@ struct Profile {
     without: Vec<WrkRun>,
     hooks_only: Vec<WrkRun>,
     probed: Vec<WrkRun>,
+    /// Runs with the packet-layer candidate instead (HTTP/1.1 only), and
+    /// the requests it delimited, answered and sent over them.
+    packet: Vec<WrkRun>,
+    packet_counts: (u64, u64, u64),
     /// Requests the probe counted, the load generator saw answered, and
     /// it sent, over the probed runs.
     counted: f64,
@@ -311,6 +320,23 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
         profile.answered += probed.requests;
         profile.sent += probed.sent;
         profile.probed.push(probed);
+
+        if tenant.tool == LoadTool::Wrk {
+            let candidate = HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir)
+                .context("attaching the packet-layer candidate")?;
+            let before = candidate.packet_requests()?;
+            let run = load(tenant, options)?;
+            std::thread::sleep(Duration::from_millis(500));
+            let counted = candidate.packet_requests()? - before;
+            drop(candidate);
+            println!(
+                "{label} round {round} packet candidate:  {:>9.0} req/s  p99 {:>6.2} ms",
+                run.requests_per_s, run.p99_ms
+            );
+            let (c, a, s) = profile.packet_counts;
+            profile.packet_counts = (c + counted, a + run.requests, s + run.sent);
+            profile.packet.push(run);
+        }
     }
     Ok(profile)
 }
@@ -341,6 +367,16 @@ fn report(out: &mut String, label: &str, profile: &Profile) -> anyhow::Result<()
         median_ratio(&profile.probed, &profile.without, p99),
         median_ratio(&profile.hooks_only, &profile.without, p99)
     )?;
+    if !profile.packet.is_empty() {
+        let (counted, answered, sent) = profile.packet_counts;
+        writeln!(
+            out,
+            "  packet-layer candidate (cgroup_skb on the pod, in-kernel HTTP/1.1 delimiting, no events): \
+             throughput {:.3} of nothing; counted / answered {counted} / {answered} ({:.4}), sent {sent}",
+            median_ratio(&profile.packet, &profile.without, throughput),
+            counted as f64 / answered.max(1) as f64
+        )?;
+    }
     let cpu = profile.agent_cpu.iter().sum::<f64>() / profile.agent_cpu.len().max(1) as f64;
     writeln!(
         out,
@@ -383,7 +419,8 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         ),
     )?;
     println!(
-        "wrk -t2 -c{0} -d{1}s (HTTP/1.1) / h2load -c{2} -m16 -D{1} (HTTP/2), {3} rounds of (nothing attached, no-op hooks, agent) per server profile",
+        "wrk -t2 -c{0} -d{1}s (HTTP/1.1) / h2load -c{2} -m16 -D{1} (HTTP/2), {3} rounds of (nothing attached, no-op hooks, agent, \
+         and for HTTP/1.1 the packet-layer candidate) per server profile",
         options.connections,
         options.seconds,
         (options.connections / 2).max(1),
@@ -461,6 +498,24 @@ fn cost_run(
     Ok(CostRun { programs, requests: costed.requests, events: after.events - before.events })
 }
 
+/// One load run with the packet-layer candidate attached and
+/// `kernel.bpf_stats_enabled`: (eBPF ns, program runs, requests answered).
+fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Result<(f64, f64, u64)> {
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let candidate =
+        HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir).context("attaching the packet-layer candidate")?;
+    set_bpf_stats(true)?;
+    let run = load(tenant, options);
+    set_bpf_stats(false)?;
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+    let run = run?;
+    let (ns, runs) = candidate
+        .program_stats()
+        .iter()
+        .fold((0.0, 0.0), |(ns, runs), p| (ns + p.run_time_ns as f64, runs + p.run_count as f64));
+    Ok((ns, runs, run.requests))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
@@ -535,6 +590,17 @@ fn program_costs(
          so the watched server's own runs: {:.0} ns per request (total less the load generator's {client_runs:.1} runs)",
         (ns / requests - client_runs * turned_away).max(0.0)
     )?;
+    if tenant.tool == LoadTool::Wrk {
+        let (ns, program_runs, requests) = packet_candidate_cost(tenant, options)?;
+        writeln!(
+            out,
+            "packet-layer candidate (cgroup_skb on the pod's cgroup): {:.0} ns of eBPF per request over {:.1} \
+             program runs, {:.0} ns per run ({requests} requests; the load generator's packets never run it)",
+            ns / requests.max(1) as f64,
+            program_runs / requests.max(1) as f64,
+            ns / program_runs.max(1.0)
+        )?;
+    }
     if let Some(baseline) = &options.baseline_agent {
         let per_request = |runs: &[CostRun]| runs.iter().map(CostRun::per_request_ns).collect::<Vec<_>>();
         let (this, before) = (per_request(&runs), per_request(&baseline_runs));

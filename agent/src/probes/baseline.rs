@@ -3,9 +3,14 @@
 //! under a probe's overhead: on the request probe's socket-layer raw
 //! tracepoints (`bench-probes`), and on the raw `sys_enter`/`sys_exit`
 //! the driver path uses (every syscall on the node passes through those).
+//! Also the packet-layer candidate design (`attach_packet_candidate`),
+//! priced in the same benchmark.
+use std::path::Path;
+
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::Ebpf;
 
-use super::ProbeError;
+use super::{BpfProgramStats, ProbeError};
 
 /// The request probe's raw tracepoints (`probes/requests`).
 const SOCKET_HOOKS: [&str; 4] = ["inet_sock_set_state", "tcp_destroy_sock", "sock_recv_length", "sock_send_length"];
@@ -21,8 +26,8 @@ pub const PROBED_SYSCALLS: [&str; 12] = [
 
 /// The attached no-op programs; dropping detaches them.
 pub struct HookBaseline {
-    /// Held only to keep the programs attached.
-    _ebpf: Ebpf,
+    /// Keeps the programs attached.
+    ebpf: Ebpf,
 }
 
 impl HookBaseline {
@@ -35,14 +40,54 @@ impl HookBaseline {
         for hook in SOCKET_HOOKS {
             program.attach(hook).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf })
+    }
+
+    /// Loads the packet-layer candidate (`packet_ingress`/`packet_egress`
+    /// in the baseline object) and attaches it to `cgroup`, a cgroup v2
+    /// directory: its programs run for the packets of that cgroup's
+    /// sockets only, so other processes' I/O never reaches them.
+    pub fn attach_packet_candidate(cgroup: &Path) -> Result<Self, ProbeError> {
+        let mut ebpf = object()?;
+        for (name, side) in
+            [("packet_ingress", CgroupSkbAttachType::Ingress), ("packet_egress", CgroupSkbAttachType::Egress)]
+        {
+            let directory = std::fs::File::open(cgroup)
+                .map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
+            let program: &mut CgroupSkb = super::program_of(&mut ebpf, name)?;
+            program.load().map_err(|source| ProbeError::Program { name, source })?;
+            program
+                .attach(directory, side, CgroupAttachMode::Single)
+                .map_err(|source| ProbeError::Program { name, source })?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// The kernel's accounting of the attached programs.
+    pub fn program_stats(&self) -> Vec<BpfProgramStats> {
+        super::program_stats(&self.ebpf)
+    }
+
+    /// Requests the packet-layer candidate delimited and answered (the sum
+    /// of its in-kernel latency histogram over every CPU).
+    pub fn packet_requests(&self) -> Result<u64, ProbeError> {
+        const MAP: &str = "PACKET_LATENCY";
+        let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+        let buckets: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        let mut total = 0;
+        for bucket in 0..64 {
+            let per_cpu = buckets.get(&bucket, 0).map_err(|source| ProbeError::Map { name: MAP, source })?;
+            total += per_cpu.iter().sum::<u64>();
+        }
+        Ok(total)
     }
 
     /// Loads and attaches no-op programs on raw `sys_enter`/`sys_exit`.
     pub fn attach_syscall_hooks() -> Result<Self, ProbeError> {
         let mut ebpf = object()?;
         super::attach_raw_tracepoints(&mut ebpf, &SYSCALL_HOOKS)?;
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf })
     }
 
     /// Loads one no-op program and attaches it to the socket tracepoints
@@ -105,7 +150,7 @@ impl HookBaseline {
         for (category, name) in tracepoints {
             program.attach(category, name).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
-        Ok(Self { _ebpf: ebpf })
+        Ok(Self { ebpf })
     }
 }
 
