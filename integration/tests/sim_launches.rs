@@ -25,8 +25,11 @@ fn pod_values(view: &serde_json::Value, uid: &str) -> serde_json::Value {
 
 /// Pod A (1 ms a launch) runs 300 launches/s and stops by turns every 2 s,
 /// then holds 250/s; pod B (0.4 ms a launch) holds 300/s and NVML never
-/// sees it. Once A has come and gone, both are measured: A near 25 %, B
-/// near 12 %, with NVML still reading 0 for B.
+/// sees it. The device switches between them as a time-sliced GPU does,
+/// 2 points of utilization while both are busy (the estimator's overhead
+/// prior, from the recorded H100 traces, expects that much). Once A has
+/// come and gone, both are measured: A near 25 %, B near 12 %, with NVML
+/// still reading 0 for B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pods_are_split_by_what_they_launch() {
     require_root();
@@ -43,7 +46,7 @@ async fn pods_are_split_by_what_they_launch() {
     std::fs::write(
         &scenario,
         format!(
-            "name: launches\ngpus: [{{uuid: GPU-launch, name: sim, memory_total_bytes: 100}}]\nlaunch_counters: {}\nprocesses:\n  - {{cgroup: {}, gpu: 0, launch_cost_us: 1000}}\n  - {{cgroup: {}, gpu: 0, launch_cost_us: 400, nvml: missing}}\n",
+            "name: launches\ngpus: [{{uuid: GPU-launch, name: sim, memory_total_bytes: 100, switch_overhead_percent: 2}}]\nlaunch_counters: {}\nprocesses:\n  - {{cgroup: {}, gpu: 0, launch_cost_us: 1000}}\n  - {{cgroup: {}, gpu: 0, launch_cost_us: 400, nvml: missing}}\n",
             counters.display(),
             pod_slice_path(&uid_a),
             pod_slice_path(&uid_b),
@@ -97,7 +100,7 @@ async fn pods_are_split_by_what_they_launch() {
     let b = pod_values(&view, &uid_b);
     assert_eq!(b["values"]["gpu_sm_util_nvml"].as_f64(), Some(0.0), "NVML misses B: {b}");
     let device = attribution["gpus"][0]["attribution"]["device_util"].as_f64().unwrap_or_default();
-    assert!((device - 37.0).abs() < 3.0, "the device runs what was launched: {attribution}");
+    assert!((device - 39.0).abs() < 3.0, "the device runs what was launched, and switches: {attribution}");
     // Separated by the data, not the prior's even split: σ under 18
     // points for both (`measured` or `partial`; on a loaded machine the
     // loops' launch rates jitter, and each jitter loosens a cost).

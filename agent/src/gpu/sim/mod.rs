@@ -129,6 +129,8 @@ impl SimBackend {
             let alive: Vec<u32> = tenants.iter().flat_map(|(_, pids)| pids.iter().copied()).collect();
             self.launch_load.retain(&alive);
         }
+        // Busy tenants per device, for the time-slicing overhead.
+        let mut busy_tenants = vec![0usize; devices.len()];
         for (index, pids) in &tenants {
             let process = &self.scenario.processes[*index];
             let gpu = &self.scenario.gpus[process.gpu];
@@ -140,6 +142,7 @@ impl SimBackend {
             if gpu.sharing != Sharing::Mig {
                 let add = |total: Option<f64>, percent: f64| Some((total.unwrap_or(0.0) + percent).min(100.0));
                 device.util_percent = add(device.util_percent, sm_at(now_s));
+                busy_tenants[process.gpu] += usize::from(sm_at(now_s) > 0.0);
                 device.mem_bw_util_percent = add(device.mem_bw_util_percent, schedule_at(&process.mem_bw_util, now_s));
             }
             // A cgroup tenant's memory is the tenant's, split across its
@@ -193,6 +196,12 @@ impl SimBackend {
             }
         }
         self.sampled_until_s = now_s;
+        for ((device, gpu), busy) in devices.iter_mut().zip(&self.scenario.gpus).zip(busy_tenants) {
+            if gpu.sharing == Sharing::TimeSliced && busy > 1 {
+                let overhead = gpu.switch_overhead_percent * (busy - 1) as f64;
+                device.util_percent = device.util_percent.map(|util| (util + overhead).min(100.0));
+            }
+        }
 
         for (gpu_index, gpu) in self.scenario.gpus.iter().enumerate() {
             if gpu.sharing == Sharing::Mps {
@@ -320,6 +329,23 @@ mod tests {
         assert_eq!(poll.devices[0].util_percent, Some(50.0));
         assert_eq!(poll.devices[0].memory_used_bytes, 5);
         assert_eq!((by_pid(&poll, 11).memory_used_bytes, by_pid(&poll, 12).memory_used_bytes), (3, 2));
+    }
+
+    /// A time-sliced device with a switching overhead shows it per busy
+    /// tenant beyond the first, and only while more than one is busy;
+    /// NVML's per-process samples carry the tenants' own loads only.
+    #[test]
+    fn switching_overhead_shows_only_while_tenants_share() {
+        let root = tempfile::tempdir().unwrap();
+        let mut sim = backend(
+            "name: t\ngpus: [{uuid: G, name: n, memory_total_bytes: 1, switch_overhead_percent: 3}]\nprocesses:\n  - {pid: 7, gpu: 0, sm_util: [{seconds: 1, percent: 20}, {seconds: 1, percent: 0}]}\n  - {pid: 8, gpu: 0, sm_util: [{seconds: 2, percent: 10}]}\n  - {pid: 9, gpu: 0, sm_util: [{seconds: 2, percent: 5}]}\n",
+            root.path(),
+        );
+        let poll = sim.poll_at(0.5).unwrap();
+        assert_eq!(poll.devices[0].util_percent, Some(35.0 + 2.0 * 3.0), "three busy: two switches' worth");
+        let poll = sim.poll_at(1.5).unwrap();
+        assert_eq!(poll.devices[0].util_percent, Some(15.0 + 3.0), "7 idle: one extra tenant");
+        assert_eq!(by_pid(&poll, 8).util.unwrap().sm_percent, 10.0);
     }
 
     /// Samples are consumed incrementally: a poll right after another has
