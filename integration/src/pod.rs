@@ -8,6 +8,7 @@
 //! directories.
 use std::fs;
 use std::io;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -78,16 +79,39 @@ impl CgroupPod {
         self.pod_dir.strip_prefix(cgroup_root).unwrap_or(&self.pod_dir).display().to_string()
     }
 
-    /// Starts `command` and moves it into the container cgroup before it
-    /// is handed back, so all its traffic is attributed to this pod.
+    /// Starts `command` inside the container cgroup, so all its traffic is
+    /// attributed to this pod. The child joins the cgroup before it execs,
+    /// as a container's process does: a socket takes the cgroup of the
+    /// task that creates it, and a server moved in after it had opened
+    /// its listener would keep sockets outside the pod (what programs
+    /// attached to the pod's cgroup then never see).
     pub fn spawn(&mut self, mut command: Command) -> io::Result<&mut Child> {
         crate::detach_from_terminal(&mut command);
+        let procs =
+            std::ffi::CString::new(self.container_dir.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cgroup path with a NUL byte"))?;
+        // SAFETY: between fork and exec the closure only makes the
+        // async-signal-safe calls open, write and close on memory prepared
+        // before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself.
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
-        let pid = child.id();
         if let Some(earlier) = self.child.replace(child) {
             self.earlier.push(earlier);
         }
-        fs::write(self.container_dir.join("cgroup.procs"), pid.to_string())?;
         Ok(self.child.as_mut().expect("child was just stored"))
     }
 
