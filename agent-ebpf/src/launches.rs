@@ -43,15 +43,16 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_str_bytes, generated,
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_user_str_bytes, generated,
     },
     macros::{map, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{ProbeContext, RetProbeContext},
 };
 use podgpu_common::{
-    fnv1a, launch_kind, KernelHandle, KernelName, LaunchKey, FNV_OFFSET, MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS,
-    MAX_MODULE_HANDLES, MODULE_IMAGE_HASH_BYTES,
+    fnv1a, launch_kind, KernelHandle, KernelName, LaunchKey, LaunchSite, FNV_OFFSET, LAUNCH_SITE_WORDS,
+    MAX_KERNEL_HANDLES, MAX_LAUNCH_KEYS, MAX_LAUNCH_SITES, MAX_MODULE_HANDLES, MODULE_IMAGE_HASH_BYTES,
 };
 
 /// Launches per key, per CPU.
@@ -76,9 +77,10 @@ fn in_window() -> bool {
 }
 
 /// Counts a launch of `key` on `stream` (`None`: not known), and opens
-/// the process's completion span.
+/// the process's completion span. A key's first launch also keeps where
+/// it was launched from.
 #[inline(always)]
-fn count(key: LaunchKey, stream: Option<u64>) {
+fn count(ctx: &ProbeContext, key: LaunchKey, stream: Option<u64>) {
     if !in_window() {
         return;
     }
@@ -89,7 +91,49 @@ fn count(key: LaunchKey, stream: Option<u64>) {
         None => {
             // A full map drops the key (user space sees the map full).
             let _ = LAUNCHES.insert(&key, &1, 0);
+            keep_site(ctx, &key);
         }
+    }
+}
+
+/// Where each handle was first launched from, per process.
+#[map]
+static LAUNCH_SITES: LruHashMap<KernelHandle, LaunchSite> = LruHashMap::with_max_entries(MAX_LAUNCH_SITES, 0);
+
+/// Scratch for one launch site (too large for the program's stack).
+#[map]
+static SITE_SCRATCH: PerCpuArray<LaunchSite> = PerCpuArray::with_max_entries(1, 0);
+
+/// Keeps the return address and the top of the user stack of a handle's
+/// first launch in this process. Runs on a key's first launch only, not
+/// per launch: user space names the site's code for handles the identity
+/// probes never saw created (`agent/src/probes/launch_sites.rs`).
+#[inline(always)]
+fn keep_site(ctx: &ProbeContext, key: &LaunchKey) {
+    let handle = KernelHandle { tgid: key.tgid, pad: 0, handle: key.function };
+    // SAFETY: a lookup; the value is not kept.
+    if unsafe { LAUNCH_SITES.get(&handle) }.is_some() {
+        return;
+    }
+    let Some(site) = SITE_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch; user memory through the checked helper.
+    unsafe {
+        (*site).block = key.block;
+        (*site).pad = 0;
+        #[cfg(not(bpf_target_arch = "aarch64"))]
+        let (sp, return_address) = {
+            // At entry the stack pointer holds the return address.
+            let sp = (*ctx.regs).rsp;
+            (sp, bpf_probe_read_user(sp as *const u64).unwrap_or(0))
+        };
+        #[cfg(bpf_target_arch = "aarch64")]
+        let (sp, return_address) = ((*ctx.regs).sp, (*ctx.regs).regs[30]);
+        (*site).return_address = return_address;
+        let stack = core::slice::from_raw_parts_mut((*site).stack.as_mut_ptr() as *mut u8, 8 * LAUNCH_SITE_WORDS);
+        if bpf_probe_read_user_buf(sp as *const u8, stack).is_err() {
+            stack.fill(0);
+        }
+        let _ = LAUNCH_SITES.insert(&handle, &*site, 0);
     }
 }
 
@@ -114,6 +158,7 @@ fn launch_with_sizes(ctx: &ProbeContext, kind: u32) -> u32 {
     #[cfg(bpf_target_arch = "aarch64")]
     let (block_z, stream) = (arg(6), None);
     count(
+        ctx,
         LaunchKey {
             tgid: tgid(),
             kind,
@@ -146,6 +191,7 @@ pub fn cu_launch_kernel_ex(ctx: ProbeContext) -> u32 {
     // SAFETY: user memory through the checked helper.
     let stream = unsafe { bpf_probe_read_user((config + 32) as *const u64) }.ok();
     count(
+        &ctx,
         LaunchKey {
             tgid: tgid(),
             kind: launch_kind::KERNEL_EX,
@@ -161,6 +207,7 @@ pub fn cu_launch_kernel_ex(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn cu_graph_launch(ctx: ProbeContext) -> u32 {
     count(
+        &ctx,
         LaunchKey {
             tgid: tgid(),
             kind: launch_kind::GRAPH,

@@ -31,6 +31,7 @@ pub mod agent_http;
 pub mod backoff;
 pub mod cluster;
 pub mod engines;
+pub mod files;
 pub mod gpu;
 pub mod pods;
 pub mod probes;

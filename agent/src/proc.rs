@@ -42,6 +42,26 @@ pub struct MappedFile {
     pub path: String,
 }
 
+/// An executable mapping of a file into a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodeMapping {
+    /// First address mapped.
+    pub start: u64,
+    /// First address after the mapping.
+    pub end: u64,
+    /// File offset mapped at `start`.
+    pub offset: u64,
+    /// The file.
+    pub file: MappedFile,
+}
+
+impl CodeMapping {
+    /// The file offset of `address`, if this mapping holds it.
+    pub fn file_offset(&self, address: u64) -> Option<u64> {
+        (self.start..self.end).contains(&address).then(|| address - self.start + self.offset)
+    }
+}
+
 /// One line of `/proc/PID/cgroup`, with its path on the host tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupLine {
@@ -190,6 +210,44 @@ impl ProcFs {
             files.push(MappedFile { device, inode: map.inode, path: path.display().to_string() });
         }
         files
+    }
+
+    /// The executable file mappings of `pid` (its code and its
+    /// libraries'), by address. Empty when the process is gone or may not
+    /// be read.
+    pub fn code_mappings(&self, pid: u32) -> Vec<CodeMapping> {
+        let Ok(text) = fs::read_to_string(self.pid_dir(pid).join("maps")) else { return Vec::new() };
+        // Permissions are the second field: only `r-xp`-like lines matter.
+        let wanted: String = text
+            .lines()
+            .filter(|line| line.split_ascii_whitespace().nth(1).is_some_and(|perms| perms.contains('x')))
+            .flat_map(|line| [line, "\n"])
+            .collect();
+        let Ok(maps) = MemoryMaps::from_buf_read(wanted.as_bytes()) else { return Vec::new() };
+        let mut mappings: Vec<CodeMapping> = maps
+            .into_iter()
+            .filter_map(|map| {
+                let MMapPath::Path(path) = &map.pathname else { return None };
+                (map.inode != 0).then(|| CodeMapping {
+                    start: map.address.0,
+                    end: map.address.1,
+                    offset: map.offset,
+                    file: MappedFile {
+                        device: format!("{:02x}:{:02x}", map.dev.0, map.dev.1),
+                        inode: map.inode,
+                        path: path.display().to_string(),
+                    },
+                })
+            })
+            .collect();
+        mappings.sort_by_key(|mapping| mapping.start);
+        mappings
+    }
+
+    /// A file as `pid` sees it, opened through its root (its container's
+    /// files, whatever the agent's own mount namespace holds).
+    pub fn open_mapped(&self, pid: u32, file: &MappedFile) -> io::Result<fs::File> {
+        fs::File::open(self.pid_dir(pid).join("root").join(file.path.trim_start_matches('/')))
     }
 
     /// Every fd of `pid` that is a socket, with its inode.

@@ -363,6 +363,40 @@ pub struct KernelName {
     pub name: [u8; KERNEL_NAME_BYTES],
 }
 
+/// Launch sites the launch probes remember (LRU), per process and handle.
+pub const MAX_LAUNCH_SITES: u32 = 4096;
+/// Words of the user stack kept from a handle's first launch: the frames
+/// above the launch call, scanned for return addresses in user space.
+pub const LAUNCH_SITE_WORDS: usize = 32;
+
+/// Where a handle was first launched from (`agent-ebpf/src/launches.rs`):
+/// the call's return address and the top of the caller's stack, so that
+/// user space can name the launch site's code (module and offset) for a
+/// handle whose creation the identity probes did not see.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchSite {
+    /// The launch call's return address (the caller's next instruction).
+    pub return_address: u64,
+    /// Block dimensions of that launch (0 for graphs).
+    pub block: [u32; 3],
+    /// Zero (keeps `stack` aligned).
+    pub pad: u32,
+    /// The user stack from the stack pointer at the call's entry.
+    pub stack: [u64; LAUNCH_SITE_WORDS],
+}
+
+impl Default for LaunchSite {
+    fn default() -> Self {
+        Self { return_address: 0, block: [0; 3], pad: 0, stack: [0; LAUNCH_SITE_WORDS] }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), u64 + 3 u32 + u32 + u64 array: no padding (checked by
+// a test); every bit pattern is valid.
+unsafe impl aya::Pod for LaunchSite {}
+
 impl Default for KernelName {
     fn default() -> Self {
         Self { len: 0, pad: 0, image: 0, name: [0; KERNEL_NAME_BYTES] }
@@ -502,5 +536,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<H2Frame>(), 12);
         assert_eq!(core::mem::size_of::<ConnState>(), 56);
         assert_eq!(core::mem::size_of::<KernelName>(), 16 + KERNEL_NAME_BYTES);
+        assert_eq!(core::mem::size_of::<LaunchSite>(), 24 + 8 * LAUNCH_SITE_WORDS);
     }
 }

@@ -124,6 +124,13 @@ def part_a(args, root, work):
         shared = kernels[0] & kernels[1] if len(kernels) == 2 else set()
         print(f"launches with a kernel identity: {100 * identified / total:.1f}%; identities per tenant "
               f"{[len(k) for k in kernels]}, shared by both: {len(shared)}")
+        # Where the identities came from: the identity probes ("name") or
+        # the launch-site book ("site": a handle older than the probes).
+        by_source = {}
+        for r in launches["rows"]:
+            source = r.get("kernel_from", "none")
+            by_source[source] = by_source.get(source, 0) + r["launches"]
+        print("launches by identity source: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(by_source.items())))
         for pod in pods:
             pod.proc.wait(timeout=args.seconds + 60)
     finally:

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::launch_sampler::{Estimates, Sampler, Window};
+use super::launch_sites::SiteNames;
 use super::launches::{
     entry_name, monotonic_now, threads_per_launch, LaunchProbe, LaunchRow, LaunchSnapshot, LIBRARY_NAME,
 };
@@ -39,6 +40,9 @@ pub struct LaunchReaderConfig {
     pub cgroup_root: PathBuf,
     /// Fraction of a launch-bound tenant's time the probes may cost it.
     pub overhead_budget: f64,
+    /// Where the launch-site book is kept across restarts (`None`: not
+    /// kept; `probes::site_book`).
+    pub site_book: Option<PathBuf>,
 }
 
 /// Cost of one probed launch assumed when calibration fails (measured on
@@ -89,6 +93,7 @@ fn run(
         "launch accounting cost calibrated"
     );
     let mut estimates = Estimates::default();
+    let mut site_names = SiteNames::new(proc.clone(), config.site_book.clone());
     // Counts are exact until a read shows a load above the budget: a
     // tenant that is launch-bound from its start is probed in full for
     // its first interval (a second).
@@ -146,6 +151,17 @@ fn run(
             tracing::debug!(error = %err, "reading kernel identities");
             Default::default()
         });
+        let launched = counts.iter().map(|(key, _)| (key.tgid, key.function));
+        let from_sites = site_names.name(
+            launched,
+            |handle| {
+                probe.site(handle).unwrap_or_else(|err| {
+                    tracing::debug!(error = %err, "reading a launch site");
+                    None
+                })
+            },
+            &identities,
+        );
         let mut gone = Vec::new();
         for (key, _) in counts {
             let launches = estimates.launches(&key);
@@ -161,12 +177,18 @@ fn run(
             if let Some(uid) = &pod_uid {
                 *snapshot.per_pod.entry(uid.clone()).or_default() += launches;
             }
+            let handle = (key.tgid, key.function);
+            let identity = identities
+                .get(&handle)
+                .map(|identity| (*identity, "name"))
+                .or_else(|| from_sites.get(&handle).map(|identity| (*identity, "site")));
             snapshot.rows.push(LaunchRow {
                 pid: key.tgid,
                 pod_uid,
                 entry: entry_name(key.kind),
                 function: format!("{:#x}", key.function),
-                kernel: identities.get(&(key.tgid, key.function)).map(|identity| format!("{identity:#x}")),
+                kernel: identity.map(|(identity, _)| format!("{identity:#x}")),
+                kernel_from: identity.map(|(_, from)| from),
                 grid: key.grid,
                 block: key.block,
                 launches,
@@ -178,6 +200,7 @@ fn run(
                 tracing::warn!(error = %err, "forgetting exited processes' launch counts");
             }
             estimates.forget(&gone);
+            site_names.forget(&gone.iter().map(|key| key.tgid).collect());
             owners.retain(|tgid, _| !gone.iter().any(|key| key.tgid == *tgid));
         }
         for (uid, launches) in &retired {
@@ -187,6 +210,7 @@ fn run(
         pids.sweep(now);
         *publish.lock().expect("launch snapshot poisoned") = snapshot;
     }
+    site_names.save();
     probe.detach();
 }
 

@@ -15,7 +15,7 @@ use aya::maps::PerCpuHashMap;
 use aya::programs::uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope};
 use aya::programs::UProbe;
 use aya::Ebpf;
-use podgpu_common::LaunchKey;
+use podgpu_common::{KernelHandle, LaunchKey, LaunchSite};
 
 use super::elf::file_offset;
 use super::kernel_identity::{IDENTITY_POINTS, IDENTITY_PROGRAMS};
@@ -39,6 +39,7 @@ const PROGRAMS: [&str; 4] =
     ["cu_launch_kernel", "cu_launch_kernel_ex", "cu_launch_cooperative_kernel", "cu_graph_launch"];
 const LAUNCHES: &str = "LAUNCHES";
 const WINDOW: &str = "WINDOW";
+const LAUNCH_SITES: &str = "LAUNCH_SITES";
 /// What a file must be called to be probed.
 pub const LIBRARY_NAME: &str = "libcuda.so";
 
@@ -288,7 +289,27 @@ impl LaunchProbe {
         for key in keys {
             let _ = launches.remove(key);
         }
+        // A reused pid's handles must not find the dead process's sites.
+        let map = self.ebpf.map_mut(LAUNCH_SITES).ok_or(ProbeError::MissingMap(LAUNCH_SITES))?;
+        let mut sites: aya::maps::HashMap<_, KernelHandle, LaunchSite> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: LAUNCH_SITES, source })?;
+        for key in keys {
+            let _ = sites.remove(&KernelHandle { tgid: key.tgid, pad: 0, handle: key.function });
+        }
         Ok(())
+    }
+
+    /// Where `handle` (process, handle) was first launched from
+    /// (`launch_sites`); `None` when no site was kept for it.
+    pub fn site(&self, handle: (u32, u64)) -> Result<Option<LaunchSite>, ProbeError> {
+        let map = self.ebpf.map(LAUNCH_SITES).ok_or(ProbeError::MissingMap(LAUNCH_SITES))?;
+        let sites: aya::maps::HashMap<_, KernelHandle, LaunchSite> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: LAUNCH_SITES, source })?;
+        match sites.get(&KernelHandle { tgid: handle.0, pad: 0, handle: handle.1 }, 0) {
+            Ok(site) => Ok(Some(site)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(ProbeError::Map { name: LAUNCH_SITES, source }),
+        }
     }
 
     /// The kernel identity of every named handle, by (process, handle).
@@ -401,6 +422,11 @@ pub struct LaunchRow {
     /// was created before the identity probes saw it, or is a graph).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    /// Where `kernel` came from: `name` (the identity probes saw the
+    /// handle created) or `site` (its launch site stands for that kernel
+    /// elsewhere, `probes::site_book`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_from: Option<&'static str>,
     /// Grid dimensions.
     pub grid: [u32; 3],
     /// Block dimensions.

@@ -7,9 +7,11 @@ pub mod elf;
 pub mod kernel_identity;
 pub mod launch_reader;
 pub mod launch_sampler;
+pub mod launch_sites;
 pub mod launches;
 pub mod privileges;
 pub mod requests;
+pub mod site_book;
 pub mod spans;
 
 /// `error` with its causes (`a: b: c`): aya's attach errors carry the

@@ -229,6 +229,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
                 proc: proc.clone(),
                 cgroup_root: cgroup_root.clone(),
                 overhead_budget: config.launch_overhead_budget,
+                // Beside the cost catalog: both are what the node learned.
+                site_book: config.cost_catalog.as_ref().map(|catalog| catalog.with_file_name("launch-sites.json")),
             },
             shared.launches.clone(),
             shutdown.clone(),

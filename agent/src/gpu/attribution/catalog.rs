@@ -13,7 +13,6 @@
 //! first. A file that cannot be read is moved aside (`.bad`), never
 //! overwritten, and the agent starts with an empty catalog.
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Kernels kept per GPU model.
@@ -76,11 +75,9 @@ pub struct CostCatalog {
 impl CostCatalog {
     /// Reads the catalog at `path`; an absent file is an empty catalog.
     pub fn load(path: &Path) -> Result<Self, CatalogError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => return Err(CatalogError::Io { path: path.to_path_buf(), source }),
-        };
+        let text = crate::files::read_if_present(path)
+            .map_err(|source| CatalogError::Io { path: path.to_path_buf(), source })?;
+        let Some(text) = text else { return Ok(Self::default()) };
         let mut catalog: CostCatalog = serde_json::from_str(&text)
             .map_err(|err| CatalogError::Format { path: path.to_path_buf(), reason: err.to_string() })?;
         if catalog.version != 1 {
@@ -155,17 +152,7 @@ impl CostCatalog {
     pub fn save(&self, path: &Path) -> Result<(), CatalogError> {
         let io = |source| CatalogError::Io { path: path.to_path_buf(), source };
         let json = serde_json::to_vec(self).map_err(|err| io(std::io::Error::other(err)))?;
-        let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(&json)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, path)
-        };
-        write().map_err(|err| {
-            let _ = std::fs::remove_file(&temporary);
-            io(err)
-        })
+        crate::files::write_atomically(path, &json).map_err(io)
     }
 }
 
