@@ -367,7 +367,7 @@ pub struct KernelName {
 pub const MAX_LAUNCH_SITES: u32 = 4096;
 /// Words of the user stack kept from a handle's first launch: the frames
 /// above the launch call, scanned for return addresses in user space.
-pub const LAUNCH_SITE_WORDS: usize = 32;
+pub const LAUNCH_SITE_WORDS: usize = 64;
 
 /// Where a handle was first launched from (`agent-ebpf/src/launches.rs`):
 /// the call's return address and the top of the caller's stack, so that

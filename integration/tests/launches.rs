@@ -302,6 +302,83 @@ async fn a_kernel_loaded_before_the_agent_is_known_by_its_launch_site() {
     drop(pods);
 }
 
+/// Launch sites behind a runtime: every launch of `runtime_app` reaches
+/// libcuda from the runtime stand-in's one call, for both of its kernels
+/// (same block size, one host stub each, as nvcc generates). Only the
+/// frames the stack scan finds above that call (the stubs' return
+/// addresses) tell the kernels apart: a process that resolved its kernels
+/// before the agent attached gets each handle's own kernel, the one a
+/// process started after has under the same grid, never the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kernels_behind_a_runtime_are_told_apart_by_the_frames_above_it() {
+    require_root();
+    let tools = tempfile::tempdir().unwrap();
+    build(tools.path());
+    let ns = format!("runtime-{}", std::process::id());
+    let node = NodeRoot::create("runtime").unwrap();
+    let uids = [new_uid(), new_uid()];
+    let mut pods: Vec<CgroupPod> = uids.iter().map(|uid| CgroupPod::create(&node.0, uid).unwrap()).collect();
+    let entries: Vec<PodEntry> =
+        uids.iter().map(|uid| PodEntry { uid, namespace: &ns, name: "app", app: "app" }).collect();
+    let go = tools.path().join("go");
+    let spawn = |pod: &mut CgroupPod, early: bool| {
+        let mut command = Command::new(tools.path().join("runtime_app"));
+        let (lib, runtime) = (tools.path().join("libcuda.so.1"), tools.path().join("libcudart.so.12"));
+        command.args([lib.to_str().unwrap(), runtime.to_str().unwrap(), "3", go.to_str().unwrap()]);
+        if early {
+            command.env("RESOLVE_EARLY", "1");
+        }
+        let child = pod.spawn(command).expect("runtime app runs");
+        let pid = child.id();
+        let mut output = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        output.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        (pid, output)
+    };
+    let (older, _older_out) = spawn(&mut pods[0], true);
+    let root = node.agent_arg();
+    let (agent, _files) =
+        AgentProcess::start_for_pods(&entries, &["--launch-accounting", "on", &root]).expect("agent starts");
+    let (younger, _younger_out) = spawn(&mut pods[1], false);
+    start_once_probed(&agent, &go).await;
+    // (grid x, kernel, kernel_from) of each of the process's rows.
+    let kernels_of = |view: &serde_json::Value, pid: u32| -> Vec<(u64, Option<String>, Option<String>)> {
+        let mut rows: Vec<_> = view["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["pid"] == pid)
+            .map(|r| {
+                let text = |field: &str| r.get(field).and_then(|v| v.as_str()).map(str::to_string);
+                (r["grid"][0].as_u64().unwrap(), text("kernel"), text("kernel_from"))
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let settled = eventually(Duration::from_secs(8), async || {
+        let view = json(agent.http, "/launches").await;
+        let named = |pid| kernels_of(&view, pid).iter().filter(|row| row.1.is_some()).count();
+        named(older) == 2 && named(younger) == 2
+    })
+    .await;
+    let view = json(agent.http, "/launches").await;
+    assert!(settled, "both kernels of both processes named: {view}");
+    let (old, young) = (kernels_of(&view, older), kernels_of(&view, younger));
+    assert_eq!(old.iter().map(|row| row.0).collect::<Vec<_>>(), [64, 132], "{view}");
+    for (old, young) in old.iter().zip(&young) {
+        assert_eq!(young.2.as_deref(), Some("name"), "{view}");
+        assert_eq!(old.2.as_deref(), Some("site"), "{view}");
+        assert_eq!(old.1, young.1, "grid {}: the same kernel in both: {view}", old.0);
+    }
+    assert_ne!(old[0].1, old[1].1, "two kernels, two identities: {view}");
+    let gemm = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_f16PKvPvi", 0);
+    assert_eq!(old[1].1.as_deref(), Some(format!("{gemm:#x}").as_str()), "{view}");
+    drop(agent);
+    drop(pods);
+}
+
 /// An agent restart keeps what the launch sites taught: a replica named by
 /// one agent (its kernel loaded while the probes watched) is unnamed for
 /// the next, whose identity probes were not there; the launch-site book,

@@ -15,10 +15,14 @@
 //! id, or its name and size where it has none, so the same code in two
 //! containers (two overlay mounts of one image) is one module.
 //!
-//! A site's signature hashes its frames and the launch's block size. It
-//! names the code path, not the kernel: one path may launch many kernels
-//! (the CUDA runtime's own launch call does, for every kernel of the
-//! program). `site_book` decides which signatures stand for one kernel.
+//! A site is named by keys (`site_keys`): the first frame with the
+//! launch's block size, and that with each further frame. A key names a
+//! code path, not a kernel: one path may launch many kernels (the CUDA
+//! runtime's own launch call does, for every kernel of the program), and a
+//! scanned word may be stale (an uninitialised local still holding a
+//! return address from an earlier, deeper call: the lazy loading of the
+//! kernel just before its first launch leaves some). `site_book` decides
+//! which keys stand for one kernel.
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
@@ -29,10 +33,10 @@ use podgpu_common::{fnv1a, LaunchSite, FNV_OFFSET};
 use super::site_book::SiteBook;
 use crate::proc::{CodeMapping, ProcFs};
 
-/// Frames a signature covers: the return address and the next ones the
-/// scan finds. More frames tell more code paths apart; each is one more
-/// chance for a stale stack word to differ between two runs of one path.
-pub const SITE_FRAMES: usize = 4;
+/// Frames kept per site: the return address and the next ones the scan
+/// finds. Stale words take places too, so there are more places than a
+/// runtime's few frames between the kernel's host stub and libcuda.
+pub const SITE_FRAMES: usize = 8;
 
 /// One frame: the code's module and the return address's offset in its file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,7 +47,7 @@ pub struct Frame {
     pub offset: u64,
 }
 
-/// The signature of a launch site: its frames and block size. Never 0.
+/// The signature of a launch path: its frames and block size. Never 0.
 pub fn signature(block: [u32; 3], frames: &[Frame]) -> u64 {
     let mut hash = fnv1a(FNV_OFFSET, b"launch site");
     for dimension in block {
@@ -54,6 +58,17 @@ pub fn signature(block: [u32; 3], frames: &[Frame]) -> u64 {
         hash = fnv1a(hash, &frame.offset.to_le_bytes());
     }
     hash.max(1)
+}
+
+/// The keys of a site: the first frame (the launch call itself) with the
+/// block size, then the first frame with each further one. Each is
+/// evidence on its own, so a stale word among the frames spoils one key,
+/// not the site.
+pub fn site_keys(block: [u32; 3], frames: &[Frame]) -> Vec<u64> {
+    let Some(&first) = frames.first() else { return Vec::new() };
+    let mut keys = vec![signature(block, &[first])];
+    keys.extend(frames[1..].iter().map(|&frame| signature(block, &[first, frame])));
+    keys
 }
 
 /// Whether the bytes that end at a return address end with an x86-64
@@ -110,7 +125,7 @@ struct Module {
     file: std::fs::File,
 }
 
-/// Turns kept launch sites into signatures: reads the process's maps,
+/// Turns kept launch sites into keys: reads the process's maps,
 /// opens each module once (by device and inode) and hashes its build id.
 pub struct SiteResolver {
     proc: ProcFs,
@@ -124,10 +139,10 @@ impl SiteResolver {
         Self { proc, modules: HashMap::new() }
     }
 
-    /// The signature of `site`, kept from a launch in `pid` (`None` when
-    /// its return address is in no file mapping of the process, or the
+    /// The keys of `site`, kept from a launch in `pid` (`None` when its
+    /// return address is in no file mapping of the process, or the
     /// process is gone).
-    pub fn signature(&mut self, pid: u32, site: &LaunchSite) -> Option<u64> {
+    pub fn keys(&mut self, pid: u32, site: &LaunchSite) -> Option<Vec<u64>> {
         let mappings = self.proc.code_mappings(pid);
         let first = self.frame(pid, &mappings, site.return_address, false)?;
         let mut frames = vec![first];
@@ -142,7 +157,7 @@ impl SiteResolver {
             }
         }
         tracing::debug!(pid, frames = ?frames, "launch site resolved");
-        Some(signature(site.block, &frames))
+        Some(site_keys(site.block, &frames))
     }
 
     /// The frame of `address` in `pid`; with `verify`, only where a call
@@ -210,8 +225,8 @@ pub struct SiteNames {
     resolver: SiteResolver,
     book: SiteBook,
     path: Option<PathBuf>,
-    /// Signature per (process, handle); `None`: could not be resolved.
-    signatures: HashMap<(u32, u64), Option<u64>>,
+    /// Site keys per (process, handle); `None`: could not be resolved.
+    sites: HashMap<(u32, u64), Option<Vec<u64>>>,
     saved_at: Instant,
 }
 
@@ -220,7 +235,7 @@ impl SiteNames {
     /// restarts).
     pub fn new(proc: ProcFs, path: Option<PathBuf>) -> Self {
         let book = path.as_deref().map(SiteBook::load_or_empty).unwrap_or_default();
-        Self { resolver: SiteResolver::new(proc), book, path, signatures: HashMap::new(), saved_at: Instant::now() }
+        Self { resolver: SiteResolver::new(proc), book, path, sites: HashMap::new(), saved_at: Instant::now() }
     }
 
     /// The identities of the `launched` handles (process, handle) the
@@ -234,13 +249,13 @@ impl SiteNames {
         named: &HashMap<(u32, u64), u64>,
     ) -> HashMap<(u32, u64), u64> {
         for handle in launched {
-            if !self.signatures.contains_key(&handle) {
-                let signature = site(handle).and_then(|kept| self.resolver.signature(handle.0, &kept));
-                self.signatures.insert(handle, signature);
+            if !self.sites.contains_key(&handle) {
+                let keys = site(handle).and_then(|kept| self.resolver.keys(handle.0, &kept));
+                self.sites.insert(handle, keys);
             }
         }
-        let sites: HashMap<(u32, u64), u64> =
-            self.signatures.iter().filter_map(|(handle, signature)| Some((*handle, (*signature)?))).collect();
+        let sites: HashMap<(u32, u64), &[u64]> =
+            self.sites.iter().filter_map(|(handle, keys)| Some((*handle, keys.as_deref()?))).collect();
         let now_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs());
         let recovered = self.book.recover(&sites, named, now_unix);
@@ -257,7 +272,7 @@ impl SiteNames {
 
     /// Forgets the sites of exited processes.
     pub fn forget(&mut self, pids: &HashSet<u32>) {
-        self.signatures.retain(|(pid, _), _| !pids.contains(pid));
+        self.sites.retain(|(pid, _), _| !pids.contains(pid));
         self.resolver.forget_modules();
     }
 
@@ -308,5 +323,22 @@ mod tests {
         let moved = [frames[0], Frame { module: 9, offset: 0x44 }];
         assert_ne!(signature([256, 1, 1], &frames), signature([256, 1, 1], &moved));
         assert_ne!(signature([0; 3], &[]), 0);
+    }
+
+    /// A site's keys: the launch call alone, then with each further frame.
+    #[test]
+    fn keys_pair_the_launch_call_with_each_frame() {
+        let frames =
+            [Frame { module: 7, offset: 0x10 }, Frame { module: 9, offset: 0x20 }, Frame { module: 9, offset: 0x30 }];
+        let keys = site_keys([256, 1, 1], &frames);
+        assert_eq!(
+            keys,
+            [
+                signature([256, 1, 1], &frames[..1]),
+                signature([256, 1, 1], &frames[..2]),
+                signature([256, 1, 1], &[frames[0], frames[2]]),
+            ]
+        );
+        assert!(site_keys([256, 1, 1], &[]).is_empty());
     }
 }

@@ -1,22 +1,24 @@
-//! The launch-site book: which launch sites (`launch_sites`) stand for
-//! one kernel, learned from the handles the identity probes named, and
-//! used to name the handles they did not see created.
+//! The launch-site book: which site keys (`launch_sites`) stand for one
+//! kernel, learned from the handles the identity probes named, and used to
+//! name the handles they did not see created.
 //!
-//! A site is booked with a kernel when every named handle seen launched
-//! from it had that kernel's identity; a site seen with two is generic
-//! (the CUDA runtime's launch call, a launcher shared by many kernels)
-//! and names nothing, for good. A handle without a name takes its site's
-//! kernel only when the book has one for the site and no other handle of
-//! its process was launched from it: a site that launches two handles in
-//! one process cannot say which is which.
+//! A key is booked with a kernel while every named handle seen with it had
+//! that kernel's identity; a key seen with two is generic (the CUDA
+//! runtime's launch call, a launcher shared by many kernels, a stale word
+//! every lazy load leaves) and names nothing, for good. A handle without a
+//! name takes the kernel its keys name when at least one of them names one
+//! and none names another. Only keys that no other handle of its process
+//! has count: a path that launches two handles in one process cannot say
+//! which is which.
 //!
 //! What this cannot know: a code path that launches kernel A in every
 //! process the probes saw named and kernel B in one they did not (a
 //! launcher whose kernel comes from data, used for one kernel per
-//! process). The block size in the signature tells most such kernels
-//! apart; where it does not, B shares A's cost. The book is kept in a file
-//! beside the cost catalog, so that what was learned before an agent
-//! restart names the handles of the processes that outlive it.
+//! process). The block size in the keys tells most such kernels apart;
+//! where it does not, B shares A's cost until a named process launches B
+//! from that path too. The book is kept in a file beside the cost catalog,
+//! so that what was learned before an agent restart names the handles of
+//! the processes that outlive it.
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -162,27 +164,37 @@ impl SiteBook {
         self.sites.is_empty()
     }
 
-    /// Learns from the named handles among `sites` (handle -> signature),
-    /// then names the others where the book and their process allow:
-    /// returns the identities so recovered, by (process, handle).
+    /// Learns from the named handles among `sites` (handle -> its site's
+    /// keys), then names the others where the book and their process
+    /// allow: returns the identities so recovered, by (process, handle).
     pub fn recover(
         &mut self,
-        sites: &HashMap<(u32, u64), u64>,
+        sites: &HashMap<(u32, u64), &[u64]>,
         named: &HashMap<(u32, u64), u64>,
         now_unix: u64,
     ) -> HashMap<(u32, u64), u64> {
-        let mut handles_per_site: HashMap<(u32, u64), usize> = HashMap::new();
-        for (&(pid, handle), &site) in sites {
-            *handles_per_site.entry((pid, site)).or_default() += 1;
+        let mut handles_per_key: HashMap<(u32, u64), usize> = HashMap::new();
+        for (&(pid, handle), keys) in sites {
+            let distinct: HashSet<u64> = keys.iter().copied().collect();
+            for key in distinct {
+                *handles_per_key.entry((pid, key)).or_default() += 1;
+            }
             if let Some(&kernel) = named.get(&(pid, handle)) {
-                self.learn(site, kernel, now_unix);
+                for &key in keys.iter() {
+                    self.learn(key, kernel, now_unix);
+                }
             }
         }
-        sites
-            .iter()
-            .filter(|(handle, site)| !named.contains_key(handle) && handles_per_site[&(handle.0, **site)] == 1)
-            .filter_map(|(&handle, &site)| Some((handle, self.kernel(site)?)))
-            .collect()
+        let mut recovered = HashMap::new();
+        for (&(pid, handle), keys) in sites.iter().filter(|(handle, _)| !named.contains_key(handle)) {
+            let mut kernels =
+                keys.iter().filter(|key| handles_per_key[&(pid, **key)] == 1).filter_map(|key| self.kernel(*key));
+            let Some(first) = kernels.next() else { continue };
+            if kernels.all(|kernel| kernel == first) {
+                recovered.insert((pid, handle), first);
+            }
+        }
+        recovered
     }
 }
 
@@ -190,36 +202,50 @@ impl SiteBook {
 mod tests {
     use super::*;
 
-    /// A site named by one kernel names an unnamed handle launched from it
-    /// in another process; a site seen with two kernels names nothing, and
-    /// neither does a site that launches two handles in one process.
+    /// A key named by one kernel names an unnamed handle that has it in
+    /// another process; a key seen with two kernels names nothing, and
+    /// neither does a key two handles of one process share. Behind a
+    /// runtime, the launch call's own key is generic and a stale word's
+    /// too, but the host stub's frame decides; keys naming two different
+    /// kernels decide nothing.
     #[test]
-    fn sites_name_handles_only_where_they_stand_for_one_kernel() {
+    fn keys_name_handles_only_where_they_stand_for_one_kernel() {
         let mut book = SiteBook::default();
-        let (gemm_site, runtime_site, shared_site) = (0x51, 0x52, 0x53);
-        let sites: HashMap<(u32, u64), u64> = [
-            ((1, 0xa), gemm_site),
-            ((2, 0xb), gemm_site),
-            ((1, 0xc), runtime_site),
-            ((1, 0xd), runtime_site),
-            ((3, 0xe), runtime_site),
-            ((4, 0xf), shared_site),
-            ((4, 0x10), shared_site),
-            ((5, 0x11), shared_site),
+        let (gemm, add, mul) = (0x6e11, 0xadd, 0x5ca1e);
+        // Keys: 0x51 a direct caller's launch call; 0x52 a runtime's launch
+        // call, 0x61/0x62 its two kernels' stubs, 0x6f a stale word; 0x53
+        // a launcher shared by two kernels in one process.
+        let keys: HashMap<(u32, u64), Vec<u64>> = [
+            ((1, 0xa), vec![0x51]),
+            ((2, 0xb), vec![0x51]),
+            ((1, 0xc), vec![0x52, 0x6f, 0x61]),
+            ((1, 0xd), vec![0x52, 0x6f, 0x62]),
+            ((3, 0xe), vec![0x52, 0x61]),
+            ((3, 0xf), vec![0x52, 0x62]),
+            ((4, 0x10), vec![0x53]),
+            ((4, 0x11), vec![0x53]),
+            ((5, 0x12), vec![0x53]),
+            ((6, 0x13), vec![0x52, 0x61, 0x62]),
         ]
         .into();
+        let sites: HashMap<(u32, u64), &[u64]> = keys.iter().map(|(h, k)| (*h, k.as_slice())).collect();
         let named: HashMap<(u32, u64), u64> =
-            [((1, 0xa), 0x6e11), ((1, 0xc), 0xadd), ((1, 0xd), 0x5ca1e), ((5, 0x11), 0x7)].into();
+            [((1, 0xa), gemm), ((1, 0xc), gemm), ((1, 0xd), add), ((4, 0x10), add), ((4, 0x11), mul)].into();
         let recovered = book.recover(&sites, &named, 100);
-        assert_eq!(recovered.get(&(2, 0xb)), Some(&0x6e11), "the replica takes its site's kernel");
-        assert_eq!(recovered.get(&(3, 0xe)), None, "a site of two kernels names nothing");
-        assert_eq!(recovered.get(&(4, 0xf)), None, "two handles of one process at one site");
-        assert_eq!(recovered.get(&(4, 0x10)), None);
+        assert_eq!(recovered.get(&(2, 0xb)), Some(&gemm), "the replica takes its site's kernel");
+        assert_eq!(recovered.get(&(3, 0xe)), Some(&gemm), "behind a runtime, the stub's frame decides");
+        assert_eq!(recovered.get(&(3, 0xf)), Some(&add));
+        assert_eq!(book.kernel(0x52), None, "the runtime's launch call names nothing");
+        assert_eq!(book.kernel(0x6f), None, "nor does a stale word both kernels had");
+        assert_eq!(recovered.get(&(5, 0x12)), None, "a launcher of two kernels names nothing");
+        assert_eq!(recovered.get(&(6, 0x13)), None, "keys naming two kernels decide nothing");
         assert!(!recovered.contains_key(&(1, 0xa)), "named handles keep their names");
-        assert_eq!(book.kernel(runtime_site), None);
         // Once generic, always: one more sighting of one kernel does not undo it.
-        book.learn(runtime_site, 0xadd, 101);
-        assert_eq!(book.kernel(runtime_site), None);
+        book.learn(0x52, gemm, 101);
+        assert_eq!(book.kernel(0x52), None);
+        // Two handles of one process sharing a key: that key cannot decide.
+        let shared: HashMap<(u32, u64), &[u64]> = [((7, 0x20), &[0x51][..]), ((7, 0x21), &[0x51][..])].into();
+        assert!(book.recover(&shared, &HashMap::new(), 102).is_empty());
     }
 
     /// What was learned survives a restart through the file, and the file
