@@ -89,9 +89,11 @@ fn count(ctx: &ProbeContext, key: LaunchKey, stream: Option<u64>) {
         // SAFETY: this CPU's value; only this CPU writes it.
         Some(launches) => unsafe { *launches += 1 },
         None => {
-            // A full map drops the key (user space sees the map full).
-            let _ = LAUNCHES.insert(&key, &1, 0);
-            keep_site(ctx, &key);
+            // A full map drops the key (user space sees the map full),
+            // and then every launch of it would come here: no site.
+            if LAUNCHES.insert(&key, &1, 0).is_ok() {
+                keep_site(ctx, &key);
+            }
         }
     }
 }
