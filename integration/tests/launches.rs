@@ -298,6 +298,16 @@ async fn a_kernel_loaded_before_the_agent_is_known_by_its_launch_site() {
     assert_ne!(shared[0]["kernel"], shared[1]["kernel"], "the launcher's two kernels: {view}");
     let older_shared = &rows_of(&view, old_shared)[0];
     assert!(older_shared.get("kernel").is_none(), "a site of two kernels names nothing: {view}");
+    // The sums by source: each row's launches under where its identity came from.
+    let sum_of = |from: Option<&str>| -> u64 {
+        let rows = view["rows"].as_array().unwrap().iter();
+        rows.filter(|r| r["kernel_from"].as_str() == from).map(|r| r["launches"].as_u64().unwrap()).sum()
+    };
+    let sources = &view["identity_sources"];
+    assert_eq!(sources["site"].as_u64(), Some(sum_of(Some("site"))), "{view}");
+    assert_eq!(sources["name"].as_u64(), Some(sum_of(Some("name"))), "{view}");
+    assert_eq!(sources["none"].as_u64(), Some(sum_of(None)), "{view}");
+    assert!(sum_of(Some("site")) > 0 && sum_of(None) > 0, "{view}");
     drop(agent);
     drop(pods);
 }

@@ -437,6 +437,23 @@ pub struct LaunchRow {
     pub threads: u64,
 }
 
+/// Where the kernel identities of `rows`' launches came from, as
+/// launches per source: `name` (the identity probes saw the handle
+/// created), `site` (its launch site named it), `none` (per-process costs;
+/// graphs among them).
+pub fn launches_by_identity_source(rows: &[LaunchRow]) -> [(&'static str, u64); 3] {
+    let mut by_source = [("name", 0), ("site", 0), ("none", 0)];
+    for row in rows {
+        let index = match row.kernel_from {
+            Some("name") => 0,
+            Some("site") => 1,
+            _ => 2,
+        };
+        by_source[index].1 += row.launches;
+    }
+    by_source
+}
+
 /// A handle or identity as `LaunchRow` writes it (`0x1f`).
 pub fn parse_hex(text: &str) -> Option<u64> {
     u64::from_str_radix(text.trim_start_matches("0x"), 16).ok()

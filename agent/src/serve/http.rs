@@ -249,6 +249,9 @@ async fn launches(State(AppState { view, .. }): State<AppState>) -> Response {
         "status": view.health.launches,
         "read_at_unix": view.launches_read_unix,
         "rows": view.launches.as_slice(),
+        "identity_sources": crate::probes::launches::launches_by_identity_source(&view.launches)
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
         "spans": view.launch_spans.rows.as_slice(),
         "spans_lost": view.launch_spans.lost,
     }))

@@ -280,6 +280,18 @@ fn encode_view(view: &NodeView, encoder: &mut DescriptorEncoder) -> fmt::Result 
             "Kernel launches of the pod's processes (libcuda uprobes; scaled from the probed part of each second while sampling).",
             samples,
         )?;
+        // How much of the attribution runs on shared kernel costs: a
+        // replica whose launches have no identity is split on its own.
+        let by_source = crate::probes::launches::launches_by_identity_source(&view.launches);
+        let total: u64 = by_source.iter().map(|(_, launches)| launches).sum();
+        if total > 0 {
+            gauges(
+                encoder,
+                "podgpu_gpu_launch_identity_share",
+                "Share of live processes' launches by where their kernel identity came from: name (seen created), site (named by its launch site), none (per-process costs).",
+                by_source.iter().map(|(source, launches)| (vec![("source", source.to_string())], *launches as f64 / total as f64)),
+            )?;
+        }
     }
     if view.health.driver.is_ok() {
         let samples = labelled.iter().flat_map(|(labels, pod)| {

@@ -52,6 +52,25 @@ fn renders_pods_and_self_metrics() {
     assert!(text.contains(&format!("podgpu_pod_gpu_driver_mem_bytes{{{labels}}} 1073741824.0\n")), "{text}");
     assert!(text.contains(&format!("podgpu_pod_gpu_driver_calls_total{{{labels},kind=\"context\"}} 6\n")), "{text}");
     assert!(text.contains(&format!("podgpu_pod_gpu_launches_total{{{labels}}} 42\n")), "{text}");
+    assert!(!text.contains("podgpu_gpu_launch_identity_share"), "no launches, no shares: {text}");
+    let row = |kernel_from: Option<&'static str>, launches: u64| crate::probes::launches::LaunchRow {
+        pid: 7,
+        pod_uid: Some("u1".into()),
+        entry: "kernel",
+        function: "0x1f".into(),
+        kernel: kernel_from.map(|_| "0xfeed".into()),
+        kernel_from,
+        grid: [1, 1, 1],
+        block: [32, 1, 1],
+        launches,
+        threads: launches * 32,
+    };
+    view.launches = Arc::new(vec![row(Some("name"), 60), row(Some("site"), 30), row(None, 10)]);
+    let text = render_metrics(Arc::new(view.clone()), Format::Prometheus);
+    for (source, share) in [("name", "0.6"), ("site", "0.3"), ("none", "0.1")] {
+        let line = format!("podgpu_gpu_launch_identity_share{{source=\"{source}\"}} {share}\n");
+        assert!(text.contains(&line), "{line} in {text}");
+    }
     assert!(
         text.contains(
             "podgpu_pod_socket_recv_bytes_rate{namespace=\"ns\",pod=\"we\\\"ird\",container=\"vllm\",pod_uid=\"u1\",gpu=\"GPU-1234\"} 500.0\n"
