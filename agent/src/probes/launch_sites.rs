@@ -142,9 +142,10 @@ impl SiteResolver {
     /// The keys of `site`, kept from a launch in `pid` (`None` when its
     /// return address is in no file mapping of the process, or the
     /// process is gone).
-    pub fn keys(&mut self, pid: u32, site: &LaunchSite) -> Option<Vec<u64>> {
-        let mappings = self.proc.code_mappings(pid);
-        let first = self.frame(pid, &mappings, site.return_address, false)?;
+    /// `mappings` are the process's (`code_mappings`), read once for all
+    /// its new sites: a CUDA process maps thousands of regions.
+    pub fn keys(&mut self, pid: u32, site: &LaunchSite, mappings: &[CodeMapping]) -> Option<Vec<u64>> {
+        let first = self.frame(pid, mappings, site.return_address, false)?;
         let mut frames = vec![first];
         // On x86-64 the stack's first word is the return address itself.
         let skip = usize::from(site.stack.first() == Some(&site.return_address));
@@ -152,7 +153,7 @@ impl SiteResolver {
             if frames.len() == SITE_FRAMES {
                 break;
             }
-            if let Some(frame) = self.frame(pid, &mappings, word, true) {
+            if let Some(frame) = self.frame(pid, mappings, word, true) {
                 frames.push(frame);
             }
         }
@@ -248,9 +249,14 @@ impl SiteNames {
         mut site: impl FnMut((u32, u64)) -> Option<LaunchSite>,
         named: &HashMap<(u32, u64), u64>,
     ) -> HashMap<(u32, u64), u64> {
+        let mut mappings: HashMap<u32, Vec<CodeMapping>> = HashMap::new();
         for handle in launched {
             if !self.sites.contains_key(&handle) {
-                let keys = site(handle).and_then(|kept| self.resolver.keys(handle.0, &kept));
+                let keys = site(handle).and_then(|kept| {
+                    let pid = handle.0;
+                    let mappings = mappings.entry(pid).or_insert_with(|| self.resolver.proc.code_mappings(pid));
+                    self.resolver.keys(pid, &kept, mappings)
+                });
                 self.sites.insert(handle, keys);
             }
         }
