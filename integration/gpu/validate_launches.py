@@ -12,6 +12,13 @@ kernels (PyTorch `add_` on a small tensor), timed without the agent and
 with it (probes attached), alternated, in one run. Prints launches/s,
 the throughput ratio and ns added per launch.
 
+Part C: launch sites on the real CUDA runtime: one duty_worker tenant loads
+its kernels before the agent starts (as every process does across an agent
+restart), a second runs the same program after. Prints, for the older one,
+its launches by identity source (name / site / none), how many of its
+site-given identities the younger one has by name (right) and how many it
+does not (a wrong site, or a kernel the younger never launched).
+
 On the GPU machine (no Rust there: build here, carry the binary):
   cargo build --release -p podgpu-agent && mkdir -p .gpu-carry && cp target/release/podgpu-agent .gpu-carry/
   python3 integration/gpu/validate_launches.py --agent .gpu-carry/podgpu-agent
@@ -193,6 +200,43 @@ def part_b(args, root, work):
         pod.stop()
 
 
+def part_c(args, root, work):
+    pods = [Pod(root, 20), Pod(root, 21)]
+    pods_yaml = os.path.join(work, "pods-c.yaml")
+    write_pods_yaml(pods_yaml, pods, "sites")
+    agent = None
+    try:
+        out = subprocess.run([sys.executable, args.worker, "calibrate", "4096"], check=True, capture_output=True, text=True)
+        kernel_s = json.loads(out.stdout)["kernel_s"]
+        def argv(pod):
+            return [sys.executable, args.worker, "run", "0.3", str(args.seconds + 20),
+                    os.path.join(work, pod.uid + ".json"), "4096", str(kernel_s)]
+        pods[0].start(argv(pods[0]))
+        time.sleep(8)  # its kernels are loaded and launching before the agent exists
+        agent, http = start_agent(args.agent, work, pods_yaml)
+        pods[1].start(argv(pods[1]))
+        time.sleep(args.seconds)
+        launches = get_json(http, "/launches")
+        rows = [[r for r in launches["rows"] if r["pod_uid"] == pod.uid] for pod in pods]
+        older, younger = rows
+        total = sum(r["launches"] for r in older) or 1
+        by_source = {}
+        for r in older:
+            by_source[r.get("kernel_from", "none")] = by_source.get(r.get("kernel_from", "none"), 0) + r["launches"]
+        named_younger = {r["kernel"] for r in younger if r.get("kernel_from") == "name"}
+        from_sites = {r["kernel"] for r in older if r.get("kernel_from") == "site"}
+        print(f"\n== C: launch sites, the older tenant (kernels loaded before the agent), {args.seconds:.0f} s")
+        print("older tenant's launches by identity source: "
+              + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(by_source.items())))
+        print(f"site-given identities: {len(from_sites)}; named alike in the younger tenant: "
+              f"{len(from_sites & named_younger)}; not among the younger's names: {len(from_sites - named_younger)}")
+        print(f"identity sources over the node: {launches.get('identity_sources')}")
+    finally:
+        stop(agent)
+        for pod in pods:
+            pod.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--agent", required=True)
@@ -214,6 +258,7 @@ def main():
         print(f"GPU: unknown ({err})")
     if not args.only_overhead:
         part_a(args, root, work)
+        part_c(args, root, work)
     part_b(args, root, work)
 
 
