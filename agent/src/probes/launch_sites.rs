@@ -129,9 +129,12 @@ struct Module {
 /// opens each module once (by device and inode) and hashes its build id.
 pub struct SiteResolver {
     proc: ProcFs,
-    /// By (device, inode); `None`: could not be opened or read.
-    modules: HashMap<(String, u64), Option<Module>>,
+    /// By (device, inode): open files, at most `MAX_OPEN_MODULES`.
+    modules: HashMap<(String, u64), Module>,
 }
+
+/// Module files kept open between reads (each holds an fd of the agent).
+const MAX_OPEN_MODULES: usize = 64;
 
 impl SiteResolver {
     /// A resolver reading processes through `proc`.
@@ -169,8 +172,16 @@ impl SiteResolver {
         let mapping = mappings.get(index)?;
         let offset = mapping.file_offset(address)?;
         let key = (mapping.file.device.clone(), mapping.file.inode);
-        let proc = &self.proc;
-        let module = self.modules.entry(key).or_insert_with(|| open_module(proc, pid, mapping)).as_ref()?;
+        if !self.modules.contains_key(&key) {
+            // A file that cannot be opened now (its process just exited)
+            // is tried again next time, not remembered as unreadable.
+            let opened = open_module(&self.proc, pid, mapping)?;
+            if self.modules.len() >= MAX_OPEN_MODULES {
+                self.modules.clear();
+            }
+            self.modules.insert(key.clone(), opened);
+        }
+        let module = self.modules.get(&key)?;
         if verify {
             // Nine bytes cover every call form `ends_with_call` knows.
             let start = offset.checked_sub(9)?;
@@ -181,14 +192,6 @@ impl SiteResolver {
             }
         }
         Some(Frame { module: module.id, offset })
-    }
-
-    /// Forgets modules no process maps any more (call now and then: a
-    /// node's processes come and go, their libraries mostly stay).
-    pub fn forget_modules(&mut self) {
-        if self.modules.len() > 1024 {
-            self.modules.clear();
-        }
     }
 }
 
@@ -279,7 +282,6 @@ impl SiteNames {
     /// Forgets the sites of exited processes.
     pub fn forget(&mut self, pids: &HashSet<u32>) {
         self.sites.retain(|(pid, _), _| !pids.contains(pid));
-        self.resolver.forget_modules();
     }
 
     /// Writes the book now (at shutdown).
