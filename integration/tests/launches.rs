@@ -11,29 +11,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use integration::agent::{AgentProcess, PodEntry};
+use integration::cuda_standin::{get_json as json, rows_of, start_once_probed};
 use integration::eventually;
-use integration::http::get;
 use integration::keda::{scaled_object, KedaClient};
 use integration::pod::{new_uid, CgroupPod, NodeRoot};
 
 fn build(dir: &Path) {
     integration::cuda_standin::build(dir).expect("the libcuda stand-in builds");
-}
-
-async fn json(http: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    serde_json::from_slice(&get(http, path).await.expect("GET").body).unwrap()
-}
-
-/// Waits until the agent has found and probed the stand-in libcuda, then
-/// writes `go`, the file the stand-in applications wait for before they
-/// launch (so the probes see every launch).
-async fn start_once_probed(agent: &AgentProcess, go: &Path) {
-    let attached = eventually(Duration::from_secs(5), async || {
-        json(agent.http, "/healthz").await["launch_libraries"].as_u64().unwrap_or(0) >= 1
-    })
-    .await;
-    assert!(attached, "libcuda found and probed: {}", json(agent.http, "/healthz").await);
-    std::fs::write(go, b"go").unwrap();
 }
 
 /// Launches of `pid` with `entry` and `function`: (grid, block, launches, threads).
@@ -193,9 +177,6 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
         handles.push(handle);
     }
     assert_ne!(handles[0], handles[1], "the replicas' handles differ");
-    let rows_of = |view: &serde_json::Value, pid: u32| -> Vec<serde_json::Value> {
-        view["rows"].as_array().unwrap().iter().filter(|r| r["pid"] == pid).cloned().collect()
-    };
     let named = eventually(Duration::from_secs(5), async || {
         let view = json(agent.http, "/launches").await;
         pids.iter().all(|pid| !rows_of(&view, *pid).is_empty())
@@ -223,230 +204,6 @@ async fn the_same_kernel_in_two_processes_has_one_identity() {
     assert_ne!(elsewhere, expected, "one name in two images is two kernels");
     drop(agent);
     drop(pods);
-}
-
-/// Launch sites: a replica that loaded its kernel before the agent
-/// attached (every process, across an agent restart) has a handle the
-/// identity probes never saw named, yet it launches from the same code as
-/// a replica started after: its launch site (the build id of
-/// `launch_loop` and the return address's offset, with the frames above
-/// it) is booked with the later replica's kernel and names the older
-/// handle. A launcher shared by two kernels (one call site in a helper,
-/// alternating two named handles) names nothing: an older process
-/// launching one handle from that site gets no identity.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_kernel_loaded_before_the_agent_is_known_by_its_launch_site() {
-    require_root();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path());
-    let ns = format!("sites-{}", std::process::id());
-    let node = NodeRoot::create("sites").unwrap();
-    let uids = [new_uid(), new_uid(), new_uid(), new_uid()];
-    let mut pods: Vec<CgroupPod> = uids.iter().map(|uid| CgroupPod::create(&node.0, uid).unwrap()).collect();
-    let entries: Vec<PodEntry> =
-        uids.iter().map(|uid| PodEntry { uid, namespace: &ns, name: "replica", app: "replica" }).collect();
-    let go = tools.path().join("go");
-    let lib = tools.path().join("libcuda.so.1");
-    let spawn = |pod: &mut CgroupPod, env: &[(&str, &str)]| {
-        let mut command = Command::new(tools.path().join("launch_loop"));
-        command.args([lib.to_str().unwrap(), "2000000", "1", go.to_str().unwrap()]);
-        command.env("KERNEL_IMAGE", "model-c");
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        let child = pod.spawn(command).expect("launch loop runs");
-        let pid = child.id();
-        let mut output = BufReader::new(child.stdout.take().unwrap());
-        let mut lines = Vec::new();
-        while lines.last().is_none_or(|line: &String| line != "ready") {
-            let mut line = String::new();
-            assert!(output.read_line(&mut line).unwrap() > 0, "launch loop ended: {lines:?}");
-            lines.push(line.trim().to_string());
-        }
-        (pid, output)
-    };
-    let gemm = ("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi");
-    // Older than the agent: their kernels are resolved before it attaches.
-    let (old_replica, _old_replica_out) = spawn(&mut pods[0], &[gemm, ("KERNEL_EARLY", "1")]);
-    let (old_shared, _old_shared_out) =
-        spawn(&mut pods[2], &[("KERNEL_NAME", "add_f32"), ("KERNEL_EARLY", "1"), ("LAUNCH_HELPER", "1")]);
-    let root = node.agent_arg();
-    let (agent, _files) =
-        AgentProcess::start_for_pods(&entries, &["--launch-accounting", "on", &root]).expect("agent starts");
-    let (new_replica, _new_replica_out) = spawn(&mut pods[1], &[gemm]);
-    let (new_shared, _new_shared_out) =
-        spawn(&mut pods[3], &[("KERNEL_NAME", "add_f32"), ("KERNEL_NAME2", "mul_f32"), ("LAUNCH_HELPER", "1")]);
-    start_once_probed(&agent, &go).await;
-    let rows_of = |view: &serde_json::Value, pid: u32| -> Vec<serde_json::Value> {
-        view["rows"].as_array().unwrap().iter().filter(|r| r["pid"] == pid).cloned().collect()
-    };
-    let settled = eventually(Duration::from_secs(8), async || {
-        let view = json(agent.http, "/launches").await;
-        let counted = [old_replica, old_shared, new_replica].iter().all(|pid| !rows_of(&view, *pid).is_empty());
-        counted && rows_of(&view, new_shared).len() == 2 && rows_of(&view, old_replica)[0].get("kernel").is_some()
-    })
-    .await;
-    let view = json(agent.http, "/launches").await;
-    assert!(settled, "every process counted, the older replica named: {view}");
-    let (old, new) = (&rows_of(&view, old_replica)[0], &rows_of(&view, new_replica)[0]);
-    assert_ne!(old["function"], new["function"], "two processes, two handles: {view}");
-    assert_eq!(new["kernel_from"], "name", "{view}");
-    assert_eq!(old["kernel_from"], "site", "{view}");
-    assert_eq!(old["kernel"], new["kernel"], "one kernel, one identity: {view}");
-    let shared = rows_of(&view, new_shared);
-    assert!(shared.iter().all(|row| row["kernel_from"] == "name"), "{view}");
-    assert_ne!(shared[0]["kernel"], shared[1]["kernel"], "the launcher's two kernels: {view}");
-    let older_shared = &rows_of(&view, old_shared)[0];
-    assert!(older_shared.get("kernel").is_none(), "a site of two kernels names nothing: {view}");
-    // The sums by source: each row's launches under where its identity came from.
-    let sum_of = |from: Option<&str>| -> u64 {
-        let rows = view["rows"].as_array().unwrap().iter();
-        rows.filter(|r| r["kernel_from"].as_str() == from).map(|r| r["launches"].as_u64().unwrap()).sum()
-    };
-    let sources = &view["identity_sources"];
-    assert_eq!(sources["site"].as_u64(), Some(sum_of(Some("site"))), "{view}");
-    assert_eq!(sources["name"].as_u64(), Some(sum_of(Some("name"))), "{view}");
-    assert_eq!(sources["none"].as_u64(), Some(sum_of(None)), "{view}");
-    assert!(sum_of(Some("site")) > 0 && sum_of(None) > 0, "{view}");
-    drop(agent);
-    drop(pods);
-}
-
-/// Launch sites behind a runtime: every launch of `runtime_app` reaches
-/// libcuda from the runtime stand-in's one call, for both of its kernels
-/// (same block size, one host stub each, as nvcc generates). Only the
-/// frames the stack scan finds above that call (the stubs' return
-/// addresses) tell the kernels apart: a process that resolved its kernels
-/// before the agent attached gets each handle's own kernel, the one a
-/// process started after has under the same grid, never the other's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kernels_behind_a_runtime_are_told_apart_by_the_frames_above_it() {
-    require_root();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path());
-    let ns = format!("runtime-{}", std::process::id());
-    let node = NodeRoot::create("runtime").unwrap();
-    let uids = [new_uid(), new_uid()];
-    let mut pods: Vec<CgroupPod> = uids.iter().map(|uid| CgroupPod::create(&node.0, uid).unwrap()).collect();
-    let entries: Vec<PodEntry> =
-        uids.iter().map(|uid| PodEntry { uid, namespace: &ns, name: "app", app: "app" }).collect();
-    let go = tools.path().join("go");
-    let spawn = |pod: &mut CgroupPod, early: bool| {
-        let mut command = Command::new(tools.path().join("runtime_app"));
-        let (lib, runtime) = (tools.path().join("libcuda.so.1"), tools.path().join("libcudart.so.12"));
-        command.args([lib.to_str().unwrap(), runtime.to_str().unwrap(), "3", go.to_str().unwrap()]);
-        if early {
-            command.env("RESOLVE_EARLY", "1");
-        }
-        let child = pod.spawn(command).expect("runtime app runs");
-        let pid = child.id();
-        let mut output = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        output.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        (pid, output)
-    };
-    let (older, _older_out) = spawn(&mut pods[0], true);
-    let root = node.agent_arg();
-    let (agent, _files) =
-        AgentProcess::start_for_pods(&entries, &["--launch-accounting", "on", &root]).expect("agent starts");
-    let (younger, _younger_out) = spawn(&mut pods[1], false);
-    start_once_probed(&agent, &go).await;
-    // (grid x, kernel, kernel_from) of each of the process's rows.
-    let kernels_of = |view: &serde_json::Value, pid: u32| -> Vec<(u64, Option<String>, Option<String>)> {
-        let mut rows: Vec<_> = view["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["pid"] == pid)
-            .map(|r| {
-                let text = |field: &str| r.get(field).and_then(|v| v.as_str()).map(str::to_string);
-                (r["grid"][0].as_u64().unwrap(), text("kernel"), text("kernel_from"))
-            })
-            .collect();
-        rows.sort();
-        rows
-    };
-    let settled = eventually(Duration::from_secs(8), async || {
-        let view = json(agent.http, "/launches").await;
-        let named = |pid| kernels_of(&view, pid).iter().filter(|row| row.1.is_some()).count();
-        named(older) == 2 && named(younger) == 2
-    })
-    .await;
-    let view = json(agent.http, "/launches").await;
-    assert!(settled, "both kernels of both processes named: {view}");
-    let (old, young) = (kernels_of(&view, older), kernels_of(&view, younger));
-    assert_eq!(old.iter().map(|row| row.0).collect::<Vec<_>>(), [64, 132], "{view}");
-    for (old, young) in old.iter().zip(&young) {
-        assert_eq!(young.2.as_deref(), Some("name"), "{view}");
-        assert_eq!(old.2.as_deref(), Some("site"), "{view}");
-        assert_eq!(old.1, young.1, "grid {}: the same kernel in both: {view}", old.0);
-    }
-    assert_ne!(old[0].1, old[1].1, "two kernels, two identities: {view}");
-    let gemm = podgpu_agent::probes::kernel_identity::identity_of(b"_Z9gemm_f16PKvPvi", 0);
-    assert_eq!(old[1].1.as_deref(), Some(format!("{gemm:#x}").as_str()), "{view}");
-    drop(agent);
-    drop(pods);
-}
-
-/// An agent restart keeps what the launch sites taught: a replica named by
-/// one agent (its kernel loaded while the probes watched) is unnamed for
-/// the next, whose identity probes were not there; the launch-site book,
-/// written beside the cost catalog when the first agent stops, names it
-/// again from its launch site, with the same identity.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kernel_identities_survive_an_agent_restart() {
-    require_root();
-    let tools = tempfile::tempdir().unwrap();
-    build(tools.path());
-    let ns = format!("restart-{}", std::process::id());
-    let node = NodeRoot::create("restart").unwrap();
-    let uid = new_uid();
-    let mut pod = CgroupPod::create(&node.0, &uid).unwrap();
-    let entries = [PodEntry { uid: &uid, namespace: &ns, name: "replica", app: "replica" }];
-    let catalog = tools.path().join("cost-catalog.json");
-    let args = [
-        "--launch-accounting".to_string(),
-        "on".to_string(),
-        node.agent_arg(),
-        format!("--cost-catalog={}", catalog.display()),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (mut first, _first_files) = AgentProcess::start_for_pods(&entries, &args).expect("agent starts");
-    let go = tools.path().join("go");
-    let mut command = Command::new(tools.path().join("launch_loop"));
-    command.args([tools.path().join("libcuda.so.1").to_str().unwrap(), "0", "60", go.to_str().unwrap()]);
-    // 50 launches a second, paced by sleeping, through both agents' lives.
-    command.env("KERNEL_NAME", "_Z9gemm_bf16PKvS0_Pvi").env("KERNEL_IMAGE", "model-c").env("LAUNCH_SCHEDULE", "50:60");
-    let child = pod.spawn(command).expect("launch loop runs");
-    let pid = child.id();
-    let mut output = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    output.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
-    start_once_probed(&first, &go).await;
-    let kernel_of = |view: &serde_json::Value| -> Option<(String, String)> {
-        let row = view["rows"].as_array()?.iter().find(|r| r["pid"] == pid)?;
-        Some((row.get("kernel")?.as_str()?.to_string(), row["kernel_from"].as_str()?.to_string()))
-    };
-    let named =
-        eventually(Duration::from_secs(5), async || kernel_of(&json(first.http, "/launches").await).is_some()).await;
-    let view = json(first.http, "/launches").await;
-    assert!(named, "{view}");
-    let (identity, from) = kernel_of(&view).unwrap();
-    assert_eq!(from, "name", "{view}");
-    assert!(first.stop(Duration::from_secs(10)), "the first agent stops cleanly");
-    let book = catalog.with_file_name("launch-sites.json");
-    let text = std::fs::read_to_string(&book).expect("the book is written when the agent stops");
-    assert!(text.contains("\"sites\""), "{text}");
-    let (second, _second_files) = AgentProcess::start_for_pods(&entries, &args).expect("agent starts again");
-    let renamed =
-        eventually(Duration::from_secs(8), async || kernel_of(&json(second.http, "/launches").await).is_some()).await;
-    let view = json(second.http, "/launches").await;
-    assert!(renamed, "the replica is named again after the restart: {view}");
-    assert_eq!(kernel_of(&view), Some((identity, "site".to_string())), "{view}");
-    drop(second);
-    drop(pod);
 }
 
 /// A launch-bound tenant: its rate times the calibrated cost of a probed
