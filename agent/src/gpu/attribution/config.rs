@@ -48,6 +48,13 @@ pub struct EstimatorConfig {
     /// back the completion spans' bounds must reach (NVML's sample period
     /// on the H100 read 0.2-1 s).
     pub reading_period_s: f64,
+    /// Least looseness a rate jump gives a process's share, as a fraction
+    /// of the device reading (σ). The jump's own looseness scales with the
+    /// cost learned before it, and a share misattributed small stays
+    /// pinned small by it: a rate that fell 6x at a fixed share then
+    /// "proves" the cost near 0. A tenth of the device is a share that a
+    /// batch change can move, whatever was learned.
+    pub jump_share_floor: f64,
 }
 
 impl Default for EstimatorConfig {
@@ -68,12 +75,13 @@ impl Default for EstimatorConfig {
             fallback_scale: 15.0,
             shared_cost_spread: 0.5,
             reading_period_s: 1.0,
+            jump_share_floor: 0.1,
         }
     }
 }
 
 /// The settings `EstimatorConfig::set` knows, for `replay --set`.
-pub const SETTINGS: [&str; 15] = [
+pub const SETTINGS: [&str; 16] = [
     "prior_share",
     "util_noise",
     "cost_drift",
@@ -89,6 +97,7 @@ pub const SETTINGS: [&str; 15] = [
     "fallback_scale",
     "shared_cost_spread",
     "reading_period_s",
+    "jump_share_floor",
 ];
 
 impl EstimatorConfig {
@@ -113,6 +122,7 @@ impl EstimatorConfig {
             "key_ttl_s" => self.key_ttl_s = value,
             "max_keys_per_process" => self.max_keys_per_process = (value.round() as usize).max(1),
             "fallback_scale" => self.fallback_scale = value,
+            "jump_share_floor" => self.jump_share_floor = value,
             "shared_cost_spread" => self.shared_cost_spread = value,
             "reading_period_s" => self.reading_period_s = value,
             _ => return Err(format!("unknown setting {name:?}; known: {}", SETTINGS.join(", "))),

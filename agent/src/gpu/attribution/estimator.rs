@@ -317,6 +317,11 @@ impl Estimator {
                     if tracked.hold > 0 {
                         loosened.insert(key.pid);
                         jump_noise = (cfg.jump_gain * tracked.jump * cost).powi(2);
+                        // A cost learned small loosens little by itself: the
+                        // share gets at least the floor's looseness.
+                        if rate > 0.0 {
+                            jump_noise = jump_noise.max((cfg.jump_share_floor * util / rate).powi(2));
+                        }
                         tracked.hold -= 1;
                     }
                     match tracked.delta {

@@ -441,6 +441,24 @@ fn a_batch_that_grows_keeps_its_share() {
     assert!((after.share_of(8) - 10.0).abs() < 3.0, "{after:?}");
 }
 
+/// A batch tenant (launch rate and cost per launch moving opposite ways
+/// at a fixed duty) beside moving neighbours: `sweep-1-125`, tenant 1002,
+/// whose costs were learned small while the split was unknown. A later
+/// rate fall then "proved" its cost near 0, and it read 5 points or more
+/// under its truth at confidence 0.5 or more in 5 bins. The floor under a
+/// jump's looseness (`jump_share_floor`) keeps such a share loose: no bin
+/// of the scenario's tenants is confident and more than 5 points off.
+#[test]
+fn a_falling_rate_does_not_pin_a_misjudged_share_at_zero() {
+    let (trace, launches) = super::generator::draw(1, 125).scenario.generate();
+    let confident_misses = |config: EstimatorConfig| -> usize {
+        replay(&trace, &launches, config).tenants.iter().map(|tenant| tenant.confident_bins_over_5).sum()
+    };
+    assert_eq!(confident_misses(EstimatorConfig::default()), 0);
+    // The scenario does show the failure the floor is for.
+    assert!(confident_misses(EstimatorConfig { jump_share_floor: 0.0, ..EstimatorConfig::default() }) >= 5);
+}
+
 /// Steady tenants started together cannot be separated by their
 /// launches: the even split misses those whose duties differ. Completion
 /// spans say how long each had work outstanding; the split follows them,
