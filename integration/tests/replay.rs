@@ -124,18 +124,20 @@ fn the_sweep_scores_generated_and_recorded_tenants() {
     assert_eq!(number(recorded, "worse_than_launch_share"), 0.0, "{recorded}");
     println!("generated: {generated}\nrecorded: {recorded}");
     // Where the estimator stands on seed 1 against the scenario space of
-    // docs/attribution.md, completion spans included (p90 8.7, 67%
-    // within 5, 4% worse than NVML, 23% worse than the launch share, 4.3%
-    // of confident bins more than 5 points off, 98% of bins within 2σ,
-    // the overhead 2.5 points per extra tenant for 4.3 drawn), with room
-    // for noise: a regression beyond these fails. Calibration already
-    // meets the bar.
+    // docs/attribution.md, completion spans included (p90 8.5, 68%
+    // within 5, 4% worse than NVML, 23% worse than the launch share, 0.8%
+    // of confident bins more than 5 points off (5 of 646; a bin's
+    // confidence is its windows' while the split listed the tenant, as
+    // the agent averages a pod's), 99% of bins within 2σ, the overhead
+    // 2.5 points per extra tenant for 4.3 drawn), with room for noise: a
+    // regression beyond these fails. Calibration already meets the
+    // issue's bar.
     assert!(number(generated, "mae_p90") <= 10.0, "{generated}");
     assert!(number(generated, "within_5") >= 0.62, "{generated}");
     assert!(number(generated, "worse_than_nvml") <= 0.07, "{generated}");
     assert!(number(generated, "worse_than_launch_share") <= 0.27, "{generated}");
     let confident_misses = number(generated, "confident_bins_over_5") / number(generated, "confident_bins");
-    assert!(confident_misses <= 0.07, "{generated}");
+    assert!(confident_misses <= 0.03, "{generated}");
     let overhead = &card["overhead"];
     assert!(number(overhead, "scenarios") >= 100.0, "{overhead}");
     assert!(number(overhead, "mean_abs_error") <= 3.0, "{overhead}");

@@ -216,7 +216,12 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
             let share = if total > 0.0 { attribution.device_util * own / total } else { 0.0 };
             for (bin, seconds) in overlaps(t - window.duration_s, *t) {
                 podgpu.add(tenant.pid, bin, process.map_or(0.0, |p| p.util_percent), seconds);
-                confidence.add(tenant.pid, bin, process.map_or(1.0, |p| p.confidence), seconds);
+                // As the agent averages a pod's confidence over a query's
+                // window: over the time it had one (a process the split
+                // does not list, launching nothing, has none).
+                if let Some(process) = process {
+                    confidence.add(tenant.pid, bin, process.confidence, seconds);
+                }
                 sigma.add(tenant.pid, bin, process.and_then(|p| p.uncertainty_points).unwrap_or(0.0), seconds);
                 shares.add(tenant.pid, bin, share, seconds);
             }
@@ -242,7 +247,9 @@ fn score(trace: &Trace, windows: &[(f64, Window)], replayed: &[ReplayedWindow]) 
                         podgpu: podgpu.mean(tenant.pid, bin)?,
                         nvml: nvml.mean(tenant.pid, bin).unwrap_or(0.0),
                         launch_share: shares.mean(tenant.pid, bin).unwrap_or(0.0),
-                        confidence: confidence.mean(tenant.pid, bin).unwrap_or(0.0),
+                        // A bin in which it was never listed reads 0 for
+                        // certain: it launched nothing.
+                        confidence: confidence.mean(tenant.pid, bin).unwrap_or(1.0),
                         sigma: sigma.mean(tenant.pid, bin).unwrap_or(0.0),
                     })
                 })
@@ -311,6 +318,50 @@ mod tests {
         assert!(scores[0].podgpu_mae < 1e-9, "an exact estimate scored {} points off", scores[0].podgpu_mae);
         assert_eq!(scores[0].confident_bins_over_5, 0);
         assert!((scores[0].truth - 22.5).abs() < 1e-9, "the mean of 60, 30, 0, 0 over the bins");
+    }
+
+    /// A bin's confidence is its windows' while the split listed the
+    /// tenant, as the agent averages a pod's: an on/off tenant off for
+    /// three windows (not listed, certain 0) and back in the fourth at
+    /// confidence 0 scores a bin at confidence 0, not 0.75, and its miss
+    /// is not a confident one. A bin it is never listed in stays certain.
+    #[test]
+    fn a_bin_is_as_confident_as_the_windows_that_listed_the_tenant() {
+        // Busy at 50 % in [0, 2) and in the last 0.5 s of [2, 4), off
+        // between; off in [4, 6) and busy again in [6, 8).
+        let busy = |end: f64| (end <= 2.0) || (end > 3.5 && end <= 4.0) || end > 6.0;
+        let periods = (1..=16).map(|step| {
+            let end = step as f64 * 0.5;
+            vec![end, if busy(end) { 0.25 } else { 0.0 }, 0.5]
+        });
+        let trace = Trace {
+            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods: periods.collect() }],
+            ..Trace::default()
+        };
+        let mut windows = Vec::new();
+        let mut replayed = Vec::new();
+        for step in 1..=16 {
+            let t = step as f64 * 0.5;
+            let window = Window { duration_s: 0.5, device_util: Some(50.0), ..Window::default() };
+            // Exact where it has settled; the first window after the
+            // restart reads 10 % at confidence 0.
+            let listed = busy(t).then_some(ProcessShare {
+                pid: 1,
+                util_percent: if t == 4.0 { 10.0 } else { 50.0 },
+                uncertainty_points: Some(if t == 4.0 { 20.0 } else { 1.0 }),
+                confidence: if t == 4.0 { 0.0 } else { 0.8 },
+                basis: Basis::Measured,
+            });
+            let attribution = Attribution::new(50.0, 0.0, listed.into_iter().collect());
+            replayed.push(ReplayedWindow { t, attribution: Some(attribution) });
+            windows.push((t, window));
+        }
+        let scores = score(&trace, &windows, &replayed);
+        assert_eq!(scores[0].bins, 4);
+        // [2, 4): truth 12.5, the estimate 2.5: 10 off, at confidence 0.
+        assert_eq!(scores[0].confident_bins_over_5, 0, "{:?}", scores[0]);
+        // [0, 2) and [6, 8) at 0.8, [4, 6) never listed and certain.
+        assert_eq!(scores[0].confident_bins, 3, "{:?}", scores[0]);
     }
 
     /// A damaged trace whose periods and windows span ages (or no time
