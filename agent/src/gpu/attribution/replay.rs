@@ -284,6 +284,24 @@ mod tests {
     use super::*;
     use crate::gpu::attribution::{Basis, ProcessShare};
 
+    /// Scores one tenant (pid 1) with these `periods` against 16 windows
+    /// of 0.5 s, each `at(t)` = (device utilization, the split's shares).
+    fn score_one_tenant(periods: Vec<Vec<f64>>, at: impl Fn(f64) -> (f64, Vec<ProcessShare>)) -> Vec<TenantScore> {
+        let trace = Trace {
+            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods }],
+            ..Trace::default()
+        };
+        let mut windows = Vec::new();
+        let mut replayed = Vec::new();
+        for step in 1..=16 {
+            let t = step as f64 * 0.5;
+            let (util, shares) = at(t);
+            windows.push((t, Window { duration_s: 0.5, device_util: Some(util), ..Window::default() }));
+            replayed.push(ReplayedWindow { t, attribution: Some(Attribution::new(util, 0.0, shares)) });
+        }
+        score(&trace, &windows, &replayed)
+    }
+
     /// A tenant busy at 60 % until t = 3 s and idle after, scored against
     /// an estimate that is exact in every 0.5 s window: 0 error, although
     /// the load changes inside the bin [2, 4) and the truth's 1 s periods
@@ -292,16 +310,8 @@ mod tests {
     fn an_exact_estimate_scores_zero_across_a_load_change_inside_a_bin() {
         let busy_until = 3.0;
         let periods = (1..=8).map(|end| vec![end as f64, if (end as f64) <= busy_until { 0.6 } else { 0.0 }, 1.0]);
-        let trace = Trace {
-            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods: periods.collect() }],
-            ..Trace::default()
-        };
-        let mut windows = Vec::new();
-        let mut replayed = Vec::new();
-        for step in 1..=16 {
-            let t = step as f64 * 0.5;
+        let scores = score_one_tenant(periods.collect(), |t| {
             let util = if t <= busy_until { 60.0 } else { 0.0 };
-            let window = Window { duration_s: 0.5, device_util: Some(util), ..Window::default() };
             let share = ProcessShare {
                 pid: 1,
                 util_percent: util,
@@ -309,10 +319,8 @@ mod tests {
                 confidence: 0.8,
                 basis: Basis::Measured,
             };
-            replayed.push(ReplayedWindow { t, attribution: Some(Attribution::new(util, 0.0, vec![share])) });
-            windows.push((t, window));
-        }
-        let scores = score(&trace, &windows, &replayed);
+            (util, vec![share])
+        });
         assert_eq!(scores.len(), 1);
         assert_eq!(scores[0].bins, 4);
         assert!(scores[0].podgpu_mae < 1e-9, "an exact estimate scored {} points off", scores[0].podgpu_mae);
@@ -334,15 +342,7 @@ mod tests {
             let end = step as f64 * 0.5;
             vec![end, if busy(end) { 0.25 } else { 0.0 }, 0.5]
         });
-        let trace = Trace {
-            tenants: vec![super::super::trace::Tenant { pid: 1, segments: Vec::new(), periods: periods.collect() }],
-            ..Trace::default()
-        };
-        let mut windows = Vec::new();
-        let mut replayed = Vec::new();
-        for step in 1..=16 {
-            let t = step as f64 * 0.5;
-            let window = Window { duration_s: 0.5, device_util: Some(50.0), ..Window::default() };
+        let scores = score_one_tenant(periods.collect(), |t| {
             // Exact where it has settled; the first window after the
             // restart reads 10 % at confidence 0.
             let listed = busy(t).then_some(ProcessShare {
@@ -352,11 +352,8 @@ mod tests {
                 confidence: if t == 4.0 { 0.0 } else { 0.8 },
                 basis: Basis::Measured,
             });
-            let attribution = Attribution::new(50.0, 0.0, listed.into_iter().collect());
-            replayed.push(ReplayedWindow { t, attribution: Some(attribution) });
-            windows.push((t, window));
-        }
-        let scores = score(&trace, &windows, &replayed);
+            (50.0, listed.into_iter().collect())
+        });
         assert_eq!(scores[0].bins, 4);
         // [2, 4): truth 12.5, the estimate 2.5: 10 off, at confidence 0.
         assert_eq!(scores[0].confident_bins_over_5, 0, "{:?}", scores[0]);
