@@ -118,6 +118,30 @@ impl CostFilter {
         self.project_nonnegative();
     }
 
+    /// Moves the mean so that `h · x` reads `value`, along the covariance
+    /// (the states that explain `h · x` take up the change in proportion
+    /// to how uncertain they are), and keeps the covariance: an
+    /// inequality the state broke (a completion span's bound) says where
+    /// the state is not, not that it is known. Feeding the bound as a
+    /// measurement instead, window after window, shrinks the variance as
+    /// if every window had measured the share at the bound.
+    pub fn project(&mut self, h: &[f64], value: f64) {
+        let n = self.len();
+        debug_assert_eq!(h.len(), n);
+        let ph: Vec<f64> = (0..n)
+            .map(|row| self.covariance[row * n..(row + 1) * n].iter().zip(h).map(|(p, hv)| p * hv).sum())
+            .collect();
+        let spread = h.iter().zip(&ph).map(|(hv, p)| hv * p).sum::<f64>();
+        if !(spread.is_finite() && spread > 0.0) {
+            return;
+        }
+        let miss = value - self.predict(h);
+        for (mean, p) in self.mean.iter_mut().zip(&ph) {
+            *mean += p / spread * miss;
+        }
+        self.project_nonnegative();
+    }
+
     fn update_unbounded(&mut self, h: &[f64], observed: f64, noise_variance: f64) {
         let n = self.len();
         debug_assert_eq!(h.len(), n);
@@ -266,6 +290,25 @@ mod tests {
         assert!(filter.mean.iter().all(|&m| m >= 0.0), "{:?}", filter.mean);
         let miss = |f: &CostFilter| (f.predict(&reading) - 100.0).abs();
         assert!(miss(&filter) < miss(&clamped), "projected {} clamped {}", miss(&filter), miss(&clamped));
+    }
+
+    /// A projection puts the mean on the bound along the covariance (a
+    /// state correlated with the bounded one follows it) and leaves the
+    /// covariance as it was.
+    #[test]
+    fn a_projection_moves_the_mean_and_keeps_the_covariance() {
+        let mut filter = CostFilter::default();
+        filter.push(10.0, 100.0);
+        filter.push(10.0, 100.0);
+        filter.push(5.0, 4.0);
+        // Only the sum of the first two is learned: anti-correlated parts.
+        filter.update(&[1.0, 1.0, 0.0], 20.0, 0.01);
+        let covariance = filter.covariance.clone();
+        filter.project(&[1.0, 0.0, 0.0], 4.0);
+        assert!((filter.mean(0) - 4.0).abs() < 1e-9, "{:?}", filter.mean);
+        assert!((filter.mean(0) + filter.mean(1) - 20.0).abs() < 0.01, "the sum holds: {:?}", filter.mean);
+        assert!((filter.mean(2) - 5.0).abs() < 1e-9, "an unrelated state stays: {:?}", filter.mean);
+        assert_eq!(filter.covariance, covariance);
     }
 
     /// Removing a state keeps the others' means and covariance.

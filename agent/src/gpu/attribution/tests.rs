@@ -459,6 +459,24 @@ fn a_falling_rate_does_not_pin_a_misjudged_share_at_zero() {
     assert!(confident_misses(EstimatorConfig { jump_share_floor: 0.0, ..EstimatorConfig::default() }) >= 5);
 }
 
+/// Two steady tenants started together under MPS (`sweep-2-182`): only
+/// their sum is observable. The smaller one (3.6 %) is launch-bound, so
+/// its spans bound it loosely (about 12 %). The even split wants it
+/// higher, so its costs break the bound every window; fed to the filter
+/// as a measurement, that loose bound pinned it at 12-13 % with σ 2-3
+/// ("measured", 4 bins at confidence 0.5 or more, every one over 5
+/// points off). Held at the bound without growing surer, it is never
+/// confident, and no tenant of the scenario is confidently wrong.
+#[test]
+fn a_loose_span_bound_is_not_a_measurement() {
+    let (trace, launches) = super::generator::draw(2, 182).scenario.generate();
+    let replayed = replay(&trace, &launches, EstimatorConfig::default());
+    let small = replayed.tenants.iter().find(|t| t.pid == 1001).expect("tenant 1001");
+    assert!(small.truth < 5.0, "the launch-bound tenant: {small:?}");
+    assert_eq!(small.confident_bins, 0, "{small:?}");
+    assert_eq!(replayed.tenants.iter().map(|t| t.confident_bins_over_5).sum::<usize>(), 0);
+}
+
 /// Steady tenants started together cannot be separated by their
 /// launches: the even split misses those whose duties differ. Completion
 /// spans say how long each had work outstanding; the split follows them,
