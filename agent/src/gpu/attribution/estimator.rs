@@ -374,9 +374,19 @@ impl Estimator {
         for (key, rate, weight) in entering {
             let identity = self.keys.get(&key).and_then(|t| t.identity);
             // Two processes starting the same kernel in one window share
-            // the slot the first one opened.
+            // the slot the first one opened, and the second keeps a
+            // difference of its own, as one joining later does: replicas
+            // started together are split by their launches, but a larger
+            // batch in one of them costs more per launch at the same
+            // geometry (held exactly, a replica at 3x the batch read a
+            // third of its share at σ 0.4, `sweep-3-36`).
+            let mut delta = None;
             let slot = match identity.and_then(|identity| self.shared.get(&identity)) {
-                Some(&slot) => slot,
+                Some(&slot) => {
+                    let spread = cfg.shared_cost_spread * self.filter.mean(slot);
+                    delta = Some(self.filter.push_signed(0.0, spread.powi(2)));
+                    slot
+                }
                 None => {
                     let slot =
                         self.filter.push(per_newcomer * weight / rate, (cfg.prior_share * weight / rate).powi(2));
@@ -388,6 +398,7 @@ impl Estimator {
             };
             let tracked = self.keys.get_mut(&key).expect("entering keys are tracked");
             tracked.slot = Some(slot);
+            tracked.delta = tracked.delta.or(delta);
             tracked.reference_rate = rate;
         }
 

@@ -174,8 +174,11 @@ fn shared(pid: u32, function: u64, launches: f64, kernel: u64) -> LaunchCount {
 
 /// Two replicas of one model started together, one twice as busy: with
 /// the kernel's identity they share one cost and are split by their
-/// launches, measured; without it only their sum is known, and the split
-/// is the prior's (even), at low confidence.
+/// launches, surer than without it but not sure: the same kernel at the
+/// same geometry may do more work per launch in one of them (a larger
+/// batch), which steady loads never show. Without the identity only
+/// their sum is known, and the split is the prior's (even), at lower
+/// confidence.
 #[test]
 fn replicas_of_one_kernel_are_split_by_their_launches() {
     let run = |identified: bool| {
@@ -195,10 +198,10 @@ fn replicas_of_one_kernel_are_split_by_their_launches() {
     };
     let known = run(true);
     assert!((known.share_of(1) - 30.0).abs() < 1.0 && (known.share_of(2) - 15.0).abs() < 1.0, "{known:?}");
-    assert!(known.processes.iter().all(|p| p.confidence > 0.7), "{known:?}");
+    assert!(known.processes.iter().all(|p| p.confidence < 0.5), "their costs may differ: {known:?}");
     let unknown = run(false);
     assert!((unknown.share_of(1) - unknown.share_of(2)).abs() < 5.0, "the prior splits evenly: {unknown:?}");
-    assert!(unknown.processes.iter().all(|p| p.confidence < 0.5), "{unknown:?}");
+    assert!(known.confidence > unknown.confidence + 0.2, "known {known:?} unknown {unknown:?}");
 }
 
 /// The same kernel need not cost the same in two processes: one replica's
