@@ -29,3 +29,12 @@ pub fn read_if_present(path: &Path) -> std::io::Result<Option<String>> {
         Err(err) => Err(err),
     }
 }
+
+/// Moves an unreadable kept file aside to `<path>.bad`, so that the agent
+/// starts empty without overwriting what someone may want to look at,
+/// and says so. `what` names the file in the log.
+pub fn move_aside(path: &Path, what: &str, error: &dyn std::fmt::Display) {
+    let aside = path.with_extension("bad");
+    let moved = std::fs::rename(path, &aside).is_ok();
+    tracing::warn!(error = %error, moved_to = %aside.display(), moved, "{what} unreadable; starting empty");
+}

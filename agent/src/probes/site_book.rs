@@ -98,9 +98,7 @@ impl SiteBook {
                 book
             }
             Err(err) => {
-                let aside = path.with_extension("bad");
-                let moved = std::fs::rename(path, &aside).is_ok();
-                tracing::warn!(error = %err, moved_to = %aside.display(), moved, "launch-site book unreadable; starting empty");
+                crate::files::move_aside(path, "launch-site book", &err);
                 Self::default()
             }
         }

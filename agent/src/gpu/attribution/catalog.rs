@@ -102,9 +102,7 @@ impl CostCatalog {
                 catalog
             }
             Err(err) => {
-                let aside = path.with_extension("bad");
-                let moved = std::fs::rename(path, &aside).is_ok();
-                tracing::warn!(error = %err, moved_to = %aside.display(), moved, "cost catalog unreadable; starting empty");
+                crate::files::move_aside(path, "cost catalog", &err);
                 Self { version: 1, models: BTreeMap::new() }
             }
         }
