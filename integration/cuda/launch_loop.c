@@ -20,7 +20,9 @@
  * it launches at each RATE per second (paced by sleeping, 0 for idle) for
  * its SECONDS, in order, and holds the last step; SPIN_NS still adds host
  * work per launch. With WAIT_EVERY=N it calls cuCtxSynchronize after every
- * N launches (what a wait probe costs).
+ * N launches (what a wait probe costs). With HANDLES=N (and no KERNEL_NAME)
+ * it cycles through N made-up handles, so its first N launches are each
+ * the first of a handle (what a new handle costs the probes).
  *
  * usage: launch_loop LIBCUDA SPIN_NS [SECONDS [GO_FILE]] */
 #include <dlfcn.h>
@@ -150,6 +152,8 @@ int main(int argc, char **argv) {
     int helper = getenv("LAUNCH_HELPER") != NULL;
     const char *wait_every_env = getenv("WAIT_EVERY");
     unsigned long long wait_every = wait_every_env ? strtoull(wait_every_env, NULL, 10) : 0;
+    const char *handles_env = getenv("HANDLES");
+    unsigned long long handles = handles_env && !kernel_name ? strtoull(handles_env, NULL, 10) : 0;
     int (*ctx_sync)(void) = dlsym(lib, "cuCtxSynchronize");
     const char *schedule = getenv("LAUNCH_SCHEDULE");
     double paced = 0; /* launches owed to the schedule so far */
@@ -169,6 +173,8 @@ int main(int argc, char **argv) {
         }
         if (helper)
             launch_through_helper(launch, f, f2, launches);
+        else if (handles)
+            launch((void *)(0x100000ULL + (launches % handles) * 0x40), 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
         else
             launch(f, 64, 1, 1, 256, 1, 1, 0, NULL, NULL, NULL);
         launches++;

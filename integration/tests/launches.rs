@@ -86,6 +86,17 @@ async fn launches_are_counted_per_pod_function_and_size() {
         .unwrap()
         .iter()
         .all(|r| r["pod_uid"] == uid_a.as_str() || r["pod_uid"] == uid_b.as_str()));
+    // The launch programs' cost is on /metrics beside the request probe's,
+    // once the launch reader has read (the node's tax, all of it).
+    let listed = eventually(Duration::from_secs(5), async || {
+        let metrics = integration::http::get(agent.http, "/metrics").await.unwrap().body;
+        let metrics = String::from_utf8_lossy(&metrics).to_string();
+        ["cu_launch_kernel", "cu_launch_kernel_ex", "cu_graph_launch"]
+            .iter()
+            .all(|program| metrics.contains(&format!("podgpu_agent_bpf_runs_total{{program=\"{program}\"}}")))
+    })
+    .await;
+    assert!(listed, "launch programs missing from /metrics");
 
     let mut keda = KedaClient::connect(agent.keda).await.unwrap();
     let mut rate = async |app: &str| {

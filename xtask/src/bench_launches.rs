@@ -7,7 +7,10 @@
 //! far the agent's count or estimate is from the loop's own. Then twice
 //! more with a `cuCtxSynchronize` after every launch, without the agent and
 //! with the probes always on: what each probed wait (the completion span
-//! probes, entry and return) adds beyond the launch.
+//! probes, entry and return) adds beyond the launch. Last, with
+//! `kernel.bpf_stats_enabled`, the launch program's own time per launch
+//! when every launch is a handle's first (a new count key, and the launch
+//! site kept for identity) against launches of one handle.
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Command;
@@ -35,7 +38,27 @@ struct Run {
     counted: Option<u64>,
     duty: Option<f64>,
     hit_cost_ns: Option<u64>,
+    /// The `cuLaunchKernel` program's (ns, runs) over the run (non-zero
+    /// while `kernel.bpf_stats_enabled`).
+    launch_program: (f64, f64),
 }
+
+/// How the loop launches in one run.
+#[derive(Default)]
+struct LoopSetup {
+    /// A wait after every launch.
+    waits: bool,
+    /// Distinct handles to cycle through (0: one fixed handle).
+    handles: u32,
+    /// `LAUNCH_SCHEDULE`, when paced.
+    schedule: Option<String>,
+    /// Seconds the loop runs (default: `--seconds`).
+    seconds: Option<u64>,
+}
+
+/// Handles launched once each in the first-launch runs: under the launch
+/// site map's 4,096 entries, so every one is kept.
+const FIRST_LAUNCHES: u32 = 4_000;
 
 pub fn run(options: Options) -> anyhow::Result<()> {
     let runtime = crate::root_runtime("bench-launches")?;
@@ -56,12 +79,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         "launch-bound loop: {} ns of host work per launch, {} s per run (stand-in libcuda)",
         options.spin_ns, options.seconds
     );
-    let bare = runtime.block_on(one_run(&options, tools.path(), None, false))?;
+    let plain = LoopSetup::default;
+    let with_waits = || LoopSetup { waits: true, ..LoopSetup::default() };
+    let bare = runtime.block_on(one_run(&options, tools.path(), None, plain()))?;
     println!("unprobed:              {:>9.0} launches/s", bare.rate);
-    let always = runtime.block_on(one_run(&options, tools.path(), Some("100"), false))?;
-    let sampled = runtime.block_on(one_run(&options, tools.path(), Some("1"), false))?;
-    let bare_waits = runtime.block_on(one_run(&options, tools.path(), None, true))?;
-    let always_waits = runtime.block_on(one_run(&options, tools.path(), Some("100"), true))?;
+    let always = runtime.block_on(one_run(&options, tools.path(), Some("100"), plain()))?;
+    let sampled = runtime.block_on(one_run(&options, tools.path(), Some("1"), plain()))?;
+    let bare_waits = runtime.block_on(one_run(&options, tools.path(), None, with_waits()))?;
+    let always_waits = runtime.block_on(one_run(&options, tools.path(), Some("100"), with_waits()))?;
     let added_ns = (1.0 / always.rate - 1.0 / bare.rate) * 1e9;
     let report = |name: &str, run: &Run| {
         let counted = run.counted.unwrap_or(0);
@@ -87,12 +112,54 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         always_waits.rate,
         added_with_waits_ns - added_ns
     );
+    first_launch_cost(&options, tools.path(), &runtime)
+}
+
+/// The launch program's ns per launch when each launch is a handle's
+/// first, against launches of one handle, from `kernel.bpf_stats_enabled`
+/// (not free, so never in the timed runs above). Each run launches
+/// `FIRST_LAUNCHES` times in one paced second.
+fn first_launch_cost(options: &Options, tools: &Path, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    crate::bench_probes::set_bpf_stats(true)?;
+    let paced = |handles: u32| LoopSetup {
+        handles,
+        schedule: Some(format!("{FIRST_LAUNCHES}:1,0:86400")),
+        seconds: Some(3),
+        ..LoopSetup::default()
+    };
+    let runs = (|| -> anyhow::Result<(Run, Run)> {
+        let first = runtime.block_on(one_run(options, tools, Some("100"), paced(FIRST_LAUNCHES)))?;
+        let repeat = runtime.block_on(one_run(options, tools, Some("100"), paced(0)))?;
+        Ok((first, repeat))
+    })();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
+    let (first, repeat) = runs?;
+    if first.launch_program.1 <= 0.0 || repeat.launch_program.1 <= 0.0 {
+        bail!("the agent's /metrics counted no cu_launch_kernel runs (kernel.bpf_stats_enabled)");
+    }
+    // Both totals include the agent's calibration at start (its own
+    // function, probed by the same program); the difference is the
+    // launches'. Per launch, so that a launch or two more in one run
+    // does not count as a handle's cost.
+    let per_launch = |run: &Run| run.launch_program.0 / run.launches.max(1) as f64;
+    let calibration_runs = repeat.launch_program.1 - repeat.launches as f64;
+    println!(
+        "launch program (eBPF, bpf_stats): {} launches each a new handle {:.2} ms, {} launches of one handle \
+         {:.2} ms (each with the agent's ~{calibration_runs:.0} calibration runs): a handle's first launch \
+         costs {:.0} ns more (its count key and its launch site)",
+        first.launches,
+        first.launch_program.0 / 1e6,
+        repeat.launches,
+        repeat.launch_program.0 / 1e6,
+        per_launch(&first) - per_launch(&repeat),
+    );
     Ok(())
 }
 
-/// One run of the loop, with an agent at `budget` percent (or none), and
-/// with a wait after every launch when `waits`.
-async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, waits: bool) -> anyhow::Result<Run> {
+/// One run of the loop as `setup` says, with an agent at `budget` percent
+/// (or none).
+async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, setup: LoopSetup) -> anyhow::Result<Run> {
     let cgroup_root = podgpu_agent::pods::cgroup_tree::host_v2_root().context("cgroup v2 root")?;
     let uid = new_uid();
     let mut pod = CgroupPod::create(&cgroup_root, &uid)?;
@@ -106,13 +173,19 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, waits: b
     };
     let go = tools.join(format!("go-{uid}"));
     let mut command = Command::new(tools.join("launch_loop"));
-    if waits {
+    if setup.waits {
         command.env("WAIT_EVERY", "1");
+    }
+    if setup.handles > 0 {
+        command.env("HANDLES", setup.handles.to_string());
+    }
+    if let Some(schedule) = &setup.schedule {
+        command.env("LAUNCH_SCHEDULE", schedule);
     }
     command.args([
         tools.join("libcuda.so.1").display().to_string(),
         options.spin_ns.to_string(),
-        options.seconds.to_string(),
+        setup.seconds.unwrap_or(options.seconds).to_string(),
         go.display().to_string(),
     ]);
     let child = pod.spawn(command)?;
@@ -147,7 +220,7 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, waits: b
     let mut fields = line.split_whitespace().skip(1);
     let launches: u64 = fields.next().context("count")?.parse()?;
     let rate: f64 = fields.next().context("rate")?.parse()?;
-    let (mut counted, mut hit_cost_ns) = (None, None);
+    let (mut counted, mut hit_cost_ns, mut launch_program) = (None, None, (0.0, 0.0));
     if let Some((agent, _)) = &agent {
         // Sampled reads come every 4 s: settled means unchanged for longer.
         let (mut settled, mut unchanged_since) = (0, std::time::Instant::now());
@@ -167,8 +240,13 @@ async fn one_run(options: &Options, tools: &Path, budget: Option<&str>, waits: b
         }
         counted = Some(settled);
         hit_cost_ns = health(agent).await?["launch_hit_cost_ns"].as_u64();
+        let metrics = integration::http::get(agent.http, "/metrics").await?.body;
+        launch_program = crate::bench_probes::program_costs_of(&String::from_utf8_lossy(&metrics))
+            .into_iter()
+            .find(|(name, _, _)| name == "cu_launch_kernel")
+            .map_or((0.0, 0.0), |(_, ns, runs)| (ns, runs));
     }
-    Ok(Run { rate, launches, counted, duty, hit_cost_ns })
+    Ok(Run { rate, launches, counted, duty, hit_cost_ns, launch_program })
 }
 
 async fn health(agent: &AgentProcess) -> anyhow::Result<serde_json::Value> {

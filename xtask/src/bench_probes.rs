@@ -159,7 +159,7 @@ fn parse_wrk_duration(text: &str) -> anyhow::Result<f64> {
 }
 
 /// (program, kernel ns, runs) of each eBPF program.
-type ProgramCosts = Vec<(String, f64, f64)>;
+pub(crate) type ProgramCosts = Vec<(String, f64, f64)>;
 
 /// What the benchmark reads from the agent's /metrics.
 struct Scrape {
@@ -170,13 +170,12 @@ struct Scrape {
     events: f64,
 }
 
-fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
-    let text = String::from_utf8_lossy(&reply.body).to_string();
+/// Each eBPF program's (name, ns run, runs) from the agent's /metrics
+/// text (counted while `kernel.bpf_stats_enabled` was on).
+pub(crate) fn program_costs_of(metrics: &str) -> ProgramCosts {
     let value_of = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let mut programs = ProgramCosts::new();
-    for line in text.lines() {
+    for line in metrics.lines() {
         let program =
             |prefix: &str| line.strip_prefix(prefix).and_then(|rest| rest.split('"').next()).map(str::to_string);
         if let Some(name) = program("podgpu_agent_bpf_run_seconds_total{program=\"") {
@@ -187,6 +186,15 @@ fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
             }
         }
     }
+    programs
+}
+
+fn scrape(http: SocketAddr) -> anyhow::Result<Scrape> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reply = runtime.block_on(integration::http::get(http, "/metrics"))?;
+    let text = String::from_utf8_lossy(&reply.body).to_string();
+    let value_of = |line: &str| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let programs = program_costs_of(&text);
     let completed = text
         .lines()
         .filter(|l| l.starts_with("podgpu_pod_requests_total{") && l.contains("outcome=\"completed\""))
@@ -227,7 +235,7 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / per_second)
 }
 
-fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
+pub(crate) fn set_bpf_stats(enabled: bool) -> anyhow::Result<()> {
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if enabled { "1" } else { "0" })
         .context("kernel.bpf_stats_enabled")
 }

@@ -147,6 +147,7 @@ fn run(
             ..LaunchSnapshot::default()
         };
         snapshot.spans = spans;
+        snapshot.programs = probe.program_stats();
         let identities = probe.identities().unwrap_or_else(|err| {
             tracing::debug!(error = %err, "reading kernel identities");
             Default::default()

@@ -492,6 +492,10 @@ pub struct LaunchSnapshot {
     pub hit_cost_ns: u64,
     /// Completion spans per process, cumulative.
     pub spans: SpanTotals,
+    /// What each launch program cost so far (while
+    /// `kernel.bpf_stats_enabled`), for the agent's /metrics beside the
+    /// request probe's.
+    pub programs: Vec<crate::probes::BpfProgramStats>,
 }
 
 /// CLOCK_MONOTONIC now: the clock of the kernel's `bpf_ktime_get_ns`.

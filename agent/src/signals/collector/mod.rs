@@ -140,6 +140,8 @@ pub struct Collector {
     probes: Probes,
     request_probe_stats: RequestProbeStats,
     bpf_programs: Vec<crate::probes::BpfProgramStats>,
+    /// The launch programs' costs, as of the launch reader's last read.
+    launch_programs: Vec<crate::probes::BpfProgramStats>,
     /// Looked up for every request event: a fast hasher, not SipHash.
     cgroups: FastMap<u64, PodCgroup>,
     /// Which pod cgroups hold processes: leftovers are not pods.
@@ -207,6 +209,7 @@ impl Collector {
             probes,
             request_probe_stats: RequestProbeStats::default(),
             bpf_programs: Vec::new(),
+            launch_programs: Vec::new(),
             cgroups: FastMap::default(),
             occupancy,
             unwatched: HashSet::new(),
@@ -315,6 +318,7 @@ impl Collector {
             if snapshot.published != self.launch_read_at.map(|(at, _)| at) {
                 self.launch_rows = Arc::new(snapshot.rows.clone());
                 self.launch_spans = Arc::new(snapshot.spans.clone());
+                self.launch_programs.clone_from(&snapshot.programs);
                 self.launch_read_at = snapshot.published.map(|at| {
                     let unix_now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -414,6 +418,7 @@ impl Collector {
             self.request_probe_stats = stats;
         }
         self.bpf_programs = self.probes.requests.as_ref().map(|probe| probe.program_stats()).unwrap_or_default();
+        self.bpf_programs.extend(self.launch_programs.iter().cloned());
     }
 
     /// Sets every port's in-flight level from the tracker's open requests.
