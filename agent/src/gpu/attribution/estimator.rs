@@ -442,12 +442,13 @@ impl Estimator {
                 hp[delta] += rate;
             }
         }
-        // Step 3b: costs that put a process outside its span bounds are
-        // pulled to the bound it breaks.
+        // Step 3b: costs that put a process outside its span bounds, as
+        // they hold for the reading (which reaches back), are moved onto
+        // the bound it breaks.
         let evidence = spans::evidence(&window.spans, duration);
         let reach = self.recent_bounds.reach(&evidence, pid_rates.keys().copied(), duration, cfg.reading_period_s);
         let unsettled: BTreeSet<u32> = pending.union(&loosened).copied().collect();
-        spans::hold_costs_within(&mut self.filter, &by_pid, &evidence, &unsettled, util - overhead_now, cfg.util_noise);
+        spans::hold_costs_within(&mut self.filter, &by_pid, &reach, &unsettled, util - overhead_now, cfg.util_noise);
 
         // Step 4: shares, reconciled with the device utilization.
         let mut predicted: BTreeMap<u32, (f64, f64)> = BTreeMap::new();

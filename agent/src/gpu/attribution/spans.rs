@@ -163,7 +163,10 @@ fn bounds(pids: &[u32], evidence: &HashMap<u32, SpanEvidence>, available: f64, r
     upper.iter().map(|&high| ((available - 2.0 * reading_noise - (upper_sum - high)).clamp(0.0, high), high)).collect()
 }
 
-/// Teaches the filter the bounds: the costs of a settled process (none
+/// Teaches the filter the bounds that hold for the window's reading
+/// (`reach`, `RecentBounds`: a reading that reaches back into windows
+/// where a neighbour was still busy gives nobody a floor from that
+/// neighbour's span time now): the costs of a settled process (none
 /// of them new or just loosened) that predict a share above its upper
 /// bound, or below its lower one, by more than the reading noise are
 /// moved onto that bound, with their covariance kept
@@ -178,19 +181,23 @@ fn bounds(pids: &[u32], evidence: &HashMap<u32, SpanEvidence>, available: f64, r
 pub(super) fn hold_costs_within(
     filter: &mut CostFilter,
     by_pid: &BTreeMap<u32, Vec<f64>>,
-    evidence: &HashMap<u32, SpanEvidence>,
+    reach: &HashMap<u32, SpanEvidence>,
     unsettled: &BTreeSet<u32>,
     available: f64,
     reading_noise: f64,
 ) {
-    if evidence.is_empty() {
+    if reach.is_empty() {
         return;
     }
-    let active: Vec<u32> = by_pid.keys().chain(unsettled).copied().collect::<BTreeSet<u32>>().into_iter().collect();
+    // Whoever the reading may hold: those launching now, those still
+    // settling, and those whose spans it reaches (a neighbour that just
+    // stopped launching is one of them).
+    let active: Vec<u32> =
+        by_pid.keys().chain(unsettled).chain(reach.keys()).copied().collect::<BTreeSet<u32>>().into_iter().collect();
     let limits: HashMap<u32, (f64, f64)> =
-        active.iter().copied().zip(bounds(&active, evidence, available, reading_noise)).collect();
+        active.iter().copied().zip(bounds(&active, reach, available, reading_noise)).collect();
     for (pid, h) in by_pid {
-        if unsettled.contains(pid) || !evidence.contains_key(pid) {
+        if unsettled.contains(pid) || !reach.contains_key(pid) {
             continue;
         }
         let (low, high) = limits[pid];
@@ -360,6 +367,37 @@ mod tests {
         let mut pinned = [share(1, 10.0, 8.0), share(2, 20.0, 8.0)];
         bound(&mut pinned, &now, &now, 30.0, 3.0);
         assert_eq!((pinned[0].util_percent, pinned[0].uncertainty_points), (0.0, Some(0.0)));
+    }
+
+    /// The costs learn only the bounds that hold for the reading: a
+    /// neighbour that stopped just before the window (spans 0 now, 60 %
+    /// a window ago) still owns part of the reading, so the steady
+    /// process beside it has no floor from it. Taken from this window's
+    /// spans alone, the stopped one's 0 made the reading's tail the steady
+    /// one's floor, and its costs were moved onto it (`sweep-3-108`: a
+    /// steady 35 % tenant read 51-57 % at σ 2-3 each time a bursty
+    /// neighbour stopped).
+    #[test]
+    fn costs_learn_only_bounds_that_hold_for_the_reading() {
+        let before = evidence(&[span(1, 0.3, 0.2, 4), span(2, 0.25, 0.2, 4)], 0.5);
+        let now = evidence(&[span(1, 0.0, 0.0, 0), span(2, 0.25, 0.2, 4)], 0.5);
+        let mut recent = RecentBounds::default();
+        recent.reach(&before, [1, 2].into_iter(), 0.5, 1.0);
+        let reach = recent.reach(&now, [2].into_iter(), 0.5, 1.0);
+        let mut filter = CostFilter::default();
+        let steady = filter.push(0.35, 0.0009);
+        let h = |slot: usize| {
+            let mut h = vec![0.0; 1];
+            h[slot] = 100.0;
+            h
+        };
+        let by_pid = BTreeMap::from([(2, h(steady))]);
+        // The reading still shows 22 points of the stopped neighbour.
+        let mut held = filter.clone();
+        hold_costs_within(&mut held, &by_pid, &reach, &BTreeSet::new(), 57.0, 3.0);
+        assert!((held.predict(&h(steady)) - 35.0).abs() < 1e-9, "{}", held.predict(&h(steady)));
+        hold_costs_within(&mut filter, &by_pid, &now, &BTreeSet::new(), 57.0, 3.0);
+        assert!(filter.predict(&h(steady)) > 45.0, "this window's bounds alone lift it");
     }
 
     /// Only the windows inside the reading's period widen a bound, and a
