@@ -344,6 +344,18 @@ mod tests {
         assert!(tight.iter().all(|s| (s.util_percent - 20.0).abs() < 1e-9), "{tight:?}");
     }
 
+    /// Two 0.5 s windows: process 1 busy 60 % in the first and stopped in
+    /// the second, process 2 busy `steady_s` seconds in each. This
+    /// window's evidence and its reach over a 1 s reading.
+    fn a_neighbour_stops(steady_s: f64) -> (HashMap<u32, SpanEvidence>, HashMap<u32, SpanEvidence>) {
+        let before = evidence(&[span(1, 0.3, 0.2, 4), span(2, steady_s, 0.05, 4)], 0.5);
+        let now = evidence(&[span(1, 0.0, 0.0, 0), span(2, steady_s, 0.05, 4)], 0.5);
+        let mut recent = RecentBounds::default();
+        recent.reach(&before, [1, 2].into_iter(), 0.5, 1.0);
+        let reach = recent.reach(&now, [2].into_iter(), 0.5, 1.0);
+        (now, reach)
+    }
+
     /// A process that stopped just before the window has no span time in
     /// it, yet the reading, which averages over the second before, still
     /// holds its work: its share is held to this window's bound, but its
@@ -352,11 +364,7 @@ mod tests {
     /// window's bounds alone).
     #[test]
     fn a_reading_that_reaches_back_keeps_sigma_open() {
-        let before = evidence(&[span(1, 0.3, 0.2, 4), span(2, 0.1, 0.05, 4)], 0.5);
-        let now = evidence(&[span(1, 0.0, 0.0, 0), span(2, 0.1, 0.05, 4)], 0.5);
-        let mut recent = RecentBounds::default();
-        recent.reach(&before, [1, 2].into_iter(), 0.5, 1.0);
-        let reach = recent.reach(&now, [2].into_iter(), 0.5, 1.0);
+        let (now, reach) = a_neighbour_stops(0.1);
         assert_eq!((reach[&1].upper, now[&1].upper), (60.0, 0.0), "{reach:?}");
 
         let mut shares = [share(1, 10.0, 8.0), share(2, 20.0, 8.0)];
@@ -379,11 +387,7 @@ mod tests {
     /// neighbour stopped).
     #[test]
     fn costs_learn_only_bounds_that_hold_for_the_reading() {
-        let before = evidence(&[span(1, 0.3, 0.2, 4), span(2, 0.25, 0.2, 4)], 0.5);
-        let now = evidence(&[span(1, 0.0, 0.0, 0), span(2, 0.25, 0.2, 4)], 0.5);
-        let mut recent = RecentBounds::default();
-        recent.reach(&before, [1, 2].into_iter(), 0.5, 1.0);
-        let reach = recent.reach(&now, [2].into_iter(), 0.5, 1.0);
+        let (now, reach) = a_neighbour_stops(0.25);
         let mut filter = CostFilter::default();
         let steady = filter.push(0.35, 0.0009);
         let h = |slot: usize| {
