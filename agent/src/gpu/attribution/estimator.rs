@@ -40,9 +40,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::catalog::LearnedCost;
 use super::filter::{CostFilter, Slot};
+pub use super::rates::CostKey;
+use super::rates::{per_pid, rates};
 use super::shares::{confidence_of, nvml_only, sane, split_where_unseparable};
 use super::spans;
-use super::{Attribution, Basis, LaunchCount, ProcessShare, Window};
+use super::{Attribution, Basis, ProcessShare, Window};
 use crate::gpu::Sharing;
 
 pub use super::config::{EstimatorConfig, SETTINGS};
@@ -57,25 +59,6 @@ const UNSTEADY_ADMISSION: u32 = 3;
 
 /// How much looser than learned a catalog cost starts (relative σ).
 const CATALOG_LOOSENING: f64 = 0.1;
-
-/// What launches are told apart by: the process, the function (or graph)
-/// and the launch size class (log2 of threads per launch).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CostKey {
-    /// Host pid.
-    pub pid: u32,
-    /// Function or graph handle (`u64::MAX`: the process's rarer keys).
-    pub function: u64,
-    /// `bits(threads per launch)`; 0 for graphs and merged keys.
-    pub size_class: u8,
-}
-
-impl CostKey {
-    fn of(count: &LaunchCount) -> Self {
-        let size_class = (u64::BITS - count.threads_per_launch.leading_zeros()) as u8;
-        Self { pid: count.pid, function: count.function, size_class }
-    }
-}
 
 /// What the estimator remembers about one key.
 #[derive(Clone, Debug, Default)]
@@ -196,7 +179,9 @@ impl Estimator {
             return Some(nvml_only(util, &window.nvml));
         };
         let duration = if window.duration_s.is_finite() { window.duration_s.clamp(1e-3, 3600.0) } else { 1.0 };
-        let (rates, identities) = self.rates(launches, duration);
+        let (rates, identities) = rates(launches, duration, self.config.max_keys_per_process, |key| {
+            self.keys.get(key).is_some_and(|t| t.slot.is_some())
+        });
         let pid_rates = per_pid(&rates);
         let cfg = self.config;
 
@@ -517,44 +502,6 @@ impl Estimator {
         Some(Attribution::new(util, overhead, processes))
     }
 
-    /// Launch rates per key; a process's keys beyond the most frequent
-    /// `max_keys_per_process` are merged into one.
-    /// Also the kernel identity of each key whose kernel is known.
-    fn rates(&self, launches: &[LaunchCount], duration: f64) -> (HashMap<CostKey, f64>, HashMap<CostKey, u64>) {
-        let mut rates: HashMap<CostKey, f64> = HashMap::new();
-        let mut identities: HashMap<CostKey, u64> = HashMap::new();
-        // A count no GPU could run in the window (over a billion launches
-        // a second) is corrupt, not load.
-        let plausible = |c: &&LaunchCount| c.launches > 0.0 && c.launches.is_finite() && c.launches / duration < 1e9;
-        for count in launches.iter().filter(plausible) {
-            *rates.entry(CostKey::of(count)).or_default() += count.launches / duration;
-            if let Some(kernel) = count.kernel {
-                identities.insert(CostKey::of(count), kernel);
-            }
-        }
-        let mut per_process: HashMap<u32, Vec<(CostKey, f64)>> = HashMap::new();
-        for (key, rate) in &rates {
-            per_process.entry(key.pid).or_default().push((*key, *rate));
-        }
-        for (pid, mut keys) in per_process {
-            if keys.len() <= self.config.max_keys_per_process {
-                continue;
-            }
-            // Keys already learned stay apart first, then the most frequent.
-            keys.sort_by(|a, b| {
-                let learned = |k: &CostKey| self.keys.get(k).is_some_and(|t| t.slot.is_some());
-                learned(&b.0).cmp(&learned(&a.0)).then(b.1.total_cmp(&a.1)).then(a.0.cmp(&b.0))
-            });
-            let merged = CostKey { pid, function: u64::MAX, size_class: 0 };
-            for (key, rate) in keys.into_iter().skip(self.config.max_keys_per_process - 1) {
-                rates.remove(&key);
-                identities.remove(&key);
-                *rates.entry(merged).or_default() += rate;
-            }
-        }
-        (rates, identities)
-    }
-
     /// Drops keys idle longer than the TTL (their processes have gone or
     /// stopped using them), with their filter states.
     fn forget_idle(&mut self) {
@@ -600,12 +547,4 @@ impl Estimator {
         self.shared.values_mut().for_each(shift);
         self.overhead.iter_mut().for_each(shift);
     }
-}
-
-fn per_pid(rates: &HashMap<CostKey, f64>) -> HashMap<u32, f64> {
-    let mut totals: HashMap<u32, f64> = HashMap::new();
-    for (key, rate) in rates {
-        *totals.entry(key.pid).or_default() += rate;
-    }
-    totals
 }

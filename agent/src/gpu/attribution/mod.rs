@@ -31,6 +31,7 @@
 //! which case a share is in.
 //!
 //! Layout: `filter` (the Kalman state), `estimator` (windows to shares),
+//! `rates` (launch counts to rates per cost key),
 //! `config` (its settings),
 //! `live` (windows from the poller and the launch reader on a node),
 //! `trace` (the replayable trace format), `replay` (traces through the
@@ -48,6 +49,7 @@ mod filter;
 pub mod generator;
 pub mod holdout;
 pub mod live;
+mod rates;
 pub mod record;
 pub mod replay;
 mod shares;
