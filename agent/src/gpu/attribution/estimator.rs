@@ -57,6 +57,16 @@ const MAX_COST_JUMP: f64 = 9.0;
 /// before it joins the filter anyway.
 const UNSTEADY_ADMISSION: u32 = 3;
 
+/// The size of the cost on `slot`, for a difference stated relative to
+/// it: its mean, or its σ while that is larger. A slot opened in the
+/// window its replicas started holds only the prior's part of what the
+/// lagging reading showed, often about nothing; a difference scaled by
+/// that mean was pinned near 0, and the replicas were split by their
+/// launches as if measured, whatever their batches.
+fn cost_scale(filter: &CostFilter, slot: Slot) -> f64 {
+    filter.mean(slot).max(filter.variance(slot).max(0.0).sqrt())
+}
+
 /// How much looser than learned a catalog cost starts (relative σ).
 const CATALOG_LOOSENING: f64 = 0.1;
 
@@ -234,7 +244,7 @@ impl Estimator {
                         // Learned in another process (or before): this
                         // process's launches may do more or less work, by
                         // an amount only its own data can tell.
-                        let spread = cfg.shared_cost_spread * self.filter.mean(slot);
+                        let spread = cfg.shared_cost_spread * cost_scale(&self.filter, slot);
                         tracked.delta = Some(self.filter.push_signed(0.0, spread.powi(2)));
                     }
                 }
@@ -368,7 +378,7 @@ impl Estimator {
             let mut delta = None;
             let slot = match identity.and_then(|identity| self.shared.get(&identity)) {
                 Some(&slot) => {
-                    let spread = cfg.shared_cost_spread * self.filter.mean(slot);
+                    let spread = cfg.shared_cost_spread * cost_scale(&self.filter, slot);
                     delta = Some(self.filter.push_signed(0.0, spread.powi(2)));
                     slot
                 }

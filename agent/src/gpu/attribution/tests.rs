@@ -204,6 +204,27 @@ fn replicas_of_one_kernel_are_split_by_their_launches() {
     assert!(known.confidence > unknown.confidence + 0.2, "known {known:?} unknown {unknown:?}");
 }
 
+/// Replicas that start before the reading shows them open their shared
+/// cost at about nothing (the prior's part of an empty reading): the
+/// second's difference from it is scaled by the cost's σ then, not by
+/// that mean, so it is not pinned to its sibling's cost per launch before
+/// any data.
+#[test]
+fn replicas_started_before_the_reading_shows_them_are_not_pinned() {
+    let mut estimator = Estimator::new(EstimatorConfig::default(), Sharing::Mps);
+    let replicas = || vec![shared(1, 0x10, 200.0, 0xfeed), shared(2, 0x77, 100.0, 0xfeed)];
+    for _ in 0..2 {
+        estimator.observe(&window(0.0, replicas()));
+    }
+    let mut last = None;
+    for _ in 0..20 {
+        last = estimator.observe(&window(45.0, replicas()));
+    }
+    let after = last.unwrap();
+    assert!((after.share_of(1) + after.share_of(2) - 45.0).abs() < 1.0, "{after:?}");
+    assert!(after.processes.iter().all(|p| p.confidence < 0.5), "their costs may differ: {after:?}");
+}
+
 /// The same kernel need not cost the same in two processes: one replica's
 /// batch grows 4x at the same launch geometry (4x the cost per launch, a
 /// quarter of the launches, the same load). On one shared cost, its
