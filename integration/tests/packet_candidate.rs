@@ -1,24 +1,32 @@
-//! The packet-layer candidate that `bench-probes` prices for issue 25
-//! (`cgroup_skb` programs on one pod's cgroup that delimit HTTP/1.1
-//! requests in the kernel): real programs loaded and attached to a real
-//! cgroup pod, against the tenant server on loopback. What the benchmark
-//! reports for it is only worth something if it counts what it claims to.
+//! The packet-layer candidates that `bench-probes` prices for issue 25
+//! (`cgroup_skb` programs on one pod's cgroup that delimit HTTP/1.1 or
+//! HTTP/2 requests in the kernel): real programs loaded and attached to a
+//! real cgroup pod, against real servers on loopback. What the benchmark
+//! reports for them is only worth something if they count what they
+//! claim to.
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::Command;
 
 use integration::http::Client;
 use integration::pod::{new_uid, CgroupPod};
+use integration::stacks::{run_calls, Call, Caller, Protocol, Stack};
 use integration::{require_root, workspace_binary};
-use podgpu_agent::probes::baseline::HookBaseline;
+use podgpu_agent::probes::baseline::{HookBaseline, PacketProtocol};
 
 /// Starts the tenant HTTP/1.1 server (empty 256-byte answers) in a new pod.
 fn tenant_pod() -> (CgroupPod, SocketAddr) {
-    let root = podgpu_agent::pods::cgroup_tree::host_v2_root().expect("a cgroup v2 tree");
-    let mut pod = CgroupPod::create(&root, &new_uid()).expect("pod cgroup");
     let mut command = Command::new(workspace_binary("tenant"));
     command.args(["127.0.0.1:0", "256", "0", "-", "0"]);
-    let child = pod.spawn(command).expect("tenant starts");
+    server_pod(command)
+}
+
+/// Starts `command`, a server that prints `{"listening": ADDRESS}` when
+/// ready, in a new pod.
+fn server_pod(command: Command) -> (CgroupPod, SocketAddr) {
+    let root = podgpu_agent::pods::cgroup_tree::host_v2_root().expect("a cgroup v2 tree");
+    let mut pod = CgroupPod::create(&root, &new_uid()).expect("pod cgroup");
+    let child = pod.spawn(command).expect("server starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("tenant stdout")).read_line(&mut line).expect("ready line");
     let ready: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
@@ -37,7 +45,8 @@ async fn the_packet_candidate_counts_each_request_once() {
     require_root();
     let (watched, watched_addr) = tenant_pod();
     let (_other, other_addr) = tenant_pod();
-    let candidate = HookBaseline::attach_packet_candidate(&watched.pod_dir).expect("the candidate attaches");
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http1).expect("the candidate attaches");
     assert_eq!(candidate.packet_requests().unwrap(), 0);
 
     let (mut first, mut second) =
@@ -51,5 +60,33 @@ async fn the_packet_candidate_counts_each_request_once() {
         assert_eq!(second.request("/", b"").await.unwrap().status, 200);
     }
     assert_eq!(candidate.packet_requests().unwrap(), 65);
+    drop(candidate);
+}
+
+/// HTTP/2: calls multiplexed eight at a time on one connection to the
+/// watched pod (Node.js's `http2`, nghttp2) and on a second one are each
+/// counted once, none is reset, the frame boundary is never lost, and the
+/// unwatched pod's calls count nothing. Fails if a frame header is
+/// misread (a stream opened or ended twice or not at all), a packet is
+/// walked twice, or the programs run for another cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http2_packet_candidate_counts_each_stream_once() {
+    require_root();
+    let (watched, watched_addr) = server_pod(Stack::NodeHttp2.command(0, false));
+    let (_other, other_addr) = server_pod(Stack::NodeHttp2.command(0, false));
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http2).expect("the candidate attaches");
+    assert_eq!(candidate.packet_requests().unwrap(), 0);
+
+    let call = Call { first_ms: 0, messages: 1, interval_ms: 0 };
+    let first = Caller::connect(Protocol::Http2, watched_addr).await.unwrap();
+    let second = Caller::connect(Protocol::Http2, watched_addr).await.unwrap();
+    let unwatched = Caller::connect(Protocol::Http2, other_addr).await.unwrap();
+    assert_eq!(run_calls(&first, vec![call; 60], 8).await.unwrap().len(), 60);
+    assert_eq!(run_calls(&unwatched, vec![call; 30], 8).await.unwrap().len(), 30);
+    assert_eq!(run_calls(&second, vec![call; 20], 4).await.unwrap().len(), 20);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(candidate.packet_h2_losses().unwrap(), [0, 0, 0]);
+    assert_eq!(candidate.packet_requests().unwrap(), 80);
     drop(candidate);
 }

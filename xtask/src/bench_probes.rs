@@ -4,12 +4,12 @@
 //! connections. Each round runs wrk three times, back to back: without
 //! anything attached, with only no-op programs on the request probe's hooks
 //! (the floor: what its four socket-layer raw tracepoints cost with nothing
-//! in them), and with the agent watching the pod. HTTP/1.1 profiles add a
-//! fourth run with the packet-layer candidate instead of the agent
-//! (`cgroup_skb` programs on the pod's cgroup that delimit requests in the
-//! kernel and send nothing per request; `HookBaseline::attach_packet_candidate`):
-//! the design issue 25's per-request goal points to, priced on the same
-//! load.
+//! in them), and with the agent watching the pod. Every profile adds a
+//! fourth run with the packet-layer candidate for its protocol instead of
+//! the agent (`cgroup_skb` programs on the pod's cgroup that delimit
+//! requests in the kernel and send nothing per request;
+//! `HookBaseline::attach_packet_candidate`): the design issue 25's
+//! per-request goal points to, priced on the same load.
 //! Three server profiles run in one go: an empty answer (the worst case: the
 //! probe's cost against almost nothing), one with `--work-us` of CPU per
 //! request (a stand-in for a real inference front end's per-request work),
@@ -32,7 +32,7 @@ use integration::agent::AgentProcess;
 use integration::pod::{new_uid, CgroupPod};
 use integration::stacks::Stack;
 use integration::workspace_binary;
-use podgpu_agent::probes::baseline::HookBaseline;
+use podgpu_agent::probes::baseline::{HookBaseline, PacketProtocol};
 
 mod costs;
 use costs::program_costs;
@@ -268,13 +268,24 @@ fn start_tenant(cgroup_root: &Path, uid: &str, work_us: Option<u64>) -> anyhow::
     Ok(BenchTenant { addr, tool, pod })
 }
 
+impl BenchTenant {
+    /// The packet-layer candidate for the protocol its load generator
+    /// speaks.
+    fn packet_protocol(&self) -> PacketProtocol {
+        match self.tool {
+            LoadTool::Wrk => PacketProtocol::Http1,
+            LoadTool::H2load => PacketProtocol::Http2,
+        }
+    }
+}
+
 /// The runs of one server profile.
 #[derive(Default)]
 struct Profile {
     without: Vec<WrkRun>,
     hooks_only: Vec<WrkRun>,
     probed: Vec<WrkRun>,
-    /// Runs with the packet-layer candidate instead (HTTP/1.1 only), and
+    /// Runs with the packet-layer candidate instead, and
     /// the requests it delimited, answered and sent over them.
     packet: Vec<WrkRun>,
     packet_counts: (u64, u64, u64),
@@ -332,8 +343,8 @@ fn run_profile(tenant: &BenchTenant, metadata: &Path, options: &Options, label: 
         profile.sent += probed.sent;
         profile.probed.push(probed);
 
-        if tenant.tool == LoadTool::Wrk {
-            let candidate = HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir)
+        {
+            let candidate = HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir, tenant.packet_protocol())
                 .context("attaching the packet-layer candidate")?;
             let before = candidate.packet_requests()?;
             let run = load(tenant, options)?;
@@ -382,7 +393,7 @@ fn report(out: &mut String, label: &str, profile: &Profile) -> anyhow::Result<()
         let (counted, answered, sent) = profile.packet_counts;
         writeln!(
             out,
-            "  packet-layer candidate (cgroup_skb on the pod, in-kernel HTTP/1.1 delimiting, no events): \
+            "  packet-layer candidate (cgroup_skb on the pod, in-kernel delimiting, no events): \
              throughput {:.3} of nothing; counted / answered {counted} / {answered} ({:.4}), sent {sent}",
             median_ratio(&profile.packet, &profile.without, throughput),
             counted as f64 / answered.max(1) as f64
@@ -431,7 +442,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     )?;
     println!(
         "wrk -t2 -c{0} -d{1}s (HTTP/1.1) / h2load -c{2} -m16 -D{1} (HTTP/2), {3} rounds of (nothing attached, no-op hooks, agent, \
-         and for HTTP/1.1 the packet-layer candidate) per server profile",
+         and the packet-layer candidate) per server profile",
         options.connections,
         options.seconds,
         (options.connections / 2).max(1),

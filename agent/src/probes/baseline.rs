@@ -3,8 +3,8 @@
 //! under a probe's overhead: on the request probe's socket-layer raw
 //! tracepoints (`bench-probes`), and on the raw `sys_enter`/`sys_exit`
 //! the driver path uses (every syscall on the node passes through those).
-//! Also the packet-layer candidate design (`attach_packet_candidate`),
-//! priced in the same benchmark.
+//! Also the packet-layer candidate designs for HTTP/1.1 and HTTP/2
+//! (`attach_packet_candidate`), priced in the same benchmark.
 use std::path::Path;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
@@ -24,10 +24,41 @@ pub const PROBED_SYSCALLS: [&str; 12] = [
     "recvmsg",
 ];
 
+/// Which packet-layer candidate: the protocol it delimits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketProtocol {
+    /// `packet_ingress`/`packet_egress`: a request is a packet in that
+    /// starts with a method, answered by the next packet out.
+    Http1,
+    /// `packet_h2_ingress`/`packet_h2_egress`: frame headers walked in
+    /// the packets, a request per stream.
+    Http2,
+}
+
+impl PacketProtocol {
+    /// (ingress, egress) program names.
+    fn programs(self) -> (&'static str, &'static str) {
+        match self {
+            PacketProtocol::Http1 => ("packet_ingress", "packet_egress"),
+            PacketProtocol::Http2 => ("packet_h2_ingress", "packet_h2_egress"),
+        }
+    }
+
+    /// Its latency histogram: a per-CPU array of 64 log2 buckets.
+    fn latency_map(self) -> &'static str {
+        match self {
+            PacketProtocol::Http1 => "PACKET_LATENCY",
+            PacketProtocol::Http2 => "H2_PACKET_LATENCY",
+        }
+    }
+}
+
 /// The attached no-op programs; dropping detaches them.
 pub struct HookBaseline {
     /// Keeps the programs attached.
     ebpf: Ebpf,
+    /// The packet-layer candidate attached, if that is what this is.
+    packet: Option<PacketProtocol>,
 }
 
 impl HookBaseline {
@@ -40,18 +71,18 @@ impl HookBaseline {
         for hook in SOCKET_HOOKS {
             program.attach(hook).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, packet: None })
     }
 
-    /// Loads the packet-layer candidate (`packet_ingress`/`packet_egress`
-    /// in the baseline object) and attaches it to `cgroup`, a cgroup v2
-    /// directory: its programs run for the packets of that cgroup's
-    /// sockets only, so other processes' I/O never reaches them.
-    pub fn attach_packet_candidate(cgroup: &Path) -> Result<Self, ProbeError> {
+    /// Loads a packet-layer candidate and attaches it to `cgroup`, a
+    /// cgroup v2 directory: its programs run for the packets of that
+    /// cgroup's sockets only, so other processes' I/O never reaches them.
+    pub fn attach_packet_candidate(cgroup: &Path, protocol: PacketProtocol) -> Result<Self, ProbeError> {
         let mut ebpf = object()?;
-        for (name, side) in
-            [("packet_ingress", CgroupSkbAttachType::Ingress), ("packet_egress", CgroupSkbAttachType::Egress)]
-        {
+        for (name, side) in [
+            (protocol.programs().0, CgroupSkbAttachType::Ingress),
+            (protocol.programs().1, CgroupSkbAttachType::Egress),
+        ] {
             let directory = std::fs::File::open(cgroup)
                 .map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
             let program: &mut CgroupSkb = super::program_of(&mut ebpf, name)?;
@@ -60,7 +91,7 @@ impl HookBaseline {
                 .attach(directory, side, CgroupAttachMode::Single)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, packet: Some(protocol) })
     }
 
     /// The kernel's accounting of the attached programs.
@@ -69,25 +100,41 @@ impl HookBaseline {
     }
 
     /// Requests the packet-layer candidate delimited and answered (the sum
-    /// of its in-kernel latency histogram over every CPU).
+    /// of its in-kernel latency histogram over every CPU); 0 when no
+    /// candidate is attached.
     pub fn packet_requests(&self) -> Result<u64, ProbeError> {
-        const MAP: &str = "PACKET_LATENCY";
-        let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-        let buckets: aya::maps::PerCpuArray<_, u64> =
-            aya::maps::PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-        let mut total = 0;
-        for bucket in 0..64 {
-            let per_cpu = buckets.get(&bucket, 0).map_err(|source| ProbeError::Map { name: MAP, source })?;
-            total += per_cpu.iter().sum::<u64>();
-        }
-        Ok(total)
+        let Some(protocol) = self.packet else { return Ok(0) };
+        let total = self.per_cpu_sum(protocol.latency_map(), 64)?;
+        Ok(total.iter().sum())
+    }
+
+    /// What the HTTP/2 candidate could not follow: connections whose frame
+    /// boundary it lost, open requests reset or pushed out of their slot,
+    /// packets with more frames than one run reads.
+    pub fn packet_h2_losses(&self) -> Result<[u64; 3], ProbeError> {
+        let sums = self.per_cpu_sum("H2_PACKET_LOST", 3)?;
+        Ok([sums[0], sums[1], sums[2]])
+    }
+
+    /// Each of the first `entries` slots of the per-CPU array `name`,
+    /// summed over the CPUs.
+    fn per_cpu_sum(&self, name: &'static str, entries: u32) -> Result<Vec<u64>, ProbeError> {
+        let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        let values: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+        (0..entries)
+            .map(|index| {
+                let per_cpu = values.get(&index, 0).map_err(|source| ProbeError::Map { name, source })?;
+                Ok(per_cpu.iter().sum::<u64>())
+            })
+            .collect()
     }
 
     /// Loads and attaches no-op programs on raw `sys_enter`/`sys_exit`.
     pub fn attach_syscall_hooks() -> Result<Self, ProbeError> {
         let mut ebpf = object()?;
         super::attach_raw_tracepoints(&mut ebpf, &SYSCALL_HOOKS)?;
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, packet: None })
     }
 
     /// Loads one no-op program and attaches it to the socket tracepoints
@@ -150,7 +197,7 @@ impl HookBaseline {
         for (category, name) in tracepoints {
             program.attach(category, name).map_err(|source| ProbeError::Program { name: NAME, source })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, packet: None })
     }
 }
 

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use integration::workspace_binary;
-use podgpu_agent::probes::baseline::HookBaseline;
+use podgpu_agent::probes::baseline::{HookBaseline, PacketProtocol};
 
-use super::{
-    load, scrape, set_bpf_stats, start_agent_binary, tempfile_path, BenchTenant, LoadTool, Options, ProgramCosts,
-};
+use super::{load, scrape, set_bpf_stats, start_agent_binary, tempfile_path, BenchTenant, Options, ProgramCosts};
 
 /// What one probed run with bpf_stats accounting measured.
 struct CostRun {
@@ -60,11 +58,13 @@ fn cost_run(
 }
 
 /// One load run with the packet-layer candidate attached and
-/// `kernel.bpf_stats_enabled`: (eBPF ns, program runs, requests answered).
-fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Result<(f64, f64, u64)> {
+/// `kernel.bpf_stats_enabled`: (eBPF ns, program runs, requests answered,
+/// what the HTTP/2 candidate could not follow).
+fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Result<(f64, f64, u64, Option<[u64; 3]>)> {
     let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
-    let candidate =
-        HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir).context("attaching the packet-layer candidate")?;
+    let protocol = tenant.packet_protocol();
+    let candidate = HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir, protocol)
+        .context("attaching the packet-layer candidate")?;
     set_bpf_stats(true)?;
     let run = load(tenant, options);
     set_bpf_stats(false)?;
@@ -74,7 +74,8 @@ fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Res
         .program_stats()
         .iter()
         .fold((0.0, 0.0), |(ns, runs), p| (ns + p.run_time_ns as f64, runs + p.run_count as f64));
-    Ok((ns, runs, run.requests))
+    let losses = (protocol == PacketProtocol::Http2).then(|| candidate.packet_h2_losses()).transpose()?;
+    Ok((ns, runs, run.requests, losses))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -151,15 +152,20 @@ pub(super) fn program_costs(
          so the watched server's own runs: {:.0} ns per request (total less the load generator's {client_runs:.1} runs)",
         (ns / requests - client_runs * turned_away).max(0.0)
     )?;
-    if tenant.tool == LoadTool::Wrk {
-        let (ns, program_runs, requests) = packet_candidate_cost(tenant, options)?;
+    let (ns, program_runs, requests, losses) = packet_candidate_cost(tenant, options)?;
+    writeln!(
+        out,
+        "packet-layer candidate (cgroup_skb on the pod's cgroup): {:.0} ns of eBPF per request over {:.1} \
+         program runs, {:.0} ns per run ({requests} requests; the load generator's packets never run it)",
+        ns / requests.max(1) as f64,
+        program_runs / requests.max(1) as f64,
+        ns / program_runs.max(1.0)
+    )?;
+    if let Some([lost, reset, beyond]) = losses {
         writeln!(
             out,
-            "packet-layer candidate (cgroup_skb on the pod's cgroup): {:.0} ns of eBPF per request over {:.1} \
-             program runs, {:.0} ns per run ({requests} requests; the load generator's packets never run it)",
-            ns / requests.max(1) as f64,
-            program_runs / requests.max(1) as f64,
-            ns / program_runs.max(1.0)
+            "  HTTP/2 candidate: frame boundary lost on {lost} connections, {reset} open requests reset or \
+             pushed out of their slot, {beyond} packets with more frames than one run reads"
         )?;
     }
     if let Some(baseline) = &options.baseline_agent {

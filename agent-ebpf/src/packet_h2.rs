@@ -1,0 +1,249 @@
+//! The packet-layer candidate for HTTP/2 (`packet_h2_ingress`/
+//! `packet_h2_egress`), priced by `bench-probes` beside the HTTP/1.1 one
+//! in the crate root: `cgroup_skb` programs on the watched pod's cgroup
+//! that walk HTTP/2 frame headers in the pod's own TCP packets and
+//! delimit requests in the kernel. A HEADERS frame in opens a stream's
+//! request; the first frame out that ends the stream (END_STREAM on DATA
+//! or HEADERS) answers it, and its latency goes into a log2 histogram;
+//! RST_STREAM either way aborts it. Nothing is sent to user space per
+//! request.
+//!
+//! Frames cross packet boundaries: each direction of a connection keeps
+//! how many bytes of the current frame are still to come, and the TCP
+//! sequence number it expects next, so a retransmitted packet is not
+//! walked twice. What the candidate does not do (and the socket-layer
+//! probe does): a frame header split between two packets, a gap in the
+//! sequence or a connection joined after its preface lose the
+//! connection's boundary for good (counted in `H2_PACKET_LOST`), and
+//! IPv6 is not read.
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{cgroup_skb, map},
+    maps::{LruHashMap, PerCpuArray},
+    programs::SkBuffContext,
+};
+
+/// One direction of a connection, as the walk left it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Direction {
+    /// The TCP sequence number of the next payload byte expected.
+    next_seq: u32,
+    /// Bytes of the current frame (or of the client preface) that are
+    /// still to come before the next frame header.
+    skip: u32,
+    /// Whether a data packet went this way yet.
+    seen: u32,
+}
+
+/// A request open on a stream.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct OpenStream {
+    /// The stream id (0: the slot is free).
+    stream: u64,
+    /// When its request headers came in.
+    started_ns: u64,
+}
+
+/// A connection, from the pod's side.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct H2Connection {
+    ingress: Direction,
+    egress: Direction,
+    /// The frame boundary is lost: the connection is no longer walked.
+    lost: u64,
+    /// Open requests, by stream id: a client's streams are odd and
+    /// increasing, so the last `STREAM_SLOTS` opened fall in distinct
+    /// slots, and no map is looked up per frame.
+    streams: [OpenStream; STREAM_SLOTS],
+}
+
+/// Requests open at once on one connection that are told apart (h2load
+/// keeps 16; servers allow about 100 by default). A request whose slot a
+/// newer stream takes is counted as lost (`H2_PACKET_LOST[1]`).
+const STREAM_SLOTS: usize = 64;
+
+#[map]
+static H2_PACKET_CONNECTIONS: LruHashMap<u64, H2Connection> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Where a new connection's state is put together (per CPU).
+#[map]
+static H2_FRESH_CONNECTION: PerCpuArray<H2Connection> = PerCpuArray::with_max_entries(1, 0);
+
+/// Requests answered, by log2 of their latency in ns (per CPU).
+#[map]
+static H2_PACKET_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
+
+/// Per CPU: [0] connections whose boundary was lost, [1] open requests
+/// reset or pushed out of their slot, [2] packets whose frames outnumbered
+/// one program run's walk.
+#[map]
+static H2_PACKET_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+const IPPROTO_TCP: u8 = 6;
+/// An IPv4 header without options and a TCP header without options.
+const FIXED_HEADERS: usize = 40;
+const FRAME_HEADER: u32 = 9;
+/// "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", the client's first bytes.
+const PREFACE: u32 = 24;
+/// Frame headers one program run reads (h2load's 16 streams answered in
+/// one write are 32 frames).
+const MAX_FRAMES: u32 = 64;
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const END_STREAM: u8 = 1;
+
+#[cgroup_skb]
+pub fn packet_h2_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = packet(&ctx, true);
+    1
+}
+
+#[cgroup_skb]
+pub fn packet_h2_egress(ctx: SkBuffContext) -> i32 {
+    let _ = packet(&ctx, false);
+    1
+}
+
+fn count(index: u32) {
+    if let Some(value) = H2_PACKET_LOST.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
+    // SAFETY: the program's own skb; every read below is at a constant
+    // offset under the bound tested first, which the verifier checks.
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    if data + FIXED_HEADERS > end {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let head = unsafe { &*(data as *const [u8; FIXED_HEADERS]) };
+    if head[0] != 0x45 || head[9] != IPPROTO_TCP {
+        return Ok(());
+    }
+    let total = u32::from(u16::from_be_bytes([head[2], head[3]])).min(ctx.len());
+    let payload = 20 + u32::from(head[32] >> 4) * 4;
+    if total <= payload {
+        return Ok(());
+    }
+    let seq = u32::from_be_bytes([head[24], head[25], head[26], head[27]]);
+    let (peer, ports) = if ingress {
+        (&head[12..16], [head[20], head[21], head[22], head[23]])
+    } else {
+        (&head[16..20], [head[22], head[23], head[20], head[21]])
+    };
+    let key = u64::from(u32::from_ne_bytes([peer[0], peer[1], peer[2], peer[3]])) << 32
+        | u64::from(u32::from_ne_bytes(ports));
+    let connection = match H2_PACKET_CONNECTIONS.get_ptr_mut(&key) {
+        Some(connection) => connection,
+        None => {
+            // Too large for the stack: put together in map memory. Only
+            // the walk's fields are ever written there, so its stream
+            // slots stay free.
+            let fresh = H2_FRESH_CONNECTION.get_ptr_mut(0).ok_or(0)?;
+            // SAFETY: this CPU's scratch slot.
+            unsafe {
+                (*fresh).ingress = Direction { next_seq: 0, skip: PREFACE, seen: 0 };
+                (*fresh).egress = Direction::default();
+                (*fresh).lost = 0;
+                H2_PACKET_CONNECTIONS.insert(&key, &*fresh, 0)?;
+            }
+            H2_PACKET_CONNECTIONS.get_ptr_mut(&key).ok_or(0)?
+        }
+    };
+    // SAFETY: plain-data map value of this connection, touched only by
+    // this connection's packets.
+    let state = unsafe { &mut *connection };
+    if state.lost != 0 {
+        return Ok(());
+    }
+    let length = total - payload;
+    let direction = if ingress { &mut state.ingress } else { &mut state.egress };
+    if direction.seen == 0 {
+        direction.seen = 1;
+        direction.next_seq = seq;
+        // Only a connection seen from the client's first byte, its
+        // preface, is walked.
+        if ingress && ctx.load::<u8>(payload as usize)? != b'P' {
+            state.lost = 1;
+            count(0);
+            return Ok(());
+        }
+    }
+    let direction = if ingress { &mut state.ingress } else { &mut state.egress };
+    // Wrapping compare: behind is a retransmission (walked already),
+    // ahead is a gap (lost).
+    let ahead = seq.wrapping_sub(direction.next_seq) as i32;
+    if ahead < 0 {
+        return Ok(());
+    }
+    if ahead > 0 {
+        state.lost = 1;
+        count(0);
+        return Ok(());
+    }
+    direction.next_seq = seq.wrapping_add(length);
+    if direction.skip >= length {
+        direction.skip -= length;
+        return Ok(());
+    }
+    let mut offset = payload + direction.skip;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    for _ in 0..MAX_FRAMES {
+        if offset >= total {
+            break;
+        }
+        if offset + FRAME_HEADER > total {
+            state.lost = 1;
+            count(0);
+            return Ok(());
+        }
+        let header: [u8; 9] = ctx.load(offset as usize)?;
+        let frame_length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+        let (kind, flags) = (header[3], header[4]);
+        let stream = u64::from(u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff);
+        offset += FRAME_HEADER + frame_length;
+        if stream == 0 {
+            continue;
+        }
+        let slot = &mut state.streams[(stream >> 1) as usize & (STREAM_SLOTS - 1)];
+        if kind == RST_STREAM {
+            if slot.stream == stream {
+                slot.stream = 0;
+                count(1);
+            }
+        } else if ingress {
+            if kind == HEADERS && slot.stream != stream {
+                if slot.stream != 0 {
+                    count(1);
+                }
+                *slot = OpenStream { stream, started_ns: now };
+            }
+        } else if (kind == DATA || kind == HEADERS) && flags & END_STREAM != 0 && slot.stream == stream {
+            slot.stream = 0;
+            let bucket = 63 - (now.saturating_sub(slot.started_ns) | 1).leading_zeros();
+            if let Some(answered) = H2_PACKET_LATENCY.get_ptr_mut(bucket) {
+                // SAFETY: this CPU's slot.
+                unsafe { *answered += 1 };
+            }
+        }
+    }
+    if offset < total {
+        // More frames than one run reads: the rest of the packet is not
+        // walked, and the boundary with it.
+        state.lost = 1;
+        count(2);
+        return Ok(());
+    }
+    let direction = if ingress { &mut state.ingress } else { &mut state.egress };
+    direction.skip = offset - total;
+    Ok(())
+}
