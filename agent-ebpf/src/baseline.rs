@@ -94,10 +94,6 @@ static PACKET_CONNECTIONS: LruHashMap<u64, PacketConnection> = LruHashMap::with_
 #[map]
 static PACKET_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
 
-const IPPROTO_TCP: u8 = 6;
-/// An IPv4 header without options and a TCP header without options.
-const FIXED_HEADERS: usize = 40;
-
 #[cgroup_skb]
 pub fn packet_ingress(ctx: SkBuffContext) -> i32 {
     let _ = packet(&ctx, true);
@@ -116,37 +112,8 @@ pub fn packet_egress(ctx: SkBuffContext) -> i32 {
 /// loopback); pure ACKs leave at the length test.
 #[inline(always)]
 fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
-    // One copy of the headers and the payload's first byte: an IPv4
-    // header without options and a TCP header with timestamps (52 bytes)
-    // are the common case; others are left alone.
-    // The IPv4 and TCP headers are in the packet's linear part: read in
-    // place. The payload is in page fragments (TCP copies sent data
-    // there), so its first byte takes the helper.
-    // SAFETY: the program's own skb; every read below is at a constant
-    // offset under the bound tested first, which the verifier checks.
-    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
-    if data + FIXED_HEADERS > end {
-        return Ok(());
-    }
-    // SAFETY: as above.
-    let head = unsafe { &*(data as *const [u8; FIXED_HEADERS]) };
-    if head[0] != 0x45 || head[9] != IPPROTO_TCP {
-        return Ok(());
-    }
-    let total = usize::from(u16::from_be_bytes([head[2], head[3]]));
-    let payload = 20 + usize::from(head[32] >> 4) * 4;
-    if total <= payload {
-        return Ok(());
-    }
-    // The connection, from the pod's side: the peer's address and port
-    // and the pod's port (no helper needed, unlike the socket cookie).
-    let (peer, ports) = if ingress {
-        (&head[12..16], [head[20], head[21], head[22], head[23]])
-    } else {
-        (&head[16..20], [head[22], head[23], head[20], head[21]])
-    };
-    let cookie = u64::from(u32::from_ne_bytes([peer[0], peer[1], peer[2], peer[3]])) << 32
-        | u64::from(u32::from_ne_bytes(ports));
+    let Some(segment) = TcpSegment::of(ctx, ingress) else { return Ok(()) };
+    let (cookie, payload) = (segment.key, segment.payload as usize);
     // Only a request's first byte is needed: a response is whatever the
     // pod sends after one.
     let first: u8 = if ingress { ctx.load(payload)? } else { 0 };
@@ -160,7 +127,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             PACKET_CONNECTIONS.get_ptr_mut(&cookie).ok_or(0)?
         }
     };
-    let moved = (total - payload) as u64;
+    let moved = u64::from(segment.end - segment.payload);
     // SAFETY: plain-data map value of this connection.
     unsafe {
         if ingress {
@@ -185,6 +152,9 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
 }
 
 mod packet_h2;
+mod tcp_segment;
+
+use tcp_segment::TcpSegment;
 
 #[cfg(not(test))]
 #[panic_handler]

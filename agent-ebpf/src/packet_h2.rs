@@ -23,6 +23,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
+use crate::tcp_segment::TcpSegment;
+
 /// One direction of a connection, as the walk left it.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -82,9 +84,6 @@ static H2_PACKET_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0
 #[map]
 static H2_PACKET_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-const IPPROTO_TCP: u8 = 6;
-/// An IPv4 header without options and a TCP header without options.
-const FIXED_HEADERS: usize = 40;
 const FRAME_HEADER: u32 = 9;
 /// "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", the client's first bytes.
 const PREFACE: u32 = 24;
@@ -117,30 +116,7 @@ fn count(index: u32) {
 
 #[inline(always)]
 fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
-    // SAFETY: the program's own skb; every read below is at a constant
-    // offset under the bound tested first, which the verifier checks.
-    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
-    if data + FIXED_HEADERS > end {
-        return Ok(());
-    }
-    // SAFETY: as above.
-    let head = unsafe { &*(data as *const [u8; FIXED_HEADERS]) };
-    if head[0] != 0x45 || head[9] != IPPROTO_TCP {
-        return Ok(());
-    }
-    let total = u32::from(u16::from_be_bytes([head[2], head[3]])).min(ctx.len());
-    let payload = 20 + u32::from(head[32] >> 4) * 4;
-    if total <= payload {
-        return Ok(());
-    }
-    let seq = u32::from_be_bytes([head[24], head[25], head[26], head[27]]);
-    let (peer, ports) = if ingress {
-        (&head[12..16], [head[20], head[21], head[22], head[23]])
-    } else {
-        (&head[16..20], [head[22], head[23], head[20], head[21]])
-    };
-    let key = u64::from(u32::from_ne_bytes([peer[0], peer[1], peer[2], peer[3]])) << 32
-        | u64::from(u32::from_ne_bytes(ports));
+    let Some(TcpSegment { key, payload, end: total, seq }) = TcpSegment::of(ctx, ingress) else { return Ok(()) };
     let connection = match H2_PACKET_CONNECTIONS.get_ptr_mut(&key) {
         Some(connection) => connection,
         None => {
