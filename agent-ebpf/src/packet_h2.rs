@@ -14,8 +14,9 @@
 //! walked twice. What the candidate does not do (and the socket-layer
 //! probe does): a frame header split between two packets, a gap in the
 //! sequence or a connection joined after its preface lose the
-//! connection's boundary for good (counted in `H2_PACKET_LOST`), and
-//! IPv6 is not read.
+//! connection's boundary for good (counted in `H2_PACKET_LOST`), IPv6 is
+//! not read, and a connection's state is not removed at its close (the
+//! map is LRU), so a later connection on the same ports starts lost.
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::{cgroup_skb, map},
@@ -134,8 +135,10 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             H2_PACKET_CONNECTIONS.get_ptr_mut(&key).ok_or(0)?
         }
     };
-    // SAFETY: plain-data map value of this connection, touched only by
-    // this connection's packets.
+    // SAFETY: plain-data map value of this connection. Its two directions
+    // may run at once on two CPUs: each writes its own `Direction`, and a
+    // stream slot is opened by one and closed by the other, so a race at
+    // worst loses one request's count.
     let state = unsafe { &mut *connection };
     if state.lost != 0 {
         return Ok(());
