@@ -21,10 +21,10 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_task_pt_regs,
+        generated::{bpf_skb_cgroup_id, bpf_task_pt_regs},
     },
     macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap},
     programs::{RawTracePointContext, SkBuffContext, TracePointContext},
 };
 
@@ -85,14 +85,12 @@ struct PacketConnection {
     bytes_in: u64,
     bytes_out: u64,
     requests: u64,
+    /// The socket's cgroup (the container's), read once.
+    cgroup_id: u64,
 }
 
 #[map]
 static PACKET_CONNECTIONS: LruHashMap<u64, PacketConnection> = LruHashMap::with_max_entries(65_536, 0);
-
-/// Requests answered, by log2 of their latency in ns (per CPU).
-#[map]
-static PACKET_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
 
 #[cgroup_skb]
 pub fn packet_ingress(ctx: SkBuffContext) -> i32 {
@@ -122,7 +120,9 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
     let connection = match PACKET_CONNECTIONS.get_ptr_mut(&cookie) {
         Some(connection) => connection,
         None => {
-            let fresh = PacketConnection { request_started_ns: 0, bytes_in: 0, bytes_out: 0, requests: 0 };
+            // SAFETY: the program's own skb.
+            let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+            let fresh = PacketConnection { request_started_ns: 0, bytes_in: 0, bytes_out: 0, requests: 0, cgroup_id };
             PACKET_CONNECTIONS.insert(&cookie, &fresh, 0)?;
             PACKET_CONNECTIONS.get_ptr_mut(&cookie).ok_or(0)?
         }
@@ -141,10 +141,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             if started != 0 {
                 (*connection).request_started_ns = 0;
                 (*connection).requests += 1;
-                let bucket = 63 - (now.saturating_sub(started) | 1).leading_zeros();
-                if let Some(count) = PACKET_LATENCY.get_ptr_mut(bucket) {
-                    *count += 1;
-                }
+                pod_latency::answered((*connection).cgroup_id, now.saturating_sub(started));
             }
         }
     }
@@ -152,6 +149,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
 }
 
 mod packet_h2;
+mod pod_latency;
 mod tcp_segment;
 
 use tcp_segment::TcpSegment;

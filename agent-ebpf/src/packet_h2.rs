@@ -18,12 +18,13 @@
 //! not read, and a connection's state is not removed at its close (the
 //! map is LRU), so a later connection on the same ports starts lost.
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_skb_cgroup_id},
     macros::{cgroup_skb, map},
     maps::{LruHashMap, PerCpuArray},
     programs::SkBuffContext,
 };
 
+use crate::pod_latency;
 use crate::tcp_segment::TcpSegment;
 
 /// One direction of a connection, as the walk left it.
@@ -57,6 +58,8 @@ struct H2Connection {
     egress: Direction,
     /// The frame boundary is lost: the connection is no longer walked.
     lost: u64,
+    /// The socket's cgroup (the container's), read once.
+    cgroup_id: u64,
     /// Open requests, by stream id: a client's streams are odd and
     /// increasing, so the last `STREAM_SLOTS` opened fall in distinct
     /// slots, and no map is looked up per frame.
@@ -74,10 +77,6 @@ static H2_PACKET_CONNECTIONS: LruHashMap<u64, H2Connection> = LruHashMap::with_m
 /// Where a new connection's state is put together (per CPU).
 #[map]
 static H2_FRESH_CONNECTION: PerCpuArray<H2Connection> = PerCpuArray::with_max_entries(1, 0);
-
-/// Requests answered, by log2 of their latency in ns (per CPU).
-#[map]
-static H2_PACKET_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
 
 /// Per CPU: [0] connections whose boundary was lost, [1] open requests
 /// reset or pushed out of their slot, [2] packets whose frames outnumbered
@@ -130,6 +129,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 (*fresh).ingress = Direction { next_seq: 0, skip: PREFACE, seen: 0 };
                 (*fresh).egress = Direction::default();
                 (*fresh).lost = 0;
+                (*fresh).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
                 H2_PACKET_CONNECTIONS.insert(&key, &*fresh, 0)?;
             }
             H2_PACKET_CONNECTIONS.get_ptr_mut(&key).ok_or(0)?
@@ -208,11 +208,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             }
         } else if (kind == DATA || kind == HEADERS) && flags & END_STREAM != 0 && slot.stream == stream {
             slot.stream = 0;
-            let bucket = 63 - (now.saturating_sub(slot.started_ns) | 1).leading_zeros();
-            if let Some(answered) = H2_PACKET_LATENCY.get_ptr_mut(bucket) {
-                // SAFETY: this CPU's slot.
-                unsafe { *answered += 1 };
-            }
+            pod_latency::answered(state.cgroup_id, now.saturating_sub(slot.started_ns));
         }
     }
     if offset < total {

@@ -6,6 +6,8 @@
 //! claim to.
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
 use std::process::Command;
 
 use integration::http::Client;
@@ -25,7 +27,12 @@ fn tenant_pod() -> (CgroupPod, SocketAddr) {
 /// ready, in a new pod.
 fn server_pod(command: Command) -> (CgroupPod, SocketAddr) {
     let root = podgpu_agent::pods::cgroup_tree::host_v2_root().expect("a cgroup v2 tree");
-    let mut pod = CgroupPod::create(&root, &new_uid()).expect("pod cgroup");
+    server_pod_under(&root, command)
+}
+
+/// As `server_pod`, with the pod's cgroup under `root`.
+fn server_pod_under(root: &Path, command: Command) -> (CgroupPod, SocketAddr) {
+    let mut pod = CgroupPod::create(root, &new_uid()).expect("pod cgroup");
     let child = pod.spawn(command).expect("server starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("tenant stdout")).read_line(&mut line).expect("ready line");
@@ -89,4 +96,46 @@ async fn the_http2_packet_candidate_counts_each_stream_once() {
     assert_eq!(candidate.packet_h2_losses().unwrap(), [0, 0, 0]);
     assert_eq!(candidate.packet_requests().unwrap(), 80);
     drop(candidate);
+}
+
+/// Attached once above two pods (as a node agent would attach at the
+/// pods' common parent), the candidate keeps each pod's answers apart,
+/// by the cgroup of the answering socket: 40 and 25 keep-alive requests
+/// read 40 and 25 under the two containers' cgroup ids, and nothing
+/// else. Fails if a connection's cgroup is read from the wrong side or
+/// the answers are pooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_candidate_keeps_pods_apart_from_one_attachment() {
+    require_root();
+    let root = podgpu_agent::pods::cgroup_tree::host_v2_root().expect("a cgroup v2 tree");
+    let parent = root.join(format!("podgpu-packet-test-{}", new_uid()));
+    std::fs::create_dir(&parent).expect("parent cgroup");
+    let tenant = || {
+        let mut command = Command::new(workspace_binary("tenant"));
+        command.args(["127.0.0.1:0", "256", "0", "-", "0"]);
+        command
+    };
+    let (first_pod, first_addr) = server_pod_under(&parent, tenant());
+    let (second_pod, second_addr) = server_pod_under(&parent, tenant());
+    let cgroup_id = |pod: &CgroupPod| std::fs::metadata(&pod.container_dir).expect("container cgroup").ino();
+    let (first_id, second_id) = (cgroup_id(&first_pod), cgroup_id(&second_pod));
+    let candidate =
+        HookBaseline::attach_packet_candidate(&parent, PacketProtocol::Http1).expect("the candidate attaches");
+
+    let (mut first, mut second) =
+        (Client::connect(first_addr).await.unwrap(), Client::connect(second_addr).await.unwrap());
+    for _ in 0..40 {
+        assert_eq!(first.request("/", b"").await.unwrap().status, 200);
+    }
+    for _ in 0..25 {
+        assert_eq!(second.request("/", b"").await.unwrap().status, 200);
+    }
+    let by_cgroup = candidate.packet_requests_by_cgroup().unwrap();
+    assert_eq!(by_cgroup, [(first_id, 40), (second_id, 25)].into_iter().collect(), "{by_cgroup:?}");
+    drop(candidate);
+    drop((first, second, first_pod, second_pod));
+    // The pods' own directories went with them; the slice they shared and
+    // the parent are this test's.
+    let _ = std::fs::remove_dir(parent.join("kubepods.slice"));
+    let _ = std::fs::remove_dir(&parent);
 }

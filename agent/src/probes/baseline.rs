@@ -5,6 +5,7 @@
 //! the driver path uses (every syscall on the node passes through those).
 //! Also the packet-layer candidate designs for HTTP/1.1 and HTTP/2
 //! (`attach_packet_candidate`), priced in the same benchmark.
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
@@ -41,14 +42,6 @@ impl PacketProtocol {
         match self {
             PacketProtocol::Http1 => ("packet_ingress", "packet_egress"),
             PacketProtocol::Http2 => ("packet_h2_ingress", "packet_h2_egress"),
-        }
-    }
-
-    /// Its latency histogram: a per-CPU array of 64 log2 buckets.
-    fn latency_map(self) -> &'static str {
-        match self {
-            PacketProtocol::Http1 => "PACKET_LATENCY",
-            PacketProtocol::Http2 => "H2_PACKET_LATENCY",
         }
     }
 }
@@ -99,13 +92,30 @@ impl HookBaseline {
         super::program_stats(&self.ebpf)
     }
 
-    /// Requests the packet-layer candidate delimited and answered (the sum
-    /// of its in-kernel latency histogram over every CPU); 0 when no
-    /// candidate is attached.
+    /// Requests the packet-layer candidate delimited and answered: the sum
+    /// over every pod and CPU of its in-kernel latency histograms.
     pub fn packet_requests(&self) -> Result<u64, ProbeError> {
-        let Some(protocol) = self.packet else { return Ok(0) };
-        let total = self.per_cpu_sum(protocol.latency_map(), 64)?;
-        Ok(total.iter().sum())
+        Ok(self.packet_requests_by_cgroup()?.values().sum())
+    }
+
+    /// Requests the packet-layer candidate answered, by the cgroup v2 id
+    /// of the answering socket (the container's cgroup); empty when no
+    /// candidate is attached.
+    pub fn packet_requests_by_cgroup(&self) -> Result<BTreeMap<u64, u64>, ProbeError> {
+        const MAP: &str = "PACKET_POD_LATENCY";
+        if self.packet.is_none() {
+            return Ok(BTreeMap::new());
+        }
+        let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+        let histograms: aya::maps::PerCpuHashMap<_, u64, [u64; 64]> =
+            aya::maps::PerCpuHashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        let mut answered = BTreeMap::new();
+        for entry in histograms.iter() {
+            let (cgroup_id, per_cpu) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
+            let total: u64 = per_cpu.iter().flat_map(|histogram| histogram.iter()).sum();
+            *answered.entry(cgroup_id).or_default() += total;
+        }
+        Ok(answered)
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame
