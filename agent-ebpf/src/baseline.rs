@@ -13,7 +13,8 @@
 //! design `bench-probes` prices against the request probe, programs on
 //! the watched pod's own cgroup (`cgroup_skb`) that run only for that
 //! pod's packets and delimit HTTP/1.1 requests in the kernel, keeping a
-//! latency histogram there instead of sending an event per call.
+//! latency histogram per pod there (`pod_latency`) instead of sending an
+//! event per call.
 //! `packet_h2` prices the same design for HTTP/2.
 #![no_std]
 #![no_main]

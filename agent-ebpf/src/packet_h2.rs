@@ -4,9 +4,9 @@
 //! that walk HTTP/2 frame headers in the pod's own TCP packets and
 //! delimit requests in the kernel. A HEADERS frame in opens a stream's
 //! request; the first frame out that ends the stream (END_STREAM on DATA
-//! or HEADERS) answers it, and its latency goes into a log2 histogram;
-//! RST_STREAM either way aborts it. Nothing is sent to user space per
-//! request.
+//! or HEADERS) answers it, and its latency goes into its pod's histogram
+//! (`pod_latency`); RST_STREAM either way aborts it. Nothing is sent to
+//! user space per request.
 //!
 //! Frames cross packet boundaries: each direction of a connection keeps
 //! how many bytes of the current frame are still to come, and the TCP
