@@ -9,24 +9,20 @@
 //! Attached to `sock:sock_recv_length`/`sock_send_length` instead, it
 //! measures hooks off the syscall path altogether (socket I/O only).
 //!
-//! `packet_ingress`/`packet_egress` are not no-ops: they are the candidate
-//! design `bench-probes` prices against the request probe, programs on
-//! the watched pod's own cgroup (`cgroup_skb`) that run only for that
-//! pod's packets and delimit HTTP/1.1 requests in the kernel, keeping a
-//! latency histogram per pod there (`pod_latency`) instead of sending an
-//! event per call.
-//! `packet_h2` prices the same design for HTTP/2.
+//! The packet-layer candidates in the same object are not no-ops: they
+//! are the design `bench-probes` prices against the request probe,
+//! programs on the pods' cgroup (`cgroup_skb`) that run only for those
+//! pods' packets and delimit requests in the kernel, keeping counts and
+//! histograms per pod there (`pod_requests`) instead of sending an event
+//! per call: `packet_h1` for HTTP/1.1, `packet_h2` for HTTP/2.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_skb_cgroup_id, bpf_task_pt_regs},
-    },
-    macros::{cgroup_skb, map, raw_tracepoint, tracepoint},
-    maps::{Array, LruHashMap},
-    programs::{RawTracePointContext, SkBuffContext, TracePointContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel, generated::bpf_task_pt_regs},
+    macros::{map, raw_tracepoint, tracepoint},
+    maps::Array,
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 /// Slot 0: the tgid whose socket calls `socket_call_args` records (set by
@@ -75,85 +71,11 @@ pub fn baseline_exit(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
-// ---- the packet-layer candidate -------------------------------------------
-
-/// One connection's request state, by (peer address, peer port, pod port).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct PacketConnection {
-    /// When the request being answered began (0: none open).
-    request_started_ns: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    requests: u64,
-    /// The socket's cgroup (the container's), read once.
-    cgroup_id: u64,
-}
-
-#[map]
-static PACKET_CONNECTIONS: LruHashMap<u64, PacketConnection> = LruHashMap::with_max_entries(65_536, 0);
-
-#[cgroup_skb]
-pub fn packet_ingress(ctx: SkBuffContext) -> i32 {
-    let _ = packet(&ctx, true);
-    1
-}
-
-#[cgroup_skb]
-pub fn packet_egress(ctx: SkBuffContext) -> i32 {
-    let _ = packet(&ctx, false);
-    1
-}
-
-/// A data packet of the pod's TCP connections: a request starts with a
-/// payload whose first byte is an upper-case letter (a method) and ends
-/// with the first response packet after it. IPv4 only (the benchmark's
-/// loopback); pure ACKs leave at the length test.
-#[inline(always)]
-fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
-    let Some(segment) = TcpSegment::of(ctx, ingress) else { return Ok(()) };
-    let (cookie, payload) = (segment.key, segment.payload as usize);
-    // Only a request's first byte is needed: a response is whatever the
-    // pod sends after one.
-    let first: u8 = if ingress { ctx.load(payload)? } else { 0 };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let connection = match PACKET_CONNECTIONS.get_ptr_mut(&cookie) {
-        Some(connection) => connection,
-        None => {
-            // SAFETY: the program's own skb.
-            let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-            let fresh = PacketConnection { request_started_ns: 0, bytes_in: 0, bytes_out: 0, requests: 0, cgroup_id };
-            PACKET_CONNECTIONS.insert(&cookie, &fresh, 0)?;
-            PACKET_CONNECTIONS.get_ptr_mut(&cookie).ok_or(0)?
-        }
-    };
-    let moved = u64::from(segment.end - segment.payload);
-    // SAFETY: plain-data map value of this connection.
-    unsafe {
-        if ingress {
-            (*connection).bytes_in += moved;
-            if first.is_ascii_uppercase() && (*connection).request_started_ns == 0 {
-                (*connection).request_started_ns = now;
-            }
-        } else {
-            (*connection).bytes_out += moved;
-            let started = (*connection).request_started_ns;
-            if started != 0 {
-                (*connection).request_started_ns = 0;
-                (*connection).requests += 1;
-                pod_latency::answered((*connection).cgroup_id, now.saturating_sub(started));
-            }
-        }
-    }
-    Ok(())
-}
-
+// The packet-layer candidates.
+mod packet_h1;
 mod packet_h2;
-mod pod_latency;
+mod pod_requests;
 mod tcp_segment;
-
-use tcp_segment::TcpSegment;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,10 +3,12 @@
 //! in the crate root: `cgroup_skb` programs on the watched pod's cgroup
 //! that walk HTTP/2 frame headers in the pod's own TCP packets and
 //! delimit requests in the kernel. A HEADERS frame in opens a stream's
-//! request; the first frame out that ends the stream (END_STREAM on DATA
-//! or HEADERS) answers it, and its latency goes into its pod's histogram
-//! (`pod_latency`); RST_STREAM either way aborts it. Nothing is sent to
-//! user space per request.
+//! request; its first DATA frame out is its first body byte (TTFT, from
+//! the request's headers); the first frame out that ends the stream
+//! (END_STREAM on DATA or HEADERS) answers it, and its times go into its
+//! pod's histograms (`pod_requests`); RST_STREAM either way aborts it, and
+//! so does the connection's close (the pod's FIN or an RST), which also
+//! removes its state. Nothing is sent to user space per request.
 //!
 //! Frames cross packet boundaries: each direction of a connection keeps
 //! how many bytes of the current frame are still to come, and the TCP
@@ -14,9 +16,8 @@
 //! walked twice. What the candidate does not do (and the socket-layer
 //! probe does): a frame header split between two packets, a gap in the
 //! sequence or a connection joined after its preface lose the
-//! connection's boundary for good (counted in `H2_PACKET_LOST`), IPv6 is
-//! not read, and a connection's state is not removed at its close (the
-//! map is LRU), so a later connection on the same ports starts lost.
+//! connection's boundary for good (counted in `H2_PACKET_LOST`; its open
+//! requests end untimed), and IPv6 is not read.
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_skb_cgroup_id},
     macros::{cgroup_skb, map},
@@ -24,7 +25,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::pod_latency;
+use crate::pod_requests;
 use crate::tcp_segment::TcpSegment;
 
 /// One direction of a connection, as the walk left it.
@@ -45,7 +46,10 @@ struct Direction {
 #[derive(Clone, Copy, Default)]
 struct OpenStream {
     /// The stream id (0: the slot is free).
-    stream: u64,
+    stream: u32,
+    /// Time from its headers in to its first DATA frame out, in units of
+    /// 1,024 ns (0: none out yet).
+    ttft_units: u32,
     /// When its request headers came in.
     started_ns: u64,
 }
@@ -116,9 +120,12 @@ fn count(index: u32) {
 
 #[inline(always)]
 fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
-    let Some(TcpSegment { key, payload, end: total, seq }) = TcpSegment::of(ctx, ingress) else { return Ok(()) };
+    let Some(segment) = TcpSegment::of(ctx, ingress) else { return Ok(()) };
+    let key = segment.key;
     let connection = match H2_PACKET_CONNECTIONS.get_ptr_mut(&key) {
         Some(connection) => connection,
+        // A close of a connection not followed (or already removed).
+        None if segment.end == segment.payload => return Ok(()),
         None => {
             // Too large for the stack: put together in map memory. Only
             // the walk's fields are ever written there, so its stream
@@ -140,9 +147,34 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
     // stream slot is opened by one and closed by the other, so a race at
     // worst loses one request's count.
     let state = unsafe { &mut *connection };
-    if state.lost != 0 {
-        return Ok(());
+    if state.lost == 0 && segment.end > segment.payload && !walk(ctx, state, &segment, ingress)? {
+        state.lost = 1;
+        end_open_requests(state, false);
     }
+    if segment.closing && (segment.reset || !ingress) {
+        end_open_requests(state, true);
+        H2_PACKET_CONNECTIONS.remove(&key)?;
+    }
+    Ok(())
+}
+
+/// Ends every request open on the connection untimed: `aborted` by its
+/// close, or its boundary lost.
+#[inline(always)]
+fn end_open_requests(state: &mut H2Connection, aborted: bool) {
+    for slot in state.streams.iter_mut() {
+        if slot.stream != 0 {
+            slot.stream = 0;
+            pod_requests::ended_untimed(state.cgroup_id, aborted);
+        }
+    }
+}
+
+/// Walks the frame headers of one data packet: `false` when the
+/// connection's frame boundary is lost with it (counted).
+#[inline(always)]
+fn walk(ctx: &SkBuffContext, state: &mut H2Connection, segment: &TcpSegment, ingress: bool) -> Result<bool, i64> {
+    let TcpSegment { payload, end: total, seq, .. } = *segment;
     let length = total - payload;
     let direction = if ingress { &mut state.ingress } else { &mut state.egress };
     if direction.seen == 0 {
@@ -151,9 +183,8 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
         // Only a connection seen from the client's first byte, its
         // preface, is walked.
         if ingress && ctx.load::<u8>(payload as usize)? != b'P' {
-            state.lost = 1;
             count(0);
-            return Ok(());
+            return Ok(false);
         }
     }
     let direction = if ingress { &mut state.ingress } else { &mut state.egress };
@@ -161,17 +192,16 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
     // ahead is a gap (lost).
     let ahead = seq.wrapping_sub(direction.next_seq) as i32;
     if ahead < 0 {
-        return Ok(());
+        return Ok(true);
     }
     if ahead > 0 {
-        state.lost = 1;
         count(0);
-        return Ok(());
+        return Ok(false);
     }
     direction.next_seq = seq.wrapping_add(length);
     if direction.skip >= length {
         direction.skip -= length;
-        return Ok(());
+        return Ok(true);
     }
     let mut offset = payload + direction.skip;
     // SAFETY: no preconditions.
@@ -181,14 +211,13 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             break;
         }
         if offset + FRAME_HEADER > total {
-            state.lost = 1;
             count(0);
-            return Ok(());
+            return Ok(false);
         }
         let header: [u8; 9] = ctx.load(offset as usize)?;
         let frame_length = u32::from_be_bytes([0, header[0], header[1], header[2]]);
         let (kind, flags) = (header[3], header[4]);
-        let stream = u64::from(u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff);
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
         offset += FRAME_HEADER + frame_length;
         if stream == 0 {
             continue;
@@ -198,27 +227,36 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             if slot.stream == stream {
                 slot.stream = 0;
                 count(1);
+                pod_requests::ended_untimed(state.cgroup_id, true);
             }
         } else if ingress {
             if kind == HEADERS && slot.stream != stream {
                 if slot.stream != 0 {
                     count(1);
+                    pod_requests::ended_untimed(state.cgroup_id, false);
                 }
-                *slot = OpenStream { stream, started_ns: now };
+                *slot = OpenStream { stream, ttft_units: 0, started_ns: now };
+                pod_requests::started(state.cgroup_id);
             }
-        } else if (kind == DATA || kind == HEADERS) && flags & END_STREAM != 0 && slot.stream == stream {
-            slot.stream = 0;
-            pod_latency::answered(state.cgroup_id, now.saturating_sub(slot.started_ns));
+        } else if (kind == DATA || kind == HEADERS) && slot.stream == stream {
+            let elapsed = now.saturating_sub(slot.started_ns);
+            if kind == DATA && slot.ttft_units == 0 {
+                slot.ttft_units = ((elapsed >> 10) as u32).max(1);
+            }
+            if flags & END_STREAM != 0 {
+                slot.stream = 0;
+                let ttft = if slot.ttft_units != 0 { u64::from(slot.ttft_units) << 10 } else { elapsed };
+                pod_requests::answered(state.cgroup_id, ttft.max(1), elapsed);
+            }
         }
     }
     if offset < total {
         // More frames than one run reads: the rest of the packet is not
         // walked, and the boundary with it.
-        state.lost = 1;
         count(2);
-        return Ok(());
+        return Ok(false);
     }
     let direction = if ingress { &mut state.ingress } else { &mut state.egress };
     direction.skip = offset - total;
-    Ok(())
+    Ok(true)
 }

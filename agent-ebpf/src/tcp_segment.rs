@@ -1,13 +1,17 @@
 //! What the packet-layer candidates read of a packet before their own
 //! protocol: an IPv4 TCP segment's payload extent, its sequence number,
-//! and the connection it belongs to, from the pod's side.
+//! whether it closes its connection, and the connection it belongs to,
+//! from the pod's side.
 use aya_ebpf::programs::SkBuffContext;
 
 const IPPROTO_TCP: u8 = 6;
+/// TCP flags (byte 13 of the TCP header).
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
 /// An IPv4 header without options and a TCP header without options.
 const FIXED_HEADERS: usize = 40;
 
-/// A TCP segment that carries data.
+/// A TCP segment that carries data or closes its connection.
 pub(crate) struct TcpSegment {
     /// The connection: the peer's address and port and the pod's port,
     /// read from the headers (no helper needed, unlike the socket
@@ -19,11 +23,16 @@ pub(crate) struct TcpSegment {
     pub end: u32,
     /// The sequence number of the payload's first byte.
     pub seq: u32,
+    /// FIN or RST: the sender closes the connection (after this
+    /// segment's data, if it carries any).
+    pub closing: bool,
+    /// RST: the connection is gone at once.
+    pub reset: bool,
 }
 
 impl TcpSegment {
     /// The segment in `ctx`, or `None` for what is not an IPv4 TCP segment
-    /// with data (pure ACKs, IPv6, other protocols). `ingress`: the packet
+    /// with data or a close (pure ACKs, IPv6, other protocols). `ingress`: the packet
     /// comes into the pod.
     #[inline(always)]
     pub(crate) fn of(ctx: &SkBuffContext, ingress: bool) -> Option<Self> {
@@ -41,9 +50,17 @@ impl TcpSegment {
         if head[0] != 0x45 || head[9] != IPPROTO_TCP {
             return None;
         }
-        let total = u32::from(u16::from_be_bytes([head[2], head[3]])).min(ctx.len());
+        // A GSO packet out larger than an IPv4 length can say (BIG TCP,
+        // on loopback among others) has a total length of 0: its length
+        // is the packet's.
+        let total = match u32::from(u16::from_be_bytes([head[2], head[3]])) {
+            0 => ctx.len(),
+            total => total.min(ctx.len()),
+        };
         let payload = 20 + u32::from(head[32] >> 4) * 4;
-        if total <= payload {
+        let flags = head[33];
+        let closing = flags & (FIN | RST) != 0;
+        if total <= payload && !closing {
             return None;
         }
         let (peer, ports) = if ingress {
@@ -54,6 +71,7 @@ impl TcpSegment {
         let key = u64::from(u32::from_ne_bytes([peer[0], peer[1], peer[2], peer[3]])) << 32
             | u64::from(u32::from_ne_bytes(ports));
         let seq = u32::from_be_bytes([head[24], head[25], head[26], head[27]]);
-        Some(TcpSegment { key, payload, end: total, seq })
+        let end = total.max(payload);
+        Some(TcpSegment { key, payload, end, seq, closing, reset: flags & RST != 0 })
     }
 }

@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod driver;
+pub mod packet;
 
 /// Capacity of the set of cgroups user space asks the probes to watch.
 pub const MAX_WATCHED_CGROUPS: u32 = 4096;

@@ -67,6 +67,76 @@ async fn the_packet_candidate_counts_each_request_once() {
         assert_eq!(second.request("/", b"").await.unwrap().status, 200);
     }
     assert_eq!(candidate.packet_requests().unwrap(), 65);
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (65, 65, 0, 0));
+    assert_eq!(pod.ttft.iter().sum::<u64>(), 65);
+    drop(candidate);
+}
+
+/// The lowest log2 bucket (ns) holding a count, and the highest.
+fn bucket_range(histogram: &[u64]) -> (usize, usize) {
+    let filled: Vec<usize> = (0..histogram.len()).filter(|&bucket| histogram[bucket] > 0).collect();
+    (*filled.first().expect("a count"), *filled.last().expect("a count"))
+}
+
+/// An answer is timed to its end, not its first packet: a chunked stream
+/// whose first event goes out 40 ms after its head and whose three more
+/// come 100 ms apart reads a TTFT under 2^26 ns (67 ms) and a latency
+/// over 2^28 ns (268 ms), and Content-Length answers of 300 kB (several
+/// packets, a head not alone in its packet) each end once, none left
+/// open. Fails if the end is taken at the head, at the first chunk or at
+/// a body packet, or a Content-Length body is never seen to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_candidate_times_answers_to_their_end() {
+    require_root();
+    let mut command = Command::new(workspace_binary("tenant"));
+    command.args(["127.0.0.1:0", "300000", "0", "-", "0"]);
+    let (watched, addr) = server_pod(command);
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http1).expect("the candidate attaches");
+    let mut client = Client::connect(addr).await.unwrap();
+    let spec = integration::http::StreamSpec { first_ms: 40, chunks: 4, chunk_ms: 100 };
+    let measured = client.stream(&spec.path()).await.unwrap();
+    assert!(measured.latency >= std::time::Duration::from_millis(340), "{measured:?}");
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered), (1, 1));
+    let (ttft, latency) = (bucket_range(&pod.ttft), bucket_range(&pod.latency));
+    assert!(ttft.1 < 26 && ttft.0 >= 24, "TTFT buckets {ttft:?}");
+    assert!(latency.0 >= 28, "latency buckets {latency:?}");
+
+    for _ in 0..10 {
+        let answer = client.request("/", b"").await.unwrap();
+        assert_eq!((answer.status, answer.body.len()), (200, 300_000));
+    }
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (11, 11, 0, 0));
+    drop(candidate);
+}
+
+/// A client that gives up mid-stream aborts its request when the
+/// connection closes, and the connection's state goes with it; a request
+/// on a new connection after that is counted as usual. Fails if the close
+/// is missed (the request would stay open for good) or taken for an
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_candidate_aborts_a_request_whose_connection_closes() {
+    require_root();
+    let (watched, addr) = tenant_pod();
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http1).expect("the candidate attaches");
+    let spec = integration::http::StreamSpec { first_ms: 0, chunks: 20, chunk_ms: 50 };
+    Client::connect(addr).await.unwrap().abandon_stream(&spec.path()).await.unwrap();
+    // The tenant's next chunk meets the closed socket: an RST back, or
+    // its own close.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let mut client = Client::connect(addr).await.unwrap();
+    assert_eq!(client.request("/", b"").await.unwrap().status, 200);
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (2, 1, 1, 0));
     drop(candidate);
 }
 
@@ -95,6 +165,10 @@ async fn the_http2_packet_candidate_counts_each_stream_once() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(candidate.packet_h2_losses().unwrap(), [0, 0, 0]);
     assert_eq!(candidate.packet_requests().unwrap(), 80);
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (80, 80, 0, 0));
+    assert_eq!(pod.ttft.iter().sum::<u64>(), 80);
     drop(candidate);
 }
 

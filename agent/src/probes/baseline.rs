@@ -10,6 +10,7 @@ use std::path::Path;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::Ebpf;
+use podgpu_common::packet::PacketPodRequests;
 
 use super::{BpfProgramStats, ProbeError};
 
@@ -29,7 +30,8 @@ pub const PROBED_SYSCALLS: [&str; 12] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PacketProtocol {
     /// `packet_ingress`/`packet_egress`: a request is a packet in that
-    /// starts with a method, answered by the next packet out.
+    /// starts with a method, answered by the answer's last packet out
+    /// (its head's `Content-Length`, chunking or close).
     Http1,
     /// `packet_h2_ingress`/`packet_h2_egress`: frame headers walked in
     /// the packets, a request per stream.
@@ -92,8 +94,8 @@ impl HookBaseline {
         super::program_stats(&self.ebpf)
     }
 
-    /// Requests the packet-layer candidate delimited and answered: the sum
-    /// over every pod and CPU of its in-kernel latency histograms.
+    /// Requests the packet-layer candidate delimited and answered, summed
+    /// over every pod and CPU.
     pub fn packet_requests(&self) -> Result<u64, ProbeError> {
         Ok(self.packet_requests_by_cgroup()?.values().sum())
     }
@@ -102,20 +104,29 @@ impl HookBaseline {
     /// of the answering socket (the container's cgroup); empty when no
     /// candidate is attached.
     pub fn packet_requests_by_cgroup(&self) -> Result<BTreeMap<u64, u64>, ProbeError> {
-        const MAP: &str = "PACKET_POD_LATENCY";
+        Ok(self.packet_pods()?.into_iter().map(|(cgroup_id, pod)| (cgroup_id, pod.answered)).collect())
+    }
+
+    /// What the packet-layer candidate counted per pod, by the cgroup v2
+    /// id of the answering socket, summed over the CPUs; empty when no
+    /// candidate is attached.
+    pub fn packet_pods(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
+        const MAP: &str = "PACKET_POD_REQUESTS";
         if self.packet.is_none() {
             return Ok(BTreeMap::new());
         }
         let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-        let histograms: aya::maps::PerCpuHashMap<_, u64, [u64; 64]> =
+        let pods: aya::maps::PerCpuHashMap<_, u64, PacketPodRequests> =
             aya::maps::PerCpuHashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-        let mut answered = BTreeMap::new();
-        for entry in histograms.iter() {
+        let mut sums = BTreeMap::new();
+        for entry in pods.iter() {
             let (cgroup_id, per_cpu) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-            let total: u64 = per_cpu.iter().flat_map(|histogram| histogram.iter()).sum();
-            *answered.entry(cgroup_id).or_default() += total;
+            let sum = sums.entry(cgroup_id).or_insert(PacketPodRequests::EMPTY);
+            for counts in per_cpu.iter() {
+                sum.add(counts);
+            }
         }
-        Ok(answered)
+        Ok(sums)
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame
