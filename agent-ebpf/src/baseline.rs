@@ -17,6 +17,9 @@
 //! per call: `packet_h1` for HTTP/1.1, `packet_h2` for HTTP/2.
 #![no_std]
 #![no_main]
+// The BPF atomic add (`pod_requests`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_probe_read_kernel, generated::bpf_task_pt_regs},

@@ -1,17 +1,19 @@
 //! What the packet-layer request candidates (`agent-ebpf/src/packet_h1.rs`,
 //! `packet_h2.rs`) keep per pod in the kernel and user space reads each
-//! tick: request counts and log2 histograms of time to first response
-//! byte and of latency, by the answering socket's cgroup.
+//! tick: request counts and histograms of time to first response byte
+//! and of latency, by the answering socket's cgroup.
 
-/// Log2-of-nanoseconds buckets of each histogram: bucket `i` holds
-/// durations in [2^i, 2^(i+1)) ns.
-pub const PACKET_LATENCY_BUCKETS: usize = 64;
+/// Buckets of each histogram: four per power of two of nanoseconds
+/// (`bucket_of`), so a bucket's width is at most a quarter of its floor.
+pub const PACKET_LATENCY_BUCKETS: usize = 256;
 
-/// Pods (socket cgroups) whose requests are kept at once (LRU).
-pub const MAX_PACKET_PODS: u32 = 4096;
+/// Pods (socket cgroups) whose requests are kept at once (LRU; kubelet's
+/// default is 110 pods a node).
+pub const MAX_PACKET_PODS: u32 = 1024;
 
-/// One pod's requests as the packet-layer candidates count them (per
-/// CPU; user space sums the CPUs).
+/// One pod's requests as the packet-layer candidates count them, shared
+/// by the CPUs (atomic adds: a per-CPU copy would cost the node this
+/// struct times its CPUs for every pod).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PacketPodRequests {
@@ -41,26 +43,27 @@ impl PacketPodRequests {
         ttft: [0; PACKET_LATENCY_BUCKETS],
         latency: [0; PACKET_LATENCY_BUCKETS],
     };
-
-    /// Adds `other`'s counts to these (one CPU's to the sum).
-    pub fn add(&mut self, other: &Self) {
-        self.started += other.started;
-        self.answered += other.answered;
-        self.aborted += other.aborted;
-        self.ends_unknown += other.ends_unknown;
-        for (sum, count) in self.ttft.iter_mut().zip(other.ttft.iter()) {
-            *sum += count;
-        }
-        for (sum, count) in self.latency.iter_mut().zip(other.latency.iter()) {
-            *sum += count;
-        }
-    }
 }
 
-/// The log2 bucket of a duration of `ns` nanoseconds (0 counts as 1).
+/// The bucket of a duration of `ns` nanoseconds: below 4 ns, `ns`;
+/// above, four buckets per power of two, by the two bits after the
+/// leading one.
 #[inline(always)]
-pub const fn log2_bucket(ns: u64) -> usize {
-    (63 - (ns | 1).leading_zeros()) as usize
+pub const fn bucket_of(ns: u64) -> usize {
+    if ns < 4 {
+        return ns as usize;
+    }
+    let log2 = 63 - ns.leading_zeros() as usize;
+    (log2 - 1) * 4 + ((ns >> (log2 - 2)) & 3) as usize
+}
+
+/// The shortest duration (ns) bucket `bucket` holds.
+pub const fn bucket_floor(bucket: usize) -> u64 {
+    if bucket < 4 {
+        return bucket as u64;
+    }
+    let (log2, sub) = (bucket / 4 + 1, (bucket % 4) as u64);
+    (4 + sub) << (log2 - 2)
 }
 
 #[cfg(feature = "user")]
@@ -78,23 +81,14 @@ mod tests {
     }
 
     #[test]
-    fn buckets_are_log2_of_nanoseconds() {
-        assert_eq!(log2_bucket(0), 0);
-        assert_eq!(log2_bucket(1), 0);
-        assert_eq!(log2_bucket(1023), 9);
-        assert_eq!(log2_bucket(1024), 10);
-        assert_eq!(log2_bucket(u64::MAX), 63);
-    }
-
-    #[test]
-    fn sums_add_every_field() {
-        let mut one = PacketPodRequests::EMPTY;
-        one.started = 3;
-        one.latency[10] = 2;
-        one.ttft[9] = 1;
-        let mut sum = PacketPodRequests::EMPTY;
-        sum.add(&one);
-        sum.add(&one);
-        assert_eq!((sum.started, sum.latency[10], sum.ttft[9], sum.answered), (6, 4, 2, 0));
+    fn buckets_split_each_power_of_two_in_four() {
+        assert_eq!((bucket_of(0), bucket_of(3), bucket_of(4), bucket_of(7), bucket_of(8)), (0, 3, 4, 7, 8));
+        assert_eq!((bucket_of(1023), bucket_of(1024), bucket_of(1280)), (35, 36, 37));
+        assert_eq!(bucket_of(u64::MAX), PACKET_LATENCY_BUCKETS - 5);
+        for ns in [4, 5, 100, 1_000, 999_999, 1 << 40, (1 << 40) + 12_345, u64::MAX / 3] {
+            let bucket = bucket_of(ns);
+            assert!(bucket_floor(bucket) <= ns && ns < bucket_floor(bucket + 1), "{ns} in bucket {bucket}");
+            assert!(bucket_floor(bucket + 1) - bucket_floor(bucket) <= bucket_floor(bucket) / 4 + 1);
+        }
     }
 }

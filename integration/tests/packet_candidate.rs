@@ -15,6 +15,7 @@ use integration::pod::{new_uid, CgroupPod};
 use integration::stacks::{run_calls, Call, Caller, Protocol, Stack};
 use integration::{require_root, workspace_binary};
 use podgpu_agent::probes::baseline::{HookBaseline, PacketProtocol};
+use podgpu_common::packet::bucket_floor;
 
 /// Starts the tenant HTTP/1.1 server (empty 256-byte answers) in a new pod.
 fn tenant_pod() -> (CgroupPod, SocketAddr) {
@@ -74,16 +75,19 @@ async fn the_packet_candidate_counts_each_request_once() {
     drop(candidate);
 }
 
-/// The lowest log2 bucket (ns) holding a count, and the highest.
-fn bucket_range(histogram: &[u64]) -> (usize, usize) {
+/// The shortest and longest durations (ms) a histogram's counts may
+/// stand for: the floor of its lowest bucket with a count, and the
+/// ceiling of its highest.
+fn range_ms(histogram: &[u64]) -> (f64, f64) {
     let filled: Vec<usize> = (0..histogram.len()).filter(|&bucket| histogram[bucket] > 0).collect();
-    (*filled.first().expect("a count"), *filled.last().expect("a count"))
+    let (lowest, highest) = (*filled.first().expect("a count"), *filled.last().expect("a count"));
+    (bucket_floor(lowest) as f64 / 1e6, bucket_floor(highest + 1) as f64 / 1e6)
 }
 
 /// An answer is timed to its end, not its first packet: a chunked stream
 /// whose first event goes out 40 ms after its head and whose three more
-/// come 100 ms apart reads a TTFT under 2^26 ns (67 ms) and a latency
-/// over 2^28 ns (268 ms), and Content-Length answers of 300 kB (several
+/// come 100 ms apart reads a TTFT of 30-80 ms and a latency over 300 ms
+/// (its buckets' bounds), and Content-Length answers of 300 kB (several
 /// packets, a head not alone in its packet) each end once, none left
 /// open. Fails if the end is taken at the head, at the first chunk or at
 /// a body packet, or a Content-Length body is never seen to end.
@@ -102,9 +106,9 @@ async fn the_packet_candidate_times_answers_to_their_end() {
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
     assert_eq!((pod.started, pod.answered), (1, 1));
-    let (ttft, latency) = (bucket_range(&pod.ttft), bucket_range(&pod.latency));
-    assert!(ttft.1 < 26 && ttft.0 >= 24, "TTFT buckets {ttft:?}");
-    assert!(latency.0 >= 28, "latency buckets {latency:?}");
+    let (ttft, latency) = (range_ms(&pod.ttft), range_ms(&pod.latency));
+    assert!(ttft.0 >= 30.0 && ttft.1 <= 80.0, "TTFT {ttft:?} ms");
+    assert!(latency.0 >= 300.0, "latency {latency:?} ms");
 
     for _ in 0..10 {
         let answer = client.request("/", b"").await.unwrap();

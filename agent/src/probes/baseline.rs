@@ -108,25 +108,16 @@ impl HookBaseline {
     }
 
     /// What the packet-layer candidate counted per pod, by the cgroup v2
-    /// id of the answering socket, summed over the CPUs; empty when no
-    /// candidate is attached.
+    /// id of the answering socket; empty when no candidate is attached.
     pub fn packet_pods(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
         const MAP: &str = "PACKET_POD_REQUESTS";
         if self.packet.is_none() {
             return Ok(BTreeMap::new());
         }
         let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-        let pods: aya::maps::PerCpuHashMap<_, u64, PacketPodRequests> =
-            aya::maps::PerCpuHashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-        let mut sums = BTreeMap::new();
-        for entry in pods.iter() {
-            let (cgroup_id, per_cpu) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-            let sum = sums.entry(cgroup_id).or_insert(PacketPodRequests::EMPTY);
-            for counts in per_cpu.iter() {
-                sum.add(counts);
-            }
-        }
-        Ok(sums)
+        let pods: aya::maps::HashMap<_, u64, PacketPodRequests> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+        pods.iter().map(|entry| entry.map_err(|source| ProbeError::Map { name: MAP, source })).collect()
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame

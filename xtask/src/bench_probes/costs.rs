@@ -57,10 +57,23 @@ fn cost_run(
     Ok(CostRun { programs, requests: costed.requests, events: after.events - before.events })
 }
 
+/// One load run of the packet-layer candidate.
+struct CandidateRun {
+    /// eBPF ns, all programs.
+    ns: f64,
+    program_runs: f64,
+    /// Requests the load generator had answered.
+    requests: u64,
+    /// What the candidate counted, summed over the pods: (started,
+    /// answered, aborted, ended untimed).
+    counted: (u64, u64, u64, u64),
+    /// What the HTTP/2 candidate could not follow.
+    losses: Option<[u64; 3]>,
+}
+
 /// One load run with the packet-layer candidate attached and
-/// `kernel.bpf_stats_enabled`: (eBPF ns, program runs, requests answered,
-/// what the HTTP/2 candidate could not follow).
-fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Result<(f64, f64, u64, Option<[u64; 3]>)> {
+/// `kernel.bpf_stats_enabled`.
+fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Result<CandidateRun> {
     let previous_stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     let protocol = tenant.packet_protocol();
     let candidate = HookBaseline::attach_packet_candidate(&tenant.pod.pod_dir, protocol)
@@ -75,7 +88,10 @@ fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Res
         .iter()
         .fold((0.0, 0.0), |(ns, runs), p| (ns + p.run_time_ns as f64, runs + p.run_count as f64));
     let losses = (protocol == PacketProtocol::Http2).then(|| candidate.packet_h2_losses()).transpose()?;
-    Ok((ns, runs, run.requests, losses))
+    let counted = candidate.packet_pods()?.values().fold((0, 0, 0, 0), |(s, a, x, u), pod| {
+        (s + pod.started, a + pod.answered, x + pod.aborted, u + pod.ends_unknown)
+    });
+    Ok(CandidateRun { ns, program_runs: runs, requests: run.requests, counted, losses })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -152,7 +168,8 @@ pub(super) fn program_costs(
          so the watched server's own runs: {:.0} ns per request (total less the load generator's {client_runs:.1} runs)",
         (ns / requests - client_runs * turned_away).max(0.0)
     )?;
-    let (ns, program_runs, requests, losses) = packet_candidate_cost(tenant, options)?;
+    let CandidateRun { ns, program_runs, requests, counted: (started, answered, aborted, untimed), losses } =
+        packet_candidate_cost(tenant, options)?;
     writeln!(
         out,
         "packet-layer candidate (cgroup_skb on the pod's cgroup): {:.0} ns of eBPF per request over {:.1} \
@@ -160,6 +177,11 @@ pub(super) fn program_costs(
         ns / requests.max(1) as f64,
         program_runs / requests.max(1) as f64,
         ns / program_runs.max(1.0)
+    )?;
+    writeln!(
+        out,
+        "  its per-pod counts: {started} started, {answered} answered to their end, {aborted} aborted by a \
+         close, {untimed} ended untimed"
     )?;
     if let Some([lost, reset, beyond]) = losses {
         writeln!(
