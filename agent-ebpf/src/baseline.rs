@@ -77,6 +77,7 @@ pub fn baseline_exit(_ctx: RawTracePointContext) -> i32 {
 // The packet-layer candidates.
 mod packet_h1;
 mod packet_h2;
+mod packet_release;
 mod pod_requests;
 mod tcp_segment;
 

@@ -15,7 +15,9 @@
 //!   (`0\r\n\r\n`), at once for a HEAD request or a 204/304, and at the
 //!   pod's FIN for a body delimited by the close.
 //! - The pod's FIN or an RST either way ends the connection: an open
-//!   request is aborted and the state removed.
+//!   request is aborted and the state removed. So does the release of
+//!   the pod's socket (`packet_release`), for a connection that ends
+//!   without either on the wire.
 //!
 //! What it cannot time, it counts as ended untimed rather than guess: a
 //! head longer than `HEAD_BYTES` or not in the answer's first packet, a
@@ -36,8 +38,8 @@ use aya_ebpf::{
 
 use core::ffi::c_void;
 
-use crate::pod_requests;
 use crate::tcp_segment::TcpSegment;
+use crate::{packet_release, pod_requests};
 
 /// How the open request's answer is delimited, as far as it has gone out.
 mod framing {
@@ -168,6 +170,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 head_request: 0,
             };
             PACKET_CONNECTIONS.insert(&segment.key, &fresh, 0)?;
+            packet_release::remember(ctx, segment.key);
             PACKET_CONNECTIONS.get_ptr_mut(&segment.key).ok_or(0)?
         }
     };
@@ -198,6 +201,19 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
         PACKET_CONNECTIONS.remove(&segment.key)?;
     }
     Ok(())
+}
+
+/// The socket of connection `key` was released (`packet_release`): an
+/// answer still open ends with it, as at the pod's FIN.
+#[inline(always)]
+pub(crate) fn released(key: u64) {
+    let Some(connection) = PACKET_CONNECTIONS.get_ptr_mut(&key) else { return };
+    // SAFETY: plain-data map value of this connection.
+    let state = unsafe { &mut *connection };
+    if state.request_started_ns != 0 {
+        pod_requests::ended_untimed(state.cgroup_id, true);
+    }
+    let _ = PACKET_CONNECTIONS.remove(&key);
 }
 
 /// A data packet into the pod.

@@ -7,8 +7,8 @@
 //! the request's headers); the first frame out that ends the stream
 //! (END_STREAM on DATA or HEADERS) answers it, and its times go into its
 //! pod's histograms (`pod_requests`); RST_STREAM either way aborts it, and
-//! so does the connection's close (the pod's FIN or an RST), which also
-//! removes its state. Nothing is sent to user space per request.
+//! so does the connection's close (the pod's FIN or an RST, or its
+//! socket's release: `packet_release`), which also removes its state. Nothing is sent to user space per request.
 //!
 //! Frames cross packet boundaries: each direction of a connection keeps
 //! how many bytes of the current frame are still to come, and the TCP
@@ -25,8 +25,8 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::pod_requests;
 use crate::tcp_segment::TcpSegment;
+use crate::{packet_release, pod_requests};
 
 /// One direction of a connection, as the walk left it.
 #[repr(C)]
@@ -139,6 +139,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 (*fresh).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
                 H2_PACKET_CONNECTIONS.insert(&key, &*fresh, 0)?;
             }
+            packet_release::remember(ctx, key);
             H2_PACKET_CONNECTIONS.get_ptr_mut(&key).ok_or(0)?
         }
     };
@@ -156,6 +157,16 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
         H2_PACKET_CONNECTIONS.remove(&key)?;
     }
     Ok(())
+}
+
+/// The socket of connection `key` was released (`packet_release`): its
+/// open requests end with it, as at the pod's FIN.
+#[inline(always)]
+pub(crate) fn released(key: u64) {
+    let Some(connection) = H2_PACKET_CONNECTIONS.get_ptr_mut(&key) else { return };
+    // SAFETY: plain-data map value of this connection.
+    end_open_requests(unsafe { &mut *connection }, true);
+    let _ = H2_PACKET_CONNECTIONS.remove(&key);
 }
 
 /// Ends every request open on the connection untimed: `aborted` by its

@@ -74,6 +74,10 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
         let mut request_body = vec![0; content_length(&head)];
         reader.read_exact(&mut request_body).await?;
         let path = head.split_whitespace().nth(1).unwrap_or("/");
+        if path == VANISH_PATH {
+            vanish(reader.into_inner(), write);
+            return Ok(());
+        }
         if let Some(stream) = StreamSpec::parse(path) {
             let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
             write.write_all(head.as_bytes()).await?;
@@ -116,6 +120,33 @@ async fn serve_connection(stream: TcpStream, behaviour: ServerBehaviour) -> std:
                 .into_bytes();
         response.extend_from_slice(&body);
         write.write_all(&response).await?;
+    }
+}
+
+/// The path on which the server closes the connection without a packet
+/// (TCP repair mode, as a host that drops off the network leaves it):
+/// the close must be seen from the socket, not the wire.
+pub const VANISH_PATH: &str = "/vanish";
+
+/// Closes the connection in TCP repair mode, so that neither FIN nor
+/// RST goes out (as a plain `close`, not tokio's write-half drop, which
+/// shuts the write side down first and sends a FIN). Needs
+/// `CAP_NET_ADMIN`; without it the connection closes as usual.
+fn vanish(read: tokio::net::tcp::OwnedReadHalf, write: tokio::net::tcp::OwnedWriteHalf) {
+    use std::os::fd::AsRawFd as _;
+    const TCP_REPAIR: libc::c_int = 19;
+    let Ok(stream) = read.reunite(write) else { return };
+    let Ok(stream) = stream.into_std() else { return };
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket fd and an int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_REPAIR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 

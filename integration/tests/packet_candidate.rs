@@ -217,3 +217,37 @@ async fn the_packet_candidate_keeps_pods_apart_from_one_attachment() {
     let _ = std::fs::remove_dir(parent.join("kubepods.slice"));
     let _ = std::fs::remove_dir(&parent);
 }
+
+/// A connection that ends with nothing on the wire (the pod's socket
+/// closed in TCP repair mode, as when its peer has dropped off the
+/// network) still ends its open request, at the socket's release, and
+/// leaves no state behind. Fails if the candidate ends requests only on a
+/// FIN or RST it sees (the request would stay open for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_candidate_ends_a_request_whose_socket_vanishes() {
+    require_root();
+    let (watched, addr) = tenant_pod();
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http1).expect("the candidate attaches");
+    let mut vanishing = Client::connect(addr).await.unwrap();
+    vanishing
+        .send_raw(format!("GET {} HTTP/1.1\r\nHost: test\r\n\r\n", integration::http::VANISH_PATH).as_bytes())
+        .await
+        .unwrap();
+    let mut client = Client::connect(addr).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let pod = loop {
+        let pods = candidate.packet_pods().unwrap();
+        let pod = *pods.values().next().expect("the watched pod's counts");
+        if pod.aborted > 0 || std::time::Instant::now() > deadline {
+            break pod;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (1, 0, 1, 0));
+    assert_eq!(client.request("/", b"").await.unwrap().status, 200);
+    let pods = candidate.packet_pods().unwrap();
+    let pod = pods.values().next().expect("the watched pod's counts");
+    assert_eq!((pod.started, pod.answered, pod.aborted), (2, 1, 1));
+    drop((candidate, vanishing));
+}

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock};
 use aya::Ebpf;
 use podgpu_common::packet::PacketPodRequests;
 
@@ -86,6 +86,16 @@ impl HookBaseline {
                 .attach(directory, side, CgroupAttachMode::Single)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
+        // Connections that end without a FIN or RST on the wire end at
+        // their socket's release.
+        const RELEASED: &str = "packet_released";
+        let directory =
+            std::fs::File::open(cgroup).map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
+        let program: &mut CgroupSock = super::program_of(&mut ebpf, RELEASED)?;
+        program.load().map_err(|source| ProbeError::Program { name: RELEASED, source })?;
+        program
+            .attach(directory, CgroupAttachMode::Single)
+            .map_err(|source| ProbeError::Program { name: RELEASED, source })?;
         Ok(Self { ebpf, packet: Some(protocol) })
     }
 
