@@ -39,6 +39,8 @@ use aya_ebpf::{
 use core::ffi::c_void;
 
 use crate::tcp_segment::TcpSegment;
+use podgpu_common::packet::{H1Connection, H1_MAX_CONNECTIONS};
+
 use crate::{packet_release, pod_requests};
 
 /// How the open request's answer is delimited, as far as it has gone out.
@@ -55,34 +57,8 @@ mod framing {
     pub const UNKNOWN: u32 = 4;
 }
 
-/// One connection, from the pod's side: its open request.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct H1Connection {
-    /// When the open request's first byte came in (0: none open).
-    request_started_ns: u64,
-    /// When its latest byte came in.
-    request_last_in_ns: u64,
-    /// When its answer's first body byte went out (0: not yet).
-    first_body_ns: u64,
-    /// The TCP sequence number just past a `Content-Length` answer.
-    answer_end_seq: u32,
-    /// Whether `next_out_seq` is set (a data packet went out).
-    sent: u32,
-    /// The socket's cgroup (the container's), read once.
-    cgroup_id: u64,
-    /// The TCP sequence number past the furthest byte out.
-    next_out_seq: u32,
-    /// A `framing` constant.
-    framing: u32,
-    /// The pod is the client on this connection: not followed.
-    client: u32,
-    /// The open request is a HEAD: its answer has no body.
-    head_request: u32,
-}
-
 #[map]
-static PACKET_CONNECTIONS: LruHashMap<u64, H1Connection> = LruHashMap::with_max_entries(65_536, 0);
+static PACKET_CONNECTIONS: LruHashMap<u64, H1Connection> = LruHashMap::with_max_entries(H1_MAX_CONNECTIONS, 0);
 
 /// Bytes of an answer's first packet read for its head.
 const HEAD_BYTES: usize = 512;

@@ -26,57 +26,15 @@ use aya_ebpf::{
 };
 
 use crate::tcp_segment::TcpSegment;
+use podgpu_common::packet::{
+    H2Connection, H2Direction as Direction, H2OpenStream as OpenStream, H2_MAX_CONNECTIONS,
+    H2_STREAM_SLOTS as STREAM_SLOTS,
+};
+
 use crate::{packet_release, pod_requests};
 
-/// One direction of a connection, as the walk left it.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct Direction {
-    /// The TCP sequence number of the next payload byte expected.
-    next_seq: u32,
-    /// Bytes of the current frame (or of the client preface) that are
-    /// still to come before the next frame header.
-    skip: u32,
-    /// Whether a data packet went this way yet.
-    seen: u32,
-}
-
-/// A request open on a stream.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct OpenStream {
-    /// The stream id (0: the slot is free).
-    stream: u32,
-    /// Time from its headers in to its first DATA frame out, in units of
-    /// 1,024 ns (0: none out yet).
-    ttft_units: u32,
-    /// When its request headers came in.
-    started_ns: u64,
-}
-
-/// A connection, from the pod's side.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct H2Connection {
-    ingress: Direction,
-    egress: Direction,
-    /// The frame boundary is lost: the connection is no longer walked.
-    lost: u64,
-    /// The socket's cgroup (the container's), read once.
-    cgroup_id: u64,
-    /// Open requests, by stream id: a client's streams are odd and
-    /// increasing, so the last `STREAM_SLOTS` opened fall in distinct
-    /// slots, and no map is looked up per frame.
-    streams: [OpenStream; STREAM_SLOTS],
-}
-
-/// Requests open at once on one connection that are told apart (h2load
-/// keeps 16; servers allow about 100 by default). A request whose slot a
-/// newer stream takes is counted as lost (`H2_PACKET_LOST[1]`).
-const STREAM_SLOTS: usize = 64;
-
 #[map]
-static H2_PACKET_CONNECTIONS: LruHashMap<u64, H2Connection> = LruHashMap::with_max_entries(16_384, 0);
+static H2_PACKET_CONNECTIONS: LruHashMap<u64, H2Connection> = LruHashMap::with_max_entries(H2_MAX_CONNECTIONS, 0);
 
 /// Where a new connection's state is put together (per CPU).
 #[map]

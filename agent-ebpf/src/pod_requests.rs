@@ -75,7 +75,6 @@ pub(crate) fn answered(cgroup_id: u64, ttft_ns: u64, latency_ns: u64) {
     if let Some(pod) = pod(cgroup_id) {
         // SAFETY: the pod's map value.
         unsafe {
-            add_one(&raw mut (*pod).answered);
             add_one(&raw mut (*pod).latency[latency]);
             add_one(&raw mut (*pod).ttft[ttft]);
         }

@@ -70,7 +70,7 @@ async fn the_packet_candidate_counts_each_request_once() {
     assert_eq!(candidate.packet_requests().unwrap(), 65);
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (65, 65, 0, 0));
+    assert_eq!((pod.started, pod.answered(), pod.aborted, pod.ends_unknown), (65, 65, 0, 0));
     assert_eq!(pod.ttft.iter().sum::<u64>(), 65);
     drop(candidate);
 }
@@ -105,7 +105,7 @@ async fn the_packet_candidate_times_answers_to_their_end() {
     assert!(measured.latency >= std::time::Duration::from_millis(340), "{measured:?}");
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered), (1, 1));
+    assert_eq!((pod.started, pod.answered()), (1, 1));
     let (ttft, latency) = (range_ms(&pod.ttft), range_ms(&pod.latency));
     assert!(ttft.0 >= 30.0 && ttft.1 <= 80.0, "TTFT {ttft:?} ms");
     assert!(latency.0 >= 300.0, "latency {latency:?} ms");
@@ -116,7 +116,7 @@ async fn the_packet_candidate_times_answers_to_their_end() {
     }
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (11, 11, 0, 0));
+    assert_eq!((pod.started, pod.answered(), pod.aborted, pod.ends_unknown), (11, 11, 0, 0));
     drop(candidate);
 }
 
@@ -140,7 +140,7 @@ async fn the_packet_candidate_aborts_a_request_whose_connection_closes() {
     assert_eq!(client.request("/", b"").await.unwrap().status, 200);
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (2, 1, 1, 0));
+    assert_eq!((pod.started, pod.answered(), pod.aborted, pod.ends_unknown), (2, 1, 1, 0));
     drop(candidate);
 }
 
@@ -171,7 +171,7 @@ async fn the_http2_packet_candidate_counts_each_stream_once() {
     assert_eq!(candidate.packet_requests().unwrap(), 80);
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (80, 80, 0, 0));
+    assert_eq!((pod.started, pod.answered(), pod.aborted, pod.ends_unknown), (80, 80, 0, 0));
     assert_eq!(pod.ttft.iter().sum::<u64>(), 80);
     drop(candidate);
 }
@@ -244,10 +244,65 @@ async fn the_packet_candidate_ends_a_request_whose_socket_vanishes() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    assert_eq!((pod.started, pod.answered, pod.aborted, pod.ends_unknown), (1, 0, 1, 0));
+    assert_eq!((pod.started, pod.answered(), pod.aborted, pod.ends_unknown), (1, 0, 1, 0));
     assert_eq!(client.request("/", b"").await.unwrap().status, 200);
     let pods = candidate.packet_pods().unwrap();
     let pod = pods.values().next().expect("the watched pod's counts");
-    assert_eq!((pod.started, pod.answered, pod.aborted), (2, 1, 1));
+    assert_eq!((pod.started, pod.answered(), pod.aborted), (2, 1, 1));
     drop((candidate, vanishing));
+}
+
+/// Polls the candidate's open requests until they equal `expected` (as
+/// (cgroup id, open) pairs) or three seconds pass; returns the last read.
+async fn open_requests_become(candidate: &HookBaseline, expected: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let open: Vec<(u64, u64)> = candidate.packet_open_requests().unwrap().into_iter().collect();
+        if open == expected || std::time::Instant::now() > deadline {
+            return open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// The in-flight level, read from the connections' own state: two
+/// HTTP/1.1 streams held open read 2 for the pod's container while a
+/// third, abandoned mid-stream, drops out at its close; all end at 0.
+/// Four HTTP/2 calls held open on one connection read 4, then 0. Fails
+/// if open requests are not kept per connection, a close or an end
+/// leaves one behind, or they are filed under the wrong cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_packet_candidate_counts_open_requests_per_pod() {
+    require_root();
+    let (watched, addr) = tenant_pod();
+    let container = std::fs::metadata(&watched.container_dir).expect("container cgroup").ino();
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http1).expect("the candidate attaches");
+    let spec = integration::http::StreamSpec { first_ms: 0, chunks: 6, chunk_ms: 200 };
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { Client::connect(addr).await.unwrap().stream(&spec.path()).await.unwrap() }))
+        .collect();
+    Client::connect(addr).await.unwrap().abandon_stream(&spec.path()).await.unwrap();
+    // The abandoned stream's next event meets the closed socket after
+    // 200 ms; the two held ones run for a second.
+    assert_eq!(open_requests_become(&candidate, &[(container, 2)]).await, [(container, 2)]);
+    for stream in held {
+        stream.await.unwrap();
+    }
+    assert_eq!(open_requests_become(&candidate, &[]).await, []);
+    drop(candidate);
+
+    let (watched, addr) = server_pod(Stack::NodeHttp2.command(0, false));
+    let container = std::fs::metadata(&watched.container_dir).expect("container cgroup").ino();
+    let candidate =
+        HookBaseline::attach_packet_candidate(&watched.pod_dir, PacketProtocol::Http2).expect("the candidate attaches");
+    let caller = Caller::connect(Protocol::Http2, addr).await.unwrap();
+    let calls = tokio::spawn(async move {
+        let slow = Call { first_ms: 1_000, messages: 1, interval_ms: 0 };
+        run_calls(&caller, vec![slow; 4], 4).await.unwrap().len()
+    });
+    assert_eq!(open_requests_become(&candidate, &[(container, 4)]).await, [(container, 4)]);
+    assert_eq!(calls.await.unwrap(), 4);
+    assert_eq!(open_requests_become(&candidate, &[]).await, []);
+    drop(candidate);
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock};
 use aya::Ebpf;
-use podgpu_common::packet::PacketPodRequests;
+use podgpu_common::packet::{H1Connection, H2Connection, PacketPodRequests};
 
 use super::{BpfProgramStats, ProbeError};
 
@@ -114,7 +114,7 @@ impl HookBaseline {
     /// of the answering socket (the container's cgroup); empty when no
     /// candidate is attached.
     pub fn packet_requests_by_cgroup(&self) -> Result<BTreeMap<u64, u64>, ProbeError> {
-        Ok(self.packet_pods()?.into_iter().map(|(cgroup_id, pod)| (cgroup_id, pod.answered)).collect())
+        Ok(self.packet_pods()?.into_iter().map(|(cgroup_id, pod)| (cgroup_id, pod.answered())).collect())
     }
 
     /// What the packet-layer candidate counted per pod, by the cgroup v2
@@ -128,6 +128,45 @@ impl HookBaseline {
         let pods: aya::maps::HashMap<_, u64, PacketPodRequests> =
             aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
         pods.iter().map(|entry| entry.map_err(|source| ProbeError::Map { name: MAP, source })).collect()
+    }
+
+    /// Requests open now, by the cgroup v2 id of the socket that will
+    /// answer them: counted from the connections' own state, so that a
+    /// connection whose end was never seen (its state pushed out of the
+    /// LRU map) drops out of the level with it instead of holding it up,
+    /// as a difference of cumulative counts would. Empty when no candidate
+    /// is attached.
+    pub fn packet_open_requests(&self) -> Result<BTreeMap<u64, u64>, ProbeError> {
+        let mut open = BTreeMap::new();
+        match self.packet {
+            None => {}
+            Some(PacketProtocol::Http1) => {
+                const MAP: &str = "PACKET_CONNECTIONS";
+                let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+                let connections: aya::maps::HashMap<_, u64, H1Connection> =
+                    aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+                for entry in connections.iter() {
+                    let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
+                    if connection.request_started_ns != 0 && connection.client == 0 {
+                        *open.entry(connection.cgroup_id).or_default() += 1;
+                    }
+                }
+            }
+            Some(PacketProtocol::Http2) => {
+                const MAP: &str = "H2_PACKET_CONNECTIONS";
+                let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
+                let connections: aya::maps::HashMap<_, u64, H2Connection> =
+                    aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
+                for entry in connections.iter() {
+                    let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
+                    let streams = connection.streams.iter().filter(|slot| slot.stream != 0).count() as u64;
+                    if streams > 0 {
+                        *open.entry(connection.cgroup_id).or_default() += streams;
+                    }
+                }
+            }
+        }
+        Ok(open)
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame

@@ -69,6 +69,8 @@ struct CandidateRun {
     counted: (u64, u64, u64, u64),
     /// What the HTTP/2 candidate could not follow.
     losses: Option<[u64; 3]>,
+    /// Each program that ran: (name, runs, ns).
+    programs: Vec<(String, u64, u64)>,
 }
 
 /// One load run with the packet-layer candidate attached and
@@ -83,15 +85,16 @@ fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Res
     set_bpf_stats(false)?;
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", previous_stats.trim());
     let run = run?;
-    let (ns, runs) = candidate
-        .program_stats()
-        .iter()
-        .fold((0.0, 0.0), |(ns, runs), p| (ns + p.run_time_ns as f64, runs + p.run_count as f64));
+    let stats = candidate.program_stats();
+    let (ns, runs) =
+        stats.iter().fold((0.0, 0.0), |(ns, runs), p| (ns + p.run_time_ns as f64, runs + p.run_count as f64));
+    let programs =
+        stats.iter().filter(|p| p.run_count > 0).map(|p| (p.name.clone(), p.run_count, p.run_time_ns)).collect();
     let losses = (protocol == PacketProtocol::Http2).then(|| candidate.packet_h2_losses()).transpose()?;
     let counted = candidate.packet_pods()?.values().fold((0, 0, 0, 0), |(s, a, x, u), pod| {
-        (s + pod.started, a + pod.answered, x + pod.aborted, u + pod.ends_unknown)
+        (s + pod.started, a + pod.answered(), x + pod.aborted, u + pod.ends_unknown)
     });
-    Ok(CandidateRun { ns, program_runs: runs, requests: run.requests, counted, losses })
+    Ok(CandidateRun { ns, program_runs: runs, requests: run.requests, counted, losses, programs })
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -168,7 +171,7 @@ pub(super) fn program_costs(
          so the watched server's own runs: {:.0} ns per request (total less the load generator's {client_runs:.1} runs)",
         (ns / requests - client_runs * turned_away).max(0.0)
     )?;
-    let CandidateRun { ns, program_runs, requests, counted: (started, answered, aborted, untimed), losses } =
+    let CandidateRun { ns, program_runs, requests, counted: (started, answered, aborted, untimed), losses, programs } =
         packet_candidate_cost(tenant, options)?;
     writeln!(
         out,
@@ -178,6 +181,9 @@ pub(super) fn program_costs(
         program_runs / requests.max(1) as f64,
         ns / program_runs.max(1.0)
     )?;
+    for (name, runs, program_ns) in programs {
+        writeln!(out, "  {name:<22} {runs:>9} runs {:>6.0} ns/run", program_ns as f64 / runs.max(1) as f64)?;
+    }
     writeln!(
         out,
         "  its per-pod counts: {started} started, {answered} answered to their end, {aborted} aborted by a \
