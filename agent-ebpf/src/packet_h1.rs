@@ -134,6 +134,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
             // SAFETY: the program's own skb.
             let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
             let fresh = H1Connection {
+                requests_started: 0,
                 request_started_ns: 0,
                 request_last_in_ns: 0,
                 first_body_ns: 0,
@@ -174,6 +175,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 pod_requests::ended_untimed(state.cgroup_id, true);
             }
         }
+        pod_requests::connection_removed(state.cgroup_id, state.requests_started);
         PACKET_CONNECTIONS.remove(&segment.key)?;
     }
     Ok(())
@@ -189,6 +191,7 @@ pub(crate) fn released(key: u64) {
     if state.request_started_ns != 0 {
         pod_requests::ended_untimed(state.cgroup_id, true);
     }
+    pod_requests::connection_removed(state.cgroup_id, state.requests_started);
     let _ = PACKET_CONNECTIONS.remove(&key);
 }
 
@@ -213,7 +216,7 @@ fn request_in(ctx: &SkBuffContext, state: &mut H1Connection, payload: u32, now: 
     state.first_body_ns = 0;
     state.framing = framing::AWAITING_HEAD;
     state.head_request = u32::from(first == *b"HE");
-    pod_requests::started(state.cgroup_id);
+    state.requests_started += 1;
     Ok(())
 }
 

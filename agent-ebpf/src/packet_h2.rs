@@ -94,6 +94,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 (*fresh).ingress = Direction { next_seq: 0, skip: PREFACE, seen: 0 };
                 (*fresh).egress = Direction::default();
                 (*fresh).lost = 0;
+                (*fresh).requests_started = 0;
                 (*fresh).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
                 H2_PACKET_CONNECTIONS.insert(&key, &*fresh, 0)?;
             }
@@ -112,6 +113,7 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
     }
     if segment.closing && (segment.reset || !ingress) {
         end_open_requests(state, true);
+        pod_requests::connection_removed(state.cgroup_id, state.requests_started);
         H2_PACKET_CONNECTIONS.remove(&key)?;
     }
     Ok(())
@@ -123,7 +125,9 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
 pub(crate) fn released(key: u64) {
     let Some(connection) = H2_PACKET_CONNECTIONS.get_ptr_mut(&key) else { return };
     // SAFETY: plain-data map value of this connection.
-    end_open_requests(unsafe { &mut *connection }, true);
+    let state = unsafe { &mut *connection };
+    end_open_requests(state, true);
+    pod_requests::connection_removed(state.cgroup_id, state.requests_started);
     let _ = H2_PACKET_CONNECTIONS.remove(&key);
 }
 
@@ -205,7 +209,7 @@ fn walk(ctx: &SkBuffContext, state: &mut H2Connection, segment: &TcpSegment, ing
                     pod_requests::ended_untimed(state.cgroup_id, false);
                 }
                 *slot = OpenStream { stream, ttft_units: 0, started_ns: now };
-                pod_requests::started(state.cgroup_id);
+                state.requests_started += 1;
             }
         } else if (kind == DATA || kind == HEADERS) && slot.stream == stream {
             let elapsed = now.saturating_sub(slot.started_ns);

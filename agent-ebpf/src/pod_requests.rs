@@ -57,12 +57,17 @@ fn bucket(ns: u64) -> usize {
     (unsafe { core::ptr::read_volatile(&bucket) }) & (PACKET_LATENCY_BUCKETS - 1)
 }
 
-/// A request of cgroup `cgroup_id` came in.
+/// A connection of cgroup `cgroup_id` on which `requests` requests came
+/// in is no longer followed: its count joins the pod's.
 #[inline(always)]
-pub(crate) fn started(cgroup_id: u64) {
+pub(crate) fn connection_removed(cgroup_id: u64, requests: u64) {
+    if requests == 0 {
+        return;
+    }
     if let Some(pod) = pod(cgroup_id) {
-        // SAFETY: the pod's map value.
-        add_one(unsafe { &raw mut (*pod).started });
+        // SAFETY: a u64 of the pod's map value, updated atomically by
+        // every writer.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*pod).started, requests) };
     }
 }
 

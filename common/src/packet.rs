@@ -22,7 +22,9 @@ pub const MAX_PACKET_PODS: u32 = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PacketPodRequests {
-    /// Requests whose first byte came in.
+    /// Requests whose first byte came in, on connections whose state has
+    /// been removed since (each connection keeps its own count until
+    /// then: `H1Connection::requests_started`).
     pub started: u64,
     /// Requests whose connection closed (FIN, RST or its socket's
     /// release) before their answer ended.
@@ -86,6 +88,11 @@ pub const H2_MAX_CONNECTIONS: u32 = 16_384;
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct H1Connection {
+    /// Requests started on this connection and not yet added to its pod's
+    /// `started` (that is done once, when the connection's state is
+    /// removed, so that a request's start writes nothing the other CPUs
+    /// write): user space adds the live connections' to the pod's.
+    pub requests_started: u64,
     /// When the open request's first byte came in (0: none open).
     pub request_started_ns: u64,
     /// When its latest byte came in.
@@ -146,6 +153,9 @@ pub struct H2Connection {
     pub lost: u64,
     /// The socket's cgroup (the container's), read once.
     pub cgroup_id: u64,
+    /// Requests started on this connection and not yet added to its pod's
+    /// `started` (as `H1Connection::requests_started`).
+    pub requests_started: u64,
     /// Open requests, by stream id: a client's streams are odd and
     /// increasing, so the last `H2_STREAM_SLOTS` opened fall in distinct
     /// slots, and no map is looked up per frame.
@@ -163,7 +173,7 @@ pub const H2_STREAM_SLOTS: usize = 64;
 unsafe impl aya::Pod for PacketPodRequests {}
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), five u64 then six u32: no padding (checked by a test);
+// SAFETY: repr(C), six u64 then six u32: no padding (checked by a test);
 // every bit pattern is valid.
 unsafe impl aya::Pod for H1Connection {}
 
@@ -179,8 +189,8 @@ mod tests {
     #[test]
     fn pod_requests_have_no_padding() {
         assert_eq!(core::mem::size_of::<PacketPodRequests>(), 64 + 8 * 2 * PACKET_LATENCY_BUCKETS);
-        assert_eq!(core::mem::size_of::<H1Connection>(), 5 * 8 + 6 * 4);
-        assert_eq!(core::mem::size_of::<H2Connection>(), 2 * 12 + 2 * 8 + 16 * H2_STREAM_SLOTS);
+        assert_eq!(core::mem::size_of::<H1Connection>(), 6 * 8 + 6 * 4);
+        assert_eq!(core::mem::size_of::<H2Connection>(), 2 * 12 + 3 * 8 + 16 * H2_STREAM_SLOTS);
     }
 
     #[test]

@@ -48,6 +48,16 @@ impl PacketProtocol {
     }
 }
 
+/// What the connections a packet-layer candidate follows hold for one
+/// pod.
+#[derive(Clone, Copy, Debug, Default)]
+struct LiveRequests {
+    /// Requests started on them (not yet in the pod's own count).
+    started: u64,
+    /// Requests open on them now.
+    open: u64,
+}
+
 /// The attached no-op programs; dropping detaches them.
 pub struct HookBaseline {
     /// Keeps the programs attached.
@@ -119,6 +129,10 @@ impl HookBaseline {
 
     /// What the packet-layer candidate counted per pod, by the cgroup v2
     /// id of the answering socket; empty when no candidate is attached.
+    /// `started` includes the requests of connections still followed
+    /// (they join the pod's count only when their state is removed). The
+    /// pods are read before the connections, so a connection removed in
+    /// between is missed by this read, never counted twice.
     pub fn packet_pods(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
         const MAP: &str = "PACKET_POD_REQUESTS";
         if self.packet.is_none() {
@@ -127,7 +141,12 @@ impl HookBaseline {
         let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
         let pods: aya::maps::HashMap<_, u64, PacketPodRequests> =
             aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-        pods.iter().map(|entry| entry.map_err(|source| ProbeError::Map { name: MAP, source })).collect()
+        let mut pods: BTreeMap<u64, PacketPodRequests> =
+            pods.iter().collect::<Result<_, _>>().map_err(|source| ProbeError::Map { name: MAP, source })?;
+        for (cgroup_id, live) in self.live_connections()? {
+            pods.entry(cgroup_id).or_insert(PacketPodRequests::EMPTY).started += live.started;
+        }
+        Ok(pods)
     }
 
     /// Requests open now, by the cgroup v2 id of the socket that will
@@ -137,7 +156,17 @@ impl HookBaseline {
     /// as a difference of cumulative counts would. Empty when no candidate
     /// is attached.
     pub fn packet_open_requests(&self) -> Result<BTreeMap<u64, u64>, ProbeError> {
-        let mut open = BTreeMap::new();
+        Ok(self
+            .live_connections()?
+            .into_iter()
+            .filter(|(_, live)| live.open > 0)
+            .map(|(cgroup_id, live)| (cgroup_id, live.open))
+            .collect())
+    }
+
+    /// The followed connections' requests, by cgroup v2 id.
+    fn live_connections(&self) -> Result<BTreeMap<u64, LiveRequests>, ProbeError> {
+        let mut live: BTreeMap<u64, LiveRequests> = BTreeMap::new();
         match self.packet {
             None => {}
             Some(PacketProtocol::Http1) => {
@@ -147,9 +176,9 @@ impl HookBaseline {
                     aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
                 for entry in connections.iter() {
                     let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-                    if connection.request_started_ns != 0 && connection.client == 0 {
-                        *open.entry(connection.cgroup_id).or_default() += 1;
-                    }
+                    let pod = live.entry(connection.cgroup_id).or_default();
+                    pod.started += connection.requests_started;
+                    pod.open += u64::from(connection.request_started_ns != 0 && connection.client == 0);
                 }
             }
             Some(PacketProtocol::Http2) => {
@@ -159,14 +188,13 @@ impl HookBaseline {
                     aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
                 for entry in connections.iter() {
                     let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-                    let streams = connection.streams.iter().filter(|slot| slot.stream != 0).count() as u64;
-                    if streams > 0 {
-                        *open.entry(connection.cgroup_id).or_default() += streams;
-                    }
+                    let pod = live.entry(connection.cgroup_id).or_default();
+                    pod.started += connection.requests_started;
+                    pod.open += connection.streams.iter().filter(|slot| slot.stream != 0).count() as u64;
                 }
             }
         }
-        Ok(open)
+        Ok(live)
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame
