@@ -86,10 +86,13 @@ struct HeadScratch {
     /// Bytes of the head, blank line included (0: its end not found yet).
     length: u32,
     /// Pass 2's findings: `Content-Length` (if `has_length`), and whether
-    /// the body is chunked.
+    /// the body is chunked; where that line starts and the length's
+    /// digits.
     content_length: u64,
     has_length: u32,
     chunked: u32,
+    framing_line: u32,
+    length_digits: u32,
 }
 
 impl HeadScratch {
@@ -145,6 +148,10 @@ fn packet(ctx: &SkBuffContext, ingress: bool) -> Result<(), i64> {
                 framing: framing::AWAITING_HEAD,
                 client: 0,
                 head_request: 0,
+                head_length: 0,
+                framing_line: 0,
+                length_digits: 0,
+                padding: 0,
             };
             PACKET_CONNECTIONS.insert(&segment.key, &fresh, 0)?;
             packet_release::remember(ctx, segment.key);
@@ -271,6 +278,10 @@ fn answer_out(ctx: &SkBuffContext, state: &mut H1Connection, segment: &TcpSegmen
 
 /// What an answer's head says of its body.
 struct Head {
+    /// Where its `Content-Length` or `Transfer-Encoding` line starts (0:
+    /// neither), and the length's digits.
+    framing_line: u32,
+    length_digits: u32,
     status: u32,
     /// Bytes of the head, blank line included (0: its end was not found:
     /// nothing else is read).
@@ -283,7 +294,7 @@ struct Head {
 /// The first packet of an answer: its head, and the body bytes after it.
 #[inline(always)]
 fn answer_head(ctx: &SkBuffContext, state: &mut H1Connection, segment: &TcpSegment, now: u64) -> Result<(), i64> {
-    let Some(head) = read_head(ctx, segment.payload, segment.end - segment.payload)? else {
+    let Some(head) = read_head(ctx, segment.payload, segment.end - segment.payload, state)? else {
         // Not a head: a body packet handled before its head on another
         // CPU, or a stray. The head, when it comes, sets the framing.
         return Ok(());
@@ -293,6 +304,9 @@ fn answer_head(ctx: &SkBuffContext, state: &mut H1Connection, segment: &TcpSegme
         state.framing = framing::UNKNOWN;
         return Ok(());
     }
+    state.head_length = if head.framing_line != 0 { head.length } else { 0 };
+    state.framing_line = head.framing_line;
+    state.length_digits = head.length_digits;
     if (100..200).contains(&head.status) && head.status != 101 {
         // Informational (100 Continue): the final head is still to come.
         return Ok(());
@@ -360,7 +374,7 @@ fn answered(state: &mut H1Connection, now: u64) {
 /// payload does not start with one (its `length` is 0 when its end is not
 /// within `HEAD_BYTES`).
 #[inline(always)]
-fn read_head(ctx: &SkBuffContext, payload: u32, length: u32) -> Result<Option<Head>, i64> {
+fn read_head(ctx: &SkBuffContext, payload: u32, length: u32, last: &H1Connection) -> Result<Option<Head>, i64> {
     let scratch = HEAD_SCRATCH.get_ptr_mut(0).ok_or(0)?;
     // SAFETY: this CPU's scratch.
     let scratch = unsafe { &mut *scratch };
@@ -381,6 +395,9 @@ fn read_head(ctx: &SkBuffContext, payload: u32, length: u32) -> Result<Option<He
     }
     let digit = |index: usize| u32::from(scratch.byte(index).wrapping_sub(b'0'));
     let status = digit(9) * 100 + digit(10) * 10 + digit(11);
+    if let Some(head) = like_the_last(scratch, read, status, last) {
+        return Ok(Some(head));
+    }
     // Pass 1: the blank line, and the lines that may name a header of
     // interest.
     scratch.found = 0;
@@ -395,17 +412,28 @@ fn read_head(ctx: &SkBuffContext, payload: u32, length: u32) -> Result<Option<He
         bpf_loop(read.div_ceil(8) as u32, callback, core::ptr::null_mut(), 0);
     }
     if scratch.length == 0 {
-        return Ok(Some(Head { status, length: 0, content_length: None, chunked: false }));
+        return Ok(Some(Head {
+            framing_line: 0,
+            length_digits: 0,
+            status,
+            length: 0,
+            content_length: None,
+            chunked: false,
+        }));
     }
     // Pass 2: the candidate lines' names and values.
     scratch.has_length = 0;
     scratch.chunked = 0;
+    scratch.framing_line = 0;
+    scratch.length_digits = 0;
     // SAFETY: as above.
     unsafe {
         let callback = core::mem::transmute::<unsafe extern "C" fn(u64, *mut c_void) -> i64, *mut c_void>(read_line);
         bpf_loop(scratch.found.min(CANDIDATE_LINES as u32), callback, core::ptr::null_mut(), 0);
     }
     Ok(Some(Head {
+        framing_line: scratch.framing_line,
+        length_digits: scratch.length_digits,
         status,
         length: scratch.length,
         content_length: (scratch.has_length != 0).then_some(scratch.content_length),
@@ -424,12 +452,53 @@ unsafe extern "C" fn read_line(index: u64, _context: *mut c_void) -> i64 {
     let scratch = unsafe { &mut *scratch };
     let start = scratch.candidates[index as usize & (CANDIDATE_LINES - 1)] as usize & (HEAD_BYTES - 1);
     if names(scratch, start, b"content-length:") {
-        scratch.content_length = decimal(scratch, start + 15);
+        let (value, digits) = decimal(scratch, start + 15);
+        scratch.content_length = value;
         scratch.has_length = 1;
+        scratch.framing_line = start as u32;
+        scratch.length_digits = digits;
     } else if names(scratch, start, b"transfer-encoding:") {
         scratch.chunked = 1;
+        scratch.framing_line = start as u32;
+        scratch.length_digits = 0;
     }
     0
+}
+
+/// The head in `scratch` read at the places the connection's last head
+/// had them (`H1Connection::head_length`), without a scan: its framing
+/// line where the last one's was, and its blank line where that puts it
+/// (moved by a length with more or fewer digits). `None` when anything
+/// differs: the head is then scanned.
+#[inline(always)]
+fn like_the_last(scratch: &HeadScratch, read: usize, status: u32, last: &H1Connection) -> Option<Head> {
+    if last.head_length == 0 || last.framing_line < 2 {
+        return None;
+    }
+    let line = last.framing_line as usize & (HEAD_BYTES - 1);
+    if scratch.byte(line - 1) != b'\n' {
+        return None;
+    }
+    let (length, content_length, chunked, digits) = if names(scratch, line, b"content-length:") {
+        let (value, digits) = decimal(scratch, line + 15);
+        if digits == 0 {
+            return None;
+        }
+        ((last.head_length + digits).checked_sub(last.length_digits)?, Some(value), false, digits)
+    } else if names(scratch, line, b"transfer-encoding:") {
+        (last.head_length, None, true, 0)
+    } else {
+        return None;
+    };
+    let end = length as usize;
+    if end < 4 || end > read {
+        return None;
+    }
+    const BLANK_LINE: [u8; 4] = *b"\r\n\r\n";
+    if (0..4).any(|offset| scratch.byte(end - 4 + offset) != BLANK_LINE[offset]) {
+        return None;
+    }
+    Some(Head { framing_line: last.framing_line, length_digits: digits, status, length, content_length, chunked })
 }
 
 /// One 8-byte word of the head scan: finds its line feeds (eight bytes
@@ -491,9 +560,10 @@ fn names(scratch: &HeadScratch, start: usize, name: &[u8]) -> bool {
     true
 }
 
-/// The decimal number after optional spaces (at most three) at `start`.
+/// The decimal number after optional spaces (at most three) at `start`,
+/// and its digits.
 #[inline(always)]
-fn decimal(scratch: &HeadScratch, start: usize) -> u64 {
+fn decimal(scratch: &HeadScratch, start: usize) -> (u64, u32) {
     let mut first = start;
     for _ in 0..3 {
         if scratch.byte(first) != b' ' {
@@ -501,13 +571,14 @@ fn decimal(scratch: &HeadScratch, start: usize) -> u64 {
         }
         first += 1;
     }
-    let mut value = 0u64;
+    let (mut value, mut digits) = (0u64, 0u32);
     for offset in 0..20 {
         let byte = scratch.byte(first + offset);
         if !byte.is_ascii_digit() {
             break;
         }
         value = value.wrapping_mul(10).wrapping_add(u64::from(byte - b'0'));
+        digits += 1;
     }
-    value
+    (value, digits)
 }

@@ -113,6 +113,17 @@ pub struct H1Connection {
     pub client: u32,
     /// The open request is a HEAD: its answer has no body.
     pub head_request: u32,
+    /// The last answer head's length (0: none kept), where its
+    /// `Content-Length` or `Transfer-Encoding` line started, and the
+    /// length's digits: a server's heads on one connection are alike, so
+    /// the next head is checked at these places before it is scanned.
+    pub head_length: u32,
+    /// See `head_length`.
+    pub framing_line: u32,
+    /// See `head_length`.
+    pub length_digits: u32,
+    /// Padding, zero.
+    pub padding: u32,
 }
 
 /// One direction of a connection, as the walk left it.
@@ -173,7 +184,7 @@ pub const H2_STREAM_SLOTS: usize = 64;
 unsafe impl aya::Pod for PacketPodRequests {}
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), six u64 then six u32: no padding (checked by a test);
+// SAFETY: repr(C), six u64 then ten u32: no padding (checked by a test);
 // every bit pattern is valid.
 unsafe impl aya::Pod for H1Connection {}
 
@@ -189,7 +200,7 @@ mod tests {
     #[test]
     fn pod_requests_have_no_padding() {
         assert_eq!(core::mem::size_of::<PacketPodRequests>(), 64 + 8 * 2 * PACKET_LATENCY_BUCKETS);
-        assert_eq!(core::mem::size_of::<H1Connection>(), 6 * 8 + 6 * 4);
+        assert_eq!(core::mem::size_of::<H1Connection>(), 6 * 8 + 10 * 4);
         assert_eq!(core::mem::size_of::<H2Connection>(), 2 * 12 + 3 * 8 + 16 * H2_STREAM_SLOTS);
     }
 
