@@ -131,19 +131,22 @@ impl HookBaseline {
     /// id of the answering socket; empty when no candidate is attached.
     /// `started` includes the requests of connections still followed
     /// (they join the pod's count only when their state is removed). The
-    /// pods are read before the connections, so a connection removed in
-    /// between is missed by this read, never counted twice.
+    /// connections are read before the pods, so a connection removed in
+    /// between counts twice in this read (a transient excess of the
+    /// requests on connections that close within it), never not at all:
+    /// a reader of the cumulative count keeps it from going back.
     pub fn packet_pods(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
         const MAP: &str = "PACKET_POD_REQUESTS";
         if self.packet.is_none() {
             return Ok(BTreeMap::new());
         }
+        let live = self.live_connections()?;
         let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
         let pods: aya::maps::HashMap<_, u64, PacketPodRequests> =
             aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
         let mut pods: BTreeMap<u64, PacketPodRequests> =
             pods.iter().collect::<Result<_, _>>().map_err(|source| ProbeError::Map { name: MAP, source })?;
-        for (cgroup_id, live) in self.live_connections()? {
+        for (cgroup_id, live) in live {
             pods.entry(cgroup_id).or_insert(PacketPodRequests::EMPTY).started += live.started;
         }
         Ok(pods)

@@ -91,6 +91,9 @@ fn packet_candidate_cost(tenant: &BenchTenant, options: &Options) -> anyhow::Res
     let programs =
         stats.iter().filter(|p| p.run_count > 0).map(|p| (p.name.clone(), p.run_count, p.run_time_ns)).collect();
     let losses = (protocol == PacketProtocol::Http2).then(|| candidate.packet_h2_losses()).transpose()?;
+    // The load generator's connections close as it exits: let their
+    // closes reach the programs before the counts are read.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let counted = candidate.packet_pods()?.values().fold((0, 0, 0, 0), |(s, a, x, u), pod| {
         (s + pod.started, a + pod.answered(), x + pod.aborted, u + pod.ends_unknown)
     });
