@@ -75,6 +75,7 @@ pub fn baseline_exit(_ctx: RawTracePointContext) -> i32 {
 }
 
 // The packet-layer candidates.
+mod http1_head;
 mod packet_h1;
 mod packet_h2;
 mod packet_release;
