@@ -130,25 +130,41 @@ impl HookBaseline {
     /// What the packet-layer candidate counted per pod, by the cgroup v2
     /// id of the answering socket; empty when no candidate is attached.
     /// `started` includes the requests of connections still followed
-    /// (they join the pod's count only when their state is removed). The
-    /// connections are read before the pods, so a connection removed in
-    /// between counts twice in this read (a transient excess of the
-    /// requests on connections that close within it), never not at all:
-    /// a reader of the cumulative count keeps it from going back.
+    /// (they join the pod's count only when their state is removed). A
+    /// connection removed while its state is read would count twice, in
+    /// the pod's count and as live: the pods are read before and after
+    /// the connections, and the read is retried (three times at most)
+    /// until no pod's count moved in between; after that the excess
+    /// stands for this read, and a reader of the cumulative count keeps
+    /// it from going back.
     pub fn packet_pods(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
-        const MAP: &str = "PACKET_POD_REQUESTS";
         if self.packet.is_none() {
             return Ok(BTreeMap::new());
         }
-        let live = self.live_connections()?;
-        let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-        let pods: aya::maps::HashMap<_, u64, PacketPodRequests> =
-            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-        let mut pods: BTreeMap<u64, PacketPodRequests> =
-            pods.iter().collect::<Result<_, _>>().map_err(|source| ProbeError::Map { name: MAP, source })?;
+        let mut pods = self.pod_counts()?;
+        let mut live = self.live_connections()?;
+        for _ in 0..3 {
+            let after = self.pod_counts()?;
+            let settled =
+                after.iter().all(|(cgroup_id, pod)| pods.get(cgroup_id).map(|p| p.started) == Some(pod.started));
+            pods = after;
+            if settled {
+                break;
+            }
+            live = self.live_connections()?;
+        }
         for (cgroup_id, live) in live {
             pods.entry(cgroup_id).or_insert(PacketPodRequests::EMPTY).started += live.started;
         }
+        Ok(pods)
+    }
+
+    /// The pods' own counts (connections not followed any more).
+    fn pod_counts(&self) -> Result<BTreeMap<u64, PacketPodRequests>, ProbeError> {
+        let mut pods = BTreeMap::new();
+        self.each_entry("PACKET_POD_REQUESTS", |cgroup_id, pod: PacketPodRequests| {
+            pods.insert(cgroup_id, pod);
+        })?;
         Ok(pods)
     }
 
@@ -170,34 +186,37 @@ impl HookBaseline {
     /// The followed connections' requests, by cgroup v2 id.
     fn live_connections(&self) -> Result<BTreeMap<u64, LiveRequests>, ProbeError> {
         let mut live: BTreeMap<u64, LiveRequests> = BTreeMap::new();
+        let mut add = |cgroup_id: u64, started: u64, open: u64| {
+            let pod = live.entry(cgroup_id).or_default();
+            pod.started += started;
+            pod.open += open;
+        };
         match self.packet {
             None => {}
-            Some(PacketProtocol::Http1) => {
-                const MAP: &str = "PACKET_CONNECTIONS";
-                let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-                let connections: aya::maps::HashMap<_, u64, H1Connection> =
-                    aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-                for entry in connections.iter() {
-                    let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-                    let pod = live.entry(connection.cgroup_id).or_default();
-                    pod.started += connection.requests_started;
-                    pod.open += u64::from(connection.request_started_ns != 0 && connection.client == 0);
-                }
-            }
+            Some(PacketProtocol::Http1) => self.each_entry("PACKET_CONNECTIONS", |_, connection: H1Connection| {
+                let open = connection.request_started_ns != 0 && connection.client == 0;
+                add(connection.cgroup_id, connection.requests_started, u64::from(open));
+            })?,
             Some(PacketProtocol::Http2) => {
-                const MAP: &str = "H2_PACKET_CONNECTIONS";
-                let map = self.ebpf.map(MAP).ok_or(ProbeError::MissingMap(MAP))?;
-                let connections: aya::maps::HashMap<_, u64, H2Connection> =
-                    aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name: MAP, source })?;
-                for entry in connections.iter() {
-                    let (_, connection) = entry.map_err(|source| ProbeError::Map { name: MAP, source })?;
-                    let pod = live.entry(connection.cgroup_id).or_default();
-                    pod.started += connection.requests_started;
-                    pod.open += connection.streams.iter().filter(|slot| slot.stream != 0).count() as u64;
-                }
+                self.each_entry("H2_PACKET_CONNECTIONS", |_, connection: H2Connection| {
+                    let open = connection.streams.iter().filter(|slot| slot.stream != 0).count() as u64;
+                    add(connection.cgroup_id, connection.requests_started, open);
+                })?
             }
         }
         Ok(live)
+    }
+
+    /// Calls `each` with every entry of the hash map `name` (u64 keys).
+    fn each_entry<V: aya::Pod>(&self, name: &'static str, mut each: impl FnMut(u64, V)) -> Result<(), ProbeError> {
+        let map = self.ebpf.map(name).ok_or(ProbeError::MissingMap(name))?;
+        let values: aya::maps::HashMap<_, u64, V> =
+            aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map { name, source })?;
+        for entry in values.iter() {
+            let (key, value) = entry.map_err(|source| ProbeError::Map { name, source })?;
+            each(key, value);
+        }
+        Ok(())
     }
 
     /// What the HTTP/2 candidate could not follow: connections whose frame
