@@ -84,27 +84,23 @@ impl HookBaseline {
     /// cgroup's sockets only, so other processes' I/O never reaches them.
     pub fn attach_packet_candidate(cgroup: &Path, protocol: PacketProtocol) -> Result<Self, ProbeError> {
         let mut ebpf = object()?;
-        for (name, side) in [
-            (protocol.programs().0, CgroupSkbAttachType::Ingress),
-            (protocol.programs().1, CgroupSkbAttachType::Egress),
-        ] {
-            let directory = std::fs::File::open(cgroup)
-                .map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
+        let directory =
+            std::fs::File::open(cgroup).map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
+        let (ingress, egress) = protocol.programs();
+        for (name, side) in [(ingress, CgroupSkbAttachType::Ingress), (egress, CgroupSkbAttachType::Egress)] {
             let program: &mut CgroupSkb = super::program_of(&mut ebpf, name)?;
             program.load().map_err(|source| ProbeError::Program { name, source })?;
             program
-                .attach(directory, side, CgroupAttachMode::Single)
+                .attach(&directory, side, CgroupAttachMode::Single)
                 .map_err(|source| ProbeError::Program { name, source })?;
         }
         // Connections that end without a FIN or RST on the wire end at
         // their socket's release.
         const RELEASED: &str = "packet_released";
-        let directory =
-            std::fs::File::open(cgroup).map_err(|source| ProbeError::Library { path: cgroup.to_path_buf(), source })?;
         let program: &mut CgroupSock = super::program_of(&mut ebpf, RELEASED)?;
         program.load().map_err(|source| ProbeError::Program { name: RELEASED, source })?;
         program
-            .attach(directory, CgroupAttachMode::Single)
+            .attach(&directory, CgroupAttachMode::Single)
             .map_err(|source| ProbeError::Program { name: RELEASED, source })?;
         Ok(Self { ebpf, packet: Some(protocol) })
     }
